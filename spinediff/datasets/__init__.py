@@ -1,0 +1,1 @@
+"""Datasets: the synthetic spine phantom, dataset.json handling and validation."""

@@ -1,0 +1,125 @@
+"""Image and file I/O: atomic writes and reads that fail with clear messages."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from spinediff.errors import SpineDiffError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success it is renamed onto ``target``.
+
+    The temporary file keeps the target's suffix so that writers choosing a format by
+    extension (SimpleITK, matplotlib, torch) behave the same. On error nothing is left behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _suffix(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_json(data: Any, target: str | os.PathLike, indent: int = 2) -> None:
+    """Write JSON atomically (numpy scalars and arrays are converted)."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, Path):
+            return str(obj)
+        raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, default=default) + "\n")
+
+
+def write_text(text: str, target: str | os.PathLike) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise SpineDiffError(f"{path} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SpineDiffError(f"{path} is not valid JSON ({exc}). Fix or regenerate the file.") from exc
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a NIfTI/MHA/NRRD image with SimpleITK; missing or corrupt files raise SpineDiffError."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpineDiffError(f"{path} does not exist.")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise SpineDiffError(
+            f"{path} could not be read as an image ({first_line}). The file is corrupt or not in a "
+            f"supported format ({', '.join(IMAGE_SUFFIXES)}); re-export it."
+        ) from exc
+
+
+def write_image(image: sitk.Image, target: str | os.PathLike, compress: bool = True) -> None:
+    """Write an image atomically."""
+    with atomic_path(target) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
+
+
+def array_to_image(array: np.ndarray, reference: sitk.Image | None = None, *, spacing=None, origin=None,
+                   direction=None) -> sitk.Image:
+    """Array in SimpleITK order (z, y, x) → image with the geometry of ``reference`` or given values."""
+    image = sitk.GetImageFromArray(array)
+    if reference is not None:
+        image.CopyInformation(reference)
+    if spacing is not None:
+        image.SetSpacing(tuple(float(s) for s in spacing))
+    if origin is not None:
+        image.SetOrigin(tuple(float(o) for o in origin))
+    if direction is not None:
+        image.SetDirection(tuple(float(d) for d in np.asarray(direction).ravel()))
+    return image
+
+
+def ensure_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to overwrite existing results unless ``overwrite`` is set."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        if path.is_dir() and not any(path.iterdir()):
+            return path
+        raise SpineDiffError(f"{path} already exists. Choose another output or pass --overwrite to replace it.")
+    return path

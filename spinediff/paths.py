@@ -1,0 +1,75 @@
+"""nnU-Net's folder variables, read lazily, overridable by explicit arguments.
+
+``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` are read only when a command needs
+them, so that ``spinediff --help`` or ``spinediff phantom -o DIR`` work without them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from spinediff.errors import SpineDiffError
+
+_VARIABLES = {
+    "raw": "nnUNet_raw",
+    "preprocessed": "nnUNet_preprocessed",
+    "results": "nnUNet_results",
+}
+
+
+def nnunet_folder(kind: str, override: str | os.PathLike | None = None) -> Path:
+    """Return the nnU-Net folder of ``kind`` ('raw', 'preprocessed' or 'results').
+
+    ``override`` (e.g. from a CLI flag) wins over the environment variable.
+    """
+    if kind not in _VARIABLES:
+        raise ValueError(f"unknown folder kind {kind!r}; expected one of {sorted(_VARIABLES)}")
+    if override is not None:
+        return Path(override).expanduser().resolve()
+    variable = _VARIABLES[kind]
+    value = os.environ.get(variable)
+    if not value:
+        raise SpineDiffError(
+            f"The environment variable {variable} is not set, and no folder was given on the command "
+            f"line. Either `export {variable}=/path/to/{variable}` (as for nnU-Net) or pass the folder "
+            f"explicitly (see `spinediff <command> --help`)."
+        )
+    return Path(value).expanduser().resolve()
+
+
+_DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+
+
+def resolve_raw_dataset(dataset: str | int | os.PathLike, raw_folder: str | os.PathLike | None = None) -> Path:
+    """Find a raw dataset folder from a path, a dataset ID (``501``) or a name (``Dataset501_X``)."""
+    text = str(dataset)
+    candidate = Path(text).expanduser()
+    if candidate.is_dir() and (candidate / "dataset.json").exists():
+        return candidate.resolve()
+    if candidate.is_dir() or os.sep in text:
+        if not candidate.exists():
+            raise SpineDiffError(f"Dataset folder {candidate} does not exist.")
+        raise SpineDiffError(f"{candidate} has no dataset.json: it is not a dataset in nnU-Net raw layout.")
+    root = nnunet_folder("raw", raw_folder)
+    if not root.is_dir():
+        raise SpineDiffError(f"The nnU-Net raw folder {root} does not exist.")
+    if text.isdigit():
+        dataset_id = int(text)
+        matches = sorted(p for p in root.iterdir() if p.is_dir() and _DATASET_NAME.match(p.name)
+                         and int(_DATASET_NAME.match(p.name).group(1)) == dataset_id)
+        if not matches:
+            raise SpineDiffError(f"No dataset with ID {dataset_id} (Dataset{dataset_id:03d}_*) in {root}.")
+        if len(matches) > 1:
+            raise SpineDiffError(f"Dataset ID {dataset_id} is ambiguous in {root}: {[m.name for m in matches]}.")
+        return matches[0]
+    path = root / text
+    if not path.is_dir():
+        raise SpineDiffError(f"No dataset named {text} in {root}.")
+    return path
+
+
+def dataset_name_from_id(dataset_id: int, name: str) -> str:
+    """nnU-Net's folder name for a dataset: ``Dataset{ID:03d}_{name}``."""
+    return f"Dataset{int(dataset_id):03d}_{name}"
