@@ -1,0 +1,254 @@
+"""Check a raw dataset before anything runs on it (``spinediff validate``).
+
+Every problem is collected (not just the first), each naming the file, what is wrong and how to
+fix it. Nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+from spinediff.datasets.dataset_json import TASKS, label_values
+from spinediff.errors import SpineDiffError
+from spinediff.io import read_image, read_json
+
+SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
+# Like nnU-Net's integrity check (np.allclose defaults), a little looser on origin for float32 headers.
+SPACING_RTOL, ORIGIN_ATOL, DIRECTION_ATOL = 1e-5, 1e-4, 1e-5
+
+
+@dataclass
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class ValidationReport:
+    dataset: Path
+    task: str = "segmentation"
+    num_cases: int = 0
+    num_channels: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"{self.dataset.name}: OK ({self.num_cases} cases, {self.num_channels} channels, "
+                    f"task {self.task})")
+        lines = [f"{self.dataset.name}: {len(self.problems)} problem(s) found:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _check_dataset_json(data: Any, path: Path, problems: list[Problem]) -> tuple[int, dict[str, int], str, str]:
+    """Schema checks; returns (number of channels, labels, file ending, task)."""
+    where = str(path)
+    if not isinstance(data, dict):
+        problems.append(Problem(where, "must hold a JSON object with channel_names, labels, numTraining and "
+                                       "file_ending (see nnU-Net's dataset format)."))
+        return 0, {}, ".nii.gz", "segmentation"
+    channels = data.get("channel_names", data.get("modality"))
+    n_channels = 0
+    if not isinstance(channels, dict) or not channels:
+        problems.append(Problem(where, "'channel_names' is missing or empty; it must map '0', '1', ... to "
+                                       "channel names, e.g. {\"0\": \"T2w\"}."))
+    else:
+        keys = sorted(channels)
+        expected = [str(i) for i in range(len(channels))]
+        if sorted(keys, key=lambda k: (len(k), k)) != expected:
+            problems.append(Problem(where, f"'channel_names' keys must be '0'..'{len(channels) - 1}' without gaps; "
+                                           f"got {keys}."))
+        elif not all(isinstance(v, str) and v for v in channels.values()):
+            problems.append(Problem(where, "every 'channel_names' value must be a non-empty string."))
+        else:
+            n_channels = len(channels)
+    labels_raw = data.get("labels")
+    labels: dict[str, int] = {}
+    if not isinstance(labels_raw, dict) or not labels_raw:
+        problems.append(Problem(where, "'labels' is missing or empty; it must map names to integer values, "
+                                       "starting with \"background\": 0."))
+    else:
+        try:
+            if not all(isinstance(v, int) and not isinstance(v, bool) or
+                       (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+                       for v in labels_raw.values()):
+                raise TypeError
+            labels = label_values(data)
+        except (TypeError, ValueError):
+            problems.append(Problem(where, "every 'labels' value must be an integer (or a list of integers "
+                                           "for a region)."))
+        if labels and labels_raw.get("background") != 0:
+            problems.append(Problem(where, "'labels' must contain \"background\": 0."))
+        plain = [v for v in labels_raw.values() if isinstance(v, int)]
+        if len(plain) != len(set(plain)):
+            problems.append(Problem(where, "two label names share one value in 'labels'; values must be unique."))
+        if any(v < 0 for v in labels.values()):
+            problems.append(Problem(where, "label values must not be negative."))
+    ending = data.get("file_ending")
+    if not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
+        problems.append(Problem(where, f"'file_ending' is {ending!r}; it must be one of {', '.join(SUPPORTED_ENDINGS)}."))
+        ending = ".nii.gz"
+    num_training = data.get("numTraining")
+    if not isinstance(num_training, int) or isinstance(num_training, bool) or num_training < 1:
+        problems.append(Problem(where, f"'numTraining' is {num_training!r}; it must be a positive integer."))
+    task = "segmentation"
+    block = data.get("spinediff")
+    if block is not None:
+        task = _check_spinediff_block(block, n_channels, where, problems)
+    return n_channels, labels, ending, task
+
+
+def _check_spinediff_block(block: Any, n_channels: int, where: str, problems: list[Problem]) -> str:
+    if not isinstance(block, dict):
+        problems.append(Problem(where, "'spinediff' must be an object like {\"task\": \"translation\", "
+                                       "\"source_channels\": [0, 1], \"target_channels\": [2]}."))
+        return "segmentation"
+    task = block.get("task", "segmentation")
+    if task not in TASKS:
+        problems.append(Problem(where, f"spinediff.task is {task!r}; expected one of {', '.join(TASKS)}."))
+        return "segmentation"
+    lists = {}
+    for key in ("source_channels", "target_channels"):
+        value = block.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in value):
+            problems.append(Problem(where, f"spinediff.{key} must be a list of channel indices."))
+            value = []
+        bad = [c for c in value if n_channels and not 0 <= c < n_channels]
+        if bad:
+            problems.append(Problem(where, f"spinediff.{key} names channel(s) {bad}, but channel_names has only "
+                                           f"{n_channels} channel(s) (0..{n_channels - 1})."))
+        lists[key] = value
+    overlap = set(lists["source_channels"]) & set(lists["target_channels"])
+    if overlap:
+        problems.append(Problem(where, f"channel(s) {sorted(overlap)} are both source and target."))
+    if task == "translation" and (not lists["source_channels"] or not lists["target_channels"]):
+        problems.append(Problem(where, "a translation dataset needs non-empty spinediff.source_channels and "
+                                       "spinediff.target_channels."))
+    if task == "generation" and block.get("source_channels"):
+        problems.append(Problem(where, "a generation dataset is conditioned on the labels; source_channels "
+                                       "must be empty or absent."))
+    return task
+
+
+def _same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
+    if a.GetSize() != b.GetSize():
+        return f"size {b.GetSize()} differs from {a.GetSize()}"
+    if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=SPACING_RTOL, atol=0):
+        return f"spacing {tuple(round(s, 6) for s in b.GetSpacing())} differs from {a.GetSpacing()}"
+    if not np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=ORIGIN_ATOL):
+        return f"origin {b.GetOrigin()} differs from {a.GetOrigin()}"
+    if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
+        return "direction (orientation) differs"
+    return None
+
+
+def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> ValidationReport:
+    """Check a raw dataset folder; returns a report listing every problem found."""
+    folder = Path(dataset)
+    report = ValidationReport(folder)
+    problems = report.problems
+    if not folder.is_dir():
+        raise SpineDiffError(f"Dataset folder {folder} does not exist.")
+    json_path = folder / "dataset.json"
+    try:
+        data = read_json(json_path)
+    except SpineDiffError as exc:
+        problems.append(Problem(str(json_path), str(exc).replace(f"{json_path} ", "", 1)))
+        return report
+    n_channels, labels, ending, task = _check_dataset_json(data, json_path, problems)
+    report.task, report.num_channels = task, n_channels
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            problems.append(Problem(str(d), "folder is missing (nnU-Net raw layout needs imagesTr/ and labelsTr/)."))
+    if problems and (not images_dir.is_dir() or not labels_dir.is_dir()):
+        return report
+
+    cases = sorted(p.name[: -len(ending)] for p in labels_dir.iterdir() if p.name.endswith(ending))
+    report.num_cases = len(cases)
+    if not cases:
+        problems.append(Problem(str(labels_dir), f"no label files ending in {ending}."))
+    if isinstance(data.get("numTraining"), int) and cases and data["numTraining"] != len(cases):
+        problems.append(Problem(str(json_path), f"numTraining is {data['numTraining']} but labelsTr holds "
+                                                f"{len(cases)} cases; update numTraining."))
+    expected_images = {f"{c}_{i:04d}{ending}" for c in cases for i in range(n_channels)}
+    for p in sorted(images_dir.iterdir()):
+        if p.name.endswith(ending) and p.name not in expected_images:
+            problems.append(Problem(str(p), "image without a matching label file or channel outside channel_names "
+                                            f"(expected CASE_0000..CASE_{max(n_channels - 1, 0):04d}{ending})."))
+    allowed = set(labels.values())
+    for case in tqdm(cases, desc="validating", disable=not progress, unit="case"):
+        _check_case(case, images_dir, labels_dir, ending, n_channels, allowed, problems)
+    return report
+
+
+def _read_or_report(path: Path, problems: list[Problem]) -> sitk.Image | None:
+    try:
+        return read_image(path)
+    except SpineDiffError as exc:
+        problems.append(Problem(str(path), str(exc).replace(f"{path} ", "", 1)))
+        return None
+
+
+def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_channels: int,
+                allowed: set[int], problems: list[Problem]) -> None:
+    reference: sitk.Image | None = None
+    for channel in range(n_channels):
+        path = images_dir / f"{case}_{channel:04d}{ending}"
+        if not path.exists():
+            problems.append(Problem(str(path), f"missing: case {case} needs {n_channels} channel files "
+                                               f"(_0000 .. _{n_channels - 1:04d})."))
+            continue
+        image = _read_or_report(path, problems)
+        if image is None:
+            continue
+        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+            problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
+                                               f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                                               "each channel must be its own 2D/3D scalar image."))
+            continue
+        array = sitk.GetArrayViewFromImage(image)
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            problems.append(Problem(str(path), f"contains {n_bad} NaN/Inf voxel(s); fix or re-export the image."))
+        if reference is None:
+            reference = image
+        elif (why := _same_geometry(reference, image)) is not None:
+            problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
+                                               "all channels of a case onto one grid."))
+    label_path = labels_dir / f"{case}{ending}"
+    label = _read_or_report(label_path, problems)
+    if label is None:
+        return
+    array = sitk.GetArrayViewFromImage(label)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)):
+            problems.append(Problem(str(label_path), "contains NaN/Inf; a label map must hold integers."))
+            return
+        if not np.all(array == np.round(array)):
+            problems.append(Problem(str(label_path), "holds non-integer values; a label map must hold integers."))
+            return
+    values = set(np.unique(array).astype(int).tolist())
+    undeclared = sorted(values - allowed)
+    if undeclared:
+        problems.append(Problem(str(label_path), f"holds label value(s) {undeclared} not declared in dataset.json "
+                                                 f"'labels' (declared: {sorted(allowed)})."))
+    if values <= {0}:
+        problems.append(Problem(str(label_path), "is empty (background only); every training case needs "
+                                                 "foreground."))
+    if reference is not None and (why := _same_geometry(reference, label)) is not None:
+        problems.append(Problem(str(label_path), f"geometry does not match the images of {case}: {why}."))
