@@ -1,0 +1,227 @@
+"""The forward (noising) process, prediction types and training losses.
+
+All schedule arithmetic (betas, cumulative alphas, ``add_noise``, velocity) comes from monai's
+``DDPMScheduler``; this module adds the conversions between prediction types, timestep and
+condition-dropout sampling from a ``torch.Generator``, and the losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.schedulers import DDPMScheduler
+
+from spinediff.diffusion.settings import LOSSES, NOISE_SCHEDULES, PREDICTION_TYPES, DiffusionSettings
+from spinediff.errors import SpineDiffError
+
+
+@dataclasses.dataclass
+class TrainingBatch:
+    """One noised training batch.
+
+    Attributes:
+        network_input: ``cat([condition, noisy_target], dim=1)``, what the network reads.
+        timesteps: ``(B,)`` integer timesteps.
+        target: the clean target x0.
+        noise: the Gaussian noise that was added.
+        noisy_target: x_t.
+        condition_kept: ``(B,)`` bool, False where condition dropout replaced the condition by zeros.
+    """
+
+    network_input: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    noise: torch.Tensor
+    noisy_target: torch.Tensor
+    condition_kept: torch.Tensor
+
+
+class DiffusionProcess:
+    """Noise schedule, prediction-type conversions and losses for one diffusion configuration.
+
+    Args:
+        num_train_timesteps: T, the number of training timesteps.
+        noise_schedule: ``cosine`` or ``linear`` (monai's ``cosine`` / ``linear_beta``).
+        prediction_type: what the network predicts: ``sample`` (x0), ``epsilon`` or ``v_prediction``.
+        loss: ``l1`` or ``mse`` on the prediction, or ``dice_ce`` on the predicted x0 (segmentation).
+        condition_dropout: probability of training a sample without its condition (zeros), which
+            enables classifier-free guidance at sampling; 0 disables it.
+        segmentation_temperature: ``dice_ce`` reads the predicted x0 (one-hot scaled to [-1, 1]) as
+            logits ``x0 / temperature``. 0.25 makes the exact target (+1 vs -1, a gap of 8 logits)
+            a confident softmax (p > 0.99 for up to 20 classes), so the loss is near its minimum where
+            the diffusion target is, instead of pushing x0 far outside [-1, 1].
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        noise_schedule: str = "cosine",
+        prediction_type: str = "sample",
+        loss: str = "l1",
+        condition_dropout: float = 0.0,
+        segmentation_temperature: float = 0.25,
+    ) -> None:
+        if noise_schedule not in NOISE_SCHEDULES:
+            raise SpineDiffError(
+                f"noise_schedule must be one of {list(NOISE_SCHEDULES)}, got {noise_schedule!r}"
+            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise SpineDiffError(
+                f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}"
+            )
+        if loss not in LOSSES:
+            raise SpineDiffError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
+        if not 0.0 <= condition_dropout < 1.0:
+            raise SpineDiffError(f"condition_dropout must be in [0, 1), got {condition_dropout!r}")
+        self.num_train_timesteps = num_train_timesteps
+        self.noise_schedule = noise_schedule
+        self.prediction_type = prediction_type
+        self.loss_name = loss
+        self.condition_dropout = condition_dropout
+        self.segmentation_temperature = segmentation_temperature
+        schedule = {"cosine": "cosine", "linear": "linear_beta"}[noise_schedule]
+        self.scheduler = DDPMScheduler(num_train_timesteps, schedule, prediction_type=prediction_type)
+        # private copy: monai's add_noise recasts scheduler.alphas_cumprod to the data's dtype in place,
+        # which would silently lower the precision of the conversions after a float16 call
+        self._alphas_cumprod = self.scheduler.alphas_cumprod.clone().double()
+        self._dice_ce = DiceCELoss(softmax=True, include_background=True)
+
+    @classmethod
+    def from_settings(cls, settings: DiffusionSettings) -> DiffusionProcess:
+        """Build from the plans' diffusion settings."""
+        return cls(
+            settings.num_train_timesteps,
+            settings.noise_schedule,
+            settings.prediction_type,
+            settings.loss,
+            settings.condition_dropout,
+        )
+
+    @property
+    def schedule_name(self) -> str:
+        """monai's name of the noise schedule (to build a matching sampling scheduler)."""
+        return {"cosine": "cosine", "linear": "linear_beta"}[self.noise_schedule]
+
+    # ---------------------------------------------------------------- schedule quantities
+    def _alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar_t as a tensor broadcastable to ``like`` (B, C, *spatial)."""
+        timesteps = torch.as_tensor(timesteps, device=like.device).long().reshape(-1)
+        values = self._alphas_cumprod.to(device=like.device)[timesteps].to(like.dtype)
+        return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    # ---------------------------------------------------------------- conversions
+    def x0_from_epsilon(
+        self, noisy: torch.Tensor, epsilon: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)."""
+        a = self._alpha_bar(timesteps, noisy)
+        return (noisy - (1 - a).sqrt() * epsilon) / a.sqrt()
+
+    def epsilon_from_x0(self, noisy: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t - sqrt(a) x0) / sqrt(1 - a)."""
+        a = self._alpha_bar(timesteps, noisy)
+        return (noisy - a.sqrt() * x0) / (1 - a).sqrt()
+
+    def x0_from_velocity(
+        self, noisy: torch.Tensor, velocity: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """x0 = sqrt(a) x_t - sqrt(1 - a) v."""
+        a = self._alpha_bar(timesteps, noisy)
+        return a.sqrt() * noisy - (1 - a).sqrt() * velocity
+
+    def velocity_from_x0(
+        self, noisy: torch.Tensor, x0: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """v = sqrt(a) eps - sqrt(1 - a) x0, with eps from x_t and x0 (monai's ``get_velocity``)."""
+        epsilon = self.epsilon_from_x0(noisy, x0, timesteps)
+        return self.scheduler.get_velocity(
+            x0, epsilon, torch.as_tensor(timesteps, device=x0.device).long().reshape(-1)
+        )
+
+    def to_x0(self, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate implied by a model output of this process's prediction type."""
+        if self.prediction_type == "sample":
+            return model_output
+        if self.prediction_type == "epsilon":
+            return self.x0_from_epsilon(noisy, model_output, timesteps)
+        return self.x0_from_velocity(noisy, model_output, timesteps)
+
+    def from_x0(self, x0: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The model output of this process's prediction type implying ``x0`` (inverse of :meth:`to_x0`)."""
+        if self.prediction_type == "sample":
+            return x0
+        if self.prediction_type == "epsilon":
+            return self.epsilon_from_x0(noisy, x0, timesteps)
+        return self.velocity_from_x0(noisy, x0, timesteps)
+
+    # ---------------------------------------------------------------- training
+    def sample_timesteps(
+        self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
+    ):
+        """``(batch_size,)`` timesteps drawn uniformly from 0..T-1 (drawn on CPU, so device-independent)."""
+        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a) x0 + sqrt(1 - a) noise (monai)."""
+        return self.scheduler.add_noise(x0, noise, timesteps)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the network should output: x0, the noise, or the velocity (monai's ``get_velocity``)."""
+        if self.prediction_type == "sample":
+            return x0
+        if self.prediction_type == "epsilon":
+            return noise
+        return self.scheduler.get_velocity(x0, noise, timesteps)
+
+    def prepare_training_batch(
+        self, condition: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+    ) -> TrainingBatch:
+        """Noise ``target`` at random timesteps and build the network input.
+
+        Args:
+            condition: ``(B, condition_channels, *spatial)`` (may have 0 channels).
+            target: ``(B, target_channels, *spatial)`` in the diffusion range ([-1, 1]).
+            generator: CPU generator for timesteps, noise and condition dropout.
+        """
+        batch = target.shape[0]
+        timesteps = self.sample_timesteps(batch, generator, target.device)
+        noise = torch.randn(target.shape, generator=generator, dtype=target.dtype).to(target.device)
+        noisy = self.add_noise(target, noise, timesteps)
+        kept = torch.ones(batch, dtype=torch.bool, device=target.device)
+        if self.condition_dropout > 0:
+            kept = (torch.rand(batch, generator=generator) >= self.condition_dropout).to(target.device)
+            condition = condition * kept.reshape(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
+        return TrainingBatch(torch.cat([condition, noisy], dim=1), timesteps, target, noise, noisy, kept)
+
+    def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
+        """The configured loss between the network output and the batch's training target.
+
+        ``l1``/``mse`` compare the output with its own target (x0, noise or velocity). ``dice_ce``
+        converts the output to the predicted x0 (one-hot scaled to [-1, 1]) and scores it with
+        soft Dice + cross-entropy against the one-hot target (monai's ``DiceCELoss``).
+        """
+        if self.loss_name == "dice_ce":
+            return self.dice_ce_loss(
+                self.to_x0(model_output, batch.noisy_target, batch.timesteps), batch.target
+            )
+        expected = self.training_target(batch.target, batch.noise, batch.timesteps)
+        if self.loss_name == "l1":
+            return torch.nn.functional.l1_loss(model_output, expected)
+        return torch.nn.functional.mse_loss(model_output, expected)
+
+    def dice_ce_loss(self, predicted_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
+        """Soft Dice + cross-entropy of ``predicted_x0 / temperature`` as logits vs the one-hot target.
+
+        Args:
+            predicted_x0: ``(B, C, *spatial)`` predicted one-hot in [-1, 1] scale.
+            target_x0: ``(B, C, *spatial)`` one-hot scaled to [-1, 1] (``2 * onehot - 1``).
+        """
+        return self._dice_ce(predicted_x0 / self.segmentation_temperature, (target_x0 + 1) / 2)
+
+    def drop_condition(self, network_input: torch.Tensor, condition_channels: int) -> torch.Tensor:
+        """The same input with the condition channels zeroed: the "unconditional" input of guidance."""
+        unconditional = network_input.clone()
+        unconditional[:, :condition_channels] = 0
+        return unconditional
