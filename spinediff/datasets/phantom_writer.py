@@ -123,7 +123,7 @@ def write_phantom_datasets(
     out = Path(output_folder).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     targets = {task: out / dataset_folder_name(task, dataset_id_base) for task in tasks}
-    for task, target in targets.items():
+    for target in targets.values():
         if target.exists() and not overwrite:
             raise SpineDiffError(f"{target} already exists. Choose another output folder or --dataset-id, "
                                  f"or pass --overwrite to replace it.")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
@@ -100,7 +101,8 @@ def _check_dataset_json(data: Any, path: Path, problems: list[Problem]) -> tuple
             problems.append(Problem(where, "label values must not be negative."))
     ending = data.get("file_ending")
     if not isinstance(ending, str) or ending not in SUPPORTED_ENDINGS:
-        problems.append(Problem(where, f"'file_ending' is {ending!r}; it must be one of {', '.join(SUPPORTED_ENDINGS)}."))
+        allowed_endings = ", ".join(SUPPORTED_ENDINGS)
+        problems.append(Problem(where, f"'file_ending' is {ending!r}; it must be one of {allowed_endings}."))
         ending = ".nii.gz"
     num_training = data.get("numTraining")
     if not isinstance(num_training, int) or isinstance(num_training, bool) or num_training < 1:
@@ -196,12 +198,26 @@ def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> Vali
     return report
 
 
-def _read_or_report(path: Path, problems: list[Problem]) -> sitk.Image | None:
+def _read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
+    """The image (for its geometry) and its voxel array as stored on disk.
+
+    NIfTI voxels are read with nibabel: SimpleITK's NIfTI reader turns NaN into 0, which would hide
+    NaNs from this check but not from tools that read with nibabel.
+    """
     try:
-        return read_image(path)
+        image = read_image(path)
     except SpineDiffError as exc:
         problems.append(Problem(str(path), str(exc).replace(f"{path} ", "", 1)))
         return None
+    if path.name.endswith((".nii", ".nii.gz")):
+        try:
+            array = np.asanyarray(nib.load(str(path)).dataobj)
+        except Exception as exc:  # noqa: BLE001 - any nibabel failure means a corrupt file
+            problems.append(Problem(str(path), f"could not be read by nibabel ({exc}); the file is corrupt."))
+            return None
+    else:
+        array = sitk.GetArrayViewFromImage(image)
+    return image, array
 
 
 def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_channels: int,
@@ -213,15 +229,15 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"missing: case {case} needs {n_channels} channel files "
                                                f"(_0000 .. _{n_channels - 1:04d})."))
             continue
-        image = _read_or_report(path, problems)
-        if image is None:
+        loaded = _read_or_report(path, problems)
+        if loaded is None:
             continue
+        image, array = loaded
         if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
             problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
                                                f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
                                                "each channel must be its own 2D/3D scalar image."))
             continue
-        array = sitk.GetArrayViewFromImage(image)
         if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
             n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             problems.append(Problem(str(path), f"contains {n_bad} NaN/Inf voxel(s); fix or re-export the image."))
@@ -231,10 +247,10 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
                                                "all channels of a case onto one grid."))
     label_path = labels_dir / f"{case}{ending}"
-    label = _read_or_report(label_path, problems)
-    if label is None:
+    loaded = _read_or_report(label_path, problems)
+    if loaded is None:
         return
-    array = sitk.GetArrayViewFromImage(label)
+    label, array = loaded
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)):
             problems.append(Problem(str(label_path), "contains NaN/Inf; a label map must hold integers."))

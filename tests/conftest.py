@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny phantom written once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the main process: no workers to hang
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from spinediff.datasets.phantom import PhantomSettings  # noqa: E402
+
+# Small grids: the same anatomy (in mm) on coarser voxels keeps every test fast.
+TINY_SETTINGS = PhantomSettings(mr_shape=(48, 64, 8), mr_spacing=(3.2, 3.2, 7.0), ct_spacing=(3.0, 3.0, 3.0))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> PhantomSettings:
+    return TINY_SETTINGS
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """Three phantom datasets (segmentation 901, translation 902, generation 903), 3 cases each."""
+    from spinediff.datasets.phantom_writer import write_phantom_datasets
+
+    root = tmp_path_factory.mktemp("phantom_raw")
+    write_phantom_datasets(root, num_cases=3, seed=7, settings=TINY_SETTINGS, progress=False)
+    return root
+
+
+def requires_shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs the real sample data at {path} (../shared/data beside the repository), absent here")
+    return path
