@@ -17,6 +17,7 @@ from spinediff.errors import SpineDiffError
 
 # (module providing add_parser). Order = order in --help.
 SUBCOMMAND_MODULES: list[str] = [
+    "spinediff.demo",
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
 ]
