@@ -188,7 +188,7 @@ class SlidingWindowSampler:
         condition_padded = condition_padded.to(self.device)
         crop = tuple(slice(int(c.start), int(c.stop)) for c in crop[1:])  # drop the channel axis
         padded = tuple(condition_padded.shape[1:])
-        windows = self._windows(padded)
+        windows = self.windows(padded)
         weight_total = self._weight_total(padded, windows)
         estimate = None
         if initial_estimate is not None:
@@ -230,7 +230,8 @@ class SlidingWindowSampler:
             )
         return int(channels)
 
-    def _windows(self, padded: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    def windows(self, padded: tuple[int, ...]) -> list[tuple[slice, ...]]:
+        """Window slicers (nnU-Net step positions) covering a volume of at least the patch size."""
         starts = compute_steps_for_sliding_window(padded, self.patch_size, self.tile_step_size)
         return [
             tuple(slice(s, s + p) for s, p in zip(corner, self.patch_size, strict=True))
@@ -276,14 +277,20 @@ class SlidingWindowSampler:
                     for sample, window in chunk
                 ]
             )
-            output = self._predict(network_input, timestep, condition.shape[0])
+            output = self.denoise(network_input, timestep, condition.shape[0])
             for (sample, window), window_output in zip(chunk, output, strict=True):
                 # weight / total is exactly 1.0 where a single window covers a voxel
                 blended[(sample, slice(None), *window)] += window_output * (weight / weight_total[window])
         return blended
 
-    def _predict(self, network_input: torch.Tensor, timestep: int, condition_channels: int) -> torch.Tensor:
-        """Network output with optional mirroring TTA and classifier-free guidance."""
+    def denoise(self, network_input: torch.Tensor, timestep: int, condition_channels: int) -> torch.Tensor:
+        """Network output for a batch of windows, with mirroring TTA and classifier-free guidance.
+
+        Args:
+            network_input: ``(B, condition_channels + target_channels, *patch)``.
+            timestep: the current timestep (the same for the whole batch).
+            condition_channels: leading channels that guidance replaces by zeros.
+        """
         timesteps = torch.full((network_input.shape[0],), timestep, dtype=torch.long, device=self.device)
 
         def run(x: torch.Tensor) -> torch.Tensor:

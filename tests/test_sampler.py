@@ -1,0 +1,288 @@
+"""Tests of the sliding-window DDIM sampler (spinediff.diffusion.sampler), incl. an overfitting run."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from monai.networks.schedulers import DDIMScheduler
+from torch import nn
+
+from spinediff.diffusion import DiffusionProcess, SlidingWindowSampler, ensemble_seeds, initial_noise
+from spinediff.errors import SpineDiffError
+from spinediff.networks import TimeConditionedUNet
+
+torch.set_num_threads(1)
+
+
+def tiny_network(ndim: int, condition_channels: int = 1, target_channels: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    if ndim == 2:
+        kernels, strides = [[3, 3], [3, 3], [3, 3]], [[1, 1], [2, 2], [2, 2]]
+    else:  # anisotropic: no pooling of the first axis at the first downsampling
+        kernels, strides = [[1, 3, 3], [3, 3, 3], [3, 3, 3]], [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    network = TimeConditionedUNet(
+        condition_channels + target_channels,
+        3,
+        [8, 16, 32],
+        getattr(nn, f"Conv{ndim}d"),
+        kernels,
+        strides,
+        2,
+        target_channels,
+        1,
+        conv_bias=True,
+        time_embedding_dim=16,
+    )
+    network.apply(network.initialize)
+    return network.eval()
+
+
+class CallRecorder(nn.Module):
+    """Wraps a network and records the batch size of every call."""
+
+    def __init__(self, network: TimeConditionedUNet) -> None:
+        super().__init__()
+        self.network = network
+        self.num_classes = network.num_classes
+        self.batch_sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self.batch_sizes.append(x.shape[0])
+        return self.network(x, timesteps)
+
+
+def reference_ddim(network, process, condition, noise, steps):
+    """Plain whole-volume DDIM with monai's scheduler: no windows, no blending."""
+    scheduler = DDIMScheduler(
+        process.num_train_timesteps, process.schedule_name, prediction_type=process.prediction_type
+    )
+    scheduler.set_timesteps(steps)
+    state = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            network_input = torch.cat([condition.expand(len(state), *condition.shape), state], dim=1)
+            output = network(network_input, torch.full((len(state),), int(t)))
+            state, _ = scheduler.step(output, int(t), state)
+    return state
+
+
+def psnr(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    """PSNR for data in [-1, 1] (peak-to-peak 2)."""
+    return 10 * math.log10(4.0 / float(((estimate - reference) ** 2).mean()))
+
+
+SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
+
+
+# --------------------------------------------------------------------------- exactness and determinism
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_one_window_equals_whole_volume_sampling_exactly(ndim: int, prediction_type: str) -> None:
+    network = tiny_network(ndim)
+    process = DiffusionProcess(prediction_type=prediction_type)
+    condition = torch.randn((1, *SPATIAL[ndim]), generator=torch.Generator().manual_seed(5))
+    sampler = SlidingWindowSampler(network, process, SPATIAL[ndim], num_inference_steps=4, sample_batch_size=2)
+    samples = sampler.sample(condition, num_samples=2, generator=11)
+    noise = torch.stack([initial_noise(seed, (1, *SPATIAL[ndim])) for seed in ensemble_seeds(11, 2)])
+    expected = reference_ddim(network, process, condition, noise, steps=4)
+    assert samples.shape == (2, 1, *SPATIAL[ndim])
+    assert torch.equal(samples, expected)
+
+
+def test_same_seed_same_samples_different_seed_different_samples() -> None:
+    network = tiny_network(2)
+    condition = torch.randn((1, 24, 20), generator=torch.Generator().manual_seed(0))
+    for eta in (0.0, 1.0):
+        sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3, eta=eta)
+        first = sampler.sample(condition, num_samples=2, generator=1)
+        assert torch.equal(first, sampler.sample(condition, num_samples=2, generator=torch.Generator().manual_seed(1)))
+        assert (first - sampler.sample(condition, num_samples=2, generator=2)).abs().mean() > 1e-3
+        assert (first[0] - first[1]).abs().mean() > 1e-3  # ensemble members differ
+    # with eta = 0 a member depends only on its seed: not on the ensemble size or the batching
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3, sample_batch_size=3)
+    alone = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3)
+    torch.testing.assert_close(sampler.sample(condition, 3, generator=4)[:1], alone.sample(condition, 1, generator=4))
+
+
+def test_memory_is_bounded_by_window_batches() -> None:
+    recorder = CallRecorder(tiny_network(2))
+    sampler = SlidingWindowSampler(
+        recorder, DiffusionProcess(), (16, 16), num_inference_steps=2, window_batch_size=3, sample_batch_size=2
+    )
+    samples = sampler.sample(torch.zeros(1, 32, 16), num_samples=5, generator=0)
+    assert samples.shape == (5, 1, 32, 16)
+    windows = 3  # starts 0, 8, 16 along the first axis with step 0.5
+    groups = [2, 2, 1]
+    expected_calls = sum(math.ceil(g * windows / 3) for g in groups) * 2
+    assert len(recorder.batch_sizes) == expected_calls
+    assert max(recorder.batch_sizes) == 3
+
+
+def test_volume_smaller_than_the_patch_is_padded_and_cropped() -> None:
+    network = tiny_network(2, condition_channels=2)
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=2)
+    samples = sampler.sample(torch.randn(2, 11, 20), num_samples=1, generator=0)
+    assert samples.shape == (1, 1, 11, 20) and torch.isfinite(samples).all()
+    assert samples.abs().max() <= 1.0  # clipped x0 at the last step
+
+
+def test_invalid_calls_raise_spinediff_errors() -> None:
+    network = tiny_network(2)
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=2)
+    with pytest.raises(SpineDiffError, match="spatial"):
+        sampler.sample(torch.zeros(16, 16))
+    with pytest.raises(SpineDiffError, match="start_timestep"):
+        sampler.sample(torch.zeros(1, 16, 16), initial_estimate=torch.zeros(1, 16, 16))
+    for kwargs in ({"tile_step_size": 0.0}, {"eta": 2.0}, {"num_inference_steps": 0}, {"mirror_axes": (2,)}):
+        with pytest.raises(SpineDiffError):
+            SlidingWindowSampler(network, DiffusionProcess(), (16, 16), **kwargs)
+
+
+# --------------------------------------------------------------------------- TTA, guidance, progress
+def test_mirroring_makes_the_denoiser_mirror_equivariant() -> None:
+    network = tiny_network(2)
+    x = torch.randn((2, 2, 16, 16), generator=torch.Generator().manual_seed(0))
+    plain = SlidingWindowSampler(network, DiffusionProcess(), (16, 16))
+    mirrored = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), mirror_axes=(0, 1))
+    with torch.no_grad():
+        for axes in ([2], [3], [2, 3]):
+            out = mirrored.denoise(x, 500, condition_channels=1)
+            flipped_out = mirrored.denoise(torch.flip(x, axes), 500, condition_channels=1)
+            torch.testing.assert_close(torch.flip(flipped_out, axes), out, atol=1e-5, rtol=1e-5)
+        raw = plain.denoise(x, 500, condition_channels=1)
+        assert (torch.flip(plain.denoise(torch.flip(x, [2]), 500, 1), [2]) - raw).abs().max() > 1e-3
+
+
+def test_classifier_free_guidance_extrapolates_from_the_unconditional_output() -> None:
+    network = tiny_network(2)
+    x = torch.randn((1, 2, 16, 16), generator=torch.Generator().manual_seed(0))
+    guided = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), guidance_scale=3.0)
+    with torch.no_grad():
+        conditional = network(x, torch.tensor([400]))
+        unconditional = network(torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], 1), torch.tensor([400]))
+        torch.testing.assert_close(guided.denoise(x, 400, 1), unconditional + 3.0 * (conditional - unconditional))
+
+
+def test_progress_bar_over_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    sampler = SlidingWindowSampler(tiny_network(2), DiffusionProcess(), (16, 16), num_inference_steps=3, progress=True)
+    sampler.sample(torch.zeros(1, 16, 16), generator=0)
+    assert "DDIM" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a trained network
+PATCH = 32
+
+
+def pattern_pair(size: int, shift: tuple[float, float] = (0.0, 0.0), period: float = 13.7):
+    """A smooth "MR" condition and a "CT" target with inverted, sharpened contrast.
+
+    The period is incommensurate with the patch so window borders do not fall on one phase.
+    """
+    rows = torch.arange(size, dtype=torch.float32) + shift[0]
+    cols = torch.arange(size, dtype=torch.float32) + shift[1]
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")
+    condition = 0.7 * torch.sin(2 * math.pi * yy / period + 0.5) * torch.cos(2 * math.pi * xx / (1.5 * period))
+    condition = condition + 0.2 * torch.cos(2 * math.pi * (xx + yy) / (0.7 * period))
+    return condition[None], (-0.9 * torch.tanh(3 * condition))[None]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny 2D network trained for 300 steps on random patch crops of one fixed 64x64 pair."""
+    network = tiny_network(2)
+    network.train()
+    process = DiffusionProcess(prediction_type="sample", loss="l1")
+    condition, target = pattern_pair(2 * PATCH)
+    optimizer = torch.optim.Adam(network.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(300):
+        corners = torch.randint(0, PATCH + 1, (8, 2), generator=generator).tolist()
+        crops = [(slice(None), slice(y, y + PATCH), slice(x, x + PATCH)) for y, x in corners]
+        batch = process.prepare_training_batch(
+            torch.stack([condition[c] for c in crops]), torch.stack([target[c] for c in crops]), generator
+        )
+        loss = process.loss(network(batch.network_input, batch.timesteps), batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(f"\ntrained 300 steps in {time.perf_counter() - start:.1f} s, final L1 {loss.item():.4f}")
+    return network.eval(), process
+
+
+def test_overfitted_network_reconstructs_the_target(trained) -> None:
+    network, process = trained
+    condition, target = pattern_pair(2 * PATCH)
+    sampler = SlidingWindowSampler(network, process, (PATCH, PATCH), num_inference_steps=10, window_batch_size=9)
+    window = (slice(None), slice(0, PATCH), slice(0, PATCH))
+    one_window = sampler.sample(condition[window], num_samples=2, generator=0)
+    whole = sampler.sample(condition, num_samples=1, generator=0)[0]
+    figures = {
+        "condition": psnr(condition[window], target[window]),
+        "one window": min(psnr(s, target[window]) for s in one_window),
+        "2x volume": psnr(whole, target),
+    }
+    print("PSNR [dB]: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()))
+    assert figures["condition"] < 10
+    assert figures["one window"] > figures["condition"] + 20
+    assert figures["2x volume"] > figures["condition"] + 20
+
+
+def border_and_inside_differences(error: torch.Tensor, windows, size: int) -> tuple[float, float]:
+    """Mean |e[i+1] - e[i]| over neighbour pairs that straddle a window border vs all other pairs."""
+    border, inside = [], []
+    for axis in (0, 1):
+        differences = (error.narrow(axis + 1, 1, size - 1) - error.narrow(axis + 1, 0, size - 1)).abs()
+        per_pair = differences.mean(dim=tuple(d for d in range(3) if d != axis + 1))
+        edges = {b for w in windows for b in (w[axis].start, w[axis].stop) if 0 < b < size}
+        border += [per_pair[b - 1] for b in edges]
+        inside += [per_pair[i] for i in range(size - 1) if i + 1 not in edges]
+    return float(torch.stack(border).mean()), float(torch.stack(inside).mean())
+
+
+def test_volume_twice_the_patch_samples_without_seams(trained) -> None:
+    network, process = trained
+    size = 2 * PATCH
+    results = {}
+    # Gaussian blending vs. a control that stitches non-overlapping windows (a seam detector check)
+    for name, options in (("blended", {}), ("hard stitched", {"tile_step_size": 1.0, "use_gaussian": False})):
+        sampler = SlidingWindowSampler(
+            network, process, (PATCH, PATCH), num_inference_steps=10, window_batch_size=9, **options
+        )
+        windows = sampler.windows((size, size))
+        border, inside = [], []
+        # several phase shifts so that borders meet every part of the pattern; the error image
+        # (sample - target) removes the content's own gradients from the comparison
+        for k in range(6):
+            condition, target = pattern_pair(size, shift=(3.1 * k, 5.3 * k))
+            sample = sampler.sample(condition, num_samples=1, generator=k)[0]
+            b, i = border_and_inside_differences(sample - target, windows, size)
+            border.append(b)
+            inside.append(i)
+        results[name] = (sum(border) / len(border), sum(inside) / len(inside))
+    print(
+        "mean |difference| across window borders vs inside: "
+        + ", ".join(f"{k} {b:.4f} vs {i:.4f}" for k, (b, i) in results.items())
+    )
+    border, inside = results["blended"]
+    assert border <= inside
+    control_border, control_inside = results["hard stitched"]
+    assert control_border > 2 * control_inside
+
+
+def test_warm_start_from_an_estimate_skips_steps(trained) -> None:
+    network, process = trained
+    recorder = CallRecorder(network)
+    condition, target = pattern_pair(PATCH)
+    sampler = SlidingWindowSampler(recorder, process, (PATCH, PATCH), num_inference_steps=10)
+    # a coarse "presegmentation": the target blurred and biased
+    estimate = torch.nn.functional.avg_pool2d(target[None], 5, stride=1, padding=2)[0] * 0.8 + 0.05
+    warm = sampler.sample(condition, num_samples=1, generator=0, initial_estimate=estimate, start_timestep=300)
+    assert len(recorder.batch_sizes) == 3  # scheduled timesteps 999, 888, ..., 111, 0: only 222, 111, 0 run
+    assert psnr(warm[0], target) > psnr(estimate, target) + 5
+    assert psnr(warm[0], target) > psnr(condition, target) + 20
+    with pytest.raises(SpineDiffError, match="below every"):
+        sampler.sample(condition, initial_estimate=estimate, start_timestep=-1)
