@@ -162,7 +162,7 @@ def overlay_png(
         if mask_array is not None:
             mask_slice, _ = _oriented_slice(mr, mask_array, through, normal, 2, column)
             if 0 < mask_slice.max():
-                panel.contour(mask_slice, levels=[0.5], colors="cyan", linewidths=0.6, linestyles="dotted")
+                panel.contour(mask_slice, levels=[0.5], colors="cyan", linewidths=0.7)
         panel.set_title(name)
         panel.set_axis_off()
     figure.suptitle(f"{title}: MR, CT bone > {bone_threshold_hu:.0f} HU (red), MR vertebrae (cyan)", fontsize=9)
