@@ -245,14 +245,21 @@ def test_geometric_split_finds_body_and_posterior_elements():
             assert np.linalg.norm(named[name] - from_subregions.points[label][name]) < 1.5
 
 
-def test_geometric_split_on_real_tptbox_ct():
+@pytest.mark.parametrize(
+    "prefix, labels",
+    [("sub-ct_seg-{}_label-22_msk", [21, 22, 23]), ("sub-mri_seg-{}_label-6_msk", [5, 6, 7])],
+    ids=["lumbar-ct", "cervical-mr"],
+)
+def test_geometric_split_on_real_tptbox_masks(prefix, labels):
+    """Real masks (the MR one also holds discs 100+ and endplates 200+, which are ignored): the
+    geometric landmarks agree with the subregion-based ones."""
     folder = tptbox_or_skip()
-    vertebrae = sitk.ReadImage(str(folder / "sub-ct_seg-vert_label-22_msk.nii.gz"))
-    subregions = sitk.ReadImage(str(folder / "sub-ct_seg-subreg_label-22_msk.nii.gz"))
+    vertebrae = sitk.ReadImage(str(folder / f"{prefix.format('vert')}.nii.gz"))
+    subregions = sitk.ReadImage(str(folder / f"{prefix.format('subreg')}.nii.gz"))
     geometric = landmarks_from_masks(vertebrae)
     reference = landmarks_from_masks(vertebrae, subregion_mask=subregions)
-    assert geometric.labels == [21, 22, 23]
-    for label in geometric.labels:
+    assert geometric.labels == labels
+    for label in labels:
         for name in ("body", "posterior"):
             assert np.linalg.norm(geometric.points[label][name] - reference.points[label][name]) < 2.0
 

@@ -154,8 +154,9 @@ def check_point_geometry(
         if kind == "affine" and off_plane < tolerance_mm:
             raise SpineDiffError(
                 f"case {case}: the matched {name} landmarks are coplanar (RMS distance from one plane "
-                f"{off_plane:.2f} mm), which leaves an affine transform undetermined. Use a rigid or "
-                f"similarity transform, or 2 landmarks per vertebra."
+                f"{off_plane:.2f} mm), which leaves an affine transform undetermined (vertebra "
+                f"landmarks lie near the mid-sagittal plane). Use a rigid or similarity transform, or landmark "
+                f"files with points off that plane."
             )
 
 

@@ -382,8 +382,9 @@ def register_dataset(
                     )
                 registered = register_case(case, settings)
                 write_case(registered, staging, channel_names)
-            except SpineDiffError as exc:
-                message = str(exc) if case.case_id in str(exc) else f"case {case.case_id}: {exc}"
+            except (SpineDiffError, RuntimeError) as exc:  # RuntimeError: SimpleITK on unusual input
+                text = str(exc).strip().splitlines()[-1] if isinstance(exc, RuntimeError) else str(exc)
+                message = text if case.case_id in text else f"case {case.case_id}: {text}"
                 result.reports.append(
                     CaseReport(
                         case=case.case_id,
