@@ -468,6 +468,25 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "--landmarks-per-vertebra" in capsys.readouterr().out
 
 
+def test_registers_the_tiny_phantom_into_a_valid_translation_dataset(phantom_root, tmp_path):
+    """End to end on ``spinediff phantom`` output (conftest's tiny grids: 7 mm MR slices)."""
+    from spinediff.datasets.validate import validate_dataset
+    from spinediff.registration.api import labels_from_parent_dataset
+
+    unaligned = next(phantom_root.glob("Dataset*_SpinePhantomTranslation/unaligned"))
+    output = tmp_path / "Dataset960_TinyRegistered"
+    result = register_dataset(
+        find_unaligned_cases(unaligned),
+        output,
+        RegistrationSettings(overlay=False),
+        label_names=labels_from_parent_dataset(unaligned),
+    )
+    assert not result.failures
+    assert all(report.tre_mm["mean"] < 1.5 for report in result.reports), [r.tre_mm for r in result.reports]
+    assert validate_dataset(output).ok
+    assert json.loads((output / "dataset.json").read_text())["labels"]["disc"] == 2
+
+
 # ------------------------------------------------------------------------------ real data
 
 
