@@ -1,0 +1,361 @@
+"""``plan_dataset``: fingerprint, plan and preprocess one raw dataset (the API behind ``spinediff plan``).
+
+Steps, all through nnunetv2 so that nnU-Net's own trainer reads the result unchanged:
+
+1. nnunetv2's ``DatasetFingerprintExtractor`` -> ``dataset_fingerprint.json``;
+2. for translation/generation datasets, the target channels' intensity statistics
+   (:mod:`.target_intensity`) -> ``spinediff_fingerprint.json``;
+3. :class:`~spinediff.planning.planner.SpineDiffPlanner` -> ``nnUNetPlans.json`` (nnU-Net's
+   configurations plus ``2d_diffusion`` / ``3d_diffusion``);
+4. nnunetv2's preprocessor for the requested configurations (configurations sharing a data
+   identifier are preprocessed once), and ``gt_segmentations`` as ``nnUNetv2_preprocess`` copies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spinediff.errors import SpineDiffError
+from spinediff.io import read_json, write_json
+from spinediff.paths import nnunet_folder, resolve_raw_dataset
+
+PLANS_IDENTIFIER = "nnUNetPlans"  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
+NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+DIFFUSION_CONFIGURATIONS = ("2d_diffusion", "3d_diffusion")
+CPU_BASELINE_CONFIGURATIONS = ("2d_cpu", "3d_fullres_cpu")
+ALL_CONFIGURATIONS = (*NNUNET_CONFIGURATIONS, *DIFFUSION_CONFIGURATIONS, *CPU_BASELINE_CONFIGURATIONS)
+DEVICES = ("auto", "cpu", "cuda")
+# nnU-Net samples 1e8 foreground voxels for its intensity statistics (hundreds of MB per channel);
+# 1e7 gives the same percentiles to three digits at a tenth of the memory and time.
+DEFAULT_INTENSITY_SAMPLES = 10_000_000
+_DATASET_FOLDER = re.compile(r"^Dataset\d{3}_[A-Za-z0-9_\-]+$")
+
+
+def default_num_processes() -> int:
+    """Half the cores, at most 4: preprocessing workers each hold whole volumes in memory."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise SpineDiffError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def nnunet_environment(raw: Path, preprocessed: Path) -> Iterator[None]:
+    """Point nnunetv2 (which reads ``nnUNet_raw`` / ``nnUNet_preprocessed`` lazily) at these folders.
+
+    The variables are also inherited by nnunetv2's spawned worker processes; they are restored after.
+    """
+    saved = {key: os.environ.get(key) for key in ("nnUNet_raw", "nnUNet_preprocessed")}
+    os.environ["nnUNet_raw"] = str(raw)
+    os.environ["nnUNet_preprocessed"] = str(preprocessed)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _InProcessContext:
+    """Stands in for ``multiprocessing.get_context("spawn")``: a pool of one thread in this process."""
+
+    @staticmethod
+    def Pool(processes: int | None = None):  # noqa: N802 - multiprocessing's name
+        from multiprocessing.pool import ThreadPool
+
+        return ThreadPool(1)
+
+
+class _InProcessMultiprocessing:
+    @staticmethod
+    def get_context(method: str | None = None) -> type[_InProcessContext]:
+        return _InProcessContext
+
+
+@contextlib.contextmanager
+def _single_process(enabled: bool) -> Iterator[None]:
+    """With one worker, run nnunetv2's fingerprint extraction and preprocessing in this process.
+
+    nnunetv2 always starts a *spawned* pool, and each spawned worker re-imports torch and nnunetv2
+    (5-10 s on a 2-core machine) before doing the same sequential work a single thread does here.
+    """
+    if not enabled:
+        yield
+        return
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
+
+    modules = (fingerprint_extractor, default_preprocessor)
+    saved = [module.multiprocessing for module in modules]
+    for module in modules:
+        module.multiprocessing = _InProcessMultiprocessing
+    try:
+        yield
+    finally:
+        for module, original in zip(modules, saved, strict=True):
+            module.multiprocessing = original
+
+
+def _quiet(enabled: bool):
+    """Send nnunetv2's prints to nowhere (its tqdm bars go to stderr and stay visible)."""
+    return contextlib.redirect_stdout(io.StringIO()) if enabled else contextlib.nullcontext()
+
+
+def _check_dataset(folder: Path) -> dict[str, Any]:
+    if not _DATASET_FOLDER.match(folder.name):
+        raise SpineDiffError(f"{folder} is not named like an nnU-Net dataset (DatasetXXX_Name); nnU-Net's "
+                             "planner needs that name. Rename the folder or place it under $nnUNet_raw.")
+    dataset_json = read_json(folder / "dataset.json")
+    missing = [key for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in dataset_json]
+    if "channel_names" in missing and "modality" in dataset_json:
+        missing.remove("channel_names")
+    if missing:
+        raise SpineDiffError(f"{folder / 'dataset.json'} lacks {missing}; see documentation/dataset_format.md "
+                             "(run `spinediff validate` for a full check).")
+    if not (folder / "imagesTr").is_dir() or not any((folder / "imagesTr").iterdir()):
+        raise SpineDiffError(f"{folder / 'imagesTr'} is missing or empty: nothing to plan from.")
+    return dataset_json
+
+
+def _make_fingerprint_extractor(intensity_samples: int):
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    class FingerprintExtractor(DatasetFingerprintExtractor):
+        """nnunetv2's extractor with a smaller (configurable) intensity sample, nothing else changed."""
+
+        def __init__(self, dataset_name_or_id: str | int, num_processes: int = 8, verbose: bool = False):
+            super().__init__(dataset_name_or_id, num_processes, verbose)
+            self.num_foreground_voxels_for_intensitystats = intensity_samples
+
+    return FingerprintExtractor
+
+
+def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], target: Path) -> None:
+    """As nnUNetv2_preprocess: labels into ``gt_segmentations`` (nnU-Net's validation reads them there)."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    target.mkdir(parents=True, exist_ok=True)
+    cases = get_filenames_of_train_images_and_targets(str(dataset_folder), dataset_json)
+    for case, files in cases.items():
+        destination = target / f"{case}{dataset_json['file_ending']}"
+        source = Path(files["label"])
+        if not destination.exists() or destination.stat().st_mtime < source.stat().st_mtime:
+            shutil.copy2(source, destination)
+
+
+def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str] | None = None,
+                 device: str = "auto", memory_target_gb: float | None = None, preprocess: bool = True,
+                 num_processes: int | None = None, raw_folder: str | os.PathLike | None = None,
+                 preprocessed_folder: str | os.PathLike | None = None, *, overwrite: bool = False,
+                 show_progress_bar: bool = True, verbose: bool = False,
+                 intensity_samples: int = DEFAULT_INTENSITY_SAMPLES,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """Fingerprint, plan and (optionally) preprocess ``dataset``; return the path of the plans file.
+
+    Args:
+        dataset: ID (``501``), name (``Dataset501_X``) under the raw folder, or a dataset folder.
+        configurations: configurations to preprocess (default: all that the plans contain). The plans
+            always hold every configuration; those sharing data (``2d`` and ``2d_diffusion``) are
+            preprocessed once.
+        device: 'cpu', 'cuda' or 'auto' (cuda when torch sees a GPU).
+        memory_target_gb: GPU memory (cuda, default 8 as nnU-Net) or RAM (cpu, default 4) to plan for.
+        preprocess: run nnunetv2's preprocessor after planning.
+        num_processes: preprocessing / fingerprint workers (default: half the cores, at most 4).
+        raw_folder, preprocessed_folder: override ``$nnUNet_raw`` / ``$nnUNet_preprocessed``.
+        overwrite: replace an existing plans file (otherwise an existing one is an error).
+        show_progress_bar: tqdm bars for fingerprint, statistics and preprocessing.
+        verbose: let nnunetv2 print its own messages.
+        intensity_samples: foreground voxels sampled for nnU-Net's intensity statistics.
+        log: receives one line per step (default: stderr when ``show_progress_bar``).
+
+    Raises:
+        SpineDiffError: missing dataset or folders, invalid settings, existing plans without overwrite.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from spinediff.datasets.dataset_json import task_spec
+    from spinediff.planning.planner import SpineDiffPlanner
+    from spinediff.planning.target_intensity import collect_target_statistics
+
+    say = log or ((lambda line: print(line, file=sys.stderr)) if show_progress_bar else (lambda line: None))
+    requested = list(configurations) if configurations else None
+    unknown = sorted(set(requested or ()) - set(ALL_CONFIGURATIONS))
+    if unknown:
+        raise SpineDiffError(f"Unknown configuration(s) {unknown}; choose from {', '.join(ALL_CONFIGURATIONS)}.")
+    if memory_target_gb is not None and not memory_target_gb > 0:
+        raise SpineDiffError(f"--memory-target-gb must be positive, got {memory_target_gb}.")
+    device = resolve_device(device)
+    num_processes = int(num_processes or default_num_processes())
+    if num_processes < 1:
+        raise SpineDiffError(f"-np must be at least 1, got {num_processes}.")
+
+    dataset_folder = resolve_raw_dataset(dataset, raw_folder)
+    dataset_json = _check_dataset(dataset_folder)
+    name = dataset_folder.name
+    preprocessed_root = nnunet_folder("preprocessed", preprocessed_folder)
+    output = preprocessed_root / name
+    plans_file = output / f"{PLANS_IDENTIFIER}.json"
+    if plans_file.exists() and not overwrite:
+        raise SpineDiffError(f"{plans_file} already exists. Pass --overwrite (overwrite=True) to plan again; "
+                             "configurations of other planners in it are kept.")
+    output.mkdir(parents=True, exist_ok=True)
+
+    with nnunet_environment(dataset_folder.parent, preprocessed_root), _single_process(num_processes == 1):
+        say(f"[1/4] Fingerprint of {name} (nnunetv2 extractor, {num_processes} process(es))")
+        extractor = _make_fingerprint_extractor(intensity_samples)(name, num_processes, verbose=verbose)
+        extractor.show_progress_bar = show_progress_bar
+        with _quiet(not verbose):
+            extractor.run(overwrite_existing=True)
+
+        spec = task_spec(dataset_json, dataset_folder / "dataset.json")
+        statistics: dict[str, Any] = {}
+        if spec.task in ("translation", "generation"):
+            say(f"[2/4] Target intensity statistics (channels {list(spec.target_channels)})")
+            statistics = collect_target_statistics(dataset_folder, dataset_json, spec,
+                                                   show_progress_bar=show_progress_bar)
+            write_json(statistics, output / "spinediff_fingerprint.json")
+        else:
+            say("[2/4] Target intensity statistics: not needed (segmentation)")
+
+        say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else ""))
+        planner = SpineDiffPlanner(name, device=device, memory_target_gb=memory_target_gb,
+                                   target_statistics=statistics)
+        with _quiet(not verbose):
+            plans = planner.plan_experiment()
+
+        if not preprocess:
+            say("[4/4] Preprocessing skipped (--no-preprocess)")
+            return plans_file
+        manager = PlansManager(str(plans_file))
+        names = requested or list(plans["configurations"])
+        missing = [c for c in names if c not in manager.available_configurations]
+        if missing:
+            say(f"      (not in the plans for this dataset, skipped: {', '.join(missing)})")
+        done: dict[str, str] = {}
+        for configuration in names:
+            if configuration in missing:
+                continue
+            configuration_manager = manager.get_configuration(configuration)
+            identifier = configuration_manager.data_identifier
+            if identifier in done:
+                say(f"[4/4] {configuration}: shares preprocessed data with {done[identifier]}")
+                continue
+            say(f"[4/4] Preprocessing {configuration} -> {identifier}")
+            preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
+            preprocessor.show_progress_bar = show_progress_bar
+            with _quiet(not verbose):
+                preprocessor.run(name, configuration, PLANS_IDENTIFIER, num_processes=num_processes)
+            done[identifier] = configuration
+        _copy_ground_truth(dataset_folder, dataset_json, output / "gt_segmentations")
+    return plans_file
+
+
+def _compact(values: Sequence[Any]) -> str:
+    return "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def summarize_plans(plans: dict[str, Any] | str | os.PathLike, configurations: Sequence[str] | None = None
+                    ) -> list[dict[str, Any]]:
+    """One row per configuration (resolved through nnunetv2's ``PlansManager``) for the summary table.
+
+    Every row also carries the memory model's estimates for the configuration's own network: GPU memory
+    in nnU-Net's reference units and the seconds of one training step on the project's 2-core CPU.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from spinediff.planning.memory import analytic_cost, estimate_cost, gb_per_element
+
+    plans = read_json(plans) if not isinstance(plans, dict) else plans
+    manager = PlansManager(plans)
+    n_channels = len(plans.get("foreground_intensity_properties_per_channel", {})) or 1
+    rows = []
+    for name in configurations or manager.available_configurations:
+        if name not in manager.available_configurations:
+            continue
+        resolved = manager.get_configuration(name).configuration
+        if "patch_size" not in resolved or "architecture" not in resolved:
+            continue  # e.g. 3d_cascade_fullres without its own architecture
+        arch = resolved["architecture"]
+        kwargs = arch["arch_kwargs"]
+        patch = tuple(int(p) for p in resolved["patch_size"])
+        diffusion = resolved.get("diffusion")
+        if diffusion:
+            in_ch = diffusion["condition_channels"] + diffusion["target_channels"]
+            out_ch = diffusion["target_channels"]
+            cost = estimate_cost(patch, kwargs, in_ch, out_ch)
+            elements = cost.feature_map_elements
+        else:
+            in_ch, out_ch = n_channels, 2
+            cost = analytic_cost(patch, kwargs, in_ch, out_ch)
+            elements = cost.plain_unet_elements  # what nnU-Net itself estimates
+        dim = len(patch)
+        gpu_gb = resolved["batch_size"] * elements * gb_per_element(dim)
+        features = kwargs["features_per_stage"]
+        rows.append({
+            "configuration": name,
+            "network": arch["network_class_name"].rsplit(".", 1)[-1],
+            "spacing": [round(float(s), 3) for s in resolved["spacing"]],
+            "patch_size": list(patch),
+            "batch_size": int(resolved["batch_size"]),
+            "n_stages": int(kwargs["n_stages"]),
+            "features": f"{features[0]}-{max(features)}",
+            "inplane_stages": sum(1 for k in kwargs["kernel_sizes"] if 1 in k),
+            "attention_stages": list(kwargs.get("attention_stages", []) or []),
+            "estimated_gpu_gb": round(float(gpu_gb), 2),
+            "estimated_cpu_step_s": round(float(cost.step_seconds(int(resolved["batch_size"]))), 2),
+            "data_identifier": resolved["data_identifier"],
+            "prediction_type": diffusion.get("prediction_type") if diffusion else None,
+            "notes": list(resolved.get("notes", [])),
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`summarize_plans` rows (also valid Markdown)."""
+    header = ["configuration", "network", "spacing (mm)", "patch", "batch", "stages", "features", "in-plane",
+              "attention", "~GPU GB", "~CPU s/step", "data"]
+    lines = [[r["configuration"], r["network"], _compact(r["spacing"]), _compact(r["patch_size"]),
+              str(r["batch_size"]), str(r["n_stages"]), r["features"], str(r["inplane_stages"]),
+              ",".join(map(str, r["attention_stages"])) or "-", f"{r['estimated_gpu_gb']:.2f}",
+              f"{r['estimated_cpu_step_s']:g}", r["data_identifier"]] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
+    out = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def dataset_summary(plans: dict[str, Any]) -> dict[str, Any]:
+    """Plan-wide facts for the summary: median shape/spacing, transpose, task, recommendation."""
+    block = plans.get("spinediff", {})
+    return {
+        "dataset": plans["dataset_name"],
+        "median_shape": plans["original_median_shape_after_transp"],
+        "median_spacing": [round(float(s), 3) for s in plans["original_median_spacing_after_transp"]],
+        "transpose_forward": plans["transpose_forward"],
+        "anisotropy": round(float(np.max(plans["original_median_spacing_after_transp"])
+                                  / np.min(plans["original_median_spacing_after_transp"])), 2),
+        "task": block.get("task"),
+        "device": block.get("device"),
+        "memory_target_gb": block.get("memory_target_gb"),
+        "recommended_configuration": block.get("recommended_configuration"),
+    }

@@ -1,0 +1,87 @@
+"""``spinediff plan``: fingerprint, plan and preprocess a dataset; print a table of the configurations."""
+
+from __future__ import annotations
+
+import argparse
+
+from spinediff.planning.api import (
+    ALL_CONFIGURATIONS,
+    DEVICES,
+    dataset_summary,
+    default_num_processes,
+    format_table,
+    plan_dataset,
+    summarize_plans,
+)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from spinediff.io import read_json
+
+    plans_file = plan_dataset(
+        args.dataset, configurations=args.configurations, device=args.device,
+        memory_target_gb=args.memory_target_gb, preprocess=not args.no_preprocess,
+        num_processes=args.num_processes, raw_folder=args.raw, preprocessed_folder=args.preprocessed,
+        overwrite=args.overwrite, show_progress_bar=not args.quiet, verbose=args.verbose)
+    plans = read_json(plans_file)
+    facts = dataset_summary(plans)
+    rows = summarize_plans(plans, args.configurations)
+    print()
+    print(f"{facts['dataset']}: task {facts['task']}, median shape {facts['median_shape']} at spacing "
+          f"{facts['median_spacing']} mm (after transpose {facts['transpose_forward']}), "
+          f"anisotropy {facts['anisotropy']}")
+    print(f"planned for {facts['device']}, memory target {facts['memory_target_gb']:g} GB")
+    print()
+    print(format_table(rows))
+    print()
+    for row in rows:
+        for note in row["notes"]:
+            print(f"- {row['configuration']}: {note}")
+    print()
+    print(f"recommended diffusion configuration: {facts['recommended_configuration']}")
+    print(f"plans: {plans_file}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="self-configure: fingerprint, plan (nnU-Net + diffusion configurations) and preprocess",
+        description=(
+            "Extract the dataset fingerprint with nnunetv2, plan nnU-Net's configurations (2d, 3d_fullres, "
+            "3d_lowres) plus 2d_diffusion and 3d_diffusion (time-conditioned U-Net sized for --device and "
+            "--memory-target-gb, diffusion settings for the dataset's task), and preprocess with nnunetv2's "
+            "preprocessor into $nnUNet_preprocessed/DatasetXXX_Name/nnUNetPlans.json and its data folders. "
+            "nnU-Net's own trainer runs on the result unchanged (nnUNetv2_train ID 2d FOLD). "
+            "See documentation/planning.md."
+        ),
+        epilog=(
+            "examples:\n"
+            "  spinediff plan -d 501                        # plan and preprocess for the detected device\n"
+            "  spinediff plan -d 902 --device cpu -np 2     # small configurations that train on a CPU\n"
+            "  spinediff plan -d 902 --device cuda --memory-target-gb 24 --no-preprocess\n"
+            "  spinediff plan -d 501 -c 2d 2d_diffusion --overwrite"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-d", "--dataset", required=True,
+                        help="dataset ID (e.g. 501), name (Dataset501_X) under $nnUNet_raw, or a folder path")
+    parser.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", choices=ALL_CONFIGURATIONS,
+                        help="configurations to preprocess (default: all in the plans). The plans always hold "
+                             f"all of them. Choices: {', '.join(ALL_CONFIGURATIONS)}")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="plan for a GPU (cuda: what nnU-Net would choose for --memory-target-gb) or for "
+                             "this CPU (cpu: small networks, a 2D training step well under a second); "
+                             "auto = cuda if torch sees a GPU (default: auto)")
+    parser.add_argument("--memory-target-gb", type=float, default=None, metavar="G",
+                        help="GPU memory (cuda; default 8, as nnU-Net) or RAM (cpu; default 4) to plan for")
+    parser.add_argument("--no-preprocess", action="store_true", help="write the plans only")
+    parser.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
+                        help=f"worker processes for fingerprint and preprocessing (default here: "
+                             f"{default_num_processes()})")
+    parser.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
+    parser.add_argument("--preprocessed", help="nnU-Net preprocessed folder (default: $nnUNet_preprocessed)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing nnUNetPlans.json")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or step messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show nnunetv2's own messages")
+    parser.set_defaults(func=run_plan)
