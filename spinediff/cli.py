@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.demo",
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
+    "spinediff.training.train_command",
     "spinediff.registration.register_command",
     "spinediff.planning.plan_command",
 ]

@@ -1,0 +1,1 @@
+"""Metrics, benchmark tables, figures and reports."""

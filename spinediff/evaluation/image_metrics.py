@@ -1,0 +1,74 @@
+"""Image similarity metrics for translation and generation (built on monai.metrics).
+
+All functions take numpy arrays of one volume (2D or 3D, no channel axis) in the target's units
+(e.g. HU) and a data range ``(low, high)``: values are clipped to it, so PSNR and SSIM are
+comparable across methods and datasets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.metrics import PSNRMetric, SSIMMetric
+
+
+def _as_batch(array: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32)[None, None]
+
+
+def psnr(prediction: np.ndarray, reference: np.ndarray, data_range: tuple[float, float],
+         mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB over the volume (or inside ``mask``)."""
+    low, high = data_range
+    p = np.clip(prediction, low, high).astype(np.float64)
+    r = np.clip(reference, low, high).astype(np.float64)
+    if mask is not None:
+        p, r = p[mask], r[mask]
+        mse = float(np.mean((p - r) ** 2)) if p.size else float("nan")
+        return float("inf") if mse == 0 else float(10 * np.log10((high - low) ** 2 / mse))
+    metric = PSNRMetric(max_val=high - low)
+    return float(metric(_as_batch(p), _as_batch(r)).item())
+
+
+def ssim(prediction: np.ndarray, reference: np.ndarray, data_range: tuple[float, float]) -> float:
+    """Structural similarity (monai, Gaussian window; 3D on volumes), on values scaled to [0, 1].
+
+    The window is 11 voxels, shrunk (odd) to fit the smallest axis of thin volumes.
+    """
+    low, high = data_range
+    p = (np.clip(prediction, low, high) - low) / (high - low)
+    r = (np.clip(reference, low, high) - low) / (high - low)
+    spatial = [s for s in p.shape if s > 1]
+    p, r = p.reshape(spatial), r.reshape(spatial)
+    kernel = max(3, min(11, min(spatial) - (1 - min(spatial) % 2)))
+    metric = SSIMMetric(spatial_dims=len(spatial), data_range=1.0, win_size=kernel,
+                        kernel_sigma=1.5 * kernel / 11)
+    return float(metric(_as_batch(p), _as_batch(r)).mean().item())
+
+
+def mae(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Mean absolute error (in the target's units) over the volume or inside ``mask``."""
+    diff = np.abs(prediction.astype(np.float64) - reference.astype(np.float64))
+    if mask is not None:
+        diff = diff[mask]
+    return float(diff.mean()) if diff.size else float("nan")
+
+
+def body_mask_ct(reference_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """Voxels inside the body on CT: denser than ``threshold`` HU (air and padding are below)."""
+    return reference_hu > threshold
+
+
+def image_metrics(prediction: np.ndarray, reference: np.ndarray, data_range: tuple[float, float],
+                  bone_threshold: float | None = 200.0, is_ct: bool = True) -> dict[str, float]:
+    """PSNR, SSIM, MAE overall, MAE in the body and in bone (CT), for one volume."""
+    out = {"psnr": psnr(prediction, reference, data_range), "ssim": ssim(prediction, reference, data_range),
+           "mae": mae(prediction, reference)}
+    if is_ct:
+        body = body_mask_ct(reference)
+        out["mae_body"] = mae(prediction, reference, body)
+        out["psnr_body"] = psnr(prediction, reference, data_range, body)
+        if bone_threshold is not None:
+            bone = reference > bone_threshold
+            out["mae_bone"] = mae(prediction, reference, bone) if bone.any() else float("nan")
+    return out

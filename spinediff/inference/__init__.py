@@ -1,0 +1,1 @@
+"""Prediction from raw files, ensembles, uncertainty maps, best configuration."""

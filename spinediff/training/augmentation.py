@@ -1,0 +1,61 @@
+"""Keep nnU-Net's intensity augmentation off the channels a model must reproduce.
+
+nnU-Net applies its intensity transforms (noise, blur, brightness, contrast, low resolution,
+gamma) to every image channel. For translation the target (e.g. CT) is an image channel: its values
+must stay untouched, so those transforms are applied to the source channels only. For generation
+every image channel is a target, so intensity augmentation is dropped. Spatial transforms (rotation,
+scaling, mirroring) still act identically on source, target and labels.
+"""
+
+from __future__ import annotations
+
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import ContrastTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+INTENSITY_TRANSFORMS = (GaussianNoiseTransform, GaussianBlurTransform, MultiplicativeBrightnessTransform,
+                        ContrastTransform, SimulateLowResolutionTransform, GammaTransform)
+
+
+class ChannelSubsetTransform(BasicTransform):
+    """Apply ``transform`` to the image channels ``channels`` only; the others pass through unchanged."""
+
+    def __init__(self, transform: BasicTransform, channels: tuple[int, ...]) -> None:
+        super().__init__()
+        self.transform = transform
+        self.channels = list(channels)
+
+    def __call__(self, **data_dict) -> dict:
+        image = data_dict["image"]
+        subset = dict(data_dict)
+        subset["image"] = image[self.channels].clone()
+        out = self.transform(**subset)
+        image = image.clone()
+        image[self.channels] = out["image"]
+        data_dict["image"] = image
+        return data_dict
+
+
+def _is_intensity(transform: BasicTransform) -> bool:
+    inner = transform.transform if isinstance(transform, RandomTransform) else transform
+    return isinstance(inner, INTENSITY_TRANSFORMS)
+
+
+def restrict_intensity_augmentation(transforms: BasicTransform, task) -> BasicTransform:
+    """Rewrite nnU-Net's composed training transforms for ``task`` (a TaskAdapter)."""
+    if task.task == "segmentation" or not isinstance(transforms, ComposeTransforms):
+        return transforms
+    kept = []
+    for transform in transforms.transforms:
+        if not _is_intensity(transform):
+            kept.append(transform)
+        elif task.task == "translation" and task.source_channels:
+            kept.append(ChannelSubsetTransform(transform, task.source_channels))
+        # generation: every image channel is a target → no intensity augmentation
+    return ComposeTransforms(kept)

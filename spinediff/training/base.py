@@ -1,0 +1,313 @@
+"""The shared base of all spinediff trainers (a subclass of nnunetv2's ``nnUNetTrainer``).
+
+It composes small, separately tested objects — the network built from the plans, the
+:class:`~spinediff.diffusion.process.DiffusionProcess`, the
+:class:`~spinediff.diffusion.sampler.SlidingWindowSampler`, the :class:`TaskAdapter` and the
+:class:`WeightAverage` (EMA) — and keeps nnU-Net's data loading, augmentation, splits, logging,
+progress plot and checkpoint layout. Subclasses only choose the task and, for baselines, the loss
+and how a prediction is made.
+"""
+
+from __future__ import annotations
+
+import os
+from os.path import join
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+from spinediff.diffusion.process import DiffusionProcess
+from spinediff.diffusion.sampler import SlidingWindowSampler
+from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.errors import SpineDiffError
+from spinediff.io import atomic_path
+from spinediff.training.augmentation import restrict_intensity_augmentation
+from spinediff.training.ema import WeightAverage
+from spinediff.training.task_adapter import TaskAdapter
+from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
+
+CUDA = torch.device("cuda")  # nnU-Net's default device argument
+SCHEDULE_VARIABLES = {"num_epochs": "SPINEDIFF_EPOCHS", "num_iterations_per_epoch": "SPINEDIFF_ITERS_PER_EPOCH",
+                      "num_val_iterations_per_epoch": "SPINEDIFF_VAL_ITERS_PER_EPOCH"}
+
+
+def to_builtin(value: Any) -> Any:
+    """Numpy scalars/arrays and devices → plain Python, so checkpoints load with ``weights_only=True``."""
+    if isinstance(value, dict):
+        return {to_builtin(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.device):
+        return str(value)
+    return value
+
+
+class SpineDiffTrainer(nnUNetTrainer):
+    """Base of the diffusion trainers and the baselines that share their network and data."""
+
+    #: True: the network denoises ``cat([condition, x_t])`` at a timestep. False: it maps the condition
+    #: straight to the target (regression and Pix2Pix baselines; timestep fixed at 0).
+    denoising: bool = True
+    #: Tasks a trainer accepts (a dataset's ``spinediff.task``).
+    supported_tasks: tuple[str, ...] = ("segmentation", "translation", "generation")
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        config = self.configuration_manager.configuration
+        if "diffusion" not in config:
+            raise SpineDiffError(
+                f"Configuration {configuration!r} has no diffusion block: {type(self).__name__} needs a spinediff "
+                "configuration (2d_diffusion or 3d_diffusion from `spinediff plan`).")
+        self.settings = DiffusionSettings.from_dict(config["diffusion"], source=f"plans, configuration {configuration}")
+        self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
+        if self.task.task not in self.supported_tasks:
+            raise SpineDiffError(f"{type(self).__name__} trains {', '.join(self.supported_tasks)} datasets; this "
+                                 f"dataset's task is {self.task.task!r}.")
+        if (self.task.condition_channels, self.task.output_channels) != (
+                self.settings.condition_channels, self.settings.target_channels):
+            raise SpineDiffError(
+                f"The plans' diffusion block says {self.settings.condition_channels} condition and "
+                f"{self.settings.target_channels} target channels, the dataset gives {self.task.condition_channels} "
+                f"and {self.task.output_channels}; re-run `spinediff plan`.")
+        self.process = DiffusionProcess.from_settings(self.settings)
+        # Diffusion networks have one output (no deep supervision) and are trained with AdamW; 5e-4 is
+        # higher than the 1e-4 of the reference works because CPU budgets give only hundreds of steps.
+        self.enable_deep_supervision = False
+        self.initial_lr = 5e-4
+        self.weight_decay = 1e-4
+        self.grad_clip = 1.0
+        self.save_every = 1  # a checkpoint per epoch, so an interrupted run resumes where it stopped
+        self.num_val_iterations_per_epoch = 4  # sampling-based validation costs steps × network calls
+        self.validation_sampling_steps = min(5, self.settings.num_inference_steps)
+        self.final_validation_steps = self.settings.num_inference_steps
+        self.seed = 12345
+        self.generator = torch.Generator().manual_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed)
+        self.ema: WeightAverage | None = None
+        self._add_logging_keys()
+        # `nnUNetv2_train ... -tr NAME` has no flags for these: environment variables stand in.
+        for attribute, variable in SCHEDULE_VARIABLES.items():
+            if os.environ.get(variable):
+                setattr(self, attribute, int(os.environ[variable]))
+
+    # ------------------------------------------------------------------ construction
+    def _add_logging_keys(self) -> None:
+        """Image tasks log PSNR and SSIM beside nnU-Net's keys (every key needs a value per epoch,
+        or nnU-Net's progress plot breaks, so segmentation adds none)."""
+        if self.task.task == "segmentation":
+            return
+        local = self.logger.local_logger if hasattr(self.logger, "local_logger") else self.logger
+        for key in ("val_psnr", "val_ssim"):
+            local.my_fantastic_logging.setdefault(key, [])
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = False) -> nn.Module:
+        """The time-conditioned U-Net of the plans; channel counts come from the diffusion block.
+
+        ``num_input_channels``/``num_output_channels`` (nnU-Net's image channels and label heads) are
+        ignored: a translation network reads the source channels plus the noisy target, not all image
+        channels, and outputs the target, not labels.
+        """
+        settings = DiffusionSettings.from_dict(configuration_manager.configuration["diffusion"])
+        inputs = settings.condition_channels + (settings.target_channels if cls.denoising else 0)
+        return get_network_from_plans(
+            configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import, inputs, settings.target_channels,
+            allow_init=True, deep_supervision=False)
+
+    def initialize(self) -> None:
+        super().initialize()
+        self.ema = WeightAverage(self.plain_network, self.settings.ema_decay)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        pass  # the time-conditioned U-Net has a single output
+
+    def _build_loss(self):
+        return None  # the diffusion process (or a baseline's compute_loss) owns the loss
+
+    def _do_i_compile(self) -> bool:
+        return False  # tiny CPU networks gain nothing; compilation costs minutes
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's augmentation, with intensity transforms kept off the target channels."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        return restrict_intensity_augmentation(transforms, self.task)
+
+    @property
+    def plain_network(self) -> nn.Module:
+        """The network without DDP / compile wrappers."""
+        network = self.network
+        if hasattr(network, "module"):
+            network = network.module
+        return getattr(network, "_orig_mod", network)
+
+    @property
+    def inference_network(self) -> nn.Module:
+        """What validation and prediction use: the EMA weights."""
+        return self.ema.module if self.ema is not None else self.plain_network
+
+    # ------------------------------------------------------------------ training
+    def split_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        labels = batch["target"]
+        labels = labels[0] if isinstance(labels, list) else labels
+        labels = labels.to(self.device, non_blocking=True)
+        return self.task.condition(data, labels), self.task.target(data, labels)
+
+    def compute_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Noise the target at random timesteps and score the network's prediction (diffusion)."""
+        batch = self.process.prepare_training_batch(condition, target, self.generator)
+        return self.process.loss(network(batch.network_input, batch.timesteps), batch)
+
+    def train_step(self, batch: dict) -> dict:
+        condition, target = self.split_batch(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_loss(self.network, condition, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.plain_network)
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------ prediction
+    def make_sampler(self, steps: int | None = None, **options) -> SlidingWindowSampler:
+        options.setdefault("window_batch_size", max(1, self.configuration_manager.batch_size))
+        return SlidingWindowSampler(self.inference_network, self.process, self.configuration_manager.patch_size,
+                                    num_inference_steps=steps or self.settings.num_inference_steps,
+                                    eta=self.settings.eta, device=self.device, **options)
+
+    @torch.no_grad()
+    def predict_patches(self, condition: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+        """x0 estimates for a batch of patch-sized conditions ``(B, C, *patch)``."""
+        sampler = self.make_sampler(steps)
+        return torch.cat([sampler.sample(c, 1, generator=seed + i) for i, c in enumerate(condition)]).to(self.device)
+
+    @torch.no_grad()
+    def predict_volume(self, condition: torch.Tensor, seed: int = 0, steps: int | None = None,
+                       num_samples: int = 1) -> torch.Tensor:
+        """``(K, C, *spatial)`` x0 samples for one preprocessed volume ``(C, *spatial)``.
+
+        A 2D configuration samples every slice of the first axis on its own (seeded per slice).
+        """
+        sampler = self.make_sampler(steps)
+        if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4:
+            slices = [sampler.sample(condition[:, z], num_samples, generator=seed + z)
+                      for z in range(condition.shape[1])]
+            return torch.stack(slices, dim=2)
+        return sampler.sample(condition, num_samples, generator=seed)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict) -> dict:
+        condition, target = self.split_batch(batch)
+        loss = self.compute_loss(self.inference_network, condition, target)
+        estimate = self.predict_patches(condition, self.validation_sampling_steps, seed=self.current_epoch)
+        if self.task.task == "segmentation":
+            return {"loss": loss.detach().cpu().numpy(), **batch_segmentation_counts(estimate, target)}
+        return {"loss": loss.detach().cpu().numpy(), **batch_image_scores(estimate, target)}
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        outputs = collate_outputs(val_outputs)
+        loss = float(np.mean(outputs["loss"]))
+        if self.task.task == "segmentation":
+            tp, fp, fn = (np.sum(outputs[k], 0) for k in ("tp_hard", "fp_hard", "fn_hard"))
+            per_class = [float(2 * a / (2 * a + b + c)) if (2 * a + b + c) > 0 else float("nan")
+                         for a, b, c in zip(tp, fp, fn, strict=True)]
+            mean = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else 0.0
+        else:
+            # Image tasks: the "pseudo Dice" curve of nnU-Net's progress plot shows SSIM (in [0, 1]);
+            # PSNR is logged beside it. The best checkpoint is chosen on its moving average.
+            mean = float(np.mean(outputs["ssim"]))
+            per_class = [mean]
+            self.logger.log("val_psnr", float(np.mean(outputs["psnr"])), self.current_epoch)
+            self.logger.log("val_ssim", mean, self.current_epoch)
+        self.logger.log("mean_fg_dice", mean, self.current_epoch)
+        self.logger.log("dice_per_class_or_region", per_class, self.current_epoch)
+        self.logger.log("val_losses", loss, self.current_epoch)
+
+    def on_epoch_end(self) -> None:
+        if self.task.task != "segmentation":
+            psnr = self.logger.get_value("val_psnr", step=-1)
+            self.print_to_log_file(f"Validation PSNR (network range, {self.validation_sampling_steps} steps): "
+                                   f"{psnr:.2f} dB")
+        super().on_epoch_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """Predict every validation case of the fold, export it in raw geometry, and score it."""
+        if self.local_rank != 0:
+            return
+        self.inference_network.eval()
+        ValidationExporter(self).run(save_probabilities=save_probabilities)
+
+    # ------------------------------------------------------------------ checkpoints
+    def extra_checkpoint_state(self) -> dict:
+        """Subclasses add their own state (e.g. a discriminator)."""
+        return {}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        pass
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically, with the EMA weights as ``network_weights``
+        (what prediction loads) and the raw weights, optimiser and RNG state for resuming."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        checkpoint = {
+            "network_weights": self.inference_network.state_dict(),
+            "training_weights": self.plain_network.state_dict(),
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": to_builtin(self.logger.get_checkpoint()),
+            "_best_ema": to_builtin(self._best_ema),
+            "current_epoch": self.current_epoch + 1,
+            "init_args": to_builtin(self.my_init_kwargs),
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": to_builtin(self.inference_allowed_mirroring_axes),
+            "generator_state": self.generator.get_state(),
+            "spinediff": {"task": self.task.task, "diffusion": to_builtin(self.settings.to_dict()),
+                          "denoising": self.denoising},
+            **self.extra_checkpoint_state(),
+        }
+        with atomic_path(filename) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(filename_or_checkpoint, (str, os.PathLike)):
+            checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
+        self.plain_network.load_state_dict(checkpoint.get("training_weights", checkpoint["network_weights"]))
+        self.ema.module.load_state_dict(checkpoint["network_weights"])
+        self.ema.num_updates = int(checkpoint.get("ema_updates", 0))
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._add_logging_keys()
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        if "generator_state" in checkpoint:
+            self.generator.set_state(checkpoint["generator_state"])
+        self.load_extra_checkpoint_state(checkpoint)
+
+    @property
+    def validation_folder(self) -> str:
+        return join(self.output_folder, "validation")

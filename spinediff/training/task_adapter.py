@@ -1,0 +1,99 @@
+"""What the network is conditioned on and what it produces, for each task, from an nnU-Net batch.
+
+nnU-Net's data loader yields ``data`` (all image channels, in ``channel_names`` order) and
+``target`` (the label map). The adapter turns them into the diffusion ``condition`` and the clean
+``target`` in the network range [-1, 1], and turns a network estimate back into the task's output:
+
+| task | condition | target |
+|---|---|---|
+| segmentation | all image channels | one-hot labels scaled to [-1, 1] |
+| translation | the source image channels | the target channels (e.g. CT) mapped to [-1, 1] |
+| generation | one-hot labels scaled to [-1, 1] | the image channels mapped to [-1, 1] |
+
+Labels are always given one-hot (one channel per class), never as one channel with scaled class
+values, which fails on multi-class masks (Konz et al.).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spinediff.datasets.dataset_json import task_spec
+from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.planning.target_intensity import TargetIntensity
+
+# Segmentation x0 is read as logits x0 / temperature (as in DiffusionProcess.dice_ce_loss).
+SEGMENTATION_TEMPERATURE = 0.25
+
+
+def one_hot_scaled(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, 1, *spatial)`` integer labels → ``(B, num_classes, *spatial)`` one-hot in {-1, 1}.
+
+    Negative values (nnU-Net's "outside the crop" marker -1) count as background.
+    """
+    labels = labels[:, 0].long().clamp(min=0)
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1)
+    return one_hot.to(torch.float32) * 2 - 1
+
+
+@dataclass(frozen=True)
+class TaskAdapter:
+    task: str
+    source_channels: tuple[int, ...]
+    target_channels: tuple[int, ...]
+    num_classes: int
+    target_intensity: TargetIntensity | None
+
+    @classmethod
+    def from_configuration(cls, configuration: dict[str, Any], dataset_json: dict[str, Any],
+                           num_classes: int) -> TaskAdapter:
+        """Build from a plans configuration (with its ``diffusion`` block) and the dataset.json."""
+        settings = DiffusionSettings.from_dict(configuration["diffusion"])
+        spec = task_spec(dataset_json)
+        intensity = None
+        if settings.task in ("translation", "generation"):
+            intensity = TargetIntensity.from_dict(settings.target_intensity or {})
+        if settings.task == "generation":
+            target = spec.target_channels or tuple(range(len(dataset_json["channel_names"])))
+            return cls("generation", (), tuple(target), num_classes, intensity)
+        if settings.task == "translation":
+            return cls("translation", tuple(spec.source_channels), tuple(spec.target_channels), num_classes,
+                       intensity)
+        return cls("segmentation", tuple(range(len(dataset_json["channel_names"]))), (), num_classes, None)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def condition_channels(self) -> int:
+        return self.num_classes if self.task == "generation" else len(self.source_channels)
+
+    @property
+    def output_channels(self) -> int:
+        return self.num_classes if self.task == "segmentation" else len(self.target_channels)
+
+    # ------------------------------------------------------------------ batches
+    def condition(self, data: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning tensor ``(B, condition_channels, *spatial)``."""
+        if self.task == "generation":
+            if labels is None:
+                raise ValueError("generation needs the label map as its condition")
+            return one_hot_scaled(labels, self.num_classes).to(data.device)
+        return data[:, list(self.source_channels)].float()
+
+    def target(self, data: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The clean target in the network range ``(B, output_channels, *spatial)``."""
+        if self.task == "segmentation":
+            return one_hot_scaled(labels, self.num_classes).to(data.device)
+        target = data[:, list(self.target_channels)].float()
+        return self.target_intensity.to_network(target, channel_axis=1)
+
+    # ------------------------------------------------------------------ outputs
+    def probabilities(self, x0: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+        """Segmentation: class probabilities from an x0 estimate."""
+        return torch.softmax(x0.float() / SEGMENTATION_TEMPERATURE, dim=channel_axis)
+
+    def to_original_units(self, x0: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
+        """Translation/generation: x0 in [-1, 1] → the target's units (e.g. HU)."""
+        return self.target_intensity.from_network(x0.float().clamp(-1, 1), channel_axis=channel_axis)

@@ -1,0 +1,56 @@
+"""``spinediff train``: train one fold of one configuration with one trainer."""
+
+from __future__ import annotations
+
+import argparse
+
+from spinediff.training.api import TrainingOptions, train
+
+
+def run_train(args: argparse.Namespace) -> int:
+    options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                              val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
+                              sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation)
+    folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
+                   continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
+                   preprocessed_folder=args.preprocessed, results_folder=args.results)
+    print(f"results: {folder}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train one cross-validation fold (diffusion trainers, baselines, or nnU-Net's own)",
+        description=(
+            "Train one fold with nnU-Net's splits (splits_final.json; '-f all' trains on every case), then "
+            "predict the fold's validation cases in raw geometry and score them. Trainers: "
+            "DiffusionTranslationTrainer, DiffusionSegmentationTrainer, SegGuidedGenerationTrainer, "
+            "RegressionTrainer, Pix2PixTrainer, or any nnU-Net trainer such as nnUNetTrainer. Results go to "
+            "$nnUNet_results/DatasetXXX/TRAINER__nnUNetPlans__CONFIG/fold_F/ with nnU-Net's log, progress plot and "
+            "checkpoints. Interrupted? Run the same command with --c to resume from the last epoch."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-d", "--dataset", required=True, help="dataset ID or DatasetXXX_Name")
+    parser.add_argument("-c", "--configuration", required=True,
+                        help="plans configuration, e.g. 2d_diffusion, 3d_diffusion (2d/3d_fullres for nnUNetTrainer)")
+    parser.add_argument("-f", "--fold", required=True, help="fold 0-4, or 'all'")
+    parser.add_argument("-tr", "--trainer", default="DiffusionTranslationTrainer", help="trainer class name")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("--prediction-type", choices=["x0", "eps", "v"],
+                        help="what the diffusion network predicts: x0 = image mode (the plans' default), eps = noise "
+                             "mode, v = velocity; a non-default choice trains a derived configuration CONFIG_eps/_v")
+    parser.add_argument("--epochs", type=int, help="number of epochs (nnU-Net default 1000)")
+    parser.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
+    parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
+    parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
+    parser.add_argument("--steps", type=int, help="DDIM steps for the final validation (default: the plans')")
+    parser.add_argument("--mask-ablation", type=float,
+                        help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
+    parser.add_argument("--preprocessed", help="nnU-Net preprocessed folder (default: $nnUNet_preprocessed)")
+    parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
+    parser.set_defaults(func=run_train)

@@ -1,0 +1,181 @@
+"""Trainers: each trains 2 tiny epochs on the phantom, checkpoints, resumes, validates and exports
+NIfTI in the raw geometry; a killed training resumes; nnUNetv2_train finds our trainers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from spinediff.errors import SpineDiffError
+from spinediff.training.api import TrainingOptions, build_trainer, derive_configuration, train
+
+TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2)
+DATASET_OF_TASK = {"segmentation": 901, "translation": 902, "generation": 903}
+RAW_NAME = {901: "Dataset901_SpinePhantomSeg", 902: "Dataset902_SpinePhantomTranslation",
+            903: "Dataset903_SpinePhantomGeneration"}
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(phantom_root, tmp_path_factory):
+    """Plan and preprocess the three phantom datasets (2d_diffusion only, CPU target)."""
+    from spinediff.planning.api import plan_dataset
+
+    base = tmp_path_factory.mktemp("nnunet")
+    env = {"nnUNet_raw": str(phantom_root), "nnUNet_preprocessed": str(base / "preprocessed"),
+           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for dataset in (901, 902, 903):
+        plan_dataset(dataset, configurations=["2d_diffusion"], device="cpu", num_processes=1,
+                     show_progress_bar=False)
+    yield env
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetSpacing(), b.GetSpacing())
+    assert np.allclose(a.GetOrigin(), b.GetOrigin())
+    assert np.allclose(a.GetDirection(), b.GetDirection())
+
+
+@pytest.mark.parametrize("trainer_name,task", [
+    ("DiffusionTranslationTrainer", "translation"),
+    ("DiffusionSegmentationTrainer", "segmentation"),
+    ("SegGuidedGenerationTrainer", "generation"),
+    ("RegressionTrainer", "translation"),
+    ("Pix2PixTrainer", "translation"),
+])
+def test_trainer_trains_checkpoints_resumes_validates_and_exports(nnunet_env, phantom_root, trainer_name, task):
+    dataset = DATASET_OF_TASK[task]
+    folder = train(dataset, "2d_diffusion", 0, trainer_name, TINY)
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["current_epoch"] == 2 and checkpoint["trainer_name"] == trainer_name
+    assert checkpoint["network_weights"].keys() == checkpoint["training_weights"].keys()
+    # EMA weights (used for prediction) differ from the raw training weights after training.
+    assert any(not torch.equal(checkpoint["network_weights"][k], checkpoint["training_weights"][k])
+               for k in checkpoint["network_weights"] if checkpoint["network_weights"][k].is_floating_point())
+    assert (folder / "progress.png").stat().st_size > 0
+
+    # Resume: one more epoch continues from the final checkpoint, not from scratch.
+    resumed = train(dataset, "2d_diffusion", 0, trainer_name, TrainingOptions(
+        epochs=3, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2), continue_training=True)
+    checkpoint = torch.load(resumed / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["current_epoch"] == 3
+    assert len(checkpoint["logging"]["train_losses"]) == 3
+
+    # The validation export has the raw geometry and is scored.
+    metrics = json.loads((folder / "validation_metrics.json").read_text())
+    exported = sorted((folder / "validation").glob("*.nii.gz"))
+    assert exported
+    raw = Path(phantom_root) / RAW_NAME[dataset]
+    for path in exported:
+        case = path.name[: -len(".nii.gz")]
+        reference = raw / ("labelsTr" if task == "segmentation" else "imagesTr") / (
+            f"{case}.nii.gz" if task == "segmentation" else f"{case}_{2 if task == 'translation' else 0:04d}.nii.gz")
+        _assert_same_geometry(sitk.ReadImage(str(path)), sitk.ReadImage(str(reference)))
+    if task == "segmentation":
+        assert 0.0 <= metrics["mean_dice"] <= 1.0 and set(metrics["dice_per_class"]) == {"1", "2", "3"}
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(exported[0])))
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    else:
+        assert np.isfinite(metrics["mean"]["psnr"]) and 0 < metrics["mean"]["mae_body"] < 3000
+        hu = sitk.GetArrayFromImage(sitk.ReadImage(str(exported[0])))
+        assert -1100 < hu.min() and hu.max() < 3100  # written back in HU
+
+
+def test_noise_mode_is_a_derived_configuration(nnunet_env):
+    plans_file = Path(nnunet_env["nnUNet_preprocessed"]) / RAW_NAME[902] / "nnUNetPlans.json"
+    assert derive_configuration(plans_file, "2d_diffusion", "x0") == "2d_diffusion"
+    name = derive_configuration(plans_file, "2d_diffusion", "eps")
+    assert name == "2d_diffusion_eps"
+    trainer = build_trainer(902, "2d_diffusion", 0, "DiffusionTranslationTrainer", prediction_type="eps")
+    assert trainer.settings.prediction_type == "epsilon"
+    assert trainer.output_folder.endswith("DiffusionTranslationTrainer__nnUNetPlans__2d_diffusion_eps/fold_0")
+    with pytest.raises(SpineDiffError, match="Unknown prediction type"):
+        derive_configuration(plans_file, "2d_diffusion", "banana")
+
+
+def test_wrong_trainer_for_the_task_is_a_clear_error(nnunet_env):
+    with pytest.raises(SpineDiffError, match="trains segmentation"):
+        build_trainer(902, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
+    with pytest.raises(SpineDiffError, match="Unknown trainer"):
+        build_trainer(902, "2d_diffusion", 0, "NoSuchTrainer")
+
+
+def test_intensity_augmentation_never_touches_the_target_channel(nnunet_env):
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    from spinediff.training.augmentation import ChannelSubsetTransform, restrict_intensity_augmentation
+
+    trainer = build_trainer(902, "2d_diffusion", 1, "DiffusionTranslationTrainer")
+    pipeline = trainer.get_training_transforms(trainer.configuration_manager.patch_size, (0.0, 0.0), None, None, False)
+    wrapped = [t for t in pipeline.transforms if isinstance(t, ChannelSubsetTransform)]
+    assert len(wrapped) == 7 and all(t.channels == [0, 1] for t in wrapped)  # nnU-Net's seven intensity transforms
+
+    noise = ComposeTransforms([RandomTransform(GaussianNoiseTransform((0.5, 0.5), p_per_channel=1), 1.0)])
+    torch.manual_seed(0)
+    image = torch.rand(3, 16, 16)
+    out = restrict_intensity_augmentation(noise, trainer.task)(image=image.clone())["image"]
+    assert not torch.allclose(out[:2], image[:2])  # sources augmented
+    assert torch.equal(out[2], image[2])  # target untouched
+    generation = build_trainer(903, "2d_diffusion", 1, "SegGuidedGenerationTrainer")
+    out = restrict_intensity_augmentation(noise, generation.task)(image=image.clone())["image"]
+    assert torch.equal(out, image)  # generation: every image channel is a target
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(nnunet_env, tmp_path):
+    """kill -9 in the middle of a run, then --c finishes it from the last epoch's checkpoint."""
+    env = dict(os.environ, **nnunet_env)
+    command = [sys.executable, "-m", "spinediff.cli", "train", "-d", "902", "-c", "2d_diffusion", "-f", "1",
+               "-tr", "RegressionTrainer", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1", "--steps", "1"]
+    process = subprocess.Popen(command + ["--epochs", "200"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    latest = (Path(nnunet_env["nnUNet_results"]) / RAW_NAME[902] / "RegressionTrainer__nnUNetPlans__2d_diffusion"
+              / "fold_1" / "checkpoint_latest.pth")
+    deadline = time.time() + 180
+    while time.time() < deadline and not latest.exists():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert latest.exists(), "no checkpoint was written before the kill"
+    epoch_at_kill = torch.load(latest, map_location="cpu", weights_only=True)["current_epoch"]
+    result = subprocess.run(command + ["--epochs", str(epoch_at_kill + 2), "--c"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = torch.load(latest.parent / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert final["current_epoch"] == epoch_at_kill + 2
+    assert len(final["logging"]["train_losses"]) == epoch_at_kill + 2
+
+
+def test_nnunetv2_train_finds_spinediff_trainers(nnunet_env):
+    import spinediff.training.nnunet_entry as entry
+
+    env = dict(os.environ, **nnunet_env, nnUNet_extTrainer=entry.__path__[0], SPINEDIFF_EPOCHS="1",
+               SPINEDIFF_ITERS_PER_EPOCH="1", SPINEDIFF_VAL_ITERS_PER_EPOCH="1")
+    result = subprocess.run([sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry; "
+                             "run_training_entry()", "901", "2d_diffusion", "2", "-tr", "DiffusionSegmentationTrainer",
+                             "-device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    folder = (Path(nnunet_env["nnUNet_results"]) / RAW_NAME[901]
+              / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion" / "fold_2")
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert checkpoint["trainer_name"] == "DiffusionSegmentationTrainer" and checkpoint["current_epoch"] == 1
+    assert (folder / "validation_metrics.json").exists()
