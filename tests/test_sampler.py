@@ -118,7 +118,7 @@ def test_memory_is_bounded_by_window_batches() -> None:
     groups = [2, 2, 1]
     expected_calls = sum(math.ceil(g * windows / 3) for g in groups) * 2
     assert len(recorder.batch_sizes) == expected_calls
-    assert max(recorder.batch_sizes) == 3
+    assert set(recorder.batch_sizes) == {3}  # constant batch shape, the short last batch is filled up
 
 
 def test_volume_smaller_than_the_patch_is_padded_and_cropped() -> None:

@@ -64,7 +64,8 @@ class SlidingWindowSampler:
         eta: DDIM stochasticity (0 = deterministic given the initial noise).
         tile_step_size: window step as a fraction of the patch; nnU-Net's 0.5 so every voxel away
             from the border is seen by several windows and blending can hide window-edge effects.
-        window_batch_size: windows per network call; with ``sample_batch_size`` this bounds memory.
+        window_batch_size: windows per network call (every call has this batch size, or the number of
+            windows if fewer); with ``sample_batch_size`` this bounds memory.
         sample_batch_size: ensemble members denoised together (their state is volume-sized each).
         mirror_axes: spatial axes (0-based) for mirroring test-time augmentation; all combinations
             are averaged, as in nnU-Net (costs 2^len(axes) network calls per window).
@@ -174,17 +175,13 @@ class SlidingWindowSampler:
             if start_timestep is None:
                 raise SpineDiffError("a warm start needs start_timestep as well as initial_estimate")
             if tuple(initial_estimate.shape[1:]) != spatial:
-                raise SpineDiffError(
-                    f"initial_estimate spatial shape {tuple(initial_estimate.shape[1:])} != {spatial}"
-                )
+                raise SpineDiffError(f"initial_estimate spatial shape {tuple(initial_estimate.shape[1:])} != {spatial}")
             timesteps = [t for t in timesteps if t <= start_timestep]
             if not timesteps:
                 raise SpineDiffError(f"start_timestep {start_timestep} is below every scheduled timestep")
         target_channels = self._target_channels(condition, initial_estimate)
 
-        condition_padded, crop = pad_nd_image(
-            condition.float(), self.patch_size, "constant", {"value": 0}, True
-        )
+        condition_padded, crop = pad_nd_image(condition.float(), self.patch_size, "constant", {"value": 0}, True)
         condition_padded = condition_padded.to(self.device)
         crop = tuple(slice(int(c.start), int(c.stop)) for c in crop[1:])  # drop the channel axis
         padded = tuple(condition_padded.shape[1:])
@@ -225,9 +222,7 @@ class SlidingWindowSampler:
             return int(initial_estimate.shape[0])
         channels = getattr(self.network, "num_classes", None)
         if channels is None:
-            raise SpineDiffError(
-                "the network has no num_classes; pass initial_estimate or use TimeConditionedUNet"
-            )
+            raise SpineDiffError("the network has no num_classes; pass initial_estimate or use TimeConditionedUNet")
         return int(channels)
 
     def windows(self, padded: tuple[int, ...]) -> list[tuple[slice, ...]]:
@@ -269,15 +264,20 @@ class SlidingWindowSampler:
         weight = self._window_weight()
         blended = torch.zeros_like(state)
         jobs = [(sample, window) for sample in range(state.shape[0]) for window in windows]
-        for first in range(0, len(jobs), self.window_batch_size):
-            chunk = jobs[first : first + self.window_batch_size]
+        batch = min(self.window_batch_size, len(jobs))
+        for first in range(0, len(jobs), batch):
+            chunk = jobs[first : first + batch]
+            # Every call gets the same batch shape: a short last batch is filled up with copies of its
+            # last window (outputs discarded). oneDNN and cuDNN cache kernels and scratch buffers per
+            # input shape; a second shape per step doubled the process memory in our CPU benchmark.
+            filled = chunk + [chunk[-1]] * (batch - len(chunk))
             network_input = torch.stack(
                 [
                     torch.cat([condition[(slice(None), *window)], state[(sample, slice(None), *window)]])
-                    for sample, window in chunk
+                    for sample, window in filled
                 ]
             )
-            output = self.denoise(network_input, timestep, condition.shape[0])
+            output = self.denoise(network_input, timestep, condition.shape[0])[: len(chunk)]
             for (sample, window), window_output in zip(chunk, output, strict=True):
                 # weight / total is exactly 1.0 where a single window covers a voxel
                 blended[(sample, slice(None), *window)] += window_output * (weight / weight_total[window])
@@ -307,9 +307,7 @@ class SlidingWindowSampler:
 
         output = guided(network_input)
         combinations = [
-            c
-            for n in range(1, len(self.mirror_axes) + 1)
-            for c in itertools.combinations(self.mirror_axes, n)
+            c for n in range(1, len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, n)
         ]
         for axes in combinations:
             dims = [a + 2 for a in axes]
