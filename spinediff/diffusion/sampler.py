@@ -136,7 +136,7 @@ class SlidingWindowSampler:
         return cls(network, DiffusionProcess.from_settings(settings), patch_size, **options)
 
     # ------------------------------------------------------------------ public API
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: samples may later meet autograd (e.g. as training inputs)
     def sample(
         self,
         condition: torch.Tensor,
