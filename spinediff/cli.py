@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
     "spinediff.training.train_command",
+    "spinediff.evaluation.evaluate_command",
     "spinediff.registration.register_command",
     "spinediff.planning.plan_command",
 ]

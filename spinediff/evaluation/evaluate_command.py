@@ -1,0 +1,48 @@
+"""``spinediff evaluate``: per-case CSV and summary JSON for a folder of predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from spinediff.evaluation.evaluate import evaluate_folders
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_folders(args.reference, args.prediction, labels=args.labels, task=args.task,
+                              data_range=tuple(args.data_range), output_folder=args.output or args.prediction)
+    summary = result.summary
+    if summary["task"] == "segmentation":
+        print(f"{'label':>6} {'Dice':>8} {'HD95 mm':>9} {'ASD mm':>8}")
+        for label, metrics in summary["per_label"].items():
+            dice, hd95, asd = (metrics[m]["mean"] for m in ("dice", "hd95", "asd"))
+            print(f"{label:>6} {dice:8.4f} {hd95:9.2f} {asd:8.2f}")
+    else:
+        for name, metrics in summary["metrics"].items():
+            print(f"{name:>10}: {metrics['mean']:.4f} ± {metrics['std']:.4f} "
+                  f"(95% CI {metrics['ci95_low']:.4f} – {metrics['ci95_high']:.4f}, n={metrics['n']})")
+    if summary["missing_predictions"]:
+        print(f"missing predictions: {json.dumps(summary['missing_predictions'])}")
+    print(f"written: {(args.output or args.prediction)}/per_case.csv and summary.json")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score predictions against references (Dice/HD95/ASD or PSNR/SSIM/MAE)",
+        description="Compare every file in PRED_DIR with the file of the same name in REF_DIR. Label maps get "
+                    "Dice, HD95 and average surface distance per class (mm, monai); images (e.g. CT in HU) get "
+                    "PSNR, SSIM, MAE overall, inside the body (> -500 HU) and in bone (> 200 HU). Writes "
+                    "per_case.csv and summary.json (mean, std, 95%% confidence interval).",
+    )
+    parser.add_argument("-ref", "--reference", required=True, help="folder of reference files")
+    parser.add_argument("-pred", "--prediction", required=True, help="folder of predictions (same file names)")
+    parser.add_argument("-l", "--labels", type=int, nargs="+",
+                        help="label values to score (default: all in the reference)")
+    parser.add_argument("--task", choices=["auto", "segmentation", "image"], default="auto",
+                        help="auto: integer files with few values are label maps")
+    parser.add_argument("--data-range", type=float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),
+                        help="intensity range for PSNR/SSIM of images (values are clipped to it)")
+    parser.add_argument("-o", "--output", help="where to write the CSV/JSON (default: the prediction folder)")
+    parser.set_defaults(func=run_evaluate)

@@ -1,0 +1,50 @@
+"""Segmentation metrics per class (monai.metrics): Dice, 95th-percentile Hausdorff distance and
+average symmetric surface distance, in millimetres using the image spacing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+
+
+def _one_hot(labels: np.ndarray, classes: Sequence[int]) -> torch.Tensor:
+    return torch.stack([torch.as_tensor(labels == c) for c in classes])[None].float()
+
+
+def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, classes: Sequence[int],
+                         spacing: Sequence[float]) -> dict[int, dict[str, float]]:
+    """Per class: Dice, HD95 (mm), ASD (mm), and voxel counts.
+
+    Conventions for empty structures: both empty → Dice NaN (not scored, as nnU-Net does) and
+    distances NaN; only one empty → Dice 0 and distances infinite (reported as ``inf``).
+
+    Args:
+        prediction, reference: integer label maps of one case (same shape, numpy axis order).
+        classes: the foreground label values to score.
+        spacing: voxel spacing in numpy axis order (mm).
+    """
+    if prediction.shape != reference.shape:
+        raise ValueError(f"prediction shape {prediction.shape} != reference shape {reference.shape}")
+    p, r = _one_hot(prediction, classes), _one_hot(reference, classes)
+    dice = compute_dice(p, r, include_background=True, ignore_empty=True)[0]
+    spacing = [float(s) for s in spacing]
+    out: dict[int, dict[str, float]] = {}
+    for i, c in enumerate(classes):
+        n_pred, n_ref = int(p[0, i].sum()), int(r[0, i].sum())
+        if n_pred and n_ref:
+            hd95 = float(compute_hausdorff_distance(p[:, i:i + 1], r[:, i:i + 1], include_background=True,
+                                                    percentile=95, spacing=spacing)[0, 0])
+            asd = float(compute_average_surface_distance(p[:, i:i + 1], r[:, i:i + 1], include_background=True,
+                                                         symmetric=True, spacing=spacing)[0, 0])
+        elif n_pred or n_ref:
+            hd95 = asd = float("inf")
+        else:
+            hd95 = asd = float("nan")
+        value = float(dice[i])
+        if n_ref == 0 and n_pred > 0:
+            value = 0.0
+        out[int(c)] = {"dice": value, "hd95": hd95, "asd": asd, "n_pred": n_pred, "n_ref": n_ref}
+    return out

@@ -1,0 +1,83 @@
+"""Metrics against hand-computed values, and `spinediff evaluate` on real files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from spinediff.cli import main
+from spinediff.evaluation.evaluate import summarise
+from spinediff.evaluation.image_metrics import image_metrics, mae, psnr, ssim
+from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+
+
+def _cube(shape=(20, 20, 20), low=5, high=15, label=1):
+    array = np.zeros(shape, np.uint8)
+    array[low:high, low:high, low:high] = label
+    return array
+
+
+def test_perfect_segmentation():
+    reference = _cube()
+    metrics = segmentation_metrics(reference, reference, [1], (1.0, 1.0, 1.0))[1]
+    assert metrics["dice"] == pytest.approx(1.0) and metrics["hd95"] == 0 and metrics["asd"] == 0
+
+
+def test_empty_prediction():
+    metrics = segmentation_metrics(np.zeros((20, 20, 20), np.uint8), _cube(), [1], (1.0, 1.0, 1.0))[1]
+    assert metrics["dice"] == 0 and math.isinf(metrics["hd95"])
+    both_empty = segmentation_metrics(np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8), [1], (1, 1, 1))
+    assert math.isnan(both_empty[1]["dice"])
+
+
+@pytest.mark.parametrize("shift,spacing", [(1, 1.0), (2, 1.0), (2, 2.5)])
+def test_known_shift(shift, spacing):
+    """A 10-voxel cube moved by `shift` voxels along one axis: Dice = (10 - shift) / 10 and the
+    95th-percentile distance is the shift in mm."""
+    reference = _cube()
+    prediction = np.roll(reference, shift, axis=0)
+    metrics = segmentation_metrics(prediction, reference, [1], (spacing, 1.0, 1.0))[1]
+    assert metrics["dice"] == pytest.approx((10 - shift) / 10, abs=1e-6)
+    assert metrics["hd95"] == pytest.approx(shift * spacing, abs=1e-6)
+    assert 0 < metrics["asd"] < shift * spacing
+
+
+def test_image_metrics_by_hand():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(-1000, 1000, (12, 16, 16)).astype(np.float32)
+    assert mae(reference, reference) == 0 and math.isinf(psnr(reference, reference, (-1024, 3071)))
+    assert ssim(reference, reference, (-1024, 3071)) == pytest.approx(1.0, abs=1e-5)
+    shifted = reference + 10.0
+    assert mae(shifted, reference) == pytest.approx(10.0, abs=1e-3)
+    assert psnr(shifted, reference, (-1024, 3071)) == pytest.approx(10 * math.log10(4095**2 / 100), abs=1e-3)
+    metrics = image_metrics(shifted, reference, (-1024, 3071))
+    body = reference > -500
+    assert metrics["mae_body"] == pytest.approx(10.0, abs=1e-3) and body.sum() > 0
+    assert ssim(rng.uniform(-1000, 1000, reference.shape), reference, (-1024, 3071)) < 0.1
+
+
+def test_summary_confidence_interval():
+    summary = summarise([1.0, 2.0, 3.0, float("nan")])
+    assert summary["mean"] == 2.0 and summary["n"] == 3 and summary["n_not_finite"] == 1
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n)
+    assert summary["ci95_low"] == pytest.approx(2.0 - half) and summary["ci95_high"] == pytest.approx(2.0 + half)
+
+
+def test_evaluate_command_writes_csv_and_summary(tmp_path):
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    for i, shift in enumerate((0, 2)):
+        reference = _cube()
+        for folder, array in ((ref, reference), (pred, np.roll(reference, shift, axis=0))):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing((1.0, 1.0, 1.0))
+            sitk.WriteImage(image, str(folder / f"case_{i}.nii.gz"))
+    assert main(["evaluate", "-ref", str(ref), "-pred", str(pred)]) == 0
+    summary = json.loads((pred / "summary.json").read_text())
+    assert summary["per_label"]["1"]["dice"]["mean"] == pytest.approx(0.9, abs=1e-6)
+    assert (pred / "per_case.csv").read_text().count("\n") == 3
