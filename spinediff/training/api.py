@@ -29,6 +29,7 @@ class TrainingOptions:
     learning_rate: float | None = None
     sampling_steps: int | None = None  # DDIM steps of the final validation
     mask_ablation_probability: float | None = None
+    budget_minutes: float | None = None  # stop after the epoch that exhausts this wall-clock budget
 
 
 def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -164,6 +165,38 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
                              "missing). Train first, or resume with --c.")
     maybe_load_checkpoint(instance, continue_training, validation_only)
     if not validation_only:
-        instance.run_training()
+        budget = options.budget_minutes if options else None
+        if budget is None:
+            instance.run_training()
+        else:
+            run_training_with_budget(instance, budget * 60.0)
     instance.perform_actual_validation(False)
     return Path(instance.output_folder)
+
+
+def run_training_with_budget(trainer, budget_seconds: float) -> int:
+    """nnU-Net's training loop (``nnUNetTrainer.run_training``), stopped after the epoch in which the
+    wall-clock budget runs out, so competing methods can be given the same CPU time. Works for any
+    nnU-Net trainer, ours or nnU-Net's own. Returns the number of epochs run."""
+    import time
+
+    start = time.perf_counter()
+    trainer.on_train_start()
+    epochs = 0
+    for _ in range(trainer.current_epoch, trainer.num_epochs):
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+        trainer.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            val_outputs = [trainer.validation_step(next(trainer.dataloader_val))
+                           for _ in range(trainer.num_val_iterations_per_epoch)]
+            trainer.on_validation_epoch_end(val_outputs)
+        trainer.on_epoch_end()
+        epochs += 1
+        if time.perf_counter() - start > budget_seconds:
+            trainer.print_to_log_file(f"Time budget of {budget_seconds / 60:.1f} min used up after {epochs} epoch(s).")
+            break
+    trainer.on_train_end()
+    return epochs

@@ -10,7 +10,8 @@ from spinediff.training.api import TrainingOptions, train
 def run_train(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
-                              sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation)
+                              sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
+                              budget_minutes=args.budget_minutes)
     folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
                    continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
                    preprocessed_folder=args.preprocessed, results_folder=args.results)
@@ -42,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="what the diffusion network predicts: x0 = image mode (the plans' default), eps = noise "
                              "mode, v = velocity; a non-default choice trains a derived configuration CONFIG_eps/_v")
     parser.add_argument("--epochs", type=int, help="number of epochs (nnU-Net default 1000)")
+    parser.add_argument("--budget-minutes", type=float,
+                        help="stop after the epoch in which this much wall-clock time has passed (same CPU budget for "
+                             "competing methods); --epochs stays the upper limit")
     parser.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
     parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
     parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
