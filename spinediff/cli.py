@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.datasets.validate_command",
     "spinediff.training.train_command",
     "spinediff.evaluation.evaluate_command",
+    "spinediff.evaluation.benchmark_command",
     "spinediff.registration.register_command",
     "spinediff.planning.plan_command",
 ]

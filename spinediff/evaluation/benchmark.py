@@ -1,0 +1,268 @@
+"""``spinediff benchmark``: competing methods of a dataset's task, same folds, same budget, one table.
+
+Segmentation: nnU-Net's own ``nnUNetTrainer`` (CPU-sized configuration ``2d_cpu``/``3d_fullres_cpu``
+when the plans have it, i.e. the same topology as the diffusion network) vs
+``DiffusionSegmentationTrainer``. Translation: diffusion image mode (x0) vs noise mode (epsilon) vs
+``RegressionTrainer`` vs ``Pix2PixTrainer``. Every method is trained (or reused) on the same folds with
+the same schedule and wall-clock budget, its fold validation exports (raw geometry) are scored with
+:mod:`spinediff.evaluation.evaluate`, and each method is compared with the baseline by a paired
+Wilcoxon signed-rank test over cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from spinediff.errors import SpineDiffError
+from spinediff.evaluation.evaluate import evaluate_folders, summarise
+from spinediff.io import read_json, write_json, write_text
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trainer: str
+    configuration: str
+    prediction_type: str | None = None
+    baseline: bool = False
+
+    @property
+    def folder_configuration(self) -> str:
+        suffix = {"eps": "_eps", "v": "_v"}.get(self.prediction_type or "", "")
+        return self.configuration + suffix
+
+
+def methods_for(task: str, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
+    """The competing methods of ``task`` for the planned configurations (2D and/or 3D)."""
+    methods: list[Method] = []
+    for dim in dims:
+        diffusion = f"{dim}_diffusion"
+        if diffusion not in configurations:
+            continue
+        nnunet = next((c for c in (f"{dim}_cpu", f"{dim}_fullres_cpu", dim, f"{dim}_fullres") if c in configurations),
+                      None)
+        tag = dim.upper()
+        if task == "segmentation":
+            if nnunet:
+                methods.append(Method(f"nnU-Net {tag}", "nnUNetTrainer", nnunet, baseline=True))
+            methods.append(Method(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer", diffusion))
+        elif task == "translation":
+            methods += [Method(f"Regression U-Net {tag}", "RegressionTrainer", diffusion, baseline=True),
+                        Method(f"Diffusion image mode (x0) {tag}", "DiffusionTranslationTrainer", diffusion),
+                        Method(f"Diffusion noise mode (eps) {tag}", "DiffusionTranslationTrainer", diffusion, "eps"),
+                        Method(f"Pix2Pix {tag}", "Pix2PixTrainer", diffusion)]
+        elif task == "generation":
+            methods += [Method(f"Regression U-Net {tag}", "RegressionTrainer", diffusion, baseline=True),
+                        Method(f"Seg-guided diffusion {tag}", "SegGuidedGenerationTrainer", diffusion)]
+    return methods
+
+
+@dataclass
+class MethodResult:
+    method: Method
+    folds: list
+    train_seconds: float = 0.0
+    inference_seconds_per_case: float = float("nan")
+    network_evaluations_per_window: int = 1
+    epochs: int = 0
+    per_case: dict[str, dict[str, float]] = field(default_factory=dict)  # case → metric → value
+
+
+# The metric that ranks methods, and whether higher is better.
+PRIMARY_METRICS = {"segmentation": ("dice", True), "translation": ("mae_body", False),
+                   "generation": ("mae_body", False)}
+
+
+def _network_evaluations(trainer) -> int:
+    settings = getattr(trainer, "settings", None)
+    if settings is None:  # nnU-Net: one pass per mirroring combination
+        axes = trainer.inference_allowed_mirroring_axes or ()
+        return 2 ** len(axes)
+    return int(trainer.final_validation_steps) if trainer.denoising else 1
+
+
+def run_method(method: Method, dataset: str, folds: list, options, reuse: bool = True) -> MethodResult:
+    """Train (or reuse) and validate ``method`` on ``folds``; time training and validation."""
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+
+    from spinediff.training.api import apply_options, build_trainer, run_training_with_budget
+
+    result = MethodResult(method, list(folds))
+    for fold in folds:
+        trainer = build_trainer(dataset, method.configuration, fold, method.trainer,
+                                prediction_type=method.prediction_type)
+        apply_options(trainer, options)
+        folder = Path(trainer.output_folder)
+        done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
+        timing_file = folder / "benchmark_timing.json"
+        if reuse and done and timing_file.is_file():
+            timing = read_json(timing_file)
+        else:
+            if not done:
+                maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
+                start = time.perf_counter()
+                epochs = run_training_with_budget(trainer, (options.budget_minutes or 1e9) * 60)
+                train_seconds = time.perf_counter() - start
+            else:
+                maybe_load_checkpoint(trainer, False, True)
+                epochs, train_seconds = 0, float("nan")
+            start = time.perf_counter()
+            trainer.perform_actual_validation(False)
+            n_val = max(1, len(trainer.do_split()[1]))
+            timing = {"train_seconds": train_seconds, "epochs": epochs,
+                      "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
+                      "network_evaluations_per_window": _network_evaluations(trainer)}
+            write_json(timing, timing_file)
+        result.train_seconds += timing["train_seconds"]
+        result.epochs += timing["epochs"]
+        result.inference_seconds_per_case = timing["inference_seconds_per_case"]
+        result.network_evaluations_per_window = timing["network_evaluations_per_window"]
+    return result
+
+
+def _reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
+    """Segmentation: labelsTr. Images: a folder of links CASE.nii.gz → imagesTr/CASE_{target}.nii.gz."""
+    if task == "segmentation":
+        return raw_dataset / "labelsTr"
+    ending = read_json(raw_dataset / "dataset.json")["file_ending"]
+    folder = work / "reference"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image in (raw_dataset / "imagesTr").glob(f"*_{target_channel:04d}{ending}"):
+        link = folder / (image.name[: -len(f"_{target_channel:04d}{ending}")] + ending)
+        if not link.exists():
+            os.symlink(image, link)
+    return folder
+
+
+def score_method(result: MethodResult, results_root: Path, reference: Path, task: str,
+                 data_range: tuple[float, float]) -> None:
+    """Per-case metrics of a method's fold validation exports."""
+    for fold in result.folds:
+        folder = (results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
+                  / f"fold_{fold}" / "validation")
+        evaluation = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
+                                      data_range=data_range, progress=False)
+        for row in evaluation.rows:
+            case = row["case"]
+            if task == "segmentation":
+                entry = result.per_case.setdefault(case, {})
+                entry[f"dice_{row['label']}"] = row["dice"]
+                entry[f"hd95_{row['label']}"] = row["hd95"]
+                dices = [v for k, v in entry.items() if k.startswith("dice_") and math.isfinite(v)]
+                entry["dice"] = float(np.mean(dices)) if dices else float("nan")
+            else:
+                result.per_case[case] = {k: v for k, v in row.items() if k != "case"}
+
+
+def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p-value over cases both methods scored (NaN if < 2 or all equal)."""
+    cases = [c for c in values if c in baseline and math.isfinite(values[c]) and math.isfinite(baseline[c])]
+    if len(cases) < 2:
+        return float("nan"), len(cases)
+    a, b = np.array([values[c] for c in cases]), np.array([baseline[c] for c in cases])
+    if np.allclose(a, b):
+        return 1.0, len(cases)
+    return float(stats.wilcoxon(a, b).pvalue), len(cases)
+
+
+def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict], str]:
+    """Rows (one per method) and the Markdown table."""
+    metric, higher_is_better = PRIMARY_METRICS[task]
+    baseline = next((r for r in results if r.method.baseline), results[0])
+    names = sorted({k for r in results for case in r.per_case.values() for k in case})
+    rows = []
+    for r in results:
+        row = {"method": r.method.name, "trainer": r.method.trainer, "configuration": r.method.folder_configuration,
+               "cases": len(r.per_case), "epochs": r.epochs, "train_minutes": r.train_seconds / 60,
+               "inference_s_per_case": r.inference_seconds_per_case,
+               "network_evals_per_window": r.network_evaluations_per_window}
+        for name in names:
+            row[name] = summarise([case.get(name, float("nan")) for case in r.per_case.values()])["mean"]
+        p, n = paired_test({c: v[metric] for c, v in r.per_case.items()},
+                           {c: v[metric] for c, v in baseline.per_case.items()})
+        row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
+        rows.append(row)
+    shown = [m for m in ("dice", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "hd95_1", "psnr", "ssim", "mae",
+                         "mae_body", "mae_bone") if m in names]
+    header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        p = row[f"wilcoxon_p_vs_{baseline.method.name}"]
+        cells = [row["method"], *[f"{row[m]:.3f}" for m in shown], f"{row['train_minutes']:.1f}", str(row["epochs"]),
+                 f"{row['inference_s_per_case']:.1f}", str(row["network_evals_per_window"]),
+                 "baseline" if math.isnan(p) and row["method"] == baseline.method.name else f"{p:.3g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    direction = "higher" if higher_is_better else "lower"
+    lines.append("")
+    lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
+                 f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
+    return rows, "\n".join(lines)
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes: float = 10.0,
+                  dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
+                  reuse: bool = True, methods: list[Method] | None = None) -> dict:
+    """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure."""
+    from spinediff.datasets.dataset_json import task_spec
+    from spinediff.paths import nnunet_folder
+    from spinediff.training.api import TrainingOptions, _setup_environment, resolve_preprocessed_dataset
+
+    preprocessed, results = _setup_environment(None, None)
+    name = resolve_preprocessed_dataset(dataset, preprocessed)
+    plans = read_json(preprocessed / name / "nnUNetPlans.json")
+    dataset_json = read_json(preprocessed / name / "dataset.json")
+    spec = task_spec(dataset_json)
+    methods = methods or methods_for(spec.task, list(plans["configurations"]), dims)
+    if not methods:
+        raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
+    options = options or TrainingOptions()
+    options.budget_minutes = budget_minutes
+    folds = folds if folds is not None else [0, 1, 2, 3, 4]
+    out = Path(output) if output else results / name / "spinediff_benchmark"
+    out.mkdir(parents=True, exist_ok=True)
+    raw = nnunet_folder("raw") / name
+    target = spec.target_channels[0] if spec.target_channels else None
+    reference = _reference_folder(raw, spec.task, target, out)
+    data_range = (-1024.0, 3071.0)
+    if spec.task != "segmentation":
+        intensity = plans["configurations"].get("2d_diffusion", {}).get("diffusion", {}).get("target_intensity")
+        if intensity:
+            data_range = tuple(intensity["per_channel"][0]["clip_range"])
+    outcomes = []
+    for method in methods:
+        result = run_method(method, name, folds, options, reuse=reuse)
+        score_method(result, results / name, reference, spec.task, data_range)
+        outcomes.append(result)
+    rows, table = benchmark_table(outcomes, spec.task)
+    summary = {"dataset": name, "task": spec.task, "folds": folds, "budget_minutes": budget_minutes,
+               "options": asdict(options), "methods": rows,
+               "per_case": {r.method.name: r.per_case for r in outcomes}}
+    write_json(summary, out / "benchmark.json")
+    write_text(_csv(rows), out / "benchmark.csv")
+    write_text(f"# Benchmark: {name} ({spec.task})\n\nFolds {folds}, budget {budget_minutes} min per method and "
+               f"fold.\n\n{table}\n", out / "benchmark.md")
+    from spinediff.evaluation.figures import metric_boxplot
+
+    metric = PRIMARY_METRICS[spec.task][0]
+    metric_boxplot({r.method.name: [c[metric] for c in r.per_case.values()] for r in outcomes}, metric,
+                   out / "benchmark.png", title=f"{name}: {metric} per case")
+    summary["table"] = table
+    summary["output"] = str(out)
+    return summary
