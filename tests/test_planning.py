@@ -144,6 +144,9 @@ def test_memory_target_and_device_change_patch_or_batch(planned):
     assert max(small["2d_diffusion"]["architecture"]["arch_kwargs"]["features_per_stage"]) == 512
     assert cpu["2d_cpu"]["patch_size"] == cpu["2d_diffusion"]["patch_size"]
     assert "2d_cpu" not in small
+    # nnU-Net makes a 3d_lowres for these large images; it is kept, the diffusion 3D builds on 3d_fullres
+    lowres = replan(planned, name, "cuda", 8, scale=12)["configurations"]
+    assert "3d_lowres" in lowres and lowres["3d_diffusion"]["inherits_from"] == "3d_fullres"
 
 
 def test_image_size_changes_patch(planned):

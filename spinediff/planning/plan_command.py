@@ -48,12 +48,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "plan",
         help="self-configure: fingerprint, plan (nnU-Net + diffusion configurations) and preprocess",
         description=(
-            "Extract the dataset fingerprint with nnunetv2, plan nnU-Net's configurations (2d, 3d_fullres, "
-            "3d_lowres) plus 2d_diffusion and 3d_diffusion (time-conditioned U-Net sized for --device and "
-            "--memory-target-gb, diffusion settings for the dataset's task), and preprocess with nnunetv2's "
-            "preprocessor into $nnUNet_preprocessed/DatasetXXX_Name/nnUNetPlans.json and its data folders. "
-            "nnU-Net's own trainer runs on the result unchanged (nnUNetv2_train ID 2d FOLD). "
-            "See documentation/planning.md."
+            "Self-configure a dataset, as nnU-Net does, for diffusion models:\n"
+            "  1. extract the dataset fingerprint with nnunetv2 (plus target-intensity statistics for\n"
+            "     translation/generation datasets);\n"
+            "  2. plan nnU-Net's own configurations (2d, 3d_fullres, 3d_lowres) and add 2d_diffusion and\n"
+            "     3d_diffusion: a time-conditioned U-Net sized for --device and --memory-target-gb, and\n"
+            "     diffusion settings for the dataset's task;\n"
+            "  3. preprocess with nnunetv2's preprocessor.\n"
+            "Writes $nnUNet_preprocessed/DatasetXXX_Name/nnUNetPlans.json and its data folders and prints a\n"
+            "table of the configurations. nnU-Net's own trainer runs on the result unchanged\n"
+            "(nnUNetv2_train ID 2d FOLD). See documentation/planning.md."
         ),
         epilog=(
             "examples:\n"
