@@ -1,0 +1,107 @@
+"""Reports a radiologist can read: ``report.md`` and a self-contained ``report.html``.
+
+A report is a list of sections (title, paragraphs, optional tables, figures). The HTML embeds every
+figure as a base64 data URI, so the single file can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spinediff.io import write_text
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
+
+
+def _markdown(title: str, sections: list[Section], folder: Path) -> str:
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        for table in section.tables:
+            lines.append("| " + " | ".join(table.header) + " |")
+            lines.append("|" + "---|" * len(table.header))
+            lines += ["| " + " | ".join(row) + " |" for row in table.rows]
+            lines += ["", f"*{table.caption}*" if table.caption else "", ""]
+        for path, caption in section.figures:
+            relative = os.path.relpath(path, folder)
+            lines += [f"![{caption}]({relative})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, sections: list[Section]) -> str:
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
+        "th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}"
+        "figure{margin:1.2em 0}figcaption,.caption{color:#555;font-size:0.9em}h2{border-bottom:1px solid #ccc}"
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [f"<p>{html.escape(p)}</p>" for p in section.paragraphs]
+        for table in section.tables:
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.header) + "</tr>")
+            for row in table.rows:
+                parts.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>")
+            parts.append("</table>")
+            if table.caption:
+                parts.append(f"<p class='caption'>{html.escape(table.caption)}</p>")
+        for path, caption in section.figures:
+            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(title: str, sections: list[Section], folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``report.md`` (figures linked) and ``report.html`` (figures embedded) into ``folder``."""
+    folder = Path(folder)
+    sections = [Section(s.title, s.paragraphs, s.tables, [(Path(p), c) for p, c in s.figures if Path(p).is_file()])
+                for s in sections]
+    md, page = folder / "report.md", folder / "report.html"
+    write_text(_markdown(title, sections, folder), md)
+    write_text(_html(title, sections), page)
+    return md, page
+
+
+def screenshot(page: str | os.PathLike, target: str | os.PathLike, width: int = 1200, height: int = 4000,
+               timeout: float = 120.0) -> Path:
+    """Render ``page`` with headless Chromium (Debian's ``chromium``) to a PNG; raises if it is missing."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
+    target = Path(target).resolve()
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                        f"--screenshot={target}", Path(page).resolve().as_uri()],
+                       check=True, capture_output=True, timeout=timeout)
+    return target
