@@ -53,7 +53,8 @@ def _html(title: str, sections: list[Section]) -> str:
         f"<title>{html.escape(title)}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}"
-        "th{background:#eee}td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}"
+        "th{background:#eee}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%;height:auto;border:1px solid #ddd}"
         "figure{margin:1.2em 0}figcaption,.caption{color:#555;font-size:0.9em}h2{border-bottom:1px solid #ccc}"
         "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
@@ -69,8 +70,12 @@ def _html(title: str, sections: list[Section]) -> str:
             if table.caption:
                 parts.append(f"<p class='caption'>{html.escape(table.caption)}</p>")
         for path, caption in section.figures:
-            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-            parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            raw = Path(path).read_bytes()
+            width = int.from_bytes(raw[16:20], "big") if raw[:8] == b"\x89PNG\r\n\x1a\n" else 800
+            data = base64.b64encode(raw).decode("ascii")
+            # Natural size, never upscaled: small plots stay small, wide panels shrink to the page.
+            parts.append(f"<figure><img alt='{html.escape(caption)}' style='width:{width}px' "
+                         f"src='data:image/png;base64,{data}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     parts.append("</body></html>")
     return "\n".join(parts)
