@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 # Tissue codes of the internal tissue map.
 (AIR, FAT, MUSCLE, VISCERA, VESSEL, CORTICAL, TRABECULAR, POSTERIOR_BONE, ANNULUS, NUCLEUS, CSF, CORD,
@@ -75,7 +74,6 @@ class SpineAnatomy:
     tissue_ct: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     tissue_t1: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
     tissue_t2: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-    _centre_line: tuple | None = field(repr=False, default=None)
 
     # ---------------------------------------------------------------- centre line
     @property
@@ -83,39 +81,44 @@ class SpineAnatomy:
         depth = max(v.half_depth for v in self.vertebrae)
         return depth + self.canal_gap + self.canal_radius_ap
 
-    def _tangent_angle(self, s: np.ndarray) -> np.ndarray:
-        lo, hi = self.vertebrae[0].s_center - 40.0, self.vertebrae[-1].s_center + 40.0
-        return self.curvature * (np.clip(s, lo, hi) - self.s_mid)
-
-    def centre_line(self) -> tuple[np.ndarray, np.ndarray, cKDTree]:
-        """Centre-line samples every 0.5 mm: arc lengths, points (n, 3), KD-tree over (y, z)."""
-        if self._centre_line is None:
-            step = 0.5
-            s = np.arange(self.s_mid - 400.0, self.s_mid + 400.0 + step, step)
-            phi = self._tangent_angle(s)
-            dy, dz = np.sin(phi) * step, np.cos(phi) * step
-            y, z = np.cumsum(dy), np.cumsum(dz)
-            i_mid = int(np.argmin(np.abs(s - self.s_mid)))
-            points = np.stack([np.zeros_like(y), y - y[i_mid], z - z[i_mid]], axis=1)
-            self._centre_line = (s, points, cKDTree(points[:, 1:]))
-        return self._centre_line
-
     def frame(self, s: float | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Centre point, posterior unit vector e_v and superior unit vector e_w at arc length ``s``."""
-        s_all, points, _ = self.centre_line()
+        """Centre point, posterior unit vector e_v and superior unit vector e_w at arc length ``s``.
+
+        The centre line is the arc ``(0, R (1 - cos phi), R sin phi)``, ``phi = kappa (s - s_mid)``,
+        ``R = 1 / kappa``, continued by straight lines 40 mm beyond the outermost vertebrae.
+        """
         s_arr = np.atleast_1d(np.asarray(s, dtype=float))
-        centre = np.stack([np.interp(s_arr, s_all, points[:, k]) for k in range(3)], axis=1)
-        phi = self._tangent_angle(s_arr)
+        lo, hi = self.vertebrae[0].s_center - 40.0, self.vertebrae[-1].s_center + 40.0
+        clipped = np.clip(s_arr, lo, hi)
+        phi = self.curvature * (clipped - self.s_mid)
+        radius = 1.0 / self.curvature
         e_w = np.stack([np.zeros_like(phi), np.sin(phi), np.cos(phi)], axis=1)
         e_v = np.stack([np.zeros_like(phi), np.cos(phi), -np.sin(phi)], axis=1)
+        centre = np.stack([np.zeros_like(phi), radius * (1 - np.cos(phi)), radius * np.sin(phi)], axis=1)
+        centre = centre + (s_arr - clipped)[:, None] * e_w
         return centre, e_v, e_w
 
     def to_spine_coordinates(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Body-frame points (n, 3) → spine coordinates (u, v, s)."""
-        s_all, line, tree = self.centre_line()
-        _, idx = tree.query(points[:, 1:], workers=1)
-        s = s_all[idx]
-        centre, e_v, e_w = line[idx], *self.frame(s)[1:]
+        """Body-frame points (n, 3) → spine coordinates (u, v, s).
+
+        The centre line is a circular arc (constant curvature) continued by straight lines beyond the
+        spine, so the arc length of the nearest centre-line point is found in closed form: the angle
+        of the point seen from the centre of curvature (no nearest-neighbour search).
+        """
+        y, z = points[:, 1], points[:, 2]
+        lo, hi = self.vertebrae[0].s_center - 40.0, self.vertebrae[-1].s_center + 40.0
+        radius = 1.0 / self.curvature
+        # c(s) = (0, (1 - cos phi) R, R sin phi) with phi = kappa (s - s_mid); centre of curvature (0, R, 0).
+        s = self.s_mid + radius * np.arctan2(z, radius - y)
+        s = np.clip(s, lo, hi)
+        # Beyond the arc the line continues straight: project onto the end tangents.
+        for end in (lo, hi):
+            at_end = s == end
+            if at_end.any():
+                centre, _, e_w = self.frame(end)
+                along = (points[at_end] - centre[0]) @ e_w[0]
+                s[at_end] = end + along
+        centre, e_v, e_w = self.frame(s)
         d = points - centre
         v = np.einsum("ij,ij->i", d, e_v)
         s_eff = s + np.einsum("ij,ij->i", d, e_w)
