@@ -1,0 +1,63 @@
+"""MR→CT translation on the phantom: diffusion image mode vs noise mode vs regression vs Pix2Pix.
+
+Every method trains fold 0 of the same planned phantom translation dataset for the same wall-clock
+budget (CPU), then predicts its held-out cases; PSNR, SSIM and MAE (HU, body and bone) are compared
+side by side (Graf et al. 2023 found image mode > noise mode). Results: JSON + Markdown under
+benchmarks/output/translation_methods/ (the table is copied into documentation/results.md).
+
+    python benchmarks/translation_methods.py --budget-minutes 4 --cases 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-minutes", type=float, default=20.0, help="training budget per method (issue: 20)")
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--dims", nargs="+", default=["2d"], choices=["2d", "3d"])
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "translation_methods"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    out = Path(args.output)
+    for kind in ("raw", "preprocessed", "results"):
+        (out / f"nnUNet_{kind}").mkdir(parents=True, exist_ok=True)
+        os.environ[f"nnUNet_{kind}"] = str(out / f"nnUNet_{kind}")
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+
+    from spinediff.datasets.phantom_writer import write_phantom_datasets
+    from spinediff.demo import PROFILES
+    from spinediff.evaluation.benchmark import run_benchmark
+    from spinediff.io import write_text
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import TrainingOptions
+
+    raw = out / "nnUNet_raw"
+    if not (raw / "Dataset902_SpinePhantomTranslation").exists():
+        write_phantom_datasets(raw, num_cases=args.cases, seed=args.seed, tasks=["translation"],
+                               settings=PROFILES["full"].phantom)
+    plans = out / "nnUNet_preprocessed" / "Dataset902_SpinePhantomTranslation" / "nnUNetPlans.json"
+    if not plans.exists():
+        plan_dataset(902, configurations=[f"{d}_diffusion" for d in args.dims], device="cpu", num_processes=1)
+    start = time.perf_counter()
+    options = TrainingOptions(epochs=1000, iterations_per_epoch=40, val_iterations_per_epoch=1)
+    summary = run_benchmark(902, folds=[0], budget_minutes=args.budget_minutes, dims=tuple(args.dims),
+                            options=options, output=out)
+    command = "python benchmarks/translation_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_text(f"{summary['table']}\n\nCommand: `{command}` ({(time.perf_counter() - start) / 60:.0f} min).\n",
+               out / "results.md")
+    print(summary["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
