@@ -112,9 +112,12 @@ def run_method(method: Method, dataset: str, folds: list, options, reuse: bool =
                 start = time.perf_counter()
                 epochs = run_training_with_budget(trainer, (options.budget_minutes or 1e9) * 60)
                 train_seconds = time.perf_counter() - start
-            else:
+            else:  # trained earlier without the harness: the training time is in the checkpoint's log
                 maybe_load_checkpoint(trainer, False, True)
-                epochs, train_seconds = 0, float("nan")
+                logging = trainer.logger.get_checkpoint()
+                starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
+                epochs = len(ends)
+                train_seconds = float(ends[-1] - starts[0]) if starts and ends else float("nan")
             start = time.perf_counter()
             trainer.perform_actual_validation(False)
             n_val = max(1, len(trainer.do_split()[1]))
