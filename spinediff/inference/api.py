@@ -1,0 +1,116 @@
+"""``predict``: the typed function behind ``spinediff predict`` (a folder of raw cases → a folder of results)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from spinediff.errors import SpineDiffError
+from spinediff.inference.inputs import RUN_SUMMARY, discover_cases
+from spinediff.inference.models import model_folder
+from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
+from spinediff.io import write_json
+
+
+@dataclass
+class PredictionReport:
+    """What a prediction run did: its settings and one result per case (failed cases with the reason)."""
+
+    output_folder: Path
+    settings: dict
+    cases: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [c for c in self.cases if not c.ok]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every case was predicted, 2 (as for user errors) when any failed."""
+        return 2 if self.failed else 0
+
+    def to_dict(self) -> dict:
+        return {**self.settings, "num_cases": len(self.cases), "num_failed": len(self.failed),
+                "cases": {c.identifier: asdict(c) for c in self.cases}}
+
+
+def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) -> None:
+    if options.num_samples is not None and options.num_samples < 1:
+        raise SpineDiffError(f"--samples must be at least 1, got {options.num_samples}.")
+    total = predictor.settings.num_train_timesteps
+    if options.steps is not None and not 1 <= options.steps <= total:
+        raise SpineDiffError(f"--steps must be in [1, {total}], got {options.steps}.")
+    if options.eta is not None and not 0 <= options.eta <= 1:
+        raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
+
+
+def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
+            configuration: str, trainer: str, folds: Sequence[int | str] = (0, 1, 2, 3, 4),
+            plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "cpu",
+            num_samples: int | None = None, steps: int | None = None, eta: float | None = None, seed: int = 0,
+            tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
+            overwrite: bool = False, results_folder: str | os.PathLike | None = None,
+            progress: bool = True) -> PredictionReport:
+    """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
+
+    Args:
+        input_folder: raw cases in nnU-Net naming (``CASE_XXXX.nii.gz``; generation: ``CASE.nii.gz``).
+        output_folder: where ``CASE.nii.gz`` (and maps, summaries) go; created if needed.
+        dataset, configuration, trainer, plans_identifier: which trained model
+            (``$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG``).
+        folds: the folds to ensemble (their x0 estimates / class probabilities are averaged).
+        checkpoint: ``final`` or ``best``.
+        num_samples, steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
+        seed: the base seed; the same seed gives the same output.
+        tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
+        save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
+            ``CASE_uncertainty.json``.
+        save_probabilities: segmentation: write the mean class probabilities ``CASE.npz`` (raw geometry)
+            for ``spinediff ensemble``.
+        overwrite: replace existing outputs (otherwise any existing output stops the run before it starts).
+
+    Returns:
+        The report; ``exit_code`` is 2 if any case failed (each failure is in ``cases`` with its reason).
+    """
+    folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
+    predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
+    options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)
+    _check_options(options, predictor)
+    cases, problems = discover_cases(input_folder, predictor.layout)
+    if not cases and not problems:
+        raise SpineDiffError(f"No input images in {input_folder}; expected {predictor.layout.describe()} "
+                             f"(any of .nii.gz, .nii, .mha, .nrrd).")
+    output = Path(output_folder)
+    planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
+    existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
+    existing += [output / RUN_SUMMARY] if (output / RUN_SUMMARY).exists() else []
+    if existing and not overwrite:
+        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output folder "
+                             "or pass --overwrite to replace them.")
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {"model": str(folder.path), "task": predictor.task.task, "trainer": folder.trainer,
+                "configuration": folder.configuration, "plans": folder.plans_identifier,
+                "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": device,
+                "num_samples": num_samples or predictor.settings.num_samples,
+                "steps": steps or predictor.settings.num_inference_steps,
+                "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
+                "tta": predictor.device.type != "cpu" if tta is None else tta,
+                "denoising": predictor.models[0].denoising, "input_folder": str(input_folder)}
+    report = PredictionReport(output, settings)
+    report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
+    for problem in problems:
+        tqdm.write(f"skipped {problem.identifier}: {problem.message}")
+    bar = tqdm(cases, desc=f"predict ({len(predictor.models)} fold(s))", unit="case", disable=not progress)
+    for case in bar:
+        bar.set_postfix_str(case.identifier)
+        result = predictor.predict_case(case, planned[case.identifier], options)
+        if not result.ok:
+            tqdm.write(f"failed {case.identifier}: {result.message}")
+        report.cases.append(result)
+    write_json(report.to_dict(), output / RUN_SUMMARY)
+    return report

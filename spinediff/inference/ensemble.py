@@ -1,0 +1,145 @@
+"""``ensemble_folders``: combine the predictions of several configurations or trainers, case by case.
+
+- Segmentation: the mean class probabilities ``CASE.npz`` (written by ``spinediff predict
+  --save-probabilities``, in raw geometry) are averaged and the label map is their argmax.
+- Translation / generation: the predicted images (HU) are averaged voxel by voxel.
+
+Inputs must hold the same cases on the same grid; uncertainty maps are not combined.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from spinediff.datasets.validate import _same_geometry
+from spinediff.errors import SpineDiffError
+from spinediff.inference.inputs import RUN_SUMMARY, split_ending
+from spinediff.io import atomic_path, read_image, read_json, write_image, write_json
+
+MAP_SUFFIXES = ("_uncertainty", "_variance")
+
+
+@dataclass
+class EnsembleReport:
+    output_folder: Path
+    task: str
+    written: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.problems else 0
+
+
+def _folder_task(folder: Path) -> str:
+    summary = folder / RUN_SUMMARY
+    if summary.is_file():
+        return str(read_json(summary).get("task", "segmentation"))
+    return "segmentation" if any(folder.glob("*.npz")) else "translation"
+
+
+def _prediction_files(folder: Path) -> dict[str, Path]:
+    """Image files that are predictions (not uncertainty/variance maps), by name."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        split = split_ending(path.name)
+        if split and not split[0].endswith(MAP_SUFFIXES):
+            files[path.name] = path
+    return files
+
+
+def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, overwrite: bool = False,
+                     save_probabilities: bool = False) -> EnsembleReport:
+    """Average the predictions of ``inputs`` (two or more prediction folders) into ``output``."""
+    folders = [Path(p) for p in inputs]
+    if len(folders) < 2:
+        raise SpineDiffError("An ensemble needs at least two prediction folders (-i DIR1 DIR2 ...).")
+    for folder in folders:
+        if not folder.is_dir():
+            raise SpineDiffError(f"Prediction folder {folder} does not exist.")
+    tasks = {folder: _folder_task(folder) for folder in folders}
+    if len(set(tasks.values())) > 1:
+        raise SpineDiffError(f"The folders hold predictions of different tasks ({tasks}); ensemble one task only.")
+    task = tasks[folders[0]]
+    files = [_prediction_files(folder) for folder in folders]
+    output = Path(output)
+    report = EnsembleReport(output, task)
+    names = sorted(set().union(*files))
+    complete = [n for n in names if all(n in f for f in files)]
+    for name in names:
+        if name not in complete:
+            missing = [str(folder) for folder, f in zip(folders, files, strict=True) if name not in f]
+            report.problems.append(f"{name}: missing in {', '.join(missing)}; not ensembled.")
+    if not complete:
+        raise SpineDiffError(f"No prediction is present in all of {', '.join(map(str, folders))}.")
+    targets = [output / n for n in complete]
+    if task == "segmentation" and save_probabilities:
+        targets += [output / f"{split_ending(n)[0]}.npz" for n in complete]
+    existing = [t for t in [*targets, output / RUN_SUMMARY] if t.exists()]
+    if existing and not overwrite:
+        raise SpineDiffError(f"{existing[0]} already exists ({len(existing)} output file(s) in all). Choose another "
+                             "output folder or pass --overwrite.")
+    for name in complete:
+        try:
+            paths = [f[name] for f in files]
+            if task == "segmentation":
+                _ensemble_probabilities(paths, output / name, save_probabilities)
+            else:
+                _average_images(paths, output / name)
+            report.written.append(str(output / name))
+        except SpineDiffError as exc:
+            report.problems.append(str(exc))
+    write_json({"task": task, "ensemble_of": [str(f) for f in folders], "written": report.written,
+                "problems": report.problems}, output / RUN_SUMMARY)
+    return report
+
+
+def _check_same_grid(images: list[sitk.Image], paths: list[Path]) -> None:
+    for image, path in zip(images[1:], paths[1:], strict=True):
+        why = _same_geometry(images[0], image)
+        if why is not None:
+            raise SpineDiffError(f"{path}: {why} (compared with {paths[0]}); ensemble predictions of the same inputs.")
+
+
+def _average_images(paths: list[Path], target: Path) -> None:
+    images = [read_image(p) for p in paths]
+    _check_same_grid(images, paths)
+    total = np.zeros(images[0].GetSize()[::-1], dtype=np.float64)
+    for image in images:
+        total += sitk.GetArrayViewFromImage(image)
+    result = sitk.GetImageFromArray((total / len(images)).astype(np.float32))
+    result.CopyInformation(images[0])
+    write_image(result, target)
+
+
+def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities: bool) -> None:
+    references = [read_image(p) for p in paths]
+    _check_same_grid(references, paths)
+    mean = None
+    for path in paths:
+        npz = path.with_name(f"{split_ending(path.name)[0]}.npz")
+        if not npz.is_file():
+            raise SpineDiffError(f"{npz} is missing: predict segmentation with --save-probabilities to ensemble it "
+                                 "(label maps alone cannot be averaged).")
+        with np.load(npz, allow_pickle=False) as data:  # no pickles: loading cannot run code
+            probabilities = data["probabilities"].astype(np.float64)
+        if mean is not None and probabilities.shape != mean.shape:
+            raise SpineDiffError(f"{npz}: probabilities of shape {probabilities.shape}, {paths[0]}'s have "
+                                 f"{mean.shape}.")
+        mean = probabilities if mean is None else mean + probabilities
+    mean /= len(paths)
+    # nnU-Net's label values are consecutive (0..C-1), so the argmax index is the label
+    labels = np.argmax(mean, axis=0).astype(np.uint8 if mean.shape[0] < 256 else np.uint16)
+    shape = sitk.GetArrayViewFromImage(references[0]).shape
+    result = sitk.GetImageFromArray(labels.reshape(shape))
+    result.CopyInformation(references[0])
+    write_image(result, target)
+    if save_probabilities:
+        with atomic_path(target.with_name(f"{split_ending(target.name)[0]}.npz")) as tmp:
+            np.savez_compressed(tmp, probabilities=mean.astype(np.float32))

@@ -1,0 +1,33 @@
+"""``spinediff ensemble``: average the predictions of several configurations or trainers."""
+
+from __future__ import annotations
+
+import argparse
+
+from spinediff.inference.ensemble import ensemble_folders
+
+
+def run_ensemble(args: argparse.Namespace) -> int:
+    report = ensemble_folders(args.input, args.output, args.overwrite, args.save_probabilities)
+    print(f"{report.task}: ensembled {len(report.written)} prediction(s) into {report.output_folder}")
+    for problem in report.problems:
+        print(f"  PROBLEM {problem}")
+    return report.exit_code
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "ensemble",
+        help="combine the predictions of several configurations or trainers",
+        description=(
+            "Average, case by case, the outputs of several `spinediff predict` runs on the same inputs: class "
+            "probabilities (CASE.npz, from predict --save-probabilities) for segmentation, then argmax; images "
+            "(e.g. HU) for translation and generation. The exit status is 2 if any case could not be combined."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-i", "--input", nargs="+", required=True, help="two or more prediction folders")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--save-probabilities", action="store_true", help="segmentation: also write CASE.npz")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run_ensemble)

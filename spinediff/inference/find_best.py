@@ -1,0 +1,248 @@
+"""``find_best``: rank every trained configuration/trainer of a dataset on its cross-validation, try the
+ensemble of the top two, and say how to predict with the winner (nnU-Net's find_best_configuration,
+for spinediff's tasks).
+
+Scores are pooled over all validation cases of the compared folds (as nnU-Net pools its
+cross-validation predictions):
+
+- segmentation: the foreground Dice (per class, the mean over cases; then the mean over classes),
+  from each fold's ``validation/summary.json`` (nnU-Net's evaluation; written by spinediff's and by
+  nnU-Net's own trainers). Higher is better.
+- translation / generation: the MAE inside the body (HU > -500, lower is better) from
+  ``validation_metrics.json``: it measures the anatomy, whereas PSNR over the whole volume is
+  dominated by the air around the patient. Datasets whose target is not CT have no body MAE and are
+  ranked on PSNR (higher is better). PSNR and SSIM are shown beside it.
+
+Ensemble of the top two (see :mod:`.find_best_ensemble`): HU predictions are averaged directly from
+the folds' ``validation/`` folders. Segmentation needs class probabilities, which the final
+validation does not keep: they are used when both have ``validation/CASE.npz``; otherwise, with
+``repredict=True``, the validation cases are predicted again from the raw images (each by its own
+fold, one sample, the steps of the final validation) with probabilities, and the ensemble is
+compared with the two singles *as re-predicted*, so that the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spinediff.datasets.dataset_json import task_spec
+from spinediff.errors import SpineDiffError
+from spinediff.inference.models import find_dataset_results
+from spinediff.io import ensure_new_output, read_json, write_json
+
+METRIC_DIRECTION = {"dice": "higher", "mae_body": "lower", "psnr": "higher"}
+
+
+@dataclass
+class Candidate:
+    """One trained ``TRAINER__PLANS__CONFIG`` with its pooled cross-validation results."""
+
+    folder: Path
+    trainer: str
+    plans: str
+    configuration: str
+    folds: list[str]
+    per_case: dict[str, dict] = field(default_factory=dict)  # case file → metrics (segmentation: class → Dice)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def is_spinediff(self) -> bool:
+        from spinediff.training import TRAINERS
+
+        return self.trainer in TRAINERS
+
+
+def pooled_foreground_dice(per_case: Sequence[dict[str, float]]) -> float:
+    """Mean over classes of the mean over cases (NaN = class absent in both: not counted), as nnU-Net."""
+    if not per_case:
+        return float("nan")
+    classes = sorted({c for case in per_case for c in case})
+    means = []
+    for c in classes:
+        values = [case[c] for case in per_case if c in case and not math.isnan(case[c])]
+        if values:
+            means.append(float(np.mean(values)))
+    return float(np.mean(means)) if means else float("nan")
+
+
+def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
+    """Per-case metrics of one finished fold, or None if its final validation has not run."""
+    if task == "segmentation":
+        summary = fold_folder / "validation" / "summary.json"
+        if not summary.is_file():
+            return None
+        return {Path(entry["prediction_file"]).name: {str(k): float(v["Dice"]) for k, v in entry["metrics"].items()}
+                for entry in read_json(summary)["metric_per_case"]}
+    metrics = fold_folder / "validation_metrics.json"
+    if not metrics.is_file():
+        return None
+    return read_json(metrics).get("per_case", {})
+
+
+def collect_candidates(dataset_folder: Path, task: str, folds: Sequence[str] | None = None
+                       ) -> tuple[list[Candidate], list[str], list[str]]:
+    """Every trained candidate with the compared folds finished; returns (candidates, folds, notes)."""
+    found: list[tuple[Path, dict[str, dict[str, dict]]]] = []
+    notes = []
+    for folder in sorted(p for p in dataset_folder.iterdir() if p.is_dir() and p.name.count("__") == 2):
+        finished = {}
+        for fold_folder in sorted(folder.glob("fold_*")):
+            results = _fold_results(fold_folder, task)
+            if results:
+                finished[fold_folder.name[len("fold_"):]] = results
+        if finished:
+            found.append((folder, finished))
+        else:
+            notes.append(f"{folder.name}: no fold with a finished final validation; not ranked.")
+    if not found:
+        raise SpineDiffError(f"No trained configuration with a finished cross-validation in {dataset_folder}. "
+                             "Train folds with `spinediff train` first.")
+    if folds is None:
+        common = set.intersection(*(set(finished) for _, finished in found))
+        if not common:
+            raise SpineDiffError("The trained configurations share no finished fold: "
+                                 + "; ".join(f"{f.name}: folds {sorted(r)}" for f, r in found)
+                                 + ". Pass the folds to compare with -f.")
+        folds = sorted(common, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+    folds = [str(f) for f in folds]
+    candidates = []
+    for folder, finished in found:
+        missing = [f for f in folds if f not in finished]
+        if missing:
+            notes.append(f"{folder.name}: fold(s) {', '.join(missing)} not finished; not ranked.")
+            continue
+        trainer, plans, configuration = folder.name.split("__")
+        per_case = {case: metrics for f in folds for case, metrics in finished[f].items()}
+        candidates.append(Candidate(folder, trainer, plans, configuration, folds, per_case))
+    return candidates, folds, notes
+
+
+def primary_metric(task: str, candidates: Sequence[Candidate]) -> str:
+    if task == "segmentation":
+        return "dice"
+    has_body = all(all("mae_body" in m for m in c.per_case.values()) for c in candidates)
+    return "mae_body" if has_body else "psnr"
+
+
+def score(per_case: dict[str, dict], task: str) -> dict[str, float]:
+    """Pooled scores of per-case metrics (segmentation: foreground Dice; images: mean of each metric)."""
+    if task == "segmentation":
+        return {"dice": pooled_foreground_dice(list(per_case.values()))}
+    names = sorted({m for metrics in per_case.values() for m in metrics})
+    return {m: float(np.nanmean([metrics.get(m, np.nan) for metrics in per_case.values()])) for m in names}
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """Is score ``a`` better than ``b``? NaN is never better."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a > b if METRIC_DIRECTION[metric] == "higher" else a < b
+
+
+def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT_FOLDER",
+                    probabilities: bool = False) -> str:
+    folds = " ".join(candidate.folds)
+    if candidate.is_spinediff:
+        return (f"spinediff predict -i INPUT_FOLDER -o {output} -d {dataset_id} -c {candidate.configuration} "
+                f"-tr {candidate.trainer} -p {candidate.plans} -f {folds}"
+                + (" --save-probabilities" if probabilities else ""))
+    return (f"nnUNetv2_predict -i INPUT_FOLDER -o {output} -d {dataset_id} -c {candidate.configuration} "
+            f"-tr {candidate.trainer} -p {candidate.plans} -f {folds}" + (" --save_probabilities" if probabilities
+                                                                           else ""))
+
+
+@dataclass
+class FindBestResult:
+    task: str
+    metric: str
+    folds: list[str]
+    ranking: list[Candidate]
+    ensemble: dict | None
+    winner: str
+    commands: list[str]
+    notes: list[str]
+
+    def table(self) -> str:
+        metrics = ["dice"] if self.task == "segmentation" else [
+            m for m in ("mae_body", "psnr", "ssim") if any(m in c.scores for c in self.ranking)]
+        header = f"{'rank':<5} {'candidate':<60} {'cases':>5} " + " ".join(f"{m:>9}" for m in metrics)
+        lines = [header, "-" * len(header)]
+        for rank, c in enumerate(self.ranking, 1):
+            lines.append(f"{rank:<5} {c.name:<60} {len(c.per_case):>5} "
+                         + " ".join(f"{c.scores.get(m, float('nan')):>9.4f}" for m in metrics))
+        if self.ensemble and "scores" in self.ensemble:
+            e = self.ensemble
+            lines.append(f"{'ens':<5} {'ensemble of ranks 1+2':<60} {e['cases']:>5} "
+                         + " ".join(f"{e['scores'].get(m, float('nan')):>9.4f}" for m in metrics))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "metric": self.metric, "direction": METRIC_DIRECTION[self.metric],
+                "folds": self.folds, "winner": self.winner, "commands": self.commands, "notes": self.notes,
+                "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
+                             "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
+                            for c in self.ranking],
+                "ensemble": self.ensemble}
+
+
+def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repredict: bool = False,
+              output: str | os.PathLike | None = None, overwrite: bool = False,
+              results_folder: str | os.PathLike | None = None, raw_folder: str | os.PathLike | None = None,
+              device: str = "cpu") -> FindBestResult:
+    """Rank the dataset's trained candidates, try the top-two ensemble, write ``find_best.json``.
+
+    Args:
+        dataset: ID or name of the dataset in ``$nnUNet_results``.
+        folds: folds to compare (default: those finished by every candidate).
+        repredict: segmentation without saved probabilities: re-predict the validation cases to ensemble.
+        output: the JSON (default ``$nnUNet_results/DatasetXXX/find_best.json``); never silently replaced.
+        raw_folder: ``$nnUNet_raw`` (references of image tasks, inputs of re-prediction).
+    """
+    from spinediff.inference.find_best_ensemble import evaluate_top_two
+
+    dataset_folder = find_dataset_results(dataset, results_folder)
+    target = ensure_new_output(Path(output) if output else dataset_folder / "find_best.json", overwrite)
+    task = None
+    for dataset_json in sorted(dataset_folder.glob("*__*__*/dataset.json")):
+        task = task_spec(read_json(dataset_json), dataset_json).task
+        break
+    if task is None:
+        raise SpineDiffError(f"No trained configuration (TRAINER__PLANS__CONFIG/dataset.json) in {dataset_folder}.")
+    candidates, used_folds, notes = collect_candidates(dataset_folder, task,
+                                                       [str(f) for f in folds] if folds is not None else None)
+    if not candidates:
+        raise SpineDiffError(f"No candidate has all of folds {used_folds} finished: " + " ".join(notes))
+    metric = primary_metric(task, candidates)
+    for c in candidates:
+        c.scores = score(c.per_case, task)
+    ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[metric]),
+                                                -c.scores[metric] if METRIC_DIRECTION[metric] == "higher"
+                                                else c.scores[metric]))
+    dataset_id = dataset_folder.name[len("Dataset"):len("Dataset") + 3]
+    best = ranking[0]
+    winner, commands = best.name, [predict_command(dataset_id, best)]
+    ensemble = None
+    if len(ranking) >= 2:
+        ensemble = evaluate_top_two(ranking[0], ranking[1], task, metric, dataset_folder, repredict, raw_folder,
+                                    device)
+        if "scores" in ensemble and better(ensemble["scores"][metric], ensemble["best_single"], metric):
+            winner = f"ensemble of {ranking[0].name} and {ranking[1].name}"
+            probabilities = task == "segmentation"
+            commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
+                        for i, c in enumerate(ranking[:2], 1)]
+            commands.append("spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER")
+    result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes)
+    write_json(result.to_dict(), target)
+    return result

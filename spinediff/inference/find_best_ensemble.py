@@ -1,0 +1,164 @@
+"""The top-two ensemble of ``find_best``, scored on the cross-validation cases (see :mod:`.find_best`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from spinediff.datasets.dataset_json import task_spec
+from spinediff.evaluation.image_metrics import image_metrics
+from spinediff.inference.find_best import Candidate, pooled_foreground_dice, score
+from spinediff.inference.inputs import split_ending
+from spinediff.io import read_image, read_json
+from spinediff.paths import nnunet_folder
+from spinediff.planning.target_intensity import TargetIntensity
+
+
+def evaluate_top_two(first: Candidate, second: Candidate, task: str, metric: str, dataset_folder: Path,
+                     repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
+    """Scores of the two-member ensemble, or ``{"skipped": reason}``."""
+    members = [first.name, second.name]
+    try:
+        raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
+    except Exception as exc:  # noqa: BLE001 - the ensemble is optional; say why it was not tried
+        return {"members": members, "skipped": f"needs the raw dataset for the references ({exc})"}
+    if task == "segmentation":
+        result = _segmentation(first, second, dataset_folder, raw, repredict, device)
+    else:
+        result = _images(first, second, raw, task, metric)
+    return {"members": members, **result}
+
+
+def _validation_files(candidate: Candidate, fold: str, ending: str) -> list[Path]:
+    folder = candidate.folder / f"fold_{fold}" / "validation"
+    return sorted(p for p in folder.glob(f"*{ending}") if p.name in candidate.per_case)
+
+
+# ---------------------------------------------------------------------- images: average the HU predictions
+def _images(first: Candidate, second: Candidate, raw: Path, task: str, metric: str) -> dict:
+    dataset_json = read_json(first.folder / "dataset.json")
+    ending = dataset_json["file_ending"]
+    targets = list(task_spec(dataset_json).target_channels)
+    plans = read_json(first.folder / "plans.json")["configurations"]
+    configuration = plans[first.configuration]
+    while "diffusion" not in configuration and "inherits_from" in configuration:
+        configuration = plans[configuration["inherits_from"]]
+    mappings = TargetIntensity.from_dict(configuration["diffusion"]["target_intensity"]).mappings
+    per_case = {}
+    for fold in first.folds:
+        for path in _validation_files(first, fold, ending):
+            other = second.folder / f"fold_{fold}" / "validation" / path.name
+            stem = split_ending(path.name)[0]
+            channel = targets[0] if len(targets) == 1 else int(stem[-4:])
+            reference = raw / "imagesTr" / (f"{stem}_{channel:04d}{ending}" if len(targets) == 1 else path.name)
+            if not other.is_file() or not reference.is_file():
+                return {"skipped": f"{other if not other.is_file() else reference} is missing"}
+            mean = (_array(path) + _array(other)) / 2
+            mapping = mappings[targets.index(channel)]
+            per_case[path.name] = image_metrics(mean, _array(reference), mapping.clip_range,
+                                                is_ct=mapping.units == "HU")
+    return {"method": "voxel-wise mean of the two validation predictions", "cases": len(per_case),
+            "scores": score(per_case, task), "best_single": first.scores[metric]}
+
+
+def _array(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(read_image(path)).astype(np.float64)
+
+
+# ---------------------------------------------------------------------- segmentation: average probabilities
+def _case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
+    """nnU-Net's Dice per label (NaN when the label is absent from both)."""
+    out = {}
+    for label in labels:
+        p, r = prediction == label, reference == label
+        tp, fp, fn = np.sum(p & r), np.sum(p & ~r), np.sum(~p & r)
+        out[str(label)] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else float("nan")
+    return out
+
+
+def _references(candidate: Candidate, fold: str, raw: Path, ending: str) -> dict[str, Path]:
+    summary = read_json(candidate.folder / f"fold_{fold}" / "validation" / "summary.json")
+    found = {Path(e["prediction_file"]).name: Path(e["reference_file"]) for e in summary["metric_per_case"]}
+    return {name: path if path.is_file() else raw / "labelsTr" / name for name, path in found.items()}
+
+
+def _load_probabilities(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as data:  # no pickles: cannot run code
+        return data["probabilities"].astype(np.float64)
+
+
+def _segmentation(first: Candidate, second: Candidate, dataset_folder: Path, raw: Path, repredict: bool,
+                  device: str) -> dict:
+    dataset_json = read_json(first.folder / "dataset.json")
+    ending = dataset_json["file_ending"]
+    saved = all((c.folder / f"fold_{f}" / "validation" / f"{split_ending(p.name)[0]}.npz").is_file()
+                for c in (first, second) for f in first.folds for p in _validation_files(c, f, ending))
+    if saved:
+        return _score_probabilities(first, second, {c.name: c.folder for c in (first, second)}, raw, ending,
+                                    "mean of the saved validation probabilities")
+    if not repredict:
+        return {"skipped": "the final validations kept no class probabilities (validation/CASE.npz); pass "
+                           "--repredict to predict the validation cases again with probabilities"}
+    if not (first.is_spinediff and second.is_spinediff):
+        return {"skipped": "re-prediction works for spinediff trainers; run nnU-Net's validation with --npz"}
+    with tempfile.TemporaryDirectory(prefix="spinediff_find_best_") as tmp:
+        for candidate in (first, second):
+            failure = _repredict(candidate, dataset_folder, raw, Path(tmp) / candidate.name, ending, device)
+            if failure:
+                return {"skipped": failure}
+        return _score_probabilities(first, second, {c.name: Path(tmp) / c.name for c in (first, second)}, raw,
+                                    ending, "validation cases re-predicted with probabilities (1 sample, the final "
+                                            "validation's steps), mean of the two; singles re-predicted alike")
+
+
+def _repredict(candidate: Candidate, dataset_folder: Path, raw: Path, work: Path, ending: str,
+               device: str) -> str | None:
+    from spinediff.inference.api import predict
+
+    channels = len(read_json(candidate.folder / "dataset.json")["channel_names"])
+    for fold in candidate.folds:
+        inputs = work / f"inputs_{fold}"
+        inputs.mkdir(parents=True)
+        for path in _validation_files(candidate, fold, ending):
+            stem = split_ending(path.name)[0]
+            for c in range(channels):
+                os.symlink(raw / "imagesTr" / f"{stem}_{c:04d}{ending}", inputs / f"{stem}_{c:04d}{ending}")
+        metrics = read_json(candidate.folder / f"fold_{fold}" / "validation_metrics.json")
+        report = predict(inputs, work / f"fold_{fold}" / "validation", dataset_folder.name, candidate.configuration,
+                         candidate.trainer, [fold], candidate.plans, num_samples=1, steps=metrics.get("sampling_steps"),
+                         seed=0, save_probabilities=True, results_folder=dataset_folder.parent, progress=False,
+                         device=device)
+        if report.failed:
+            return f"re-prediction of {candidate.name} failed: {report.failed[0].message}"
+    return None
+
+
+def _score_probabilities(first: Candidate, second: Candidate, roots: dict[str, Path], raw: Path, ending: str,
+                         method: str) -> dict:
+    labels = sorted(v for k, v in read_json(first.folder / "dataset.json")["labels"].items()
+                    if isinstance(v, int) and v > 0)
+    per_case: dict[str, list[dict]] = {"ensemble": [], first.name: [], second.name: []}
+    for fold, name, reference in _cases(first, raw, ending):
+        reference_labels = sitk.GetArrayFromImage(read_image(reference))
+        probabilities = [_load_probabilities(roots[c.name] / f"fold_{fold}" / "validation" /
+                                             f"{split_ending(name)[0]}.npz") for c in (first, second)]
+        for key, p in ((first.name, probabilities[0]), (second.name, probabilities[1]),
+                       ("ensemble", (probabilities[0] + probabilities[1]) / 2)):
+            labels_of = np.argmax(p, axis=0).reshape(reference_labels.shape)
+            per_case[key].append(_case_dice(labels_of, reference_labels, labels))
+    singles = {key: pooled_foreground_dice(per_case[key]) for key in (first.name, second.name)}
+    return {"method": method, "cases": len(per_case["ensemble"]),
+            "scores": {"dice": pooled_foreground_dice(per_case["ensemble"])}, "singles": singles,
+            "best_single": max(singles.values())}
+
+
+def _cases(candidate: Candidate, raw: Path, ending: str) -> Iterator[tuple[str, str, Path]]:
+    for fold in candidate.folds:
+        references = _references(candidate, fold, raw, ending)
+        for path in _validation_files(candidate, fold, ending):
+            yield fold, path.name, references.get(path.name, raw / "labelsTr" / path.name)

@@ -1,0 +1,159 @@
+"""Finding and checking the raw input files of a prediction, one case at a time.
+
+Inputs follow nnU-Net's naming: ``CASE_XXXX.nii.gz`` per image channel (``XXXX`` = the channel
+index in ``dataset.json``), or, for generation, one label map ``CASE.nii.gz`` per case. Any
+supported ending works (NIfTI, MHA, NRRD); all files of one case must share it, and the outputs are
+written with it. Every problem of a case is reported as a :class:`SpineDiffError` naming the file,
+so that the caller can skip the case and go on with the others.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spinediff.datasets.validate import Problem, _read_or_report, _same_geometry
+from spinediff.errors import SpineDiffError
+from spinediff.io import IMAGE_SUFFIXES
+
+# Written beside every prediction folder: settings, task and per-case status (`spinediff ensemble` reads the task).
+RUN_SUMMARY = "prediction.json"
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to predict: its identifier, its files (channels in order, or the label map) and their ending."""
+
+    identifier: str
+    files: tuple[Path, ...]
+    ending: str
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """A case (or stray file) that cannot be predicted, with the reason."""
+
+    identifier: str
+    message: str
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """What a model reads: the image channels (indices and names) or, for generation, the label map."""
+
+    task: str
+    channels: tuple[int, ...]
+    channel_names: dict[int, str]
+    label_values: tuple[int, ...] = ()
+
+    @property
+    def reads_label_map(self) -> bool:
+        return self.task == "generation"
+
+    def describe(self) -> str:
+        if self.reads_label_map:
+            return "one label map per case, CASE.nii.gz"
+        return ", ".join(f"CASE_{c:04d} ({self.channel_names.get(c, '?')})" for c in self.channels)
+
+
+def split_ending(name: str) -> tuple[str, str] | None:
+    """``'a_0000.nii.gz'`` → ``('a_0000', '.nii.gz')``; None for unsupported endings."""
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def discover_cases(folder: str | Path, layout: InputLayout) -> tuple[list[InputCase], list[InputProblem]]:
+    """Group the image files of ``folder`` into cases; cases with missing or extra channels are problems."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SpineDiffError(f"Input folder {folder} does not exist.")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and split_ending(p.name) is not None)
+    if layout.reads_label_map:
+        cases = [InputCase(stem, (p,), ending) for p in files for stem, ending in [split_ending(p.name)]]
+        return cases, []
+    grouped: dict[str, dict[int, Path]] = {}
+    problems = []
+    for path in files:
+        stem, _ = split_ending(path.name)
+        match = _CHANNEL_FILE.match(stem)
+        if match is None:
+            problems.append(InputProblem(stem, f"{path}: not named CASE_XXXX{_ending_of(path)} (XXXX = channel "
+                                               f"index); this model reads {layout.describe()}."))
+            continue
+        grouped.setdefault(match["case"], {})[int(match["channel"])] = path
+    cases = []
+    for identifier, channels in sorted(grouped.items()):
+        missing = [c for c in layout.channels if c not in channels]
+        extra = sorted(set(channels) - set(layout.channels))
+        if missing or extra:
+            parts = []
+            if missing:
+                names = ", ".join(f"{identifier}_{c:04d} ({layout.channel_names.get(c, '?')})" for c in missing)
+                parts.append(f"missing channel file(s) {names}")
+            if extra:
+                parts.append(f"unexpected channel file(s) {', '.join(str(channels[c]) for c in extra)}")
+            problems.append(InputProblem(identifier, f"case {identifier} in {folder}: {'; '.join(parts)}. This "
+                                                     f"{layout.task} model reads exactly {len(layout.channels)} "
+                                                     f"channel(s): {layout.describe()}."))
+            continue
+        paths = tuple(channels[c] for c in layout.channels)
+        endings = {_ending_of(p) for p in paths}
+        if len(endings) > 1:
+            problems.append(InputProblem(identifier, f"case {identifier}: its channel files mix the endings "
+                                                     f"{sorted(endings)}; use one format per case."))
+            continue
+        cases.append(InputCase(identifier, paths, endings.pop()))
+    return cases, problems
+
+
+def _ending_of(path: Path) -> str:
+    split = split_ending(path.name)
+    return split[1] if split else path.suffix
+
+
+def check_case_files(case: InputCase, layout: InputLayout) -> None:
+    """Read every file of ``case`` once: unreadable, NaN/Inf, non-scalar, channel geometry mismatch, or
+    label values the model does not know raise :class:`SpineDiffError` naming the file."""
+    problems: list[Problem] = []
+    reference = None
+    for path in case.files:
+        loaded = _read_or_report(path, problems)
+        if loaded is None:
+            break
+        image, array = loaded
+        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+            problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
+                                               f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel; "
+                                               "each channel must be its own 2D/3D scalar image."))
+            break
+        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+            count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            problems.append(Problem(str(path), f"contains {count} NaN/Inf voxel(s); fix or re-export the image."))
+            break
+        if layout.reads_label_map:
+            _check_labels(path, np.asarray(array), layout.label_values, problems)
+        if reference is None:
+            reference = image
+        elif (why := _same_geometry(reference, image)) is not None:
+            problems.append(Problem(str(path), f"geometry does not match {case.files[0].name}: {why}. All channels "
+                                               "of a case must share one grid (resample them first)."))
+            break
+    if problems:
+        raise SpineDiffError(str(problems[0]))
+
+
+def _check_labels(path: Path, array: np.ndarray, allowed: Sequence[int], problems: list[Problem]) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.all(array == np.round(array)):
+        problems.append(Problem(str(path), "holds non-integer values; the generation model needs a label map."))
+        return
+    unknown = sorted(set(np.unique(array).astype(int).tolist()) - set(allowed))
+    if unknown:
+        problems.append(Problem(str(path), f"holds label value(s) {unknown} the model was not trained on "
+                                           f"(known: {sorted(allowed)})."))

@@ -1,0 +1,211 @@
+"""Trained folds, loaded safely and without a trainer: network + diffusion settings + how to predict.
+
+A results folder ``$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG/`` holds the ``plans.json`` and
+``dataset.json`` the folds were trained with and one ``fold_N/`` per fold. Checkpoints are read with
+``torch.load(..., weights_only=True)``: only tensors and plain Python values are unpickled, so a
+checkpoint file can never run code (spinediff's trainers save nothing else; see
+``SpineDiffTrainer.save_checkpoint``). The network is rebuilt by the trainer class's
+``build_network_architecture`` from the plans, and its EMA weights (``network_weights``) are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.inferers import sliding_window_inference
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from spinediff.diffusion.process import DiffusionProcess
+from spinediff.diffusion.sampler import SlidingWindowSampler
+from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.errors import SpineDiffError
+from spinediff.io import read_json
+from spinediff.paths import nnunet_folder
+
+CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A ``TRAINER__PLANS__CONFIG`` results folder and what its plans say."""
+
+    path: Path
+    trainer: str
+    plans_identifier: str
+    configuration: str
+    plans_manager: PlansManager
+    configuration_manager: ConfigurationManager
+    dataset_json: dict
+
+    @property
+    def dataset_name(self) -> str:
+        return self.path.parent.name
+
+    @classmethod
+    def open(cls, path: str | Path) -> ModelFolder:
+        path = Path(path)
+        parts = path.name.split("__")
+        if len(parts) != 3:
+            raise SpineDiffError(f"{path} is not a results folder named TRAINER__PLANS__CONFIGURATION.")
+        trainer, plans_identifier, configuration = parts
+        plans_manager = PlansManager(read_json(path / "plans.json"))
+        if configuration not in plans_manager.available_configurations:
+            raise SpineDiffError(f"{path / 'plans.json'} has no configuration {configuration!r}.")
+        return cls(path, trainer, plans_identifier, configuration, plans_manager,
+                   plans_manager.get_configuration(configuration), read_json(path / "dataset.json"))
+
+    def fold_folder(self, fold: int | str) -> Path:
+        return self.path / f"fold_{fold}"
+
+    def available_folds(self) -> list[str]:
+        return sorted(p.name[len("fold_"):] for p in self.path.glob("fold_*") if p.is_dir())
+
+
+def find_dataset_results(dataset: str | int, results_folder: str | Path | None = None) -> Path:
+    """``$nnUNet_results/DatasetXXX_Name`` from an ID, a name, or a path."""
+    root = nnunet_folder("results", results_folder)
+    text = str(dataset)
+    if (root / text).is_dir():
+        return root / text
+    if text.isdigit():
+        matches = sorted(p for p in root.glob(f"Dataset{int(text):03d}_*") if p.is_dir())
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise SpineDiffError(f"Dataset ID {text} is ambiguous in {root}: {[m.name for m in matches]}.")
+    raise SpineDiffError(f"No trained models for dataset {text!r} in {root} (expected {root}/DatasetXXX_Name/). "
+                         "Train first with `spinediff train`.")
+
+
+def model_folder(dataset: str | int, configuration: str, trainer: str, plans_identifier: str = "nnUNetPlans",
+                 results_folder: str | Path | None = None) -> ModelFolder:
+    """The results folder of one trained trainer/plans/configuration."""
+    base = find_dataset_results(dataset, results_folder)
+    path = base / f"{trainer}__{plans_identifier}__{configuration}"
+    if not path.is_dir():
+        trained = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.count("__") == 2)
+        raise SpineDiffError(f"{path} does not exist. Trained here: {', '.join(trained) or 'nothing'}.")
+    return ModelFolder.open(path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Unpickle only tensors and plain values (``weights_only=True``); refuse anything else clearly."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpineDiffError(f"{path} does not exist. Train this fold first, or choose other folds with -f.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SpineDiffError(f"{path} holds objects other than tensors and plain values, so it is not loaded (a "
+                             f"checkpoint must never run code on load). Was it written by spinediff? ({exc})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise SpineDiffError(f"{path} could not be read as a checkpoint ({exc}); it is corrupt or "
+                             "incomplete.") from None
+
+
+@dataclass
+class FoldModel:
+    """One trained fold: the EMA network and how it predicts a volume."""
+
+    fold: str
+    network: nn.Module
+    settings: DiffusionSettings
+    process: DiffusionProcess
+    denoising: bool
+    patch_size: tuple[int, ...]
+    window_batch_size: int
+    mirror_axes: tuple[int, ...]
+
+    @classmethod
+    def load(cls, folder: ModelFolder, fold: int | str, checkpoint: str = "final",
+             device: torch.device | str = "cpu") -> FoldModel:
+        from spinediff.training import TRAINERS
+
+        if folder.trainer not in TRAINERS:
+            raise SpineDiffError(f"{folder.trainer} is not a spinediff trainer ({', '.join(TRAINERS)}). Predict "
+                                 "nnU-Net's own trainers with nnUNetv2_predict.")
+        if checkpoint not in CHECKPOINTS:
+            raise SpineDiffError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}.")
+        path = folder.fold_folder(fold) / CHECKPOINTS[checkpoint]
+        state = load_checkpoint(path)
+        block = state.get("spinediff")
+        if state.get("trainer_name") != folder.trainer or not isinstance(block, dict):
+            raise SpineDiffError(f"{path} was written by {state.get('trainer_name')!r}, not by spinediff's "
+                                 f"{folder.trainer}; it does not belong in this folder.")
+        settings = DiffusionSettings.from_dict(block["diffusion"], source=str(path))
+        trainer_class = TRAINERS[folder.trainer]
+        # The plans' architecture with the checkpoint's diffusion block: the settings the weights were trained with.
+        configuration = copy.deepcopy(folder.configuration_manager.configuration)
+        configuration["diffusion"] = settings.to_dict()
+        network = trainer_class.build_network_architecture(folder.plans_manager, ConfigurationManager(configuration),
+                                                           0, 0, False)
+        try:
+            network.load_state_dict(state["network_weights"])
+        except RuntimeError as exc:
+            raise SpineDiffError(f"{path} does not fit the network of {folder.path / 'plans.json'} ({exc}).") from None
+        network.to(device).eval()
+        axes = state.get("inference_allowed_mirroring_axes") or ()
+        return cls(str(fold), network, settings, DiffusionProcess.from_settings(settings),
+                   bool(block.get("denoising", trainer_class.denoising)),
+                   tuple(int(p) for p in folder.configuration_manager.patch_size),
+                   max(1, int(folder.configuration_manager.batch_size)), tuple(int(a) for a in axes))
+
+    @torch.no_grad()
+    def predict(self, condition: torch.Tensor, seed: int, num_samples: int, steps: int, eta: float,
+                tta: bool) -> torch.Tensor:
+        """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
+        mirror_axes = self.mirror_axes if tta else ()
+        if not self.denoising:
+            return regress_volume(self.network, condition, self.patch_size, self.window_batch_size, mirror_axes)[None]
+        device = next(self.network.parameters()).device
+        # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
+        # 3D volumes: one member at a time, so memory does not grow with K.
+        sampler = SlidingWindowSampler(self.network, self.process, self.patch_size, num_inference_steps=steps, eta=eta,
+                                       window_batch_size=self.window_batch_size, mirror_axes=mirror_axes,
+                                       sample_batch_size=num_samples if len(self.patch_size) == 2 else 1,
+                                       device=device)
+        return sample_volume(sampler, condition.to(device), seed, num_samples)
+
+
+def sample_volume(sampler: SlidingWindowSampler, condition: torch.Tensor, seed: int = 0,
+                  num_samples: int = 1) -> torch.Tensor:
+    """``(K, C, *spatial)`` samples of one volume ``(C, *spatial)``, as ``SpineDiffTrainer.predict_volume``.
+
+    A 2D sampler on a 3D volume samples every slice of the first axis on its own, seeded ``seed + z``.
+    """
+    if len(sampler.patch_size) == 2 and condition.ndim == 4:
+        slices = [sampler.sample(condition[:, z], num_samples, generator=seed + z) for z in range(condition.shape[1])]
+        return torch.stack(slices, dim=2)
+    return sampler.sample(condition, num_samples, generator=seed)
+
+
+def regress_volume(network: nn.Module, condition: torch.Tensor, patch_size: tuple[int, ...], batch_size: int,
+                   mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
+    """A one-step model's ``(C, *spatial)`` output, as ``RegressionTrainer.predict_volume`` (monai sliding
+    window, Gaussian blending, 50 % overlap; 2D models slice by slice), plus optional mirroring."""
+    device = next(network.parameters()).device
+
+    def direct(x: torch.Tensor) -> torch.Tensor:
+        timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        # every combination of flips, as nnU-Net's and the sampler's mirroring
+        flips = [[a + 2 for a in axes] for n in range(len(mirror_axes) + 1)
+                 for axes in itertools.combinations(mirror_axes, n)]
+        output = sum(torch.flip(network(torch.flip(x, dims), timesteps), dims) if dims else network(x, timesteps)
+                     for dims in flips)
+        return output / len(flips)
+
+    def run(volume: torch.Tensor) -> torch.Tensor:
+        return sliding_window_inference(volume[None].float().to(device), list(patch_size), batch_size, direct,
+                                        overlap=0.5, mode="gaussian", padding_mode="constant")[0]
+
+    if len(patch_size) == 2 and condition.ndim == 4:
+        output = torch.stack([run(condition[:, z]) for z in range(condition.shape[1])], dim=1)
+    else:
+        output = run(condition)
+    return output.clamp(-1, 1).cpu()

@@ -1,0 +1,293 @@
+"""Prediction from raw files: geometry, bad cases, seeds, fold/sample ensembles, uncertainty, safe
+checkpoints, `spinediff ensemble` and `spinediff find_best`, on tiny phantom models trained once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from spinediff.cli import main
+from spinediff.errors import SpineDiffError
+from spinediff.inference.api import predict
+from spinediff.inference.inputs import InputCase
+from spinediff.inference.models import load_checkpoint, model_folder
+from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
+from spinediff.training.api import TrainingOptions, train
+
+TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2)
+SEG, TRANS = "Dataset901_SpinePhantomSeg", "Dataset902_SpinePhantomTranslation"
+GEN = "Dataset903_SpinePhantomGeneration"
+CONFIG = "2d_diffusion"
+FAST = {"num_samples": 2, "steps": 2, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_root, tmp_path_factory):
+    """Plan the phantom datasets and train tiny folds: segmentation folds 0 and 1, translation (diffusion
+    and regression) fold 0, generation fold 0."""
+    from spinediff.planning.api import plan_dataset
+
+    base = tmp_path_factory.mktemp("nnunet_inference")
+    env = {"nnUNet_raw": str(phantom_root), "nnUNet_preprocessed": str(base / "preprocessed"),
+           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for dataset in (901, 902, 903):
+        plan_dataset(dataset, configurations=[CONFIG], device="cpu", num_processes=1, show_progress_bar=False)
+    for dataset, trainer, fold in ((901, "DiffusionSegmentationTrainer", 0), (901, "DiffusionSegmentationTrainer", 1),
+                                   (902, "DiffusionTranslationTrainer", 0), (902, "RegressionTrainer", 0),
+                                   (903, "SegGuidedGenerationTrainer", 0)):
+        train(dataset, CONFIG, fold, trainer, TINY)
+    yield {**env, "raw": Path(phantom_root), "base": base}
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _geometry(image: sitk.Image) -> tuple:
+    return image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5)
+    assert np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+    assert np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
+
+
+def _rotation(degrees_z: float, degrees_x: float) -> np.ndarray:
+    a, b = np.radians(degrees_z), np.radians(degrees_x)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+def _oblique_copy(source: Path, target: Path) -> sitk.Image:
+    """The source's voxels, cropped to another size, on an oblique, anisotropic grid of other spacing."""
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(source)))[:7, 3:45, 2:40]
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((2.9, 3.6, 6.1))
+    image.SetOrigin((-12.5, 40.25, 7.0))
+    image.SetDirection(tuple(_rotation(23.0, -31.0).ravel()))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(target), True)
+    return image
+
+
+def _case_inputs(raw: Path, dataset: str, case: str, channels: tuple[int, ...], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in channels:
+        shutil.copy(raw / dataset / "imagesTr" / f"{case}_{c:04d}.nii.gz", folder)
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+# ---------------------------------------------------------------------- geometry, uncertainty maps
+@pytest.mark.parametrize("dataset,trainer", [(SEG, "DiffusionSegmentationTrainer"),
+                                             (TRANS, "DiffusionTranslationTrainer")])
+def test_outputs_keep_the_oblique_anisotropic_input_geometry(trained, tmp_path, dataset, trainer):
+    inputs = tmp_path / "in"
+    reference = None
+    for c in (0, 1):
+        reference = _oblique_copy(trained["raw"] / dataset / "imagesTr" / f"phantom_001_{c:04d}.nii.gz",
+                                  inputs / f"oblique_{c:04d}.nii.gz")
+    out = tmp_path / "out"
+    report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], save_uncertainty=True, **FAST)
+    assert report.exit_code == 0, report.cases
+    maps = ["oblique.nii.gz", "oblique_uncertainty.nii.gz"]
+    maps += ["oblique_variance.nii.gz"] if dataset == SEG else []
+    for name in maps:
+        _assert_same_geometry(sitk.ReadImage(str(out / name)), reference)
+    prediction = _read(out / "oblique.nii.gz")
+    summary = json.loads((out / "oblique_uncertainty.json").read_text())
+    assert summary["members"] == 2
+    if dataset == SEG:
+        assert set(np.unique(prediction)) <= {0, 1, 2, 3}
+        assert _read(out / "oblique_uncertainty.nii.gz").max() > 0  # two samples disagree somewhere
+        assert summary["mean_uncertainty_foreground"] is None or summary["mean_uncertainty_foreground"] >= 0
+    else:
+        assert -1300 < prediction.min() and prediction.max() < 3200  # HU
+        assert _read(out / "oblique_uncertainty.nii.gz").max() > 0
+        assert summary["channels"]["2"]["units"] == "HU"
+
+
+@pytest.mark.parametrize("dataset,trainer", [(SEG, "DiffusionSegmentationTrainer"),
+                                             (TRANS, "DiffusionTranslationTrainer")])
+def test_uncertainty_is_zero_with_one_member_and_has_the_input_geometry(trained, tmp_path, dataset, trainer):
+    inputs = tmp_path / "in"
+    reference = None
+    for c in (0, 1):
+        reference = _oblique_copy(trained["raw"] / dataset / "imagesTr" / f"phantom_002_{c:04d}.nii.gz",
+                                  inputs / f"one_{c:04d}.nii.gz")
+    out = tmp_path / "out"
+    report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], num_samples=1, steps=2,
+                     save_uncertainty=True, progress=False)
+    assert report.exit_code == 0
+    for name in ["one_uncertainty.nii.gz"] + (["one_variance.nii.gz"] if dataset == SEG else []):
+        image = sitk.ReadImage(str(out / name))
+        _assert_same_geometry(image, reference)
+        assert np.all(sitk.GetArrayFromImage(image) == 0)
+
+
+# ---------------------------------------------------------------------- bad cases, overwrite
+def test_bad_cases_are_reported_and_skipped_the_others_predicted_exit_2(trained, tmp_path, capsys):
+    raw = trained["raw"] / TRANS / "imagesTr"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for c in (0, 1):
+        shutil.copy(raw / f"phantom_000_{c:04d}.nii.gz", inputs / f"good_{c:04d}.nii.gz")
+        shutil.copy(raw / f"phantom_000_{c:04d}.nii.gz", inputs / f"extra_{c:04d}.nii.gz")
+    shutil.copy(raw / "phantom_000_0002.nii.gz", inputs / "extra_0002.nii.gz")  # the CT: a third channel
+    shutil.copy(raw / "phantom_000_0000.nii.gz", inputs / "missing_0000.nii.gz")  # no T2w
+    shutil.copy(raw / "phantom_000_0000.nii.gz", inputs / "mismatch_0000.nii.gz")
+    moved = sitk.ReadImage(str(raw / "phantom_000_0001.nii.gz"))
+    moved.SetSpacing((3.2, 3.2, 9.0))
+    sitk.WriteImage(moved, str(inputs / "mismatch_0001.nii.gz"))
+    shutil.copy(raw / "phantom_000_0000.nii.gz", inputs / "nan_0000.nii.gz")
+    nan = sitk.GetArrayFromImage(moved).astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    broken = sitk.GetImageFromArray(nan)
+    broken.CopyInformation(moved)
+    broken.SetSpacing((3.2, 3.2, 7.0))
+    sitk.WriteImage(broken, str(inputs / "nan_0001.nii.gz"))
+    shutil.copy(raw / "phantom_000_0000.nii.gz", inputs / "corrupt_0000.nii.gz")
+    (inputs / "corrupt_0001.nii.gz").write_bytes(b"not an image at all")
+    out = tmp_path / "out"
+    code = main(["predict", "-i", str(inputs), "-o", str(out), "-d", "902", "-c", CONFIG, "-tr",
+                 "DiffusionTranslationTrainer", "-f", "0", "--samples", "1", "--steps", "1"])
+    printed = capsys.readouterr()
+    assert code == 2
+    assert (out / "good.nii.gz").is_file()
+    for bad in ("extra", "missing", "mismatch", "nan", "corrupt"):
+        assert not (out / f"{bad}.nii.gz").exists()
+    text = printed.out + printed.err
+    assert "extra_0002.nii.gz" in text and "unexpected channel" in text
+    assert "missing_0001" in text and "T2w" in text
+    assert "mismatch_0001.nii.gz" in text and "spacing" in text
+    assert "nan_0001.nii.gz" in text and "NaN" in text
+    assert "corrupt_0001.nii.gz" in text
+    summary = json.loads((out / "prediction.json").read_text())
+    assert summary["num_failed"] == 5 and summary["cases"]["good"]["ok"]
+
+    # existing outputs are never silently replaced
+    code = main(["predict", "-i", str(inputs), "-o", str(out), "-d", "902", "-c", CONFIG, "-tr",
+                 "DiffusionTranslationTrainer", "-f", "0", "--samples", "1", "--steps", "1"])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- seeds and ensembles
+def test_same_seed_gives_identical_output_and_another_seed_differs(trained, tmp_path):
+    _case_inputs(trained["raw"], TRANS, "phantom_001", (0, 1), tmp_path / "in")
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        predict(tmp_path / "in", tmp_path / name, TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0], seed=seed,
+                **FAST)
+        runs[name] = _read(tmp_path / name / "phantom_001.nii.gz")
+    assert np.array_equal(runs["a"], runs["b"])
+    assert not np.array_equal(runs["a"], runs["c"])
+
+
+def test_two_fold_ensemble_is_the_mean_of_the_single_folds(trained):
+    case = InputCase("phantom_002", tuple(trained["raw"] / SEG / "imagesTr" / f"phantom_002_{c:04d}.nii.gz"
+                                          for c in (0, 1)), ".nii.gz")
+    folder = model_folder(SEG, CONFIG, "DiffusionSegmentationTrainer")
+    options = PredictionOptions(num_samples=2, steps=2, seed=11)
+    both = SpineDiffPredictor(folder, [0, 1])
+    condition = both.preprocess(case).condition
+    ensemble = both.sample(condition, options)
+    singles = [SpineDiffPredictor(folder, [f]).sample(condition, options) for f in (0, 1)]
+    assert ensemble.count == 4
+    assert torch.allclose(ensemble.mean, (singles[0].mean + singles[1].mean) / 2, atol=1e-6)
+    assert not torch.allclose(singles[0].mean, singles[1].mean)  # the folds differ, so the test can fail
+    assert torch.allclose(ensemble.mean.sum(0), torch.ones_like(ensemble.mean[0]), atol=1e-5)  # probabilities
+
+
+def test_generation_predicts_from_a_label_map(trained, tmp_path):
+    label_map = sitk.ReadImage(str(trained["raw"] / GEN / "labelsTr" / "phantom_000.nii.gz"))[10:34, 12:40, 20:26]
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(label_map, str(tmp_path / "in" / "small.nii.gz"))
+    report = predict(tmp_path / "in", tmp_path / "out", GEN, CONFIG, "SegGuidedGenerationTrainer", folds=[0],
+                     save_uncertainty=True, num_samples=1, steps=1, progress=False)
+    assert report.exit_code == 0, report.cases
+    image = sitk.ReadImage(str(tmp_path / "out" / "small.nii.gz"))
+    _assert_same_geometry(image, label_map)
+    assert image.GetPixelID() == sitk.sitkFloat32 and np.all(_read(tmp_path / "out" / "small_uncertainty.nii.gz") == 0)
+
+
+# ---------------------------------------------------------------------- safe checkpoints
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["nnUNet_results"]) / "pwned",))
+
+
+def test_checkpoints_that_would_run_code_are_refused(trained, tmp_path):
+    folder = model_folder(TRANS, CONFIG, "DiffusionTranslationTrainer")
+    evil = folder.fold_folder(7)
+    evil.mkdir()
+    try:
+        state = load_checkpoint(folder.fold_folder(0) / "checkpoint_final.pth")
+        state["extra"] = _Payload()
+        torch.save(state, evil / "checkpoint_final.pth")
+        with pytest.raises(SpineDiffError, match="other than tensors"):
+            SpineDiffPredictor(folder, [7])
+        assert not (Path(os.environ["nnUNet_results"]) / "pwned").exists()
+    finally:
+        shutil.rmtree(evil)
+
+
+# ---------------------------------------------------------------------- ensemble and find_best commands
+def test_ensemble_command_averages_images_and_probabilities(trained, tmp_path):
+    _case_inputs(trained["raw"], TRANS, "phantom_000", (0, 1), tmp_path / "trans_in")
+    for trainer in ("DiffusionTranslationTrainer", "RegressionTrainer"):
+        predict(tmp_path / "trans_in", tmp_path / trainer, TRANS, CONFIG, trainer, folds=[0], **FAST)
+    assert main(["ensemble", "-i", str(tmp_path / "DiffusionTranslationTrainer"), str(tmp_path / "RegressionTrainer"),
+                 "-o", str(tmp_path / "trans_ens")]) == 0
+    members = [_read(tmp_path / t / "phantom_000.nii.gz") for t in ("DiffusionTranslationTrainer", "RegressionTrainer")]
+    assert np.allclose(_read(tmp_path / "trans_ens" / "phantom_000.nii.gz"), (members[0] + members[1]) / 2, atol=1e-3)
+
+    _case_inputs(trained["raw"], SEG, "phantom_000", (0, 1), tmp_path / "seg_in")
+    for fold in (0, 1):
+        predict(tmp_path / "seg_in", tmp_path / f"seg_{fold}", SEG, CONFIG, "DiffusionSegmentationTrainer",
+                folds=[fold], save_probabilities=True, **FAST)
+    assert main(["ensemble", "-i", str(tmp_path / "seg_0"), str(tmp_path / "seg_1"), "-o", str(tmp_path / "seg_ens"),
+                 "--save-probabilities"]) == 0
+    probabilities = [np.load(tmp_path / f"seg_{f}" / "phantom_000.npz")["probabilities"] for f in (0, 1)]
+    expected = np.argmax((probabilities[0] + probabilities[1]) / 2, axis=0)
+    labels = _read(tmp_path / "seg_ens" / "phantom_000.nii.gz")
+    assert np.array_equal(labels, expected.reshape(labels.shape))
+    _assert_same_geometry(sitk.ReadImage(str(tmp_path / "seg_ens" / "phantom_000.nii.gz")),
+                          sitk.ReadImage(str(trained["raw"] / SEG / "imagesTr" / "phantom_000_0000.nii.gz")))
+    # label maps alone cannot be averaged: a clear error
+    (tmp_path / "seg_0" / "phantom_000.npz").unlink()
+    assert main(["ensemble", "-i", str(tmp_path / "seg_0"), str(tmp_path / "seg_1"), "-o",
+                 str(tmp_path / "seg_ens2")]) == 2
+
+
+def test_find_best_ranks_candidates_and_prints_the_predict_command(trained, capsys):
+    assert main(["find_best", "-d", "902"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((trained["base"] / "results" / TRANS / "find_best.json").read_text())
+    assert result["metric"] == "mae_body" and result["folds"] == ["0"]
+    maes = [row["scores"]["mae_body"] for row in result["ranking"]]
+    assert len(maes) == 2 and maes == sorted(maes)
+    assert {row["trainer"] for row in result["ranking"]} == {"DiffusionTranslationTrainer", "RegressionTrainer"}
+    assert "scores" in result["ensemble"] and result["ensemble"]["cases"] == 1
+    assert result["commands"][0] in printed and result["commands"][0].startswith("spinediff predict -i INPUT_FOLDER")
+    if result["winner"].startswith("ensemble"):
+        assert result["commands"][-1].startswith("spinediff ensemble")
+    else:
+        assert f"-tr {result['ranking'][0]['trainer']}" in result["commands"][0]
+    assert main(["find_best", "-d", "902"]) == 2  # the JSON is not silently replaced
+    assert main(["find_best", "-d", "901", "--overwrite"]) == 0
+    assert "-f 0 1" in capsys.readouterr().out
