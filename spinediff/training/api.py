@@ -180,6 +180,8 @@ def run_training_with_budget(trainer, budget_seconds: float) -> int:
     nnU-Net trainer, ours or nnU-Net's own. Returns the number of epochs run."""
     import time
 
+    from spinediff.training.distributed import any_rank
+
     start = time.perf_counter()
     trainer.on_train_start()
     epochs = 0
@@ -195,7 +197,8 @@ def run_training_with_budget(trainer, budget_seconds: float) -> int:
             trainer.on_validation_epoch_end(val_outputs)
         trainer.on_epoch_end()
         epochs += 1
-        if time.perf_counter() - start > budget_seconds:
+        # Under DDP the ranks must agree to stop (any rank over budget), or the others wait for them forever.
+        if any_rank(time.perf_counter() - start > budget_seconds):
             trainer.print_to_log_file(f"Time budget of {budget_seconds / 60:.1f} min used up after {epochs} epoch(s).")
             break
     trainer.on_train_end()

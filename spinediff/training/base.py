@@ -6,6 +6,7 @@ It composes small, separately tested objects — the network built from the plan
 :class:`WeightAverage` (EMA) — and keeps nnU-Net's data loading, augmentation, splits, logging,
 progress plot and checkpoint layout. Subclasses only choose the task and, for baselines, the loss
 and how a prediction is made.
+Under torchrun the trainers are data-parallel (DDP) through :class:`DistributedTrainerMixin`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
 from spinediff.training.augmentation import restrict_intensity_augmentation
+from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
@@ -52,7 +54,7 @@ def to_builtin(value: Any) -> Any:
     return value
 
 
-class SpineDiffTrainer(nnUNetTrainer):
+class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     """Base of the diffusion trainers and the baselines that share their network and data."""
 
     #: True: the network denoises ``cat([condition, x_t])`` at a timestep. False: it maps the condition
@@ -92,7 +94,8 @@ class SpineDiffTrainer(nnUNetTrainer):
         self.validation_sampling_steps = min(5, self.settings.num_inference_steps)
         self.final_validation_steps = self.settings.num_inference_steps
         self.seed = 12345
-        self.generator = torch.Generator().manual_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed)
+        self.generator = torch.Generator().manual_seed(
+            self.rank_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed))  # per rank under DDP
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
         # `nnUNetv2_train ... -tr NAME` has no flags for these: environment variables stand in.
@@ -221,7 +224,7 @@ class SpineDiffTrainer(nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy(), **batch_image_scores(estimate, target)}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
-        outputs = collate_outputs(val_outputs)
+        outputs = collate_outputs(self.gather_across_ranks(val_outputs))  # all ranks: metrics of the global batch
         loss = float(np.mean(outputs["loss"]))
         if self.task.task == "segmentation":
             tp, fp, fn = (np.sum(outputs[k], 0) for k in ("tp_hard", "fp_hard", "fn_hard"))
@@ -305,7 +308,7 @@ class SpineDiffTrainer(nnUNetTrainer):
         self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
                                                                self.inference_allowed_mirroring_axes)
         if "generator_state" in checkpoint:
-            self.generator.set_state(checkpoint["generator_state"])
+            self.restore_generator(self.generator, checkpoint["generator_state"])
         self.load_extra_checkpoint_state(checkpoint)
 
     @property

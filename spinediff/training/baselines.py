@@ -13,6 +13,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from spinediff.training.base import SpineDiffTrainer
+from spinediff.training.distributed import average_gradients, broadcast_parameters
 
 
 class RegressionTrainer(SpineDiffTrainer):
@@ -73,6 +74,7 @@ class Pix2PixTrainer(RegressionTrainer):
         dimension = len(self.configuration_manager.patch_size)
         channels = self.task.condition_channels + self.task.output_channels
         self.discriminator = patch_discriminator(channels, dimension).to(self.device)
+        broadcast_parameters(self.discriminator)  # DDP wraps only the generator: start all ranks alike
         self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.initial_lr,
                                                          betas=(0.5, 0.999))
 
@@ -87,6 +89,7 @@ class Pix2PixTrainer(RegressionTrainer):
         d_loss = 0.5 * (self._adversarial(self.discriminator(torch.cat([condition, target], 1)), True)
                         + self._adversarial(self.discriminator(torch.cat([condition, fake.detach()], 1)), False))
         d_loss.backward()
+        average_gradients(self.discriminator)  # no-op in a single process
         self.discriminator_optimizer.step()
         # generator: fool the discriminator and stay close to the target
         self.optimizer.zero_grad(set_to_none=True)

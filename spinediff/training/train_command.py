@@ -8,6 +8,10 @@ from spinediff.training.api import TrainingOptions, train
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.distributed:
+        from spinediff.run.train import run_distributed  # joins the torchrun job, then comes back here
+
+        return run_distributed(args)
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
@@ -55,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training on every process that torchrun starts (gloo on CPU, NCCL on "
+                             "CUDA); without torchrun it prints the command to use. See documentation/distributed.md")
     parser.add_argument("--preprocessed", help="nnU-Net preprocessed folder (default: $nnUNet_preprocessed)")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
     parser.set_defaults(func=run_train)
