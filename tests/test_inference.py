@@ -83,6 +83,13 @@ def _oblique_copy(source: Path, target: Path) -> sitk.Image:
     return image
 
 
+def _oblique_inputs(raw: Path, dataset: str, case: str, folder: Path, stem: str) -> sitk.Image:
+    """Both MR channels of ``case`` as ``stem_000X`` on one oblique grid; returns the grid's image."""
+    images = [_oblique_copy(raw / dataset / "imagesTr" / f"{case}_{c:04d}.nii.gz", folder / f"{stem}_{c:04d}.nii.gz")
+              for c in (0, 1)]
+    return images[0]
+
+
 def _case_inputs(raw: Path, dataset: str, case: str, channels: tuple[int, ...], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for c in channels:
@@ -98,10 +105,7 @@ def _read(path: Path) -> np.ndarray:
                                              (TRANS, "DiffusionTranslationTrainer")])
 def test_outputs_keep_the_oblique_anisotropic_input_geometry(trained, tmp_path, dataset, trainer):
     inputs = tmp_path / "in"
-    reference = None
-    for c in (0, 1):
-        reference = _oblique_copy(trained["raw"] / dataset / "imagesTr" / f"phantom_001_{c:04d}.nii.gz",
-                                  inputs / f"oblique_{c:04d}.nii.gz")
+    reference = _oblique_inputs(trained["raw"], dataset, "phantom_001", inputs, "oblique")
     out = tmp_path / "out"
     report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], save_uncertainty=True, **FAST)
     assert report.exit_code == 0, report.cases
@@ -126,10 +130,7 @@ def test_outputs_keep_the_oblique_anisotropic_input_geometry(trained, tmp_path, 
                                              (TRANS, "DiffusionTranslationTrainer")])
 def test_uncertainty_is_zero_with_one_member_and_has_the_input_geometry(trained, tmp_path, dataset, trainer):
     inputs = tmp_path / "in"
-    reference = None
-    for c in (0, 1):
-        reference = _oblique_copy(trained["raw"] / dataset / "imagesTr" / f"phantom_002_{c:04d}.nii.gz",
-                                  inputs / f"one_{c:04d}.nii.gz")
+    reference = _oblique_inputs(trained["raw"], dataset, "phantom_002", inputs, "one")
     out = tmp_path / "out"
     report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], num_samples=1, steps=2,
                      save_uncertainty=True, progress=False)
@@ -289,5 +290,24 @@ def test_find_best_ranks_candidates_and_prints_the_predict_command(trained, caps
     else:
         assert f"-tr {result['ranking'][0]['trainer']}" in result["commands"][0]
     assert main(["find_best", "-d", "902"]) == 2  # the JSON is not silently replaced
-    assert main(["find_best", "-d", "901", "--overwrite"]) == 0
-    assert "-f 0 1" in capsys.readouterr().out
+
+
+def test_find_best_segmentation_ensemble_by_re_prediction(trained, capsys):
+    """Two candidates that are copies of one model: the re-predicted ensemble must equal the singles."""
+    results = trained["base"] / "results" / SEG
+    copy = results / "DiffusionSegmentationTrainer__nnUNetPlansCopy__2d_diffusion"
+    shutil.copytree(results / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion", copy)
+    try:
+        assert main(["find_best", "-d", "901", "-o", str(trained["base"] / "seg1.json")]) == 0
+        assert "pass --repredict" in capsys.readouterr().out
+        assert main(["find_best", "-d", "901", "--repredict", "-o", str(trained["base"] / "seg2.json")]) == 0
+        printed = capsys.readouterr().out
+        result = json.loads((trained["base"] / "seg2.json").read_text())
+        ensemble = result["ensemble"]
+        assert result["folds"] == ["0", "1"] and ensemble["cases"] == 2 and "re-predicted" in ensemble["method"]
+        singles = list(ensemble["singles"].values())
+        assert singles[0] == singles[1] == ensemble["scores"]["dice"]  # identical members: nothing to gain
+        assert not result["winner"].startswith("ensemble")
+        assert "-f 0 1" in printed and "spinediff predict -i INPUT_FOLDER" in printed
+    finally:
+        shutil.rmtree(copy)

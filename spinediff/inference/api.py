@@ -76,6 +76,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     Returns:
         The report; ``exit_code`` is 2 if any case failed (each failure is in ``cases`` with its reason).
     """
+    if Path(output_folder).resolve() == Path(input_folder).resolve():
+        raise SpineDiffError(f"The output folder must differ from the input folder {input_folder} (a generation "
+                             "output CASE.nii.gz would replace its input label map).")
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
     options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)

@@ -18,7 +18,9 @@ nonzero nearly everywhere) kept the whole field of view, and a nonzero placehold
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
@@ -267,5 +270,8 @@ class SpineDiffPredictor:
             for path in outputs.all():  # only what this attempt wrote
                 if path.exists() and path.stat().st_mtime >= started_at - 1:
                     path.unlink(missing_ok=True)
-            message = str(exc) if isinstance(exc, SpineDiffError) else f"unexpected {type(exc).__name__}: {exc}"
+            message = str(exc)
+            if not isinstance(exc, SpineDiffError):  # not the input's fault: keep the traceback for a bug report
+                message = f"unexpected {type(exc).__name__}: {exc}"
+                tqdm.write(traceback.format_exc(), file=sys.stderr)
             return CaseResult(case.identifier, False, message, time.perf_counter() - start)
