@@ -18,6 +18,8 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # nnU-Net's progress plot sets a global font size of 50 (matplotlib.rc); undo that for our figures.
+    matplotlib.rcParams.update({"font.size": 9, "font.weight": "normal"})
     return plt
 
 
