@@ -143,7 +143,10 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         return False  # tiny CPU networks gain nothing; compilation costs minutes
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        # fused: one kernel for all parameters instead of ~10 ops per tensor (CPU step of the phantom's 2D
+        # network: AdamW 14 -> 3 ms; benchmarks/perf_training_step.py)
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay,
+                                      fused=self.device.type in ("cpu", "cuda"))
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def get_training_transforms(self, *args, **kwargs):
