@@ -99,7 +99,7 @@ def time_cases(cases: list[str], repeats: int, predict_case, num_classes: int, o
 
 def worker_diffusion(spec: dict) -> dict:
     from spinediff.inference.inputs import InputCase
-    from spinediff.inference.models import ModelFolder
+    from spinediff.inference.models import INFERENCE_BATCH_FACTOR, ModelFolder
     from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
 
     predictor = SpineDiffPredictor(ModelFolder.open(Path(spec["folder"]).parent), [str(pc.FOLD)])
@@ -122,8 +122,10 @@ def worker_diffusion(spec: dict) -> dict:
     settings = [{"steps": steps, "num_samples": ensemble}, {"steps": steps, "num_samples": 1}]
     if spec.get("fewest_steps") and spec["fewest_steps"] != steps:
         settings.append({"steps": spec["fewest_steps"], "num_samples": ensemble})
-    settings.append({"steps": steps, "num_samples": ensemble, "window_batch_size": ensemble})
     default_window_batch = model.window_batch_size
+    # the window batch before INFERENCE_BATCH_FACTOR: the plans' training batch size
+    settings.append({"steps": steps, "num_samples": ensemble,
+                     "window_batch_size": max(1, default_window_batch // INFERENCE_BATCH_FACTOR)})
     for key in spec["cases"]:  # warm-up: reading, preprocessing, export and the network's shapes
         runner(PredictionOptions(num_samples=1, steps=1))(key, work / "warmup" / f"{key}.nii.gz")
     loaded = memory_kib()  # its VmHWM: the peak of start-up, loading and warm-up

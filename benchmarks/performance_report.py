@@ -236,14 +236,15 @@ def _inference_text(inference: dict | None) -> str:
                 "smaller K, fuller batches.")
     batched = next((r for r in d if "window_batch_size" in r), None)
     if batched:
-        text.append(f"Fuller calls: `spinediff predict` denoises the K members of a 2D slice together, in window "
-                    f"batches of the plans' training batch size ({batched['default_window_batch_size']}); with "
-                    f"K = {batched['num_samples']} every step makes one full call and one padded with copies. A "
-                    f"window batch of K ({batched['window_batch_size']}) gives the same samples up to float rounding "
-                    f"(Dice {batched['dice']:.3f} vs {plans['dice']:.3f}) in {batched['cpu_seconds_per_volume']:.2f} "
-                    f"instead of {plans['cpu_seconds_per_volume']:.2f} CPU s "
-                    f"({plans['cpu_seconds_per_volume'] / batched['cpu_seconds_per_volume']:.1f}x faster; "
-                    "`FoldModel.predict` in `spinediff/inference/models.py` chooses the window batch).")
+        text.append(f"Fuller calls: `spinediff predict` evaluates windows in batches of up to "
+                    f"{batched['default_window_batch_size']} (4x the plans' training batch; "
+                    "`INFERENCE_BATCH_FACTOR` in `spinediff/inference/models.py`), so with "
+                    f"K = {batched['num_samples']} every DDIM step of a slice is one network call. With the "
+                    f"training batch ({batched['window_batch_size']}) each step was a full call plus one padded "
+                    f"with copies: Dice {batched['dice']:.3f} vs {plans['dice']:.3f} (the same samples up to float "
+                    f"rounding) in {batched['cpu_seconds_per_volume']:.2f} instead of "
+                    f"{plans['cpu_seconds_per_volume']:.2f} CPU s per volume "
+                    f"({batched['cpu_seconds_per_volume'] / plans['cpu_seconds_per_volume']:.1f}x slower).")
     text.append("Memory: both processes peak at about 1 GB, almost all of it Python, torch, nnunetv2 and the "
                 "loaded objects; the prediction itself adds tens of MiB (one window batch of activations and a few "
                 "slice-sized tensors per ensemble member; `spinediff predict` folds members into running "

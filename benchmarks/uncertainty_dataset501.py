@@ -82,35 +82,61 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def analyse_case(case: str, raw: Path, predictions: Path, band_width: float) -> dict:
-    import SimpleITK as sitk
+def border_statistics(values: np.ndarray, regions: np.ndarray, band_width: float) -> dict:
+    """Mean of ``values`` near the borders of ``regions`` (labels; 0 = background), inside them, and outside."""
+    band = boundary_band(regions, band_width)
+    inside = regions > 0
 
-    from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+    def mean(mask: np.ndarray) -> float | None:
+        return float(values[mask].mean()) if mask.any() else None
+
+    border, interior, outside = mean(band & inside), mean(inside & ~band), mean(~inside & ~band)
+    return {"border_mean": border, "interior_mean": interior, "outside_mean": outside,
+            "border_to_interior": border / interior if border is not None and interior else None,
+            "share_of_total_within_band": float(values[band].sum() / max(values.sum(), 1e-12)),
+            "band_fraction_of_inside": float((band & inside).sum() / max(inside.sum(), 1))}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+def read_case(case: str, raw: Path, predictions: Path) -> dict[str, np.ndarray]:
+    import SimpleITK as sitk
 
     def read(path: Path) -> np.ndarray:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
-    predicted = read(predictions / f"{case}.nii.gz").astype(np.int16)
-    truth = read(raw / "labelsTr" / f"{case}.nii.gz").astype(np.int16)
-    entropy = read(predictions / f"{case}_uncertainty.nii.gz")
-    variance = read(predictions / f"{case}_variance.nii.gz")
-    dice = {str(c): m["dice"] for c, m in segmentation_metrics(predicted, truth, range(1, 6), (1, 1, 1)).items()}
-    foreground = predicted > 0
-    band = boundary_band(predicted, band_width)
+    with np.load(predictions / f"{case}.npz", allow_pickle=False) as data:
+        probabilities = data["probabilities"]
+    return {"image": read(raw / "imagesTr" / f"{case}_0000.nii.gz").astype(np.float32),
+            "truth": read(raw / "labelsTr" / f"{case}.nii.gz").astype(np.int16),
+            "predicted": read(predictions / f"{case}.nii.gz").astype(np.int16),
+            "entropy": read(predictions / f"{case}_uncertainty.nii.gz"),
+            "variance": read(predictions / f"{case}_variance.nii.gz"),
+            "foreground_probability": (1 - probabilities[0]).reshape(read(predictions / f"{case}.nii.gz").shape)}
+
+
+def analyse_case(case: str, raw: Path, predictions: Path, band_width: float) -> dict:
+    from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+
+    c = read_case(case, raw, predictions)
+    predicted, truth = c["predicted"], c["truth"]
+    foreground = (c["foreground_probability"] > 0.5).astype(np.int16)  # vertebral body of any level
+    dice = {str(k): m["dice"] for k, m in segmentation_metrics(predicted, truth, range(1, 6), (1, 1, 1)).items()}
     result: dict = {"dice": dice, "mean_dice": float(np.nanmean(list(dice.values()))),
-                    "foreground_voxels": int(foreground.sum()),
-                    "band_fraction_of_foreground": float((band & foreground).sum() / max(foreground.sum(), 1))}
-    relevant = foreground | (truth > 0)  # where a vertebra was predicted or is
+                    "dice_any_level_argmax": _dice(predicted > 0, truth > 0),
+                    "dice_any_level_probability": _dice(foreground > 0, truth > 0),
+                    "predicted_voxels": int((predicted > 0).sum()), "foreground_voxels": int(foreground.sum()),
+                    "truth_voxels": int((truth > 0).sum())}
+    relevant = (predicted > 0) | (truth > 0)  # where a vertebra was predicted or is
     wrong = predicted != truth
-    for name, values in (("entropy", entropy), ("variance", variance)):
-        border = values[band & foreground]
-        interior = values[foreground & ~band]
+    for name in ("entropy", "variance"):
+        values = c[name]
         result[name] = {
-            "border_mean": float(border.mean()) if border.size else None,
-            "interior_mean": float(interior.mean()) if interior.size else None,
-            "border_to_interior": float(border.mean() / interior.mean()) if border.size and interior.size and
-            interior.mean() > 0 else None,
-            "share_of_total_within_band": float(values[band].sum() / max(values.sum(), 1e-12)),
+            "predicted_labels": border_statistics(values, predicted, band_width),
+            "predicted_foreground": border_statistics(values, foreground, band_width),
+            "ground_truth": border_statistics(values, truth, band_width),
             "wrong_mean": float(values[relevant & wrong].mean()) if (relevant & wrong).any() else None,
             "right_mean": float(values[relevant & ~wrong].mean()) if (relevant & ~wrong).any() else None,
             "auroc_wrong_vs_right": auroc(values[relevant], wrong[relevant]),
@@ -123,31 +149,30 @@ def render(cases: list[str], raw: Path, predictions: Path, target: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import SimpleITK as sitk
     from matplotlib.colors import ListedColormap
 
-    def read(path: Path) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
     colours = ListedColormap(["#00000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231"])
-    fig, axes = plt.subplots(len(cases), 3, figsize=(12, 4.3 * len(cases)), squeeze=False)
+    fig, axes = plt.subplots(len(cases), 4, figsize=(16, 4.3 * len(cases)), squeeze=False)
     for row, case in zip(axes, cases, strict=True):
-        image = read(raw / "imagesTr" / f"{case}_0000.nii.gz").astype(np.float32)
-        predicted = read(predictions / f"{case}.nii.gz")
-        truth = read(raw / "labelsTr" / f"{case}.nii.gz")
-        entropy = read(predictions / f"{case}_uncertainty.nii.gz")
-        z = int(np.argmax((truth > 0).sum(axis=(1, 2))))  # the sagittal slice through most of the vertebrae
-        row[0].imshow(image[z], cmap="gray")
+        c = read_case(case, raw, predictions)
+        z = int(np.argmax((c["truth"] > 0).sum(axis=(1, 2))))  # the sagittal slice through most of the vertebrae
+        truth = c["truth"][z] > 0
+        row[0].imshow(c["image"][z], cmap="gray")
         row[0].set_title(f"{case}: MR, slice {z}")
-        row[1].imshow(image[z], cmap="gray")
-        row[1].imshow(np.ma.masked_equal(predicted[z], 0), cmap=colours, vmin=0, vmax=5, alpha=0.55,
+        row[1].imshow(c["image"][z], cmap="gray")
+        row[1].imshow(np.ma.masked_equal(c["predicted"][z], 0), cmap=colours, vmin=0, vmax=5, alpha=0.6,
                       interpolation="nearest")
-        row[1].contour(truth[z] > 0, levels=[0.5], colors="white", linewidths=0.8)
-        row[1].set_title("prediction (colour), ground truth (white line)")
-        shown = row[2].imshow(entropy[z], cmap="magma", vmin=0, vmax=max(float(entropy.max()), 1e-6))
-        row[2].contour(predicted[z] > 0, levels=[0.5], colors="cyan", linewidths=0.5)
-        row[2].set_title("uncertainty (nats), predicted border (cyan)")
+        row[1].contour(truth, levels=[0.5], colors="white", linewidths=0.8)
+        row[1].set_title("prediction L1-L5 (colour), truth (white)")
+        shown = row[2].imshow(c["foreground_probability"][z], cmap="viridis", vmin=0, vmax=1)
+        row[2].contour(truth, levels=[0.5], colors="white", linewidths=0.8)
+        row[2].set_title("P(vertebral body, any level)")
         fig.colorbar(shown, ax=row[2], fraction=0.046)
+        shown = row[3].imshow(c["entropy"][z], cmap="magma", vmin=0, vmax=max(float(c["entropy"].max()), 1e-6))
+        row[3].contour(truth, levels=[0.5], colors="white", linewidths=0.6)
+        row[3].contour(c["foreground_probability"][z] > 0.5, levels=[0.5], colors="cyan", linewidths=0.6)
+        row[3].set_title("uncertainty (nats); truth white, P>0.5 cyan")
+        fig.colorbar(shown, ax=row[3], fraction=0.046)
         for axis in row:
             axis.axis("off")
     fig.tight_layout()
@@ -156,20 +181,30 @@ def render(cases: list[str], raw: Path, predictions: Path, target: Path) -> None
 
 
 def markdown(summary: dict) -> str:
+    t = summary["training"]
     lines = [f"# Uncertainty of diffusion segmentation on {NAME}", "",
-             f"`{TRAINER}`, `{CONFIG}`, fold 0 trained {summary['training']['minutes']:.1f} min on the CPU "
-             f"({summary['training']['steps']} steps of batch {summary['training']['batch_size']}); "
-             f"{summary['samples']} samples x {summary['steps']} DDIM steps per case; uncertainty = entropy of the "
-             "mean class probabilities minus the samples' mean entropy (nats); border = within "
-             f"{summary['band']} voxels (1 mm) of a predicted label change.", "",
-             "| case | mean Dice | s/case | entropy border | entropy interior | ratio | share in band | "
-             "AUROC wrong/right | variance ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             f"`{TRAINER}`, `{CONFIG}`, fold 0: {t['steps']} training steps of batch {t['batch_size']} in "
+             f"{t['minutes']:.0f} min wall clock ({t['cpu_minutes']:.0f} CPU-min) on the shared 2-core CPU; "
+             f"{summary['samples']} samples x {summary['steps']} DDIM steps per case. Uncertainty = entropy of the "
+             "mean class probabilities minus the samples' mean entropy (nats). Border = within "
+             f"{summary['band']} voxels (1 mm) of a label change of the reference named in the column.", "",
+             "| case | Dice L1-L5 | Dice any level (argmax) | Dice any level (P>0.5) | s/case | AUROC wrong/right |",
+             "|---|---|---|---|---|---|"]
     for case, r in summary["cases"].items():
-        e, v = r["entropy"], r["variance"]
-        lines.append(f"| {case} | {r['mean_dice']:.3f} | {r['seconds']:.0f} | {_fmt(e['border_mean'])} | "
-                     f"{_fmt(e['interior_mean'])} | {_fmt(e['border_to_interior'], 1)} | "
-                     f"{_fmt(e['share_of_total_within_band'], 2)} | {_fmt(e['auroc_wrong_vs_right'], 3)} | "
-                     f"{_fmt(v['border_to_interior'], 1)} |")
+        lines.append(f"| {case} | {r['mean_dice']:.3f} | {r['dice_any_level_argmax']:.3f} | "
+                     f"{r['dice_any_level_probability']:.3f} | {r['seconds']:.0f} | "
+                     f"{_fmt(r['entropy']['auroc_wrong_vs_right'], 3)} |")
+    lines += ["", "Mean uncertainty (nats) at the border / inside / outside, border:inside ratio, and the share of "
+              "all uncertainty within the border band:", "",
+              "| case | reference | border | inside | outside | ratio | share in band |",
+              "|---|---|---|---|---|---|---|"]
+    for case, r in summary["cases"].items():
+        for reference in ("predicted_labels", "predicted_foreground", "ground_truth"):
+            e = r["entropy"][reference]
+            lines.append(f"| {case} | {reference.replace('_', ' ')} | {_fmt(e['border_mean'])} | "
+                         f"{_fmt(e['interior_mean'])} | {_fmt(e['outside_mean'])} | "
+                         f"{_fmt(e['border_to_interior'], 2)} | "
+                         f"{_fmt(e['share_of_total_within_band'], 2)} |")
     lines += ["", "Dice per class (L1-L5), per case: " + "; ".join(
         f"{c}: " + ", ".join(f"{d:.2f}" for d in r["dice"].values()) for c, r in summary["cases"].items()),
         "", "![overlay](overlay.png)", "", f"Command: `{summary['command']}`"]
@@ -217,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", inputs)
     if not (predictions / "prediction.json").is_file():
         predict(inputs, predictions, 501, CONFIG, TRAINER, folds=[0], num_samples=args.samples, steps=args.steps,
-                seed=0, save_uncertainty=True)
+                seed=0, save_uncertainty=True, save_probabilities=True)
     timing = read_json(predictions / "prediction.json")["cases"]
     out.mkdir(parents=True, exist_ok=True)
     results = {case: {**analyse_case(case, raw, predictions, args.band), "seconds": timing[case]["seconds"]}

@@ -214,6 +214,23 @@ def test_two_fold_ensemble_is_the_mean_of_the_single_folds(trained):
     assert torch.allclose(ensemble.mean.sum(0), torch.ones_like(ensemble.mean[0]), atol=1e-5)  # probabilities
 
 
+@pytest.mark.parametrize("dataset,trainer", [(SEG, "DiffusionSegmentationTrainer"),
+                                             (TRANS, "DiffusionTranslationTrainer")])
+def test_preprocessing_of_raw_inputs_matches_the_training_data(trained, dataset, trainer):
+    """Translation reads only the sources; the placeholder target must leave crop and normalisation as in training."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = model_folder(dataset, CONFIG, trainer)
+    case = InputCase("phantom_000", tuple(trained["raw"] / dataset / "imagesTr" / f"phantom_000_{c:04d}.nii.gz"
+                                          for c in (0, 1)), ".nii.gz")
+    condition = SpineDiffPredictor(folder, [0]).preprocess(case).condition
+    preprocessed = trained["base"] / "preprocessed" / dataset / folder.configuration_manager.data_identifier
+    data = infer_dataset_class(str(preprocessed))(str(preprocessed), ["phantom_000"]).load_case("phantom_000")[0]
+    expected = torch.from_numpy(np.asarray(data[:2], dtype=np.float32))
+    assert condition.shape == expected.shape
+    assert torch.allclose(condition, expected, atol=1e-5)
+
+
 def test_generation_predicts_from_a_label_map(trained, tmp_path):
     label_map = sitk.ReadImage(str(trained["raw"] / GEN / "labelsTr" / "phantom_000.nii.gz"))[10:34, 12:40, 20:26]
     (tmp_path / "in").mkdir()
