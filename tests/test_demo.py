@@ -29,6 +29,16 @@ def test_quick_demo_runs_every_stage_and_scores_every_method(quick_demo):
         assert 0.0 <= scores["dice"] <= 1.0
     for scores in summary["translation"].values():
         assert np.isfinite(scores["psnr"]) and scores["mae_body"] > 0
+    from spinediff.demo import BASELINE_GLOBAL, BASELINE_ORACLE
+
+    # the oracle is the least-squares fit to each case's own CT: no map fitted on other cases has a smaller
+    # squared error (clipping to the data range only brings values closer to the reference)
+    oracle, shared = summary["translation"][BASELINE_ORACLE], summary["translation"][BASELINE_GLOBAL]
+    assert oracle["psnr"] >= shared["psnr"] - 0.01
+    # downstream Dice: the CT segmenter scored every translation method and the real CT
+    assert 0.0 <= summary["translation_downstream_dice_real_ct"] <= 1.0
+    for method in ("Regression U-Net 2D", "Diffusion image mode (x0) 2D"):
+        assert 0.0 <= summary["translation"][method]["dice_downstream"] <= 1.0
     html = (quick_demo / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5  # self-contained: figures embedded
     assert "src='figures" not in html and "Segmentation: diffusion vs nnU-Net" in html

@@ -81,3 +81,31 @@ def test_evaluate_command_writes_csv_and_summary(tmp_path):
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["per_label"]["1"]["dice"]["mean"] == pytest.approx(0.9, abs=1e-6)
     assert (pred / "per_case.csv").read_text().count("\n") == 3
+
+
+def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp_path):
+    """Downstream Dice trains its CT segmenter on the translation dataset's CT and labels, nothing else."""
+    import json
+
+    import SimpleITK as sitk
+
+    from spinediff.errors import SpineDiffError
+    from spinediff.evaluation.downstream import downstream_dataset_name, write_segmenter_dataset
+
+    source = phantom_root / "Dataset902_SpinePhantomTranslation"
+    name = downstream_dataset_name(tmp_path, source.name)
+    assert name == "Dataset999_SpinePhantomTranslationCTSegmenter"
+    out = write_segmenter_dataset(source, tmp_path / name)
+    assert downstream_dataset_name(tmp_path, source.name) == name  # found again by its source
+    (tmp_path / "Dataset998_Other").mkdir()
+    assert downstream_dataset_name(tmp_path, "Dataset903_X") == "Dataset997_XCTSegmenter"  # next free ID
+    spec = json.loads((out / "dataset.json").read_text())
+    assert spec["channel_names"] == {"0": "CT"} and spec["numTraining"] == 3
+    assert spec["labels"] == json.loads((source / "dataset.json").read_text())["labels"]
+    images = sorted(p.name for p in (out / "imagesTr").iterdir())
+    assert images == [f"phantom_00{i}_0000.nii.gz" for i in range(3)]
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "imagesTr" / "phantom_001_0000.nii.gz")))
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "imagesTr" / "phantom_001_0002.nii.gz")))
+    assert np.array_equal(ct, expected)
+    with pytest.raises(SpineDiffError, match="translation dataset"):
+        write_segmenter_dataset(phantom_root / "Dataset901_SpinePhantomSeg", tmp_path / "other")

@@ -195,7 +195,7 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
     shown = [m for m in ("dice", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "hd95_1", "psnr", "ssim", "mae",
-                         "mae_body", "mae_bone") if m in names]
+                         "mae_body", "mae_bone", "dice_downstream") if m in names]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -221,8 +221,13 @@ def _csv(rows: list[dict]) -> str:
 
 def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes: float = 10.0,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
-                  reuse: bool = True, methods: list[Method] | None = None) -> dict:
-    """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure."""
+                  reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False) -> dict:
+    """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure.
+
+    ``downstream`` (translation): also train nnU-Net on the real CT of the same folds and budget and score
+    every method's synthetic CT by that segmenter's Dice (``dice_downstream``), next to its Dice on the
+    real CT (:mod:`spinediff.evaluation.downstream`).
+    """
     from spinediff.datasets.dataset_json import task_spec
     from spinediff.paths import nnunet_folder
     from spinediff.training.api import TrainingOptions, _setup_environment, resolve_preprocessed_dataset
@@ -253,10 +258,19 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         result = run_method(method, name, folds, options, reuse=reuse)
         score_method(result, results / name, reference, spec.task, data_range)
         outcomes.append(result)
+    extra = {}
+    if downstream and spec.task == "translation":
+        from spinediff.evaluation.downstream import score_downstream
+
+        extra = score_downstream(name, folds, outcomes, options, reference, reuse=reuse)
     rows, table = benchmark_table(outcomes, spec.task)
+    if extra:
+        table += (f"\n\nDownstream Dice (dice_downstream): {extra['segmenter']}, trained on the real CT of the same "
+                  f"folds ({extra['epochs']} epochs, {extra['train_minutes']:.1f} min), segments each method's "
+                  f"synthetic CT of the validation cases; on the real CT it reaches Dice {extra['dice_real_ct']:.3f}.")
     summary = {"dataset": name, "task": spec.task, "folds": folds, "budget_minutes": budget_minutes,
                "options": asdict(options), "methods": rows,
-               "per_case": {r.method.name: r.per_case for r in outcomes}}
+               "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None}
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")
     write_text(f"# Benchmark: {name} ({spec.task})\n\nFolds {folds}, budget {budget_minutes} min per method and "

@@ -13,7 +13,8 @@ def run(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, sampling_steps=args.steps)
     summary = run_benchmark(args.dataset, folds=folds, budget_minutes=args.budget_minutes,
-                            dims=tuple(args.dims), options=options, output=args.output, reuse=not args.retrain)
+                            dims=tuple(args.dims), options=options, output=args.output, reuse=not args.retrain,
+                            downstream=args.downstream)
     print(summary["table"])
     print(f"\nwritten: {summary['output']}/benchmark.md, benchmark.csv, benchmark.json, benchmark.png")
     return 0
@@ -39,5 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-iters-per-epoch", type=int, default=2, help="validation batches per epoch")
     parser.add_argument("--steps", type=int, help="DDIM steps at validation (default: the plans')")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")
+    parser.add_argument("--downstream", action="store_true",
+                        help="translation: also train nnU-Net on the real CT (same folds and budget) and report its "
+                             "Dice on each method's synthetic CT (downstream Dice) next to its Dice on the real CT")
     parser.add_argument("--retrain", action="store_true", help="do not reuse timing/validation of finished folds")
     parser.set_defaults(func=run)

@@ -1,0 +1,189 @@
+"""Downstream Dice: how well a CT segmentation model finds the anatomy in synthetic CT.
+
+Both reference works judge generated images by a segmenter trained on *real* images: Graf et al. run
+a CT segmentation network on the synthetic CT (Dice 0.80 for 3D), Konz et al. compare the segmenter's
+Dice on generated images (Dice_gen) with its Dice on the real ones (Dice_orig). Here:
+
+1. :func:`write_segmenter_dataset` turns a translation dataset into a segmentation dataset of its
+   *target* channel (CT) and label maps (files are linked, not copied);
+2. the caller plans it and trains nnU-Net's own ``nnUNetTrainer`` on it with the translation
+   dataset's ``splits_final.json``, so a fold's segmenter never saw that fold's validation cases;
+3. :func:`segmenter_dice` runs nnU-Net's predictor (``checkpoint_final.pth``, no mirroring) over any
+   folder of CT volumes named ``CASE.nii.gz`` (the real CT, or each method's synthetic CT) and scores
+   the label maps against the ground truth with :func:`~spinediff.evaluation.evaluate.evaluate_folders`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from spinediff.datasets.dataset_json import task_spec
+from spinediff.errors import SpineDiffError
+from spinediff.io import read_json, write_json
+
+SEGMENTER_TRAINER = "nnUNetTrainer"
+SOURCE_KEY = "spinediff_downstream_of"  # dataset.json key naming the translation dataset
+
+
+def write_segmenter_dataset(translation_raw: Path, output_raw: Path) -> Path:
+    """A segmentation dataset of ``translation_raw``'s target channel and labels, at ``output_raw``.
+
+    Images and labels are symbolic links to the translation dataset's files; the dataset.json names
+    the target channel and copies the labels. Idempotent: an existing complete folder is kept.
+    """
+    dataset_json = read_json(translation_raw / "dataset.json")
+    spec = task_spec(dataset_json, translation_raw / "dataset.json")
+    if spec.task != "translation" or len(spec.target_channels) != 1:
+        raise SpineDiffError(f"{translation_raw}: downstream Dice needs a translation dataset with one target "
+                             "channel (the CT); this one is not.")
+    labels = translation_raw / "labelsTr"
+    if not labels.is_dir() or not any(labels.iterdir()):
+        raise SpineDiffError(f"{labels}: downstream Dice needs the label maps of the translation dataset; add them "
+                             "(nnU-Net layout, CASE.nii.gz) or run the benchmark without it.")
+    if (output_raw / "dataset.json").is_file():
+        return output_raw
+    target, ending = spec.target_channels[0], dataset_json["file_ending"]
+    staging = output_raw.with_name(output_raw.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "imagesTr").mkdir(parents=True)
+    (staging / "labelsTr").mkdir()
+    count = 0
+    for label in sorted(labels.glob(f"*{ending}")):
+        case = label.name[: -len(ending)]
+        image = translation_raw / "imagesTr" / f"{case}_{target:04d}{ending}"
+        if not image.is_file():
+            raise SpineDiffError(f"{image} is missing: every labelled case needs its target channel.")
+        os.symlink(image.resolve(), staging / "imagesTr" / f"{case}_0000{ending}")
+        os.symlink(label.resolve(), staging / "labelsTr" / label.name)
+        count += 1
+    write_json({"channel_names": {"0": dataset_json["channel_names"][str(target)]},
+                "labels": dataset_json["labels"], "numTraining": count, "file_ending": ending,
+                "name": output_raw.name.split("_", 1)[-1],
+                SOURCE_KEY: translation_raw.name,
+                "description": f"Target channel {target} and labels of {translation_raw.name}: trains the CT "
+                               "segmenter that scores synthetic CT (downstream Dice)."},
+               staging / "dataset.json")
+    staging.rename(output_raw)
+    return output_raw
+
+
+def copy_splits(source_preprocessed: Path, target_preprocessed: Path) -> None:
+    """Give the segmenter the translation dataset's folds (its validation cases stay unseen)."""
+    splits = source_preprocessed / "splits_final.json"
+    if not splits.is_file():
+        raise SpineDiffError(f"{splits} is missing: train the translation methods first (it is written then).")
+    write_json(read_json(splits), target_preprocessed / "splits_final.json")
+
+
+def segmenter_dice(model_folder: Path, fold: int | str, images: dict[str, Path], labels_folder: Path,
+                   work: Path | None = None, device: str = "cpu") -> dict[str, dict]:
+    """Per case: Dice per label and their mean, of the segmenter in ``model_folder`` run on ``images``.
+
+    Args:
+        model_folder: ``nnUNetTrainer__PLANS__CONFIG`` of the segmenter.
+        fold: the fold whose ``checkpoint_final.pth`` segments.
+        images: case → CT volume (HU, the dataset's geometry).
+        labels_folder: the ground-truth label maps ``CASE.nii.gz``.
+        work: where inputs and predictions go (a temporary folder if ``None``).
+    """
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from spinediff.evaluation.evaluate import evaluate_folders
+
+    if not (model_folder / f"fold_{fold}" / "checkpoint_final.pth").is_file():
+        raise SpineDiffError(f"{model_folder / f'fold_{fold}'} has no checkpoint_final.pth: train the CT segmenter "
+                             "first.")
+    missing = [str(p) for p in images.values() if not Path(p).is_file()]
+    if missing:
+        raise SpineDiffError(f"Downstream Dice: {missing[0]} (and {len(missing) - 1} more) not found.")
+    with tempfile.TemporaryDirectory(dir=work) as scratch:
+        inputs, outputs = Path(scratch) / "in", Path(scratch) / "out"
+        inputs.mkdir()
+        outputs.mkdir()
+        for case, image in images.items():
+            os.symlink(Path(image).resolve(), inputs / f"{case}_0000.nii.gz")
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
+                                                       checkpoint_name="checkpoint_final.pth")
+        predictor.predict_from_files_sequential(str(inputs), str(outputs), save_probabilities=False,
+                                                overwrite=True, folder_with_segs_from_prev_stage=None)
+        evaluation = evaluate_folders(labels_folder, outputs, task="segmentation", progress=False)
+    scores: dict[str, dict] = {}
+    for row in evaluation.rows:
+        scores.setdefault(row["case"], {})[f"dice_{row['label']}"] = row["dice"]
+    for entry in scores.values():
+        dices = [v for v in entry.values() if math.isfinite(v)]
+        entry["dice"] = float(np.mean(dices)) if dices else float("nan")
+    return scores
+
+
+def downstream_dataset_name(raw_root: Path, translation_name: str) -> str:
+    """The segmenter dataset of ``translation_name``: the one already written for it under ``raw_root``
+    (its dataset.json names its source), else ``DatasetNNN_<Name>CTSegmenter`` with the highest ID
+    (<= 999) that no raw or preprocessed dataset uses."""
+    used = set()
+    for root in (raw_root, raw_root.parent / "nnUNet_preprocessed", *[Path(os.environ[k]) for k in
+                 ("nnUNet_preprocessed",) if os.environ.get(k)]):
+        for folder in root.glob("Dataset[0-9][0-9][0-9]_*") if root.is_dir() else ():
+            used.add(int(folder.name[7:10]))
+            marker = folder / "dataset.json"
+            if root == raw_root and marker.is_file() and read_json(marker).get(SOURCE_KEY) == translation_name:
+                return folder.name
+    free = next((i for i in range(999, 0, -1) if i not in used), None)
+    if free is None:
+        raise SpineDiffError(f"No free dataset ID under {raw_root} for the downstream CT segmenter.")
+    return f"Dataset{free:03d}_{translation_name.split('_', 1)[-1]}CTSegmenter"
+
+
+def score_downstream(translation_name: str, folds: list, outcomes: list, options, reference: Path,
+                     configuration: str = "2d_cpu", reuse: bool = True) -> dict:
+    """Train (or reuse) the CT segmenter on the translation dataset's folds and add ``dice_downstream``
+    to every method's per-case scores; returns the segmenter's scores on the real CT (Dice_orig).
+
+    Args:
+        translation_name: the translation dataset (``DatasetXXX_Name``), raw and preprocessed.
+        outcomes: the benchmark's ``MethodResult`` objects (their fold validation exports are scored).
+        options: ``TrainingOptions`` (budget and schedule: the same as the translation methods').
+        reference: folder of the real CT volumes ``CASE.nii.gz``.
+        configuration: the segmenter's nnU-Net configuration (CPU-sized by default).
+    """
+    from spinediff.evaluation.benchmark import Method, run_method
+    from spinediff.paths import nnunet_folder
+    from spinediff.planning.api import plan_dataset
+
+    raw_root, preprocessed_root, results_root = (nnunet_folder(k) for k in ("raw", "preprocessed", "results"))
+    name = downstream_dataset_name(raw_root, translation_name)
+    write_segmenter_dataset(raw_root / translation_name, raw_root / name)
+    if not (preprocessed_root / name / "nnUNetPlans.json").is_file():
+        plan_dataset(raw_root / name, configurations=[configuration], device="cpu", num_processes=1,
+                     show_progress_bar=False)
+    copy_splits(preprocessed_root / translation_name, preprocessed_root / name)
+    segmenter = run_method(Method("CT segmenter (nnU-Net)", SEGMENTER_TRAINER, configuration), name, folds, options,
+                           reuse=reuse)
+    model = results_root / name / f"{SEGMENTER_TRAINER}__nnUNetPlans__{configuration}"
+    labels = raw_root / translation_name / "labelsTr"
+    real: dict[str, dict] = {}
+    for fold in folds:
+        validation = read_json(preprocessed_root / name / "splits_final.json")[int(fold)]["val"] \
+            if fold != "all" else []
+        real.update(segmenter_dice(model, fold, {c: reference / f"{c}.nii.gz" for c in validation}, labels))
+        for outcome in outcomes:
+            exports = (results_root / translation_name / f"{outcome.method.trainer}__nnUNetPlans__"
+                       f"{outcome.method.folder_configuration}" / f"fold_{fold}" / "validation")
+            synthetic = {c: exports / f"{c}.nii.gz" for c in validation if (exports / f"{c}.nii.gz").is_file()}
+            for case, scores in segmenter_dice(model, fold, synthetic, labels).items():
+                outcome.per_case.setdefault(case, {})["dice_downstream"] = scores["dice"]
+    values = [s["dice"] for s in real.values() if math.isfinite(s["dice"])]
+    return {"segmenter": f"{SEGMENTER_TRAINER} {configuration} on {name}",
+            "train_minutes": segmenter.train_seconds / 60,
+            "epochs": segmenter.epochs, "dice_real_ct": float(np.mean(values)) if values else float("nan"),
+            "per_case_real_ct": real}
