@@ -98,6 +98,7 @@ def test_same_seed_same_samples_different_seed_different_samples() -> None:
     for eta in (0.0, 1.0):
         sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3, eta=eta)
         first = sampler.sample(condition, num_samples=2, generator=1)
+        assert torch.isfinite(first).all()  # eta = 1: monai's sqrt(1 - a_prev - sigma^2) once rounded to NaN
         assert torch.equal(first, sampler.sample(condition, num_samples=2, generator=torch.Generator().manual_seed(1)))
         assert (first - sampler.sample(condition, num_samples=2, generator=2)).abs().mean() > 1e-3
         assert (first[0] - first[1]).abs().mean() > 1e-3  # ensemble members differ
@@ -286,3 +287,22 @@ def test_warm_start_from_an_estimate_skips_steps(trained) -> None:
     assert psnr(warm[0], target) > psnr(condition, target) + 20
     with pytest.raises(SpineDiffError, match="below every"):
         sampler.sample(condition, initial_estimate=estimate, start_timestep=-1)
+
+
+def test_segmentation_sampling_continues_from_class_probabilities() -> None:
+    """dice_ce (segmentation): every DDIM step continues from 2 softmax(x0 / T) - 1, so the sample is a
+    probability map in the one-hot scale (channels sum to one after (x + 1) / 2), whatever the network's
+    output scale; without the projection the free logit scale drifted over the steps."""
+    class Scaled(CallRecorder):
+        def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return 20 * super().forward(x, timesteps)  # logits far outside [-1, 1]
+
+    scaled = Scaled(tiny_network(2, condition_channels=1, target_channels=3))
+    condition = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(0))
+    process = DiffusionProcess(loss="dice_ce")
+    samples = SlidingWindowSampler(scaled, process, (16, 16), num_inference_steps=4).sample(condition, 2, generator=3)
+    probabilities = (samples + 1) / 2
+    assert probabilities.min() >= 0 and torch.allclose(probabilities.sum(1), torch.ones(2, 16, 16), atol=1e-5)
+    plain = SlidingWindowSampler(scaled, DiffusionProcess(loss="l1"), (16, 16), num_inference_steps=4)
+    assert not torch.allclose(((plain.sample(condition, 2, generator=3) + 1) / 2).sum(1), torch.ones(2, 16, 16),
+                              atol=1e-2)

@@ -220,6 +220,22 @@ class DiffusionProcess:
         """
         return self._dice_ce(predicted_x0 / self.segmentation_temperature, (target_x0 + 1) / 2)
 
+    @property
+    def projects_x0(self) -> bool:
+        """Whether sampling maps each x0 estimate onto class probabilities (``dice_ce``: segmentation)."""
+        return self.loss_name == "dice_ce"
+
+    def project_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """Segmentation (``dice_ce``): the network's x0 is read as logits ``x0 / temperature`` by the loss,
+        so its scale is free; DDIM must continue from a one-hot-like estimate, as in training (where x_t
+        is always built from an exact one-hot mask in {-1, 1}). Returns ``2 * softmax(x0 / T) - 1``, the
+        class probabilities in the one-hot scale. Without it the estimate's free scale fed back into x_t
+        drifted: on the demo phantom Dice fell from 0.84 (1 step) to 0.46 (10 steps). Other losses: x0.
+        """
+        if not self.projects_x0:
+            return x0
+        return 2 * torch.softmax(x0.float() / self.segmentation_temperature, dim=1).to(x0.dtype) - 1
+
     def drop_condition(self, network_input: torch.Tensor, condition_channels: int) -> torch.Tensor:
         """The same input with the condition channels zeroed: the "unconditional" input of guidance."""
         unconditional = network_input.clone()

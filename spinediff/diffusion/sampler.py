@@ -53,6 +53,21 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
+class StableDDIMScheduler(DDIMScheduler):
+    """monai's DDIM scheduler with the step variance kept inside its bound.
+
+    DDIM's sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) never exceeds 1 - a_prev, and monai
+    takes ``sqrt(1 - a_prev - (eta * sigma_t)^2)``. In float32 the two can round past each other (eta = 1
+    with the cosine schedule: the square root of a tiny negative number), and one NaN voxel spreads through
+    the network to the whole sample. Capping sigma_t^2 just below 1 - a_prev changes nothing else.
+    """
+
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        variance = super()._get_variance(timestep, prev_timestep)
+        alpha_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return torch.clamp(variance, min=0.0, max=float(1 - alpha_prev) * (1 - 1e-6))
+
+
 class SlidingWindowSampler:
     """DDIM sampler for volumes of any size, ensembles and warm starts.
 
@@ -118,7 +133,7 @@ class SlidingWindowSampler:
         self.use_gaussian = use_gaussian
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.progress = progress
-        self.scheduler = DDIMScheduler(
+        self.scheduler = StableDDIMScheduler(
             process.num_train_timesteps,
             process.schedule_name,
             clip_sample=clip_sample,
@@ -210,6 +225,10 @@ class SlidingWindowSampler:
                 state = self.process.add_noise(estimate.expand_as(state), state, start)
             for t in timesteps:
                 blended = self._blended_output(state, condition_padded, t, windows, weight_total)
+                if self.process.projects_x0:  # segmentation: continue from class probabilities (one-hot scale)
+                    at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
+                    x0 = self.process.project_x0(self.process.to_x0(blended, state, at))
+                    blended = self.process.from_x0(x0, state, at)
                 state, _ = self.scheduler.step(blended, t, state, eta=self.eta, generator=step_generator)
                 bar.update(1)
             samples.append(state[(slice(None), slice(None), *crop)].float().cpu())

@@ -25,9 +25,6 @@ from spinediff.datasets.dataset_json import task_spec
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.planning.target_intensity import TargetIntensity
 
-# Segmentation x0 is read as logits x0 / temperature (as in DiffusionProcess.dice_ce_loss).
-SEGMENTATION_TEMPERATURE = 0.25
-
 
 def one_hot_scaled(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(B, 1, *spatial)`` integer labels → ``(B, num_classes, *spatial)`` one-hot in {-1, 1}.
@@ -91,8 +88,10 @@ class TaskAdapter:
 
     # ------------------------------------------------------------------ outputs
     def probabilities(self, x0: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
-        """Segmentation: class probabilities from an x0 estimate."""
-        return torch.softmax(x0.float() / SEGMENTATION_TEMPERATURE, dim=channel_axis)
+        """Segmentation: class probabilities from a sampled x0, which the sampler keeps in the one-hot scale
+        (``2 p - 1``, :meth:`DiffusionProcess.project_x0`)."""
+        p = ((x0.float() + 1) / 2).clamp_min(0)
+        return p / p.sum(dim=channel_axis, keepdim=True).clamp_min(1e-6)
 
     def to_original_units(self, x0: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:
         """Translation/generation: x0 in [-1, 1] → the target's units (e.g. HU)."""

@@ -23,7 +23,6 @@ from tqdm import tqdm
 from spinediff.evaluation.image_metrics import image_metrics
 from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
 from spinediff.io import write_json
-from spinediff.training.task_adapter import SEGMENTATION_TEMPERATURE
 
 
 def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -86,7 +85,8 @@ class ValidationExporter:
                 save_probabilities: bool) -> None:
         tr = self.trainer
         if tr.task.task == "segmentation":
-            logits = (x0.float() / SEGMENTATION_TEMPERATURE).cpu()
+            # log of the probabilities: logits whose softmax is those probabilities (nnU-Net resamples logits)
+            logits = torch.log(tr.task.probabilities(x0[None].float(), channel_axis=1)[0].clamp_min(1e-8)).cpu()
             export_prediction_from_logits(logits, properties, tr.configuration_manager, tr.plans_manager,
                                           tr.dataset_json, str(out_dir / key), save_probabilities)
             return
