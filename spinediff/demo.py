@@ -241,12 +241,51 @@ def _summarise(folders, benchmarks, registration_reports, predictions) -> dict:
     for name, scores in _linear_mr_baselines(raw, training, cases, clip).items():
         summary["translation"][name] = {m: float(np.mean([b[m] for b in scores.values()]))
                                         for m in ("psnr", "mae_body", "ssim", "mae_bone")}
+    summary.update(_ensemble_scores(folders, predictions, raw, clip))
     downstream = trans.get("downstream")
     if downstream:
         for row in trans["methods"]:
             summary["translation"][row["method"]]["dice_downstream"] = row.get("dice_downstream")
         summary["translation_downstream_dice_real_ct"] = downstream["dice_real_ct"]
     return summary
+
+
+def ensemble_name(method: str, samples: int) -> str:
+    return f"{method}, mean of K = {samples} samples"
+
+
+def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Path,
+                     clip: tuple[float, float]) -> dict:
+    """Scores of the predict stage's outputs (the ensemble of K samples per case), beside the single-sample
+    validation rows: SpineSegDiff averages the class probabilities of its samples, and the mean of K
+    translation samples is the ensemble estimate of the CT."""
+    from spinediff.evaluation.benchmark import _reference_folder
+    from spinediff.evaluation.evaluate import evaluate_folders
+
+    scores: dict[str, dict] = {"segmentation": {}, "translation": {}}
+    for task, method, reference in (
+            ("segmentation", "Diffusion segmentation 2D",
+             folders["raw"] / "Dataset901_SpinePhantomSeg" / "labelsTr"),
+            ("translation", "Diffusion image mode (x0) 2D",
+             _reference_folder(registered, "translation", 2, folders["results"].parent / "ensemble_scores"))):
+        entry = predictions.get(task)
+        if not isinstance(entry, dict):
+            continue
+        folder = Path(entry["folder"])
+        samples = int(read_json(folder / "prediction.json").get("num_samples", 0)) or None
+        rows = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
+                                data_range=clip, progress=False).rows
+        if task == "segmentation":
+            per_case: dict[str, list[float]] = {}
+            for row in rows:
+                if np.isfinite(row["dice"]):
+                    per_case.setdefault(row["case"], []).append(row["dice"])
+            scores[task][ensemble_name(method, samples)] = {
+                "dice": float(np.mean([np.mean(v) for v in per_case.values()]))}
+        else:
+            scores[task][ensemble_name(method, samples)] = {
+                m: float(np.mean([r[m] for r in rows])) for m in ("psnr", "mae_body", "ssim", "mae_bone")}
+    return {"ensembles": scores}
 
 
 def _report(out, folders, datasets, registered, benchmarks, registration_reports, predictions, result) -> Path:
@@ -270,6 +309,11 @@ def _run(args: argparse.Namespace) -> int:
         downstream = scores.get("dice_downstream")
         print(f"[demo] translation {method}: PSNR {scores['psnr']:.2f} dB, MAE(body) {scores['mae_body']:.1f} HU"
               + (f", downstream Dice {downstream:.3f}" if downstream is not None else ""))
+    for task, rows in result.summary.get("ensembles", {}).items():
+        for method, scores in rows.items():
+            text = (f"Dice {scores['dice']:.3f}" if "dice" in scores
+                    else f"PSNR {scores['psnr']:.2f} dB, MAE(body) {scores['mae_body']:.1f} HU")
+            print(f"[demo] {task} {method}: {text}")
     if "translation_downstream_dice_real_ct" in result.summary:
         print(f"[demo] CT segmenter on the real CT: Dice {result.summary['translation_downstream_dice_real_ct']:.3f}")
     print(f"[demo] report: {result.report_html}")

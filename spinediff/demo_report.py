@@ -85,6 +85,8 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
     seg = benchmarks["segmentation"]
     seg_name = seg["dataset"]
     seg_table = _benchmark_table(seg, ["dice", "dice_1", "dice_2", "dice_3", "hd95_1"])
+    for name, scores in summary.get("ensembles", {}).get("segmentation", {}).items():
+        seg_table.rows.append([name, _fmt(scores["dice"]), "–", "–", "–", "–", "–", "–", "–"])
     panel_rows = []
     prediction_folder = Path(predictions.get("segmentation", {}).get("folder", "")) if isinstance(
         predictions.get("segmentation"), dict) else None
@@ -105,8 +107,9 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
                                    ("uncertainty (entropy)", "uncertainty", {"cmap": "magma"})],
                       figures / "segmentation_cases.png", "Segmentation of held-out cases")
     sections.append(Section("Segmentation: diffusion vs nnU-Net", [
-        "Dice per class (1 vertebra, 2 disc, 3 spinal canal), HD95 of the vertebra class in mm. The uncertainty map "
-        "is the voxel-wise entropy of the mean class probabilities over the diffusion samples (SpineSegDiff)."],
+        "Dice per class (1 vertebra, 2 disc, 3 spinal canal), HD95 of the vertebra class in mm, of one DDIM sample "
+        "per case (fold validation); the ensemble row scores `spinediff predict`'s mean of K samples. The uncertainty "
+        "map is the voxel-wise entropy of the mean class probabilities over the diffusion samples (SpineSegDiff)."],
         [seg_table], [(figures / "segmentation_cases.png", "Held-out cases: image, truth, predictions, uncertainty"),
                       (Path(seg["output"]) / "benchmark.png", "Dice per case")]))
 
@@ -121,6 +124,8 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         if baseline:
             trans_table.rows.append([name, *[_fmt(baseline.get(m)) if m in baseline else "–" for m in metrics],
                                      "–", "–", "–"])
+    for name, scores in summary.get("ensembles", {}).get("translation", {}).items():
+        trans_table.rows.append([name, *[_fmt(scores[m]) if m in scores else "–" for m in metrics], "–", "–", "–"])
     if trans.get("downstream"):
         segmenter = trans["downstream"]
         trans_table.rows.append([f"Real CT ({segmenter['segmenter']})", *["–"] * (len(metrics) - 1),
