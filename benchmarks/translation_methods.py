@@ -5,7 +5,7 @@ budget (CPU), then predicts its held-out cases; PSNR, SSIM and MAE (HU, body and
 side by side (Graf et al. 2023 found image mode > noise mode). Results: JSON + Markdown under
 benchmarks/output/translation_methods/ (the table is copied into documentation/results.md).
 
-    python benchmarks/translation_methods.py --budget-minutes 4 --cases 10
+    python benchmarks/translation_methods.py --budget-minutes 7 --cases 20 --downstream
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", nargs="+", default=["2d"], choices=["2d", "3d"])
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "translation_methods"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--downstream", action="store_true",
+                        help="also train nnU-Net on the real CT (same folds and budget) and report its Dice on each "
+                             "method's synthetic CT")
     args = parser.parse_args(argv)
 
     out = Path(args.output)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     options = TrainingOptions(epochs=1000, iterations_per_epoch=40, val_iterations_per_epoch=1)
     summary = run_benchmark(902, folds=[0], budget_minutes=args.budget_minutes, dims=tuple(args.dims),
-                            options=options, output=out)
+                            options=options, output=out, downstream=args.downstream)
     command = "python benchmarks/translation_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_text(f"{summary['table']}\n\nCommand: `{command}` ({(time.perf_counter() - start) / 60:.0f} min).\n",
                out / "results.md")

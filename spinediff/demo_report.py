@@ -128,7 +128,7 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         trans_table.rows.append([name, *[_fmt(scores[m]) if m in scores else "–" for m in metrics], "–", "–", "–"])
     if trans.get("downstream"):
         segmenter = trans["downstream"]
-        trans_table.rows.append([f"Real CT ({segmenter['segmenter']})", *["–"] * (len(metrics) - 1),
+        trans_table.rows.append(["Real CT (the CT segmenter's Dice_orig)", *["–"] * (len(metrics) - 1),
                                  _fmt(segmenter["dice_real_ct"]), _fmt(segmenter["train_minutes"], 1),
                                  str(segmenter["epochs"]), "–"])
     translation_folder = Path(predictions.get("translation", {}).get("folder", "")) if isinstance(
@@ -160,7 +160,9 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         "the oracle row fits the best linear map on each held-out case's own CT (an upper bound for any intensity "
         "mapping): a model must beat them to have learned anatomy rather than intensities. dice_downstream: an "
         "nnU-Net trained on the real CT of the training cases segments the synthetic CT (vertebra, disc, canal; "
-        "mean Dice); the last row is its Dice on the real CT (Graf et al.'s and Konz et al.'s Dice_orig)."],
+        "mean Dice); the last row is its Dice on the real CT (Graf et al.'s and Konz et al.'s Dice_orig)."]
+        + ([f"CT segmenter: {trans['downstream']['segmenter']}, trained on the real CT of fold 0's training cases."]
+           if trans.get("downstream") else []),
         [trans_table], [(figures / "translation_cases.png", "Held-out cases: MR, real CT, synthetic CT, error"),
                         (Path(trans["output"]) / "benchmark.png", "MAE in the body per case")]))
 

@@ -109,3 +109,17 @@ def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp
     assert np.array_equal(ct, expected)
     with pytest.raises(SpineDiffError, match="translation dataset"):
         write_segmenter_dataset(phantom_root / "Dataset901_SpinePhantomSeg", tmp_path / "other")
+
+
+def test_figures_start_from_matplotlib_defaults_after_nnunet_plotted():
+    """nnU-Net's progress plot leaves seaborn's font_scale=2.5 and grey style behind; our figures undo it."""
+    import matplotlib
+    import seaborn as sns
+
+    from spinediff.evaluation.figures import _pyplot
+
+    sns.set(font_scale=2.5)  # what nnU-Net's logger does before each progress plot
+    assert matplotlib.rcParams["xtick.labelsize"] != "medium"
+    _pyplot()
+    assert matplotlib.rcParams["font.size"] == 9
+    assert matplotlib.rcParams["xtick.labelsize"] == "medium" and matplotlib.rcParams["axes.facecolor"] == "white"

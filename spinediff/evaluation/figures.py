@@ -18,7 +18,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # nnU-Net's progress plot sets a global font size of 50 (matplotlib.rc); undo that for our figures.
+    # nnU-Net's progress plot changes matplotlib's global state (font size 50, then seaborn's
+    # set(font_scale=2.5) with its grey grid style); start every figure of ours from the defaults.
+    matplotlib.rcdefaults()
     matplotlib.rcParams.update({"font.size": 9, "font.weight": "normal"})
     return plt
 
