@@ -83,9 +83,11 @@ def test_evaluate_command_writes_csv_and_summary(tmp_path):
     assert (pred / "per_case.csv").read_text().count("\n") == 3
 
 
-def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp_path):
+def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp_path, monkeypatch):
     """Downstream Dice trains its CT segmenter on the translation dataset's CT and labels, nothing else."""
     import json
+
+    monkeypatch.delenv("nnUNet_preprocessed", raising=False)  # IDs in use there count too; none here
 
     import SimpleITK as sitk
 
