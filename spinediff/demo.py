@@ -260,7 +260,7 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
     """Scores of the predict stage's outputs (the ensemble of K samples per case), beside the single-sample
     validation rows: SpineSegDiff averages the class probabilities of its samples, and the mean of K
     translation samples is the ensemble estimate of the CT."""
-    from spinediff.evaluation.benchmark import _reference_folder
+    from spinediff.evaluation.benchmark import reference_folder
     from spinediff.evaluation.evaluate import evaluate_folders
 
     scores: dict[str, dict] = {"segmentation": {}, "translation": {}}
@@ -268,7 +268,7 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
             ("segmentation", "Diffusion segmentation 2D",
              folders["raw"] / "Dataset901_SpinePhantomSeg" / "labelsTr"),
             ("translation", "Diffusion image mode (x0) 2D",
-             _reference_folder(registered, "translation", 2, folders["results"].parent / "ensemble_scores"))):
+             reference_folder(registered, "translation", 2, folders["results"].parent / "ensemble_scores"))):
         entry = predictions.get(task)
         if not isinstance(entry, dict):
             continue

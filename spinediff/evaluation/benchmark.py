@@ -132,7 +132,7 @@ def run_method(method: Method, dataset: str, folds: list, options, reuse: bool =
     return result
 
 
-def _reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
+def reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
     """Segmentation: labelsTr. Images: a folder of links CASE.nii.gz → imagesTr/CASE_{target}.nii.gz."""
     if task == "segmentation":
         return raw_dataset / "labelsTr"
@@ -247,7 +247,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     out.mkdir(parents=True, exist_ok=True)
     raw = nnunet_folder("raw") / name
     target = spec.target_channels[0] if spec.target_channels else None
-    reference = _reference_folder(raw, spec.task, target, out)
+    reference = reference_folder(raw, spec.task, target, out)
     data_range = (-1024.0, 3071.0)
     if spec.task != "segmentation":
         intensity = plans["configurations"].get("2d_diffusion", {}).get("diffusion", {}).get("target_intensity")
