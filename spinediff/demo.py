@@ -261,7 +261,7 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
     validation rows: SpineSegDiff averages the class probabilities of its samples, and the mean of K
     translation samples is the ensemble estimate of the CT."""
     from spinediff.evaluation.benchmark import reference_folder
-    from spinediff.evaluation.evaluate import evaluate_folders
+    from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders
 
     scores: dict[str, dict] = {"segmentation": {}, "translation": {}}
     for task, method, reference in (
@@ -277,12 +277,8 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
         rows = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
                                 data_range=clip, progress=False).rows
         if task == "segmentation":
-            per_case: dict[str, list[float]] = {}
-            for row in rows:
-                if np.isfinite(row["dice"]):
-                    per_case.setdefault(row["case"], []).append(row["dice"])
             scores[task][ensemble_name(method, samples)] = {
-                "dice": float(np.mean([np.mean(v) for v in per_case.values()]))}
+                "dice": float(np.nanmean([c["dice"] for c in dice_per_case(rows).values()]))}
         else:
             scores[task][ensemble_name(method, samples)] = {
                 m: float(np.mean([r[m] for r in rows])) for m in ("psnr", "mae_body", "ssim", "mae_bone")}

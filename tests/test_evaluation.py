@@ -125,3 +125,18 @@ def test_figures_start_from_matplotlib_defaults_after_nnunet_plotted():
     _pyplot()
     assert matplotlib.rcParams["font.size"] == 9
     assert matplotlib.rcParams["xtick.labelsize"] == "medium" and matplotlib.rcParams["axes.facecolor"] == "white"
+
+
+def test_segmenter_dataset_with_a_missing_ct_writes_nothing(phantom_root, tmp_path):
+    import shutil
+
+    from spinediff.errors import SpineDiffError
+    from spinediff.evaluation.downstream import write_segmenter_dataset
+
+    source = tmp_path / "Dataset902_SpinePhantomTranslation"
+    shutil.copytree(phantom_root / source.name, source)
+    (source / "imagesTr" / "phantom_001_0002.nii.gz").unlink()
+    target = tmp_path / "Dataset999_SpinePhantomTranslationCTSegmenter"
+    with pytest.raises(SpineDiffError, match="phantom_001_0002.nii.gz is missing"):
+        write_segmenter_dataset(source, target)
+    assert not target.exists() and not target.with_name(target.name + ".partial").exists()

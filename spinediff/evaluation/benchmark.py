@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.evaluate import evaluate_folders, summarise
+from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
 from spinediff.io import read_json, write_json, write_text
 
 
@@ -154,16 +154,14 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                   / f"fold_{fold}" / "validation")
         evaluation = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
                                       data_range=data_range, progress=False)
-        for row in evaluation.rows:
-            case = row["case"]
-            if task == "segmentation":
-                entry = result.per_case.setdefault(case, {})
-                entry[f"dice_{row['label']}"] = row["dice"]
-                entry[f"hd95_{row['label']}"] = row["hd95"]
-                dices = [v for k, v in entry.items() if k.startswith("dice_") and math.isfinite(v)]
-                entry["dice"] = float(np.mean(dices)) if dices else float("nan")
-            else:
-                result.per_case[case] = {k: v for k, v in row.items() if k != "case"}
+        if task == "segmentation":
+            for case, dices in dice_per_case(evaluation.rows).items():
+                result.per_case.setdefault(case, {}).update(dices)
+            for row in evaluation.rows:
+                result.per_case[row["case"]][f"hd95_{row['label']}"] = row["hd95"]
+        else:
+            for row in evaluation.rows:
+                result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
 
 
 def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[float, int]:

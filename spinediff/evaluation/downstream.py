@@ -49,19 +49,20 @@ def write_segmenter_dataset(translation_raw: Path, output_raw: Path) -> Path:
     if (output_raw / "dataset.json").is_file():
         return output_raw
     target, ending = spec.target_channels[0], dataset_json["file_ending"]
+    pairs = [(label, translation_raw / "imagesTr" / f"{label.name[: -len(ending)]}_{target:04d}{ending}")
+             for label in sorted(labels.glob(f"*{ending}"))]
+    missing = [str(image) for _, image in pairs if not image.is_file()]
+    if missing:  # checked before anything is written: no half-built dataset
+        raise SpineDiffError(f"{missing[0]} is missing ({len(missing)} in all): every labelled case needs its target "
+                             "channel.")
     staging = output_raw.with_name(output_raw.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "imagesTr").mkdir(parents=True)
     (staging / "labelsTr").mkdir()
-    count = 0
-    for label in sorted(labels.glob(f"*{ending}")):
-        case = label.name[: -len(ending)]
-        image = translation_raw / "imagesTr" / f"{case}_{target:04d}{ending}"
-        if not image.is_file():
-            raise SpineDiffError(f"{image} is missing: every labelled case needs its target channel.")
-        os.symlink(image.resolve(), staging / "imagesTr" / f"{case}_0000{ending}")
+    for label, image in pairs:
+        os.symlink(image.resolve(), staging / "imagesTr" / f"{label.name[: -len(ending)]}_0000{ending}")
         os.symlink(label.resolve(), staging / "labelsTr" / label.name)
-        count += 1
+    count = len(pairs)
     write_json({"channel_names": {"0": dataset_json["channel_names"][str(target)]},
                 "labels": dataset_json["labels"], "numTraining": count, "file_ending": ending,
                 "name": output_raw.name.split("_", 1)[-1],
@@ -95,7 +96,7 @@ def segmenter_dice(model_folder: Path, fold: int | str, images: dict[str, Path],
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from spinediff.evaluation.evaluate import evaluate_folders
+    from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders
 
     if not (model_folder / f"fold_{fold}" / "checkpoint_final.pth").is_file():
         raise SpineDiffError(f"{model_folder / f'fold_{fold}'} has no checkpoint_final.pth: train the CT segmenter "
@@ -117,13 +118,7 @@ def segmenter_dice(model_folder: Path, fold: int | str, images: dict[str, Path],
         predictor.predict_from_files_sequential(str(inputs), str(outputs), save_probabilities=False,
                                                 overwrite=True, folder_with_segs_from_prev_stage=None)
         evaluation = evaluate_folders(labels_folder, outputs, task="segmentation", progress=False)
-    scores: dict[str, dict] = {}
-    for row in evaluation.rows:
-        scores.setdefault(row["case"], {})[f"dice_{row['label']}"] = row["dice"]
-    for entry in scores.values():
-        dices = [v for v in entry.values() if math.isfinite(v)]
-        entry["dice"] = float(np.mean(dices)) if dices else float("nan")
-    return scores
+    return dice_per_case(evaluation.rows)
 
 
 def downstream_dataset_name(raw_root: Path, translation_name: str) -> str:

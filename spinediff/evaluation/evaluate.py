@@ -26,6 +26,18 @@ from spinediff.evaluation.segmentation_metrics import segmentation_metrics
 from spinediff.io import IMAGE_SUFFIXES, read_image, write_json, write_text
 
 
+def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Segmentation rows of :func:`evaluate_folders` → per case ``dice_<label>`` and their mean ``dice``
+    over the labels scored (a label absent from prediction and reference, Dice NaN, is left out)."""
+    scores: dict[str, dict[str, float]] = {}
+    for row in rows:
+        scores.setdefault(row["case"], {})[f"dice_{row['label']}"] = row["dice"]
+    for entry in scores.values():
+        dices = [v for v in entry.values() if math.isfinite(v)]
+        entry["dice"] = float(np.mean(dices)) if dices else float("nan")
+    return scores
+
+
 def summarise(values: Sequence[float]) -> dict[str, float]:
     """Mean, std, n and the 95% confidence interval of the mean over finite values."""
     finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
