@@ -266,7 +266,8 @@ def trained_model(name: str, iterations: int, retrain: bool = False) -> dict[str
     validation step per epoch) but without the final whole-volume validation, which the benchmarks
     do themselves. ``checkpoint_final.pth`` is what nnU-Net's predictor and our loaders read.
     """
-    from spinediff.training.api import TrainingOptions, apply_options, build_trainer, run_training_with_budget
+    from spinediff.training.api import TrainingOptions, apply_options, build_trainer
+    from spinediff.training.schedule import run_scheduled_training
 
     recipe = dict(MODEL_RECIPES[name], iterations=iterations, fold=FOLD, seed=0)
     epochs = max(1, iterations // ITERATIONS_PER_EPOCH)
@@ -286,7 +287,7 @@ def trained_model(name: str, iterations: int, retrain: bool = False) -> dict[str
     apply_options(trainer, TrainingOptions(epochs=epochs, iterations_per_epoch=ITERATIONS_PER_EPOCH,
                                            val_iterations_per_epoch=1))
     with Stopwatch() as watch:
-        run_training_with_budget(trainer, float("inf"))
+        run_scheduled_training(trainer, None)
     stored = {"recipe": recipe, "folder": str(trainer.output_folder), "train_wall_s": watch.wall,
               "train_cpu_s": watch.cpu, "trained_at": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average": load_average()}

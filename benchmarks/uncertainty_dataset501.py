@@ -37,7 +37,8 @@ def train_fold(budget_minutes: float, record: Path) -> dict:
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     from spinediff.io import read_json, write_json
-    from spinediff.training.api import TrainingOptions, apply_options, build_trainer, run_training_with_budget
+    from spinediff.training.api import TrainingOptions, apply_options, build_trainer
+    from spinediff.training.schedule import run_scheduled_training
 
     done = read_json(record) if record.is_file() else {"minutes": 0.0, "cpu_minutes": 0.0}
     trainer = build_trainer(501, CONFIG, 0, TRAINER, continue_training=record.is_file())
@@ -47,7 +48,7 @@ def train_fold(budget_minutes: float, record: Path) -> dict:
     apply_options(trainer, TrainingOptions(epochs=1000, iterations_per_epoch=25, val_iterations_per_epoch=1))
     maybe_load_checkpoint(trainer, record.is_file(), False)
     start, cpu = time.perf_counter(), time.process_time()
-    run_training_with_budget(trainer, remaining * 60)
+    run_scheduled_training(trainer, remaining * 60, grow=False)
     done = {"minutes": done["minutes"] + (time.perf_counter() - start) / 60,
             "cpu_minutes": done.get("cpu_minutes", 0.0) + (time.process_time() - cpu) / 60,
             "epochs": trainer.current_epoch, "steps": trainer.current_epoch * trainer.num_iterations_per_epoch,

@@ -28,6 +28,7 @@ CONTRACT_BLOCK = {
     "loss": "l1",
     "condition_dropout": 0.0,
     "target_intensity": {"lower": -1000.0, "upper": 1500.0},
+    "timestep_power": 1.0,
 }
 
 

@@ -62,6 +62,7 @@ class DiffusionProcess:
         loss: str = "l1",
         condition_dropout: float = 0.0,
         segmentation_temperature: float = 0.25,
+        timestep_power: float = 1.0,
     ) -> None:
         if noise_schedule not in NOISE_SCHEDULES:
             raise SpineDiffError(
@@ -81,6 +82,7 @@ class DiffusionProcess:
         self.loss_name = loss
         self.condition_dropout = condition_dropout
         self.segmentation_temperature = segmentation_temperature
+        self.timestep_power = float(timestep_power)
         schedule = {"cosine": "cosine", "linear": "linear_beta"}[noise_schedule]
         self.scheduler = DDPMScheduler(num_train_timesteps, schedule, prediction_type=prediction_type)
         # private copy: monai's add_noise recasts scheduler.alphas_cumprod to the data's dtype in place,
@@ -97,6 +99,7 @@ class DiffusionProcess:
             settings.prediction_type,
             settings.loss,
             settings.condition_dropout,
+            timestep_power=settings.timestep_power,
         )
 
     @property
@@ -160,8 +163,19 @@ class DiffusionProcess:
     def sample_timesteps(
         self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
     ):
-        """``(batch_size,)`` timesteps drawn uniformly from 0..T-1 (drawn on CPU, so device-independent)."""
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        """``(batch_size,)`` timesteps in 0..T-1 (drawn on CPU, so device-independent).
+
+        ``timestep_power`` 1: uniform. p > 1: ``t = T - 1 - floor(T * u**p)``, denser at the noisy end: with
+        p = 3, 46 % of the draws fall in the noisiest tenth of the schedule and 21 % in the cleaner half. A
+        segmentation network trained uniformly spends half its steps on x_t that still shows the mask
+        (cosine schedule: signal-to-noise above 1 for t < T/2), which teaches copying; DDIM sampling from
+        pure noise needs the noisy levels, where the answer must come from the image.
+        """
+        if self.timestep_power == 1.0:
+            return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
+        u = torch.rand((batch_size,), generator=generator, dtype=torch.float64)
+        steps = self.num_train_timesteps - 1 - torch.floor(self.num_train_timesteps * u**self.timestep_power)
+        return steps.clamp(0, self.num_train_timesteps - 1).long().to(device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(a) x0 + sqrt(1 - a) noise (monai)."""

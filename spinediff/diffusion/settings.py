@@ -44,6 +44,10 @@ class DiffusionSettings:
     loss: str = "l1"
     condition_dropout: float = 0.0
     target_intensity: Mapping[str, Any] | None = None
+    #: Training timesteps t = T - 1 - floor(T * u ** power), u uniform: 1 draws them uniformly (DDPM); larger
+    #: powers favour the noisy levels, where the network must read the answer from the condition instead of
+    #: copying it from a barely noised target (see DiffusionProcess.sample_timesteps).
+    timestep_power: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +148,7 @@ class DiffusionSettings:
         number("eta", 0.0, 1.0)
         number("ema_decay", 0.0, 1.0, high_inclusive=False)
         number("condition_dropout", 0.0, 1.0, high_inclusive=False)
+        number("timestep_power", 0.1, 10.0)
         if self.loss == "dice_ce" and self.task != "segmentation":
             raise SpineDiffError(
                 f"loss 'dice_ce' needs task 'segmentation', got task {self.task!r}; use l1 or mse"

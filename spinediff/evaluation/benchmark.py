@@ -75,6 +75,7 @@ class MethodResult:
     network_evaluations_per_window: int = 1
     epochs: int = 0
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)  # case → metric → value
+    per_fold: dict[str, dict] = field(default_factory=dict)  # fold → steps, epochs, final learning rate, minutes
 
 
 # The metric that ranks methods, and whether higher is better.
@@ -90,46 +91,86 @@ def _network_evaluations(trainer) -> int:
     return int(trainer.final_validation_steps) if trainer.denoising else 1
 
 
-def run_method(method: Method, dataset: str, folds: list, options, reuse: bool = True) -> MethodResult:
-    """Train (or reuse) and validate ``method`` on ``folds``; time training and validation."""
+def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:
+    """Train (or resume, or reuse) one fold of ``method`` with the plans' schedule and validate it; returns
+    its timing record (also kept as ``benchmark_timing.json`` in the fold folder)."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
-    from spinediff.training.api import apply_options, build_trainer, run_training_with_budget
+    from spinediff.training.api import build_trainer, configure_schedule, run_and_log_schedule
 
+    trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type)
+    budget, grow = configure_schedule(trainer, options)
+    folder = Path(trainer.output_folder)
+    done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
+    timing_file = folder / "benchmark_timing.json"
+    if reuse and done and timing_file.is_file():
+        return read_json(timing_file)
+    schedule = {}
+    if not (folder / "checkpoint_final.pth").is_file():
+        maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
+        start = time.perf_counter()
+        schedule = run_and_log_schedule(trainer, budget, grow).to_dict()
+        train_seconds = schedule["seconds"] if schedule.get("seconds") else time.perf_counter() - start
+        epochs = trainer.current_epoch
+    else:  # trained earlier without the harness: the training time is in the checkpoint's log
+        maybe_load_checkpoint(trainer, False, True)
+        logging = trainer.logger.get_checkpoint()
+        starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
+        epochs = len(ends)
+        train_seconds = float(ends[-1] - starts[0]) if starts and ends else float("nan")
+        lrs = logging.get("lrs", [])
+        schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
+    start = time.perf_counter()
+    trainer.perform_actual_validation(False)
+    n_val = max(1, len(trainer.do_split()[1]))
+    timing = {"train_seconds": train_seconds, "epochs": epochs,
+              "steps": int(epochs * trainer.num_iterations_per_epoch),
+              "initial_learning_rate": float(trainer.initial_lr),
+              "final_learning_rate": schedule.get("final_learning_rate", float("nan")),
+              "budget_seconds": budget, "refits": schedule.get("refits", []),
+              "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
+              "network_evaluations_per_window": _network_evaluations(trainer)}
+    write_json(timing, timing_file)
+    return timing
+
+
+def _fold_in_worker(method: Method, dataset: str, fold, options, reuse: bool) -> dict:
+    """One fold in a worker process with one torch thread (folds side by side share the cores fairly)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return train_and_validate_fold(method, dataset, fold, options, reuse)
+
+
+def train_folds(jobs: list[tuple[Method, object]], dataset: str, options, reuse: bool = True, workers: int = 1
+                ) -> list[dict]:
+    """Timing records of (method, fold) jobs, ``workers`` at a time (each worker one process, one thread)."""
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_fold_in_worker, method, dataset, fold, options, reuse) for method, fold in jobs]
+            return [future.result() for future in futures]
+    return [train_and_validate_fold(method, dataset, fold, options, reuse) for method, fold in jobs]
+
+
+def collect_result(method: Method, folds: list, timings: list[dict]) -> MethodResult:
     result = MethodResult(method, list(folds))
-    for fold in folds:
-        trainer = build_trainer(dataset, method.configuration, fold, method.trainer,
-                                prediction_type=method.prediction_type)
-        apply_options(trainer, options)
-        folder = Path(trainer.output_folder)
-        done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
-        timing_file = folder / "benchmark_timing.json"
-        if reuse and done and timing_file.is_file():
-            timing = read_json(timing_file)
-        else:
-            if not done:
-                maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
-                start = time.perf_counter()
-                epochs = run_training_with_budget(trainer, (options.budget_minutes or 1e9) * 60)
-                train_seconds = time.perf_counter() - start
-            else:  # trained earlier without the harness: the training time is in the checkpoint's log
-                maybe_load_checkpoint(trainer, False, True)
-                logging = trainer.logger.get_checkpoint()
-                starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
-                epochs = len(ends)
-                train_seconds = float(ends[-1] - starts[0]) if starts and ends else float("nan")
-            start = time.perf_counter()
-            trainer.perform_actual_validation(False)
-            n_val = max(1, len(trainer.do_split()[1]))
-            timing = {"train_seconds": train_seconds, "epochs": epochs,
-                      "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
-                      "network_evaluations_per_window": _network_evaluations(trainer)}
-            write_json(timing, timing_file)
+    for fold, timing in zip(folds, timings, strict=True):
         result.train_seconds += timing["train_seconds"]
         result.epochs += timing["epochs"]
         result.inference_seconds_per_case = timing["inference_seconds_per_case"]
         result.network_evaluations_per_window = timing["network_evaluations_per_window"]
+        result.per_fold[str(fold)] = {key: timing.get(key) for key in (
+            "steps", "epochs", "train_seconds", "initial_learning_rate", "final_learning_rate", "refits")}
     return result
+
+
+def run_method(method: Method, dataset: str, folds: list, options, reuse: bool = True, workers: int = 1
+               ) -> MethodResult:
+    """Train (or reuse) and validate ``method`` on ``folds`` (``workers`` folds at a time); time it."""
+    return collect_result(method, folds, train_folds([(method, f) for f in folds], dataset, options, reuse, workers))
 
 
 def reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
@@ -159,9 +200,27 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                 result.per_case.setdefault(case, {}).update(dices)
             for row in evaluation.rows:
                 result.per_case[row["case"]][f"hd95_{row['label']}"] = row["hd95"]
+            for case, scores in result.per_case.items():
+                hd95 = [v for k, v in scores.items() if k.startswith("hd95_") and k != "hd95" and math.isfinite(v)]
+                scores["hd95"] = float(np.mean(hd95)) if hd95 else float("nan")
+                prediction = next(iter(sorted(folder.glob(f"{case}.*"))), None)
+                reference_file = next(iter(sorted(reference.glob(f"{case}.*"))), None)
+                if prediction is not None and reference_file is not None:
+                    scores["dice_merged"] = merged_foreground_dice(reference_file, prediction)
         else:
             for row in evaluation.rows:
                 result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
+
+
+def merged_foreground_dice(reference: Path, prediction: Path) -> float:
+    """Dice of all foreground labels merged into one (e.g. the vertebral bodies regardless of level number):
+    tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
+    import SimpleITK as sitk
+
+    truth = sitk.GetArrayViewFromImage(sitk.ReadImage(str(reference))) > 0
+    predicted = sitk.GetArrayViewFromImage(sitk.ReadImage(str(prediction))) > 0
+    total = int(truth.sum()) + int(predicted.sum())
+    return float(2 * np.logical_and(truth, predicted).sum() / total) if total else float("nan")
 
 
 def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[float, int]:
@@ -192,7 +251,8 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
                            {c: v[metric] for c, v in baseline.per_case.items()})
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
-    shown = [m for m in ("dice", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "hd95_1", "psnr", "ssim", "mae",
+    shown = [m for m in ("dice", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95", "psnr",
+                         "ssim", "mae",
                          "mae_body", "mae_bone", "dice_downstream") if m in names]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -202,6 +262,17 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
                  f"{row['inference_s_per_case']:.1f}", str(row["network_evals_per_window"]),
                  "baseline" if math.isnan(p) and row["method"] == baseline.method.name else f"{p:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
+    folds = sorted({f for r in results for f in r.per_fold}, key=str)
+    if folds and any(r.per_fold for r in results):
+        lines += ["", "Schedule per fold (steps trained / final learning rate):", "",
+                  "| method | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
+        for r in results:
+            cells = []
+            for f in folds:
+                entry = r.per_fold.get(f) or {}
+                steps, lr = entry.get("steps"), entry.get("final_learning_rate")
+                cells.append("-" if steps is None else f"{steps} / {lr:.2g}" if lr is not None else f"{steps} / ?")
+            lines.append(f"| {r.method.name} | " + " | ".join(cells) + " |")
     direction = "higher" if higher_is_better else "lower"
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
@@ -217,14 +288,19 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes: float = 10.0,
+def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes: float | None = None,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
-                  reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False) -> dict:
+                  reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False,
+                  workers: int = 1) -> dict:
     """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure.
 
     ``downstream`` (translation): also train nnU-Net on the real CT of the same folds and budget and score
     every method's synthetic CT by that segmenter's Dice (``dice_downstream``), next to its Dice on the
     real CT (:mod:`spinediff.evaluation.downstream`).
+
+    ``budget_minutes``: training time per method and fold; None uses the plans' schedule (``spinediff plan
+    --budget``), or 10 minutes for plans made without one. ``workers``: folds trained side by side, each in
+    its own process with one torch thread.
     """
     from spinediff.datasets.dataset_json import task_spec
     from spinediff.paths import nnunet_folder
@@ -239,6 +315,11 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     options = options or TrainingOptions()
+    planned = any("schedule" in (plans["configurations"].get(m.configuration) or {}) for m in methods)
+    if not planned:  # plans made without --budget: the schedule this harness always used
+        budget_minutes = 10.0 if budget_minutes is None else budget_minutes
+        options.iterations_per_epoch = options.iterations_per_epoch or 50
+        options.val_iterations_per_epoch = options.val_iterations_per_epoch or 2
     options.budget_minutes = budget_minutes
     folds = folds if folds is not None else [0, 1, 2, 3, 4]
     out = Path(output) if output else results / name / "spinediff_benchmark"
@@ -251,9 +332,13 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         intensity = plans["configurations"].get("2d_diffusion", {}).get("diffusion", {}).get("target_intensity")
         if intensity:
             data_range = tuple(intensity["per_channel"][0]["clip_range"])
+    # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
+    jobs = [(method, fold) for fold in folds for method in methods]
+    timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),
+                       strict=True))
     outcomes = []
     for method in methods:
-        result = run_method(method, name, folds, options, reuse=reuse)
+        result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
         score_method(result, results / name, reference, spec.task, data_range)
         outcomes.append(result)
     extra = {}
@@ -268,10 +353,12 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
                   f"synthetic CT of the validation cases; on the real CT it reaches Dice {extra['dice_real_ct']:.3f}.")
     summary = {"dataset": name, "task": spec.task, "folds": folds, "budget_minutes": budget_minutes,
                "options": asdict(options), "methods": rows,
+               "per_fold": {r.method.name: r.per_fold for r in outcomes},
                "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None}
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")
-    write_text(f"# Benchmark: {name} ({spec.task})\n\nFolds {folds}, budget {budget_minutes} min per method and "
+    budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
+    write_text(f"# Benchmark: {name} ({spec.task})\n\nFolds {folds}, budget {budget_text} per method and "
                f"fold.\n\n{table}\n", out / "benchmark.md")
     from spinediff.evaluation.figures import metric_boxplot
 

@@ -12,9 +12,14 @@ def run(args: argparse.Namespace) -> int:
     folds = [f if f == "all" else int(f) for f in args.folds]
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, sampling_steps=args.steps)
-    summary = run_benchmark(args.dataset, folds=folds, budget_minutes=args.budget_minutes,
+    budget = args.budget_minutes
+    if args.budget is not None:
+        from spinediff.planning.budget import parse_budget
+
+        budget = parse_budget(args.budget) / 60.0
+    summary = run_benchmark(args.dataset, folds=folds, budget_minutes=budget,
                             dims=tuple(args.dims), options=options, output=args.output, reuse=not args.retrain,
-                            downstream=args.downstream)
+                            downstream=args.downstream, workers=args.workers)
     print(summary["table"])
     print(f"\nwritten: {summary['output']}/benchmark.md, benchmark.csv, benchmark.json, benchmark.png")
     return 0
@@ -33,11 +38,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name (planned with `spinediff plan`)")
     parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to run")
-    parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock training budget per method/fold")
+    parser.add_argument("--budget", metavar="TIME",
+                        help="training time per method and fold, e.g. 15m (a bare number: minutes). Default: the "
+                             "plans' schedule (spinediff plan --budget), else 10 minutes. Each run's learning-rate "
+                             "schedule is fitted to end with it")
+    parser.add_argument("--budget-minutes", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("-j", "--workers", type=int, default=1,
+                        help="folds trained side by side, one process and one torch thread each (e.g. 2 on two "
+                             "cores)")
     parser.add_argument("--dims", nargs="+", choices=["2d", "3d"], default=["2d"], help="2D and/or 3D configurations")
-    parser.add_argument("--epochs", type=int, default=1000, help="epoch limit (the budget usually stops earlier)")
-    parser.add_argument("--iters-per-epoch", type=int, default=50, help="training iterations per epoch")
-    parser.add_argument("--val-iters-per-epoch", type=int, default=2, help="validation batches per epoch")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs (default: the plans' schedule, fitted to the budget); with a budget, a cap")
+    parser.add_argument("--iters-per-epoch", type=int, default=None,
+                        help="training iterations per epoch (default: the plans' schedule, else 50)")
+    parser.add_argument("--val-iters-per-epoch", type=int, default=None,
+                        help="validation batches per epoch (default: the plans' schedule, else 2)")
     parser.add_argument("--steps", type=int, help="DDIM steps at validation (default: the plans')")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")
     parser.add_argument("--downstream", action="store_true",

@@ -168,7 +168,8 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
                  preprocessed_folder: str | os.PathLike | None = None, *, overwrite: bool = False,
                  show_progress_bar: bool = True, verbose: bool = False,
                  intensity_samples: int = DEFAULT_INTENSITY_SAMPLES,
-                 log: Callable[[str], None] | None = None) -> Path:
+                 log: Callable[[str], None] | None = None, budget: str | float | None = None,
+                 measure: bool = True) -> Path:
     """Fingerprint, plan and (optionally) preprocess ``dataset``; return the path of the plans file.
 
     Args:
@@ -186,6 +187,10 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
         verbose: let nnunetv2 print its own messages.
         intensity_samples: foreground voxels sampled for nnU-Net's intensity statistics.
         log: receives one line per step (default: stderr when ``show_progress_bar``).
+        budget: training time per fold and configuration (``"20m"``, ``"12h"``, or minutes): plan spacing,
+            patch and schedule for it (:mod:`spinediff.planning.budget`). None: plan for memory, as nnU-Net.
+        measure: with a budget, time a few training steps of each configuration on this machine (else
+            use the cost model's estimate).
 
     Raises:
         SpineDiffError: missing dataset or folders, invalid settings, existing plans without overwrite.
@@ -204,6 +209,11 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
     if memory_target_gb is not None and not memory_target_gb > 0:
         raise SpineDiffError(f"--memory-target-gb must be positive, got {memory_target_gb}.")
     device = resolve_device(device)
+    budget_seconds = None
+    if budget is not None:
+        from spinediff.planning.budget import parse_budget
+
+        budget_seconds = parse_budget(budget)
     num_processes = int(num_processes or default_num_processes())
     if num_processes < 1:
         raise SpineDiffError(f"-np must be at least 1, got {num_processes}.")
@@ -236,9 +246,10 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
         else:
             say("[2/4] Target intensity statistics: not needed (segmentation)")
 
-        say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else ""))
+        say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else "")
+            + (f", a training budget of {budget} per fold (timing a few steps of each network)" if budget else ""))
         planner = SpineDiffPlanner(name, device=device, memory_target_gb=memory_target_gb,
-                                   target_statistics=statistics)
+                                   target_statistics=statistics, budget_seconds=budget_seconds, measure=measure)
         with _quiet(not verbose):
             plans = planner.plan_experiment()
 
@@ -324,6 +335,8 @@ def summarize_plans(plans: dict[str, Any] | str | os.PathLike, configurations: S
             "estimated_cpu_step_s": round(float(cost.step_seconds(int(resolved["batch_size"]))), 2),
             "data_identifier": resolved["data_identifier"],
             "prediction_type": diffusion.get("prediction_type") if diffusion else None,
+            "foreground_coverage": (resolved.get("planning") or {}).get("foreground_coverage"),
+            "schedule": resolved.get("schedule"),
             "notes": list(resolved.get("notes", [])),
         })
     return rows
@@ -333,10 +346,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`summarize_plans` rows (also valid Markdown)."""
     header = ["configuration", "network", "spacing (mm)", "patch", "batch", "stages", "features", "in-plane",
               "attention", "~GPU GB", "~CPU s/step", "data"]
+    budgeted = any(r.get("schedule") for r in rows)
+    if budgeted:
+        header += ["covers fg", "s/step", "steps", "~min"]
+
+    def budget_cells(r: dict[str, Any]) -> list[str]:
+        schedule, coverage = r.get("schedule"), r.get("foreground_coverage")
+        if not schedule:
+            return ["-"] * 4
+        cover = "x".join(f"{100 * c:.0f}%" for c in coverage) if coverage else "-"
+        return [cover, f"{schedule['step_seconds']:.3g}", f"{schedule['epochs']}x{schedule['iterations_per_epoch']}",
+                f"{schedule['expected_minutes']:.1f}"]
+
     lines = [[r["configuration"], r["network"], _compact(r["spacing"]), _compact(r["patch_size"]),
               str(r["batch_size"]), str(r["n_stages"]), r["features"], str(r["inplane_stages"]),
               ",".join(map(str, r["attention_stages"])) or "-", f"{r['estimated_gpu_gb']:.2f}",
-              f"{r['estimated_cpu_step_s']:g}", r["data_identifier"]] for r in rows]
+              f"{r['estimated_cpu_step_s']:g}", r["data_identifier"], *(budget_cells(r) if budgeted else [])]
+             for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = "| " + " | ".join(f"{{:<{w}}}" for w in widths) + " |"
     out = [fmt.format(*header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -357,5 +383,6 @@ def dataset_summary(plans: dict[str, Any]) -> dict[str, Any]:
         "task": block.get("task"),
         "device": block.get("device"),
         "memory_target_gb": block.get("memory_target_gb"),
+        "budget_seconds": block.get("budget_seconds"),
         "recommended_configuration": block.get("recommended_configuration"),
     }

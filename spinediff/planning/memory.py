@@ -265,10 +265,15 @@ class Budget:
 
     profile: DeviceProfile
     dim: int
+    #: measured / estimated step time on this machine (a ``--budget`` plan calibrates the CPU model)
+    time_scale: float = 1.0
 
     @property
     def min_batch(self) -> int:
         return self.profile.min_batch_size[self.dim]
+
+    def step_seconds(self, cost: NetworkCost, batch_size: int) -> float:
+        return cost.step_seconds(batch_size) * self.time_scale
 
     def reference_elements(self) -> float:
         return NNUNET_REFERENCE_ELEMENTS[self.dim] * self.profile.memory_target_gb / NNUNET_REFERENCE_GB
@@ -279,7 +284,7 @@ class Budget:
             limit = self.reference_elements() * NNUNET_REFERENCE_BATCH[self.dim]
             return cost.feature_map_elements * batch_size <= limit
         budget = (self.profile.step_budget_seconds or {})[self.dim]
-        return (cost.step_seconds(batch_size) <= budget
+        return (self.step_seconds(cost, batch_size) <= budget
                 and cost.cpu_memory_gb(batch_size) <= self.profile.memory_target_gb)
 
     def largest_batch(self, cost: NetworkCost) -> int:
@@ -287,7 +292,7 @@ class Budget:
             # nnU-Net: round(reference / estimate * reference_batch)
             return int(round(self.reference_elements() / cost.feature_map_elements * NNUNET_REFERENCE_BATCH[self.dim]))
         budget = (self.profile.step_budget_seconds or {})[self.dim]
-        by_time = math.floor(budget / max(cost.step_seconds(1), 1e-9))
+        by_time = math.floor(budget / max(self.step_seconds(cost, 1), 1e-9))
         by_memory = math.floor((self.profile.memory_target_gb * 1024**3 - cost.parameters * BYTES_PER_PARAMETER)
                                / max(cost.feature_map_elements * CPU_BYTES_PER_ELEMENT, 1))
         return int(min(by_time, by_memory))
@@ -295,7 +300,7 @@ class Budget:
     def describe(self, cost: NetworkCost, batch_size: int) -> dict[str, float]:
         if self.profile.device == "cuda":
             return {"estimated_memory_gb": round(cost.cuda_memory_gb(batch_size, self.dim), 2)}
-        return {"estimated_step_seconds_cpu": round(cost.step_seconds(batch_size), 3),
+        return {"estimated_step_seconds_cpu": round(self.step_seconds(cost, batch_size), 3),
                 "estimated_memory_gb": round(cost.cpu_memory_gb(batch_size), 2)}
 
 
@@ -309,6 +314,7 @@ class FittedConfiguration:
     cost: NetworkCost
     patch_reductions: int
     batch_limited_by: str  # "budget", "dataset" (nnU-Net's 5 % rule) or "minimum"
+    fits: bool = True  # False: even the smallest allowed patch at the minimum batch exceeds the budget
 
 
 def initial_patch_size(spacing: np.ndarray, median_shape: np.ndarray) -> np.ndarray:
@@ -323,7 +329,7 @@ def initial_patch_size(spacing: np.ndarray, median_shape: np.ndarray) -> np.ndar
 def fit_patch_and_batch(spacing: np.ndarray, median_shape: np.ndarray, approximate_n_voxels_dataset: float,
                         input_channels: int, output_channels: int, budget: Budget,
                         architecture_for: Any, min_feature_map_edge: int = 4,
-                        max_dataset_covered: float = 0.05) -> FittedConfiguration:
+                        max_dataset_covered: float = 0.05, min_patch: Any = None) -> FittedConfiguration:
     """nnU-Net's patch-size search with the diffusion network's cost and the device's budget.
 
     Start from :func:`initial_patch_size`; while the network at the minimum batch size does not fit,
@@ -331,11 +337,15 @@ def fit_patch_and_batch(spacing: np.ndarray, median_shape: np.ndarray, approxima
     which keeps the patch's aspect ratio close to the data's); then grow the batch into the remaining
     budget, but never beyond 5 % of the dataset's voxels per step (nnU-Net's overfitting guard).
     ``architecture_for(kernel_sizes, strides, patch_size)`` returns the arch_kwargs of one topology.
+    ``min_patch`` (voxels per axis): never shrink an axis below it (the field of view the task needs);
+    ``fits`` of the result is False when the budget would need a smaller patch than that.
     """
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
     spacing = np.asarray(spacing, dtype=float)
     median = np.asarray(median_shape, dtype=float)[: len(spacing)]
+    floor = (np.zeros(len(spacing)) if min_patch is None
+             else np.minimum(np.asarray(min_patch, dtype=float), np.ceil(median)))
 
     def topology(patch):
         _, strides, kernels, new_patch, divisible = get_pool_and_conv_props(
@@ -348,13 +358,12 @@ def fit_patch_and_batch(spacing: np.ndarray, median_shape: np.ndarray, approxima
     cost = estimate_cost(patch, arch, input_channels, output_channels)
     reductions = 0
     while not budget.fits(cost, budget.min_batch):
-        axis = int(np.argsort([p / m for p, m in zip(patch, median, strict=True)])[-1])
-        if patch[axis] <= divisible[axis] or patch[axis] <= min_feature_map_edge:
-            # cannot shrink this axis further; shrink the largest remaining one or give up
-            shrinkable = [i for i in range(len(patch)) if patch[i] > max(divisible[i], min_feature_map_edge)]
-            if not shrinkable:
-                break
-            axis = max(shrinkable, key=lambda i: patch[i] / median[i])
+        shrinkable = [i for i in range(len(patch))
+                      if patch[i] > max(divisible[i], min_feature_map_edge) and patch[i] - divisible[i] >= floor[i]]
+        if not shrinkable:
+            break  # every axis at its floor: the budget needs a smaller patch than allowed
+        # nnU-Net's rule: shrink the axis that is largest relative to the median shape
+        axis = max(shrinkable, key=lambda i: patch[i] / median[i])
         trial = list(patch)
         trial[axis] -= int(divisible[axis])
         # as nnU-Net: recompute the divisor for the smaller patch so that no valid size is skipped
@@ -370,10 +379,11 @@ def fit_patch_and_batch(spacing: np.ndarray, median_shape: np.ndarray, approxima
         cost = estimate_cost(patch, arch, input_channels, output_channels)
         reductions += 1
 
+    fits = budget.fits(cost, budget.min_batch)
     by_budget = budget.largest_batch(cost)
     by_dataset = int(round(approximate_n_voxels_dataset * max_dataset_covered / np.prod(patch, dtype=np.float64)))
     batch = min(by_budget, by_dataset)
     limited_by = "budget" if by_budget <= by_dataset else "dataset"
     if batch < budget.min_batch:
         batch, limited_by = budget.min_batch, "minimum"
-    return FittedConfiguration(patch, int(batch), arch, cost, reductions, limited_by)
+    return FittedConfiguration(patch, int(batch), arch, cost, reductions, limited_by, fits)

@@ -22,7 +22,7 @@ def run_plan(args: argparse.Namespace) -> int:
         args.dataset, configurations=args.configurations, device=args.device,
         memory_target_gb=args.memory_target_gb, preprocess=not args.no_preprocess,
         num_processes=args.num_processes, raw_folder=args.raw, preprocessed_folder=args.preprocessed,
-        overwrite=args.overwrite, show_progress_bar=not args.quiet, verbose=args.verbose)
+        overwrite=args.overwrite, show_progress_bar=not args.quiet, verbose=args.verbose, budget=args.budget)
     plans = read_json(plans_file)
     facts = dataset_summary(plans)
     rows = summarize_plans(plans, args.configurations)
@@ -30,7 +30,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"{facts['dataset']}: task {facts['task']}, median shape {facts['median_shape']} at spacing "
           f"{facts['median_spacing']} mm (after transpose {facts['transpose_forward']}), "
           f"anisotropy {facts['anisotropy']}")
-    print(f"planned for {facts['device']}, memory target {facts['memory_target_gb']:g} GB")
+    print(f"planned for {facts['device']}, memory target {facts['memory_target_gb']:g} GB"
+          + (f", training budget {args.budget} per fold and configuration" if args.budget else ""))
     print()
     print(format_table(rows))
     print()
@@ -55,6 +56,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "     3d_diffusion: a time-conditioned U-Net sized for --device and --memory-target-gb, and\n"
             "     diffusion settings for the dataset's task;\n"
             "  3. preprocess with nnunetv2's preprocessor.\n"
+            "With --budget (e.g. 15m on a CPU, 12h on a GPU) the planner plans for the time at hand: the patch\n"
+            "must cover the foreground (all labels, plus a margin), the spacing is coarsened until such a patch\n"
+            "trains enough steps in the budget, each network's step is timed on this machine, and the plans get a\n"
+            "schedule (epochs x iterations, poly learning rate) that `spinediff train` follows and ends in time.\n"
             "Writes $nnUNet_preprocessed/DatasetXXX_Name/nnUNetPlans.json and its data folders and prints a\n"
             "table of the configurations. nnU-Net's own trainer runs on the result unchanged\n"
             "(nnUNetv2_train ID 2d FOLD). See documentation/planning.md."
@@ -62,6 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  spinediff plan -d 501                        # plan and preprocess for the detected device\n"
+            "  spinediff plan -d 501 --device cpu --budget 15m   # 15 minutes of training per fold on this CPU\n"
+            "  spinediff plan -d 501 --device cuda --budget 12h\n"
             "  spinediff plan -d 902 --device cpu -np 2     # small configurations that train on a CPU\n"
             "  spinediff plan -d 902 --device cuda --memory-target-gb 24 --no-preprocess\n"
             "  spinediff plan -d 501 -c 2d 2d_diffusion --overwrite"
@@ -79,6 +86,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "auto = cuda if torch sees a GPU (default: auto)")
     parser.add_argument("--memory-target-gb", type=float, default=None, metavar="G",
                         help="GPU memory (cuda; default 8, as nnU-Net) or RAM (cpu; default 4) to plan for")
+    parser.add_argument("--budget", metavar="TIME",
+                        help="training time per fold and configuration, e.g. 90s, 15m, 12h (a bare number: minutes). "
+                             "Plans field of view, spacing, patch and a schedule that ends within it; step times are "
+                             "measured with torch's current thread count (OMP_NUM_THREADS). Default: plan for memory "
+                             "as nnU-Net does, with nnU-Net's 1000-epoch schedule")
     parser.add_argument("--no-preprocess", action="store_true", help="write the plans only")
     parser.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                         help=f"worker processes for fingerprint and preprocessing (default here: "

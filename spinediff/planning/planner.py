@@ -88,6 +88,11 @@ def diffusion_block(task: str, condition_channels: int, target_channels: int, de
         # at prediction and none of the reference works used guidance.
         "condition_dropout": 0.0,
         "target_intensity": target_intensity,
+        # Segmentation: training timesteps skewed to the noisy levels (t = T-1-floor(T u^3): 46 % in the
+        # noisiest tenth, 21 % in the cleaner half). With uniform timesteps half of the steps see a noisy mask
+        # that still shows the answer (cosine SNR > 1 for t < T/2) and teach copying; DDIM sampling from pure
+        # noise needs the noisy levels. Images keep DDPM's uniform draw.
+        "timestep_power": 3.0 if task == "segmentation" else 1.0,
     }
     return block
 
@@ -107,8 +112,11 @@ class SpineDiffPlanner(ExperimentPlanner):
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetPlans",
                  overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
                  suppress_transpose: bool = False, *, device: str = "cuda", memory_target_gb: float | None = None,
-                 target_statistics: dict[str, Any] | None = None) -> None:
+                 target_statistics: dict[str, Any] | None = None, budget_seconds: float | None = None,
+                 measure: bool = True) -> None:
         self.profile = device_profile(device, memory_target_gb)
+        self.budget_seconds = budget_seconds
+        self.measure = measure
         nnunet_gb = self.profile.memory_target_gb if device == "cuda" else gpu_memory_target_in_gb
         super().__init__(dataset_name_or_id, nnunet_gb, preprocessor_name, plans_name, overwrite_target_spacing,
                          suppress_transpose)
@@ -267,6 +275,8 @@ class SpineDiffPlanner(ExperimentPlanner):
 
     def plan_diffusion_configuration(self, name: str, base: dict[str, Any], n_voxels_dataset: float
                                      ) -> tuple[dict[str, Any], FittedConfiguration]:
+        if self.budget_seconds is not None:
+            return self.plan_budgeted_configuration(name, base, n_voxels_dataset)
         spacing = np.asarray(base["spacing"], dtype=float)
         median = np.asarray(base["median_image_size_in_voxels"], dtype=float)
         dim = len(spacing)
@@ -299,6 +309,101 @@ class SpineDiffPlanner(ExperimentPlanner):
         configuration["notes"] = self._notes(name, base, fitted, budget)
         return configuration, fitted
 
+    def diffusion_architecture(self, arch_kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"network_class_name": DIFFUSION_NETWORK, "arch_kwargs": arch_kwargs,
+                "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+    def foreground_extent(self) -> np.ndarray | None:
+        """Foreground extent in mm after transpose (computed once; see :mod:`.budget`)."""
+        if not hasattr(self, "_extent"):
+            from spinediff.planning.budget import foreground_extent_mm
+
+            transpose_forward, _ = self.determine_transpose()
+            self._extent = foreground_extent_mm(Path(self.raw_dataset_folder), self.dataset_json, self.task.task,
+                                                list(transpose_forward))
+        return self._extent
+
+    def plan_budgeted_configuration(self, name: str, base: dict[str, Any], n_voxels_dataset: float
+                                    ) -> tuple[dict[str, Any], FittedConfiguration]:
+        """Budget mode (``--budget``): field of view first, spacing and patch for the time at hand, a measured
+        step and a schedule that ends with the budget (:mod:`.budget_planner`)."""
+        from spinediff.planning.budget_planner import budget_notes, fit_for_budget, schedule_from
+
+        condition, target = self.diffusion_channels()
+        fit = fit_for_budget(self, base, n_voxels_dataset, condition + target, target, self.foreground_extent())
+        fitted = fit.fitted
+        validation_batches = 2  # sampled validation: a few DDIM steps per batch
+        schedule = schedule_from(self.budget_seconds, fit.step_seconds, fit.step_seconds_source, self.profile.device,
+                                 validation_batches)
+        configuration = {
+            "inherits_from": DIFFUSION_BASE[name],
+            **self._resampled(base, fit),
+            "batch_size": fitted.batch_size,
+            "patch_size": list(fitted.patch_size),
+            "architecture": self.diffusion_architecture(fitted.arch_kwargs),
+            "diffusion": diffusion_block(self.task.task, condition, target, self.profile.device,
+                                         self._target_intensity()),
+            "schedule": schedule.to_dict(),
+            "planning": {
+                "device": self.profile.device,
+                "memory_target_gb": self.profile.memory_target_gb,
+                "budget_seconds": self.budget_seconds,
+                "foreground_extent_mm": None if fit.extent_mm is None else [round(float(e), 1) for e in fit.extent_mm],
+                "required_field_of_view_mm": [round(float(f), 1) for f in fit.required_fov_mm],
+                "patch_mm": [round(float(p), 1) for p in fit.patch_mm],
+                "foreground_coverage": fit.coverage(),
+                "spacing_factor": fit.spacing_factor,
+                "fits_budget": bool(fitted.fits),
+                "time_scale": round(fit.time_scale, 3),
+                "batch_limited_by": fitted.batch_limited_by,
+                "patch_reductions": fitted.patch_reductions,
+            },
+        }
+        configuration["notes"] = budget_notes(fit, schedule, self.budget_seconds) + self._notes(
+            name, base, fitted, Budget(self.profile, len(fitted.patch_size)))[-2:]
+        self._budget_fits = getattr(self, "_budget_fits", {})
+        self._budget_fits[name] = fit
+        return configuration, fitted
+
+    def ordered_label_axes(self) -> list[int]:
+        """Array axes (before transpose) along which the training labels keep one order (segmentation only;
+        see :mod:`.label_order`). Computed once."""
+        if not hasattr(self, "_ordered"):
+            from spinediff.planning.label_order import case_centroids_mm, ordered_axes
+
+            self._ordered = []
+            if self.task.task == "segmentation":
+                centroids = case_centroids_mm(Path(self.raw_dataset_folder), self.dataset_json)
+                self._ordered = ordered_axes(centroids, 3)
+        return self._ordered
+
+    def _add_augmentation(self, configuration: dict[str, Any], dim: int) -> None:
+        """Mirroring and rotation that keep ordered labels (vertebral levels) in their order."""
+        from spinediff.planning.label_order import augmentation_block
+
+        ordered = self.ordered_label_axes()
+        if not ordered:
+            return
+        transpose_forward, _ = self.determine_transpose()
+        block = augmentation_block(ordered, list(transpose_forward), dim)
+        if not block["ordered_label_axes"]:
+            return
+        configuration["augmentation"] = block
+        axes = ", ".join(str(a) for a in block["ordered_label_axes"])
+        configuration.setdefault("notes", []).append(
+            f"The labels keep one order along patch axis {axes} in every training case (e.g. vertebral levels "
+            f"along the spine): no mirroring along it and rotations within {block['max_rotation_degrees']:g} "
+            "degrees, so that training never shows the levels upside down (nnU-Net mirrors every axis).")
+
+    def _resampled(self, base: dict[str, Any], fit) -> dict[str, Any]:
+        """Spacing overrides of a budget configuration; its own preprocessed data when the spacing changed."""
+        if fit.spacing_factor == 1.0:
+            return {}
+        tag = "x".join(f"{s:.3g}" for s in fit.spacing)
+        return {"spacing": [float(s) for s in fit.spacing],
+                "median_image_size_in_voxels": [round(float(m), 1) for m in fit.median_shape],
+                "data_identifier": f"{base['data_identifier']}_{tag}mm"}
+
     def add_diffusion_configurations(self, plans: dict[str, Any]) -> None:
         """Add ``2d_diffusion``, ``3d_diffusion`` (when nnU-Net made 3d_fullres) and the CPU baselines."""
         configurations = plans["configurations"]
@@ -308,16 +413,22 @@ class SpineDiffPlanner(ExperimentPlanner):
                 continue
             base = configurations[base_name]
             configuration, fitted = self.plan_diffusion_configuration(name, base, n_voxels)
+            self._add_augmentation(configuration, len(fitted.patch_size))
             configurations[name] = configuration
-            if self.profile.device == "cpu":
+            if self.profile.device == "cpu" or self.budget_seconds is not None:
                 baseline = {v: k for k, v in CPU_BASELINES.items()}[name]
                 configurations[baseline] = self._cpu_baseline(base_name, base, fitted)
+                if self.budget_seconds is not None:
+                    self._budget_baseline(configurations[baseline], configuration, name)
+                if "augmentation" in configuration:
+                    configurations[baseline]["augmentation"] = deepcopy(configuration["augmentation"])
         plans["spinediff"] = {
             "planner": type(self).__name__,
             "version": __version__,
             "task": self.task.task,
             "device": self.profile.device,
             "memory_target_gb": self.profile.memory_target_gb,
+            "budget_seconds": self.budget_seconds,
             "nnunet_memory_target_gb": self.UNet_vram_target_GB,
             "recommended_configuration": self.recommended_configuration(plans),
             "target_intensity_statistics": self.target_statistics or None,
@@ -338,6 +449,30 @@ class SpineDiffPlanner(ExperimentPlanner):
                       f"{'2d' if len(fitted.patch_size) == 2 else '3d'}_diffusion: a CPU baseline with the same "
                       "topology budget (nnU-Net's GPU-sized defaults take seconds per step on this CPU)."],
         }
+
+    def _budget_baseline(self, baseline: dict[str, Any], diffusion: dict[str, Any], name: str) -> None:
+        """nnU-Net's trainer in the same budget plan: same spacing, patch and batch, its own measured step
+        (PlainConvUNet with deep supervision) and its own schedule for the same budget."""
+        from spinediff.planning.budget_planner import measure_or_estimate, schedule_from
+
+        fit = self._budget_fits[name]
+        for key in ("spacing", "median_image_size_in_voxels", "data_identifier"):
+            if key in diffusion:
+                baseline[key] = deepcopy(diffusion[key])
+        n_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+        seconds, source = measure_or_estimate(fit.fitted, self.profile.device, n_channels, self._num_label_channels(),
+                                              baseline["architecture"], measure=self.measure,
+                                              time_scale=fit.time_scale, deep_supervision=True,
+                                              time_conditioned=False)
+        # nnU-Net's per-epoch validation is one forward pass per batch: 5 batches cost little
+        schedule = schedule_from(self.budget_seconds, seconds, source, self.profile.device, 5)
+        baseline["schedule"] = schedule.to_dict()
+        baseline["planning"] = deepcopy(diffusion["planning"])
+        baseline["notes"] = [baseline["notes"][0], *[n for n in diffusion["notes"] if n.startswith(
+            ("Field of view", "Resolution traded"))],
+            f"Schedule: {schedule.epochs} epochs x {schedule.iterations_per_epoch} iterations = {schedule.steps} steps "
+            f"at {schedule.step_seconds:.3g} s/step ({schedule.step_seconds_source}), about "
+            f"{schedule.expected_seconds / 60:.1f} min."]
 
     def anisotropy(self) -> float:
         spacing = self.determine_fullres_target_spacing()

@@ -29,7 +29,7 @@ class TrainingOptions:
     learning_rate: float | None = None
     sampling_steps: int | None = None  # DDIM steps of the final validation
     mask_ablation_probability: float | None = None
-    budget_minutes: float | None = None  # stop after the epoch that exhausts this wall-clock budget
+    budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
 
 
 def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -119,20 +119,25 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
         except ValueError:
             raise SpineDiffError(f"Fold must be 0-4 or 'all', got {fold!r}.") from None
     torch_device = torch.device(device)
+    from spinediff.training.augmentation import apply_planned_augmentation
+
     if trainer in TRAINERS:
         plans = read_json(plans_file)
         plans["continue_training"] = continue_training  # nnU-Net's constructor pops it
         dataset_json = read_json(preprocessed / name / "dataset.json")
-        return TRAINERS[trainer](plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                                 device=torch_device)
-    from nnunetv2.run.run_training import get_trainer_from_args
+        instance = TRAINERS[trainer](plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
+                                     device=torch_device)
+    else:
+        from nnunetv2.run.run_training import get_trainer_from_args
 
-    try:
-        return get_trainer_from_args(name, configuration, fold, trainer, plans_identifier, continue_training,
-                                     torch_device)
-    except RuntimeError as exc:
-        raise SpineDiffError(f"Unknown trainer {trainer!r}: not a spinediff trainer ({', '.join(TRAINERS)}) and "
-                             f"not found by nnU-Net ({exc}).") from None
+        try:
+            instance = get_trainer_from_args(name, configuration, fold, trainer, plans_identifier, continue_training,
+                                             torch_device)
+        except RuntimeError as exc:
+            raise SpineDiffError(f"Unknown trainer {trainer!r}: not a spinediff trainer ({', '.join(TRAINERS)}) "
+                                 f"and not found by nnU-Net ({exc}).") from None
+    apply_planned_augmentation(instance)
+    return instance
 
 
 def apply_options(trainer, options: TrainingOptions) -> None:
@@ -150,6 +155,34 @@ def apply_options(trainer, options: TrainingOptions) -> None:
         trainer.mask_ablation_probability = float(options.mask_ablation_probability)
 
 
+def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None, bool]:
+    """Apply the plans' schedule and the options; return (budget in seconds or None, whether the schedule may
+    grow to fill the budget).
+
+    - Plans made with ``--budget`` carry a schedule: its epochs x iterations, refitted to end at its budget.
+    - ``budget_minutes`` overrides the budget; a planned schedule is scaled to it, otherwise the trainer's
+      epochs are refitted to it after the first epochs (either way the learning rate anneals fully).
+    - ``epochs`` with a budget: the budget is a cap (fewer epochs on a slow machine, never more).
+    - ``epochs`` without a budget: exactly that many epochs, no refit.
+    """
+    from spinediff.training.schedule import apply_schedule, schedule_of
+
+    schedule = schedule_of(trainer)
+    budget = None
+    if schedule is not None:
+        apply_schedule(trainer, schedule)
+        budget = float(schedule["budget_seconds"])
+    if options.budget_minutes is not None:
+        wanted = float(options.budget_minutes) * 60.0
+        if schedule is not None:
+            trainer.num_epochs = max(1, int(round(trainer.num_epochs * wanted / budget)))
+        budget = wanted
+    elif options.epochs is not None:
+        budget = None  # the user asked for an exact number of epochs
+    apply_options(trainer, options)
+    return budget, options.epochs is None
+
+
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
           options: TrainingOptions | None = None, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
@@ -159,47 +192,24 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
 
     instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier, device, continue_training,
                              prediction_type, preprocessed_folder, results_folder)
-    apply_options(instance, options or TrainingOptions())
+    budget, grow = configure_schedule(instance, options or TrainingOptions())
     if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
         raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth is "
                              "missing). Train first, or resume with --c.")
     maybe_load_checkpoint(instance, continue_training, validation_only)
+    if instance.inference_allowed_mirroring_axes == ():  # older checkpoints; nnU-Net's predictor wants None
+        instance.inference_allowed_mirroring_axes = None
     if not validation_only:
-        budget = options.budget_minutes if options else None
-        if budget is None:
-            instance.run_training()
-        else:
-            run_training_with_budget(instance, budget * 60.0)
+        run_and_log_schedule(instance, budget, grow)
     instance.perform_actual_validation(False)
     return Path(instance.output_folder)
 
 
-def run_training_with_budget(trainer, budget_seconds: float) -> int:
-    """nnU-Net's training loop (``nnUNetTrainer.run_training``), stopped after the epoch in which the
-    wall-clock budget runs out, so competing methods can be given the same CPU time. Works for any
-    nnU-Net trainer, ours or nnU-Net's own. Returns the number of epochs run."""
-    import time
+def run_and_log_schedule(trainer, budget_seconds: float | None, grow: bool = True):
+    """:func:`~spinediff.training.schedule.run_scheduled_training`, its log kept as ``schedule_log.json``."""
+    from spinediff.training.schedule import run_scheduled_training
 
-    from spinediff.training.distributed import any_rank
-
-    start = time.perf_counter()
-    trainer.on_train_start()
-    epochs = 0
-    for _ in range(trainer.current_epoch, trainer.num_epochs):
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
-        trainer.on_train_epoch_end(outputs)
-        with torch.no_grad():
-            trainer.on_validation_epoch_start()
-            val_outputs = [trainer.validation_step(next(trainer.dataloader_val))
-                           for _ in range(trainer.num_val_iterations_per_epoch)]
-            trainer.on_validation_epoch_end(val_outputs)
-        trainer.on_epoch_end()
-        epochs += 1
-        # Under DDP the ranks must agree to stop (any rank over budget), or the others wait for them forever.
-        if any_rank(time.perf_counter() - start > budget_seconds):
-            trainer.print_to_log_file(f"Time budget of {budget_seconds / 60:.1f} min used up after {epochs} epoch(s).")
-            break
-    trainer.on_train_end()
-    return epochs
+    log = run_scheduled_training(trainer, budget_seconds, grow=grow)
+    if getattr(trainer, "local_rank", 0) == 0:
+        write_json(log.to_dict(), Path(trainer.output_folder) / "schedule_log.json")
+    return log

@@ -59,3 +59,37 @@ def restrict_intensity_augmentation(transforms: BasicTransform, task) -> BasicTr
             kept.append(ChannelSubsetTransform(transform, task.source_channels))
         # generation: every image channel is a target → no intensity augmentation
     return ComposeTransforms(kept)
+
+
+def apply_planned_augmentation(trainer) -> None:
+    """Follow the configuration's ``augmentation`` block (``spinediff plan``: labels with an order along an
+    axis, such as vertebral levels) in any nnU-Net trainer, ours or nnU-Net's own: no mirroring along the
+    ordered axes (in training and at test time) and rotations within ``max_rotation_degrees``."""
+    import numpy as np
+    from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
+
+    block = trainer.configuration_manager.configuration.get("augmentation")
+    if not block:
+        return
+    original = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size
+
+    def configure():
+        rotation, dummy_2d, initial_patch_size, mirror_axes = original()
+        mirror_axes = tuple(a for a in (mirror_axes or ()) if a in block.get("mirror_axes", mirror_axes))
+        limit = block.get("max_rotation_degrees")
+        if limit is not None:
+            bound = float(limit) / 180.0 * np.pi
+            rotation = (max(rotation[0], -bound), min(rotation[1], bound))
+            patch_size = trainer.configuration_manager.patch_size
+            dim = len(patch_size)
+            initial_patch_size = get_patch_size(patch_size[-dim:], rotation, rotation, rotation, (0.85, 1.25))
+            if dummy_2d:
+                initial_patch_size[0] = patch_size[0]
+        # nnU-Net's predictor asserts on an empty tuple: None means "no test-time mirroring"
+        trainer.inference_allowed_mirroring_axes = mirror_axes or None
+        trainer.print_to_log_file(f"Planned augmentation: mirror axes {mirror_axes}, rotation within "
+                                  f"{np.degrees(rotation[1]):.0f} degrees (labels ordered along patch axes "
+                                  f"{block.get('ordered_label_axes')}).")
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = configure

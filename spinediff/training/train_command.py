@@ -16,6 +16,10 @@ def run_train(args: argparse.Namespace) -> int:
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
                               budget_minutes=args.budget_minutes)
+    if args.budget is not None:
+        from spinediff.planning.budget import parse_budget
+
+        options.budget_minutes = parse_budget(args.budget) / 60.0
     folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
                    continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
                    preprocessed_folder=args.preprocessed, results_folder=args.results)
@@ -47,9 +51,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="what the diffusion network predicts: x0 = image mode (the plans' default), eps = noise "
                              "mode, v = velocity; a non-default choice trains a derived configuration CONFIG_eps/_v")
     parser.add_argument("--epochs", type=int, help="number of epochs (nnU-Net default 1000)")
-    parser.add_argument("--budget-minutes", type=float,
-                        help="stop after the epoch in which this much wall-clock time has passed (same CPU budget for "
-                             "competing methods); --epochs stays the upper limit")
+    parser.add_argument("--budget", metavar="TIME",
+                        help="training time, e.g. 15m or 12h (default: the plans' schedule from `spinediff plan "
+                             "--budget`). The number of epochs is refitted to the speed measured in the first epochs "
+                             "so that training, and its learning-rate decay, end at the budget; with --epochs the "
+                             "budget is only a cap")
+    parser.add_argument("--budget-minutes", type=float, help="the same as --budget, in minutes")
     parser.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
     parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
     parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")

@@ -1,0 +1,138 @@
+"""Training that follows the plans' schedule and ends with its time budget.
+
+``spinediff plan --budget`` stores a ``schedule`` in each configuration (epochs x iterations from a step
+time measured on the planning machine, :mod:`spinediff.planning.budget`). :func:`run_scheduled_training`
+runs nnU-Net's training loop (for our trainers and nnU-Net's own alike) with that schedule and, when the
+speed measured here differs from the plan (a busy machine, data loading, validation), **refits the number
+of epochs** so that the run still ends at the budget. The poly learning-rate schedule is stretched or
+shrunk with it (``lr_scheduler.max_steps``), so the learning rate always reaches the end of its schedule:
+nothing stops mid-schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Refit when the predicted end of training is off the budget by more than this share.
+REFIT_TOLERANCE = 0.10
+#: Epochs measured before the first refit (the first epoch also warms up data loading).
+EPOCHS_BEFORE_REFIT = 2
+
+
+@dataclass
+class ScheduleLog:
+    """What happened to the schedule during one run."""
+
+    planned_epochs: int
+    budget_seconds: float | None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    refits: list[dict[str, Any]] = field(default_factory=list)
+    final_learning_rate: float = float("nan")
+    initial_learning_rate: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"planned_epochs": self.planned_epochs, "budget_seconds": self.budget_seconds,
+                "epochs_run": self.epochs_run, "seconds": round(self.seconds, 1), "refits": self.refits,
+                "initial_learning_rate": self.initial_learning_rate,
+                "final_learning_rate": self.final_learning_rate}
+
+
+def schedule_of(trainer) -> dict[str, Any] | None:
+    """The plans' ``schedule`` block of the trainer's configuration (None for plans made without a budget)."""
+    return trainer.configuration_manager.configuration.get("schedule")
+
+
+def apply_schedule(trainer, schedule: dict[str, Any]) -> None:
+    """Epochs, iterations and validation batches of a plans schedule (before the trainer is initialised)."""
+    trainer.num_epochs = int(schedule["epochs"])
+    trainer.num_iterations_per_epoch = int(schedule["iterations_per_epoch"])
+    trainer.num_val_iterations_per_epoch = int(schedule.get("val_iterations_per_epoch", 2))
+    # a checkpoint every epoch: an interrupted budget run resumes where it stopped (nnU-Net: every 50)
+    trainer.save_every = 1
+
+
+def seconds_already_trained(trainer) -> float:
+    """Training time of the epochs done before a resume (from nnU-Net's logged epoch timestamps)."""
+    logging = trainer.logger.get_checkpoint() if hasattr(trainer.logger, "get_checkpoint") else {}
+    starts = logging.get("epoch_start_timestamps", [])[: trainer.current_epoch]
+    ends = logging.get("epoch_end_timestamps", [])[: trainer.current_epoch]
+    return float(sum(max(0.0, e - s) for s, e in zip(starts, ends, strict=False)))
+
+
+def refit_epochs(current_epoch: int, planned_epochs: int, elapsed: float, epoch_seconds: float,
+                 budget_seconds: float, grow: bool = True) -> int:
+    """Total epochs so that the remaining ones end at the budget at ``epoch_seconds`` each; unchanged while the
+    plan's end is within :data:`REFIT_TOLERANCE` of the budget. Never fewer than the epochs done; never more
+    than planned when ``grow`` is False (the budget is a cap)."""
+    predicted = elapsed + (planned_epochs - current_epoch) * epoch_seconds
+    if abs(predicted - budget_seconds) <= REFIT_TOLERANCE * budget_seconds:
+        return planned_epochs
+    remaining = max(0.0, budget_seconds - elapsed)
+    total = int(current_epoch + max(0, math.floor(remaining / max(epoch_seconds, 1e-9) + 0.5)))
+    return total if grow else min(total, planned_epochs)
+
+
+def _agreed(value: float) -> float:
+    """Under DDP every rank must use the same number of epochs: the slowest rank's value."""
+    from spinediff.training.distributed import gather_lists, is_distributed
+
+    return float(max(gather_lists([value]))) if is_distributed() else value
+
+
+def run_scheduled_training(trainer, budget_seconds: float | None = None, grow: bool = True) -> ScheduleLog:
+    """nnU-Net's training loop (``nnUNetTrainer.run_training``) with a refitted schedule.
+
+    ``budget_seconds``: training time to end at (None: run the trainer's epochs as they are); ``grow``: whether
+    the schedule may get longer than planned to fill the budget (False: the budget is only a cap). Works for any
+    nnU-Net trainer. Returns a :class:`ScheduleLog` (also written to the trainer's log file).
+    """
+    trainer.on_train_start()
+    log = ScheduleLog(int(trainer.num_epochs), budget_seconds)
+    log.initial_learning_rate = float(trainer.initial_lr)
+    before = seconds_already_trained(trainer)
+    start = time.perf_counter()
+    epoch_seconds: list[float] = []
+    while trainer.current_epoch < trainer.num_epochs:
+        t0 = time.perf_counter()
+        trainer.on_epoch_start()
+        trainer.on_train_epoch_start()
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
+        trainer.on_train_epoch_end(outputs)
+        with torch.no_grad():
+            trainer.on_validation_epoch_start()
+            val_outputs = [trainer.validation_step(next(trainer.dataloader_val))
+                           for _ in range(trainer.num_val_iterations_per_epoch)]
+            trainer.on_validation_epoch_end(val_outputs)
+        log.final_learning_rate = float(trainer.optimizer.param_groups[0]["lr"])
+        trainer.on_epoch_end()  # current_epoch += 1
+        epoch_seconds.append(time.perf_counter() - t0)
+        log.epochs_run += 1
+        if budget_seconds is None or len(epoch_seconds) < EPOCHS_BEFORE_REFIT:
+            continue
+        recent = epoch_seconds[1:][-5:]  # the first epoch of a run also starts the data loaders
+        per_epoch = _agreed(float(np.mean(recent)))
+        elapsed = _agreed(before + time.perf_counter() - start)
+        total = refit_epochs(trainer.current_epoch, trainer.num_epochs, elapsed, per_epoch, budget_seconds,
+                             grow)
+        if total != trainer.num_epochs:
+            log.refits.append({"after_epoch": trainer.current_epoch, "from": trainer.num_epochs, "to": total,
+                               "epoch_seconds": round(per_epoch, 2), "elapsed_seconds": round(elapsed, 1)})
+            trainer.print_to_log_file(
+                f"Schedule refit after epoch {trainer.current_epoch}: {per_epoch:.1f} s per epoch here, so "
+                f"{total} instead of {trainer.num_epochs} epochs end at the budget of {budget_seconds / 60:.1f} min "
+                "(the learning-rate schedule is rescaled to match).")
+            trainer.num_epochs = total
+            if hasattr(trainer.lr_scheduler, "max_steps"):
+                trainer.lr_scheduler.max_steps = max(total, 1)
+    log.seconds = before + time.perf_counter() - start
+    trainer.print_to_log_file(f"Training schedule: {log.epochs_run} epoch(s) in this run, {trainer.current_epoch} in "
+                              f"all, {log.seconds / 60:.2f} min, final learning rate {log.final_learning_rate:.3g}.")
+    trainer.on_train_end()
+    return log
