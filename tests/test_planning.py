@@ -337,3 +337,31 @@ def test_cli_plans_and_prints_table(planned, tmp_path, capsys):
     assert "recommended diffusion configuration: 2d_diffusion" in out
     plans = load(tmp_path / "Dataset992_Aniso" / "nnUNetPlans.json")
     assert plans["spinediff"]["device"] == "cuda" and plans["spinediff"]["memory_target_gb"] == 12
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan", "undeclared_label", "channel_origin"])
+def test_plan_checks_its_input_first_and_writes_nothing(tmp_path, damage):
+    raw, pre = tmp_path / "raw", tmp_path / "preprocessed"
+    dataset = write_dataset(raw, "Dataset996_Damaged", shape_xyz=(24, 24, 12), cases=3, channels=("T1w", "T2w"))
+    image = dataset / "imagesTr" / "case001_0000.nii.gz"
+    if damage == "truncated":
+        data = image.read_bytes()
+        image.write_bytes(data[: len(data) // 2])
+    elif damage == "nan":
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+        array[2, 3, 4] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(image))
+    elif damage == "undeclared_label":
+        label = dataset / "labelsTr" / "case001.nii.gz"
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+        array[0, 0, 0] = 7
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(label))
+    else:
+        other = sitk.ReadImage(str(dataset / "imagesTr" / "case001_0001.nii.gz"))
+        other.SetOrigin((5.0, 0.0, 0.0))
+        sitk.WriteImage(other, str(dataset / "imagesTr" / "case001_0001.nii.gz"))
+    with pytest.raises(SpineDiffError, match="case001") as error:
+        plan_dataset(996, device="cpu", num_processes=1, raw_folder=raw, preprocessed_folder=pre,
+                     show_progress_bar=False, intensity_samples=10_000)
+    assert "Nothing was planned" in str(error.value)
+    assert not (pre / "Dataset996_Damaged").exists()

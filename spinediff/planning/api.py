@@ -136,6 +136,16 @@ def _check_dataset(folder: Path) -> dict[str, Any]:
     return dataset_json
 
 
+def _validate_before_planning(folder: Path, progress: bool) -> None:
+    """``spinediff validate``'s checks; nnunetv2 would plan a truncated file as zeros and NaNs as 0."""
+    from spinediff.datasets.validate import validate_dataset
+
+    report = validate_dataset(folder, progress=progress)
+    if not report.ok:
+        raise SpineDiffError(f"{report.summary()}\nNothing was planned or written. Fix the files above (`spinediff "
+                             f"validate -d {folder}` lists them again) and run `spinediff plan` once more.")
+
+
 def _make_fingerprint_extractor(intensity_samples: int):
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
@@ -169,7 +179,7 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
                  show_progress_bar: bool = True, verbose: bool = False,
                  intensity_samples: int = DEFAULT_INTENSITY_SAMPLES,
                  log: Callable[[str], None] | None = None, budget: str | float | None = None,
-                 measure: bool = True) -> Path:
+                 measure: bool = True, check_input: bool = True) -> Path:
     """Fingerprint, plan and (optionally) preprocess ``dataset``; return the path of the plans file.
 
     Args:
@@ -191,6 +201,9 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
             patch and schedule for it (:mod:`spinediff.planning.budget`). None: plan for memory, as nnU-Net.
         measure: with a budget, time a few training steps of each configuration on this machine (else
             use the cost model's estimate).
+        check_input: run ``spinediff validate``'s checks (readable files, geometry across channels and
+            labels, NaN/Inf, declared label values) before nnunetv2 reads anything; any problem stops
+            planning before a file is written.
 
     Raises:
         SpineDiffError: missing dataset or folders, invalid settings, existing plans without overwrite.
@@ -220,6 +233,8 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
 
     dataset_folder = resolve_raw_dataset(dataset, raw_folder)
     dataset_json = _check_dataset(dataset_folder)
+    if check_input:
+        _validate_before_planning(dataset_folder, show_progress_bar)
     name = dataset_folder.name
     preprocessed_root = nnunet_folder("preprocessed", preprocessed_folder)
     output = preprocessed_root / name
