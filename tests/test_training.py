@@ -179,3 +179,22 @@ def test_nnunetv2_train_finds_spinediff_trainers(nnunet_env):
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["trainer_name"] == "DiffusionSegmentationTrainer" and checkpoint["current_epoch"] == 1
     assert (folder / "validation_metrics.json").exists()
+
+
+def test_same_seed_same_training_other_seed_other_training(nnunet_env, tmp_path):
+    """--seed fixes network initialisation, augmentation and diffusion noise on the CPU."""
+    from dataclasses import replace
+
+    def weights(seed: int, tag: str) -> dict:
+        folder = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", replace(TINY, seed=seed),
+                       results_folder=str(tmp_path / tag))
+        checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+        return checkpoint["training_weights"], checkpoint["logging"]["train_losses"]
+
+    first, first_losses = weights(3, "a")
+    second, second_losses = weights(3, "b")
+    other, other_losses = weights(4, "c")
+    assert first_losses == second_losses
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert first_losses != other_losses
+    assert any(not torch.equal(first[k], other[k]) for k in first)

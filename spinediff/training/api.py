@@ -30,6 +30,7 @@ class TrainingOptions:
     sampling_steps: int | None = None  # DDIM steps of the final validation
     mask_ablation_probability: float | None = None
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
+    seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
 
 
 def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -153,6 +154,22 @@ def apply_options(trainer, options: TrainingOptions) -> None:
         trainer.final_validation_steps = int(options.sampling_steps)
     if options.mask_ablation_probability is not None and hasattr(trainer, "mask_ablation_probability"):
         trainer.mask_ablation_probability = float(options.mask_ablation_probability)
+    if options.seed is not None:
+        seed_run(trainer, int(options.seed))
+
+
+def seed_run(trainer, seed: int) -> None:
+    """Seed what a run draws from: numpy, ``random`` and torch (network initialisation, nnU-Net's data loading
+    and augmentation in the main process) and a spinediff trainer's diffusion-noise generator; per fold, so
+    that folds differ. Call before the trainer is initialised. Augmentation worker processes
+    (``nnUNet_n_proc_DA`` > 0) and GPU kernels are not made deterministic by this."""
+    from spinediff.training.distributed import seed_global_generators
+
+    fold_seed = seed + 1000 * (trainer.fold if isinstance(trainer.fold, int) else 0)
+    seed_global_generators(fold_seed)
+    if hasattr(trainer, "generator"):
+        trainer.seed = seed
+        trainer.generator.manual_seed(trainer.rank_seed(fold_seed))
 
 
 def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None, bool]:
