@@ -198,3 +198,31 @@ def test_same_seed_same_training_other_seed_other_training(nnunet_env, tmp_path)
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert first_losses != other_losses
     assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_started_fold_is_never_restarted_silently(nnunet_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", nnunet_env["nnUNet_results"])  # restored after the test
+    results = str(tmp_path / "results")
+    train(902, "2d_diffusion", 2, "RegressionTrainer", TINY, results_folder=results)
+    final = next(Path(results).rglob("checkpoint_final.pth"))
+    stamp = final.stat().st_mtime_ns
+    with pytest.raises(SpineDiffError, match="--c"):
+        train(902, "2d_diffusion", 2, "RegressionTrainer", TINY, results_folder=results)
+    assert final.stat().st_mtime_ns == stamp
+    train(902, "2d_diffusion", 2, "RegressionTrainer", TINY, results_folder=results, overwrite=True)
+    assert final.stat().st_mtime_ns != stamp
+
+
+def test_plans_of_another_dataset_are_refused_before_writing(nnunet_env, tmp_path, monkeypatch):
+    import shutil
+
+    for key in ("nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(key, nnunet_env[key])  # build_trainer points them elsewhere; restored after
+
+    preprocessed = tmp_path / "preprocessed"
+    copy = preprocessed / "Dataset921_Other"
+    shutil.copytree(Path(nnunet_env["nnUNet_preprocessed"]) / RAW_NAME[901], copy)
+    with pytest.raises(SpineDiffError, match="was made for 'Dataset901_SpinePhantomSeg'"):
+        build_trainer(921, "2d_diffusion", 0, "DiffusionSegmentationTrainer", preprocessed_folder=str(preprocessed),
+                      results_folder=str(tmp_path / "results"))
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))

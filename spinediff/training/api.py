@@ -103,16 +103,30 @@ def ensure_splits(preprocessed_dataset: Path, seed: int = 12345) -> None:
 def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str,
                   plans_identifier: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False,
                   prediction_type: str | None = None, preprocessed_folder: str | None = None,
-                  results_folder: str | None = None):
-    """Instantiate a spinediff or nnU-Net trainer for one fold (nothing is trained yet)."""
+                  results_folder: str | None = None, refuse_existing: bool = False):
+    """Instantiate a spinediff or nnU-Net trainer for one fold (nothing is trained yet).
+
+    ``refuse_existing``: raise before anything is written when the fold's results folder already holds a
+    started or finished training (``spinediff train`` without ``--c`` / ``--overwrite``).
+    """
     from spinediff.training import TRAINERS
 
-    preprocessed, _ = _setup_environment(preprocessed_folder, results_folder)
+    preprocessed, results = _setup_environment(preprocessed_folder, results_folder)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
     plans_file = preprocessed / name / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise SpineDiffError(f"{plans_file} does not exist. Run `spinediff plan -d {dataset}` first.")
+    planned_for = read_json(plans_file).get("dataset_name")
+    if planned_for != name:
+        raise SpineDiffError(f"{plans_file} was made for {planned_for!r}, not {name!r}: training on it would write "
+                             f"into {planned_for}'s results. Plan this dataset with `spinediff plan -d {dataset}`.")
     configuration = derive_configuration(plans_file, configuration, prediction_type)
+    if refuse_existing:
+        fold_folder = results / name / f"{trainer}__{plans_identifier}__{configuration}" / f"fold_{fold}"
+        started = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold_folder / f).is_file()]
+        if started:
+            raise SpineDiffError(f"{fold_folder} already holds a training ({', '.join(started)}). Resume it with "
+                                 "--c, re-run only its validation with --val-only, or start again with --overwrite.")
     ensure_splits(preprocessed / name)
     if fold != "all":
         try:
@@ -203,12 +217,14 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
           options: TrainingOptions | None = None, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
-          preprocessed_folder: str | None = None, results_folder: str | None = None) -> Path:
-    """Train (or resume, or only validate) one fold; returns the fold's output folder."""
+          preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False) -> Path:
+    """Train (or resume, or only validate) one fold; returns the fold's output folder. A fold that was already
+    started or finished is refused unless ``continue_training``, ``validation_only`` or ``overwrite``."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier, device, continue_training,
-                             prediction_type, preprocessed_folder, results_folder)
+                             prediction_type, preprocessed_folder, results_folder,
+                             refuse_existing=not (continue_training or validation_only or overwrite))
     budget, grow = configure_schedule(instance, options or TrainingOptions())
     if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
         raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth is "

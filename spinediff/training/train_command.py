@@ -22,7 +22,7 @@ def run_train(args: argparse.Namespace) -> int:
         options.budget_minutes = parse_budget(args.budget) / 60.0
     folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
                    continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
-                   preprocessed_folder=args.preprocessed, results_folder=args.results)
+                   preprocessed_folder=args.preprocessed, results_folder=args.results, overwrite=args.overwrite)
     print(f"results: {folder}")
     return 0
 
@@ -69,6 +69,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a fold again that was already started or finished (without it, such a fold is "
+                             "refused: resume with --c)")
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel training on every process that torchrun starts (gloo on CPU, NCCL on "
                              "CUDA); without torchrun it prints the command to use. See documentation/distributed.md")
