@@ -226,3 +226,13 @@ def test_plans_of_another_dataset_are_refused_before_writing(nnunet_env, tmp_pat
         build_trainer(921, "2d_diffusion", 0, "DiffusionSegmentationTrainer", preprocessed_folder=str(preprocessed),
                       results_folder=str(tmp_path / "results"))
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))
+
+
+def test_truncated_checkpoint_is_a_clear_error(nnunet_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_results", nnunet_env["nnUNet_results"])
+    results = str(tmp_path / "results")
+    folder = train(902, "2d_diffusion", 1, "RegressionTrainer", TINY, results_folder=results)
+    final = folder / "checkpoint_final.pth"
+    final.write_bytes(final.read_bytes()[:5000])
+    with pytest.raises(SpineDiffError, match="cannot be read.*truncated"):
+        train(902, "2d_diffusion", 1, "RegressionTrainer", TINY, results_folder=results, continue_training=True)

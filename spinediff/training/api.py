@@ -229,7 +229,16 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
         raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth is "
                              "missing). Train first, or resume with --c.")
-    maybe_load_checkpoint(instance, continue_training, validation_only)
+    try:
+        maybe_load_checkpoint(instance, continue_training, validation_only)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        folder = Path(instance.output_folder)
+        present = sorted(p.name for p in folder.glob("checkpoint_*.pth"))
+        raise SpineDiffError(f"A checkpoint in {folder} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it "
+                             f"is probably truncated (a run killed while writing it, or a full disk). Checkpoints "
+                             f"there: {', '.join(present) or 'none'}. Move the damaged one aside to resume from "
+                             "another (nnU-Net resumes from checkpoint_final, then _latest, then _best), or start "
+                             "again with --overwrite.") from None
     if instance.inference_allowed_mirroring_axes == ():  # older checkpoints; nnU-Net's predictor wants None
         instance.inference_allowed_mirroring_axes = None
     if not validation_only:
