@@ -133,8 +133,9 @@ def test_one_minute_budget_trains_about_a_minute_and_anneals(phantom_root, tmp_p
         trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
         budget, grow = configure_schedule(trainer, TrainingOptions())
         assert budget == 60 and grow and trainer.num_epochs == schedule["epochs"]
+        lines = []
         start = time.perf_counter()
-        log = run_and_log_schedule(trainer, budget, grow)
+        log = run_and_log_schedule(trainer, budget, grow, lines.append)
         elapsed = time.perf_counter() - start
     finally:
         for key, value in old.items():
@@ -151,6 +152,10 @@ def test_one_minute_budget_trains_about_a_minute_and_anneals(phantom_root, tmp_p
     assert lrs[-1] < 0.25 * lrs[0]
     saved = json.loads((Path(trainer.output_folder) / "schedule_log.json").read_text())
     assert saved["epochs_run"] == trainer.num_epochs
+    # one console line per epoch, with the validation metric by its name and an ETA that reaches 0
+    assert len(lines) == trainer.num_epochs
+    assert lines[0].startswith("epoch 1/") and "val Dice" in lines[0] and "ETA" in lines[0]
+    assert lines[-1].startswith(f"epoch {trainer.num_epochs}/{trainer.num_epochs}") and "ETA 0.0 min" in lines[-1]
 
 
 def test_ordered_labels_are_found_and_keep_their_order_in_augmentation():

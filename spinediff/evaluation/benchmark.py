@@ -94,12 +94,20 @@ def _network_evaluations(trainer) -> int:
 def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:
     """Train (or resume, or reuse) one fold of ``method`` with the plans' schedule and validate it; returns
     its timing record (also kept as ``benchmark_timing.json`` in the fold folder)."""
+    import sys
+
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     from spinediff.training.api import build_trainer, configure_schedule, run_and_log_schedule
+    from spinediff.training.schedule import quiet_console
 
     trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type)
     budget, grow = configure_schedule(trainer, options)
+    quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here
+
+    def report(line: str) -> None:
+        print(f"[{method.name}, fold {fold}] {line}", file=sys.stderr, flush=True)
+
     folder = Path(trainer.output_folder)
     done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
     timing_file = folder / "benchmark_timing.json"
@@ -109,7 +117,7 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
     if not (folder / "checkpoint_final.pth").is_file():
         maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
         start = time.perf_counter()
-        schedule = run_and_log_schedule(trainer, budget, grow).to_dict()
+        schedule = run_and_log_schedule(trainer, budget, grow, report).to_dict()
         train_seconds = schedule["seconds"] if schedule.get("seconds") else time.perf_counter() - start
         epochs = trainer.current_epoch
     else:  # trained earlier without the harness: the training time is in the checkpoint's log

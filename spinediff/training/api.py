@@ -217,15 +217,25 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
           options: TrainingOptions | None = None, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
-          preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False) -> Path:
+          preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False,
+          verbose: bool = True) -> Path:
     """Train (or resume, or only validate) one fold; returns the fold's output folder. A fold that was already
-    started or finished is refused unless ``continue_training``, ``validation_only`` or ``overwrite``."""
+    started or finished is refused unless ``continue_training``, ``validation_only`` or ``overwrite``.
+    ``verbose`` False: nnU-Net's log goes to its file only and the console gets one line per epoch."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
     instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier, device, continue_training,
                              prediction_type, preprocessed_folder, results_folder,
                              refuse_existing=not (continue_training or validation_only or overwrite))
     budget, grow = configure_schedule(instance, options or TrainingOptions())
+    report = None
+    if not verbose:
+        import sys
+
+        from spinediff.training.schedule import quiet_console
+
+        quiet_console(instance)
+        report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
         raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth is "
                              "missing). Train first, or resume with --c.")
@@ -242,16 +252,16 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     if instance.inference_allowed_mirroring_axes == ():  # older checkpoints; nnU-Net's predictor wants None
         instance.inference_allowed_mirroring_axes = None
     if not validation_only:
-        run_and_log_schedule(instance, budget, grow)
+        run_and_log_schedule(instance, budget, grow, report)
     instance.perform_actual_validation(False)
     return Path(instance.output_folder)
 
 
-def run_and_log_schedule(trainer, budget_seconds: float | None, grow: bool = True):
+def run_and_log_schedule(trainer, budget_seconds: float | None, grow: bool = True, report=None):
     """:func:`~spinediff.training.schedule.run_scheduled_training`, its log kept as ``schedule_log.json``."""
     from spinediff.training.schedule import run_scheduled_training
 
-    log = run_scheduled_training(trainer, budget_seconds, grow=grow)
+    log = run_scheduled_training(trainer, budget_seconds, grow=grow, report=report)
     if getattr(trainer, "local_rank", 0) == 0:
         write_json(log.to_dict(), Path(trainer.output_folder) / "schedule_log.json")
     return log

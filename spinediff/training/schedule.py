@@ -86,11 +86,72 @@ def _agreed(value: float) -> float:
     return float(max(gather_lists([value]))) if is_distributed() else value
 
 
-def run_scheduled_training(trainer, budget_seconds: float | None = None, grow: bool = True) -> ScheduleLog:
+def epoch_line(trainer, epoch_seconds: list[float], elapsed: float) -> str:
+    """One line per epoch for the console: progress, loss, the validation metric by its name, time and ETA."""
+    done, total = trainer.current_epoch, trainer.num_epochs
+    logged = trainer.logger.get_checkpoint() if hasattr(trainer.logger, "get_checkpoint") else {}
+
+    def last(key: str) -> float | None:
+        values = logged.get(key) or []
+        return float(values[-1]) if values else None
+
+    parts = [f"epoch {done}/{total}", f"{done * trainer.num_iterations_per_epoch} steps"]
+    loss = last("train_losses")
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    task = getattr(getattr(trainer, "task", None), "task", "segmentation")
+    if task == "segmentation":
+        dice = last("mean_fg_dice")
+        if dice is not None:
+            parts.append(f"val Dice {dice:.3f} (patches)")
+    else:
+        psnr, ssim = last("val_psnr"), last("val_ssim")
+        if psnr is not None and ssim is not None:
+            parts.append(f"val PSNR {psnr:.1f} dB, SSIM {ssim:.3f} (patches)")
+    parts.append(f"lr {trainer.optimizer.param_groups[0]['lr']:.2g}")
+    recent = epoch_seconds[1:][-5:] or epoch_seconds
+    eta = max(0, total - done) * float(np.mean(recent))
+    parts.append(f"{elapsed / 60:.1f} min, ETA {eta / 60:.1f} min")
+    return " | ".join(parts)
+
+
+def quiet_console(trainer) -> None:
+    """nnU-Net's log goes to its log file only (the console gets :func:`epoch_line` instead)."""
+    original = trainer.print_to_log_file
+
+    def to_file_only(*args, also_print_to_console: bool = True, add_timestamp: bool = True) -> None:
+        original(*args, also_print_to_console=False, add_timestamp=add_timestamp)
+
+    trainer.print_to_log_file = to_file_only
+
+
+def _refit(trainer, log: ScheduleLog, budget_seconds: float, grow: bool, elapsed: float,
+           epoch_seconds: list[float]) -> None:
+    """Refit the remaining epochs (and the poly schedule's length) to the measured speed."""
+    recent = epoch_seconds[1:][-5:]  # the first epoch of a run also starts the data loaders
+    per_epoch = _agreed(float(np.mean(recent)))
+    elapsed = _agreed(elapsed)
+    total = refit_epochs(trainer.current_epoch, trainer.num_epochs, elapsed, per_epoch, budget_seconds, grow)
+    if total == trainer.num_epochs:
+        return
+    log.refits.append({"after_epoch": trainer.current_epoch, "from": trainer.num_epochs, "to": total,
+                       "epoch_seconds": round(per_epoch, 2), "elapsed_seconds": round(elapsed, 1)})
+    trainer.print_to_log_file(
+        f"Schedule refit after epoch {trainer.current_epoch}: {per_epoch:.1f} s per epoch here, so {total} instead "
+        f"of {trainer.num_epochs} epochs end at the budget of {budget_seconds / 60:.1f} min (the learning-rate "
+        "schedule is rescaled to match).")
+    trainer.num_epochs = total
+    if hasattr(trainer.lr_scheduler, "max_steps"):
+        trainer.lr_scheduler.max_steps = max(total, 1)
+
+
+def run_scheduled_training(trainer, budget_seconds: float | None = None, grow: bool = True,
+                           report=None) -> ScheduleLog:
     """nnU-Net's training loop (``nnUNetTrainer.run_training``) with a refitted schedule.
 
     ``budget_seconds``: training time to end at (None: run the trainer's epochs as they are); ``grow``: whether
-    the schedule may get longer than planned to fill the budget (False: the budget is only a cap). Works for any
+    the schedule may get longer than planned to fill the budget (False: the budget is only a cap); ``report``:
+    called with one line per epoch (:func:`epoch_line`), e.g. ``print`` for the console. Works for any
     nnU-Net trainer. Returns a :class:`ScheduleLog` (also written to the trainer's log file).
     """
     trainer.on_train_start()
@@ -114,23 +175,10 @@ def run_scheduled_training(trainer, budget_seconds: float | None = None, grow: b
         trainer.on_epoch_end()  # current_epoch += 1
         epoch_seconds.append(time.perf_counter() - t0)
         log.epochs_run += 1
-        if budget_seconds is None or len(epoch_seconds) < EPOCHS_BEFORE_REFIT:
-            continue
-        recent = epoch_seconds[1:][-5:]  # the first epoch of a run also starts the data loaders
-        per_epoch = _agreed(float(np.mean(recent)))
-        elapsed = _agreed(before + time.perf_counter() - start)
-        total = refit_epochs(trainer.current_epoch, trainer.num_epochs, elapsed, per_epoch, budget_seconds,
-                             grow)
-        if total != trainer.num_epochs:
-            log.refits.append({"after_epoch": trainer.current_epoch, "from": trainer.num_epochs, "to": total,
-                               "epoch_seconds": round(per_epoch, 2), "elapsed_seconds": round(elapsed, 1)})
-            trainer.print_to_log_file(
-                f"Schedule refit after epoch {trainer.current_epoch}: {per_epoch:.1f} s per epoch here, so "
-                f"{total} instead of {trainer.num_epochs} epochs end at the budget of {budget_seconds / 60:.1f} min "
-                "(the learning-rate schedule is rescaled to match).")
-            trainer.num_epochs = total
-            if hasattr(trainer.lr_scheduler, "max_steps"):
-                trainer.lr_scheduler.max_steps = max(total, 1)
+        if budget_seconds is not None and len(epoch_seconds) >= EPOCHS_BEFORE_REFIT:
+            _refit(trainer, log, budget_seconds, grow, before + time.perf_counter() - start, epoch_seconds)
+        if report is not None:
+            report(epoch_line(trainer, epoch_seconds, before + time.perf_counter() - start))
     log.seconds = before + time.perf_counter() - start
     trainer.print_to_log_file(f"Training schedule: {log.epochs_run} epoch(s) in this run, {trainer.current_epoch} in "
                               f"all, {log.seconds / 60:.2f} min, final learning rate {log.final_learning_rate:.3g}.")

@@ -22,7 +22,8 @@ def run_train(args: argparse.Namespace) -> int:
         options.budget_minutes = parse_budget(args.budget) / 60.0
     folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
                    continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
-                   preprocessed_folder=args.preprocessed, results_folder=args.results, overwrite=args.overwrite)
+                   preprocessed_folder=args.preprocessed, results_folder=args.results, overwrite=args.overwrite,
+                   verbose=args.verbose)
     print(f"results: {folder}")
     return 0
 
@@ -75,6 +76,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel training on every process that torchrun starts (gloo on CPU, NCCL on "
                              "CUDA); without torchrun it prints the command to use. See documentation/distributed.md")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show nnU-Net's full training log on the console (it always goes to the fold's log file); "
+                             "without it the console gets one line per epoch: steps, loss, the validation metric, "
+                             "learning rate, elapsed time and the ETA")
     parser.add_argument("--preprocessed", help="nnU-Net preprocessed folder (default: $nnUNet_preprocessed)")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
     parser.set_defaults(func=run_train)
