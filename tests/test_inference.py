@@ -187,6 +187,18 @@ def test_bad_cases_are_reported_and_skipped_the_others_predicted_exit_2(trained,
     assert code == 2 and "--overwrite" in capsys.readouterr().err
 
 
+def test_default_folds_are_the_trained_ones(trained, tmp_path):
+    """Without -f, predict ensembles the folds that were trained (here only fold 0), not a fixed 0-4."""
+    from spinediff.inference.api import trained_folds
+
+    _case_inputs(trained["raw"], TRANS, "phantom_001", (0, 1), tmp_path / "in")
+    assert main(["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "902", "-c", CONFIG,
+                 "-tr", "DiffusionTranslationTrainer", "--samples", "1", "--steps", "1"]) == 0
+    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["folds"] == ["0"]
+    with pytest.raises(SpineDiffError, match="No trained fold"):
+        trained_folds(tmp_path)
+
+
 # ---------------------------------------------------------------------- seeds and ensembles
 def test_same_seed_gives_identical_output_and_another_seed_differs(trained, tmp_path):
     _case_inputs(trained["raw"], TRANS, "phantom_001", (0, 1), tmp_path / "in")

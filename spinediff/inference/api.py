@@ -48,8 +48,18 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
 
 
+def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
+    """The folds of a results folder (``fold_0`` ... ``fold_all``) that hold ``checkpoint_<checkpoint>.pth``."""
+    names = [p.name[len("fold_"):] for p in path.glob("fold_*") if (p / f"checkpoint_{checkpoint}.pth").is_file()]
+    folds = sorted(names, key=lambda f: (not f.isdigit(), int(f) if f.isdigit() else 0, f))
+    if not folds:
+        raise SpineDiffError(f"No trained fold in {path} (no fold_*/checkpoint_{checkpoint}.pth). Train one with "
+                             "`spinediff train`, or name the folds with -f.")
+    return folds
+
+
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
-            configuration: str, trainer: str, folds: Sequence[int | str] = (0, 1, 2, 3, 4),
+            configuration: str, trainer: str, folds: Sequence[int | str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "cpu",
             num_samples: int | None = None, steps: int | None = None, eta: float | None = None, seed: int = 0,
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
@@ -62,7 +72,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         output_folder: where ``CASE.nii.gz`` (and maps, summaries) go; created if needed.
         dataset, configuration, trainer, plans_identifier: which trained model
             (``$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIG``).
-        folds: the folds to ensemble (their x0 estimates / class probabilities are averaged).
+        folds: the folds to ensemble (their x0 estimates / class probabilities are averaged); None: every
+            fold of the results folder that has the checkpoint (e.g. just fold 0 after a single-fold training).
         checkpoint: ``final`` or ``best``.
         num_samples, steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
         seed: the base seed; the same seed gives the same output.
@@ -80,6 +91,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         raise SpineDiffError(f"The output folder must differ from the input folder {input_folder} (a generation "
                              "output CASE.nii.gz would replace its input label map).")
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
+    if folds is None:
+        folds = trained_folds(folder.path, checkpoint)
     predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
     options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)
     _check_options(options, predictor)

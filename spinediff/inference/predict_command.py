@@ -38,8 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
     parser.add_argument("-tr", "--trainer", default="DiffusionTranslationTrainer", help="trainer class name")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"],
-                        help="folds to ensemble (or 'all')")
+    parser.add_argument("-f", "--folds", nargs="+", default=None,
+                        help="folds to ensemble (or 'all'); default: every fold of the model that has the checkpoint")
     parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="which checkpoint to load")
     parser.add_argument("--samples", type=int, help="samples per fold K (default: the plans' num_samples)")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the plans' num_inference_steps)")
