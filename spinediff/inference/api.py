@@ -124,7 +124,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     bar = tqdm(cases, desc=f"predict ({len(predictor.models)} fold(s))", unit="case", disable=not progress)
     for case in bar:
         bar.set_postfix_str(case.identifier)
-        result = predictor.predict_case(case, planned[case.identifier], options)
+        result = predictor.predict_case(case, planned[case.identifier], options, progress)
         if not result.ok:
             tqdm.write(f"failed {case.identifier}: {result.message}")
         report.cases.append(result)

@@ -163,7 +163,7 @@ class FoldModel:
 
     @torch.no_grad()
     def predict(self, condition: torch.Tensor, seed: int, num_samples: int, steps: int, eta: float,
-                tta: bool) -> torch.Tensor:
+                tta: bool, on_slice=None) -> torch.Tensor:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
         mirror_axes = self.mirror_axes if tta else ()
         if not self.denoising:
@@ -175,19 +175,27 @@ class FoldModel:
                                        window_batch_size=self.window_batch_size, mirror_axes=mirror_axes,
                                        sample_batch_size=num_samples if len(self.patch_size) == 2 else 1,
                                        device=device)
-        return sample_volume(sampler, condition.to(device), seed, num_samples)
+        return sample_volume(sampler, condition.to(device), seed, num_samples, on_slice)
 
 
 def sample_volume(sampler: SlidingWindowSampler, condition: torch.Tensor, seed: int = 0,
-                  num_samples: int = 1) -> torch.Tensor:
+                  num_samples: int = 1, on_slice=None) -> torch.Tensor:
     """``(K, C, *spatial)`` samples of one volume ``(C, *spatial)``, as ``SpineDiffTrainer.predict_volume``.
 
     A 2D sampler on a 3D volume samples every slice of the first axis on its own, seeded ``seed + z``.
+    ``on_slice`` (progress) is called after each slice (2D) or once after the volume (3D).
     """
     if len(sampler.patch_size) == 2 and condition.ndim == 4:
-        slices = [sampler.sample(condition[:, z], num_samples, generator=seed + z) for z in range(condition.shape[1])]
+        slices = []
+        for z in range(condition.shape[1]):
+            slices.append(sampler.sample(condition[:, z], num_samples, generator=seed + z))
+            if on_slice is not None:
+                on_slice()
         return torch.stack(slices, dim=2)
-    return sampler.sample(condition, num_samples, generator=seed)
+    volume = sampler.sample(condition, num_samples, generator=seed)
+    if on_slice is not None:
+        on_slice()
+    return volume
 
 
 def regress_volume(network: nn.Module, condition: torch.Tensor, patch_size: tuple[int, ...], batch_size: int,

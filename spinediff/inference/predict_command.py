@@ -12,7 +12,10 @@ def run_predict(args: argparse.Namespace) -> int:
                      args.checkpoint, args.device, args.samples, args.steps, args.eta, args.seed, args.tta,
                      args.save_uncertainty, args.save_probabilities, args.overwrite, args.results)
     done = len(report.cases) - len(report.failed)
-    print(f"predicted {done} of {len(report.cases)} case(s) into {report.output_folder} (summary: {RUN_SUMMARY})")
+    seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
+    timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
+    print(f"predicted {done} of {len(report.cases)} case(s) into {report.output_folder}{timing} "
+          f"(summary: {RUN_SUMMARY})")
     for case in report.failed:
         print(f"  FAILED {case.identifier}: {case.message}")
     return report.exit_code

@@ -154,24 +154,31 @@ class SpineDiffPredictor:
         condition = self.task.condition(torch.from_numpy(np.asarray(data, dtype=np.float32))[None], labels)[0]
         return PreprocessedCase(condition, properties, label_map)
 
-    def sample(self, condition: torch.Tensor, options: PredictionOptions) -> EnsembleStatistics:
+    def sample(self, condition: torch.Tensor, options: PredictionOptions, progress: bool = False,
+               label: str = "") -> EnsembleStatistics:
         """Every fold's samples, folded into running statistics (in the preprocessed grid).
 
-        Segmentation members are class probabilities; image members are in the output units (HU).
+        Segmentation members are class probabilities; image members are in the output units (HU). ``progress``:
+        a bar over folds x slices (2D) or folds (3D) with its ETA, for cases that take minutes.
         """
         steps = options.steps or self.settings.num_inference_steps
         num_samples = options.num_samples or self.settings.num_samples
         eta = self.settings.eta if options.eta is None else options.eta
         tta = self.device.type != "cpu" if options.tta is None else options.tta
         statistics = SegmentationEnsemble() if self.task.task == "segmentation" else EnsembleStatistics()
+        slices = condition.shape[1] if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4 else 1
+        bar = tqdm(total=len(self.models) * slices, desc=f"  {label} {num_samples} sample(s) x {steps} steps",
+                   unit="slice" if slices > 1 else "fold", leave=False, disable=not progress)
         for model in self.models:
-            x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, steps, eta, tta)
+            x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, steps, eta, tta,
+                               on_slice=lambda: bar.update(1))
             for member in x0:
                 if isinstance(statistics, SegmentationEnsemble):
                     statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))
                 else:
                     statistics.add(self.task.to_original_units(member, channel_axis=0))
             del x0
+        bar.close()
         return statistics
 
     def output_paths(self, case: InputCase, folder: Path, options: PredictionOptions) -> CaseOutputs:
@@ -254,12 +261,13 @@ class SpineDiffPredictor:
         summary["uncertainty"] = "standard deviation across members, in the target's units"
         return summary
 
-    def predict_case(self, case: InputCase, outputs: CaseOutputs, options: PredictionOptions) -> CaseResult:
+    def predict_case(self, case: InputCase, outputs: CaseOutputs, options: PredictionOptions,
+                     progress: bool = False) -> CaseResult:
         """Preprocess, sample and export one case; a failure leaves none of this case's files behind."""
         start, started_at = time.perf_counter(), time.time()
         try:
             preprocessed = self.preprocess(case)
-            statistics = self.sample(preprocessed.condition, options)
+            statistics = self.sample(preprocessed.condition, options, progress, case.identifier)
             summary = self.export(statistics, preprocessed, outputs, options)
             seconds = time.perf_counter() - start
             if outputs.summary is not None:
