@@ -4,7 +4,6 @@ ends on time with its learning rate annealed."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -117,32 +116,24 @@ def test_small_budget_trades_resolution_for_field_of_view(wide_dataset):
 
 
 @pytest.mark.slow
-def test_one_minute_budget_trains_about_a_minute_and_anneals(phantom_root, tmp_path):
+def test_one_minute_budget_trains_about_a_minute_and_anneals(phantom_root, tmp_path, monkeypatch):
     """The acceptance test of the budget issue: plan a phantom for 1 minute, train, check time and learning rate."""
     from spinediff.training.api import TrainingOptions, build_trainer, configure_schedule, run_and_log_schedule
 
-    env = {"nnUNet_raw": str(phantom_root), "nnUNet_preprocessed": str(tmp_path / "pre"),
-           "nnUNet_results": str(tmp_path / "res")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        plans_file = plan_dataset(901, configurations=["2d_diffusion"], device="cpu", num_processes=1,
-                                  show_progress_bar=False, budget="1m")
-        schedule = json.loads(Path(plans_file).read_text())["configurations"]["2d_diffusion"]["schedule"]
-        assert schedule["step_seconds_source"] == "measured" and schedule["budget_seconds"] == 60
-        trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
-        budget, grow = configure_schedule(trainer, TrainingOptions())
-        assert budget == 60 and grow and trainer.num_epochs == schedule["epochs"]
-        lines = []
-        start = time.perf_counter()
-        log = run_and_log_schedule(trainer, budget, grow, lines.append)
-        elapsed = time.perf_counter() - start
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    for key, value in (("nnUNet_raw", phantom_root), ("nnUNet_preprocessed", tmp_path / "pre"),
+                       ("nnUNet_results", tmp_path / "res")):
+        monkeypatch.setenv(key, str(value))  # restored after the test
+    plans_file = plan_dataset(901, configurations=["2d_diffusion"], device="cpu", num_processes=1,
+                              show_progress_bar=False, budget="1m")
+    schedule = json.loads(Path(plans_file).read_text())["configurations"]["2d_diffusion"]["schedule"]
+    assert schedule["step_seconds_source"] == "measured" and schedule["budget_seconds"] == 60
+    trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
+    budget, grow = configure_schedule(trainer, TrainingOptions())
+    assert budget == 60 and grow and trainer.num_epochs == schedule["epochs"]
+    lines = []
+    start = time.perf_counter()
+    log = run_and_log_schedule(trainer, budget, grow, lines.append)
+    elapsed = time.perf_counter() - start
     assert 0.75 * 60 <= elapsed <= 1.25 * 60, (elapsed, log.refits)
     assert trainer.current_epoch == trainer.num_epochs  # the schedule ran to its (refitted) end
     lrs = trainer.logger.get_checkpoint()["lrs"]

@@ -199,13 +199,6 @@ class Schedule:
                 "expected_minutes": round(self.expected_seconds / 60, 2), "device": self.device,
                 "threads": self.threads, "lr_schedule": "poly over all epochs (ends with the budget)"}
 
-    @classmethod
-    def from_dict(cls, block: dict[str, Any]) -> Schedule:
-        return cls(float(block["budget_seconds"]), float(block["step_seconds"]),
-                   str(block.get("step_seconds_source", "measured")), int(block["epochs"]),
-                   int(block["iterations_per_epoch"]), int(block.get("val_iterations_per_epoch", 2)),
-                   str(block.get("device", "cpu")), int(block.get("threads", 0)))
-
 
 def schedule_for_budget(budget_seconds: float, step_seconds: float, *, source: str = "measured",
                         device: str = "cpu", threads: int = 0, val_iterations_per_epoch: int = 2) -> Schedule:

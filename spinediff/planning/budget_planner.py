@@ -6,7 +6,6 @@ Used by :class:`~spinediff.planning.planner.SpineDiffPlanner` when ``spinediff p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -165,7 +164,3 @@ def budget_notes(fit: BudgetedFit, schedule: Schedule, budget_seconds: float) ->
                  f"{schedule.step_seconds:.3g} s/step ({schedule.step_seconds_source}), about "
                  f"{schedule.expected_seconds / 60:.1f} min; the poly learning rate ends with the budget.")
     return notes
-
-
-def scaled_median(fit: BudgetedFit) -> list[float]:
-    return [float(math.floor(m * 10) / 10) for m in fit.median_shape]

@@ -359,8 +359,10 @@ class SpineDiffPlanner(ExperimentPlanner):
                 "patch_reductions": fitted.patch_reductions,
             },
         }
-        configuration["notes"] = budget_notes(fit, schedule, self.budget_seconds) + self._notes(
-            name, base, fitted, Budget(self.profile, len(fitted.patch_size)))[-2:]
+        # the general notes, less their memory/step sizing line (the budget notes replace it)
+        general = self._notes(name, base, fitted, Budget(self.profile, len(fitted.patch_size)))
+        configuration["notes"] = budget_notes(fit, schedule, self.budget_seconds) + [
+            note for note in general if not note.startswith(("Sized for the CPU", "Sized as nnU-Net"))]
         self._budget_fits = getattr(self, "_budget_fits", {})
         self._budget_fits[name] = fit
         return configuration, fitted
