@@ -360,7 +360,8 @@ class SpineDiffPlanner(ExperimentPlanner):
             },
         }
         # the general notes, less their memory/step sizing line (the budget notes replace it)
-        general = self._notes(name, base, fitted, Budget(self.profile, len(fitted.patch_size)))
+        general = self._notes(name, {**base, "spacing": [float(v) for v in fit.spacing]}, fitted,
+                              Budget(self.profile, len(fitted.patch_size)))
         configuration["notes"] = budget_notes(fit, schedule, self.budget_seconds) + [
             note for note in general if not note.startswith(("Sized for the CPU", "Sized as nnU-Net"))]
         self._budget_fits = getattr(self, "_budget_fits", {})
