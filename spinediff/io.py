@@ -94,6 +94,21 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         ) from exc
 
 
+def read_voxels_verified(path: str | os.PathLike, image: sitk.Image) -> np.ndarray:
+    """The voxels of ``path`` as stored on disk. NIfTI voxels are read with nibabel, which fails on a truncated
+    file that SimpleITK reads as mostly zeros, and keeps NaN that SimpleITK's NIfTI reader turns into 0."""
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        return sitk.GetArrayViewFromImage(image)
+    import nibabel as nib
+
+    try:
+        return np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # noqa: BLE001 - any nibabel failure means a corrupt file
+        raise SpineDiffError(f"{path} could not be read completely ({exc}); the file is corrupt or truncated. "
+                             "Re-export or re-copy it.") from exc
+
+
 def write_image(image: sitk.Image, target: str | os.PathLike, compress: bool = True) -> None:
     """Write an image atomically."""
     with atomic_path(target) as tmp:
@@ -122,4 +137,29 @@ def ensure_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
         if path.is_dir() and not any(path.iterdir()):
             return path
         raise SpineDiffError(f"{path} already exists. Choose another output or pass --overwrite to replace it.")
+    return path
+
+
+def index_to_physical(image: sitk.Image, zyx_indices: tuple[np.ndarray, ...] | np.ndarray) -> np.ndarray:
+    """Voxel indices in numpy (z, y, x) order -> (N, 3) physical points (x, y, z), vectorised."""
+    zyx = np.asarray(zyx_indices, dtype=float)
+    ijk = zyx[::-1].T  # (N, 3) in ITK index order
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    return origin + (ijk * spacing) @ direction.T
+
+
+def ensure_writable_folder(path: str | os.PathLike) -> Path:
+    """Create ``path`` if needed and check that it is a folder this process can write into, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SpineDiffError(f"The output {path} is a file, not a folder. Give a folder path.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".spinediff-write-test-"):
+            pass
+    except OSError as error:
+        raise SpineDiffError(f"Cannot write into the output folder {path} ({error.strerror}). Choose a folder you "
+                             "can write to.") from error
     return path

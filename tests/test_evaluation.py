@@ -140,3 +140,31 @@ def test_segmenter_dataset_with_a_missing_ct_writes_nothing(phantom_root, tmp_pa
     with pytest.raises(SpineDiffError, match="phantom_001_0002.nii.gz is missing"):
         write_segmenter_dataset(source, target)
     assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("spacing", "spacing"), ("origin", "origin"), ("direction", "direction"), ("truncated", "truncated")])
+def test_evaluate_refuses_a_prediction_off_the_reference_grid_or_truncated(tmp_path, capsys, damage, message):
+    """Same size is not enough: spacing 1.5x, a shifted origin, another orientation, or a truncated file would
+    be scored as if right; evaluate names the file and writes nothing."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    ref.mkdir()
+    pred.mkdir()
+    reference = sitk.GetImageFromArray(_cube())
+    sitk.WriteImage(reference, str(ref / "case_0.nii.gz"))
+    prediction = sitk.GetImageFromArray(_cube())
+    if damage == "spacing":
+        prediction.SetSpacing((1.5, 1.5, 1.5))
+    elif damage == "origin":
+        prediction.SetOrigin((0.0, 0.0, 12.0))
+    elif damage == "direction":
+        prediction.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, -1))
+    target = pred / "case_0.nii.gz"
+    sitk.WriteImage(prediction, str(target), True)
+    if damage == "truncated":
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) * 2 // 3])
+    assert main(["evaluate", "-ref", str(ref), "-pred", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert "case_0.nii.gz" in err and message in err and "Traceback" not in err
+    assert not (pred / "summary.json").exists() and not (pred / "per_case.csv").exists()

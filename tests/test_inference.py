@@ -340,3 +340,36 @@ def test_find_best_segmentation_ensemble_by_re_prediction(trained, capsys):
         assert "-f 0 1" in printed and "spinediff predict -i INPUT_FOLDER" in printed
     finally:
         shutil.rmtree(copy)
+
+
+# ---------------------------------------------------------------------- post-processing decided by find_best
+def test_predict_and_postprocess_apply_the_models_level_numbering(trained, tmp_path):
+    """A model folder's postprocessing.json is applied by `predict` (not with --no-postprocessing) and by
+    `spinediff postprocess` to another tool's outputs; both give the level numbering of the raw output."""
+    from spinediff.inference.level_order import LevelOrder, renumber
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE
+
+    model = trained["base"] / "results" / SEG / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion"
+    decision = model / POSTPROCESSING_FILE
+    # an order of the phantom's labels along world y (any order: the test checks that it is applied)
+    order = LevelOrder((1, 2, 3), (0.0, 1.0, 0.0))
+    decision.write_text(json.dumps({"level_order": order.to_dict(), "applied": True}))
+    _case_inputs(trained["raw"], SEG, "phantom_001", (0, 1), tmp_path / "in")
+    common = ["-i", str(tmp_path / "in"), "-d", "901", "-c", CONFIG, "-tr", "DiffusionSegmentationTrainer", "-f", "0",
+              "--samples", "1", "--steps", "1"]
+    try:
+        assert main(["predict", *common, "-o", str(tmp_path / "raw_out"), "--no-postprocessing"]) == 0
+        assert main(["predict", *common, "-o", str(tmp_path / "pp_out")]) == 0
+        assert main(["postprocess", "-i", str(tmp_path / "raw_out"), "-o", str(tmp_path / "pp_cmd"), "-m",
+                     str(model)]) == 0
+        assert main(["postprocess", "-i", str(tmp_path / "raw_out"), "-o", str(tmp_path / "pp_cmd"), "-m",
+                     str(model)]) == 2  # never silently replaced
+    finally:
+        decision.unlink()
+    raw_image = sitk.ReadImage(str(tmp_path / "raw_out" / "phantom_001.nii.gz"))
+    expected = renumber(sitk.GetArrayFromImage(raw_image), raw_image, order)
+    assert np.array_equal(_read(tmp_path / "pp_out" / "phantom_001.nii.gz"), expected)
+    assert np.array_equal(_read(tmp_path / "pp_cmd" / "phantom_001.nii.gz"), expected)
+    assert json.loads((tmp_path / "pp_out" / "prediction.json").read_text())["postprocessing"]
+    # without a decision, postprocess says what to run first
+    assert main(["postprocess", "-i", str(tmp_path / "raw_out"), "-o", str(tmp_path / "x"), "-m", str(model)]) == 2

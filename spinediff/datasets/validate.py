@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
 from spinediff.datasets.dataset_json import TASKS, label_values
 from spinediff.errors import SpineDiffError
-from spinediff.io import read_image, read_json
+from spinediff.io import read_image, read_json, read_voxels_verified
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 # Like nnU-Net's integrity check (np.allclose defaults), a little looser on origin for float32 headers.
@@ -146,7 +145,7 @@ def _check_spinediff_block(block: Any, n_channels: int, where: str, problems: li
     return task
 
 
-def _same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
+def same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
     if a.GetSize() != b.GetSize():
         return f"size {b.GetSize()} differs from {a.GetSize()}"
     if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=SPACING_RTOL, atol=0):
@@ -209,14 +208,11 @@ def _read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np
     except SpineDiffError as exc:
         problems.append(Problem(str(path), str(exc).replace(f"{path} ", "", 1)))
         return None
-    if path.name.endswith((".nii", ".nii.gz")):
-        try:
-            array = np.asanyarray(nib.load(str(path)).dataobj)
-        except Exception as exc:  # noqa: BLE001 - any nibabel failure means a corrupt file
-            problems.append(Problem(str(path), f"could not be read by nibabel ({exc}); the file is corrupt."))
-            return None
-    else:
-        array = sitk.GetArrayViewFromImage(image)
+    try:
+        array = read_voxels_verified(path, image)
+    except SpineDiffError as exc:
+        problems.append(Problem(str(path), str(exc).replace(f"{path} ", "", 1)))
+        return None
     return image, array
 
 
@@ -243,7 +239,7 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"contains {n_bad} NaN/Inf voxel(s); fix or re-export the image."))
         if reference is None:
             reference = image
-        elif (why := _same_geometry(reference, image)) is not None:
+        elif (why := same_geometry(reference, image)) is not None:
             problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
                                                "all channels of a case onto one grid."))
     label_path = labels_dir / f"{case}{ending}"
@@ -266,5 +262,5 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
     if values <= {0}:
         problems.append(Problem(str(label_path), "is empty (background only); every training case needs "
                                                  "foreground."))
-    if reference is not None and (why := _same_geometry(reference, label)) is not None:
+    if reference is not None and (why := same_geometry(reference, label)) is not None:
         problems.append(Problem(str(label_path), f"geometry does not match the images of {case}: {why}."))

@@ -76,6 +76,7 @@ class MethodResult:
     epochs: int = 0
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)  # case → metric → value
     per_fold: dict[str, dict] = field(default_factory=dict)  # fold → steps, epochs, final learning rate, minutes
+    postprocessing: dict | None = None  # segmentation: the cross-validated level numbering decision
 
 
 # The metric that ranks methods, and whether higher is better.
@@ -220,6 +221,30 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                 result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
 
 
+def score_postprocessing(result: MethodResult, results_root: Path, reference: Path, labels: list[int],
+                         out: Path, ending: str = ".nii.gz") -> None:
+    """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does) and
+    add each case's mean Dice after it (``dice_pp``; the plain Dice where it is not kept)."""
+    from spinediff.inference.postprocessing import determine_postprocessing
+
+    folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
+    pairs = []
+    for fold in result.folds:
+        for prediction in sorted((folder / f"fold_{fold}" / "validation").glob(f"*{ending}")):
+            if (reference / prediction.name).is_file():
+                pairs.append((prediction, reference / prediction.name))
+    if not pairs:
+        return
+    slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
+    decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json")
+    result.postprocessing = decision.to_dict()
+    for prediction, _ in pairs:
+        case = prediction.name[:-len(ending)]
+        if case in result.per_case:
+            values = list(dice["after" if decision.active else "before"][prediction.name].values())
+            result.per_case[case]["dice_pp"] = float(np.nanmean(values)) if values else float("nan")
+
+
 def merged_foreground_dice(reference: Path, prediction: Path) -> float:
     """Dice of all foreground labels merged into one (e.g. the vertebral bodies regardless of level number):
     tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
@@ -259,9 +284,8 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
                            {c: v[metric] for c, v in baseline.per_case.items()})
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
-    shown = [m for m in ("dice", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95", "psnr",
-                         "ssim", "mae",
-                         "mae_body", "mae_bone", "dice_downstream") if m in names]
+    shown = [m for m in ("dice", "dice_pp", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95",
+                         "psnr", "ssim", "mae", "mae_body", "mae_bone", "dice_downstream") if m in names]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -285,6 +309,9 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
                  f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
+    if "dice_pp" in shown:
+        lines.append("dice_pp: mean Dice after the level-numbering post-processing where the method's cross-validation "
+                     "keeps it (spinediff find_best's rule), else the plain Dice; dice_1.. are before it.")
     return rows, "\n".join(lines)
 
 
@@ -348,6 +375,9 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     for method in methods:
         result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
         score_method(result, results / name, reference, spec.task, data_range)
+        if spec.task == "segmentation":
+            labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
+            score_postprocessing(result, results / name, reference, labels, out, dataset_json["file_ending"])
         outcomes.append(result)
     extra = {}
     if downstream and spec.task == "translation":
@@ -362,6 +392,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     summary = {"dataset": name, "task": spec.task, "folds": folds, "budget_minutes": budget_minutes,
                "options": asdict(options), "methods": rows,
                "per_fold": {r.method.name: r.per_fold for r in outcomes},
+               "postprocessing": {r.method.name: r.postprocessing for r in outcomes},
                "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None}
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")

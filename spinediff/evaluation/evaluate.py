@@ -20,10 +20,11 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
+from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.image_metrics import image_metrics
 from spinediff.evaluation.segmentation_metrics import segmentation_metrics
-from spinediff.io import IMAGE_SUFFIXES, read_image, write_json, write_text
+from spinediff.io import IMAGE_SUFFIXES, read_image, read_voxels_verified, write_json, write_text
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -91,9 +92,13 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
     rows: list[dict] = []
     for case in tqdm(cases, desc="evaluating", disable=not progress, unit="case"):
         ref_image, pred_image = read_image(references[case]), read_image(predictions[case])
-        if ref_image.GetSize() != pred_image.GetSize():
-            raise SpineDiffError(f"{predictions[case]}: size {pred_image.GetSize()} differs from the reference "
-                                 f"{references[case]} ({ref_image.GetSize()}).")
+        for path, image in ((references[case], ref_image), (predictions[case], pred_image)):
+            read_voxels_verified(path, image)
+        mismatch = same_geometry(ref_image, pred_image)
+        if mismatch:
+            raise SpineDiffError(f"{predictions[case]}: {mismatch} of the reference {references[case]}. A prediction "
+                                 "must lie on its reference's grid (spacing, origin, direction); predict it from the "
+                                 "reference's image, or resample it onto the reference first.")
         kind = task if task != "auto" else ("segmentation" if _looks_like_labels(ref_image) else "image")
         ref, pred = sitk.GetArrayFromImage(ref_image), sitk.GetArrayFromImage(pred_image)
         if kind == "segmentation":

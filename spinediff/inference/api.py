@@ -64,7 +64,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             num_samples: int | None = None, steps: int | None = None, eta: float | None = None, seed: int = 0,
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
-            progress: bool = True) -> PredictionReport:
+            progress: bool = True, postprocessing: bool = True) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -83,6 +83,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         save_probabilities: segmentation: write the mean class probabilities ``CASE.npz`` (raw geometry)
             for ``spinediff ensemble``.
         overwrite: replace existing outputs (otherwise any existing output stops the run before it starts).
+        postprocessing: segmentation: apply the model folder's ``postprocessing.json`` (``spinediff find_best``
+            decides it on the cross-validation) when it has one.
 
     Returns:
         The report; ``exit_code`` is 2 if any case failed (each failure is in ``cases`` with its reason).
@@ -94,6 +96,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if folds is None:
         folds = trained_folds(folder.path, checkpoint)
     predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
+    if postprocessing:
+        from spinediff.inference.postprocessing import Postprocessing
+
+        predictor.postprocessing = Postprocessing.load(folder.path)
     options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
@@ -116,7 +122,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "steps": steps or predictor.settings.num_inference_steps,
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
-                "denoising": predictor.models[0].denoising, "input_folder": str(input_folder)}
+                "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
+                "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None}
     report = PredictionReport(output, settings)
     report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
     for problem in problems:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinediff.datasets.validate import _same_geometry
+from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, split_ending
 from spinediff.io import atomic_path, read_image, read_json, write_image, write_json
@@ -102,7 +102,7 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
 
 def _check_same_grid(images: list[sitk.Image], paths: list[Path]) -> None:
     for image, path in zip(images[1:], paths[1:], strict=True):
-        why = _same_geometry(images[0], image)
+        why = same_geometry(images[0], image)
         if why is not None:
             raise SpineDiffError(f"{path}: {why} (compared with {paths[0]}); ensemble predictions of the same inputs.")
 

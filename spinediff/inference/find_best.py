@@ -23,6 +23,7 @@ compared with the two singles *as re-predicted*, so that the comparison is like 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -173,6 +174,7 @@ class FindBestResult:
     winner: str
     commands: list[str]
     notes: list[str]
+    postprocessing: dict | None = None
 
     def table(self) -> str:
         metrics = ["dice"] if self.task == "segmentation" else [
@@ -194,7 +196,7 @@ class FindBestResult:
                 "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
                              "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
                             for c in self.ranking],
-                "ensemble": self.ensemble}
+                "ensemble": self.ensemble, "postprocessing": self.postprocessing}
 
 
 def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repredict: bool = False,
@@ -243,6 +245,35 @@ def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repr
             commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
                         for i, c in enumerate(ranking[:2], 1)]
             commands.append("spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER")
-    result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes)
+    postprocessing = None
+    if task == "segmentation" and winner == best.name:
+        postprocessing, commands = decide_postprocessing(best, dataset_folder, raw_folder, overwrite, commands)
+    result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing)
     write_json(result.to_dict(), target)
     return result
+
+
+def decide_postprocessing(best: Candidate, dataset_folder: Path, raw_folder, overwrite: bool, commands: list[str]
+                          ) -> tuple[dict, list[str]]:
+    """The winner's post-processing, decided on its cross-validation and written next to it
+    (``postprocessing.json``, applied by ``spinediff predict``; nnU-Net's own predictions need
+    ``spinediff postprocess``)."""
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE, determine_postprocessing, validation_pairs
+    from spinediff.paths import nnunet_folder
+
+    target = best.folder / POSTPROCESSING_FILE
+    try:
+        raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
+    except SpineDiffError:
+        raw = None
+    labels = [int(v) for v in read_json(best.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
+    decision, _ = determine_postprocessing(validation_pairs(best.folder, best.folds, raw), labels)
+    evidence = decision.to_dict()
+    same = target.is_file() and json.dumps(read_json(target), sort_keys=True) == json.dumps(evidence, sort_keys=True)
+    if target.is_file() and not same and not overwrite:
+        raise SpineDiffError(f"{target} holds another decision (made on other folds or results). Pass --overwrite "
+                             "to replace it.")
+    write_json(evidence, target)
+    if decision.active and not best.is_spinediff:
+        commands = commands + [f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
+    return evidence, commands

@@ -21,6 +21,11 @@ def run_find_best(args: argparse.Namespace) -> int:
               f"{result.ensemble['scores'][result.metric]:.4f} vs best single {result.ensemble['best_single']:.4f}")
     for note in result.notes:
         print(f"note: {note}")
+    if result.postprocessing:
+        pp = result.postprocessing
+        verdict = "applied" if pp["applied"] else "not applied"
+        print(f"\npost-processing (level numbering by anatomical order): {verdict}; cross-validation Dice "
+              f"{pp['dice_before']:.4f} -> {pp['dice_after']:.4f} ({pp['cases']} cases)")
     print(f"\nbest: {result.winner}\npredict with:")
     for command in result.commands:
         print(f"  {command}")

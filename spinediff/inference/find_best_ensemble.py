@@ -71,7 +71,7 @@ def _array(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- segmentation: average probabilities
-def _case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
+def case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
     """nnU-Net's Dice per label (NaN when the label is absent from both)."""
     out = {}
     for label in labels:
@@ -150,7 +150,7 @@ def _score_probabilities(first: Candidate, second: Candidate, roots: dict[str, P
         for key, p in ((first.name, probabilities[0]), (second.name, probabilities[1]),
                        ("ensemble", (probabilities[0] + probabilities[1]) / 2)):
             labels_of = np.argmax(p, axis=0).reshape(reference_labels.shape)
-            per_case[key].append(_case_dice(labels_of, reference_labels, labels))
+            per_case[key].append(case_dice(labels_of, reference_labels, labels))
     singles = {key: pooled_foreground_dice(per_case[key]) for key in (first.name, second.name)}
     return {"method": method, "cases": len(per_case["ensemble"]),
             "scores": {"dice": pooled_foreground_dice(per_case["ensemble"])}, "singles": singles,

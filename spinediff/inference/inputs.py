@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinediff.datasets.validate import Problem, _read_or_report, _same_geometry
+from spinediff.datasets.validate import Problem, _read_or_report, same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.io import IMAGE_SUFFIXES
 
@@ -141,7 +141,7 @@ def check_case_files(case: InputCase, layout: InputLayout) -> None:
             _check_labels(path, np.asarray(array), layout.label_values, problems)
         if reference is None:
             reference = image
-        elif (why := _same_geometry(reference, image)) is not None:
+        elif (why := same_geometry(reference, image)) is not None:
             problems.append(Problem(str(path), f"geometry does not match {case.files[0].name}: {why}. All channels "
                                                "of a case must share one grid (resample them first)."))
             break

@@ -10,7 +10,8 @@ from spinediff.inference.api import RUN_SUMMARY, predict
 def run_predict(args: argparse.Namespace) -> int:
     report = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.folds, args.plans,
                      args.checkpoint, args.device, args.samples, args.steps, args.eta, args.seed, args.tta,
-                     args.save_uncertainty, args.save_probabilities, args.overwrite, args.results)
+                     args.save_uncertainty, args.save_probabilities, args.overwrite, args.results,
+                     postprocessing=not args.no_postprocessing)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -58,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "samples in HU), CASE_variance (segmentation) and CASE_uncertainty.json")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="segmentation: write the mean class probabilities as CASE.npz for `spinediff ensemble`")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="segmentation: do not apply the model's postprocessing.json (the level numbering that "
+                             "`spinediff find_best` keeps when it improves the cross-validation Dice)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")

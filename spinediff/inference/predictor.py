@@ -34,6 +34,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import FoldModel, ModelFolder
+from spinediff.inference.postprocessing import Postprocessing, geometry_like
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
 from spinediff.training.task_adapter import TaskAdapter
@@ -122,6 +123,7 @@ class SpineDiffPredictor:
         names = {int(k): v for k, v in self.dataset_json["channel_names"].items()}
         channels = tuple(self.task.source_channels) if self.task.task != "generation" else ()
         self.layout = InputLayout(self.task.task, channels, names, tuple(self.label_manager.all_labels))
+        self.postprocessing = Postprocessing()  # nothing unless the caller loads the model's decision
 
     # ------------------------------------------------------------------ one case, step by step
     def preprocess(self, case: InputCase) -> PreprocessedCase:
@@ -218,6 +220,10 @@ class SpineDiffPredictor:
             logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
             return_probabilities=outputs.probabilities is not None, num_threads_torch=torch.get_num_threads())
         segmentation, probabilities = result if outputs.probabilities is not None else (result, None)
+        stuff = properties["sitk_stuff"]
+        if self.postprocessing.active and len(stuff["spacing"]) == 3:
+            geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
+            segmentation = self.postprocessing.apply(np.asarray(segmentation), geometry)
         writer = self.plans_manager.image_reader_writer_class()
         with atomic_path(outputs.predictions[0]) as tmp:
             writer.write_seg(np.asarray(segmentation), str(tmp), properties)

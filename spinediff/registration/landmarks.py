@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter1d
 
 from spinediff.errors import SpineDiffError
-from spinediff.io import read_json, write_json
+from spinediff.io import index_to_physical, read_json, write_json
 
 # Vertebra instance labels (VerSe numbering 1-28). TPTBox / VerSe write discs as 100 + label and
 # endplates as 200 + label into the same file; those are not vertebrae.
@@ -138,16 +138,6 @@ def write_landmarks(landmarks: LandmarkSet, path: str | os.PathLike) -> None:
 
 
 # ------------------------------------------------------------------------------ geometry helpers
-
-
-def index_to_physical(image: sitk.Image, zyx_indices: tuple[np.ndarray, ...] | np.ndarray) -> np.ndarray:
-    """Voxel indices in numpy (z, y, x) order -> (N, 3) physical points (x, y, z), vectorised."""
-    zyx = np.asarray(zyx_indices, dtype=float)
-    ijk = zyx[::-1].T  # (N, 3) in ITK index order
-    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
-    spacing = np.asarray(image.GetSpacing(), dtype=float)
-    origin = np.asarray(image.GetOrigin(), dtype=float)
-    return origin + (ijk * spacing) @ direction.T
 
 
 def _label_array(mask: sitk.Image, source: str) -> np.ndarray:

@@ -1,0 +1,215 @@
+"""Level numbering that respects the anatomy: labels with an order in space (L1 above L2 ... above L5).
+
+A 2D network numbers each slice on its own and a patch-based one each window on its own, so a vertebra
+may be called L2 in one slice and L3 in the next, two neighbouring vertebrae may both be called L2, or an
+extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right and the numbering wrong
+(high merged Dice, low per-level Dice). This post-processing numbers the vertebrae again, as a whole:
+
+1. The order is learnt from the reference labels (:func:`learn_order`): the physical direction along which
+   the labels' centroids follow their label values in every case (e.g. head to feet for L1..L5), in
+   world coordinates, so that scans of any orientation are handled.
+2. Per predicted case (:func:`renumber`): the connected components of the ordered labels are the
+   candidate vertebrae. A component whose labels are stacked along the direction (two vertebrae bridged
+   by a few voxels) is split by label; one whose labels lie side by side (one vertebra numbered
+   differently in different slices) stays whole. Components smaller than :data:`MIN_COMPONENT_SHARE`
+   of the largest are left as they are.
+3. The candidates, sorted along the direction, get strictly increasing labels that agree with as many
+   of their predicted voxels as possible (dynamic programming); when there are more candidates than
+   labels, the surplus ones with the least support become background.
+
+:func:`spinediff.inference.postprocessing.determine_postprocessing` keeps this step only when it
+improves the cross-validation Dice (as nnU-Net decides its own post-processing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from spinediff.io import index_to_physical
+
+#: Components smaller than this share of the largest ordered component are left untouched (specks).
+MIN_COMPONENT_SHARE = 0.1
+#: Share of a component a second label needs before the component counts as mixed.
+MIXED_SHARE = 0.2
+#: Share of the label pairs (over cases) whose centroids must follow the label order along the direction.
+MIN_AGREEMENT = 0.95
+#: Centroids closer than this along the direction (mm) do not count as ordered (labels side by side).
+MIN_SEPARATION_MM = 5.0
+#: Erosion radii (mm) tried, in turn, to part vertebrae that touch through thin bridges (discs are thicker).
+SEPARATION_RADII_MM = (1.5, 3.0, 4.5)
+
+
+@dataclass(frozen=True)
+class LevelOrder:
+    """Labels in anatomical order and the world direction (unit vector, x/y/z in mm) they follow."""
+
+    labels: tuple[int, ...]
+    direction: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": list(self.labels), "direction": [round(float(d), 6) for d in self.direction]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LevelOrder:
+        return cls(tuple(int(v) for v in data["labels"]), tuple(float(d) for d in data["direction"]))
+
+
+def label_centroids(image, array: np.ndarray, labels: list[int]) -> dict[int, np.ndarray]:
+    """World centroid of each label present in ``array``."""
+    from scipy import ndimage
+
+    present = [v for v in labels if np.any(array == v)]
+    if not present:
+        return {}
+    centres = np.asarray(ndimage.center_of_mass(np.ones(array.shape, np.uint8), array, present), dtype=float)
+    return dict(zip(present, index_to_physical(image, centres.reshape(-1, 3).T), strict=True))
+
+
+def learn_order(cases: list[dict[int, np.ndarray]]) -> LevelOrder | None:
+    """The order of the labels in reference cases (label → world centroid), or None if they keep none.
+
+    The direction is the mean, over cases, of the unit vector from the lowest to the highest label value;
+    the ordered labels are those whose pairs follow their values along it in at least
+    :data:`MIN_AGREEMENT` of the cases, at least :data:`MIN_SEPARATION_MM` apart (at least three labels, as a
+    level numbering needs)."""
+    vectors = []
+    for case in cases:
+        if len(case) >= 2:
+            low, high = case[min(case)], case[max(case)]
+            norm = np.linalg.norm(high - low)
+            if norm > 0:
+                vectors.append((high - low) / norm)
+    if not vectors:
+        return None
+    direction = np.mean(vectors, axis=0)
+    if np.linalg.norm(direction) < 0.5:  # cases disagree on the direction
+        return None
+    direction /= np.linalg.norm(direction)
+    labels = sorted({v for case in cases for v in case})
+    agree = {v: [] for v in labels}
+    for case in cases:
+        for a, b in combinations(sorted(case), 2):
+            ok = float(np.dot(case[b] - case[a], direction) >= MIN_SEPARATION_MM)
+            agree[a].append(ok)
+            agree[b].append(ok)
+    ordered = tuple(v for v in labels if agree[v] and np.mean(agree[v]) >= MIN_AGREEMENT)
+    if len(ordered) < 3:
+        return None
+    return LevelOrder(ordered, tuple(float(d) for d in direction))
+
+
+def _candidates(components: np.ndarray, values: np.ndarray, heights: np.ndarray, labels: tuple[int, ...]
+                ) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Candidate vertebrae from the foreground voxels (their component, predicted label and height along
+    the direction): (positions in the foreground list, mean height, votes per ordered label)."""
+    candidates = []
+    sizes = np.bincount(components)[1:]
+    if not len(sizes):
+        return []
+    for component in np.flatnonzero(sizes >= MIN_COMPONENT_SHARE * sizes.max()) + 1:
+        where = np.flatnonzero(components == component)
+        own, h = values[where], heights[where]
+        votes = np.array([np.count_nonzero(own == v) for v in labels], dtype=float)
+        present = [i for i in np.argsort(-votes) if votes[i] >= MIXED_SHARE * len(where)]
+        if len(present) >= 2 and _stacked([h[own == labels[i]] for i in present]):
+            centres = np.array([np.mean(h[own == labels[i]]) for i in present])
+            nearest = np.argmin(np.abs(h[:, None] - centres[None, :]), axis=1)
+            for p, i in enumerate(present):  # each part: its label's voxels plus the minor labels nearest to it
+                part = where[(own == labels[i]) | (~np.isin(own, [labels[j] for j in present]) & (nearest == p))]
+                part_votes = np.array([np.count_nonzero(values[part] == v) for v in labels], dtype=float)
+                candidates.append((part, float(np.mean(heights[part])), part_votes))
+        else:
+            candidates.append((where, float(np.mean(h)), votes))
+    return candidates
+
+
+def _stacked(heights_per_label: list[np.ndarray]) -> bool:
+    """Do the labels' voxels lie one above the other (overlap of their 10-90 % height ranges < 50 %)?"""
+    ranges = [np.percentile(h, [10, 90]) for h in heights_per_label]
+    for (a0, a1), (b0, b1) in combinations(ranges, 2):
+        overlap = max(0.0, min(a1, b1) - max(a0, b0))
+        if overlap > 0.5 * max(min(a1 - a0, b1 - b0), 1e-6):
+            return False
+    return True
+
+
+def assign(votes: np.ndarray) -> list[int | None]:
+    """Strictly increasing label indices for candidates in order (rows of ``votes``, candidates x labels)
+    that maximise the agreeing votes; as many candidates as there are labels get one, the rest None."""
+    n, k = votes.shape
+    keep = min(n, k)
+
+    @cache
+    def best(i: int, j: int, left: int) -> tuple[float, tuple[int | None, ...]]:
+        if left == 0:
+            return 0.0, (None,) * (n - i)
+        if n - i < left or k - j < left:
+            return -np.inf, ()
+        options = []
+        if n - i > left:  # candidate i dropped
+            score, rest = best(i + 1, j, left)
+            options.append((score, (None,) + rest))
+        for label in range(j, k - left + 1):
+            score, rest = best(i + 1, label + 1, left - 1)
+            options.append((score + votes[i, label], (label,) + rest))
+        return max(options, key=lambda o: o[0])
+
+    return list(best(0, 0, keep)[1])
+
+
+def _major(components: np.ndarray) -> int:
+    sizes = np.bincount(components.ravel())[1:]
+    return int(np.count_nonzero(sizes >= MIN_COMPONENT_SHARE * sizes.max())) if len(sizes) and sizes.max() else 0
+
+
+def separate(mask: np.ndarray, spacing_zyx, expected: int) -> np.ndarray:
+    """Connected components of ``mask``; while there are fewer large ones than ``expected``, vertebrae that touch
+    are parted as a watershed would: the mask eroded by a growing ball gives seeds, and every voxel of the mask
+    joins its nearest seed."""
+    from scipy import ndimage
+
+    components, _ = ndimage.label(mask)
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    crop = mask[box]
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    for radius in SEPARATION_RADII_MM:
+        if _major(components) >= expected:
+            break
+        half = np.floor(radius / spacing).astype(int)
+        grid = np.ogrid[tuple(slice(-h, h + 1) for h in half)]
+        ball = sum((g * s / radius) ** 2 for g, s in zip(grid, spacing, strict=True)) <= 1.0
+        seeds, count = ndimage.label(ndimage.binary_erosion(crop, structure=ball))
+        if count == 0 or _major(seeds) <= _major(components[box]):
+            continue
+        nearest = ndimage.distance_transform_edt(seeds == 0, sampling=spacing, return_distances=False,
+                                                 return_indices=True)
+        parted = np.zeros_like(components)
+        parted[box] = np.where(crop, seeds[tuple(nearest)], 0)
+        components = parted
+    return components
+
+
+def renumber(prediction: np.ndarray, image, order: LevelOrder) -> np.ndarray:
+    """``prediction`` (3D array on the SimpleITK ``image``'s grid) with its ordered labels numbered again."""
+
+    labels = order.labels
+    mask = np.isin(prediction, labels)
+    if prediction.ndim != 3 or not mask.any():
+        return prediction
+    components = separate(mask, image.GetSpacing()[::-1], len(labels))
+    foreground = np.flatnonzero(mask)
+    heights = index_to_physical(image, np.unravel_index(foreground, prediction.shape)) @ np.asarray(order.direction)
+    candidates = _candidates(components.ravel()[foreground], prediction.ravel()[foreground], heights, labels)
+    if not candidates:
+        return prediction
+    candidates.sort(key=lambda c: c[1])
+    chosen = assign(np.stack([c[2] for c in candidates]))
+    out = prediction.copy().ravel()
+    for (where, _, _), label in zip(candidates, chosen, strict=True):
+        out[foreground[where]] = 0 if label is None else labels[label]
+    return out.reshape(prediction.shape)

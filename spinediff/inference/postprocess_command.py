@@ -1,0 +1,76 @@
+"""``spinediff postprocess``: apply a model's cross-validated post-processing to finished predictions
+(e.g. those of ``nnUNetv2_predict``; ``spinediff predict`` applies it itself)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from spinediff.errors import SpineDiffError
+from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+from spinediff.io import atomic_path, ensure_writable_folder
+
+ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Path, overwrite: bool = False,
+                       progress: bool = True) -> int:
+    """Write every segmentation of ``input_folder`` post-processed into ``output_folder``; returns the count."""
+    import SimpleITK as sitk
+
+    decision_file = model_folder / POSTPROCESSING_FILE
+    if not decision_file.is_file():
+        raise SpineDiffError(f"{decision_file} does not exist. Run `spinediff find_best -d DATASET` first: it decides "
+                             "the post-processing on the model's cross-validation.")
+    decision = Postprocessing.load(model_folder)
+    if not input_folder.is_dir():
+        raise SpineDiffError(f"The input folder {input_folder} does not exist.")
+    if input_folder.resolve() == output_folder.resolve():
+        raise SpineDiffError("The output folder must differ from the input folder (inputs are never replaced).")
+    files = sorted(p for p in input_folder.iterdir() if p.is_file() and p.name.endswith(ENDINGS))
+    if not files:
+        raise SpineDiffError(f"No segmentation ({', '.join(ENDINGS)}) in {input_folder}.")
+    existing = [output_folder / p.name for p in files if (output_folder / p.name).exists()]
+    if existing and not overwrite:
+        raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
+                             "output folder or pass --overwrite.")
+    ensure_writable_folder(output_folder)
+    for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise SpineDiffError(f"Cannot read {path}: {error}") from error
+        array = sitk.GetArrayFromImage(image)
+        out = sitk.GetImageFromArray(decision.apply(array, image) if image.GetDimension() == 3 else array)
+        out.CopyInformation(image)
+        with atomic_path(output_folder / path.name) as tmp:
+            sitk.WriteImage(out, str(tmp), True)
+    return len(files)
+
+
+def run(args: argparse.Namespace) -> int:
+    count = postprocess_folder(Path(args.input), Path(args.output), Path(args.model), args.overwrite)
+    decision = Postprocessing.load(Path(args.model))
+    what = "level numbering by anatomical order" if decision.active else "nothing (it did not improve the " \
+                                                                          "cross-validation; files copied)"
+    print(f"post-processed {count} case(s) into {args.output}: {what}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "postprocess",
+        help="apply a model's cross-validated post-processing (postprocessing.json) to a folder of predictions",
+        description="Apply the post-processing that `spinediff find_best` kept for a model (TRAINER__PLANS__CONFIG/"
+                    "postprocessing.json: the level numbering of ordered labels such as L1..L5, kept only when it "
+                    "raised the cross-validation Dice) to segmentations written by another tool, e.g. "
+                    "nnUNetv2_predict. `spinediff predict` applies it by itself.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-i", "--input", required=True, help="folder of predicted segmentations")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created; inputs are never replaced)")
+    parser.add_argument("-m", "--model", required=True, help="the model folder TRAINER__PLANS__CONFIG that holds "
+                                                              "postprocessing.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(func=run)

@@ -1,0 +1,108 @@
+"""Level numbering post-processing and its cross-validation decision (numpy/SimpleITK only: fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from spinediff.inference.level_order import LevelOrder, assign, label_centroids, learn_order, renumber
+from spinediff.inference.postprocessing import Postprocessing, determine_postprocessing
+
+
+def spine(levels: int = 5, shape=(10, 64, 20)) -> np.ndarray:
+    """Five stacked 'vertebrae' along array axis 1, labels 1..5 from top (index 0) to bottom."""
+    array = np.zeros(shape, np.uint8)
+    for i in range(levels):
+        array[2:8, 2 + i * 12:2 + i * 12 + 9, 5:15] = i + 1
+    return array
+
+
+def image_of(array: np.ndarray, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 2.0, 3.0))
+    image.SetDirection(direction)
+    return image
+
+
+@pytest.fixture(scope="module")
+def order() -> LevelOrder:
+    truth = spine()
+    learnt = learn_order([label_centroids(image_of(truth), truth, [1, 2, 3, 4, 5])] * 3)
+    assert learnt is not None
+    return learnt
+
+
+def test_order_is_learnt_in_world_coordinates(order):
+    assert order.labels == (1, 2, 3, 4, 5)
+    assert np.allclose(order.direction, (0, 1, 0))  # array axis 1 = world y
+    flipped = image_of(spine(), direction=(1, 0, 0, 0, -1, 0, 0, 0, 1))
+    assert np.allclose(learn_order([label_centroids(flipped, spine(), [1, 2, 3, 4, 5])]).direction, (0, -1, 0))
+
+
+def test_labels_without_an_order_are_not_ordered():
+    side_by_side = np.zeros((10, 20, 40), np.uint8)
+    side_by_side[2:8, 5:15, 2:18], side_by_side[2:8, 5:15, 22:38] = 1, 2
+    other = side_by_side[:, :, ::-1].copy()  # label 2 left of label 1 in the second case
+    cases = [label_centroids(image_of(a), a, [1, 2]) for a in (side_by_side, other)]
+    assert learn_order(cases) is None
+
+
+@pytest.mark.parametrize("damage", ["collapse", "slices", "extra", "bridge", "swap", "merged"])
+def test_renumber_repairs_wrong_level_numbers(order, damage):
+    truth = spine()
+    predicted = truth.copy()
+    if damage == "collapse":  # L3 called L2: two neighbours with one number
+        predicted[truth == 3] = 2
+    elif damage == "slices":  # L3 called L4 in half of the slices (a 2D network's per-slice numbering)
+        predicted[:5][truth[:5] == 3] = 4
+    elif damage == "extra":  # an extra vertebra below L5, also called L5; drawn smaller
+        predicted[3:7, 61:64, 5:15] = 5
+    elif damage == "bridge":  # L1 and L2 touch through a few voxels
+        predicted[4, 11:14, 10] = 1
+    elif damage == "merged":  # L2-L4 all called L3 and joined through bridges across the discs: one component
+        predicted[np.isin(truth, (2, 3, 4))] = 3
+        predicted[4, 22:27, 10] = predicted[4, 34:39, 10] = 3
+    else:  # L2 and L4 swapped
+        predicted[truth == 2], predicted[truth == 4] = 4, 2
+    repaired = renumber(predicted, image_of(predicted), order)
+    assert np.array_equal(repaired[truth > 0], truth[truth > 0])
+    if damage == "extra":
+        assert not repaired[3:7, 61:64, 5:15].any()  # the surplus component became background
+    assert not np.array_equal(predicted, truth)  # the damage was real
+
+
+def test_renumber_keeps_a_correct_prediction_and_other_labels(order):
+    truth = spine()
+    truth[0, 0, 0] = 7  # a label outside the order is untouched
+    assert np.array_equal(renumber(truth, image_of(truth), order), truth)
+
+
+def test_assign_is_monotone_and_drops_the_least_supported():
+    votes = np.array([[0, 5, 0], [0, 4, 1], [0, 0, 3], [1, 0, 0]], dtype=float)
+    assert assign(votes) == [0, 1, 2, None]
+    assert assign(np.array([[0, 0, 9]], dtype=float)) == [2]
+
+
+def test_determine_keeps_the_step_only_when_cross_validation_improves(tmp_path):
+    references, predictions = tmp_path / "gt", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    for i in range(3):
+        truth = spine()
+        sitk.WriteImage(image_of(truth), str(references / f"case_{i}.nii.gz"))
+        predicted = truth.copy()
+        if i == 0:
+            predicted[truth == 3] = 2
+        sitk.WriteImage(image_of(predicted), str(predictions / f"case_{i}.nii.gz"))
+    pairs = [(p, references / p.name) for p in sorted(predictions.glob("*.nii.gz"))]
+    decision, dice = determine_postprocessing(pairs, [1, 2, 3, 4, 5], tmp_path / "pp.json")
+    assert decision.active and decision.evidence["dice_after"] > decision.evidence["dice_before"]
+    assert dice["after"]["case_0.nii.gz"]["3"] == 1.0 and dice["before"]["case_0.nii.gz"]["3"] == 0.0
+    loaded = Postprocessing.from_dict(__import__("json").loads((tmp_path / "pp.json").read_text()))
+    assert loaded.level_order == decision.level_order
+    # already right everywhere: nothing to gain, so nothing is applied
+    for i in range(3):
+        sitk.WriteImage(image_of(spine()), str(predictions / f"case_{i}.nii.gz"))
+    unchanged, _ = determine_postprocessing(pairs, [1, 2, 3, 4, 5])
+    assert not unchanged.active and unchanged.evidence["learnt_order"] is not None
