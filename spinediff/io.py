@@ -150,11 +150,20 @@ def index_to_physical(image: sitk.Image, zyx_indices: tuple[np.ndarray, ...] | n
     return origin + (ijk * spacing) @ direction.T
 
 
-def ensure_writable_folder(path: str | os.PathLike) -> Path:
-    """Create ``path`` if needed and check that it is a folder this process can write into, before any work."""
+def ensure_writable_folder(path: str | os.PathLike, create: bool = True) -> Path:
+    """Check, before any work, that ``path`` is (or can become) a folder this process can write into; create it
+    unless ``create`` is False (then only its nearest existing parent is checked, and nothing is made)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise SpineDiffError(f"The output {path} is a file, not a folder. Give a folder path.")
+    if not create:
+        probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise SpineDiffError(f"Cannot write into the output folder {path} ({probe} is not a writable folder). "
+                                 "Choose a folder you can write to.")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".spinediff-write-test-"):

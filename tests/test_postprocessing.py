@@ -48,7 +48,7 @@ def test_labels_without_an_order_are_not_ordered():
     assert learn_order(cases) is None
 
 
-@pytest.mark.parametrize("damage", ["collapse", "slices", "extra", "bridge", "swap", "merged"])
+@pytest.mark.parametrize("damage", ["collapse", "slices", "extra", "bridge", "swap", "merged", "uniform_extra"])
 def test_renumber_repairs_wrong_level_numbers(order, damage):
     truth = spine()
     predicted = truth.copy()
@@ -60,6 +60,9 @@ def test_renumber_repairs_wrong_level_numbers(order, damage):
         predicted[3:7, 61:64, 5:15] = 5
     elif damage == "bridge":  # L1 and L2 touch through a few voxels
         predicted[4, 11:14, 10] = 1
+    elif damage == "uniform_extra":  # every vertebra called L3, plus a small extra one below: which to drop?
+        predicted[truth > 0] = 3
+        predicted[3:7, 61:64, 5:15] = 3
     elif damage == "merged":  # L2-L4 all called L3 and joined through bridges across the discs: one component
         predicted[np.isin(truth, (2, 3, 4))] = 3
         predicted[4, 22:27, 10] = predicted[4, 34:39, 10] = 3
@@ -67,7 +70,7 @@ def test_renumber_repairs_wrong_level_numbers(order, damage):
         predicted[truth == 2], predicted[truth == 4] = 4, 2
     repaired = renumber(predicted, image_of(predicted), order)
     assert np.array_equal(repaired[truth > 0], truth[truth > 0])
-    if damage == "extra":
+    if damage in ("extra", "uniform_extra"):
         assert not repaired[3:7, 61:64, 5:15].any()  # the surplus component became background
     assert not np.array_equal(predicted, truth)  # the damage was real
 
@@ -106,3 +109,46 @@ def test_determine_keeps_the_step_only_when_cross_validation_improves(tmp_path):
         sitk.WriteImage(image_of(spine()), str(predictions / f"case_{i}.nii.gz"))
     unchanged, _ = determine_postprocessing(pairs, [1, 2, 3, 4, 5])
     assert not unchanged.active and unchanged.evidence["learnt_order"] is not None
+
+
+def test_grouped_argmax_keeps_a_vertebra_whose_level_is_uncertain():
+    """Background 0.3 beats each of L4 0.25 / L5 0.25 / L3 0.2, but the vertebra (0.7) beats the background."""
+    probabilities = np.zeros((6, 1, 1, 2), np.float32)
+    probabilities[:, 0, 0, 0] = [0.3, 0.0, 0.0, 0.2, 0.25, 0.25]
+    probabilities[:, 0, 0, 1] = [0.6, 0.1, 0.1, 0.1, 0.1, 0.0]
+    from spinediff.inference.postprocessing import grouped_argmax
+
+    assert np.argmax(probabilities[:, 0, 0, 0]) == 0  # plain argmax loses it
+    assert grouped_argmax(probabilities, (1, 2, 3, 4, 5)).ravel().tolist() == [4, 0]
+    # channels carry the dataset's label values (e.g. VerSe 20..24), not 0..5
+    labelled = grouped_argmax(probabilities, (20, 21, 22, 23, 24), (0, 20, 21, 22, 23, 24))
+    assert labelled.ravel().tolist() == [23, 0]
+
+
+def test_determine_prefers_the_probability_foreground_when_it_recovers_voxels(tmp_path):
+    """Predictions that lost L5 to the background while their probabilities still favour 'some vertebra':
+    the decision forms the foreground from the probabilities and recovers it."""
+    references, predictions = tmp_path / "gt", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    for i in range(2):
+        truth = spine()
+        sitk.WriteImage(image_of(truth), str(references / f"case_{i}.nii.gz"))
+        probabilities = np.zeros((6, *truth.shape), np.float32)
+        probabilities[0] = 1.0
+        for level in range(1, 5):
+            probabilities[:, truth == level] = 0.0
+            probabilities[level, truth == level] = 1.0
+        probabilities[:, truth == 5] = np.array([0.4, 0, 0, 0, 0.3, 0.3], np.float32)[:, None]
+        predicted = np.argmax(probabilities, axis=0).astype(np.uint8)
+        assert not (predicted == 5).any()
+        sitk.WriteImage(image_of(predicted), str(predictions / f"case_{i}.nii.gz"))
+        np.savez_compressed(predictions / f"case_{i}.npz", probabilities=probabilities)
+    pairs = [(p, references / p.name) for p in sorted(predictions.glob("*.nii.gz"))]
+    decision, dice = determine_postprocessing(pairs, [1, 2, 3, 4, 5])
+    assert decision.active and decision.foreground == "probabilities"
+    assert dice["probabilities"]["case_0.nii.gz"]["5"] == 1.0 and dice["argmax"]["case_0.nii.gz"]["5"] == 0.0
+    restored = Postprocessing.from_dict(decision.to_dict())
+    assert restored.needs_probabilities and restored.channel_labels == (0, 1, 2, 3, 4, 5)
+    with pytest.raises(Exception, match="probabilities"):
+        restored.apply(spine(), image_of(spine()))  # without them it says what to do

@@ -524,3 +524,32 @@ def test_tptbox_ct_registered_onto_moved_copy_of_itself(tmp_path):
     result = register_case(case, RegistrationSettings(overlay=False))
     assert result.report.vertebrae_used == [21, 22, 23]
     assert result.report.tre_mm["max"] < 1.0, result.report.tre_mm
+
+
+# ---------------------------------------------------------------------- landmark JSON fuzzing
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                  max_size=3), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(_JSON, st.fixed_dictionaries({"vertebrae": st.dictionaries(
+    st.one_of(st.text(max_size=3), st.sampled_from(["20", "21"])), st.one_of(_JSON, st.dictionaries(
+        st.sampled_from(["body", "posterior"]), st.one_of(_JSON, st.lists(_JSON, min_size=3, max_size=3))))),
+    "space": st.one_of(st.just("LPS"), st.text(max_size=4), st.integers())})))
+def test_fuzzed_landmark_json_raises_only_spinediff_errors(data):
+    """Any JSON value as a landmark file: either valid landmarks (three finite numbers each) or a SpineDiffError
+    naming the source, never another exception."""
+    from spinediff.errors import SpineDiffError
+    from spinediff.registration.landmarks import LandmarkSet
+
+    try:
+        landmarks = LandmarkSet.from_json(data, source="fuzz.json")
+    except SpineDiffError as error:
+        assert "fuzz.json" in str(error)
+    else:
+        assert all(np.all(np.isfinite(p)) and p.shape == (3,) for named in landmarks.points.values()
+                   for p in named.values())

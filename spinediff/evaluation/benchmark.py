@@ -130,7 +130,9 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
         lrs = logging.get("lrs", [])
         schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
     start = time.perf_counter()
-    trainer.perform_actual_validation(False)
+    # segmentation keeps the class probabilities: the post-processing may form its foreground from them
+    task = getattr(getattr(trainer, "task", None), "task", "segmentation")  # nnU-Net's trainer: segmentation
+    trainer.perform_actual_validation(task == "segmentation")
     n_val = max(1, len(trainer.do_split()[1]))
     timing = {"train_seconds": train_seconds, "epochs": epochs,
               "steps": int(epochs * trainer.num_iterations_per_epoch),
@@ -225,7 +227,7 @@ def score_postprocessing(result: MethodResult, results_root: Path, reference: Pa
                          out: Path, ending: str = ".nii.gz") -> None:
     """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does) and
     add each case's mean Dice after it (``dice_pp``; the plain Dice where it is not kept)."""
-    from spinediff.inference.postprocessing import determine_postprocessing
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE, determine_postprocessing
 
     folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
     pairs = []
@@ -238,11 +240,20 @@ def score_postprocessing(result: MethodResult, results_root: Path, reference: Pa
     slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
     decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json")
     result.postprocessing = decision.to_dict()
+    model_file = folder / POSTPROCESSING_FILE  # where `spinediff predict` finds it (as find_best writes it)
+    if not model_file.is_file():
+        write_json(result.postprocessing, model_file)
+    elif read_json(model_file) != read_json(out / f"postprocessing_{slug}.json"):
+        result.postprocessing["note"] = (f"{model_file} holds another decision and was kept; this run's is in "
+                                         f"{out / f'postprocessing_{slug}.json'}")
     for prediction, _ in pairs:
         case = prediction.name[:-len(ending)]
         if case in result.per_case:
-            values = list(dice["after" if decision.active else "before"][prediction.name].values())
+            per_label = dice["after"][prediction.name]
+            values = list(per_label.values())
             result.per_case[case]["dice_pp"] = float(np.nanmean(values)) if values else float("nan")
+            for label, value in per_label.items():
+                result.per_case[case][f"dice_pp_{label}"] = value
 
 
 def merged_foreground_dice(reference: Path, prediction: Path) -> float:
@@ -305,6 +316,13 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
                 steps, lr = entry.get("steps"), entry.get("final_learning_rate")
                 cells.append("-" if steps is None else f"{steps} / {lr:.2g}" if lr is not None else f"{steps} / ?")
             lines.append(f"| {r.method.name} | " + " | ".join(cells) + " |")
+    levels = sorted((n for n in names if n.startswith("dice_pp_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    if levels:
+        lines += ["", "After the post-processing (per label):", "",
+                  "| method | dice_pp | " + " | ".join(levels) + " |", "|---|---|" + "---|" * len(levels)]
+        for row in rows:
+            lines.append(f"| {row['method']} | {row['dice_pp']:.3f} | "
+                         + " | ".join(f"{row[n]:.3f}" for n in levels) + " |")
     direction = "higher" if higher_is_better else "lower"
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "

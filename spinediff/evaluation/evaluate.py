@@ -24,7 +24,14 @@ from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.image_metrics import image_metrics
 from spinediff.evaluation.segmentation_metrics import segmentation_metrics
-from spinediff.io import IMAGE_SUFFIXES, read_image, read_voxels_verified, write_json, write_text
+from spinediff.io import (
+    IMAGE_SUFFIXES,
+    ensure_writable_folder,
+    read_image,
+    read_voxels_verified,
+    write_json,
+    write_text,
+)
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -84,6 +91,8 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
     for folder in (ref_dir, pred_dir):
         if not folder.is_dir():
             raise SpineDiffError(f"{folder} is not a folder.")
+    if output_folder is not None:
+        ensure_writable_folder(output_folder, create=False)
     references, predictions = _case_files(ref_dir), _case_files(pred_dir)
     cases = sorted(set(references) & set(predictions))
     if not cases:

@@ -13,7 +13,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
-from spinediff.io import write_json
+from spinediff.io import ensure_writable_folder, write_json
 
 
 @dataclass
@@ -92,6 +92,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if Path(output_folder).resolve() == Path(input_folder).resolve():
         raise SpineDiffError(f"The output folder must differ from the input folder {input_folder} (a generation "
                              "output CASE.nii.gz would replace its input label map).")
+    ensure_writable_folder(output_folder, create=False)
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     if folds is None:
         folds = trained_folds(folder.path, checkpoint)

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, split_ending
-from spinediff.io import atomic_path, read_image, read_json, write_image, write_json
+from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_json, write_image, write_json
 
 MAP_SUFFIXES = ("_uncertainty", "_variance")
 
@@ -68,7 +68,7 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
         raise SpineDiffError(f"The folders hold predictions of different tasks ({tasks}); ensemble one task only.")
     task = tasks[folders[0]]
     files = [_prediction_files(folder) for folder in folders]
-    output = Path(output)
+    output = ensure_writable_folder(output, create=False)
     report = EnsembleReport(output, task)
     names = sorted(set().union(*files))
     complete = [n for n in names if all(n in f for f in files)]

@@ -42,6 +42,8 @@ MIN_AGREEMENT = 0.95
 MIN_SEPARATION_MM = 5.0
 #: Erosion radii (mm) tried, in turn, to part vertebrae that touch through thin bridges (discs are thicker).
 SEPARATION_RADII_MM = (1.5, 3.0, 4.5)
+#: Weight of a candidate's size beside its votes: among equally supported numberings, keep the larger ones.
+TIE_BREAK = 1e-3
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,9 @@ def renumber(prediction: np.ndarray, image, order: LevelOrder) -> np.ndarray:
     if not candidates:
         return prediction
     candidates.sort(key=lambda c: c[1])
-    chosen = assign(np.stack([c[2] for c in candidates]))
+    votes = np.stack([c[2] for c in candidates])
+    # ties (a network that calls every vertebra the same) drop the smallest surplus candidates (partial T12/S1)
+    chosen = assign(votes + TIE_BREAK * np.asarray([len(c[0]) for c in candidates], dtype=float)[:, None])
     out = prediction.copy().ravel()
     for (where, _, _), label in zip(candidates, chosen, strict=True):
         out[foreground[where]] = 0 if label is None else labels[label]

@@ -9,8 +9,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
-from spinediff.io import atomic_path, ensure_writable_folder
+from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
+from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_voxels_verified
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 
@@ -36,18 +36,29 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     if existing and not overwrite:
         raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
                              "output folder or pass --overwrite.")
+    for path in files:  # every input checked before anything is written
+        read_voxels_verified(path, read_image(path))
+        if decision.needs_probabilities and not _probabilities_of(path).is_file():
+            raise SpineDiffError(f"{_probabilities_of(path)} is missing: this model's post-processing forms the "
+                                 "foreground from class probabilities. Predict with probabilities (nnUNetv2_predict "
+                                 "--save_probabilities or spinediff predict --save-probabilities).")
     ensure_writable_folder(output_folder)
     for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as error:
-            raise SpineDiffError(f"Cannot read {path}: {error}") from error
+        image = read_image(path)
         array = sitk.GetArrayFromImage(image)
-        out = sitk.GetImageFromArray(decision.apply(array, image) if image.GetDimension() == 3 else array)
+        probabilities = load_probabilities(_probabilities_of(path)) if decision.needs_probabilities else None
+        changed = decision.apply(array, image, probabilities).astype(array.dtype) if image.GetDimension() == 3 \
+            else array
+        out = sitk.GetImageFromArray(changed)
         out.CopyInformation(image)
         with atomic_path(output_folder / path.name) as tmp:
             sitk.WriteImage(out, str(tmp), True)
     return len(files)
+
+
+def _probabilities_of(path: Path) -> Path:
+    stem = path.name[: -len(next(e for e in ENDINGS if path.name.endswith(e)))]
+    return path.with_name(stem + ".npz")
 
 
 def run(args: argparse.Namespace) -> int:

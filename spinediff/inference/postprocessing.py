@@ -27,31 +27,56 @@ from spinediff.io import read_json, write_json
 POSTPROCESSING_FILE = "postprocessing.json"
 
 
+#: How the foreground is formed before the numbering: each voxel's most likely label, or (with class
+#: probabilities) the ordered labels taken together, so that a vertebra whose level the network is unsure of
+#: (probability split between L4 and L5) is not lost to the background.
+FOREGROUNDS = ("argmax", "probabilities")
+
+
 @dataclass
 class Postprocessing:
-    """What to apply to a segmentation after prediction (None: nothing)."""
+    """What to apply to a segmentation after prediction (no level order: nothing)."""
 
     level_order: LevelOrder | None = None
+    foreground: str = "argmax"
+    channel_labels: tuple[int, ...] | None = None  # label of each probability channel (None: channel i = label i)
     evidence: dict[str, Any] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
         return self.level_order is not None
 
-    def apply(self, segmentation: np.ndarray, geometry) -> np.ndarray:
-        """``segmentation`` (array on the grid of the SimpleITK image ``geometry``) post-processed."""
+    @property
+    def needs_probabilities(self) -> bool:
+        return self.active and self.foreground == "probabilities"
+
+    def apply(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray | None = None) -> np.ndarray:
+        """``segmentation`` (array on the grid of the SimpleITK image ``geometry``) post-processed;
+        ``probabilities`` (classes first, channel i = label i) when the decision needs them."""
         if self.level_order is None:
             return segmentation
+        if self.needs_probabilities:
+            if probabilities is None:
+                raise SpineDiffError("This model's post-processing forms the foreground from class probabilities; "
+                                     "predict with probabilities (nnUNetv2_predict --save_probabilities).")
+            segmentation = grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
         return renumber(np.asarray(segmentation), geometry, self.level_order)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"level_order": self.level_order.to_dict() if self.level_order else None, **self.evidence}
+        return {"level_order": self.level_order.to_dict() if self.level_order else None,
+                "foreground": self.foreground,
+                "channel_labels": list(self.channel_labels) if self.channel_labels else None, **self.evidence}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Postprocessing:
         order = data.get("level_order")
-        return cls(LevelOrder.from_dict(order) if order else None,
-                   {k: v for k, v in data.items() if k != "level_order"})
+        foreground = data.get("foreground", "argmax")
+        if foreground not in FOREGROUNDS:
+            raise SpineDiffError(f"Unknown post-processing foreground {foreground!r} (expected one of {FOREGROUNDS}).")
+        channels = data.get("channel_labels")
+        return cls(LevelOrder.from_dict(order) if order else None, foreground,
+                   tuple(int(c) for c in channels) if channels else None,
+                   {k: v for k, v in data.items() if k not in ("level_order", "foreground", "channel_labels")})
 
     @classmethod
     def load(cls, model_folder: str | os.PathLike) -> Postprocessing:
@@ -60,6 +85,34 @@ class Postprocessing:
         if not path.is_file():
             return cls()
         return cls.from_dict(read_json(path))
+
+
+def grouped_argmax(probabilities: np.ndarray, group: Sequence[int], channel_labels: Sequence[int] | None = None
+                   ) -> np.ndarray:
+    """Label map in which the labels of ``group`` compete with the others as one class (their summed
+    probability); a voxel won by the group gets the group's most likely label. ``channel_labels``: the label
+    of each probability channel (nnU-Net orders them by value; None: channel i is label i)."""
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    channel_labels = np.asarray(channel_labels if channel_labels is not None else range(probabilities.shape[0]))
+    if len(channel_labels) != probabilities.shape[0]:
+        raise SpineDiffError(f"The probabilities have {probabilities.shape[0]} channels, the model "
+                             f"{len(channel_labels)} labels: they belong to another model.")
+    inside = np.isin(channel_labels, list(group))
+    summed = probabilities[inside].sum(axis=0)
+    best_other = channel_labels[~inside][np.argmax(probabilities[~inside], axis=0)]
+    best_in_group = channel_labels[inside][np.argmax(probabilities[inside], axis=0)]
+    won = summed > np.max(probabilities[~inside], axis=0)
+    return np.where(won, best_in_group, best_other).astype(np.int32)
+
+
+def load_probabilities(path: Path) -> np.ndarray:
+    """Class probabilities of a ``CASE.npz`` written by nnU-Net or spinediff (no pickles: cannot run code)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["probabilities"]
+    except (OSError, ValueError, KeyError) as error:
+        raise SpineDiffError(f"{path} is not a readable probabilities file ({error}). Predict again with "
+                             "probabilities.") from error
 
 
 def geometry_like(spacing, origin, direction):
@@ -85,37 +138,56 @@ def _read(path: Path):
 
 def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequence[int], output: Path | None = None
                              ) -> tuple[Postprocessing, dict[str, dict[str, dict]]]:
-    """Learn the level order from the references of (prediction, reference) file pairs (the cross-validation),
-    try it on the predictions, keep it if the mean Dice rises. Returns the decision and the per-case Dice
-    ``{"before"|"after": case → label → Dice}``; writes ``output`` (JSON) when given."""
+    """Learn the level order from the references of (prediction, reference) file pairs (the cross-validation)
+    and try the numbering on the predictions: on their label maps, and, where every prediction has its class
+    probabilities beside it (``CASE.npz``), on the foreground of the ordered labels taken together. The best
+    variant is kept if it raises the pooled Dice. Returns the decision and the per-case Dice
+    ``{"before"|"argmax"|"probabilities": case → label → Dice}``; writes ``output`` (JSON) when given."""
     from spinediff.inference.find_best import pooled_foreground_dice
     from spinediff.inference.find_best_ensemble import case_dice
 
     if not pairs:
         raise SpineDiffError("No cross-validation predictions to decide the post-processing on.")
     labels = [int(v) for v in labels if int(v) > 0]
+    channels = tuple([0, *sorted(labels)])
     references = [_read(reference) for _, reference in pairs]
     order = learn_order([label_centroids(image, array, labels) for image, array in references])
-    before: dict[str, dict] = {}
-    after: dict[str, dict] = {}
+    with_probabilities = all(_probabilities_file(prediction).is_file() for prediction, _ in pairs)
+    variants = ["argmax", "probabilities"] if with_probabilities else ["argmax"]
+    dice: dict[str, dict] = {"before": {}, **{v: {} for v in variants}}
     for (prediction, _), (_, truth) in zip(pairs, references, strict=True):
         image, predicted = _read(prediction)
         if predicted.shape != truth.shape:
             raise SpineDiffError(f"{prediction} has shape {predicted.shape}, its reference {truth.shape}.")
-        before[prediction.name] = case_dice(predicted, truth, labels)
-        changed = renumber(predicted, image, order) if order else predicted
-        after[prediction.name] = case_dice(changed, truth, labels)
-    dice_before = pooled_foreground_dice(list(before.values()))
-    dice_after = pooled_foreground_dice(list(after.values()))
-    keep = order is not None and not math.isnan(dice_after) and dice_after > dice_before
+        dice["before"][prediction.name] = case_dice(predicted, truth, labels)
+        for variant in variants:
+            changed = predicted
+            if order is not None:
+                probabilities = load_probabilities(_probabilities_file(prediction)) \
+                    if variant == "probabilities" else None
+                changed = Postprocessing(order, variant, channels).apply(predicted, image, probabilities)
+            dice[variant][prediction.name] = case_dice(changed, truth, labels)
+    scores = {name: pooled_foreground_dice(list(per_case.values())) for name, per_case in dice.items()}
+    best = max(variants, key=lambda v: -np.inf if math.isnan(scores[v]) else scores[v])
+    keep = order is not None and not math.isnan(scores[best]) and scores[best] > scores["before"]
     evidence = {"candidate": "level numbering (spinediff.inference.level_order)",
                 "learnt_order": order.to_dict() if order else None, "cases": len(pairs),
-                "dice_before": dice_before, "dice_after": dice_after, "applied": bool(keep),
+                "dice_before": scores["before"], "dice_after": scores[best] if keep else scores["before"],
+                "dice_per_variant": {v: scores[v] for v in variants}, "applied": bool(keep),
                 "rule": "kept only if the mean Dice over labels and cross-validation cases rises"}
-    decision = Postprocessing(order if keep else None, evidence)
+    decision = Postprocessing(order if keep else None, best if keep else "argmax", channels, evidence)
     if output is not None:
         write_json(decision.to_dict(), output)
-    return decision, {"before": before, "after": after}
+    dice["after"] = dice[best] if keep else dice["before"]
+    return decision, dice
+
+
+def _probabilities_file(prediction: Path) -> Path:
+    name = prediction.name
+    for ending in (".nii.gz", ".nii", ".mha", ".nrrd"):
+        if name.endswith(ending):
+            return prediction.with_name(name[: -len(ending)] + ".npz")
+    return prediction.with_suffix(".npz")
 
 
 def validation_pairs(model_folder: Path, folds: Sequence[str], raw_dataset: Path | None = None

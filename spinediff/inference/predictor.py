@@ -216,18 +216,20 @@ class SpineDiffPredictor:
         properties = case.properties
         # nnU-Net resamples logits; log of the mean probabilities are logits whose softmax is that mean.
         logits = torch.log(statistics.mean.clamp_min(1e-8))
+        keep = outputs.probabilities is not None or self.postprocessing.needs_probabilities
         result = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
-            return_probabilities=outputs.probabilities is not None, num_threads_torch=torch.get_num_threads())
-        segmentation, probabilities = result if outputs.probabilities is not None else (result, None)
+            return_probabilities=keep, num_threads_torch=torch.get_num_threads())
+        segmentation, probabilities = result if keep else (result, None)
         stuff = properties["sitk_stuff"]
         if self.postprocessing.active and len(stuff["spacing"]) == 3:
             geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
-            segmentation = self.postprocessing.apply(np.asarray(segmentation), geometry)
+            segmentation = np.asarray(segmentation)
+            segmentation = self.postprocessing.apply(segmentation, geometry, probabilities).astype(segmentation.dtype)
         writer = self.plans_manager.image_reader_writer_class()
         with atomic_path(outputs.predictions[0]) as tmp:
             writer.write_seg(np.asarray(segmentation), str(tmp), properties)
-        if probabilities is not None:
+        if outputs.probabilities is not None:
             with atomic_path(outputs.probabilities) as tmp:
                 np.savez_compressed(tmp, probabilities=np.asarray(probabilities, dtype=np.float32))
         if not outputs.uncertainty:

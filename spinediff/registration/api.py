@@ -29,6 +29,7 @@ from spinediff.io import (
     atomic_path,
     ensure_new_output,
     read_image,
+    read_voxels_verified,
     write_image,
     write_json,
     write_text,
@@ -128,8 +129,23 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
     )
 
 
-def _read_on_grid(path: Path, reference: sitk.Image, reference_name: str, case: str) -> sitk.Image:
+def _read_verified(path: Path) -> sitk.Image:
+    """The image, after its voxels were read completely (a truncated file is refused, not read as zeros)."""
     image = read_image(path)
+    voxels = np.asarray(read_voxels_verified(path, image))
+    if np.issubdtype(voxels.dtype, np.floating) and not np.all(np.isfinite(voxels)):
+        bad = int(np.count_nonzero(~np.isfinite(voxels)))
+        raise SpineDiffError(f"{path} has {bad} NaN or infinite voxel(s). Fill them (e.g. with -1024 HU for CT, 0 "
+                             "for MR) or crop them away before registering.")
+    return image
+
+
+def _read_on_grid(path: Path, reference: sitk.Image, reference_name: str, case: str) -> sitk.Image:
+    image = _read_verified(path)
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise SpineDiffError(f"case {case}: {path} is a {image.GetDimension()}D image with "
+                             f"{image.GetNumberOfComponentsPerPixel()} component(s); expected a 3D single-channel "
+                             "mask on the grid of its image.")
     if not _same_grid(image, reference):
         raise SpineDiffError(
             f"case {case}: {path} is not on the grid of {reference_name} (size, spacing, origin "
@@ -225,7 +241,7 @@ def register_case(case: CaseFiles, settings: RegistrationSettings | None = None)
     report = CaseReport(case=cid, transform=settings.transform, landmarks_per_vertebra=settings.landmarks_per_vertebra)
     if not case.mr_channels:
         raise SpineDiffError(f"case {cid}: no MR channel given.")
-    mr_channels = {name: read_image(path) for name, path in case.mr_channels.items()}
+    mr_channels = {name: _read_verified(path) for name, path in case.mr_channels.items()}
     reference_name, mr_reference = next(iter(mr_channels.items()))
     for name, image in mr_channels.items():
         if not _same_grid(image, mr_reference):
@@ -233,7 +249,7 @@ def register_case(case: CaseFiles, settings: RegistrationSettings | None = None)
                 f"case {cid}: MR channel {name} ({case.mr_channels[name]}) is not on the grid of "
                 f"{reference_name}; all MR channels must share one grid."
             )
-    ct = read_image(case.ct)
+    ct = _read_verified(case.ct)
 
     matched = mr_set = ct_set = None
     if settings.landmarks_per_vertebra == 0:

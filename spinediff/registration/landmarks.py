@@ -116,7 +116,9 @@ class LandmarkSet:
             if not isinstance(named, dict):
                 raise SpineDiffError(f"{source}: vertebra {key} must map landmark names to [x, y, z].")
             for name, point in named.items():
-                array = np.asarray(point, dtype=float)
+                numbers = isinstance(point, (list, tuple)) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in point)
+                array = np.asarray(point, dtype=float) if numbers else np.full(1, np.nan)  # strings etc.: below
                 if array.shape != (3,) or not np.all(np.isfinite(array)):
                     raise SpineDiffError(
                         f"{source}: landmark {key}/{name} must be three finite numbers, got {point!r}."

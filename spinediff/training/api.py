@@ -127,12 +127,18 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
         if started:
             raise SpineDiffError(f"{fold_folder} already holds a training ({', '.join(started)}). Resume it with "
                                  "--c, re-run only its validation with --val-only, or start again with --overwrite.")
-    ensure_splits(preprocessed / name)
     if fold != "all":
         try:
             fold = int(fold)
         except ValueError:
             raise SpineDiffError(f"Fold must be 0-4 or 'all', got {fold!r}.") from None
+        splits_file = preprocessed / name / "splits_final.json"
+        folds = len(read_json(splits_file)) if splits_file.is_file() else 5
+        if not 0 <= fold < folds:
+            where = splits_file if splits_file.is_file() else "nnU-Net's default split"
+            raise SpineDiffError(f"Fold {fold} does not exist: {where} has folds 0-{folds - 1}. Choose one of them "
+                                 "(or 'all' to train on every case).")
+    ensure_splits(preprocessed / name)
     torch_device = torch.device(device)
     from spinediff.training.augmentation import apply_planned_augmentation
 
