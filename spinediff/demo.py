@@ -22,7 +22,7 @@ from spinediff.datasets.phantom_writer import write_phantom_datasets
 from spinediff.datasets.validate import validate_dataset
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
-from spinediff.io import ensure_new_output, read_json, write_json
+from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: 
 
     profile = PROFILES["quick" if quick else "full"]
     out = ensure_new_output(Path(output).expanduser().resolve(), overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(out)
     result = DemoResult(out)
     stage = _Stopwatch(result)
     folders = _environment(out)

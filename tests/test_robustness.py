@@ -358,6 +358,15 @@ def test_predict_output_is_a_file(world, capsys):
     assert "out.nii.gz" in outcome.message and "is a file" in outcome.message
 
 
+@pytest.mark.parametrize("command", ["phantom", "demo"])
+def test_output_is_a_file(world, capsys, command):
+    (world / "taken.txt").write_text("keep me")
+    argv = ["phantom", "-o", str(world / "taken.txt"), "--cases", "1"] if command == "phantom" else \
+        ["demo", "--quick", "-o", str(world / "taken.txt"), "--overwrite"]
+    outcome = run_cli(argv, world, capsys)
+    assert "taken.txt" in outcome.message and "is a file" in outcome.message
+
+
 # ---------------------------------------------------------------------- register
 def _registration_inputs(world: Path) -> dict[str, Path]:
     folder = world / "pair"

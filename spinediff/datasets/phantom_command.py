@@ -6,11 +6,12 @@ import argparse
 
 from spinediff.datasets.phantom import PhantomSettings
 from spinediff.datasets.phantom_writer import TASK_NAMES, write_phantom_datasets
+from spinediff.io import ensure_writable_folder
 from spinediff.paths import nnunet_folder
 
 
 def run_phantom(args: argparse.Namespace) -> int:
-    output = args.output if args.output else nnunet_folder("raw")
+    output = ensure_writable_folder(args.output if args.output else nnunet_folder("raw"), create=False)
     tasks = list(TASK_NAMES) if args.task == "all" else [args.task]
     settings = PhantomSettings(
         mr_shape=tuple(args.shape),

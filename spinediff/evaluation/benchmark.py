@@ -24,7 +24,7 @@ from scipy import stats
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
-from spinediff.io import read_json, write_json, write_text
+from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -375,8 +375,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         options.val_iterations_per_epoch = options.val_iterations_per_epoch or 2
     options.budget_minutes = budget_minutes
     folds = folds if folds is not None else [0, 1, 2, 3, 4]
-    out = Path(output) if output else results / name / "spinediff_benchmark"
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_folder(Path(output) if output else results / name / "spinediff_benchmark")
     raw = nnunet_folder("raw") / name
     target = spec.target_channels[0] if spec.target_channels else None
     reference = reference_folder(raw, spec.task, target, out)
