@@ -236,3 +236,22 @@ def test_truncated_checkpoint_is_a_clear_error(nnunet_env, tmp_path, monkeypatch
     final.write_bytes(final.read_bytes()[:5000])
     with pytest.raises(SpineDiffError, match="cannot be read.*truncated"):
         train(902, "2d_diffusion", 1, "RegressionTrainer", TINY, results_folder=results, continue_training=True)
+
+
+def test_npz_keeps_the_final_validations_class_probabilities(nnunet_env, tmp_path):
+    """--npz (TrainingOptions.save_probabilities): validation/CASE.npz beside each label map, probabilities that
+    sum to one over the classes, on the label map's grid; without it, none."""
+    from dataclasses import replace
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    with_npz = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", replace(TINY, save_probabilities=True),
+                     results_folder=str(tmp_path / "npz"))
+    without = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", TINY, results_folder=str(tmp_path / "no"))
+    files = sorted((with_npz / "validation").glob("*.npz"))
+    assert files and not list((without / "validation").glob("*.npz"))
+    probabilities = np.load(files[0])["probabilities"]
+    label_map = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0]).replace(".npz", ".nii.gz")))
+    assert probabilities.shape[1:] == label_map.shape and probabilities.shape[0] == 4
+    assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-3)

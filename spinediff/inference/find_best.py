@@ -177,7 +177,7 @@ class FindBestResult:
     postprocessing: dict | None = None
 
     def table(self) -> str:
-        metrics = ["dice"] if self.task == "segmentation" else [
+        metrics = ["dice", "dice_pp"] if self.task == "segmentation" else [
             m for m in ("mae_body", "psnr", "ssim") if any(m in c.scores for c in self.ranking)]
         header = f"{'rank':<5} {'candidate':<60} {'cases':>5} " + " ".join(f"{m:>9}" for m in metrics)
         lines = [header, "-" * len(header)]
@@ -227,11 +227,16 @@ def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repr
     if not candidates:
         raise SpineDiffError(f"No candidate has all of folds {used_folds} finished: " + " ".join(notes))
     metric = primary_metric(task, candidates)
+    decisions: dict[str, dict] = {}
     for c in candidates:
         c.scores = score(c.per_case, task)
-    ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[metric]),
-                                                -c.scores[metric] if METRIC_DIRECTION[metric] == "higher"
-                                                else c.scores[metric]))
+        if task == "segmentation":  # each candidate with the post-processing its own cross-validation keeps
+            decisions[c.name] = decide_postprocessing(c, dataset_folder, raw_folder, overwrite)
+            c.scores["dice_pp"] = decisions[c.name]["dice_after"]
+    rank_on = "dice_pp" if task == "segmentation" else metric
+    ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[rank_on]),
+                                                -c.scores[rank_on] if METRIC_DIRECTION[metric] == "higher"
+                                                else c.scores[rank_on]))
     dataset_id = dataset_folder.name[len("Dataset"):len("Dataset") + 3]
     best = ranking[0]
     winner, commands = best.name, [predict_command(dataset_id, best)]
@@ -239,41 +244,43 @@ def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repr
     if len(ranking) >= 2:
         ensemble = evaluate_top_two(ranking[0], ranking[1], task, metric, dataset_folder, repredict, raw_folder,
                                     device)
-        if "scores" in ensemble and better(ensemble["scores"][metric], ensemble["best_single"], metric):
+        # the ensemble is not post-processed: it must beat the best single as that one will be predicted
+        if "scores" in ensemble and task == "segmentation":
+            ensemble["best_single_postprocessed"] = best.scores[rank_on]
+        if "scores" in ensemble and better(ensemble["scores"][metric], best.scores[rank_on], metric):
             winner = f"ensemble of {ranking[0].name} and {ranking[1].name}"
             probabilities = task == "segmentation"
             commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
                         for i, c in enumerate(ranking[:2], 1)]
             commands.append("spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER")
-    postprocessing = None
-    if task == "segmentation" and winner == best.name:
-        postprocessing, commands = decide_postprocessing(best, dataset_folder, raw_folder, overwrite, commands)
+    postprocessing = decisions.get(best.name) if winner == best.name else None
+    if postprocessing and postprocessing.get("applied") and not best.is_spinediff:
+        needs = postprocessing.get("foreground") == "probabilities"  # postprocess reads CASE.npz then
+        commands = [predict_command(dataset_id, best, probabilities=needs),
+                    f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
     result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing)
     write_json(result.to_dict(), target)
     return result
 
 
-def decide_postprocessing(best: Candidate, dataset_folder: Path, raw_folder, overwrite: bool, commands: list[str]
-                          ) -> tuple[dict, list[str]]:
-    """The winner's post-processing, decided on its cross-validation and written next to it
-    (``postprocessing.json``, applied by ``spinediff predict``; nnU-Net's own predictions need
+def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder, overwrite: bool) -> dict:
+    """The candidate's post-processing, decided on its cross-validation and written next to it
+    (``postprocessing.json``: applied by ``spinediff predict``; nnU-Net's own predictions need
     ``spinediff postprocess``)."""
     from spinediff.inference.postprocessing import POSTPROCESSING_FILE, determine_postprocessing, validation_pairs
     from spinediff.paths import nnunet_folder
 
-    target = best.folder / POSTPROCESSING_FILE
+    target = candidate.folder / POSTPROCESSING_FILE
     try:
         raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
     except SpineDiffError:
         raw = None
-    labels = [int(v) for v in read_json(best.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
-    decision, _ = determine_postprocessing(validation_pairs(best.folder, best.folds, raw), labels)
+    labels = [int(v) for v in read_json(candidate.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
+    decision, _ = determine_postprocessing(validation_pairs(candidate.folder, candidate.folds, raw), labels)
     evidence = decision.to_dict()
     same = target.is_file() and json.dumps(read_json(target), sort_keys=True) == json.dumps(evidence, sort_keys=True)
     if target.is_file() and not same and not overwrite:
         raise SpineDiffError(f"{target} holds another decision (made on other folds or results). Pass --overwrite "
                              "to replace it.")
     write_json(evidence, target)
-    if decision.active and not best.is_spinediff:
-        commands = commands + [f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
-    return evidence, commands
+    return evidence

@@ -18,7 +18,9 @@ def run_find_best(args: argparse.Namespace) -> int:
         print(f"\nensemble of ranks 1+2 not tried: {result.ensemble['skipped']}")
     elif result.ensemble:
         print(f"\nensemble of ranks 1+2 ({result.ensemble['method']}): {result.metric} "
-              f"{result.ensemble['scores'][result.metric]:.4f} vs best single {result.ensemble['best_single']:.4f}")
+              f"{result.ensemble['scores'][result.metric]:.4f} vs best single {result.ensemble['best_single']:.4f}"
+              + (f" ({result.ensemble['best_single_postprocessed']:.4f} with its post-processing; the ensemble "
+                 "is not post-processed)" if "best_single_postprocessed" in result.ensemble else ""))
     for note in result.notes:
         print(f"note: {note}")
     if result.postprocessing:

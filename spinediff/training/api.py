@@ -31,6 +31,7 @@ class TrainingOptions:
     mask_ablation_probability: float | None = None
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
     seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
+    save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
 
 
 def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -259,7 +260,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
         instance.inference_allowed_mirroring_axes = None
     if not validation_only:
         run_and_log_schedule(instance, budget, grow, report)
-    instance.perform_actual_validation(False)
+    instance.perform_actual_validation(bool(options and options.save_probabilities))
     return Path(instance.output_folder)
 
 

@@ -15,7 +15,8 @@ def run_train(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
-                              budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed)
+                              budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
+                              save_probabilities=args.npz)
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
 
@@ -67,6 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds network initialisation, augmentation (in the main process) and diffusion noise, "
                              "per fold: the same seed gives the same training on the CPU; -1 leaves them unseeded")
+    parser.add_argument("--npz", action="store_true",
+                        help="segmentation: keep the class probabilities of the final validation (CASE.npz), as "
+                             "nnUNetv2_train --npz; `spinediff find_best` then also tries the level numbering on them")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
