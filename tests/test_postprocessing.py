@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinediff.inference.level_order import LevelOrder, assign, label_centroids, learn_order, renumber
-from spinediff.inference.postprocessing import Postprocessing, determine_postprocessing
+from spinediff.evaluation.level_order import LevelOrder, assign, label_centroids, learn_order, renumber
+from spinediff.evaluation.postprocessing import Postprocessing, determine_postprocessing
 
 
 def spine(levels: int = 5, shape=(10, 64, 20)) -> np.ndarray:
@@ -87,10 +87,16 @@ def test_assign_is_monotone_and_drops_the_least_supported():
     assert assign(np.array([[0, 0, 9]], dtype=float)) == [2]
 
 
-def test_determine_keeps_the_step_only_when_cross_validation_improves(tmp_path):
+def _folders(tmp_path):
+    """Empty reference and prediction folders."""
     references, predictions = tmp_path / "gt", tmp_path / "pred"
     references.mkdir()
     predictions.mkdir()
+    return references, predictions
+
+
+def test_determine_keeps_the_step_only_when_cross_validation_improves(tmp_path):
+    references, predictions = _folders(tmp_path)
     for i in range(3):
         truth = spine()
         sitk.WriteImage(image_of(truth), str(references / f"case_{i}.nii.gz"))
@@ -116,7 +122,7 @@ def test_grouped_argmax_keeps_a_vertebra_whose_level_is_uncertain():
     probabilities = np.zeros((6, 1, 1, 2), np.float32)
     probabilities[:, 0, 0, 0] = [0.3, 0.0, 0.0, 0.2, 0.25, 0.25]
     probabilities[:, 0, 0, 1] = [0.6, 0.1, 0.1, 0.1, 0.1, 0.0]
-    from spinediff.inference.postprocessing import grouped_argmax
+    from spinediff.evaluation.postprocessing import grouped_argmax
 
     assert np.argmax(probabilities[:, 0, 0, 0]) == 0  # plain argmax loses it
     assert grouped_argmax(probabilities, (1, 2, 3, 4, 5)).ravel().tolist() == [4, 0]
@@ -128,9 +134,7 @@ def test_grouped_argmax_keeps_a_vertebra_whose_level_is_uncertain():
 def test_determine_prefers_the_probability_foreground_when_it_recovers_voxels(tmp_path):
     """Predictions that lost L5 to the background while their probabilities still favour 'some vertebra':
     the decision forms the foreground from the probabilities and recovers it."""
-    references, predictions = tmp_path / "gt", tmp_path / "pred"
-    references.mkdir()
-    predictions.mkdir()
+    references, predictions = _folders(tmp_path)
     for i in range(2):
         truth = spine()
         sitk.WriteImage(image_of(truth), str(references / f"case_{i}.nii.gz"))

@@ -227,7 +227,7 @@ def score_postprocessing(result: MethodResult, results_root: Path, reference: Pa
                          out: Path, ending: str = ".nii.gz") -> None:
     """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does) and
     add each case's mean Dice after it (``dice_pp``; the plain Dice where it is not kept)."""
-    from spinediff.inference.postprocessing import POSTPROCESSING_FILE, determine_postprocessing
+    from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE, determine_postprocessing
 
     folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
     pairs = []

@@ -3,6 +3,7 @@ average symmetric surface distance, in millimetres using the image spacing."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,3 +49,26 @@ def segmentation_metrics(prediction: np.ndarray, reference: np.ndarray, classes:
             value = 0.0
         out[int(c)] = {"dice": value, "hd95": hd95, "asd": asd, "n_pred": n_pred, "n_ref": n_ref}
     return out
+
+
+def case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
+    """nnU-Net's Dice per label (NaN when the label is absent from both)."""
+    out = {}
+    for label in labels:
+        p, r = prediction == label, reference == label
+        tp, fp, fn = np.sum(p & r), np.sum(p & ~r), np.sum(~p & r)
+        out[str(label)] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else float("nan")
+    return out
+
+
+def pooled_foreground_dice(per_case: Sequence[dict[str, float]]) -> float:
+    """Mean over classes of the mean over cases (NaN = class absent in both: not counted), as nnU-Net."""
+    if not per_case:
+        return float("nan")
+    classes = sorted({c for case in per_case for c in case})
+    means = []
+    for c in classes:
+        values = [case[c] for case in per_case if c in case and not math.isnan(case[c])]
+        if values:
+            means.append(float(np.mean(values)))
+    return float(np.mean(means)) if means else float("nan")

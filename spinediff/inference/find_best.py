@@ -34,6 +34,7 @@ import numpy as np
 
 from spinediff.datasets.dataset_json import task_spec
 from spinediff.errors import SpineDiffError
+from spinediff.evaluation.segmentation_metrics import pooled_foreground_dice
 from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
 
@@ -61,19 +62,6 @@ class Candidate:
         from spinediff.training import TRAINERS
 
         return self.trainer in TRAINERS
-
-
-def pooled_foreground_dice(per_case: Sequence[dict[str, float]]) -> float:
-    """Mean over classes of the mean over cases (NaN = class absent in both: not counted), as nnU-Net."""
-    if not per_case:
-        return float("nan")
-    classes = sorted({c for case in per_case for c in case})
-    means = []
-    for c in classes:
-        values = [case[c] for case in per_case if c in case and not math.isnan(case[c])]
-        if values:
-            means.append(float(np.mean(values)))
-    return float(np.mean(means)) if means else float("nan")
 
 
 def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
@@ -267,7 +255,7 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
     """The candidate's post-processing, decided on its cross-validation and written next to it
     (``postprocessing.json``: applied by ``spinediff predict``; nnU-Net's own predictions need
     ``spinediff postprocess``)."""
-    from spinediff.inference.postprocessing import POSTPROCESSING_FILE, determine_postprocessing, validation_pairs
+    from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE, determine_postprocessing, validation_pairs
     from spinediff.paths import nnunet_folder
 
     target = candidate.folder / POSTPROCESSING_FILE

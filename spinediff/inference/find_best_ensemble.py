@@ -12,7 +12,8 @@ import SimpleITK as sitk
 
 from spinediff.datasets.dataset_json import task_spec
 from spinediff.evaluation.image_metrics import image_metrics
-from spinediff.inference.find_best import Candidate, pooled_foreground_dice, score
+from spinediff.evaluation.segmentation_metrics import case_dice, pooled_foreground_dice
+from spinediff.inference.find_best import Candidate, score
 from spinediff.inference.inputs import split_ending
 from spinediff.io import read_image, read_json
 from spinediff.paths import nnunet_folder
@@ -71,16 +72,6 @@ def _array(path: Path) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- segmentation: average probabilities
-def case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
-    """nnU-Net's Dice per label (NaN when the label is absent from both)."""
-    out = {}
-    for label in labels:
-        p, r = prediction == label, reference == label
-        tp, fp, fn = np.sum(p & r), np.sum(p & ~r), np.sum(~p & r)
-        out[str(label)] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else float("nan")
-    return out
-
-
 def _references(candidate: Candidate, fold: str, raw: Path, ending: str) -> dict[str, Path]:
     summary = read_json(candidate.folder / f"fold_{fold}" / "validation" / "summary.json")
     found = {Path(e["prediction_file"]).name: Path(e["reference_file"]) for e in summary["metric_per_case"]}

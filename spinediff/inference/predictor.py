@@ -31,10 +31,10 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
+from spinediff.evaluation.postprocessing import Postprocessing, geometry_like
 from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import FoldModel, ModelFolder
-from spinediff.inference.postprocessing import Postprocessing, geometry_like
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
 from spinediff.training.task_adapter import TaskAdapter
