@@ -223,29 +223,21 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                 result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
 
 
-def score_postprocessing(result: MethodResult, results_root: Path, reference: Path, labels: list[int],
-                         out: Path, ending: str = ".nii.gz") -> None:
-    """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does) and
-    add each case's mean Dice after it (``dice_pp``; the plain Dice where it is not kept)."""
-    from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE, determine_postprocessing
+def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, labels: list[int], out: Path,
+                         ending: str = ".nii.gz") -> None:
+    """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does), write
+    it next to the model (unless another decision is there) and add each case's Dice after it (``dice_pp``, and
+    per label ``dice_pp_L``; the plain Dice where it is not kept)."""
+    from spinediff.evaluation.postprocessing import determine_postprocessing, validation_pairs, write_decision
 
     folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
-    pairs = []
-    for fold in result.folds:
-        for prediction in sorted((folder / f"fold_{fold}" / "validation").glob(f"*{ending}")):
-            if (reference / prediction.name).is_file():
-                pairs.append((prediction, reference / prediction.name))
-    if not pairs:
-        return
+    pairs = validation_pairs(folder, [str(f) for f in result.folds], raw)
     slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
     decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json")
     result.postprocessing = decision.to_dict()
-    model_file = folder / POSTPROCESSING_FILE  # where `spinediff predict` finds it (as find_best writes it)
-    if not model_file.is_file():
-        write_json(result.postprocessing, model_file)
-    elif read_json(model_file) != read_json(out / f"postprocessing_{slug}.json"):
-        result.postprocessing["note"] = (f"{model_file} holds another decision and was kept; this run's is in "
-                                         f"{out / f'postprocessing_{slug}.json'}")
+    if not write_decision(result.postprocessing, folder):
+        result.postprocessing["note"] = (f"{folder} holds another postprocessing.json and was kept; this run's "
+                                         f"decision is in {out / f'postprocessing_{slug}.json'}")
     for prediction, _ in pairs:
         case = prediction.name[:-len(ending)]
         if case in result.per_case:
@@ -394,7 +386,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         score_method(result, results / name, reference, spec.task, data_range)
         if spec.task == "segmentation":
             labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
-            score_postprocessing(result, results / name, reference, labels, out, dataset_json["file_ending"])
+            score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
         outcomes.append(result)
     extra = {}
     if downstream and spec.task == "translation":

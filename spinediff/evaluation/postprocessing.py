@@ -188,6 +188,19 @@ def _probabilities_file(prediction: Path) -> Path:
     return prediction.with_suffix(".npz")
 
 
+def write_decision(evidence: dict[str, Any], model_folder: Path, overwrite: bool = False) -> bool:
+    """Write a decision next to its model (``postprocessing.json``, where ``spinediff predict`` finds it).
+    Returns False, writing nothing, when another decision is there and ``overwrite`` is not set."""
+    import json
+
+    target = model_folder / POSTPROCESSING_FILE
+    if target.is_file() and not overwrite:
+        if json.dumps(read_json(target), sort_keys=True) != json.dumps(evidence, sort_keys=True):
+            return False
+    write_json(evidence, target)
+    return True
+
+
 def validation_pairs(model_folder: Path, folds: Sequence[str], raw_dataset: Path | None = None
                      ) -> list[tuple[Path, Path]]:
     """(prediction, reference) of every validation case of ``folds`` (references from each fold's

@@ -23,7 +23,6 @@ compared with the two singles *as re-predicted*, so that the comparison is like 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -255,10 +254,14 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
     """The candidate's post-processing, decided on its cross-validation and written next to it
     (``postprocessing.json``: applied by ``spinediff predict``; nnU-Net's own predictions need
     ``spinediff postprocess``)."""
-    from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE, determine_postprocessing, validation_pairs
+    from spinediff.evaluation.postprocessing import (
+        POSTPROCESSING_FILE,
+        determine_postprocessing,
+        validation_pairs,
+        write_decision,
+    )
     from spinediff.paths import nnunet_folder
 
-    target = candidate.folder / POSTPROCESSING_FILE
     try:
         raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
     except SpineDiffError:
@@ -266,9 +269,7 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
     labels = [int(v) for v in read_json(candidate.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
     decision, _ = determine_postprocessing(validation_pairs(candidate.folder, candidate.folds, raw), labels)
     evidence = decision.to_dict()
-    same = target.is_file() and json.dumps(read_json(target), sort_keys=True) == json.dumps(evidence, sort_keys=True)
-    if target.is_file() and not same and not overwrite:
-        raise SpineDiffError(f"{target} holds another decision (made on other folds or results). Pass --overwrite "
-                             "to replace it.")
-    write_json(evidence, target)
+    if not write_decision(evidence, candidate.folder, overwrite):
+        raise SpineDiffError(f"{candidate.folder / POSTPROCESSING_FILE} holds another decision (made on other folds "
+                             "or results). Pass --overwrite to replace it.")
     return evidence
