@@ -29,6 +29,7 @@ CONTRACT_BLOCK = {
     "condition_dropout": 0.0,
     "target_intensity": {"lower": -1000.0, "upper": 1500.0},
     "timestep_power": 1.0,
+    "deep_supervision": False,
 }
 
 
@@ -74,6 +75,8 @@ def dataclasses_frozen_error() -> type[Exception]:
         ("condition_dropout", -0.1),
         ("target_intensity", [1, 2]),
         ("num_samples", True),
+        ("deep_supervision", "yes"),
+        ("deep_supervision", True),  # the contract block's l1 loss has no mask to supervise at low resolution
     ],
 )
 def test_settings_reject_invalid_values(key: str, value) -> None:
@@ -232,3 +235,30 @@ def test_from_settings_copies_the_settings() -> None:
     process = DiffusionProcess.from_settings(DiffusionSettings.from_dict(block))
     assert (process.prediction_type, process.noise_schedule, process.loss_name) == ("v_prediction", "linear", "mse")
     assert process.condition_dropout == 0.1 and process.schedule_name == "linear_beta"
+
+
+def test_deep_supervision_scores_every_resolution_against_the_downsampled_mask() -> None:
+    """The lower-resolution outputs are scored against the area-downsampled one-hot target (weights 1/2^k, the
+    coarsest 0): a correct coarse output lowers the loss, a wrong one raises it, and the coarsest is ignored."""
+    process = DiffusionProcess(1000, "cosine", "sample", "dice_ce", timestep_power=3.0)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[:, 8:24, 4:20] = 1
+    labels[:, 12:20, 20:28] = 2
+    target = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 2 - 1
+    batch = process.prepare_training_batch(torch.randn(2, 1, 32, 32), target, torch.Generator().manual_seed(0))
+
+    def logits(resolution: int, wrong: bool = False) -> torch.Tensor:
+        mask = torch.nn.functional.adaptive_avg_pool2d((target + 1) / 2, (resolution, resolution))
+        if wrong:
+            mask = mask.flip(1)
+        return (mask * 2 - 1) * 5.0
+
+    right = process.deep_supervision_loss([logits(32), logits(16), logits(8)], batch)
+    wrong_middle = process.deep_supervision_loss([logits(32), logits(16, wrong=True), logits(8)], batch)
+    wrong_coarsest = process.deep_supervision_loss([logits(32), logits(16), logits(8, wrong=True)], batch)
+    assert wrong_middle > right + 0.1
+    assert torch.isclose(wrong_coarsest, right)  # the coarsest output has weight 0, as in nnU-Net
+    # one output: the plain loss
+    assert torch.isclose(process.deep_supervision_loss([logits(32)], batch), process.loss(logits(32), batch))
+    with pytest.raises(SpineDiffError, match="dice_ce"):
+        DiffusionProcess(1000, "cosine", "sample", "l1").deep_supervision_loss([logits(32)], batch)

@@ -33,7 +33,7 @@ STEPS = 4
 LOSS_TOLERANCE = 1e-4
 WEIGHT_MEDIAN_TOLERANCE = 5e-5
 TRAIN = ["-d", "902", "-c", "2d_diffusion", "-f", "0", "--iters-per-epoch", "2", "--val-iters-per-epoch", "1",
-         "--steps", "1"]
+         "--steps", "1", "--val-samples", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from spinediff.inference.models import load_checkpoint, model_folder
 from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
 from spinediff.training.api import TrainingOptions, train
 
-TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2)
+TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2,
+                       validation_samples=1)
 SEG, TRANS = "Dataset901_SpinePhantomSeg", "Dataset902_SpinePhantomTranslation"
 GEN = "Dataset903_SpinePhantomGeneration"
 CONFIG = "2d_diffusion"

@@ -19,7 +19,8 @@ import torch
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, build_trainer, derive_configuration, train
 
-TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2)
+TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2,
+                       validation_samples=1)
 DATASET_OF_TASK = {"segmentation": 901, "translation": 902, "generation": 903}
 RAW_NAME = {901: "Dataset901_SpinePhantomSeg", 902: "Dataset902_SpinePhantomTranslation",
             903: "Dataset903_SpinePhantomGeneration"}
@@ -73,7 +74,8 @@ def test_trainer_trains_checkpoints_resumes_validates_and_exports(nnunet_env, ph
 
     # Resume: one more epoch continues from the final checkpoint, not from scratch.
     resumed = train(dataset, "2d_diffusion", 0, trainer_name, TrainingOptions(
-        epochs=3, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2), continue_training=True)
+        epochs=3, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2, validation_samples=1),
+        continue_training=True)
     checkpoint = torch.load(resumed / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["current_epoch"] == 3
     assert len(checkpoint["logging"]["train_losses"]) == 3
@@ -246,8 +248,9 @@ def test_npz_keeps_the_final_validations_class_probabilities(nnunet_env, tmp_pat
     import numpy as np
     import SimpleITK as sitk
 
-    with_npz = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", replace(TINY, save_probabilities=True),
-                     results_folder=str(tmp_path / "npz"))
+    with_npz = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer",
+                     replace(TINY, save_probabilities=True, validation_samples=3), results_folder=str(tmp_path / "npz"))
+    assert json.loads((with_npz / "validation_metrics.json").read_text())["samples"] == 3
     without = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", TINY, results_folder=str(tmp_path / "no"))
     files = sorted((with_npz / "validation").glob("*.npz"))
     assert files and not list((without / "validation").glob("*.npz"))
@@ -255,3 +258,58 @@ def test_npz_keeps_the_final_validations_class_probabilities(nnunet_env, tmp_pat
     label_map = sitk.GetArrayFromImage(sitk.ReadImage(str(files[0]).replace(".npz", ".nii.gz")))
     assert probabilities.shape[1:] == label_map.shape and probabilities.shape[0] == 4
     assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-3)
+
+
+def test_deep_supervision_trains_every_resolution_and_predicts_from_the_full_one(nnunet_env, tmp_path):
+    """A configuration with ``deep_supervision``: the training network returns one output per decoder
+    resolution and the loss scores them; the EMA network that validates and predicts returns only the full
+    resolution; training, validation and export run end to end."""
+    import copy
+
+    plans_file = Path(nnunet_env["nnUNet_preprocessed"]) / RAW_NAME[901] / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    if "2d_diffusion_ds" not in plans["configurations"]:
+        configuration = copy.deepcopy(plans["configurations"]["2d_diffusion"])
+        configuration["diffusion"]["deep_supervision"] = True
+        plans["configurations"]["2d_diffusion_ds"] = configuration
+        plans_file.write_text(json.dumps(plans))
+    trainer = build_trainer(901, "2d_diffusion_ds", 0, "DiffusionSegmentationTrainer",
+                            results_folder=str(tmp_path / "structure"))
+    trainer.initialize()
+    patch = tuple(trainer.configuration_manager.patch_size)
+    x = torch.randn(2, trainer.settings.input_channels, *patch)
+    t = torch.tensor([10, 900])
+    outputs = trainer.network(x, t)
+    assert isinstance(outputs, list) and len(outputs) > 1
+    assert tuple(outputs[0].shape[2:]) == patch and outputs[1].shape[-1] < patch[-1]
+    assert isinstance(trainer.inference_network(x, t), torch.Tensor)
+    target = torch.nn.functional.one_hot(torch.randint(0, 4, (2, *patch)), 4).movedim(-1, 1).float() * 2 - 1
+    loss = trainer.compute_loss(trainer.network, x[:, :trainer.settings.condition_channels], target)
+    loss.backward()
+    coarse = trainer.plain_network.output_layers[-2].weight.grad  # a lower-resolution head learns too
+    assert coarse is not None and float(coarse.abs().sum()) > 0
+    folder = train(901, "2d_diffusion_ds", 0, "DiffusionSegmentationTrainer", TINY,
+                   results_folder=str(tmp_path / "run"))
+    exported = sorted((folder / "validation").glob("*.nii.gz"))
+    assert exported and np.isfinite(json.loads((folder / "validation" / "summary.json").read_text())[
+        "foreground_mean"]["Dice"])
+
+
+def test_final_validation_averages_the_samples_class_probabilities(nnunet_env):
+    """K validation samples are combined as `spinediff predict` combines them: segmentation averages the class
+    probabilities of the samples (returned in a sample's one-hot scale), images average the samples; the default
+    K is the plans' num_samples."""
+    from spinediff.training.validation import ValidationExporter
+
+    trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
+    assert trainer.final_validation_samples == trainer.settings.num_samples
+    one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 1], [2, 3]]), 4).movedim(-1, 0).float() * 2 - 1
+    other = torch.roll(one_hot, 1, dims=0)  # every voxel another class
+    combined = ValidationExporter(trainer)._ensemble(torch.stack([one_hot, one_hot, other]))
+    probabilities = trainer.task.probabilities(combined[None], channel_axis=1)[0]
+    expected = (2 * (one_hot + 1) / 2 + (other + 1) / 2) / 3
+    assert torch.allclose(probabilities, expected, atol=1e-6)
+    assert torch.equal(probabilities.argmax(0), one_hot.argmax(0))  # the majority wins
+    translation = build_trainer(902, "2d_diffusion", 0, "DiffusionTranslationTrainer")
+    images = torch.randn(3, 1, 4, 4)
+    assert torch.allclose(ValidationExporter(translation)._ensemble(images), images.mean(0))

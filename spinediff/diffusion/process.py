@@ -225,6 +225,31 @@ class DiffusionProcess:
             return torch.nn.functional.l1_loss(model_output, expected)
         return torch.nn.functional.mse_loss(model_output, expected)
 
+    def deep_supervision_loss(self, outputs: list[torch.Tensor], batch: TrainingBatch) -> torch.Tensor:
+        """Dice + CE of every resolution of a deep-supervised x0 prediction (full resolution first).
+
+        Each lower-resolution output is scored against the target's class probabilities averaged over the
+        voxels it covers (area downsampling); weights follow nnU-Net: 1/2^k for output k, the coarsest output
+        weighted 0, normalised to sum 1.
+        """
+        if self.loss_name != "dice_ce" or self.prediction_type != "sample":
+            raise SpineDiffError("deep supervision needs the dice_ce loss on x0 predictions (prediction_type sample)")
+        weights = [0.5**k for k in range(len(outputs))]
+        if len(weights) > 1:
+            weights[-1] = 0.0
+        total = sum(weights)
+        loss = outputs[0].new_zeros(())
+        for weight, output in zip(weights, outputs, strict=True):
+            if weight == 0.0:
+                continue
+            target = batch.target
+            if output.shape[2:] != target.shape[2:]:
+                probabilities = torch.nn.functional.adaptive_avg_pool2d if target.ndim == 4 else (
+                    torch.nn.functional.adaptive_avg_pool3d)
+                target = probabilities((target + 1) / 2, output.shape[2:]) * 2 - 1
+            loss = loss + (weight / total) * self.dice_ce_loss(output, target)
+        return loss
+
     def dice_ce_loss(self, predicted_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
         """Soft Dice + cross-entropy of ``predicted_x0 / temperature`` as logits vs the one-hot target.
 

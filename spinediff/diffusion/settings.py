@@ -48,6 +48,10 @@ class DiffusionSettings:
     #: powers favour the noisy levels, where the network must read the answer from the condition instead of
     #: copying it from a barely noised target (see DiffusionProcess.sample_timesteps).
     timestep_power: float = 1.0
+    #: Segmentation with x0 prediction and Dice + CE: the decoder's lower resolutions also predict the mask and
+    #: are scored against the downsampled target (nnU-Net's deep supervision, weights 1/2^k); prediction uses
+    #: the full-resolution output only.
+    deep_supervision: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -152,6 +156,13 @@ class DiffusionSettings:
         if self.loss == "dice_ce" and self.task != "segmentation":
             raise SpineDiffError(
                 f"loss 'dice_ce' needs task 'segmentation', got task {self.task!r}; use l1 or mse"
+            )
+        if not isinstance(self.deep_supervision, bool):
+            raise SpineDiffError(f"deep_supervision must be true or false, got {self.deep_supervision!r}")
+        if self.deep_supervision and (self.loss != "dice_ce" or self.prediction_type != "sample"):
+            raise SpineDiffError(
+                "deep_supervision needs loss 'dice_ce' and prediction_type 'sample' (the lower-resolution outputs "
+                f"are masks), got loss {self.loss!r} and prediction_type {self.prediction_type!r}"
             )
         if self.condition_dropout > 0 and self.condition_channels == 0:
             raise SpineDiffError("condition_dropout > 0 needs a condition (condition_channels > 0)")

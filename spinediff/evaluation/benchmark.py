@@ -89,7 +89,9 @@ def _network_evaluations(trainer) -> int:
     if settings is None:  # nnU-Net: one pass per mirroring combination
         axes = trainer.inference_allowed_mirroring_axes or ()
         return 2 ** len(axes)
-    return int(trainer.final_validation_steps) if trainer.denoising else 1
+    if not trainer.denoising:
+        return 1
+    return int(trainer.final_validation_steps) * max(1, int(getattr(trainer, "final_validation_samples", 1)))
 
 
 def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:
@@ -104,7 +106,8 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
 
     trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type)
     budget, grow = configure_schedule(trainer, options)
-    quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here
+    if not getattr(options, "console_log", False):
+        quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here
 
     def report(line: str) -> None:
         print(f"[{method.name}, fold {fold}] {line}", file=sys.stderr, flush=True)
@@ -402,7 +405,11 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
                "options": asdict(options), "methods": rows,
                "per_fold": {r.method.name: r.per_fold for r in outcomes},
                "postprocessing": {r.method.name: r.postprocessing for r in outcomes},
-               "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None}
+               "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None,
+               # where `spinediff report` finds the models, images and references of this benchmark
+               "results_folder": str(results), "raw_folder": str(raw.parent), "reference_folder": str(reference),
+               "model_folders": {r.method.name: f"{r.method.trainer}__nnUNetPlans__{r.method.folder_configuration}"
+                                 for r in outcomes}}
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")
     budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"

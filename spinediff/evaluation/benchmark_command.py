@@ -11,7 +11,8 @@ from spinediff.training.api import TrainingOptions
 def run(args: argparse.Namespace) -> int:
     folds = [f if f == "all" else int(f) for f in args.folds]
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                              val_iterations_per_epoch=args.val_iters_per_epoch, sampling_steps=args.steps)
+                              val_iterations_per_epoch=args.val_iters_per_epoch, sampling_steps=args.steps,
+                              validation_samples=args.val_samples)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -54,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-iters-per-epoch", type=int, default=None,
                         help="validation batches per epoch (default: the plans' schedule, else 2)")
     parser.add_argument("--steps", type=int, help="DDIM steps at validation (default: the plans')")
+    parser.add_argument("--val-samples", type=int,
+                        help="diffusion: samples averaged per validation case (default: the plans' num_samples, as "
+                             "`spinediff predict` does; 1 scores a single sample, K times faster)")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")
     parser.add_argument("--downstream", action="store_true",
                         help="translation: also train nnU-Net on the real CT (same folds and budget) and report its "

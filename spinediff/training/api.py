@@ -28,10 +28,12 @@ class TrainingOptions:
     val_iterations_per_epoch: int | None = None
     learning_rate: float | None = None
     sampling_steps: int | None = None  # DDIM steps of the final validation
+    validation_samples: int | None = None  # samples averaged per case in the final validation (None: the plans')
     mask_ablation_probability: float | None = None
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
     seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
     save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
+    console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
 
 
 def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -173,6 +175,10 @@ def apply_options(trainer, options: TrainingOptions) -> None:
         trainer.initial_lr = float(options.learning_rate)
     if options.sampling_steps is not None and hasattr(trainer, "final_validation_steps"):
         trainer.final_validation_steps = int(options.sampling_steps)
+    if options.validation_samples is not None and hasattr(trainer, "final_validation_samples"):
+        if int(options.validation_samples) < 1:
+            raise SpineDiffError(f"--val-samples must be at least 1, got {options.validation_samples}.")
+        trainer.final_validation_samples = int(options.validation_samples)
     if options.mask_ablation_probability is not None and hasattr(trainer, "mask_ablation_probability"):
         trainer.mask_ablation_probability = float(options.mask_ablation_probability)
     if options.seed is not None:

@@ -93,6 +93,9 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.num_val_iterations_per_epoch = 4  # sampling-based validation costs steps × network calls
         self.validation_sampling_steps = min(5, self.settings.num_inference_steps)
         self.final_validation_steps = self.settings.num_inference_steps
+        #: samples averaged per case in the final validation: the plans' num_samples, as `spinediff predict` averages
+        #: them, so that the cross-validation scores the prediction users get (TrainingOptions.validation_samples)
+        self.final_validation_samples = self.settings.num_samples
         self.seed = 12345
         self.generator = torch.Generator().manual_seed(
             self.rank_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed))  # per rank under DDP
@@ -131,7 +134,13 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
+        # Deep supervision is the network's and the loss's business only: nnU-Net's own flag stays off, so its
+        # data loader does not build downsampled label maps (the loss downsamples the one-hot target itself).
+        if self.settings.deep_supervision and hasattr(self.plain_network, "deep_supervision"):
+            self.plain_network.deep_supervision = True
         self.ema = WeightAverage(self.plain_network, self.settings.ema_decay)
+        if hasattr(self.ema.module, "deep_supervision"):
+            self.ema.module.deep_supervision = False  # validation and prediction read the full resolution only
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         pass  # the time-conditioned U-Net has a single output
@@ -178,7 +187,10 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def compute_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Noise the target at random timesteps and score the network's prediction (diffusion)."""
         batch = self.process.prepare_training_batch(condition, target, self.generator)
-        return self.process.loss(network(batch.network_input, batch.timesteps), batch)
+        output = network(batch.network_input, batch.timesteps)
+        if isinstance(output, (list, tuple)):
+            return self.process.deep_supervision_loss(list(output), batch)
+        return self.process.loss(output, batch)
 
     def train_step(self, batch: dict) -> dict:
         condition, target = self.split_batch(batch)

@@ -16,7 +16,7 @@ def run_train(args: argparse.Namespace) -> int:
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
-                              save_probabilities=args.npz)
+                              save_probabilities=args.npz, validation_samples=args.val_samples)
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
 
@@ -63,6 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
     parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
     parser.add_argument("--steps", type=int, help="DDIM steps for the final validation (default: the plans')")
+    parser.add_argument("--val-samples", type=int,
+                        help="diffusion: samples averaged per case in the final validation (default: the plans' "
+                             "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
     parser.add_argument("--mask-ablation", type=float,
                         help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
     parser.add_argument("--seed", type=int, default=0,

@@ -71,15 +71,28 @@ class ValidationExporter:
             seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int16))
             condition = tr.task.condition(data[None], seg[None])[0]
             start = time.perf_counter()
-            x0 = tr.predict_volume(condition.to(tr.device), seed=0, steps=tr.final_validation_steps)[0]
+            samples = max(1, int(getattr(tr, "final_validation_samples", 1))) if tr.denoising else 1
+            x0 = tr.predict_volume(condition.to(tr.device), seed=0, steps=tr.final_validation_steps,
+                                   num_samples=samples)
+            x0 = x0[0] if samples == 1 else self._ensemble(x0)
             timings.append(time.perf_counter() - start)
             self._export(x0, key, properties, out_dir, ending, save_probabilities)
         metrics = self._score(out_dir, val_keys, ending)
         metrics["seconds_per_case"] = float(np.mean(timings)) if timings else float("nan")
         metrics["sampling_steps"] = tr.final_validation_steps if tr.denoising else 1
+        metrics["samples"] = max(1, int(getattr(tr, "final_validation_samples", 1))) if tr.denoising else 1
         write_json(metrics, join(tr.output_folder, "validation_metrics.json"))
         tr.print_to_log_file(f"Final validation: {self._headline(metrics)}")
         return metrics
+
+    def _ensemble(self, samples: torch.Tensor) -> torch.Tensor:
+        """One x0 for K samples ``(K, C, *spatial)``, as ``spinediff predict`` forms it: segmentation averages the
+        samples' class probabilities (SpineSegDiff), returned in the one-hot scale ``2 p - 1`` of a sample; images
+        average the samples."""
+        task = self.trainer.task
+        if task.task != "segmentation":
+            return samples.float().mean(0)
+        return 2 * task.probabilities(samples.float(), channel_axis=1).mean(0) - 1
 
     def _export(self, x0: torch.Tensor, key: str, properties: dict, out_dir: Path, ending: str,
                 save_probabilities: bool) -> None:
