@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.inference.postprocess_command",
     "spinediff.evaluation.evaluate_command",
     "spinediff.evaluation.benchmark_command",
+    "spinediff.evaluation.report_command",
     "spinediff.registration.register_command",
     "spinediff.planning.plan_command",
 ]

@@ -8,8 +8,12 @@ held-out cases with sample ensembles and uncertainty → evaluate → report (Ma
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,21 +63,86 @@ class DemoResult:
     report_html: Path | None = None
 
 
+#: Seconds per stage measured on an idle 2-core machine (full: run 5 of documentation/results.md; quick: the
+#: test suite's runs), for the remaining-time estimate printed after each stage.
+EXPECTED_STAGE_SECONDS = {
+    "quick": {"phantom": 2, "register": 2, "validate": 1, "plan + preprocess": 10,
+              "train + validate (segmentation)": 25, "train + validate (translation)": 45,
+              "predict with uncertainty": 5, "evaluate + report": 10},
+    "full": {"phantom": 5, "register": 5, "validate": 2, "plan + preprocess": 20,
+             "train + validate (segmentation)": 320, "train + validate (translation)": 460,
+             "predict with uncertainty": 30, "evaluate + report": 20},
+}
+
+
+CONSOLE_LOG = "demo_console.log"
+#: What the quiet console lets through: the demo's own lines and the trainings' epoch lines.
+QUIET_CONSOLE_LINES = re.compile(r"^\[demo\] |^\[[^\]]+, fold [^\]]+\] epoch ")
+
+
+class ConsoleFilter(io.TextIOBase):
+    """A text stream that writes everything to ``log`` and only the complete lines matching ``keep`` to
+    ``console`` (progress bars' carriage-return updates count as lines, so they are dropped too)."""
+
+    def __init__(self, console, log, keep: re.Pattern) -> None:
+        super().__init__()
+        self.console, self.log, self.keep = console, log, keep
+        self.pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        self.pending += text
+        *lines, self.pending = re.split(r"[\r\n]", self.pending)
+        for line in lines:
+            if self.keep.search(line):
+                self.console.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.console.flush()
+
+
+def remaining_seconds(expected: dict[str, float], done: dict[str, float]) -> float:
+    """The expected seconds of the stages not yet done, scaled by how much slower (or faster) than expected
+    the finished stages ran on this machine (between 0.5x and 4x, so that one odd stage does not dominate)."""
+    spent = sum(done.values())
+    planned = sum(expected.get(name, 0.0) for name in done)
+    speed = min(4.0, max(0.5, spent / planned)) if planned > 0 and spent > 0 else 1.0
+    return speed * sum(seconds for name, seconds in expected.items() if name not in done)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class _Stopwatch:
-    def __init__(self, result: DemoResult) -> None:
+    """One console line per finished stage: its time, the elapsed time and an estimate of the time left."""
+
+    def __init__(self, result: DemoResult, expected: dict[str, float]) -> None:
         self.result = result
+        self.expected = expected
+        self.started = time.perf_counter()
 
     def __call__(self, name: str):
-        result = self.result
+        result, expected, started = self.result, self.expected, self.started
 
         class _Stage:
             def __enter__(self):
-                print(f"[demo] {name} ...", flush=True)
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 result.stages[name] = time.perf_counter() - self.start
-                print(f"[demo] {name}: {result.stages[name]:.1f} s", flush=True)
+                if exc[0] is not None:
+                    return
+                number = list(expected).index(name) + 1 if name in expected else len(result.stages)
+                left = remaining_seconds(expected, result.stages)
+                print(f"[demo] {number}/{len(expected)} {name:<32} {result.stages[name]:6.1f} s | elapsed "
+                      f"{_clock(time.perf_counter() - started)} | ETA {_clock(left)}", flush=True)
 
         return _Stage()
 
@@ -129,17 +198,37 @@ def _linear_mr_baselines(raw: Path, training: list[str], cases: list[str],
     return scores
 
 
-def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False) -> DemoResult:
-    """Run the whole pipeline into ``output``; returns timings, the summary and the report path."""
+def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
+             verbose: bool = False) -> DemoResult:
+    """Run the whole pipeline into ``output``; returns timings, the summary and the report path. Without
+    ``verbose`` the console shows one line per stage and per training epoch; everything else (nnU-Net's banners,
+    progress bars, warnings) goes to ``OUTPUT/demo_console.log``."""
+    profile = PROFILES["quick" if quick else "full"]
+    out = ensure_new_output(Path(output).expanduser().resolve(), overwrite=overwrite)
+    ensure_writable_folder(out)
+    if verbose:
+        return _run_stages(out, profile, quick, seed, overwrite, verbose)
+    # Quiet console: every line still goes to demo_console.log; the console shows ours only (stages, epochs).
+    with open(out / CONSOLE_LOG, "a", encoding="utf-8") as log:
+        console = ConsoleFilter(sys.stdout, log, QUIET_CONSOLE_LINES)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            try:
+                return _run_stages(out, profile, quick, seed, overwrite, verbose)
+            finally:
+                console.flush()
+
+
+def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwrite: bool,
+                verbose: bool) -> DemoResult:
     from spinediff.evaluation.benchmark import Method, run_benchmark
     from spinediff.planning.api import plan_dataset
     from spinediff.training.api import TrainingOptions
 
-    profile = PROFILES["quick" if quick else "full"]
-    out = ensure_new_output(Path(output).expanduser().resolve(), overwrite=overwrite)
-    ensure_writable_folder(out)
     result = DemoResult(out)
-    stage = _Stopwatch(result)
+    expected = EXPECTED_STAGE_SECONDS["quick" if quick else "full"]
+    print(f"[demo] {len(expected)} stages, about {_clock(sum(expected.values()))} (min:s) on 2 idle cores; one line "
+          f"per stage, then the results", flush=True)
+    stage = _Stopwatch(result, expected)
     folders = _environment(out)
     started = time.perf_counter()
 
@@ -160,7 +249,8 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: 
                      show_progress_bar=False, overwrite=overwrite)
 
     options = TrainingOptions(epochs=profile.epochs, iterations_per_epoch=profile.iterations_per_epoch,
-                              val_iterations_per_epoch=1, sampling_steps=profile.sampling_steps)
+                              val_iterations_per_epoch=1, sampling_steps=profile.sampling_steps,
+                              validation_samples=1, console_log=verbose)
     benchmarks = {}
     with stage("train + validate (segmentation)"):
         benchmarks["segmentation"] = run_benchmark(
@@ -295,11 +385,11 @@ def _report(out, folders, datasets, registered, benchmarks, registration_reports
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = run_demo(args.output, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
+    result = run_demo(args.output, quick=args.quick, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
     print(f"[demo] results in {result.output}")
-    for name, seconds in result.stages.items():
-        print(f"[demo]   {name:<34} {seconds:7.1f} s")
-    print(f"[demo]   {'total':<34} {result.summary['total_seconds']:7.1f} s")
+    log = result.output / CONSOLE_LOG
+    print(f"[demo] total {result.summary['total_seconds']:.1f} s (per stage: above, and in demo_summary.json)"
+          + (f"; full console log: {log}" if log.is_file() else ""))
     for method, scores in result.summary["segmentation"].items():
         print(f"[demo] segmentation {method}: Dice {scores['dice']:.3f}")
     for method, scores in result.summary["translation"].items():
@@ -324,13 +414,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Generate the synthetic spine phantom, register MR/CT with landmarks, plan for the CPU, train "
                     "diffusion segmentation vs nnU-Net and diffusion MR->CT translation vs a regression U-Net on fold "
                     "0, predict held-out cases with sample ensembles and uncertainty maps, evaluate, and write "
-                    "report.md / report.html. About 15 minutes on 2 CPU cores (--quick: about 2 minutes).",
+                    "report.md / report.html. 10-14 minutes on 2 CPU cores, under 15 on a busy machine (--quick: "
+                    "about 2 minutes); one console line per stage with the time left and one per training epoch "
+                    "(everything else goes to OUTPUT/demo_console.log).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (nnU-Net folders, report)")
     parser.add_argument("--quick", action="store_true", help="tiny volumes and a few iterations (pipeline check)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show nnU-Net's training log on the console (it is always in each fold's "
+                             "training_log_*.txt); default: one line per stage and per training epoch")
     parser.set_defaults(func=_run)
 
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
-import torch
 
-from spinediff.evaluation.figures import qualitative_panel, training_curves
-from spinediff.evaluation.report import Section, Table
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return f"{value:.{digits}f}"
+from spinediff.evaluation.figures import checkpoint_logging, qualitative_panel, training_curves
+from spinediff.evaluation.report import Section, Table, fmt
 
 
 def _read(path: Path) -> sitk.Image | None:
@@ -24,18 +15,10 @@ def _read(path: Path) -> sitk.Image | None:
 
 
 def _benchmark_table(benchmark: dict, metrics: list[str]) -> Table:
-    rows = [[row["method"], *[_fmt(row.get(m)) for m in metrics], _fmt(row["train_minutes"], 1), str(row["epochs"]),
-             _fmt(row["inference_s_per_case"], 1)] for row in benchmark["methods"]]
+    rows = [[row["method"], *[fmt(row.get(m)) for m in metrics], fmt(row["train_minutes"], 1), str(row["epochs"]),
+             fmt(row["inference_s_per_case"], 1)] for row in benchmark["methods"]]
     return Table(["method", *metrics, "train min", "epochs", "s/case"], rows,
                  f"Fold 0 held-out cases of {benchmark['dataset']}; same schedule and wall-clock budget per method.")
-
-
-def _logging(checkpoint: Path) -> dict:
-    """The training log of a checkpoint, loaded without executing code (nnU-Net's own checkpoints hold numpy
-    scalars, which are allow-listed explicitly)."""
-    allowed = [np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType")]]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(checkpoint, map_location="cpu", weights_only=True)["logging"]
 
 
 def _curves(results: Path, dataset: str, runs: dict[str, str], target: Path) -> Path | None:
@@ -43,7 +26,7 @@ def _curves(results: Path, dataset: str, runs: dict[str, str], target: Path) -> 
     for name, folder in runs.items():
         checkpoint = results / dataset / folder / "fold_0" / "checkpoint_final.pth"
         if checkpoint.is_file():
-            curves[name] = _logging(checkpoint)
+            curves[name] = checkpoint_logging(checkpoint)
     if not curves:
         return None
     training_curves(curves, target)
@@ -71,13 +54,13 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
                             figures=[(datasets["segmentation"] / "preview.png", "Phantom cases")]))
 
     ok = [r for r in registration_reports if r.status == "ok"]
-    rows = [[r.case, _fmt((r.residual_before_mm or {}).get("mean"), 2),
-             _fmt((r.residual_after_mm or {}).get("mean"), 2), _fmt((r.tre_mm or {}).get("mean"), 2),
-             _fmt(r.rotation_error_deg, 2)] for r in registration_reports]
+    rows = [[r.case, fmt((r.residual_before_mm or {}).get("mean"), 2),
+             fmt((r.residual_after_mm or {}).get("mean"), 2), fmt((r.tre_mm or {}).get("mean"), 2),
+             fmt(r.rotation_error_deg, 2)] for r in registration_reports]
     overlays = sorted((registered / "registration").glob("*.png"))[:1] if (registered / "registration").is_dir() else []
     sections.append(Section("Registration (landmark-based, 2 landmarks per vertebra, rigid)", [
         f"{len(ok)} of {len(registration_reports)} cases registered; median target registration error "
-        f"{_fmt(summary['registration']['median_tre_mm'], 2)} mm over the vertebra voxels (the true transform is "
+        f"{fmt(summary['registration']['median_tre_mm'], 2)} mm over the vertebra voxels (the true transform is "
         "known for the phantom)."],
         [Table(["case", "landmark residual before (mm)", "after (mm)", "TRE (mm)", "rotation error (deg)"], rows)],
         [(p, f"QA overlay: {p.stem}") for p in overlays]))
@@ -86,7 +69,7 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
     seg_name = seg["dataset"]
     seg_table = _benchmark_table(seg, ["dice", "dice_1", "dice_2", "dice_3", "hd95_1"])
     for name, scores in summary.get("ensembles", {}).get("segmentation", {}).items():
-        seg_table.rows.append([name, _fmt(scores["dice"]), "–", "–", "–", "–", "–", "–", "–"])
+        seg_table.rows.append([name, fmt(scores["dice"]), "–", "–", "–", "–", "–", "–", "–"])
     panel_rows = []
     prediction_folder = Path(predictions.get("segmentation", {}).get("folder", "")) if isinstance(
         predictions.get("segmentation"), dict) else None
@@ -122,14 +105,14 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
     for name in (BASELINE_GLOBAL, BASELINE_ORACLE):
         baseline = summary["translation"].get(name)
         if baseline:
-            trans_table.rows.append([name, *[_fmt(baseline.get(m)) if m in baseline else "–" for m in metrics],
+            trans_table.rows.append([name, *[fmt(baseline.get(m)) if m in baseline else "–" for m in metrics],
                                      "–", "–", "–"])
     for name, scores in summary.get("ensembles", {}).get("translation", {}).items():
-        trans_table.rows.append([name, *[_fmt(scores[m]) if m in scores else "–" for m in metrics], "–", "–", "–"])
+        trans_table.rows.append([name, *[fmt(scores[m]) if m in scores else "–" for m in metrics], "–", "–", "–"])
     if trans.get("downstream"):
         segmenter = trans["downstream"]
         trans_table.rows.append(["Real CT (the CT segmenter's Dice_orig)", *["–"] * (len(metrics) - 1),
-                                 _fmt(segmenter["dice_real_ct"]), _fmt(segmenter["train_minutes"], 1),
+                                 fmt(segmenter["dice_real_ct"]), fmt(segmenter["train_minutes"], 1),
                                  str(segmenter["epochs"]), "–"])
     translation_folder = Path(predictions.get("translation", {}).get("folder", "")) if isinstance(
         predictions.get("translation"), dict) else None

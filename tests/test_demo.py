@@ -13,9 +13,29 @@ from spinediff.cli import main
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
+    """The quick demo's output folder; what it printed (stdout and stderr) is kept in ../console.txt."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("demo") / "out"
-    assert main(["demo", "--quick", "-o", str(out)]) == 0
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+        status = main(["demo", "--quick", "-o", str(out)])
+    (out.parent / "console.txt").write_text(console.getvalue())
+    assert status == 0, console.getvalue()[-3000:]
     return out
+
+
+def test_quick_demo_console_is_short_with_an_eta(quick_demo):
+    """One line per stage with elapsed time and ETA, one per training epoch, then the results: under 80 lines
+    (nnU-Net's own log stays in each fold's log file)."""
+    lines = [line for line in (quick_demo.parent / "console.txt").read_text().replace("\r", "\n").splitlines()
+             if line.strip()]
+    assert len(lines) < 80, "\n".join(lines)
+    stage_lines = [line for line in lines if line.startswith("[demo] ") and "ETA" in line]
+    assert len(stage_lines) == 8 and stage_lines[-1].endswith("ETA 0:00")
+    assert any("epoch 1/" in line and "ETA" in line for line in lines)  # the trainings' epoch lines
+    assert not any("Yayy" in line or "Current learning rate" in line for line in lines)  # nnU-Net's log
 
 
 def test_quick_demo_runs_every_stage_and_scores_every_method(quick_demo):
@@ -72,3 +92,56 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(quick_demo)
     assert pixels.shape[1] == 1200
     # Images drawn: the page is not just white text background (grey-level variety in the figure area).
     assert pixels[..., :3].std() > 0.1
+
+
+def _benchmark_folder(demo_output, task_dataset: str = "SpinePhantomSeg"):
+    found = [p.parent for p in demo_output.rglob("benchmark.json") if task_dataset in str(p)]
+    assert found, f"the demo wrote no benchmark for {task_dataset}"
+    return found[0]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason=NO_CHROMIUM)
+def test_report_of_a_benchmark_folder_renders_every_image_in_chromium(quick_demo, tmp_path, capsys):
+    from spinediff.evaluation.report import loaded_images
+
+    bench = _benchmark_folder(quick_demo)
+    out = tmp_path / "report"
+    assert main(["report", "-i", str(bench), "-o", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    # the benchmark's methods, per-label table, schedule, box plots, training curves and the case panel
+    for text in ("nnU-Net 2D", "Diffusion segmentation 2D", "label 1", "Training schedule", "Training curves",
+                 "Worst, median and best case"):
+        assert text in html
+    loaded, total = loaded_images(out / "report.html")
+    assert total >= 4 and loaded == total
+    # the check can fail: a page with one damaged image counts one image fewer
+    damaged = tmp_path / "damaged.html"
+    damaged.write_text(html.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAAA", 1))
+    assert loaded_images(damaged) == (total - 1, total)
+    # never silently replaced
+    assert main(["report", "-i", str(bench), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason=NO_CHROMIUM)
+def test_report_of_an_evaluation_folder_shows_the_cases_with_uncertainty(quick_demo, tmp_path):
+    from spinediff.evaluation.report import loaded_images
+
+    summary = json.loads((quick_demo / "demo_summary.json").read_text())
+    predictions = summary["predictions"]["segmentation"]["folder"]
+    labels = next(quick_demo.rglob("Dataset901_SpinePhantomSeg/labelsTr"))
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    assert main(["evaluate", "-ref", str(labels), "-pred", predictions, "-o", str(evaluation)]) == 0
+    assert main(["report", "-i", str(evaluation)]) == 0
+    html = (evaluation / "report" / "report.html").read_text()
+    assert "mean over labels" in html and "uncertainty" in html
+    loaded, total = loaded_images(evaluation / "report" / "report.html")
+    assert total >= 2 and loaded == total
+
+
+def test_report_names_a_folder_that_is_no_benchmark_or_evaluation(tmp_path, capsys):
+    assert main(["report", "-i", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "benchmark.json" in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()

@@ -286,6 +286,30 @@ def test_evaluate_output_is_a_file(world, capsys):
     assert "out.txt" in outcome.message
 
 
+# ---------------------------------------------------------------------- report
+REPORT_DAMAGES = {
+    "no_results_file": lambda folder: None,
+    "benchmark_json_not_json": lambda folder: (folder / "benchmark.json").write_text("{not json"),
+    "benchmark_json_wrong_layout": lambda folder: (folder / "benchmark.json").write_text(json.dumps({"x": 1})),
+    "evaluation_without_cases": lambda folder: ((folder / "summary.json").write_text(json.dumps(
+        {"task": "segmentation", "per_label": {}})), (folder / "per_case.csv").write_text("case,label,dice\n")),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(REPORT_DAMAGES))
+def test_report_of_a_bad_folder(world, capsys, damage):
+    folder = world / "bench"
+    folder.mkdir()
+    REPORT_DAMAGES[damage](folder)
+    outcome = run_cli(["report", "-i", str(folder)], world, capsys)
+    assert str(folder) in outcome.message
+
+
+def test_report_of_a_missing_folder(world, capsys):
+    outcome = run_cli(["report", "-i", str(world / "nowhere")], world, capsys)
+    assert "nowhere" in outcome.message
+
+
 # ---------------------------------------------------------------------- postprocess
 def _model_and_predictions(world: Path, decision: bool = True) -> tuple[Path, Path]:
     model = world / "results" / NAME / "nnUNetTrainer__nnUNetPlans__2d"

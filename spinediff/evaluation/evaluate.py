@@ -120,6 +120,7 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
     summary = _summary(rows)
     summary["num_cases"] = len(cases)
     summary["missing_predictions"] = missing
+    summary["reference_folder"], summary["prediction_folder"] = str(ref_dir.resolve()), str(pred_dir.resolve())
     if output_folder is not None:
         out = Path(output_folder)
         write_text(_csv(rows), out / "per_case.csv")

@@ -48,6 +48,16 @@ def metric_boxplot(values: dict[str, Sequence[float]], metric: str, target: str 
     plt.close(fig)
 
 
+def checkpoint_logging(checkpoint: str | os.PathLike) -> dict:
+    """The training log (nnU-Net's ``logging`` entry) of a checkpoint, loaded without executing code (nnU-Net's
+    own checkpoints hold numpy scalars, which are allow-listed explicitly)."""
+    import torch
+
+    allowed = [np.dtype, np._core.multiarray.scalar, *[getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType")]]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["logging"]
+
+
 def training_curves(curves: dict[str, dict[str, list[float]]], target: str | os.PathLike) -> None:
     """Training and validation loss per epoch, and the validation score, for several runs."""
     plt = _pyplot()
@@ -63,7 +73,10 @@ def training_curves(curves: dict[str, dict[str, list[float]]], target: str | os.
                           label=name)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.set_yscale("log")
+    losses = [v for logging in curves.values() for key in ("train_losses", "val_losses")
+              for v in logging.get(key, []) if v is not None and math.isfinite(v)]
+    if losses and min(losses) > 0:  # nnU-Net's Dice + CE loss goes negative: a log axis would hide it
+        ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=7)
     ax_score.set_xlabel("epoch")
     ax_score.set_ylabel("validation score (pseudo-Dice; SSIM for image tasks)")

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spinediff.io import write_text
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a report table; '–' for None, NaN and infinity."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}f}"
 
 
 @dataclass
@@ -92,9 +100,8 @@ def write_report(title: str, sections: list[Section], folder: str | os.PathLike)
     return md, page
 
 
-def screenshot(page: str | os.PathLike, target: str | os.PathLike, width: int = 1200, height: int = 4000,
-               timeout: float = 120.0) -> Path:
-    """Render ``page`` with headless Chromium (Debian's ``chromium``) to a PNG; raises if it is missing."""
+def _chromium(arguments: list[str], page: str | os.PathLike, timeout: float) -> str:
+    """Run headless Chromium (Debian's ``chromium``) on ``page``; returns its standard output."""
     import shutil
     import subprocess
     import tempfile
@@ -102,11 +109,39 @@ def screenshot(page: str | os.PathLike, target: str | os.PathLike, width: int = 
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
-    target = Path(target).resolve()
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                        f"--screenshot={target}", Path(page).resolve().as_uri()],
-                       check=True, capture_output=True, timeout=timeout)
+        done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                               "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                               "--disable-sync", f"--user-data-dir={profile}", *arguments,
+                               Path(page).resolve().as_uri()],
+                              check=True, capture_output=True, timeout=timeout, text=True)
+    return done.stdout
+
+
+def screenshot(page: str | os.PathLike, target: str | os.PathLike, width: int = 1200, height: int = 4000,
+               timeout: float = 120.0) -> Path:
+    """Render ``page`` with headless Chromium to a PNG; raises if Chromium is missing."""
+    target = Path(target).resolve()
+    _chromium([f"--window-size={width},{height}", f"--screenshot={target}"], page, timeout)
     return target
+
+
+LOAD_PROBE = ("<script>window.addEventListener('load',function(){var all=Array.prototype.slice.call(document.images);"
+              "var ok=all.filter(function(i){return i.complete&&i.naturalWidth>0;});"
+              "document.title='IMAGES '+ok.length+'/'+all.length;});</script>")
+
+
+def loaded_images(page: str | os.PathLike, timeout: float = 120.0) -> tuple[int, int]:
+    """(images Chromium decoded, images on the page) after loading a copy of ``page`` in headless Chromium."""
+    import re
+    import tempfile
+
+    text = Path(page).read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as folder:
+        probe = Path(folder) / "probe.html"
+        probe.write_text(text.replace("</body>", LOAD_PROBE + "</body>"), encoding="utf-8")
+        dom = _chromium(["--dump-dom", "--virtual-time-budget=20000"], probe, timeout)
+    found = re.search(r"<title>IMAGES (\d+)/(\d+)</title>", dom)
+    if found is None:
+        raise RuntimeError(f"Chromium did not finish loading {page} (no image count in its DOM)")
+    return int(found.group(1)), int(found.group(2))
