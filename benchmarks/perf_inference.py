@@ -58,7 +58,7 @@ def reset_peak() -> bool:
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray, num_classes: int, spacing) -> float:
-    from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+    from spinediff.metrics.segmentation_metrics import segmentation_metrics
 
     scores = segmentation_metrics(prediction, reference, list(range(1, num_classes)), spacing)
     values = [v["dice"] for v in scores.values() if not np.isnan(v["dice"])]

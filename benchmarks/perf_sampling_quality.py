@@ -59,8 +59,8 @@ def load_case(trainer, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def score(trainer, x0: torch.Tensor, data: torch.Tensor, seg: torch.Tensor, spacing) -> float:
     """Quality of an ensemble ``x0`` (K, C, *spatial): PSNR in HU of the mean, or Dice of the mean probabilities."""
-    from spinediff.evaluation.image_metrics import psnr
-    from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+    from spinediff.metrics.image_metrics import psnr
+    from spinediff.metrics.segmentation_metrics import segmentation_metrics
 
     if trainer.task.task == "segmentation":
         probabilities = trainer.task.probabilities(x0, channel_axis=1).mean(0)

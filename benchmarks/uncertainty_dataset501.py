@@ -119,7 +119,7 @@ def read_case(case: str, raw: Path, predictions: Path) -> dict[str, np.ndarray]:
 
 
 def analyse_case(case: str, raw: Path, predictions: Path, band_width: float) -> dict:
-    from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+    from spinediff.metrics.segmentation_metrics import segmentation_metrics
 
     c = read_case(case, raw, predictions)
     predicted, truth = c["predicted"], c["truth"]

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import re
 import sys
 import time
@@ -24,6 +23,7 @@ import SimpleITK as sitk
 from spinediff.datasets.phantom import PhantomSettings
 from spinediff.datasets.phantom_writer import write_phantom_datasets
 from spinediff.datasets.validate import validate_dataset
+from spinediff.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sections
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
@@ -169,16 +169,12 @@ def _register(folders: dict[str, Path]) -> tuple[Path, list]:
     return output, outcome.reports
 
 
-BASELINE_GLOBAL = "MR as CT (linear map fitted on the training cases)"
-BASELINE_ORACLE = "Linear MR→HU map fitted per case (oracle)"
-
-
 def _linear_mr_baselines(raw: Path, training: list[str], cases: list[str],
                          data_range: tuple[float, float]) -> dict[str, dict[str, dict]]:
     """The MR-as-CT baselines translation must clearly beat: the MR channels mapped to HU by one linear map
     fitted on the training cases (what an intensity mapping without anatomy achieves), and the best linear
     map fitted on each held-out case's own CT (an oracle: an upper bound for any global intensity mapping)."""
-    from spinediff.evaluation.image_metrics import image_metrics
+    from spinediff.metrics.image_metrics import image_metrics
 
     def load(case: str) -> tuple[np.ndarray, np.ndarray]:
         channels = [sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "imagesTr" / f"{case}_{c:04d}.nii.gz")))
@@ -376,8 +372,6 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
 
 
 def _report(out, folders, datasets, registered, benchmarks, registration_reports, predictions, result) -> Path:
-    from spinediff.demo_report import build_sections
-
     sections = build_sections(out, folders, datasets, registered, benchmarks, registration_reports, predictions,
                               result)
     _, page = write_report("spinediff demo report", sections, out)
@@ -427,10 +421,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="also show nnU-Net's training log on the console (it is always in each fold's "
                              "training_log_*.txt); default: one line per stage and per training epoch")
     parser.set_defaults(func=_run)
-
-
-def machine_description() -> str:
-    import torch
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from spinediff.evaluation.figures import checkpoint_logging, qualitative_panel, training_curves
 from spinediff.evaluation.report import Section, Table, fmt
+
+#: The demo's two MR-as-CT reference rows (no network): one linear map for all cases, and the best per case.
+BASELINE_GLOBAL = "MR as CT (linear map fitted on the training cases)"
+BASELINE_ORACLE = "Linear MR→HU map fitted per case (oracle)"
 
 
 def _read(path: Path) -> sitk.Image | None:
@@ -35,8 +41,6 @@ def _curves(results: Path, dataset: str, runs: dict[str, str], target: Path) -> 
 
 def build_sections(out, folders, datasets, registered, benchmarks, registration_reports, predictions,
                    result) -> list[Section]:
-    from spinediff.demo import machine_description
-
     results, raw = folders["results"], folders["raw"]
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
@@ -100,8 +104,6 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
     trans_name = trans["dataset"]
     metrics = ["psnr", "ssim", "mae_body", "mae_bone"] + (["dice_downstream"] if trans.get("downstream") else [])
     trans_table = _benchmark_table(trans, metrics)
-    from spinediff.demo import BASELINE_GLOBAL, BASELINE_ORACLE
-
     for name in (BASELINE_GLOBAL, BASELINE_ORACLE):
         baseline = summary["translation"].get(name)
         if baseline:
@@ -167,3 +169,10 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         "Wilcoxon p-values need more cases than one fold of the demo gives; see documentation/results.md for "
         "benchmarks with more folds."]))
     return sections
+
+
+def machine_description() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")

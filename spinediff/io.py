@@ -115,21 +115,6 @@ def write_image(image: sitk.Image, target: str | os.PathLike, compress: bool = T
         sitk.WriteImage(image, str(tmp), compress)
 
 
-def array_to_image(array: np.ndarray, reference: sitk.Image | None = None, *, spacing=None, origin=None,
-                   direction=None) -> sitk.Image:
-    """Array in SimpleITK order (z, y, x) → image with the geometry of ``reference`` or given values."""
-    image = sitk.GetImageFromArray(array)
-    if reference is not None:
-        image.CopyInformation(reference)
-    if spacing is not None:
-        image.SetSpacing(tuple(float(s) for s in spacing))
-    if origin is not None:
-        image.SetOrigin(tuple(float(o) for o in origin))
-    if direction is not None:
-        image.SetDirection(tuple(float(d) for d in np.asarray(direction).ravel()))
-    return image
-
-
 def ensure_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse to overwrite existing results unless ``overwrite`` is set."""
     path = Path(path)

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 
 from spinediff.cli import main
 from spinediff.evaluation.evaluate import summarise
-from spinediff.evaluation.image_metrics import image_metrics, mae, psnr, ssim
-from spinediff.evaluation.segmentation_metrics import segmentation_metrics
+from spinediff.metrics.image_metrics import image_metrics, mae, psnr, ssim
+from spinediff.metrics.segmentation_metrics import segmentation_metrics
 
 
 def _cube(shape=(20, 20, 20), low=5, high=15, label=1):

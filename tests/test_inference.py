@@ -347,8 +347,8 @@ def test_find_best_segmentation_ensemble_by_re_prediction(trained, capsys):
 def test_predict_and_postprocess_apply_the_models_level_numbering(trained, tmp_path):
     """A model folder's postprocessing.json is applied by `predict` (not with --no-postprocessing) and by
     `spinediff postprocess` to another tool's outputs; both give the level numbering of the raw output."""
-    from spinediff.evaluation.level_order import LevelOrder, renumber
-    from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE
+    from spinediff.inference.level_order import LevelOrder, renumber
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE
 
     model = trained["base"] / "results" / SEG / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion"
     decision = model / POSTPROCESSING_FILE

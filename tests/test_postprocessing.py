@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from spinediff.evaluation.level_order import LevelOrder, assign, label_centroids, learn_order, renumber
-from spinediff.evaluation.postprocessing import Postprocessing, determine_postprocessing
+from spinediff.inference.level_order import LevelOrder, assign, label_centroids, learn_order, renumber
+from spinediff.inference.postprocessing import Postprocessing, determine_postprocessing
 
 
 def spine(levels: int = 5, shape=(10, 64, 20)) -> np.ndarray:
@@ -122,7 +122,7 @@ def test_grouped_argmax_keeps_a_vertebra_whose_level_is_uncertain():
     probabilities = np.zeros((6, 1, 1, 2), np.float32)
     probabilities[:, 0, 0, 0] = [0.3, 0.0, 0.0, 0.2, 0.25, 0.25]
     probabilities[:, 0, 0, 1] = [0.6, 0.1, 0.1, 0.1, 0.1, 0.0]
-    from spinediff.evaluation.postprocessing import grouped_argmax
+    from spinediff.inference.postprocessing import grouped_argmax
 
     assert np.argmax(probabilities[:, 0, 0, 0]) == 0  # plain argmax loses it
     assert grouped_argmax(probabilities, (1, 2, 3, 4, 5)).ravel().tolist() == [4, 0]

@@ -12,7 +12,7 @@ The block names the task::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,6 @@ class TaskSpec:
     task: str = "segmentation"
     source_channels: tuple[int, ...] = ()
     target_channels: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def is_segmentation(self) -> bool:
-        return self.task == "segmentation"
 
 
 def task_spec(dataset_json: dict[str, Any], origin: str | Path = "dataset.json") -> TaskSpec:
@@ -52,8 +47,7 @@ def task_spec(dataset_json: dict[str, Any], origin: str | Path = "dataset.json")
         source = tuple(range(n_channels))
     if task == "generation" and not target:
         target = tuple(range(n_channels))
-    extra = {k: v for k, v in block.items() if k not in ("task", "source_channels", "target_channels")}
-    return TaskSpec(task, source, target, extra)
+    return TaskSpec(task, source, target)
 
 
 def label_values(dataset_json: dict[str, Any]) -> dict[str, int]:

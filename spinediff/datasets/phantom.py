@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
-from spinediff.datasets.anatomy import SpineAnatomy, random_anatomy
+from spinediff.datasets.anatomy import random_anatomy
 
 # Sagittal MR: index i → posterior (+y), j → inferior (-z), k → right (-x), in LPS.
 MR_DIRECTION = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
@@ -224,7 +224,3 @@ def landmarks_to_json(landmarks: dict[int, dict[str, np.ndarray]]) -> dict:
                       for label, pts in sorted(landmarks.items())},
     }
 
-
-def anatomy_summary(anatomy: SpineAnatomy) -> dict:
-    return {"vertebrae": [v.label for v in anatomy.vertebrae],
-            "degenerated_discs": [i for i, d in enumerate(anatomy.discs) if d.degenerated]}

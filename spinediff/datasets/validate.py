@@ -197,7 +197,7 @@ def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> Vali
     return report
 
 
-def _read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
+def read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
     """The image (for its geometry) and its voxel array as stored on disk.
 
     NIfTI voxels are read with nibabel: SimpleITK's NIfTI reader turns NaN into 0, which would hide
@@ -225,7 +225,7 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"missing: case {case} needs {n_channels} channel files "
                                                f"(_0000 .. _{n_channels - 1:04d})."))
             continue
-        loaded = _read_or_report(path, problems)
+        loaded = read_or_report(path, problems)
         if loaded is None:
             continue
         image, array = loaded
@@ -243,7 +243,7 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
                                                "all channels of a case onto one grid."))
     label_path = labels_dir / f"{case}{ending}"
-    loaded = _read_or_report(label_path, problems)
+    loaded = read_or_report(label_path, problems)
     if loaded is None:
         return
     label, array = loaded

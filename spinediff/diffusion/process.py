@@ -13,7 +13,13 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.schedulers import DDPMScheduler
 
-from spinediff.diffusion.settings import LOSSES, NOISE_SCHEDULES, PREDICTION_TYPES, DiffusionSettings
+from spinediff.diffusion.settings import (
+    LOSSES,
+    MONAI_SCHEDULE_NAMES,
+    NOISE_SCHEDULES,
+    PREDICTION_TYPES,
+    DiffusionSettings,
+)
 from spinediff.errors import SpineDiffError
 
 
@@ -83,7 +89,7 @@ class DiffusionProcess:
         self.condition_dropout = condition_dropout
         self.segmentation_temperature = segmentation_temperature
         self.timestep_power = float(timestep_power)
-        schedule = {"cosine": "cosine", "linear": "linear_beta"}[noise_schedule]
+        schedule = MONAI_SCHEDULE_NAMES[noise_schedule]
         self.scheduler = DDPMScheduler(num_train_timesteps, schedule, prediction_type=prediction_type)
         # private copy: monai's add_noise recasts scheduler.alphas_cumprod to the data's dtype in place,
         # which would silently lower the precision of the conversions after a float16 call
@@ -105,7 +111,7 @@ class DiffusionProcess:
     @property
     def schedule_name(self) -> str:
         """monai's name of the noise schedule (to build a matching sampling scheduler)."""
-        return {"cosine": "cosine", "linear": "linear_beta"}[self.noise_schedule]
+        return MONAI_SCHEDULE_NAMES[self.noise_schedule]
 
     # ---------------------------------------------------------------- schedule quantities
     def _alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

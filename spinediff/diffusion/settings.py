@@ -15,6 +15,8 @@ from spinediff.errors import SpineDiffError
 
 TASKS = ("segmentation", "translation", "generation")
 NOISE_SCHEDULES = ("cosine", "linear")
+#: monai's names of the noise schedules (``monai.networks.schedulers`` ``NoiseSchedules``).
+MONAI_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear_beta"}
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")  # monai's DDPMPredictionType names
 SAMPLERS = ("ddim",)
 LOSSES = ("l1", "mse", "dice_ce")
@@ -184,4 +186,4 @@ class DiffusionSettings:
     @property
     def monai_schedule(self) -> str:
         """The name of the noise schedule in ``monai.networks.schedulers.NoiseSchedules``."""
-        return {"cosine": "cosine", "linear": "linear_beta"}[self.noise_schedule]
+        return MONAI_SCHEDULE_NAMES[self.noise_schedule]

@@ -15,8 +15,7 @@ import csv
 import io
 import math
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +23,8 @@ from scipy import stats
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
+from spinediff.evaluation.folds import Method, MethodResult, collect_result, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    trainer: str
-    configuration: str
-    prediction_type: str | None = None
-    baseline: bool = False
-
-    @property
-    def folder_configuration(self) -> str:
-        suffix = {"eps": "_eps", "v": "_v"}.get(self.prediction_type or "", "")
-        return self.configuration + suffix
 
 
 def methods_for(task: str, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
@@ -66,125 +52,9 @@ def methods_for(task: str, configurations: list[str], dims: tuple[str, ...] = ("
     return methods
 
 
-@dataclass
-class MethodResult:
-    method: Method
-    folds: list
-    train_seconds: float = 0.0
-    inference_seconds_per_case: float = float("nan")
-    network_evaluations_per_window: int = 1
-    epochs: int = 0
-    per_case: dict[str, dict[str, float]] = field(default_factory=dict)  # case → metric → value
-    per_fold: dict[str, dict] = field(default_factory=dict)  # fold → steps, epochs, final learning rate, minutes
-    postprocessing: dict | None = None  # segmentation: the cross-validated level numbering decision
-
-
 # The metric that ranks methods, and whether higher is better.
 PRIMARY_METRICS = {"segmentation": ("dice", True), "translation": ("mae_body", False),
                    "generation": ("mae_body", False)}
-
-
-def _network_evaluations(trainer) -> int:
-    settings = getattr(trainer, "settings", None)
-    if settings is None:  # nnU-Net: one pass per mirroring combination
-        axes = trainer.inference_allowed_mirroring_axes or ()
-        return 2 ** len(axes)
-    if not trainer.denoising:
-        return 1
-    return int(trainer.final_validation_steps) * max(1, int(getattr(trainer, "final_validation_samples", 1)))
-
-
-def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:
-    """Train (or resume, or reuse) one fold of ``method`` with the plans' schedule and validate it; returns
-    its timing record (also kept as ``benchmark_timing.json`` in the fold folder)."""
-    import sys
-
-    from nnunetv2.run.run_training import maybe_load_checkpoint
-
-    from spinediff.training.api import build_trainer, configure_schedule, run_and_log_schedule
-    from spinediff.training.schedule import quiet_console
-
-    trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type)
-    budget, grow = configure_schedule(trainer, options)
-    if not getattr(options, "console_log", False):
-        quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here
-
-    def report(line: str) -> None:
-        print(f"[{method.name}, fold {fold}] {line}", file=sys.stderr, flush=True)
-
-    folder = Path(trainer.output_folder)
-    done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
-    timing_file = folder / "benchmark_timing.json"
-    if reuse and done and timing_file.is_file():
-        return read_json(timing_file)
-    schedule = {}
-    if not (folder / "checkpoint_final.pth").is_file():
-        maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
-        start = time.perf_counter()
-        schedule = run_and_log_schedule(trainer, budget, grow, report).to_dict()
-        train_seconds = schedule["seconds"] if schedule.get("seconds") else time.perf_counter() - start
-        epochs = trainer.current_epoch
-    else:  # trained earlier without the harness: the training time is in the checkpoint's log
-        maybe_load_checkpoint(trainer, False, True)
-        logging = trainer.logger.get_checkpoint()
-        starts, ends = logging.get("epoch_start_timestamps", []), logging.get("epoch_end_timestamps", [])
-        epochs = len(ends)
-        train_seconds = float(ends[-1] - starts[0]) if starts and ends else float("nan")
-        lrs = logging.get("lrs", [])
-        schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
-    start = time.perf_counter()
-    # segmentation keeps the class probabilities: the post-processing may form its foreground from them
-    task = getattr(getattr(trainer, "task", None), "task", "segmentation")  # nnU-Net's trainer: segmentation
-    trainer.perform_actual_validation(task == "segmentation")
-    n_val = max(1, len(trainer.do_split()[1]))
-    timing = {"train_seconds": train_seconds, "epochs": epochs,
-              "steps": int(epochs * trainer.num_iterations_per_epoch),
-              "initial_learning_rate": float(trainer.initial_lr),
-              "final_learning_rate": schedule.get("final_learning_rate", float("nan")),
-              "budget_seconds": budget, "refits": schedule.get("refits", []),
-              "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
-              "network_evaluations_per_window": _network_evaluations(trainer)}
-    write_json(timing, timing_file)
-    return timing
-
-
-def _fold_in_worker(method: Method, dataset: str, fold, options, reuse: bool) -> dict:
-    """One fold in a worker process with one torch thread (folds side by side share the cores fairly)."""
-    import torch
-
-    torch.set_num_threads(1)
-    return train_and_validate_fold(method, dataset, fold, options, reuse)
-
-
-def train_folds(jobs: list[tuple[Method, object]], dataset: str, options, reuse: bool = True, workers: int = 1
-                ) -> list[dict]:
-    """Timing records of (method, fold) jobs, ``workers`` at a time (each worker one process, one thread)."""
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_fold_in_worker, method, dataset, fold, options, reuse) for method, fold in jobs]
-            return [future.result() for future in futures]
-    return [train_and_validate_fold(method, dataset, fold, options, reuse) for method, fold in jobs]
-
-
-def collect_result(method: Method, folds: list, timings: list[dict]) -> MethodResult:
-    result = MethodResult(method, list(folds))
-    for fold, timing in zip(folds, timings, strict=True):
-        result.train_seconds += timing["train_seconds"]
-        result.epochs += timing["epochs"]
-        result.inference_seconds_per_case = timing["inference_seconds_per_case"]
-        result.network_evaluations_per_window = timing["network_evaluations_per_window"]
-        result.per_fold[str(fold)] = {key: timing.get(key) for key in (
-            "steps", "epochs", "train_seconds", "initial_learning_rate", "final_learning_rate", "refits")}
-    return result
-
-
-def run_method(method: Method, dataset: str, folds: list, options, reuse: bool = True, workers: int = 1
-               ) -> MethodResult:
-    """Train (or reuse) and validate ``method`` on ``folds`` (``workers`` folds at a time); time it."""
-    return collect_result(method, folds, train_folds([(method, f) for f in folds], dataset, options, reuse, workers))
 
 
 def reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
@@ -231,7 +101,7 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
     """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does), write
     it next to the model (unless another decision is there) and add each case's Dice after it (``dice_pp``, and
     per label ``dice_pp_L``; the plain Dice where it is not kept)."""
-    from spinediff.evaluation.postprocessing import determine_postprocessing, validation_pairs, write_decision
+    from spinediff.inference.postprocessing import determine_postprocessing, validation_pairs, write_decision
 
     folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
     pairs = validation_pairs(folder, [str(f) for f in result.folds], raw)
@@ -352,9 +222,9 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     """
     from spinediff.datasets.dataset_json import task_spec
     from spinediff.paths import nnunet_folder
-    from spinediff.training.api import TrainingOptions, _setup_environment, resolve_preprocessed_dataset
+    from spinediff.training.api import TrainingOptions, resolve_preprocessed_dataset, setup_environment
 
-    preprocessed, results = _setup_environment(None, None)
+    preprocessed, results = setup_environment(None, None)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
     plans = read_json(preprocessed / name / "nnUNetPlans.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")

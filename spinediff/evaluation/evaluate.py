@@ -22,8 +22,6 @@ from tqdm import tqdm
 
 from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.image_metrics import image_metrics
-from spinediff.evaluation.segmentation_metrics import segmentation_metrics
 from spinediff.io import (
     IMAGE_SUFFIXES,
     ensure_writable_folder,
@@ -32,6 +30,8 @@ from spinediff.io import (
     write_json,
     write_text,
 )
+from spinediff.metrics.image_metrics import image_metrics
+from spinediff.metrics.segmentation_metrics import segmentation_metrics
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:

@@ -199,7 +199,7 @@ def _entropy_map(probabilities_file: Path, like: sitk.Image | None) -> sitk.Imag
     """Voxel-wise entropy (nats) of a saved ``CASE.npz``'s class probabilities on ``like``'s grid."""
     if like is None or not probabilities_file.is_file():
         return None
-    from spinediff.evaluation.postprocessing import load_probabilities
+    from spinediff.inference.postprocessing import load_probabilities
 
     try:
         probabilities = load_probabilities(probabilities_file).astype(np.float32)

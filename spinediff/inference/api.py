@@ -98,7 +98,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         folds = trained_folds(folder.path, checkpoint)
     predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
     if postprocessing:
-        from spinediff.evaluation.postprocessing import Postprocessing
+        from spinediff.inference.postprocessing import Postprocessing
 
         predictor.postprocessing = Postprocessing.load(folder.path)
     options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)

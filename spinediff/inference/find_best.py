@@ -26,41 +26,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from spinediff.datasets.dataset_json import task_spec
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.segmentation_metrics import pooled_foreground_dice
+from spinediff.inference.candidates import METRIC_DIRECTION, Candidate, better, primary_metric, score
 from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
-
-METRIC_DIRECTION = {"dice": "higher", "mae_body": "lower", "psnr": "higher"}
-
-
-@dataclass
-class Candidate:
-    """One trained ``TRAINER__PLANS__CONFIG`` with its pooled cross-validation results."""
-
-    folder: Path
-    trainer: str
-    plans: str
-    configuration: str
-    folds: list[str]
-    per_case: dict[str, dict] = field(default_factory=dict)  # case file → metrics (segmentation: class → Dice)
-    scores: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.folder.name
-
-    @property
-    def is_spinediff(self) -> bool:
-        from spinediff.training import TRAINERS
-
-        return self.trainer in TRAINERS
 
 
 def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
@@ -113,30 +86,6 @@ def collect_candidates(dataset_folder: Path, task: str, folds: Sequence[str] | N
         per_case = {case: metrics for f in folds for case, metrics in finished[f].items()}
         candidates.append(Candidate(folder, trainer, plans, configuration, folds, per_case))
     return candidates, folds, notes
-
-
-def primary_metric(task: str, candidates: Sequence[Candidate]) -> str:
-    if task == "segmentation":
-        return "dice"
-    has_body = all(all("mae_body" in m for m in c.per_case.values()) for c in candidates)
-    return "mae_body" if has_body else "psnr"
-
-
-def score(per_case: dict[str, dict], task: str) -> dict[str, float]:
-    """Pooled scores of per-case metrics (segmentation: foreground Dice; images: mean of each metric)."""
-    if task == "segmentation":
-        return {"dice": pooled_foreground_dice(list(per_case.values()))}
-    names = sorted({m for metrics in per_case.values() for m in metrics})
-    return {m: float(np.nanmean([metrics.get(m, np.nan) for metrics in per_case.values()])) for m in names}
-
-
-def better(a: float, b: float, metric: str) -> bool:
-    """Is score ``a`` better than ``b``? NaN is never better."""
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a > b if METRIC_DIRECTION[metric] == "higher" else a < b
 
 
 def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT_FOLDER",
@@ -254,7 +203,7 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
     """The candidate's post-processing, decided on its cross-validation and written next to it
     (``postprocessing.json``: applied by ``spinediff predict``; nnU-Net's own predictions need
     ``spinediff postprocess``)."""
-    from spinediff.evaluation.postprocessing import (
+    from spinediff.inference.postprocessing import (
         POSTPROCESSING_FILE,
         determine_postprocessing,
         validation_pairs,

@@ -11,11 +11,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from spinediff.datasets.dataset_json import task_spec
-from spinediff.evaluation.image_metrics import image_metrics
-from spinediff.evaluation.segmentation_metrics import case_dice, pooled_foreground_dice
-from spinediff.inference.find_best import Candidate, score
+from spinediff.inference.candidates import Candidate, score
 from spinediff.inference.inputs import split_ending
 from spinediff.io import read_image, read_json
+from spinediff.metrics.image_metrics import image_metrics
+from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
 from spinediff.paths import nnunet_folder
 from spinediff.planning.target_intensity import TargetIntensity
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinediff.datasets.validate import Problem, _read_or_report, same_geometry
+from spinediff.datasets.validate import Problem, read_or_report, same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.io import IMAGE_SUFFIXES
 
@@ -124,7 +124,7 @@ def check_case_files(case: InputCase, layout: InputLayout) -> None:
     problems: list[Problem] = []
     reference = None
     for path in case.files:
-        loaded = _read_or_report(path, problems)
+        loaded = read_or_report(path, problems)
         if loaded is None:
             break
         image, array = loaded

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
+from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
 from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_voxels_verified
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")

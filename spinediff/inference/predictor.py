@@ -31,16 +31,16 @@ from nnunetv2.inference.export_prediction import convert_predicted_logits_to_seg
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.postprocessing import Postprocessing, geometry_like
-from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import FoldModel, ModelFolder
+from spinediff.inference.postprocessing import Postprocessing, geometry_like
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
 from spinediff.training.task_adapter import TaskAdapter
+from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
 FOLD_SEED_STRIDE = 1_000_003  # fold f samples with seed + f * stride: folds draw different noise
-BODY_THRESHOLD_HU = -500.0  # as spinediff.evaluation.image_metrics.body_mask_ct
+BODY_THRESHOLD_HU = -500.0  # as spinediff.metrics.image_metrics.body_mask_ct
 
 
 @dataclass(frozen=True)

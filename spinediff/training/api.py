@@ -36,7 +36,7 @@ class TrainingOptions:
     console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
 
 
-def _setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
+def setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
     preprocessed = nnunet_folder("preprocessed", preprocessed_folder)
     results = nnunet_folder("results", results_folder)
     # nnunetv2 reads these lazily from the environment.
@@ -114,7 +114,7 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     """
     from spinediff.training import TRAINERS
 
-    preprocessed, results = _setup_environment(preprocessed_folder, results_folder)
+    preprocessed, results = setup_environment(preprocessed_folder, results_folder)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
     plans_file = preprocessed / name / f"{plans_identifier}.json"
     if not plans_file.is_file():

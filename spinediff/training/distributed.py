@@ -26,8 +26,10 @@ Only global rank 0 writes checkpoints, logs, the progress plot and validation ou
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import shlex
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -323,3 +325,46 @@ class DistributedTrainerMixin:
             elif isinstance(getattr(value, "module", None), nn.Module):
                 modules.append(value.module)
         return modules
+
+
+# ---------------------------------------------------------------------------------------- joining a torchrun job
+#: The module torchrun starts (``torchrun --nproc-per-node N -m spinediff.run.train ARGS``).
+TORCHRUN_MODULE = "spinediff.run.train"
+
+
+def torchrun_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line arguments of ``parser`` that reproduce ``args`` (defaults and ``--distributed`` left
+    out)."""
+    tokens: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "distributed"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value is None or value == action.default:
+            continue
+        option = max(action.option_strings, key=len)
+        tokens += [option] if action.nargs == 0 else [option, str(value)]  # nargs 0: a store_true flag
+    return tokens
+
+
+def launch_command(args: argparse.Namespace, parser: argparse.ArgumentParser, processes: str) -> str:
+    return (f"torchrun --nproc-per-node {processes} -m {TORCHRUN_MODULE} "
+            f"{shlex.join(torchrun_arguments(args, parser))}")
+
+
+@contextmanager
+def distributed_session(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Iterator[None]:
+    """Join the torchrun job for the duration of one ``spinediff train`` (``args``, parsed by ``parser``), or
+    explain how to launch one."""
+    if LaunchEnvironment.read() is None:
+        missing = ", ".join(name for name in TORCHRUN_VARIABLES if name not in os.environ)
+        processes = "NUM_GPUS" if str(args.device).startswith("cuda") else "2"
+        raise SpineDiffError(
+            f"Distributed training (--distributed, {TORCHRUN_MODULE}) runs in processes started by torchrun; "
+            f"torchrun's environment variables are missing ({missing}). Launch it with:\n"
+            f"  {launch_command(args, parser, processes)}\n"
+            "(one process per GPU with --device cuda; on CPU each process trains on its share of the cores). "
+            "Several machines: add --nnodes M --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id JOB on "
+            "every machine; see documentation/distributed.md.")
+    with process_group(args.device):
+        yield

@@ -48,10 +48,3 @@ class WeightAverage:
         if averaged:  # the foreach ops refuse empty lists
             torch._foreach_lerp_(averaged, current, 1 - decay)
         self.num_updates += 1
-
-    def state_dict(self) -> dict:
-        return {"weights": self.module.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["weights"])
-        self.num_updates = int(state["num_updates"])

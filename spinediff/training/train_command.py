@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, train
 
 
-def run_train(args: argparse.Namespace) -> int:
-    if args.distributed:
-        from spinediff.run.train import run_distributed  # joins the torchrun job, then comes back here
+def build_parser(prog: str = "torchrun --nproc-per-node N -m spinediff.run.train") -> argparse.ArgumentParser:
+    """``spinediff train``'s parser on its own (for torchrun's entry, ``spinediff.run.train``)."""
+    subparsers = argparse.ArgumentParser(add_help=False).add_subparsers()
+    add_parser(subparsers)
+    parser = subparsers.choices["train"]
+    parser.prog = prog
+    return parser
 
-        return run_distributed(args)
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.distributed:  # every rank joins the torchrun job and trains its share of each batch
+        from spinediff.training import TRAINERS
+        from spinediff.training.distributed import distributed_session
+
+        if args.trainer not in TRAINERS:
+            raise SpineDiffError(f"Distributed training supports the spinediff trainers ({', '.join(TRAINERS)}), "
+                                 f"not {args.trainer!r}. nnU-Net's own trainers have their own multi-GPU mode: "
+                                 f"nnUNetv2_train {args.dataset} {args.configuration} {args.fold} -tr {args.trainer} "
+                                 "-num_gpus N (CUDA only).")
+        with distributed_session(args, build_parser()):
+            return _train(args)
+    return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,

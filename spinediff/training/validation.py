@@ -2,7 +2,7 @@
 
 The final validation predicts every validation case of the fold from its preprocessed data, writes
 it in the raw input's geometry (labels for segmentation through nnU-Net's exporter; HU for
-translation/generation through :mod:`spinediff.inference.export`) and scores it against the raw
+translation/generation through :mod:`spinediff.utilities.export`) and scores it against the raw
 reference: Dice per class (nnU-Net's evaluation) or PSNR, SSIM and MAE in HU (monai metrics).
 """
 
@@ -20,9 +20,9 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.paths import nnUNet_raw
 from tqdm import tqdm
 
-from spinediff.evaluation.image_metrics import image_metrics
-from spinediff.inference.export import revert_image_preprocessing, write_image_like_raw
 from spinediff.io import write_json
+from spinediff.metrics.image_metrics import image_metrics
+from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
 
 def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:

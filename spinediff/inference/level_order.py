@@ -17,7 +17,7 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    of their predicted voxels as possible (dynamic programming); when there are more candidates than
    labels, the surplus ones with the least support become background.
 
-:func:`spinediff.evaluation.postprocessing.determine_postprocessing` keeps this step only when it
+:func:`spinediff.inference.postprocessing.determine_postprocessing` keeps this step only when it
 improves the cross-validation Dice (as nnU-Net decides its own post-processing).
 """
 

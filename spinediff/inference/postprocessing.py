@@ -2,7 +2,7 @@
 
 nnU-Net's ``find_best_configuration`` tries removing all but the largest component and keeps it only if
 the cross-validation Dice improves. spinediff's candidate is the level numbering of
-:mod:`spinediff.evaluation.level_order` (labels with an order in space, such as L1..L5): learnt from the
+:mod:`spinediff.inference.level_order` (labels with an order in space, such as L1..L5): learnt from the
 reference labels, tried on every cross-validation prediction, kept only if the mean Dice over labels
 and cases rises. ``spinediff find_best`` writes the decision next to the model
 (``TRAINER__PLANS__CONFIG/postprocessing.json``) and ``spinediff predict`` applies it
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.level_order import LevelOrder, label_centroids, learn_order, renumber
-from spinediff.evaluation.segmentation_metrics import case_dice, pooled_foreground_dice
+from spinediff.inference.level_order import LevelOrder, label_centroids, learn_order, renumber
 from spinediff.io import read_json, write_json
+from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
 
 POSTPROCESSING_FILE = "postprocessing.json"
 
@@ -168,7 +168,7 @@ def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequenc
     scores = {name: pooled_foreground_dice(list(per_case.values())) for name, per_case in dice.items()}
     best = max(variants, key=lambda v: -np.inf if math.isnan(scores[v]) else scores[v])
     keep = order is not None and not math.isnan(scores[best]) and scores[best] > scores["before"]
-    evidence = {"candidate": "level numbering (spinediff.evaluation.level_order)",
+    evidence = {"candidate": "level numbering (spinediff.inference.level_order)",
                 "learnt_order": order.to_dict() if order else None, "cases": len(pairs),
                 "dice_before": scores["before"], "dice_after": scores[best] if keep else scores["before"],
                 "dice_per_variant": {v: scores[v] for v in variants}, "applied": bool(keep),

@@ -1,0 +1,61 @@
+"""A trained model as a candidate of ``find_best``, and how candidates' cross-validation scores compare."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spinediff.metrics.segmentation_metrics import pooled_foreground_dice
+
+METRIC_DIRECTION = {"dice": "higher", "mae_body": "lower", "psnr": "higher"}
+
+
+@dataclass
+class Candidate:
+    """One trained ``TRAINER__PLANS__CONFIG`` with its pooled cross-validation results."""
+
+    folder: Path
+    trainer: str
+    plans: str
+    configuration: str
+    folds: list[str]
+    per_case: dict[str, dict] = field(default_factory=dict)  # case file → metrics (segmentation: class → Dice)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def is_spinediff(self) -> bool:
+        from spinediff.training import TRAINERS
+
+        return self.trainer in TRAINERS
+
+
+def primary_metric(task: str, candidates: Sequence[Candidate]) -> str:
+    if task == "segmentation":
+        return "dice"
+    has_body = all(all("mae_body" in m for m in c.per_case.values()) for c in candidates)
+    return "mae_body" if has_body else "psnr"
+
+
+def score(per_case: dict[str, dict], task: str) -> dict[str, float]:
+    """Pooled scores of per-case metrics (segmentation: foreground Dice; images: mean of each metric)."""
+    if task == "segmentation":
+        return {"dice": pooled_foreground_dice(list(per_case.values()))}
+    names = sorted({m for metrics in per_case.values() for m in metrics})
+    return {m: float(np.nanmean([metrics.get(m, np.nan) for metrics in per_case.values()])) for m in names}
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """Is score ``a`` better than ``b``? NaN is never better."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a > b if METRIC_DIRECTION[metric] == "higher" else a < b

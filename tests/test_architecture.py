@@ -1,0 +1,115 @@
+"""The package's import structure: imports point down the pipeline, no file imports itself back through
+others, and no private name crosses a package. Run it alone: ``pytest tests/test_architecture.py``."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import spinediff
+
+ROOT = Path(spinediff.__file__).parent
+#: Packages (and top-level modules) from the bottom of the pipeline to the top; an import may point to the same
+#: layer or below. documentation/architecture.md explains the layers.
+LAYERS = [
+    {"spinediff", "errors", "paths", "io", "utilities", "metrics"},
+    {"datasets"},
+    {"registration", "networks", "diffusion"},
+    {"planning"},
+    {"training"},
+    {"run"},
+    {"inference"},
+    {"evaluation"},
+    {"demo_report"},
+    {"demo"},
+    {"cli"},
+]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def imports() -> dict[str, list[tuple[str, str]]]:
+    """module → [(imported module, imported name or '')], every import statement, also inside functions."""
+    found: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path in sorted(ROOT.rglob("*.py")):
+        module = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("spinediff"):
+                for alias in node.names:
+                    submodule = f"{node.module}.{alias.name}"
+                    is_module = (ROOT.parent / (submodule.replace(".", "/") + ".py")).is_file()
+                    found[module].append((submodule, "") if is_module else (node.module, alias.name))
+            elif isinstance(node, ast.ImportFrom) and node.level > 0:
+                found[module].append(("<relative>", ""))
+            elif isinstance(node, ast.Import):
+                found[module] += [(alias.name, "") for alias in node.names if alias.name.startswith("spinediff")]
+    return found
+
+
+def test_every_package_is_placed_in_a_layer():
+    packages = {package_of(module_name(path)) for path in ROOT.rglob("*.py")}
+    assert packages <= set(LEVEL), f"place {sorted(packages - set(LEVEL))} in LAYERS (and in architecture.md)"
+
+
+def test_imports_point_down_the_pipeline():
+    upward = [f"{module} imports {target} ({package_of(module)} is below {package_of(target)})"
+              for module, targets in imports().items() for target, _ in targets
+              if target != "<relative>" and LEVEL[package_of(target)] > LEVEL[package_of(module)]]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_module_imports_itself_back():
+    graph = {module: {target for target, _ in targets} for module, targets in imports().items()}
+
+    def reachable(start: str) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph.get(stack.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a in graph for b in graph[a] if a != b and a in reachable(b))
+    assert not cycles, "\n".join(cycles)
+
+
+def test_no_private_name_crosses_a_package_and_no_relative_imports():
+    crossing = [f"{module} imports {name} from {target}" for module, targets in imports().items()
+                for target, name in targets
+                if name.startswith("_") and not name.startswith("__") and target != "<relative>"
+                and package_of(target) != package_of(module)]
+    relative = [module for module, targets in imports().items() if ("<relative>", "") in targets]
+    assert not crossing and not relative, "\n".join(crossing + relative)
+
+
+def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
+    """A planted upward import, cycle and private import are found (the checks can fail)."""
+    fake = tmp_path / "spinediff"
+    for package in ("errors", "datasets", "training"):
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "datasets" / "a.py").write_text("from spinediff.training.b import _hidden\n")
+    (fake / "training" / "b.py").write_text("def f():\n    from spinediff.datasets import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    graph = imports()
+    assert ("spinediff.training.b", "_hidden") in graph["spinediff.datasets.a"]
+    for check in (test_imports_point_down_the_pipeline, test_no_module_imports_itself_back,
+                  test_no_private_name_crosses_a_package_and_no_relative_imports):
+        try:
+            check()
+        except AssertionError:
+            continue
+        raise AssertionError(f"{check.__name__} missed the planted problem")
