@@ -27,6 +27,7 @@ from spinediff.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sectio
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
+from spinediff.paths import model_folder_name
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
 
 
 def _validation_cases(results: Path, dataset: str, trainer: str, configuration: str) -> list[str]:
-    folder = results / dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0" / "validation"
+    folder = results / dataset / model_folder_name(trainer, configuration) / "fold_0" / "validation"
     return sorted(p.name[: -len(".nii.gz")] for p in folder.glob("*.nii.gz"))
 
 

@@ -10,10 +10,16 @@ import SimpleITK as sitk
 
 from spinediff.evaluation.figures import checkpoint_logging, qualitative_panel, training_curves
 from spinediff.evaluation.report import Section, Table, fmt
+from spinediff.paths import model_folder_name
 
 #: The demo's two MR-as-CT reference rows (no network): one linear map for all cases, and the best per case.
 BASELINE_GLOBAL = "MR as CT (linear map fitted on the training cases)"
 BASELINE_ORACLE = "Linear MR→HU map fitted per case (oracle)"
+#: The demo's trained models (results folders).
+SEG_NNUNET = model_folder_name("nnUNetTrainer", "2d_cpu")
+SEG_DIFFUSION = model_folder_name("DiffusionSegmentationTrainer", "2d_diffusion")
+TRANS_DIFFUSION = model_folder_name("DiffusionTranslationTrainer", "2d_diffusion")
+TRANS_REGRESSION = model_folder_name("RegressionTrainer", "2d_diffusion")
 
 
 def _read(path: Path) -> sitk.Image | None:
@@ -81,9 +87,9 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         row = {"_name": case,
                "image": _read(raw / seg_name / "imagesTr" / f"{case}_0001.nii.gz"),
                "truth": _read(raw / seg_name / "labelsTr" / f"{case}.nii.gz"),
-               "nnunet": _read(results / seg_name / "nnUNetTrainer__nnUNetPlans__2d_cpu" / "fold_0" / "validation"
+               "nnunet": _read(results / seg_name / SEG_NNUNET / "fold_0" / "validation"
                                / f"{case}.nii.gz"),
-               "diffusion": _read(results / seg_name / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion"
+               "diffusion": _read(results / seg_name / SEG_DIFFUSION
                                   / "fold_0" / "validation" / f"{case}.nii.gz"),
                "uncertainty": _read(prediction_folder / f"{case}_uncertainty.nii.gz") if prediction_folder else None}
         panel_rows.append(row)
@@ -120,7 +126,7 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         predictions.get("translation"), dict) else None
     panel_rows = []
     for case in list(next(iter(trans["per_case"].values())).keys())[:3]:
-        diffusion_path = (results / trans_name / "DiffusionTranslationTrainer__nnUNetPlans__2d_diffusion" / "fold_0"
+        diffusion_path = (results / trans_name / TRANS_DIFFUSION / "fold_0"
                           / "validation" / f"{case}.nii.gz")
         real, synthetic = _read(raw / trans_name / "imagesTr" / f"{case}_0002.nii.gz"), _read(diffusion_path)
         error = None
@@ -129,7 +135,7 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         panel_rows.append({
             "_name": case, "mr": _read(raw / trans_name / "imagesTr" / f"{case}_0000.nii.gz"), "real": real,
             "synthetic": synthetic, "error": error,
-            "regression": _read(results / trans_name / "RegressionTrainer__nnUNetPlans__2d_diffusion" / "fold_0"
+            "regression": _read(results / trans_name / TRANS_REGRESSION / "fold_0"
                                 / "validation" / f"{case}.nii.gz"),
             "std": _read(translation_folder / f"{case}_uncertainty.nii.gz") if translation_folder else None})
     ct_window = {"cmap": "gray", "vmin": -250, "vmax": 1250}
@@ -153,10 +159,10 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
 
     curve_figures = []
     for name, dataset, runs in (
-            ("segmentation", seg_name, {"nnU-Net": "nnUNetTrainer__nnUNetPlans__2d_cpu",
-                                        "diffusion": "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion"}),
-            ("translation", trans_name, {"regression": "RegressionTrainer__nnUNetPlans__2d_diffusion",
-                                         "diffusion": "DiffusionTranslationTrainer__nnUNetPlans__2d_diffusion"})):
+            ("segmentation", seg_name, {"nnU-Net": SEG_NNUNET,
+                                        "diffusion": SEG_DIFFUSION}),
+            ("translation", trans_name, {"regression": TRANS_REGRESSION,
+                                         "diffusion": TRANS_DIFFUSION})):
         path = _curves(results, dataset, runs, figures / f"curves_{name}.png")
         if path:
             curve_figures.append((path, f"Training curves ({name})"))

@@ -73,3 +73,20 @@ def resolve_raw_dataset(dataset: str | int | os.PathLike, raw_folder: str | os.P
 def dataset_name_from_id(dataset_id: int, name: str) -> str:
     """nnU-Net's folder name for a dataset: ``Dataset{ID:03d}_{name}``."""
     return f"Dataset{int(dataset_id):03d}_{name}"
+
+
+#: nnU-Net's default plans identifier.
+DEFAULT_PLANS = "nnUNetPlans"
+
+
+def model_folder_name(trainer: str, configuration: str, plans: str = DEFAULT_PLANS) -> str:
+    """The results folder of a trained model, ``TRAINER__PLANS__CONFIGURATION`` (as nnU-Net's
+    ``get_output_folder``); the one place that builds the name."""
+    return f"{trainer}__{plans}__{configuration}"
+
+
+def split_model_folder_name(name: str) -> tuple[str, str, str] | None:
+    """(trainer, plans, configuration) of a results folder's name, or None if it is not one."""
+    parts = name.split("__")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+

@@ -75,7 +75,7 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                  data_range: tuple[float, float]) -> None:
     """Per-case metrics of a method's fold validation exports."""
     for fold in result.folds:
-        folder = (results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
+        folder = (results_root / result.method.folder_name
                   / f"fold_{fold}" / "validation")
         evaluation = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
                                       data_range=data_range, progress=False)
@@ -103,7 +103,7 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
     per label ``dice_pp_L``; the plain Dice where it is not kept)."""
     from spinediff.inference.postprocessing import determine_postprocessing, validation_pairs, write_decision
 
-    folder = results_root / f"{result.method.trainer}__nnUNetPlans__{result.method.folder_configuration}"
+    folder = results_root / result.method.folder_name
     pairs = validation_pairs(folder, [str(f) for f in result.folds], raw)
     slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
     decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json")
@@ -278,7 +278,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
                "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None,
                # where `spinediff report` finds the models, images and references of this benchmark
                "results_folder": str(results), "raw_folder": str(raw.parent), "reference_folder": str(reference),
-               "model_folders": {r.method.name: f"{r.method.trainer}__nnUNetPlans__{r.method.folder_configuration}"
+               "model_folders": {r.method.name: r.method.folder_name
                                  for r in outcomes}}
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")

@@ -26,6 +26,7 @@ import numpy as np
 from spinediff.datasets.dataset_json import task_spec
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
+from spinediff.paths import model_folder_name
 
 SEGMENTER_TRAINER = "nnUNetTrainer"
 SOURCE_KEY = "spinediff_downstream_of"  # dataset.json key naming the translation dataset
@@ -164,7 +165,7 @@ def score_downstream(translation_name: str, folds: list, outcomes: list, options
     copy_splits(preprocessed_root / translation_name, preprocessed_root / name)
     segmenter = run_method(Method("CT segmenter (nnU-Net)", SEGMENTER_TRAINER, configuration), name, folds, options,
                            reuse=reuse)
-    model = results_root / name / f"{SEGMENTER_TRAINER}__nnUNetPlans__{configuration}"
+    model = results_root / name / model_folder_name(SEGMENTER_TRAINER, configuration)
     labels = raw_root / translation_name / "labelsTr"
     real: dict[str, dict] = {}
     for fold in folds:
@@ -172,8 +173,7 @@ def score_downstream(translation_name: str, folds: list, outcomes: list, options
             if fold != "all" else []
         real.update(segmenter_dice(model, fold, {c: reference / f"{c}.nii.gz" for c in validation}, labels))
         for outcome in outcomes:
-            exports = (results_root / translation_name / f"{outcome.method.trainer}__nnUNetPlans__"
-                       f"{outcome.method.folder_configuration}" / f"fold_{fold}" / "validation")
+            exports = results_root / translation_name / outcome.method.folder_name / f"fold_{fold}" / "validation"
             synthetic = {c: exports / f"{c}.nii.gz" for c in validation if (exports / f"{c}.nii.gz").is_file()}
             for case, scores in segmenter_dice(model, fold, synthetic, labels).items():
                 outcome.per_case.setdefault(case, {})["dice_downstream"] = scores["dice"]

@@ -25,6 +25,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.evaluation.figures import checkpoint_logging, metric_boxplot, qualitative_panel, training_curves
 from spinediff.evaluation.report import Section, Table, fmt, write_report
 from spinediff.io import read_json
+from spinediff.paths import model_folder_name
 
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
 SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
@@ -101,7 +102,7 @@ def benchmark_sections(folder: Path, figures: Path, results=None, raw=None) -> t
     results_root = _folder(bench.get("results_folder"), results, "nnUNet_results")
     raw_root = _folder(bench.get("raw_folder"), raw, "nnUNet_raw")
     model_folders = {row["method"]: (bench.get("model_folders") or {}).get(
-        row["method"], f"{row['trainer']}__nnUNetPlans__{row['configuration']}") for row in methods}
+        row["method"], model_folder_name(row["trainer"], row["configuration"])) for row in methods}
     budget = f"{bench['budget_minutes']:g} min" if bench.get("budget_minutes") else "the plans' schedule"
     intro = [f"{name} ({task}): folds {bench['folds']}, training budget {budget} per method and fold; every "
              f"case is scored once, by the fold that held it out (cross-validation)."]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spinediff.io import read_json, write_json
+from spinediff.paths import model_folder_name
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class Method:
     configuration: str
     prediction_type: str | None = None
     baseline: bool = False
+
+    @property
+    def folder_name(self) -> str:
+        """The results folder of this method's model (TRAINER__PLANS__CONFIG)."""
+        return model_folder_name(self.trainer, self.folder_configuration)
 
     @property
     def folder_configuration(self) -> str:

@@ -34,6 +34,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.candidates import METRIC_DIRECTION, Candidate, better, primary_metric, score
 from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
+from spinediff.paths import split_model_folder_name
 
 
 def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
@@ -55,7 +56,7 @@ def collect_candidates(dataset_folder: Path, task: str, folds: Sequence[str] | N
     """Every trained candidate with the compared folds finished; returns (candidates, folds, notes)."""
     found: list[tuple[Path, dict[str, dict[str, dict]]]] = []
     notes = []
-    for folder in sorted(p for p in dataset_folder.iterdir() if p.is_dir() and p.name.count("__") == 2):
+    for folder in sorted(p for p in dataset_folder.iterdir() if p.is_dir() and split_model_folder_name(p.name)):
         finished = {}
         for fold_folder in sorted(folder.glob("fold_*")):
             results = _fold_results(fold_folder, task)
@@ -82,7 +83,7 @@ def collect_candidates(dataset_folder: Path, task: str, folds: Sequence[str] | N
         if missing:
             notes.append(f"{folder.name}: fold(s) {', '.join(missing)} not finished; not ranked.")
             continue
-        trainer, plans, configuration = folder.name.split("__")
+        trainer, plans, configuration = split_model_folder_name(folder.name)
         per_case = {case: metrics for f in folds for case, metrics in finished[f].items()}
         candidates.append(Candidate(folder, trainer, plans, configuration, folds, per_case))
     return candidates, folds, notes

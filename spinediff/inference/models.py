@@ -26,7 +26,7 @@ from spinediff.diffusion.sampler import SlidingWindowSampler
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
-from spinediff.paths import nnunet_folder
+from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 # Windows per network call = this x the plans' training batch. Without gradients a forward pass keeps far
@@ -54,8 +54,8 @@ class ModelFolder:
     @classmethod
     def open(cls, path: str | Path) -> ModelFolder:
         path = Path(path)
-        parts = path.name.split("__")
-        if len(parts) != 3:
+        parts = split_model_folder_name(path.name)
+        if parts is None:
             raise SpineDiffError(f"{path} is not a results folder named TRAINER__PLANS__CONFIGURATION.")
         trainer, plans_identifier, configuration = parts
         plans_manager = PlansManager(read_json(path / "plans.json"))
@@ -91,9 +91,9 @@ def model_folder(dataset: str | int, configuration: str, trainer: str, plans_ide
                  results_folder: str | Path | None = None) -> ModelFolder:
     """The results folder of one trained trainer/plans/configuration."""
     base = find_dataset_results(dataset, results_folder)
-    path = base / f"{trainer}__{plans_identifier}__{configuration}"
+    path = base / model_folder_name(trainer, configuration, plans_identifier)
     if not path.is_dir():
-        trained = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name.count("__") == 2)
+        trained = sorted(p.name for p in base.iterdir() if p.is_dir() and split_model_folder_name(p.name))
         raise SpineDiffError(f"{path} does not exist. Trained here: {', '.join(trained) or 'nothing'}.")
     return ModelFolder.open(path)
 

@@ -11,7 +11,7 @@ import torch
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
-from spinediff.paths import nnunet_folder
+from spinediff.paths import model_folder_name, nnunet_folder
 
 PREDICTION_TYPE_ALIASES = {"x0": "sample", "image": "sample", "sample": "sample", "eps": "epsilon",
                            "noise": "epsilon", "epsilon": "epsilon", "v": "v_prediction",
@@ -125,7 +125,7 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
                              f"into {planned_for}'s results. Plan this dataset with `spinediff plan -d {dataset}`.")
     configuration = derive_configuration(plans_file, configuration, prediction_type)
     if refuse_existing:
-        fold_folder = results / name / f"{trainer}__{plans_identifier}__{configuration}" / f"fold_{fold}"
+        fold_folder = results / name / model_folder_name(trainer, configuration, plans_identifier) / f"fold_{fold}"
         started = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold_folder / f).is_file()]
         if started:
             raise SpineDiffError(f"{fold_folder} already holds a training ({', '.join(started)}). Resume it with "
