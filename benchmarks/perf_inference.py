@@ -127,13 +127,13 @@ def worker_diffusion(spec: dict) -> dict:
     settings.append({"steps": steps, "num_samples": ensemble,
                      "window_batch_size": max(1, default_window_batch // INFERENCE_BATCH_FACTOR)})
     for key in spec["cases"]:  # warm-up: reading, preprocessing, export and the network's shapes
-        runner(PredictionOptions(num_samples=1, steps=1))(key, work / "warmup" / f"{key}.nii.gz")
+        runner(PredictionOptions(num_samples=1, num_inference_steps=1))(key, work / "warmup" / f"{key}.nii.gz")
     loaded = memory_kib()  # its VmHWM: the peak of start-up, loading and warm-up
     reset = reset_peak()
     rows = []
     for index, setting in enumerate(settings):
         model.window_batch_size = setting.get("window_batch_size", default_window_batch)
-        options = PredictionOptions(num_samples=setting["num_samples"], steps=setting["steps"])
+        options = PredictionOptions(num_samples=setting["num_samples"], num_inference_steps=setting["steps"])
         if "window_batch_size" in setting:
             runner(PredictionOptions(num_samples=setting["num_samples"], steps=1))(
                 spec["cases"][0], work / "warmup" / f"{spec['cases'][0]}.nii.gz")  # the new batch shape

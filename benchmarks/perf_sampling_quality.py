@@ -107,12 +107,13 @@ def evaluate_task(name: str, iterations: int, retrain: bool, max_cases: int, ddp
         pc.log(f"{name} {key}: DDIM {STEPS}")
         for steps in STEPS:
             with pc.Stopwatch() as watch:
-                x0 = trainer.predict_volume(condition, seed=0, steps=steps, num_samples=1)
+                x0 = trainer.predict_volume(condition, seed=0, num_inference_steps=steps, num_samples=1)
             steps_seconds[steps].append(watch.wall)
             steps_quality[steps].append(score(trainer, x0, data, seg, spacing))
         pc.log(f"{name} {key}: ensembles K={ENSEMBLE_SIZES} at {plans_steps} steps")
         with pc.Stopwatch() as watch:
-            members = trainer.predict_volume(condition, seed=0, steps=plans_steps, num_samples=max(ENSEMBLE_SIZES))
+            members = trainer.predict_volume(condition, seed=0, num_inference_steps=plans_steps,
+                                             num_samples=max(ENSEMBLE_SIZES))
         ensemble_seconds.append(watch.wall)
         for k in ENSEMBLE_SIZES:
             ensemble_quality[k].append(score(trainer, members[:k], data, seg, spacing))

@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (inputs / f"{case}_0000.nii.gz").exists():
             shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", inputs)
     if not (predictions / "prediction.json").is_file():
-        predict(inputs, predictions, 501, CONFIG, TRAINER, folds=[0], num_samples=args.samples, steps=args.steps,
+        predict(inputs, predictions, 501, CONFIG, TRAINER, folds=[0], num_samples=args.samples,
+                num_inference_steps=args.steps,
                 seed=0, save_uncertainty=True, save_probabilities=True)
     timing = read_json(predictions / "prediction.json")["cases"]
     out.mkdir(parents=True, exist_ok=True)

@@ -37,20 +37,21 @@ class DemoProfile:
     epochs: int
     iterations_per_epoch: int
     budget_minutes: float | None
-    sampling_steps: int | None
+    num_inference_steps: int | None
     samples: int
 
 
 PROFILES = {
     # --quick: tiny volumes, a few iterations: checks the whole pipeline in about two minutes.
     "quick": DemoProfile(PhantomSettings(mr_shape=(48, 64, 8), mr_spacing=(3.2, 3.2, 7.0), ct_spacing=(3.0, 3.0, 3.0)),
-                         cases=5, epochs=2, iterations_per_epoch=4, budget_minutes=None, sampling_steps=2, samples=2),
+                         cases=5, epochs=2, iterations_per_epoch=4, budget_minutes=None, num_inference_steps=2,
+                         samples=2),
     # default: small clinical-like volumes, 600 training steps per model (about 2 minutes each on 2 idle
     # cores; < 15 minutes in all). A fixed number of steps keeps the results independent of machine load;
     # the 2.5-minute budget per model (five models: two segmenters, two translators, the CT segmenter of the
     # downstream Dice) only caps the run time on a busy machine.
     "full": DemoProfile(PhantomSettings(mr_shape=(64, 96, 12), mr_spacing=(2.4, 2.2, 4.5), ct_spacing=(2.0, 2.0, 2.0)),
-                        cases=10, epochs=15, iterations_per_epoch=40, budget_minutes=2.5, sampling_steps=None,
+                        cases=10, epochs=15, iterations_per_epoch=40, budget_minutes=2.5, num_inference_steps=None,
                         samples=3),
 }
 SEG_ID, TRANSLATION_ID, REGISTERED_ID = 901, 902, 904
@@ -246,7 +247,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
                      show_progress_bar=False, overwrite=overwrite)
 
     options = TrainingOptions(epochs=profile.epochs, iterations_per_epoch=profile.iterations_per_epoch,
-                              val_iterations_per_epoch=1, sampling_steps=profile.sampling_steps,
+                              val_iterations_per_epoch=1, num_inference_steps=profile.num_inference_steps,
                               validation_samples=1, console_log=verbose)
     benchmarks = {}
     with stage("train + validate (segmentation)"):
@@ -302,7 +303,7 @@ def _predict_with_uncertainty(folders: dict[str, Path], profile: DemoProfile) ->
                     os.symlink(source, link)
         target = folders["results"].parent / "predictions" / task
         predict(inputs, target, dataset, "2d_diffusion", trainer, folds=[0], num_samples=profile.samples,
-                steps=profile.sampling_steps, save_uncertainty=True, seed=0)
+                num_inference_steps=profile.num_inference_steps, save_uncertainty=True, seed=0)
         outputs[task] = {"folder": str(target), "cases": cases}
     return outputs
 

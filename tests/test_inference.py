@@ -21,12 +21,12 @@ from spinediff.inference.models import load_checkpoint, model_folder
 from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
 from spinediff.training.api import TrainingOptions, train
 
-TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2,
+TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
                        validation_samples=1)
 SEG, TRANS = "Dataset901_SpinePhantomSeg", "Dataset902_SpinePhantomTranslation"
 GEN = "Dataset903_SpinePhantomGeneration"
 CONFIG = "2d_diffusion"
-FAST = {"num_samples": 2, "steps": 2, "progress": False}
+FAST = {"num_samples": 2, "num_inference_steps": 2, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_uncertainty_is_zero_with_one_member_and_has_the_input_geometry(trained,
     inputs = tmp_path / "in"
     reference = _oblique_inputs(trained["raw"], dataset, "phantom_002", inputs, "one")
     out = tmp_path / "out"
-    report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], num_samples=1, steps=2,
+    report = predict(inputs, out, dataset, CONFIG, trainer, folds=[0], num_samples=1, num_inference_steps=2,
                      save_uncertainty=True, progress=False)
     assert report.exit_code == 0
     for name in ["one_uncertainty.nii.gz"] + (["one_variance.nii.gz"] if dataset == SEG else []):
@@ -216,7 +216,7 @@ def test_two_fold_ensemble_is_the_mean_of_the_single_folds(trained):
     case = InputCase("phantom_002", tuple(trained["raw"] / SEG / "imagesTr" / f"phantom_002_{c:04d}.nii.gz"
                                           for c in (0, 1)), ".nii.gz")
     folder = model_folder(SEG, CONFIG, "DiffusionSegmentationTrainer")
-    options = PredictionOptions(num_samples=2, steps=2, seed=11)
+    options = PredictionOptions(num_samples=2, num_inference_steps=2, seed=11)
     both = SpineDiffPredictor(folder, [0, 1])
     condition = both.preprocess(case).condition
     ensemble = both.sample(condition, options)
@@ -249,7 +249,7 @@ def test_generation_predicts_from_a_label_map(trained, tmp_path):
     (tmp_path / "in").mkdir()
     sitk.WriteImage(label_map, str(tmp_path / "in" / "small.nii.gz"))
     report = predict(tmp_path / "in", tmp_path / "out", GEN, CONFIG, "SegGuidedGenerationTrainer", folds=[0],
-                     save_uncertainty=True, num_samples=1, steps=1, progress=False)
+                     save_uncertainty=True, num_samples=1, num_inference_steps=1, progress=False)
     assert report.exit_code == 0, report.cases
     image = sitk.ReadImage(str(tmp_path / "out" / "small.nii.gz"))
     _assert_same_geometry(image, label_map)

@@ -19,7 +19,7 @@ import torch
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, build_trainer, derive_configuration, train
 
-TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2,
+TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
                        validation_samples=1)
 DATASET_OF_TASK = {"segmentation": 901, "translation": 902, "generation": 903}
 RAW_NAME = {901: "Dataset901_SpinePhantomSeg", 902: "Dataset902_SpinePhantomTranslation",
@@ -74,7 +74,7 @@ def test_trainer_trains_checkpoints_resumes_validates_and_exports(nnunet_env, ph
 
     # Resume: one more epoch continues from the final checkpoint, not from scratch.
     resumed = train(dataset, "2d_diffusion", 0, trainer_name, TrainingOptions(
-        epochs=3, iterations_per_epoch=2, val_iterations_per_epoch=1, sampling_steps=2, validation_samples=1),
+        epochs=3, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2, validation_samples=1),
         continue_training=True)
     checkpoint = torch.load(resumed / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["current_epoch"] == 3

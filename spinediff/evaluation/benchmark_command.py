@@ -11,8 +11,8 @@ from spinediff.training.api import TrainingOptions
 def run(args: argparse.Namespace) -> int:
     folds = [f if f == "all" else int(f) for f in args.folds]
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                              val_iterations_per_epoch=args.val_iters_per_epoch, sampling_steps=args.steps,
-                              validation_samples=args.val_samples)
+                              val_iterations_per_epoch=args.val_iters_per_epoch,
+                              num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="training iterations per epoch (default: the plans' schedule, else 50)")
     parser.add_argument("--val-iters-per-epoch", type=int, default=None,
                         help="validation batches per epoch (default: the plans' schedule, else 2)")
-    parser.add_argument("--steps", type=int, help="DDIM steps at validation (default: the plans')")
+    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+                        help="DDIM steps at validation (default: the plans' num_inference_steps)")
     parser.add_argument("--val-samples", type=int,
                         help="diffusion: samples averaged per validation case (default: the plans' num_samples, as "
                              "`spinediff predict` does; 1 scores a single sample, K times faster)")

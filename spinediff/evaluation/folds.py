@@ -50,7 +50,7 @@ def _network_evaluations(trainer) -> int:
         return 2 ** len(axes)
     if not trainer.denoising:
         return 1
-    return int(trainer.final_validation_steps) * max(1, int(getattr(trainer, "final_validation_samples", 1)))
+    return int(trainer.num_inference_steps) * max(1, int(getattr(trainer, "final_validation_samples", 1)))
 
 
 def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:

@@ -42,8 +42,8 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
     if options.num_samples is not None and options.num_samples < 1:
         raise SpineDiffError(f"--samples must be at least 1, got {options.num_samples}.")
     total = predictor.settings.num_train_timesteps
-    if options.steps is not None and not 1 <= options.steps <= total:
-        raise SpineDiffError(f"--steps must be in [1, {total}], got {options.steps}.")
+    if options.num_inference_steps is not None and not 1 <= options.num_inference_steps <= total:
+        raise SpineDiffError(f"--steps must be in [1, {total}], got {options.num_inference_steps}.")
     if options.eta is not None and not 0 <= options.eta <= 1:
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
 
@@ -61,7 +61,8 @@ def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
             configuration: str, trainer: str, folds: Sequence[int | str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "cpu",
-            num_samples: int | None = None, steps: int | None = None, eta: float | None = None, seed: int = 0,
+            num_samples: int | None = None, num_inference_steps: int | None = None, eta: float | None = None,
+            seed: int = 0,
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True) -> PredictionReport:
@@ -75,7 +76,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         folds: the folds to ensemble (their x0 estimates / class probabilities are averaged); None: every
             fold of the results folder that has the checkpoint (e.g. just fold 0 after a single-fold training).
         checkpoint: ``final`` or ``best``.
-        num_samples, steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
+        num_samples, num_inference_steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
         seed: the base seed; the same seed gives the same output.
         tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
         save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
@@ -101,7 +102,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         from spinediff.inference.postprocessing import Postprocessing
 
         predictor.postprocessing = Postprocessing.load(folder.path)
-    options = PredictionOptions(num_samples, steps, eta, seed, tta, save_uncertainty, save_probabilities)
+    options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
@@ -120,7 +121,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "configuration": folder.configuration, "plans": folder.plans_identifier,
                 "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": device,
                 "num_samples": num_samples or predictor.settings.num_samples,
-                "steps": steps or predictor.settings.num_inference_steps,
+                "steps": num_inference_steps or predictor.settings.num_inference_steps,
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),

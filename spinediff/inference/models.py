@@ -162,7 +162,7 @@ class FoldModel:
                    tuple(int(a) for a in axes))
 
     @torch.no_grad()
-    def predict(self, condition: torch.Tensor, seed: int, num_samples: int, steps: int, eta: float,
+    def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
                 tta: bool, on_slice=None) -> torch.Tensor:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
         mirror_axes = self.mirror_axes if tta else ()
@@ -171,7 +171,8 @@ class FoldModel:
         device = next(self.network.parameters()).device
         # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
         # 3D volumes: one member at a time, so memory does not grow with K.
-        sampler = SlidingWindowSampler(self.network, self.process, self.patch_size, num_inference_steps=steps, eta=eta,
+        sampler = SlidingWindowSampler(self.network, self.process, self.patch_size,
+                                       num_inference_steps=num_inference_steps, eta=eta,
                                        window_batch_size=self.window_batch_size, mirror_axes=mirror_axes,
                                        sample_batch_size=num_samples if len(self.patch_size) == 2 else 1,
                                        device=device)

@@ -9,8 +9,8 @@ from spinediff.inference.api import RUN_SUMMARY, predict
 
 def run_predict(args: argparse.Namespace) -> int:
     report = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.folds, args.plans,
-                     args.checkpoint, args.device, args.samples, args.steps, args.eta, args.seed, args.tta,
-                     args.save_uncertainty, args.save_probabilities, args.overwrite, args.results,
+                     args.checkpoint, args.device, args.samples, args.num_inference_steps, args.eta, args.seed,
+                     args.tta, args.save_uncertainty, args.save_probabilities, args.overwrite, args.results,
                      postprocessing=not args.no_postprocessing)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="folds to ensemble (or 'all'); default: every fold of the model that has the checkpoint")
     parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="which checkpoint to load")
     parser.add_argument("--samples", type=int, help="samples per fold K (default: the plans' num_samples)")
-    parser.add_argument("--steps", type=int, help="DDIM steps (default: the plans' num_inference_steps)")
+    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+                        help="DDIM steps (default: the plans' num_inference_steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: the plans', usually 0)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()

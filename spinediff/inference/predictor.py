@@ -52,7 +52,7 @@ class PredictionOptions:
     """
 
     num_samples: int | None = None
-    steps: int | None = None
+    num_inference_steps: int | None = None
     eta: float | None = None
     seed: int = 0
     tta: bool | None = None
@@ -163,17 +163,18 @@ class SpineDiffPredictor:
         Segmentation members are class probabilities; image members are in the output units (HU). ``progress``:
         a bar over folds x slices (2D) or folds (3D) with its ETA, for cases that take minutes.
         """
-        steps = options.steps or self.settings.num_inference_steps
+        num_inference_steps = options.num_inference_steps or self.settings.num_inference_steps
         num_samples = options.num_samples or self.settings.num_samples
         eta = self.settings.eta if options.eta is None else options.eta
         tta = self.device.type != "cpu" if options.tta is None else options.tta
         statistics = SegmentationEnsemble() if self.task.task == "segmentation" else EnsembleStatistics()
         slices = condition.shape[1] if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4 else 1
-        bar = tqdm(total=len(self.models) * slices, desc=f"  {label} {num_samples} sample(s) x {steps} steps",
+        bar = tqdm(total=len(self.models) * slices,
+                   desc=f"  {label} {num_samples} sample(s) x {num_inference_steps} steps",
                    unit="slice" if slices > 1 else "fold", leave=False, disable=not progress)
         for model in self.models:
-            x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, steps, eta, tta,
-                               on_slice=lambda: bar.update(1))
+            x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, num_inference_steps, eta,
+                               tta, on_slice=lambda: bar.update(1))
             for member in x0:
                 if isinstance(statistics, SegmentationEnsemble):
                     statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))

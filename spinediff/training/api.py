@@ -27,7 +27,7 @@ class TrainingOptions:
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
     learning_rate: float | None = None
-    sampling_steps: int | None = None  # DDIM steps of the final validation
+    num_inference_steps: int | None = None  # DDIM steps of the final validation
     validation_samples: int | None = None  # samples averaged per case in the final validation (None: the plans')
     mask_ablation_probability: float | None = None
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
@@ -173,8 +173,8 @@ def apply_options(trainer, options: TrainingOptions) -> None:
         trainer.num_val_iterations_per_epoch = int(options.val_iterations_per_epoch)
     if options.learning_rate is not None:
         trainer.initial_lr = float(options.learning_rate)
-    if options.sampling_steps is not None and hasattr(trainer, "final_validation_steps"):
-        trainer.final_validation_steps = int(options.sampling_steps)
+    if options.num_inference_steps is not None and hasattr(trainer, "num_inference_steps"):
+        trainer.num_inference_steps = int(options.num_inference_steps)
     if options.validation_samples is not None and hasattr(trainer, "final_validation_samples"):
         if int(options.validation_samples) < 1:
             raise SpineDiffError(f"--val-samples must be at least 1, got {options.validation_samples}.")

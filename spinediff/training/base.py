@@ -91,8 +91,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.grad_clip = 1.0
         self.save_every = 1  # a checkpoint per epoch, so an interrupted run resumes where it stopped
         self.num_val_iterations_per_epoch = 4  # sampling-based validation costs steps × network calls
-        self.validation_sampling_steps = min(5, self.settings.num_inference_steps)
-        self.final_validation_steps = self.settings.num_inference_steps
+        self.epoch_validation_num_inference_steps = min(5, self.settings.num_inference_steps)
+        self.num_inference_steps = self.settings.num_inference_steps
         #: samples averaged per case in the final validation: the plans' num_samples, as `spinediff predict` averages
         #: them, so that the cross-validation scores the prediction users get (TrainingOptions.validation_samples)
         self.final_validation_samples = self.settings.num_samples
@@ -203,26 +203,26 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     # ------------------------------------------------------------------ prediction
-    def make_sampler(self, steps: int | None = None, **options) -> SlidingWindowSampler:
+    def make_sampler(self, num_inference_steps: int | None = None, **options) -> SlidingWindowSampler:
         options.setdefault("window_batch_size", max(1, self.configuration_manager.batch_size))
         return SlidingWindowSampler(self.inference_network, self.process, self.configuration_manager.patch_size,
-                                    num_inference_steps=steps or self.settings.num_inference_steps,
+                                    num_inference_steps=num_inference_steps or self.settings.num_inference_steps,
                                     eta=self.settings.eta, device=self.device, **options)
 
     @torch.no_grad()
-    def predict_patches(self, condition: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+    def predict_patches(self, condition: torch.Tensor, num_inference_steps: int, seed: int = 0) -> torch.Tensor:
         """x0 estimates for a batch of patch-sized conditions ``(B, C, *patch)``."""
-        sampler = self.make_sampler(steps)
+        sampler = self.make_sampler(num_inference_steps)
         return torch.cat([sampler.sample(c, 1, generator=seed + i) for i, c in enumerate(condition)]).to(self.device)
 
     @torch.no_grad()
-    def predict_volume(self, condition: torch.Tensor, seed: int = 0, steps: int | None = None,
+    def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
                        num_samples: int = 1) -> torch.Tensor:
         """``(K, C, *spatial)`` x0 samples for one preprocessed volume ``(C, *spatial)``.
 
         A 2D configuration samples every slice of the first axis on its own (seeded per slice).
         """
-        sampler = self.make_sampler(steps)
+        sampler = self.make_sampler(num_inference_steps)
         if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4:
             slices = [sampler.sample(condition[:, z], num_samples, generator=seed + z)
                       for z in range(condition.shape[1])]
@@ -233,7 +233,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         condition, target = self.split_batch(batch)
         loss = self.compute_loss(self.inference_network, condition, target)
-        estimate = self.predict_patches(condition, self.validation_sampling_steps, seed=self.current_epoch)
+        estimate = self.predict_patches(condition, self.epoch_validation_num_inference_steps, seed=self.current_epoch)
         if self.task.task == "segmentation":
             return {"loss": loss.detach().cpu().numpy(), **batch_segmentation_counts(estimate, target)}
         return {"loss": loss.detach().cpu().numpy(), **batch_image_scores(estimate, target)}
@@ -260,8 +260,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def on_epoch_end(self) -> None:
         if self.task.task != "segmentation":
             psnr = self.logger.get_value("val_psnr", step=-1)
-            self.print_to_log_file(f"Validation PSNR (network range, {self.validation_sampling_steps} steps): "
-                                   f"{psnr:.2f} dB")
+            steps = self.epoch_validation_num_inference_steps
+            self.print_to_log_file(f"Validation PSNR (network range, {steps} steps): {psnr:.2f} dB")
         super().on_epoch_end()
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:

@@ -28,12 +28,12 @@ class RegressionTrainer(SpineDiffTrainer):
         return torch.nn.functional.l1_loss(self.direct(network, condition), target)
 
     @torch.no_grad()
-    def predict_patches(self, condition, steps, seed=0):
+    def predict_patches(self, condition, num_inference_steps, seed=0):
         self.inference_network.eval()
         return self.direct(self.inference_network, condition).clamp(-1, 1)
 
     @torch.no_grad()
-    def predict_volume(self, condition, seed=0, steps=None, num_samples=1):
+    def predict_volume(self, condition, seed=0, num_inference_steps=None, num_samples=1):
         """Sliding-window prediction (monai, Gaussian blending, 50% overlap) of one volume ``(C, *spatial)``."""
         network = self.inference_network.eval()
         patch = list(self.configuration_manager.patch_size)

@@ -35,7 +35,8 @@ def run_train(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
-                              sampling_steps=args.steps, mask_ablation_probability=args.mask_ablation,
+                              num_inference_steps=args.num_inference_steps,
+                              mask_ablation_probability=args.mask_ablation,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
                               save_probabilities=args.npz, validation_samples=args.val_samples)
     if args.budget is not None:
@@ -83,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
     parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
     parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
-    parser.add_argument("--steps", type=int, help="DDIM steps for the final validation (default: the plans')")
+    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+                        help="DDIM steps for the final validation (default: the plans' num_inference_steps)")
     parser.add_argument("--val-samples", type=int,
                         help="diffusion: samples averaged per case in the final validation (default: the plans' "
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")

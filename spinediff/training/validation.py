@@ -72,14 +72,14 @@ class ValidationExporter:
             condition = tr.task.condition(data[None], seg[None])[0]
             start = time.perf_counter()
             samples = max(1, int(getattr(tr, "final_validation_samples", 1))) if tr.denoising else 1
-            x0 = tr.predict_volume(condition.to(tr.device), seed=0, steps=tr.final_validation_steps,
+            x0 = tr.predict_volume(condition.to(tr.device), seed=0, num_inference_steps=tr.num_inference_steps,
                                    num_samples=samples)
             x0 = x0[0] if samples == 1 else self._ensemble(x0)
             timings.append(time.perf_counter() - start)
             self._export(x0, key, properties, out_dir, ending, save_probabilities)
         metrics = self._score(out_dir, val_keys, ending)
         metrics["seconds_per_case"] = float(np.mean(timings)) if timings else float("nan")
-        metrics["sampling_steps"] = tr.final_validation_steps if tr.denoising else 1
+        metrics["num_inference_steps"] = tr.num_inference_steps if tr.denoising else 1
         metrics["samples"] = max(1, int(getattr(tr, "final_validation_samples", 1))) if tr.denoising else 1
         write_json(metrics, join(tr.output_folder, "validation_metrics.json"))
         tr.print_to_log_file(f"Final validation: {self._headline(metrics)}")
