@@ -8,7 +8,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from spinediff.evaluation.figures import checkpoint_logging, qualitative_panel, training_curves
+from spinediff.evaluation.figures import checkpoint_logging, optional_image, qualitative_panel, training_curves
 from spinediff.evaluation.report import Section, Table, fmt
 from spinediff.paths import model_folder_name
 
@@ -20,10 +20,6 @@ SEG_NNUNET = model_folder_name("nnUNetTrainer", "2d_cpu")
 SEG_DIFFUSION = model_folder_name("DiffusionSegmentationTrainer", "2d_diffusion")
 TRANS_DIFFUSION = model_folder_name("DiffusionTranslationTrainer", "2d_diffusion")
 TRANS_REGRESSION = model_folder_name("RegressionTrainer", "2d_diffusion")
-
-
-def _read(path: Path) -> sitk.Image | None:
-    return sitk.ReadImage(str(path)) if path.is_file() else None
 
 
 def _benchmark_table(benchmark: dict, metrics: list[str]) -> Table:
@@ -85,13 +81,14 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
         predictions.get("segmentation"), dict) else None
     for case in list(next(iter(seg["per_case"].values())).keys())[:3]:
         row = {"_name": case,
-               "image": _read(raw / seg_name / "imagesTr" / f"{case}_0001.nii.gz"),
-               "truth": _read(raw / seg_name / "labelsTr" / f"{case}.nii.gz"),
-               "nnunet": _read(results / seg_name / SEG_NNUNET / "fold_0" / "validation"
+               "image": optional_image(raw / seg_name / "imagesTr" / f"{case}_0001.nii.gz"),
+               "truth": optional_image(raw / seg_name / "labelsTr" / f"{case}.nii.gz"),
+               "nnunet": optional_image(results / seg_name / SEG_NNUNET / "fold_0" / "validation"
                                / f"{case}.nii.gz"),
-               "diffusion": _read(results / seg_name / SEG_DIFFUSION
+               "diffusion": optional_image(results / seg_name / SEG_DIFFUSION
                                   / "fold_0" / "validation" / f"{case}.nii.gz"),
-               "uncertainty": _read(prediction_folder / f"{case}_uncertainty.nii.gz") if prediction_folder else None}
+               "uncertainty": optional_image(prediction_folder / f"{case}_uncertainty.nii.gz")
+               if prediction_folder else None}
         panel_rows.append(row)
     qualitative_panel(panel_rows, [("T2w", "image", {"cmap": "gray"}),
                                    ("ground truth", "truth", {"overlay_on": "image"}),
@@ -128,16 +125,17 @@ def build_sections(out, folders, datasets, registered, benchmarks, registration_
     for case in list(next(iter(trans["per_case"].values())).keys())[:3]:
         diffusion_path = (results / trans_name / TRANS_DIFFUSION / "fold_0"
                           / "validation" / f"{case}.nii.gz")
-        real, synthetic = _read(raw / trans_name / "imagesTr" / f"{case}_0002.nii.gz"), _read(diffusion_path)
+        real = optional_image(raw / trans_name / "imagesTr" / f"{case}_0002.nii.gz")
+        synthetic = optional_image(diffusion_path)
         error = None
         if real is not None and synthetic is not None:
             error = sitk.Abs(sitk.Cast(synthetic, sitk.sitkFloat32) - sitk.Cast(real, sitk.sitkFloat32))
         panel_rows.append({
-            "_name": case, "mr": _read(raw / trans_name / "imagesTr" / f"{case}_0000.nii.gz"), "real": real,
+            "_name": case, "mr": optional_image(raw / trans_name / "imagesTr" / f"{case}_0000.nii.gz"), "real": real,
             "synthetic": synthetic, "error": error,
-            "regression": _read(results / trans_name / TRANS_REGRESSION / "fold_0"
+            "regression": optional_image(results / trans_name / TRANS_REGRESSION / "fold_0"
                                 / "validation" / f"{case}.nii.gz"),
-            "std": _read(translation_folder / f"{case}_uncertainty.nii.gz") if translation_folder else None})
+            "std": optional_image(translation_folder / f"{case}_uncertainty.nii.gz") if translation_folder else None})
     ct_window = {"cmap": "gray", "vmin": -250, "vmax": 1250}
     qualitative_panel(panel_rows, [("MR T1w", "mr", {"cmap": "gray"}), ("real CT", "real", ct_window),
                                    ("synthetic CT (diffusion)", "synthetic", ct_window),

@@ -436,3 +436,9 @@ def test_register_bad_inputs(world, capsys, damage):
     reason = {"missing_ct": "does not exist", "truncated_ct": "truncated", "ct_not_an_image": "could not be read",
               "mr_vertebrae_4d": "3D", "ct_nan": "NaN"}[damage]
     assert reason in outcome.message
+
+
+def test_train_with_no_validation_samples_writes_nothing(world, capsys):
+    outcome = run_cli(["train", "-d", "996", "-c", "2d_diffusion", "-f", "0", "-tr", "DiffusionSegmentationTrainer",
+                       "--val-samples", "0"], world, capsys)
+    assert "--val-samples" in outcome.message

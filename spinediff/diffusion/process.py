@@ -240,21 +240,17 @@ class DiffusionProcess:
         """
         if self.loss_name != "dice_ce" or self.prediction_type != "sample":
             raise SpineDiffError("deep supervision needs the dice_ce loss on x0 predictions (prediction_type sample)")
+        from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
         weights = [0.5**k for k in range(len(outputs))]
         if len(weights) > 1:
             weights[-1] = 0.0
-        total = sum(weights)
-        loss = outputs[0].new_zeros(())
-        for weight, output in zip(weights, outputs, strict=True):
-            if weight == 0.0:
-                continue
-            target = batch.target
-            if output.shape[2:] != target.shape[2:]:
-                probabilities = torch.nn.functional.adaptive_avg_pool2d if target.ndim == 4 else (
-                    torch.nn.functional.adaptive_avg_pool3d)
-                target = probabilities((target + 1) / 2, output.shape[2:]) * 2 - 1
-            loss = loss + (weight / total) * self.dice_ce_loss(output, target)
-        return loss
+        weights = [w / sum(weights) for w in weights]
+        pool = torch.nn.functional.adaptive_avg_pool2d if batch.target.ndim == 4 else (
+            torch.nn.functional.adaptive_avg_pool3d)
+        targets = [batch.target if output.shape[2:] == batch.target.shape[2:]
+                   else pool((batch.target + 1) / 2, output.shape[2:]) * 2 - 1 for output in outputs]
+        return DeepSupervisionWrapper(self.dice_ce_loss, weights)(outputs, targets)
 
     def dice_ce_loss(self, predicted_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
         """Soft Dice + cross-entropy of ``predicted_x0 / temperature`` as logits vs the one-hot target.

@@ -23,7 +23,7 @@ from scipy import stats
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
-from spinediff.evaluation.folds import Method, MethodResult, collect_result, train_folds
+from spinediff.evaluation.folds import Method, MethodResult, collect_result, schedule_cell, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 
 
@@ -175,11 +175,7 @@ def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict],
         lines += ["", "Schedule per fold (steps trained / final learning rate):", "",
                   "| method | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
         for r in results:
-            cells = []
-            for f in folds:
-                entry = r.per_fold.get(f) or {}
-                steps, lr = entry.get("steps"), entry.get("final_learning_rate")
-                cells.append("-" if steps is None else f"{steps} / {lr:.2g}" if lr is not None else f"{steps} / ?")
+            cells = [schedule_cell(r.per_fold.get(f)) for f in folds]
             lines.append(f"| {r.method.name} | " + " | ".join(cells) + " |")
     levels = sorted((n for n in names if n.startswith("dice_pp_")), key=lambda n: int(n.rsplit("_", 1)[1]))
     if levels:

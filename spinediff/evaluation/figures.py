@@ -48,6 +48,17 @@ def metric_boxplot(values: dict[str, Sequence[float]], metric: str, target: str 
     plt.close(fig)
 
 
+def optional_image(path: str | os.PathLike | None) -> sitk.Image | None:
+    """The image at ``path`` for a figure, or None if there is none (missing or unreadable: the panel leaves the
+    cell grey)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        return None
+
+
 def checkpoint_logging(checkpoint: str | os.PathLike) -> dict:
     """The training log (nnU-Net's ``logging`` entry) of a checkpoint, loaded without executing code (nnU-Net's
     own checkpoints hold numpy scalars, which are allow-listed explicitly)."""

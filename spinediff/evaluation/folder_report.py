@@ -20,9 +20,17 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.figures import checkpoint_logging, metric_boxplot, qualitative_panel, training_curves
+from spinediff.evaluation.figures import (
+    checkpoint_logging,
+    metric_boxplot,
+    optional_image,
+    qualitative_panel,
+    training_curves,
+)
+from spinediff.evaluation.folds import schedule_cell
 from spinediff.evaluation.report import Section, Table, fmt, write_report
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name
@@ -127,12 +135,7 @@ def benchmark_sections(folder: Path, figures: Path, results=None, raw=None) -> t
     if per_fold:
         rows = []
         for method, entries in per_fold.items():
-            cells = []
-            for fold in folds:
-                entry = entries.get(fold) or {}
-                cells.append(f"{entry['steps']} / {entry['final_learning_rate']:.2g}"
-                             if "steps" in entry and entry.get("final_learning_rate") is not None else "–")
-            rows.append([method, *cells])
+            rows.append([method, *[schedule_cell(entries.get(fold)) for fold in folds]])
         sections.append(Section("Training schedule", [
             "Steps trained and the learning rate of the last epoch, per fold: a schedule that ended within the "
             "budget has annealed its learning rate to near zero."],
@@ -187,20 +190,12 @@ def _ranked_cases(per_case: dict, task: str) -> list[str]:
     return [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
 
 
-def _read(path: Path | None) -> sitk.Image | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError:
-        return None
-
-
 def _entropy_map(probabilities_file: Path, like: sitk.Image | None) -> sitk.Image | None:
     """Voxel-wise entropy (nats) of a saved ``CASE.npz``'s class probabilities on ``like``'s grid."""
     if like is None or not probabilities_file.is_file():
         return None
     from spinediff.inference.postprocessing import load_probabilities
+    from spinediff.inference.uncertainty import class_entropy
 
     try:
         probabilities = load_probabilities(probabilities_file).astype(np.float32)
@@ -208,7 +203,7 @@ def _entropy_map(probabilities_file: Path, like: sitk.Image | None) -> sitk.Imag
         return None
     if probabilities.shape[1:] != sitk.GetArrayFromImage(like).shape:
         return None
-    entropy = -(probabilities * np.log(np.clip(probabilities, 1e-8, 1.0))).sum(0)
+    entropy = class_entropy(torch.from_numpy(probabilities), channel_axis=0).numpy()
     image = sitk.GetImageFromArray(entropy.astype(np.float32))
     image.CopyInformation(like)
     return image
@@ -238,11 +233,12 @@ def _benchmark_panel(bench: dict, model_folders: dict, results_root: Path, raw_r
     rows = []
     for label, case in zip(("worst", "median", "best"), cases, strict=False):
         row: dict = {"_name": f"{case} ({label})",
-                     "image": _read(raw_dataset / "imagesTr" / f"{case}_0000{ending}") if raw_dataset else None,
-                     "reference": _read(references / f"{case}{ending}") if references else None}
+                     "image": optional_image(raw_dataset / "imagesTr" / f"{case}_0000{ending}")
+                     if raw_dataset else None,
+                     "reference": optional_image(references / f"{case}{ending}") if references else None}
         for i, model in enumerate(model_folders.values()):
             prediction = _find_validation(results_root, name, model, case, ending)
-            row[f"m{i}"] = _read(prediction)
+            row[f"m{i}"] = optional_image(prediction)
             if segmentation and prediction is not None:
                 row[f"u{i}"] = _entropy_map(prediction.with_name(f"{case}.npz"), row[f"m{i}"])
         rows.append(row)
@@ -340,10 +336,10 @@ def _evaluation_panel(ranked: list[str], predictions: Path, references: Path, ta
     rows = []
     for label, case in zip(("worst", "median", "best"), ranked, strict=False):
         ending = next((p.name[len(case):] for p in references.glob(f"{case}.*")), ".nii.gz")
-        rows.append({"_name": f"{case} ({label})", "image": _read(images / f"{case}_0000{ending}"),
-                     "reference": _read(references / f"{case}{ending}"),
-                     "prediction": _read(predictions / f"{case}{ending}"),
-                     "uncertainty": _read(predictions / f"{case}_uncertainty{ending}")})
+        rows.append({"_name": f"{case} ({label})", "image": optional_image(images / f"{case}_0000{ending}"),
+                     "reference": optional_image(references / f"{case}{ending}"),
+                     "prediction": optional_image(predictions / f"{case}{ending}"),
+                     "uncertainty": optional_image(predictions / f"{case}_uncertainty{ending}")})
     if all(row["prediction"] is None for row in rows):
         return None
     if task == "segmentation":

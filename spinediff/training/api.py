@@ -35,6 +35,11 @@ class TrainingOptions:
     save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
     console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
 
+    def __post_init__(self) -> None:
+        # checked when the options are made, before a trainer creates its fold folder
+        if self.validation_samples is not None and int(self.validation_samples) < 1:
+            raise SpineDiffError(f"--val-samples must be at least 1, got {self.validation_samples}.")
+
 
 def setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
     preprocessed = nnunet_folder("preprocessed", preprocessed_folder)
@@ -176,8 +181,6 @@ def apply_options(trainer, options: TrainingOptions) -> None:
     if options.num_inference_steps is not None and hasattr(trainer, "num_inference_steps"):
         trainer.num_inference_steps = int(options.num_inference_steps)
     if options.validation_samples is not None and hasattr(trainer, "final_validation_samples"):
-        if int(options.validation_samples) < 1:
-            raise SpineDiffError(f"--val-samples must be at least 1, got {options.validation_samples}.")
         trainer.final_validation_samples = int(options.validation_samples)
     if options.mask_ablation_probability is not None and hasattr(trainer, "mask_ablation_probability"):
         trainer.mask_ablation_probability = float(options.mask_ablation_probability)
