@@ -28,6 +28,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
 from spinediff.paths import model_folder_name
+from spinediff.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -351,24 +352,24 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
     from spinediff.evaluation.benchmark import reference_folder
     from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders
 
-    scores: dict[str, dict] = {"segmentation": {}, "translation": {}}
+    segmentation, translation = get_task("segmentation"), get_task("translation")
+    scores: dict[str, dict] = {segmentation.name: {}, translation.name: {}}
     for task, method, reference in (
-            ("segmentation", "Diffusion segmentation 2D",
+            (segmentation, "Diffusion segmentation 2D",
              folders["raw"] / "Dataset901_SpinePhantomSeg" / "labelsTr"),
-            ("translation", "Diffusion image mode (x0) 2D",
-             reference_folder(registered, "translation", 2, folders["results"].parent / "ensemble_scores"))):
-        entry = predictions.get(task)
+            (translation, "Diffusion image mode (x0) 2D",
+             reference_folder(registered, translation, 2, folders["results"].parent / "ensemble_scores"))):
+        entry = predictions.get(task.name)
         if not isinstance(entry, dict):
             continue
         folder = Path(entry["folder"])
         samples = int(read_json(folder / "prediction.json").get("num_samples", 0)) or None
-        rows = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
-                                data_range=clip, progress=False).rows
-        if task == "segmentation":
-            scores[task][ensemble_name(method, samples)] = {
+        rows = evaluate_folders(reference, folder, task=task.evaluation_kind, data_range=clip, progress=False).rows
+        if task.writes_labels:
+            scores[task.name][ensemble_name(method, samples)] = {
                 "dice": float(np.nanmean([c["dice"] for c in dice_per_case(rows).values()]))}
         else:
-            scores[task][ensemble_name(method, samples)] = {
+            scores[task.name][ensemble_name(method, samples)] = {
                 m: float(np.mean([r[m] for r in rows])) for m in ("psnr", "mae_body", "ssim", "mae_bone")}
     return {"ensembles": scores}
 

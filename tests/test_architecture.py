@@ -14,7 +14,7 @@ ROOT = Path(spinediff.__file__).parent
 #: Packages (and top-level modules) from the bottom of the pipeline to the top; an import may point to the same
 #: layer or below. documentation/architecture.md explains the layers.
 LAYERS = [
-    {"spinediff", "errors", "paths", "io", "utilities", "metrics"},
+    {"spinediff", "errors", "paths", "io", "tasks", "utilities", "metrics"},
     {"datasets"},
     {"registration", "networks", "diffusion"},
     {"planning"},
@@ -94,6 +94,42 @@ def test_no_private_name_crosses_a_package_and_no_relative_imports():
     assert not crossing and not relative, "\n".join(crossing + relative)
 
 
+TASK_NAMES = {"segmentation", "translation", "generation"}
+
+
+def task_name_comparisons() -> list[str]:
+    """``x == "segmentation"``, ``x in ("translation", ...)`` and ``{"segmentation": ...}[x]`` outside tasks.py."""
+    def names(node: ast.AST) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return {e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+        if isinstance(node, ast.Dict):
+            return {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+        return set()
+
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "tasks.py" and path.parent == ROOT:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare):
+                compared = set().union(*(names(n) for n in (node.left, *node.comparators)))
+            elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict):
+                compared = names(node.value)
+            else:
+                continue
+            if compared & TASK_NAMES:
+                found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    return found
+
+
+def test_tasks_are_classes_not_compared_names():
+    """What differs between tasks is asked of the task object (spinediff/tasks.py), never by comparing names."""
+    found = task_name_comparisons()
+    assert not found, "task-name comparisons outside spinediff/tasks.py:\n" + "\n".join(found)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     """A planted upward import, cycle and private import are found (the checks can fail)."""
     fake = tmp_path / "spinediff"
@@ -102,12 +138,15 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
         (fake / package / "__init__.py").write_text("")
     (fake / "__init__.py").write_text("")
     (fake / "datasets" / "a.py").write_text("from spinediff.training.b import _hidden\n")
-    (fake / "training" / "b.py").write_text("def f():\n    from spinediff.datasets import a\n")
+    (fake / "training" / "b.py").write_text("def f(task):\n    from spinediff.datasets import a\n"
+                                            "    return task == 'segmentation'\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     graph = imports()
     assert ("spinediff.training.b", "_hidden") in graph["spinediff.datasets.a"]
+    assert task_name_comparisons() == ["spinediff/training/b.py:3"]
     for check in (test_imports_point_down_the_pipeline, test_no_module_imports_itself_back,
-                  test_no_private_name_crosses_a_package_and_no_relative_imports):
+                  test_no_private_name_crosses_a_package_and_no_relative_imports,
+                  test_tasks_are_classes_not_compared_names):
         try:
             check()
         except AssertionError:

@@ -241,6 +241,20 @@ def test_preprocessing_keeps_target_in_hu_and_mapping_inverts(planned):
     assert np.abs(mapping.from_network(network) - inside).max() < 1.0
 
 
+def test_target_statistics_are_the_same_for_the_same_seed(planned):
+    """The foreground sample reads the label map itself, never a view into an image already freed (that gave
+    different statistics, hence different plans and models, on every run)."""
+    from spinediff.planning.target_intensity import collect_target_statistics
+    from spinediff.tasks import task_spec
+
+    raw = planned["raw"] / "Dataset993_Trans"
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    runs = [collect_target_statistics(raw, dataset_json, task_spec(dataset_json), samples_per_case=5000,
+                                      show_progress_bar=False) for _ in range(3)]
+    assert runs[0]["2"]["foreground"] == runs[1]["2"]["foreground"] == runs[2]["2"]["foreground"]
+    assert runs[0]["2"]["foreground"]["mean"] > runs[0]["2"]["whole_image"]["mean"]  # bone and tissue vs air
+
+
 # ----------------------------------------------------------------------------- target mapping
 CT_STATISTICS = {"name": "CT", "units": "HU", "min": -3024.0, "max": 3071.0,
                  "whole_image": {"percentiles": {"0.5": -1010.0, "99.5": 1400.0}},

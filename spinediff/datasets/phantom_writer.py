@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -18,86 +20,93 @@ from spinediff.errors import SpineDiffError
 from spinediff.io import write_json
 from spinediff.paths import dataset_name_from_id
 
-TASK_NAMES = {
-    "segmentation": "SpinePhantomSeg",
-    "translation": "SpinePhantomTranslation",
-    "generation": "SpinePhantomGeneration",
-}
-TASK_OFFSETS = {"segmentation": 0, "translation": 1, "generation": 2}
-
-
-def dataset_folder_name(task: str, dataset_id_base: int) -> str:
-    return dataset_name_from_id(dataset_id_base + TASK_OFFSETS[task], TASK_NAMES[task])
-
-
-def _dataset_json(task: str, num_cases: int, settings: PhantomSettings, seed: int) -> dict:
-    labels = dict(SEMANTIC_LABELS)
-    common = {
-        "labels": labels,
-        "numTraining": num_cases,
-        "file_ending": ".nii.gz",
-        "name": TASK_NAMES[task],
-        "description": (f"spinediff synthetic spine phantom (seed {seed}): {task}. MR {settings.mr_shape} @ "
-                        f"{settings.mr_spacing} mm sagittal, CT @ {settings.ct_spacing} mm axial."),
-        "licence": "CC0 (synthetic)",
-    }
-    if task == "segmentation":
-        return {"channel_names": {"0": "T1w", "1": "T2w"}, **common}
-    if task == "translation":
-        return {"channel_names": {"0": "T1w", "1": "T2w", "2": "CT"}, **common,
-                "spinediff": {"task": "translation", "source_channels": [0, 1], "target_channels": [2]}}
-    if task == "generation":
-        return {"channel_names": {"0": "CT"}, **common,
-                "spinediff": {"task": "generation", "source_channels": [], "target_channels": [0]}}
-    raise ValueError(task)
-
 
 def _write(image: sitk.Image, path: Path) -> None:
     sitk.WriteImage(image, str(path), True)
 
 
-def _write_case(case: PhantomCase, task: str, folder: Path) -> None:
-    images, labels = folder / "imagesTr", folder / "labelsTr"
+def _write_mr(case: PhantomCase, folder: Path) -> None:
+    _write(case.t1, folder / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+    _write(case.t2, folder / "imagesTr" / f"{case.case_id}_0001.nii.gz")
+    _write(case.mr_labels, folder / "labelsTr" / f"{case.case_id}.nii.gz")
+
+
+def _write_translation(case: PhantomCase, folder: Path) -> None:
+    """MR channels and the registered CT, plus the unaligned pair with landmarks and the true transform."""
+    _write_mr(case, folder)
     cid = case.case_id
-    if task == "segmentation":
-        _write(case.t1, images / f"{cid}_0000.nii.gz")
-        _write(case.t2, images / f"{cid}_0001.nii.gz")
-        _write(case.mr_labels, labels / f"{cid}.nii.gz")
-    elif task == "translation":
-        _write(case.t1, images / f"{cid}_0000.nii.gz")
-        _write(case.t2, images / f"{cid}_0001.nii.gz")
-        _write(case.ct_on_mr, images / f"{cid}_0002.nii.gz")
-        _write(case.mr_labels, labels / f"{cid}.nii.gz")
-        un = folder / "unaligned"
-        _write(case.t1, un / f"{cid}_mr_T1w.nii.gz")
-        _write(case.t2, un / f"{cid}_mr_T2w.nii.gz")
-        _write(case.mr_instances, un / f"{cid}_mr_vertebrae.nii.gz")
-        _write(case.mr_labels, un / f"{cid}_mr_labels.nii.gz")
-        _write(case.ct, un / f"{cid}_ct.nii.gz")
-        _write(case.ct_instances, un / f"{cid}_ct_vertebrae.nii.gz")
-        _write(case.ct_labels, un / f"{cid}_ct_labels.nii.gz")
-        write_json(landmarks_to_json(case.mr_landmarks), un / f"{cid}_mr_landmarks.json")
-        write_json(landmarks_to_json(case.ct_landmarks), un / f"{cid}_ct_landmarks.json")
-        sitk.WriteTransform(case.true_transform, str(un / f"{cid}_true_transform.tfm"))
-        matrix = np.eye(4)
-        matrix[:3, :3] = np.asarray(case.true_transform.GetMatrix()).reshape(3, 3)
-        centre = np.asarray(case.true_transform.GetCenter())
-        matrix[:3, 3] = np.asarray(case.true_transform.GetTranslation()) + centre - matrix[:3, :3] @ centre
-        write_json({
-            "convention": "maps MR (fixed) physical points to CT (moving) physical points, LPS mm",
-            "rotation_axis": case.rotation_axis, "rotation_deg": case.rotation_deg,
-            "translation_mm": case.translation_mm, "centre_mm": centre, "matrix_4x4": matrix,
-        }, un / f"{cid}_true_transform.json")
-    elif task == "generation":
-        _write(case.ct, images / f"{cid}_0000.nii.gz")
-        _write(case.ct_labels, labels / f"{cid}.nii.gz")
+    _write(case.ct_on_mr, folder / "imagesTr" / f"{cid}_0002.nii.gz")
+    un = folder / "unaligned"
+    _write(case.t1, un / f"{cid}_mr_T1w.nii.gz")
+    _write(case.t2, un / f"{cid}_mr_T2w.nii.gz")
+    _write(case.mr_instances, un / f"{cid}_mr_vertebrae.nii.gz")
+    _write(case.mr_labels, un / f"{cid}_mr_labels.nii.gz")
+    _write(case.ct, un / f"{cid}_ct.nii.gz")
+    _write(case.ct_instances, un / f"{cid}_ct_vertebrae.nii.gz")
+    _write(case.ct_labels, un / f"{cid}_ct_labels.nii.gz")
+    write_json(landmarks_to_json(case.mr_landmarks), un / f"{cid}_mr_landmarks.json")
+    write_json(landmarks_to_json(case.ct_landmarks), un / f"{cid}_ct_landmarks.json")
+    sitk.WriteTransform(case.true_transform, str(un / f"{cid}_true_transform.tfm"))
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(case.true_transform.GetMatrix()).reshape(3, 3)
+    centre = np.asarray(case.true_transform.GetCenter())
+    matrix[:3, 3] = np.asarray(case.true_transform.GetTranslation()) + centre - matrix[:3, :3] @ centre
+    write_json({
+        "convention": "maps MR (fixed) physical points to CT (moving) physical points, LPS mm",
+        "rotation_axis": case.rotation_axis, "rotation_deg": case.rotation_deg,
+        "translation_mm": case.translation_mm, "centre_mm": centre, "matrix_4x4": matrix,
+    }, un / f"{cid}_true_transform.json")
+
+
+def _write_ct(case: PhantomCase, folder: Path) -> None:
+    _write(case.ct, folder / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+    _write(case.ct_labels, folder / "labelsTr" / f"{case.case_id}.nii.gz")
+
+
+@dataclass(frozen=True)
+class PhantomDataset:
+    """What the phantom writes for one task."""
+
+    name: str
+    id_offset: int
+    channel_names: dict[str, str]
+    write_case: Callable[[PhantomCase, Path], None]
+    spinediff_block: dict[str, Any] | None = None
+    subfolders: tuple[str, ...] = ("imagesTr", "labelsTr")
+
+
+PHANTOM_DATASETS = {
+    "segmentation": PhantomDataset("SpinePhantomSeg", 0, {"0": "T1w", "1": "T2w"}, _write_mr),
+    "translation": PhantomDataset("SpinePhantomTranslation", 1, {"0": "T1w", "1": "T2w", "2": "CT"},
+                                  _write_translation,
+                                  {"task": "translation", "source_channels": [0, 1], "target_channels": [2]},
+                                  ("imagesTr", "labelsTr", "unaligned")),
+    "generation": PhantomDataset("SpinePhantomGeneration", 2, {"0": "CT"}, _write_ct,
+                                 {"task": "generation", "source_channels": [], "target_channels": [0]}),
+}
+TASK_NAMES = {task: dataset.name for task, dataset in PHANTOM_DATASETS.items()}
+
+
+def dataset_folder_name(task: str, dataset_id_base: int) -> str:
+    dataset = PHANTOM_DATASETS[task]
+    return dataset_name_from_id(dataset_id_base + dataset.id_offset, dataset.name)
+
+
+def _dataset_json(task: str, num_cases: int, settings: PhantomSettings, seed: int) -> dict:
+    dataset = PHANTOM_DATASETS[task]
+    description = (f"spinediff synthetic spine phantom (seed {seed}): {task}. MR {settings.mr_shape} @ "
+                   f"{settings.mr_spacing} mm sagittal, CT @ {settings.ct_spacing} mm axial.")
+    block = {"spinediff": dict(dataset.spinediff_block)} if dataset.spinediff_block else {}
+    return {"channel_names": dict(dataset.channel_names), "labels": dict(SEMANTIC_LABELS),
+            "numTraining": num_cases, "file_ending": ".nii.gz", "name": dataset.name, "description": description,
+            "licence": "CC0 (synthetic)", **block}
 
 
 def write_phantom_datasets(
     output_folder: str | os.PathLike,
     num_cases: int = 6,
     seed: int = 0,
-    tasks: Iterable[str] = ("segmentation", "translation", "generation"),
+    tasks: Iterable[str] = tuple(PHANTOM_DATASETS),
     settings: PhantomSettings | None = None,
     dataset_id_base: int = 901,
     preview: bool = False,
@@ -131,13 +140,13 @@ def write_phantom_datasets(
     staging = {task: Path(tempfile.mkdtemp(prefix=f".{targets[task].name}.", dir=out)) for task in tasks}
     try:
         for task, folder in staging.items():
-            for sub in ("imagesTr", "labelsTr") + (("unaligned",) if task == "translation" else ()):
+            for sub in PHANTOM_DATASETS[task].subfolders:
                 (folder / sub).mkdir(parents=True)
         previews = []
         for index in tqdm(range(num_cases), desc="phantom cases", disable=not progress, unit="case"):
             case = generate_case(seed, index, settings)
             for task, folder in staging.items():
-                _write_case(case, task, folder)
+                PHANTOM_DATASETS[task].write_case(case, folder)
             if preview and index < 4:
                 previews.append(case)
         for task, folder in staging.items():

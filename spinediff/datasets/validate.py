@@ -15,9 +15,10 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from spinediff.datasets.dataset_json import TASKS, label_values
+from spinediff.datasets.dataset_json import label_values
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_image, read_json, read_voxels_verified
+from spinediff.tasks import SEGMENTATION, TASKS
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 # Like nnU-Net's integrity check (np.allclose defaults), a little looser on origin for float32 headers.
@@ -36,7 +37,7 @@ class Problem:
 @dataclass
 class ValidationReport:
     dataset: Path
-    task: str = "segmentation"
+    task: str = SEGMENTATION.name
     num_cases: int = 0
     num_channels: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -60,7 +61,7 @@ def _check_dataset_json(data: Any, path: Path, problems: list[Problem]) -> tuple
     if not isinstance(data, dict):
         problems.append(Problem(where, "must hold a JSON object with channel_names, labels, numTraining and "
                                        "file_ending (see nnU-Net's dataset format)."))
-        return 0, {}, ".nii.gz", "segmentation"
+        return 0, {}, ".nii.gz", SEGMENTATION.name
     channels = data.get("channel_names", data.get("modality"))
     n_channels = 0
     if not isinstance(channels, dict) or not channels:
@@ -106,7 +107,7 @@ def _check_dataset_json(data: Any, path: Path, problems: list[Problem]) -> tuple
     num_training = data.get("numTraining")
     if not isinstance(num_training, int) or isinstance(num_training, bool) or num_training < 1:
         problems.append(Problem(where, f"'numTraining' is {num_training!r}; it must be a positive integer."))
-    task = "segmentation"
+    task = SEGMENTATION.name
     block = data.get("spinediff")
     if block is not None:
         task = _check_spinediff_block(block, n_channels, where, problems)
@@ -117,11 +118,12 @@ def _check_spinediff_block(block: Any, n_channels: int, where: str, problems: li
     if not isinstance(block, dict):
         problems.append(Problem(where, "'spinediff' must be an object like {\"task\": \"translation\", "
                                        "\"source_channels\": [0, 1], \"target_channels\": [2]}."))
-        return "segmentation"
-    task = block.get("task", "segmentation")
-    if task not in TASKS:
-        problems.append(Problem(where, f"spinediff.task is {task!r}; expected one of {', '.join(TASKS)}."))
-        return "segmentation"
+        return SEGMENTATION.name
+    name = block.get("task", SEGMENTATION.name)
+    if name not in TASKS:
+        problems.append(Problem(where, f"spinediff.task is {name!r}; expected one of {', '.join(TASKS)}."))
+        return SEGMENTATION.name
+    task = TASKS[name]
     lists = {}
     for key in ("source_channels", "target_channels"):
         value = block.get(key, [])
@@ -136,13 +138,9 @@ def _check_spinediff_block(block: Any, n_channels: int, where: str, problems: li
     overlap = set(lists["source_channels"]) & set(lists["target_channels"])
     if overlap:
         problems.append(Problem(where, f"channel(s) {sorted(overlap)} are both source and target."))
-    if task == "translation" and (not lists["source_channels"] or not lists["target_channels"]):
-        problems.append(Problem(where, "a translation dataset needs non-empty spinediff.source_channels and "
-                                       "spinediff.target_channels."))
-    if task == "generation" and block.get("source_channels"):
-        problems.append(Problem(where, "a generation dataset is conditioned on the labels; source_channels "
-                                       "must be empty or absent."))
-    return task
+    problems += [Problem(where, message)
+                 for message in task.block_problems(lists["source_channels"], lists["target_channels"], block)]
+    return task.name
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:

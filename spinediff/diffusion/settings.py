@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from spinediff.errors import SpineDiffError
+from spinediff.tasks import TASKS, Task, get_task
 
-TASKS = ("segmentation", "translation", "generation")
 NOISE_SCHEDULES = ("cosine", "linear")
 #: monai's names of the noise schedules (``monai.networks.schedulers`` ``NoiseSchedules``).
 MONAI_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear_beta"}
@@ -114,6 +114,11 @@ class DiffusionSettings:
             )
         return cls.from_dict(resolved["diffusion"], source=f"{source}, configuration {configuration!r}")
 
+    @property
+    def task_type(self) -> Task:
+        """The task class of ``task``."""
+        return get_task(self.task, "diffusion block")
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON block, as written into the plans."""
         block = dataclasses.asdict(self)
@@ -141,7 +146,7 @@ class DiffusionSettings:
                 bracket = "]" if high_inclusive else ")"
                 raise SpineDiffError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
 
-        choice("task", TASKS)
+        choice("task", tuple(TASKS))
         choice("noise_schedule", NOISE_SCHEDULES)
         choice("prediction_type", PREDICTION_TYPES)
         choice("sampler", SAMPLERS)
@@ -155,9 +160,10 @@ class DiffusionSettings:
         number("ema_decay", 0.0, 1.0, high_inclusive=False)
         number("condition_dropout", 0.0, 1.0, high_inclusive=False)
         number("timestep_power", 0.1, 10.0)
-        if self.loss == "dice_ce" and self.task != "segmentation":
+        if self.loss == "dice_ce" and not self.task_type.writes_labels:
             raise SpineDiffError(
-                f"loss 'dice_ce' needs task 'segmentation', got task {self.task!r}; use l1 or mse"
+                f"loss 'dice_ce' needs a task that predicts labels (segmentation), got task {self.task!r}; "
+                "use l1 or mse"
             )
         if not isinstance(self.deep_supervision, bool):
             raise SpineDiffError(f"deep_supervision must be true or false, got {self.deep_supervision!r}")

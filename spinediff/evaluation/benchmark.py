@@ -25,10 +25,12 @@ from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
 from spinediff.evaluation.folds import Method, MethodResult, collect_result, schedule_cell, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
+from spinediff.tasks import Task
 
 
-def methods_for(task: str, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
-    """The competing methods of ``task`` for the planned configurations (2D and/or 3D)."""
+def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
+    """The competing methods of ``task`` for the planned configurations (2D and/or 3D): the task's methods on the
+    diffusion configuration, nnU-Net's own on its CPU (else its default) configuration of the same dimension."""
     methods: list[Method] = []
     for dim in dims:
         diffusion = f"{dim}_diffusion"
@@ -36,30 +38,17 @@ def methods_for(task: str, configurations: list[str], dims: tuple[str, ...] = ("
             continue
         nnunet = next((c for c in (f"{dim}_cpu", f"{dim}_fullres_cpu", dim, f"{dim}_fullres") if c in configurations),
                       None)
-        tag = dim.upper()
-        if task == "segmentation":
-            if nnunet:
-                methods.append(Method(f"nnU-Net {tag}", "nnUNetTrainer", nnunet, baseline=True))
-            methods.append(Method(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer", diffusion))
-        elif task == "translation":
-            methods += [Method(f"Regression U-Net {tag}", "RegressionTrainer", diffusion, baseline=True),
-                        Method(f"Diffusion image mode (x0) {tag}", "DiffusionTranslationTrainer", diffusion),
-                        Method(f"Diffusion noise mode (eps) {tag}", "DiffusionTranslationTrainer", diffusion, "eps"),
-                        Method(f"Pix2Pix {tag}", "Pix2PixTrainer", diffusion)]
-        elif task == "generation":
-            methods += [Method(f"Regression U-Net {tag}", "RegressionTrainer", diffusion, baseline=True),
-                        Method(f"Seg-guided diffusion {tag}", "SegGuidedGenerationTrainer", diffusion)]
+        for spec in task.benchmark_methods(dim.upper()):
+            if spec.nnunet and nnunet is None:
+                continue
+            methods.append(Method(spec.label, spec.trainer, nnunet if spec.nnunet else diffusion, spec.prediction_type,
+                                  spec.baseline))
     return methods
 
 
-# The metric that ranks methods, and whether higher is better.
-PRIMARY_METRICS = {"segmentation": ("dice", True), "translation": ("mae_body", False),
-                   "generation": ("mae_body", False)}
-
-
-def reference_folder(raw_dataset: Path, task: str, target_channel: int | None, work: Path) -> Path:
+def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, work: Path) -> Path:
     """Segmentation: labelsTr. Images: a folder of links CASE.nii.gz → imagesTr/CASE_{target}.nii.gz."""
-    if task == "segmentation":
+    if task.writes_labels:
         return raw_dataset / "labelsTr"
     ending = read_json(raw_dataset / "dataset.json")["file_ending"]
     folder = work / "reference"
@@ -71,15 +60,15 @@ def reference_folder(raw_dataset: Path, task: str, target_channel: int | None, w
     return folder
 
 
-def score_method(result: MethodResult, results_root: Path, reference: Path, task: str,
+def score_method(result: MethodResult, results_root: Path, reference: Path, task: Task,
                  data_range: tuple[float, float]) -> None:
     """Per-case metrics of a method's fold validation exports."""
     for fold in result.folds:
         folder = (results_root / result.method.folder_name
                   / f"fold_{fold}" / "validation")
-        evaluation = evaluate_folders(reference, folder, task="segmentation" if task == "segmentation" else "image",
+        evaluation = evaluate_folders(reference, folder, task=task.evaluation_kind,
                                       data_range=data_range, progress=False)
-        if task == "segmentation":
+        if task.writes_labels:
             for case, dices in dice_per_case(evaluation.rows).items():
                 result.per_case.setdefault(case, {}).update(dices)
             for row in evaluation.rows:
@@ -126,8 +115,8 @@ def merged_foreground_dice(reference: Path, prediction: Path) -> float:
     tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
     import SimpleITK as sitk
 
-    truth = sitk.GetArrayViewFromImage(sitk.ReadImage(str(reference))) > 0
-    predicted = sitk.GetArrayViewFromImage(sitk.ReadImage(str(prediction))) > 0
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
     total = int(truth.sum()) + int(predicted.sum())
     return float(2 * np.logical_and(truth, predicted).sum() / total) if total else float("nan")
 
@@ -143,9 +132,9 @@ def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[f
     return float(stats.wilcoxon(a, b).pvalue), len(cases)
 
 
-def benchmark_table(results: list[MethodResult], task: str) -> tuple[list[dict], str]:
+def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict], str]:
     """Rows (one per method) and the Markdown table."""
-    metric, higher_is_better = PRIMARY_METRICS[task]
+    metric, higher_is_better = task.primary_metric, task.higher_is_better
     baseline = next((r for r in results if r.method.baseline), results[0])
     names = sorted({k for r in results for case in r.per_case.values() for k in case})
     rows = []
@@ -216,8 +205,8 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     --budget``), or 10 minutes for plans made without one. ``workers``: folds trained side by side, each in
     its own process with one torch thread.
     """
-    from spinediff.datasets.dataset_json import task_spec
     from spinediff.paths import nnunet_folder
+    from spinediff.tasks import task_spec
     from spinediff.training.api import TrainingOptions, resolve_preprocessed_dataset, setup_environment
 
     preprocessed, results = setup_environment(None, None)
@@ -241,7 +230,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     target = spec.target_channels[0] if spec.target_channels else None
     reference = reference_folder(raw, spec.task, target, out)
     data_range = (-1024.0, 3071.0)
-    if spec.task != "segmentation":
+    if spec.task.has_image_target:
         intensity = plans["configurations"].get("2d_diffusion", {}).get("diffusion", {}).get("target_intensity")
         if intensity:
             data_range = tuple(intensity["per_channel"][0]["clip_range"])
@@ -253,12 +242,12 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     for method in methods:
         result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
         score_method(result, results / name, reference, spec.task, data_range)
-        if spec.task == "segmentation":
+        if spec.task.writes_labels:
             labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
             score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
         outcomes.append(result)
     extra = {}
-    if downstream and spec.task == "translation":
+    if downstream and spec.task.has_downstream_dice:
         from spinediff.evaluation.downstream import score_downstream
 
         extra = score_downstream(name, folds, outcomes, options, reference, reuse=reuse)
@@ -267,7 +256,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         table += (f"\n\nDownstream Dice (dice_downstream): {extra['segmenter']}, trained on the real CT of the same "
                   f"folds ({extra['epochs']} epochs, {extra['train_minutes']:.1f} min), segments each method's "
                   f"synthetic CT of the validation cases; on the real CT it reaches Dice {extra['dice_real_ct']:.3f}.")
-    summary = {"dataset": name, "task": spec.task, "folds": folds, "budget_minutes": budget_minutes,
+    summary = {"dataset": name, "task": spec.task.name, "folds": folds, "budget_minutes": budget_minutes,
                "options": asdict(options), "methods": rows,
                "per_fold": {r.method.name: r.per_fold for r in outcomes},
                "postprocessing": {r.method.name: r.postprocessing for r in outcomes},
@@ -279,11 +268,11 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     write_json(summary, out / "benchmark.json")
     write_text(_csv(rows), out / "benchmark.csv")
     budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
-    write_text(f"# Benchmark: {name} ({spec.task})\n\nFolds {folds}, budget {budget_text} per method and "
+    write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
                f"fold.\n\n{table}\n", out / "benchmark.md")
     from spinediff.evaluation.figures import metric_boxplot
 
-    metric = PRIMARY_METRICS[spec.task][0]
+    metric = spec.task.primary_metric
     metric_boxplot({r.method.name: [c[metric] for c in r.per_case.values()] for r in outcomes}, metric,
                    out / "benchmark.png", title=f"{name}: {metric} per case")
     summary["table"] = table

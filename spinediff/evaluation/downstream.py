@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from spinediff.datasets.dataset_json import task_spec
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name
+from spinediff.tasks import SEGMENTATION_KIND, task_spec
 
 SEGMENTER_TRAINER = "nnUNetTrainer"
 SOURCE_KEY = "spinediff_downstream_of"  # dataset.json key naming the translation dataset
@@ -40,7 +40,7 @@ def write_segmenter_dataset(translation_raw: Path, output_raw: Path) -> Path:
     """
     dataset_json = read_json(translation_raw / "dataset.json")
     spec = task_spec(dataset_json, translation_raw / "dataset.json")
-    if spec.task != "translation" or len(spec.target_channels) != 1:
+    if not spec.task.has_downstream_dice or len(spec.target_channels) != 1:
         raise SpineDiffError(f"{translation_raw}: downstream Dice needs a translation dataset with one target "
                              "channel (the CT); this one is not.")
     labels = translation_raw / "labelsTr"
@@ -118,7 +118,7 @@ def segmenter_dice(model_folder: Path, fold: int | str, images: dict[str, Path],
                                                        checkpoint_name="checkpoint_final.pth")
         predictor.predict_from_files_sequential(str(inputs), str(outputs), save_probabilities=False,
                                                 overwrite=True, folder_with_segs_from_prev_stage=None)
-        evaluation = evaluate_folders(labels_folder, outputs, task="segmentation", progress=False)
+        evaluation = evaluate_folders(labels_folder, outputs, task=SEGMENTATION_KIND, progress=False)
     return dice_per_case(evaluation.rows)
 
 

@@ -32,6 +32,7 @@ from spinediff.io import (
 )
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import segmentation_metrics
+from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -108,9 +109,9 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
             raise SpineDiffError(f"{predictions[case]}: {mismatch} of the reference {references[case]}. A prediction "
                                  "must lie on its reference's grid (spacing, origin, direction); predict it from the "
                                  "reference's image, or resample it onto the reference first.")
-        kind = task if task != "auto" else ("segmentation" if _looks_like_labels(ref_image) else "image")
+        kind = task if task != "auto" else (SEGMENTATION_KIND if _looks_like_labels(ref_image) else IMAGE_KIND)
         ref, pred = sitk.GetArrayFromImage(ref_image), sitk.GetArrayFromImage(pred_image)
-        if kind == "segmentation":
+        if kind == SEGMENTATION_KIND:
             classes = list(labels) if labels else sorted(int(v) for v in np.unique(ref) if v != 0)
             per_class = segmentation_metrics(pred, ref, classes, ref_image.GetSpacing()[::-1])
             for label, metrics in per_class.items():
@@ -136,8 +137,8 @@ def _summary(rows: list[dict]) -> dict:
             subset = [r for r in rows if r["label"] == label]
             per_label[str(label)] = {m: summarise([r[m] for r in subset]) for m in metric_names}
         mean_over_labels = {m: float(np.nanmean([per_label[k][m]["mean"] for k in per_label])) for m in metric_names}
-        return {"task": "segmentation", "per_label": per_label, "mean_over_labels": mean_over_labels}
-    return {"task": "image", "metrics": {m: summarise([r[m] for r in rows]) for m in metric_names}}
+        return {"task": SEGMENTATION_KIND, "per_label": per_label, "mean_over_labels": mean_over_labels}
+    return {"task": IMAGE_KIND, "metrics": {m: summarise([r[m] for r in rows]) for m in metric_names}}
 
 
 def _csv(rows: list[dict]) -> str:

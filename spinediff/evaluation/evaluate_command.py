@@ -6,13 +6,14 @@ import argparse
 import json
 
 from spinediff.evaluation.evaluate import evaluate_folders
+from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_folders(args.reference, args.prediction, labels=args.labels, task=args.task,
                               data_range=tuple(args.data_range), output_folder=args.output or args.prediction)
     summary = result.summary
-    if summary["task"] == "segmentation":
+    if summary["task"] == SEGMENTATION_KIND:
         print(f"{'label':>6} {'Dice':>8} {'HD95 mm':>9} {'ASD mm':>8}")
         for label, metrics in summary["per_label"].items():
             dice, hd95, asd = (metrics[m]["mean"] for m in ("dice", "hd95", "asd"))
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-pred", "--prediction", required=True, help="folder of predictions (same file names)")
     parser.add_argument("-l", "--labels", type=int, nargs="+",
                         help="label values to score (default: all in the reference)")
-    parser.add_argument("--task", choices=["auto", "segmentation", "image"], default="auto",
+    parser.add_argument("--task", choices=["auto", SEGMENTATION_KIND, IMAGE_KIND], default="auto",
                         help="auto: integer files with few values are label maps")
     parser.add_argument("--data-range", type=float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),
                         help="intensity range for PSNR/SSIM of images (values are clipped to it)")

@@ -34,6 +34,7 @@ from spinediff.evaluation.folds import schedule_cell
 from spinediff.evaluation.report import Section, Table, fmt, write_report
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name
+from spinediff.tasks import SEGMENTATION_KIND, Task, get_task
 
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
 SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
@@ -173,10 +174,10 @@ def benchmark_sections(folder: Path, figures: Path, results=None, raw=None) -> t
     return f"Benchmark report: {name}", sections
 
 
-def _ranked_cases(per_case: dict, task: str) -> list[str]:
+def _ranked_cases(per_case: dict, task: Task) -> list[str]:
     """Worst, median and best case by the mean over methods of the primary metric."""
     metric = "dice_pp" if any("dice_pp" in c for cases in per_case.values() for c in cases.values()) else (
-        "dice" if task == "segmentation" else "mae_body")
+        task.primary_metric)
     higher = HIGHER_IS_BETTER.get(metric, True)
     scores: dict[str, list[float]] = {}
     for cases in per_case.values():
@@ -217,7 +218,7 @@ def _find_validation(results_root: Path, name: str, model: str, case: str, endin
 
 def _benchmark_panel(bench: dict, model_folders: dict, results_root: Path, raw_root: Path | None, folder: Path,
                      figures: Path) -> Section | None:
-    name, task = bench["dataset"], bench["task"]
+    name, task = bench["dataset"], get_task(bench["task"], "benchmark.json")
     cases = _ranked_cases(bench.get("per_case") or {}, task)
     if not cases:
         return None
@@ -225,7 +226,7 @@ def _benchmark_panel(bench: dict, model_folders: dict, results_root: Path, raw_r
     raw_dataset = raw_root / name if raw_root is not None else None
     if raw_dataset is not None and (raw_dataset / "dataset.json").is_file():
         ending = read_json(raw_dataset / "dataset.json").get("file_ending", ending)
-    segmentation = task == "segmentation"
+    segmentation = task.writes_labels
     if segmentation:
         references = raw_dataset / "labelsTr" if raw_dataset else None
     else:
@@ -281,7 +282,7 @@ def evaluation_sections(folder: Path, figures: Path) -> tuple[str, list[Section]
         intro.append(f"Without a prediction: {', '.join(summary['missing_predictions'])}.")
     sections = []
     box_figures = []
-    if summary.get("task") == "segmentation":
+    if summary.get("task") == SEGMENTATION_KIND:
         metrics = [m for m in ("dice", "hd95", "assd", "volume_difference") if any(
             m in stats for stats in summary["per_label"].values())]
         table = Table(["label", *[f"{m} mean ± sd" for m in metrics]],
@@ -342,7 +343,7 @@ def _evaluation_panel(ranked: list[str], predictions: Path, references: Path, ta
                      "uncertainty": optional_image(predictions / f"{case}_uncertainty{ending}")})
     if all(row["prediction"] is None for row in rows):
         return None
-    if task == "segmentation":
+    if task == SEGMENTATION_KIND:
         base = "image" if any(row["image"] is not None for row in rows) else None
         overlay = {"overlay_on": base} if base else {"cmap": "tab10", "vmin": 0, "vmax": 9}
         columns = ([("image", "image", {"cmap": "gray"})] if base else []) + [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name
+from spinediff.tasks import SEGMENTATION
 
 
 @dataclass(frozen=True)
@@ -93,8 +94,8 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
         schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
     start = time.perf_counter()
     # segmentation keeps the class probabilities: the post-processing may form its foreground from them
-    task = getattr(getattr(trainer, "task", None), "task", "segmentation")  # nnU-Net's trainer: segmentation
-    trainer.perform_actual_validation(task == "segmentation")
+    task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
+    trainer.perform_actual_validation(task.writes_labels)
     n_val = max(1, len(trainer.do_split()[1]))
     timing = {"train_seconds": train_seconds, "epochs": epochs,
               "steps": int(epochs * trainer.num_iterations_per_epoch),

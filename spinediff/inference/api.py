@@ -117,7 +117,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output folder "
                              "or pass --overwrite to replace them.")
     output.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(folder.path), "task": predictor.task.task, "trainer": folder.trainer,
+    settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
                 "configuration": folder.configuration, "plans": folder.plans_identifier,
                 "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": device,
                 "num_samples": num_samples or predictor.settings.num_samples,

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from spinediff.metrics.segmentation_metrics import pooled_foreground_dice
+from spinediff.tasks import Task
+from spinediff.training.registry import is_spinediff_trainer
 
 METRIC_DIRECTION = {"dice": "higher", "mae_body": "lower", "psnr": "higher"}
 
@@ -32,21 +34,19 @@ class Candidate:
 
     @property
     def is_spinediff(self) -> bool:
-        from spinediff.training import TRAINERS
-
-        return self.trainer in TRAINERS
+        return is_spinediff_trainer(self.trainer)
 
 
-def primary_metric(task: str, candidates: Sequence[Candidate]) -> str:
-    if task == "segmentation":
+def primary_metric(task: Task, candidates: Sequence[Candidate]) -> str:
+    if task.writes_labels:
         return "dice"
     has_body = all(all("mae_body" in m for m in c.per_case.values()) for c in candidates)
     return "mae_body" if has_body else "psnr"
 
 
-def score(per_case: dict[str, dict], task: str) -> dict[str, float]:
+def score(per_case: dict[str, dict], task: Task) -> dict[str, float]:
     """Pooled scores of per-case metrics (segmentation: foreground Dice; images: mean of each metric)."""
-    if task == "segmentation":
+    if task.writes_labels:
         return {"dice": pooled_foreground_dice(list(per_case.values()))}
     names = sorted({m for metrics in per_case.values() for m in metrics})
     return {m: float(np.nanmean([metrics.get(m, np.nan) for metrics in per_case.values()])) for m in names}

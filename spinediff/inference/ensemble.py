@@ -21,6 +21,7 @@ from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, split_ending
 from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_json, write_image, write_json
+from spinediff.tasks import SEGMENTATION, Task, get_task
 
 MAP_SUFFIXES = ("_uncertainty", "_variance")
 
@@ -37,11 +38,12 @@ class EnsembleReport:
         return 2 if self.problems else 0
 
 
-def _folder_task(folder: Path) -> str:
+def _folder_task(folder: Path) -> Task:
+    """The task of a prediction folder, from its run summary (else: probabilities → segmentation, images)."""
     summary = folder / RUN_SUMMARY
     if summary.is_file():
-        return str(read_json(summary).get("task", "segmentation"))
-    return "segmentation" if any(folder.glob("*.npz")) else "translation"
+        return get_task(read_json(summary).get("task", SEGMENTATION.name), summary)
+    return SEGMENTATION if any(folder.glob("*.npz")) else get_task("translation")
 
 
 def _prediction_files(folder: Path) -> dict[str, Path]:
@@ -65,11 +67,12 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
             raise SpineDiffError(f"Prediction folder {folder} does not exist.")
     tasks = {folder: _folder_task(folder) for folder in folders}
     if len(set(tasks.values())) > 1:
-        raise SpineDiffError(f"The folders hold predictions of different tasks ({tasks}); ensemble one task only.")
+        found = {str(folder): task.name for folder, task in tasks.items()}
+        raise SpineDiffError(f"The folders hold predictions of different tasks ({found}); ensemble one task only.")
     task = tasks[folders[0]]
     files = [_prediction_files(folder) for folder in folders]
     output = ensure_writable_folder(output, create=False)
-    report = EnsembleReport(output, task)
+    report = EnsembleReport(output, task.name)
     names = sorted(set().union(*files))
     complete = [n for n in names if all(n in f for f in files)]
     for name in names:
@@ -79,7 +82,7 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     if not complete:
         raise SpineDiffError(f"No prediction is present in all of {', '.join(map(str, folders))}.")
     targets = [output / n for n in complete]
-    if task == "segmentation" and save_probabilities:
+    if task.writes_labels and save_probabilities:
         targets += [output / f"{split_ending(n)[0]}.npz" for n in complete]
     existing = [t for t in [*targets, output / RUN_SUMMARY] if t.exists()]
     if existing and not overwrite:
@@ -88,14 +91,14 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     for name in complete:
         try:
             paths = [f[name] for f in files]
-            if task == "segmentation":
+            if task.writes_labels:
                 _ensemble_probabilities(paths, output / name, save_probabilities)
             else:
                 _average_images(paths, output / name)
             report.written.append(str(output / name))
         except SpineDiffError as exc:
             report.problems.append(str(exc))
-    write_json({"task": task, "ensemble_of": [str(f) for f in folders], "written": report.written,
+    write_json({"task": task.name, "ensemble_of": [str(f) for f in folders], "written": report.written,
                 "problems": report.problems}, output / RUN_SUMMARY)
     return report
 

@@ -29,17 +29,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from spinediff.datasets.dataset_json import task_spec
 from spinediff.errors import SpineDiffError
 from spinediff.inference.candidates import METRIC_DIRECTION, Candidate, better, primary_metric, score
 from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
 from spinediff.paths import split_model_folder_name
+from spinediff.tasks import Task, task_spec
 
 
-def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
+def _fold_results(fold_folder: Path, task: Task) -> dict[str, dict] | None:
     """Per-case metrics of one finished fold, or None if its final validation has not run."""
-    if task == "segmentation":
+    if task.writes_labels:
         summary = fold_folder / "validation" / "summary.json"
         if not summary.is_file():
             return None
@@ -51,7 +51,7 @@ def _fold_results(fold_folder: Path, task: str) -> dict[str, dict] | None:
     return read_json(metrics).get("per_case", {})
 
 
-def collect_candidates(dataset_folder: Path, task: str, folds: Sequence[str] | None = None
+def collect_candidates(dataset_folder: Path, task: Task, folds: Sequence[str] | None = None
                        ) -> tuple[list[Candidate], list[str], list[str]]:
     """Every trained candidate with the compared folds finished; returns (candidates, folds, notes)."""
     found: list[tuple[Path, dict[str, dict[str, dict]]]] = []
@@ -103,7 +103,7 @@ def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT
 
 @dataclass
 class FindBestResult:
-    task: str
+    task: Task
     metric: str
     folds: list[str]
     ranking: list[Candidate]
@@ -114,8 +114,8 @@ class FindBestResult:
     postprocessing: dict | None = None
 
     def table(self) -> str:
-        metrics = ["dice", "dice_pp"] if self.task == "segmentation" else [
-            m for m in ("mae_body", "psnr", "ssim") if any(m in c.scores for c in self.ranking)]
+        metrics = [m for m in self.task.ranking_metrics if self.task.writes_labels
+                   or any(m in c.scores for c in self.ranking)]
         header = f"{'rank':<5} {'candidate':<60} {'cases':>5} " + " ".join(f"{m:>9}" for m in metrics)
         lines = [header, "-" * len(header)]
         for rank, c in enumerate(self.ranking, 1):
@@ -128,7 +128,7 @@ class FindBestResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "metric": self.metric, "direction": METRIC_DIRECTION[self.metric],
+        return {"task": self.task.name, "metric": self.metric, "direction": METRIC_DIRECTION[self.metric],
                 "folds": self.folds, "winner": self.winner, "commands": self.commands, "notes": self.notes,
                 "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
                              "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
@@ -167,10 +167,10 @@ def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repr
     decisions: dict[str, dict] = {}
     for c in candidates:
         c.scores = score(c.per_case, task)
-        if task == "segmentation":  # each candidate with the post-processing its own cross-validation keeps
+        if task.writes_labels:  # each candidate with the post-processing its own cross-validation keeps
             decisions[c.name] = decide_postprocessing(c, dataset_folder, raw_folder, overwrite)
             c.scores["dice_pp"] = decisions[c.name]["dice_after"]
-    rank_on = "dice_pp" if task == "segmentation" else metric
+    rank_on = "dice_pp" if task.writes_labels else metric
     ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[rank_on]),
                                                 -c.scores[rank_on] if METRIC_DIRECTION[metric] == "higher"
                                                 else c.scores[rank_on]))
@@ -182,11 +182,11 @@ def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repr
         ensemble = evaluate_top_two(ranking[0], ranking[1], task, metric, dataset_folder, repredict, raw_folder,
                                     device)
         # the ensemble is not post-processed: it must beat the best single as that one will be predicted
-        if "scores" in ensemble and task == "segmentation":
+        if "scores" in ensemble and task.writes_labels:
             ensemble["best_single_postprocessed"] = best.scores[rank_on]
         if "scores" in ensemble and better(ensemble["scores"][metric], best.scores[rank_on], metric):
             winner = f"ensemble of {ranking[0].name} and {ranking[1].name}"
-            probabilities = task == "segmentation"
+            probabilities = task.writes_labels
             commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
                         for i, c in enumerate(ranking[:2], 1)]
             commands.append("spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER")

@@ -11,7 +11,7 @@ def run_find_best(args: argparse.Namespace) -> int:
     result = find_best(args.dataset, args.folds, args.repredict, args.output, args.overwrite, args.results, args.raw,
                        args.device)
     direction = "higher" if result.metric in ("dice", "psnr") else "lower"
-    print(f"{result.task}: ranked on {result.metric} ({direction} is better), pooled over the validation cases of "
+    print(f"{result.task.name}: ranked on {result.metric} ({direction} is better), pooled over the validation cases of "
           f"fold(s) {' '.join(result.folds)}\n")
     print(result.table())
     if result.ensemble and "skipped" in result.ensemble:

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinediff.datasets.dataset_json import task_spec
 from spinediff.inference.candidates import Candidate, score
 from spinediff.inference.inputs import split_ending
 from spinediff.io import read_image, read_json
@@ -18,9 +17,10 @@ from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
 from spinediff.paths import nnunet_folder
 from spinediff.planning.target_intensity import TargetIntensity
+from spinediff.tasks import Task, task_spec
 
 
-def evaluate_top_two(first: Candidate, second: Candidate, task: str, metric: str, dataset_folder: Path,
+def evaluate_top_two(first: Candidate, second: Candidate, task: Task, metric: str, dataset_folder: Path,
                      repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
     """Scores of the two-member ensemble, or ``{"skipped": reason}``."""
     members = [first.name, second.name]
@@ -28,7 +28,7 @@ def evaluate_top_two(first: Candidate, second: Candidate, task: str, metric: str
         raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
     except Exception as exc:  # noqa: BLE001 - the ensemble is optional; say why it was not tried
         return {"members": members, "skipped": f"needs the raw dataset for the references ({exc})"}
-    if task == "segmentation":
+    if task.writes_labels:
         result = _segmentation(first, second, dataset_folder, raw, repredict, device)
     else:
         result = _images(first, second, raw, task, metric)
@@ -41,7 +41,7 @@ def _validation_files(candidate: Candidate, fold: str, ending: str) -> list[Path
 
 
 # ---------------------------------------------------------------------- images: average the HU predictions
-def _images(first: Candidate, second: Candidate, raw: Path, task: str, metric: str) -> dict:
+def _images(first: Candidate, second: Candidate, raw: Path, task: Task, metric: str) -> dict:
     dataset_json = read_json(first.folder / "dataset.json")
     ending = dataset_json["file_ending"]
     targets = list(task_spec(dataset_json).target_channels)

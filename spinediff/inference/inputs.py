@@ -19,6 +19,7 @@ import numpy as np
 from spinediff.datasets.validate import Problem, read_or_report, same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.io import IMAGE_SUFFIXES
+from spinediff.tasks import Task
 
 # Written beside every prediction folder: settings, task and per-case status (`spinediff ensemble` reads the task).
 RUN_SUMMARY = "prediction.json"
@@ -46,14 +47,14 @@ class InputProblem:
 class InputLayout:
     """What a model reads: the image channels (indices and names) or, for generation, the label map."""
 
-    task: str
+    task: Task
     channels: tuple[int, ...]
     channel_names: dict[int, str]
     label_values: tuple[int, ...] = ()
 
     @property
     def reads_label_map(self) -> bool:
-        return self.task == "generation"
+        return self.task.labels_are_condition
 
     def describe(self) -> str:
         if self.reads_label_map:
@@ -100,7 +101,7 @@ def discover_cases(folder: str | Path, layout: InputLayout) -> tuple[list[InputC
             if extra:
                 parts.append(f"unexpected channel file(s) {', '.join(str(channels[c]) for c in extra)}")
             problems.append(InputProblem(identifier, f"case {identifier} in {folder}: {'; '.join(parts)}. This "
-                                                     f"{layout.task} model reads exactly {len(layout.channels)} "
+                                                     f"{layout.task.name} model reads exactly {len(layout.channels)} "
                                                      f"channel(s): {layout.describe()}."))
             continue
         paths = tuple(channels[c] for c in layout.channels)

@@ -129,10 +129,11 @@ class FoldModel:
     @classmethod
     def load(cls, folder: ModelFolder, fold: int | str, checkpoint: str = "final",
              device: torch.device | str = "cpu") -> FoldModel:
-        from spinediff.training import TRAINERS
+        from spinediff.training.registry import find_trainer, is_spinediff_trainer, trainer_classes
 
-        if folder.trainer not in TRAINERS:
-            raise SpineDiffError(f"{folder.trainer} is not a spinediff trainer ({', '.join(TRAINERS)}). Predict "
+        if not is_spinediff_trainer(folder.trainer):
+            names = ", ".join(trainer_classes())
+            raise SpineDiffError(f"{folder.trainer} is not a spinediff trainer ({names}). Predict "
                                  "nnU-Net's own trainers with nnUNetv2_predict.")
         if checkpoint not in CHECKPOINTS:
             raise SpineDiffError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}.")
@@ -143,7 +144,7 @@ class FoldModel:
             raise SpineDiffError(f"{path} was written by {state.get('trainer_name')!r}, not by spinediff's "
                                  f"{folder.trainer}; it does not belong in this folder.")
         settings = DiffusionSettings.from_dict(block["diffusion"], source=str(path))
-        trainer_class = TRAINERS[folder.trainer]
+        trainer_class = find_trainer(folder.trainer)
         # The plans' architecture with the checkpoint's diffusion block: the settings the weights were trained with.
         configuration = copy.deepcopy(folder.configuration_manager.configuration)
         configuration["diffusion"] = settings.to_dict()

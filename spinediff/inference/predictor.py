@@ -121,8 +121,8 @@ class SpineDiffPredictor:
                                                    self.label_manager.num_segmentation_heads)
         self.num_channels = len(self.dataset_json["channel_names"])
         names = {int(k): v for k, v in self.dataset_json["channel_names"].items()}
-        channels = tuple(self.task.source_channels) if self.task.task != "generation" else ()
-        self.layout = InputLayout(self.task.task, channels, names, tuple(self.label_manager.all_labels))
+        self.layout = InputLayout(self.task.task, tuple(self.task.source_channels), names,
+                                  tuple(self.label_manager.all_labels))
         self.postprocessing = Postprocessing()  # nothing unless the caller loads the model's decision
 
     # ------------------------------------------------------------------ one case, step by step
@@ -133,7 +133,7 @@ class SpineDiffPredictor:
         files = [str(p) for p in case.files]
         label_map = None
         try:
-            if self.task.task == "generation":
+            if self.task.task.labels_are_condition:
                 label_map, properties = reader.read_seg(files[0])
                 seg = label_map.copy()
                 data = np.ones((self.num_channels, *label_map.shape[1:]), dtype=np.float32)
@@ -141,7 +141,7 @@ class SpineDiffPredictor:
                 images, properties = reader.read_images(files)
                 seg = None
                 data = images
-                if self.task.task == "translation":
+                if len(self.task.source_channels) < self.num_channels:  # translation: no target channel given
                     data = np.ones((self.num_channels, *images.shape[1:]), dtype=np.float32)
                     data[list(self.task.source_channels)] = images
         except (RuntimeError, ValueError, OSError) as exc:
@@ -167,7 +167,7 @@ class SpineDiffPredictor:
         num_samples = options.num_samples or self.settings.num_samples
         eta = self.settings.eta if options.eta is None else options.eta
         tta = self.device.type != "cpu" if options.tta is None else options.tta
-        statistics = SegmentationEnsemble() if self.task.task == "segmentation" else EnsembleStatistics()
+        statistics = SegmentationEnsemble() if self.task.task.writes_labels else EnsembleStatistics()
         slices = condition.shape[1] if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4 else 1
         bar = tqdm(total=len(self.models) * slices,
                    desc=f"  {label} {num_samples} sample(s) x {num_inference_steps} steps",
@@ -186,12 +186,12 @@ class SpineDiffPredictor:
 
     def output_paths(self, case: InputCase, folder: Path, options: PredictionOptions) -> CaseOutputs:
         stem, ending = case.identifier, case.ending
-        if self.task.task == "segmentation":
+        if self.task.task.writes_labels:
             stems = [stem]
         else:
             targets = self.task.target_channels
             stems = [stem] if len(targets) == 1 else [f"{stem}_{c:04d}" for c in targets]
-        segmentation = self.task.task == "segmentation"
+        segmentation = self.task.task.writes_labels
         return CaseOutputs(
             predictions=[folder / f"{s}{ending}" for s in stems],
             uncertainty=[folder / f"{s}_uncertainty{ending}" for s in stems] if options.save_uncertainty else [],

@@ -210,9 +210,9 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from spinediff.datasets.dataset_json import task_spec
     from spinediff.planning.planner import SpineDiffPlanner
     from spinediff.planning.target_intensity import collect_target_statistics
+    from spinediff.tasks import task_spec
 
     say = log or ((lambda line: print(line, file=sys.stderr)) if show_progress_bar else (lambda line: None))
     requested = list(configurations) if configurations else None
@@ -253,7 +253,7 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
 
         spec = task_spec(dataset_json, dataset_folder / "dataset.json")
         statistics: dict[str, Any] = {}
-        if spec.task in ("translation", "generation"):
+        if spec.task.has_image_target:
             say(f"[2/4] Target intensity statistics (channels {list(spec.target_channels)})")
             statistics = collect_target_statistics(dataset_folder, dataset_json, spec,
                                                    show_progress_bar=show_progress_bar)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from spinediff.errors import SpineDiffError
+from spinediff.tasks import Task
 
 #: Steps a budget should buy at least. Calibration (shared/docs/nnunet-notes.md): nnU-Net's trainer reached
 #: Dice 0.89 on real lumbar MRI after 2 000 annealed steps of a 2D whole-slice configuration, and stayed
@@ -101,12 +102,12 @@ def case_extents_mm(raw_dataset: Path, dataset_json: dict[str, Any], use_labels:
     return extents
 
 
-def foreground_extent_mm(raw_dataset: Path, dataset_json: dict[str, Any], task: str,
+def foreground_extent_mm(raw_dataset: Path, dataset_json: dict[str, Any], task: Task,
                          transpose_forward: list[int]) -> np.ndarray | None:
     """The dataset's foreground extent in mm per axis after ``transpose_forward`` (95th percentile over
     cases): all labels for segmentation and generation, the body (nonzero source image) for translation.
     None when nothing is labelled."""
-    extents = case_extents_mm(raw_dataset, dataset_json, use_labels=task != "translation")
+    extents = case_extents_mm(raw_dataset, dataset_json, use_labels=task.field_of_view_from_labels)
     if not extents:
         return None
     extent = np.percentile(np.stack(extents), EXTENT_PERCENTILE, axis=0)

@@ -27,7 +27,6 @@ from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from spinediff import __version__
-from spinediff.datasets.dataset_json import TaskSpec, task_spec
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.planning.memory import (
@@ -38,6 +37,7 @@ from spinediff.planning.memory import (
     uses_real_network,
 )
 from spinediff.planning.target_intensity import target_intensity_from_statistics
+from spinediff.tasks import Task, TaskSpec, task_spec
 
 DIFFUSION_NETWORK = "spinediff.networks.time_unet.TimeConditionedUNet"
 DIFFUSION_NORM = "spinediff.networks.blocks.GroupNorm"
@@ -49,12 +49,31 @@ OWN_CONFIGURATIONS = (*DIFFUSION_BASE, *CPU_BASELINES)
 MAX_ATTENTION_TOKENS = 1024
 
 
-def diffusion_block(task: str, condition_channels: int, target_channels: int, device: str,
+def diffusion_block(task: Task, condition_channels: int, target_channels: int, device: str,
                     target_intensity: dict[str, Any] | None) -> dict[str, Any]:
-    """The contract's ``diffusion`` block with the defaults for ``task`` on ``device``."""
+    """The contract's ``diffusion`` block with the defaults for ``task`` on ``device``.
+
+    The task's own entries (:meth:`Task.diffusion_defaults`), and why:
+    - prediction type: x0 ("image mode") for translation and segmentation: Graf et al. found image mode better
+      than noise mode for MR->CT, and SpineSegDiff predicts the clean mask. Generation predicts the noise
+      (epsilon), the standard DDPM objective of segmentation-guided generation, which favours diversity and
+      detail over a regression to the mean image.
+    - DDIM steps: Graf et al. sampled ~25 DDIM steps on a GPU and 5 on the CPU; SpineSegDiff 10-35 (the x0
+      prediction of a mask settles after a few steps, so its lower end); generation from noise prediction
+      needs more steps for texture (50; 10 on the CPU to keep sampling tolerable).
+    - samples: ensembles of 5 (SpineSegDiff) give uncertainty maps and a better mean; a generated image is
+      itself the product, so generation draws one sample per request.
+    - loss: L1 for translation (Graf et al.); Dice + CE on the predicted clean mask for segmentation (as
+      nnU-Net and SpineSegDiff's Diff-UNet-style code); MSE on the noise for generation (DDPM).
+    - timestep power: segmentation draws training timesteps skewed to the noisy levels
+      (t = T-1-floor(T u^3): 46 % in the noisiest tenth, 21 % in the cleaner half). With uniform timesteps
+      half of the steps see a noisy mask that still shows the answer (cosine SNR > 1 for t < T/2) and teach
+      copying; DDIM sampling from pure noise needs the noisy levels. Images keep DDPM's uniform draw.
+    """
     on_cpu = device == "cpu"
-    block: dict[str, Any] = {
-        "task": task,
+    defaults = task.diffusion_defaults(on_cpu)
+    return {
+        "task": task.name,
         "condition_channels": int(condition_channels),
         "target_channels": int(target_channels),
         # T = 1000 and the cosine schedule: used by all three reference works (Graf et al.'s code,
@@ -62,39 +81,22 @@ def diffusion_block(task: str, condition_channels: int, target_channels: int, de
         # matters at the small image sizes of 2D slices.
         "num_train_timesteps": 1000,
         "noise_schedule": "cosine",
-        # x0 ("image mode") for translation and segmentation: Graf et al. found image mode better than
-        # noise mode for MR->CT, and SpineSegDiff predicts the clean mask. Generation predicts the noise
-        # (epsilon), the standard DDPM objective of segmentation-guided generation, which favours
-        # diversity and detail over a regression to the mean image.
-        "prediction_type": "epsilon" if task == "generation" else "sample",
+        "prediction_type": defaults["prediction_type"],
         # DDIM everywhere: deterministic (eta 0), few steps, used by all three works.
         "sampler": "ddim",
-        # Steps: Graf et al. sampled ~25 DDIM steps on a GPU and 5 on the CPU; SpineSegDiff 10-35 (the
-        # x0 prediction of a mask settles after a few steps, so its lower end); generation from noise
-        # prediction needs more steps for texture (50; 10 on the CPU to keep sampling tolerable).
-        "num_inference_steps": {"translation": 5 if on_cpu else 25, "segmentation": 10,
-                                "generation": 10 if on_cpu else 50}[task],
+        "num_inference_steps": defaults["num_inference_steps"],
         "eta": 0.0,
-        # Ensembles of 5 samples (SpineSegDiff) give uncertainty maps and a better mean; a generated
-        # image is itself the product, so generation draws one sample per request.
-        "num_samples": 1 if task == "generation" else 5,
+        "num_samples": defaults["num_samples"],
         # EMA: the averaging window 1 / (1 - decay) must be well below the number of training steps;
         # 0.999 (1000 steps) suits GPU schedules, CPU runs are a few thousand steps at most (0.995).
         "ema_decay": 0.995 if on_cpu else 0.999,
-        # L1 for translation (Graf et al.); Dice + CE on the predicted clean mask for segmentation (as
-        # nnU-Net and SpineSegDiff's Diff-UNet-style code); MSE on the noise for generation (DDPM).
-        "loss": {"translation": "l1", "segmentation": "dice_ce", "generation": "mse"}[task],
+        "loss": defaults["loss"],
         # No classifier-free guidance by default: the condition (MR, image or mask) is always available
         # at prediction and none of the reference works used guidance.
         "condition_dropout": 0.0,
         "target_intensity": target_intensity,
-        # Segmentation: training timesteps skewed to the noisy levels (t = T-1-floor(T u^3): 46 % in the
-        # noisiest tenth, 21 % in the cleaner half). With uniform timesteps half of the steps see a noisy mask
-        # that still shows the answer (cosine SNR > 1 for t < T/2) and teach copying; DDIM sampling from pure
-        # noise needs the noisy levels. Images keep DDPM's uniform draw.
-        "timestep_power": 3.0 if task == "segmentation" else 1.0,
+        "timestep_power": defaults["timestep_power"],
     }
-    return block
 
 
 class SpineDiffPlanner(ExperimentPlanner):
@@ -123,8 +125,8 @@ class SpineDiffPlanner(ExperimentPlanner):
         self.task: TaskSpec = task_spec(self.dataset_json, Path(self.raw_dataset_folder) / "dataset.json")
         self._check_task()
         self.target_statistics = target_statistics or {}
-        if self.task.task in ("translation", "generation") and not self.target_statistics:
-            raise SpineDiffError(f"{self.dataset_name}: a {self.task.task} dataset needs the target channels' "
+        if self.task.task.has_image_target and not self.target_statistics:
+            raise SpineDiffError(f"{self.dataset_name}: a {self.task.task.name} dataset needs the target channels' "
                                  "intensity statistics (collect_target_statistics) to plan.")
         self._saving_enabled = True
 
@@ -151,7 +153,7 @@ class SpineDiffPlanner(ExperimentPlanner):
         nnU-Net's CT normalisation clips and could not be undone when writing predictions in HU.
         """
         schemes, use_mask = super().determine_normalization_scheme_and_whether_mask_is_used_for_norm()
-        if self.task.task in ("translation", "generation"):
+        if self.task.task.has_image_target:
             for channel in self.task.target_channels:
                 schemes[channel] = "NoNormalization"
                 use_mask[channel] = False
@@ -198,13 +200,13 @@ class SpineDiffPlanner(ExperimentPlanner):
         if bad:
             raise SpineDiffError(f"{origin}: spinediff block names channel(s) {bad}, but channel_names has "
                                  f"{n_channels} channel(s) (0..{n_channels - 1}).")
-        if self.task.task == "translation":
-            if not self.task.source_channels or not self.task.target_channels:
-                raise SpineDiffError(f"{origin}: a translation dataset needs both spinediff.source_channels "
-                                     "and spinediff.target_channels.")
-            overlap = set(self.task.source_channels) & set(self.task.target_channels)
-            if overlap:
-                raise SpineDiffError(f"{origin}: channel(s) {sorted(overlap)} are both source and target.")
+        problems = self.task.task.block_problems(list(self.task.source_channels), list(self.task.target_channels),
+                                                 self.dataset_json.get("spinediff") or {})
+        if problems:
+            raise SpineDiffError(f"{origin}: {' '.join(problems)}")
+        overlap = set(self.task.source_channels) & set(self.task.target_channels)
+        if overlap:
+            raise SpineDiffError(f"{origin}: channel(s) {sorted(overlap)} are both source and target.")
 
     def _num_label_channels(self) -> int:
         manager = LabelManager(self.dataset_json["labels"],
@@ -213,15 +215,12 @@ class SpineDiffPlanner(ExperimentPlanner):
 
     def diffusion_channels(self) -> tuple[int, int]:
         """(condition_channels, target_channels) of the network for this dataset's task."""
-        task = self.task
-        if task.task == "segmentation":
-            return len(task.source_channels), self._num_label_channels()
-        if task.task == "translation":
-            return len(task.source_channels), len(task.target_channels)
-        return self._num_label_channels(), len(task.target_channels)
+        spec = self.task
+        return spec.task.network_channels(len(spec.source_channels), len(spec.target_channels),
+                                          self._num_label_channels())
 
     def _target_intensity(self) -> dict[str, Any] | None:
-        if self.task.task == "segmentation":
+        if not self.task.task.has_image_target:
             return None
         return target_intensity_from_statistics(self.target_statistics, self.task.target_channels).to_dict()
 
@@ -375,7 +374,7 @@ class SpineDiffPlanner(ExperimentPlanner):
             from spinediff.planning.label_order import case_centroids_mm, ordered_axes
 
             self._ordered = []
-            if self.task.task == "segmentation":
+            if self.task.task.writes_labels:
                 centroids = case_centroids_mm(Path(self.raw_dataset_folder), self.dataset_json)
                 self._ordered = ordered_axes(centroids, 3)
         return self._ordered
@@ -428,7 +427,7 @@ class SpineDiffPlanner(ExperimentPlanner):
         plans["spinediff"] = {
             "planner": type(self).__name__,
             "version": __version__,
-            "task": self.task.task,
+            "task": self.task.task.name,
             "device": self.profile.device,
             "memory_target_gb": self.profile.memory_target_gb,
             "budget_seconds": self.budget_seconds,
@@ -530,15 +529,7 @@ class SpineDiffPlanner(ExperimentPlanner):
                          f"channels, FiLM time conditioning, attention, no deep supervision): patch {patch}, "
                          f"batch {fitted.batch_size} (limited by {fitted.batch_limited_by}).")
         condition, target = self.diffusion_channels()
-        task_note = {"segmentation": f"Segmentation: condition = {condition} image channel(s), target = one-hot "
-                                     f"mask of {target} classes scaled to [-1, 1]; x0 prediction, Dice+CE.",
-                     "translation": f"Translation: condition = {condition} source channel(s), target = {target} "
-                                    "channel(s) kept in original units in the preprocessed data and mapped "
-                                    "to [-1, 1] by diffusion.target_intensity (invertible); x0 prediction, L1.",
-                     "generation": f"Generation: condition = one-hot label map ({condition} classes), target = "
-                                   f"{target} image channel(s) mapped by diffusion.target_intensity; epsilon "
-                                   "prediction, MSE."}[self.task.task]
-        notes.append(task_note)
+        notes.append(self.task.task.describe(condition, target))
         if kwargs["attention_stages"]:
             notes.append(f"Self-attention at stage {kwargs['attention_stages'][0]} (bottleneck).")
         return notes

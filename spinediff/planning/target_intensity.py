@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from spinediff.datasets.dataset_json import TaskSpec
 from spinediff.errors import SpineDiffError
+from spinediff.tasks import TaskSpec
 
 PERCENTILES = (0.05, 0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5, 99.95)
 AIR_FLOOR_HU = -1200.0
@@ -205,7 +205,7 @@ def collect_target_statistics(raw_dataset_folder: str | Path, dataset_json: dict
 
     from spinediff.io import read_image
 
-    if spec.task not in ("translation", "generation") or not spec.target_channels:
+    if not spec.task.has_image_target or not spec.target_channels:
         return {}
     import SimpleITK as sitk
 
@@ -215,7 +215,7 @@ def collect_target_statistics(raw_dataset_folder: str | Path, dataset_json: dict
     per_channel: dict[int, dict[str, Any]] = {
         c: {"min": math.inf, "max": -math.inf, "whole": [], "fg": []} for c in spec.target_channels}
     for case in tqdm(sorted(files), desc="Target intensity statistics", disable=not show_progress_bar):
-        label = sitk.GetArrayViewFromImage(read_image(files[case]["label"])) > 0
+        label = sitk.GetArrayFromImage(read_image(files[case]["label"])) > 0  # not a view: the image is freed at once
         for channel in spec.target_channels:
             if channel >= len(files[case]["images"]):
                 raise SpineDiffError(

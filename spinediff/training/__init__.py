@@ -1,20 +1,5 @@
-"""Trainers (subclasses of nnunetv2's nnUNetTrainer) and the ``spinediff train`` API."""
+"""Trainers (subclasses of nnunetv2's nnUNetTrainer) and the ``spinediff train`` API.
 
-from __future__ import annotations
-
-from spinediff.training.base import SpineDiffTrainer
-from spinediff.training.baselines import Pix2PixTrainer, RegressionTrainer
-from spinediff.training.diffusion_trainers import (
-    DiffusionSegmentationTrainer,
-    DiffusionTranslationTrainer,
-    SegGuidedGenerationTrainer,
-)
-
-TRAINERS: dict[str, type[SpineDiffTrainer]] = {
-    cls.__name__: cls
-    for cls in (DiffusionTranslationTrainer, DiffusionSegmentationTrainer, SegGuidedGenerationTrainer,
-                RegressionTrainer, Pix2PixTrainer)
-}
-
-__all__ = ["TRAINERS", "SpineDiffTrainer", "DiffusionTranslationTrainer", "DiffusionSegmentationTrainer",
-           "SegGuidedGenerationTrainer", "RegressionTrainer", "Pix2PixTrainer"]
+Trainers are found by class name (:mod:`spinediff.training.registry`): a new trainer is one class in one file
+of this package.
+"""

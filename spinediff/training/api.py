@@ -117,7 +117,7 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     ``refuse_existing``: raise before anything is written when the fold's results folder already holds a
     started or finished training (``spinediff train`` without ``--c`` / ``--overwrite``).
     """
-    from spinediff.training import TRAINERS
+    from spinediff.training.registry import find_trainer, is_spinediff_trainer, trainer_classes
 
     preprocessed, results = setup_environment(preprocessed_folder, results_folder)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
@@ -150,12 +150,12 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     torch_device = torch.device(device)
     from spinediff.training.augmentation import apply_planned_augmentation
 
-    if trainer in TRAINERS:
+    if is_spinediff_trainer(trainer):
         plans = read_json(plans_file)
         plans["continue_training"] = continue_training  # nnU-Net's constructor pops it
         dataset_json = read_json(preprocessed / name / "dataset.json")
-        instance = TRAINERS[trainer](plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                                     device=torch_device)
+        instance = find_trainer(trainer)(plans=plans, configuration=configuration, fold=fold,
+                                         dataset_json=dataset_json, device=torch_device)
     else:
         from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -163,7 +163,8 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
             instance = get_trainer_from_args(name, configuration, fold, trainer, plans_identifier, continue_training,
                                              torch_device)
         except RuntimeError as exc:
-            raise SpineDiffError(f"Unknown trainer {trainer!r}: not a spinediff trainer ({', '.join(TRAINERS)}) "
+            names = ", ".join(trainer_classes())
+            raise SpineDiffError(f"Unknown trainer {trainer!r}: not a spinediff trainer ({names}) "
                                  f"and not found by nnU-Net ({exc}).") from None
     apply_planned_augmentation(instance)
     return instance

@@ -49,13 +49,13 @@ def _is_intensity(transform: BasicTransform) -> bool:
 
 def restrict_intensity_augmentation(transforms: BasicTransform, task) -> BasicTransform:
     """Rewrite nnU-Net's composed training transforms for ``task`` (a TaskAdapter)."""
-    if task.task == "segmentation" or not isinstance(transforms, ComposeTransforms):
+    if not task.task.intensity_augmentation_on_condition_only or not isinstance(transforms, ComposeTransforms):
         return transforms
     kept = []
     for transform in transforms.transforms:
         if not _is_intensity(transform):
             kept.append(transform)
-        elif task.task == "translation" and task.source_channels:
+        elif task.source_channels:  # translation: the source channels only
             kept.append(ChannelSubsetTransform(transform, task.source_channels))
         # generation: every image channel is a target → no intensity augmentation
     return ComposeTransforms(kept)

@@ -28,6 +28,7 @@ from spinediff.diffusion.sampler import SlidingWindowSampler
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
+from spinediff.tasks import Generation, Segmentation, Task, Translation
 from spinediff.training.augmentation import restrict_intensity_augmentation
 from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
@@ -61,7 +62,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     #: straight to the target (regression and Pix2Pix baselines; timestep fixed at 0).
     denoising: bool = True
     #: Tasks a trainer accepts (a dataset's ``spinediff.task``).
-    supported_tasks: tuple[str, ...] = ("segmentation", "translation", "generation")
+    supported_tasks: tuple[type[Task], ...] = (Segmentation, Translation, Generation)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):
@@ -73,9 +74,10 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
                 "configuration (2d_diffusion or 3d_diffusion from `spinediff plan`).")
         self.settings = DiffusionSettings.from_dict(config["diffusion"], source=f"plans, configuration {configuration}")
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
-        if self.task.task not in self.supported_tasks:
-            raise SpineDiffError(f"{type(self).__name__} trains {', '.join(self.supported_tasks)} datasets; this "
-                                 f"dataset's task is {self.task.task!r}.")
+        if not isinstance(self.task.task, self.supported_tasks):
+            supported = ", ".join(task.name for task in self.supported_tasks)
+            raise SpineDiffError(f"{type(self).__name__} trains {supported} datasets; this "
+                                 f"dataset's task is {self.task.task.name!r}.")
         if (self.task.condition_channels, self.task.output_channels) != (
                 self.settings.condition_channels, self.settings.target_channels):
             raise SpineDiffError(
@@ -110,7 +112,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def _add_logging_keys(self) -> None:
         """Image tasks log PSNR and SSIM beside nnU-Net's keys (every key needs a value per epoch,
         or nnU-Net's progress plot breaks, so segmentation adds none)."""
-        if self.task.task == "segmentation":
+        if self.task.task.writes_labels:
             return
         local = self.logger.local_logger if hasattr(self.logger, "local_logger") else self.logger
         for key in ("val_psnr", "val_ssim"):
@@ -234,14 +236,14 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         condition, target = self.split_batch(batch)
         loss = self.compute_loss(self.inference_network, condition, target)
         estimate = self.predict_patches(condition, self.epoch_validation_num_inference_steps, seed=self.current_epoch)
-        if self.task.task == "segmentation":
+        if self.task.task.writes_labels:
             return {"loss": loss.detach().cpu().numpy(), **batch_segmentation_counts(estimate, target)}
         return {"loss": loss.detach().cpu().numpy(), **batch_image_scores(estimate, target)}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
         outputs = collate_outputs(self.gather_across_ranks(val_outputs))  # all ranks: metrics of the global batch
         loss = float(np.mean(outputs["loss"]))
-        if self.task.task == "segmentation":
+        if self.task.task.writes_labels:
             tp, fp, fn = (np.sum(outputs[k], 0) for k in ("tp_hard", "fp_hard", "fn_hard"))
             per_class = [float(2 * a / (2 * a + b + c)) if (2 * a + b + c) > 0 else float("nan")
                          for a, b, c in zip(tp, fp, fn, strict=True)]
@@ -258,7 +260,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.logger.log("val_losses", loss, self.current_epoch)
 
     def on_epoch_end(self) -> None:
-        if self.task.task != "segmentation":
+        if not self.task.task.writes_labels:
             psnr = self.logger.get_value("val_psnr", step=-1)
             steps = self.epoch_validation_num_inference_steps
             self.print_to_log_file(f"Validation PSNR (network range, {steps} steps): {psnr:.2f} dB")
@@ -297,7 +299,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": to_builtin(self.inference_allowed_mirroring_axes),
             "generator_state": self.generator.get_state(),
-            "spinediff": {"task": self.task.task, "diffusion": to_builtin(self.settings.to_dict()),
+            "spinediff": {"task": self.task.task.name, "diffusion": to_builtin(self.settings.to_dict()),
                           "denoising": self.denoising},
             **self.extra_checkpoint_state(),
         }

@@ -12,12 +12,13 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from spinediff.tasks import Generation, Translation
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.distributed import average_gradients, broadcast_parameters
 
 
 class RegressionTrainer(SpineDiffTrainer):
-    supported_tasks = ("translation", "generation")
+    supported_tasks = (Translation, Generation)
     denoising = False
 
     def direct(self, network: nn.Module, condition: torch.Tensor) -> torch.Tensor:

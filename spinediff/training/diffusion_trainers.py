@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from spinediff.tasks import Generation, Segmentation, Translation
 from spinediff.training.base import CUDA, SpineDiffTrainer
 
 
@@ -16,14 +17,14 @@ class DiffusionTranslationTrainer(SpineDiffTrainer):
     """MR → CT (or any source → target channels): the target is noised, conditioned on the sources
     (Graf et al. 2023). Image mode (x0) by default, noise mode (epsilon) selectable."""
 
-    supported_tasks = ("translation",)
+    supported_tasks = (Translation,)
 
 
 class DiffusionSegmentationTrainer(SpineDiffTrainer):
     """SpineSegDiff: one-hot labels (scaled to [-1, 1]) are noised and denoised conditioned on the
     image; loss Dice + CE on the predicted x0; validation by DDIM sampling with a few steps."""
 
-    supported_tasks = ("segmentation",)
+    supported_tasks = (Segmentation,)
 
 
 class SegGuidedGenerationTrainer(SpineDiffTrainer):
@@ -34,7 +35,7 @@ class SegGuidedGenerationTrainer(SpineDiffTrainer):
     masks.
     """
 
-    supported_tasks = ("generation",)
+    supported_tasks = (Generation,)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from spinediff.tasks import SEGMENTATION
+
 #: Refit when the predicted end of training is off the budget by more than this share.
 REFIT_TOLERANCE = 0.10
 #: Epochs measured before the first refit (the first epoch also warms up data loading).
@@ -99,8 +101,8 @@ def epoch_line(trainer, epoch_seconds: list[float], elapsed: float) -> str:
     loss = last("train_losses")
     if loss is not None:
         parts.append(f"loss {loss:.3f}")
-    task = getattr(getattr(trainer, "task", None), "task", "segmentation")
-    if task == "segmentation":
+    task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
+    if task.writes_labels:
         dice = last("mean_fg_dice")
         if dice is not None:
             parts.append(f"val Dice {dice:.3f} (patches)")

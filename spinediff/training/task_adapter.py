@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from spinediff.datasets.dataset_json import task_spec
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.planning.target_intensity import TargetIntensity
+from spinediff.tasks import Task, task_spec
 
 
 def one_hot_scaled(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def one_hot_scaled(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TaskAdapter:
-    task: str
+    task: Task
     source_channels: tuple[int, ...]
     target_channels: tuple[int, ...]
     num_classes: int
@@ -49,39 +49,37 @@ class TaskAdapter:
                            num_classes: int) -> TaskAdapter:
         """Build from a plans configuration (with its ``diffusion`` block) and the dataset.json."""
         settings = DiffusionSettings.from_dict(configuration["diffusion"])
+        task = settings.task_type
         spec = task_spec(dataset_json)
-        intensity = None
-        if settings.task in ("translation", "generation"):
-            intensity = TargetIntensity.from_dict(settings.target_intensity or {})
-        if settings.task == "generation":
-            target = spec.target_channels or tuple(range(len(dataset_json["channel_names"])))
-            return cls("generation", (), tuple(target), num_classes, intensity)
-        if settings.task == "translation":
-            return cls("translation", tuple(spec.source_channels), tuple(spec.target_channels), num_classes,
-                       intensity)
-        return cls("segmentation", tuple(range(len(dataset_json["channel_names"]))), (), num_classes, None)
+        n_channels = len(dataset_json["channel_names"])
+        if task.writes_labels:  # condition: every image channel, as nnU-Net
+            return cls(task, tuple(range(n_channels)), (), num_classes, None)
+        intensity = TargetIntensity.from_dict(settings.target_intensity or {})
+        source = () if task.labels_are_condition else tuple(spec.source_channels)
+        target = tuple(spec.target_channels) or tuple(range(n_channels))
+        return cls(task, source, target, num_classes, intensity)
 
     # ------------------------------------------------------------------ sizes
     @property
     def condition_channels(self) -> int:
-        return self.num_classes if self.task == "generation" else len(self.source_channels)
+        return self.num_classes if self.task.labels_are_condition else len(self.source_channels)
 
     @property
     def output_channels(self) -> int:
-        return self.num_classes if self.task == "segmentation" else len(self.target_channels)
+        return self.num_classes if self.task.writes_labels else len(self.target_channels)
 
     # ------------------------------------------------------------------ batches
     def condition(self, data: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The conditioning tensor ``(B, condition_channels, *spatial)``."""
-        if self.task == "generation":
+        if self.task.labels_are_condition:
             if labels is None:
-                raise ValueError("generation needs the label map as its condition")
+                raise ValueError(f"{self.task.name} needs the label map as its condition")
             return one_hot_scaled(labels, self.num_classes).to(data.device)
         return data[:, list(self.source_channels)].float()
 
     def target(self, data: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The clean target in the network range ``(B, output_channels, *spatial)``."""
-        if self.task == "segmentation":
+        if self.task.writes_labels:
             return one_hot_scaled(labels, self.num_classes).to(data.device)
         target = data[:, list(self.target_channels)].float()
         return self.target_intensity.to_network(target, channel_axis=1)

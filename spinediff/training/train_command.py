@@ -19,11 +19,12 @@ def build_parser(prog: str = "torchrun --nproc-per-node N -m spinediff.run.train
 
 def run_train(args: argparse.Namespace) -> int:
     if args.distributed:  # every rank joins the torchrun job and trains its share of each batch
-        from spinediff.training import TRAINERS
         from spinediff.training.distributed import distributed_session
+        from spinediff.training.registry import is_spinediff_trainer, trainer_classes
 
-        if args.trainer not in TRAINERS:
-            raise SpineDiffError(f"Distributed training supports the spinediff trainers ({', '.join(TRAINERS)}), "
+        if not is_spinediff_trainer(args.trainer):
+            names = ", ".join(trainer_classes())
+            raise SpineDiffError(f"Distributed training supports the spinediff trainers ({names}), "
                                  f"not {args.trainer!r}. nnU-Net's own trainers have their own multi-GPU mode: "
                                  f"nnUNetv2_train {args.dataset} {args.configuration} {args.fold} -tr {args.trainer} "
                                  "-num_gpus N (CUDA only).")

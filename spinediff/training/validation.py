@@ -90,14 +90,14 @@ class ValidationExporter:
         samples' class probabilities (SpineSegDiff), returned in the one-hot scale ``2 p - 1`` of a sample; images
         average the samples."""
         task = self.trainer.task
-        if task.task != "segmentation":
+        if not task.task.writes_labels:
             return samples.float().mean(0)
         return 2 * task.probabilities(samples.float(), channel_axis=1).mean(0) - 1
 
     def _export(self, x0: torch.Tensor, key: str, properties: dict, out_dir: Path, ending: str,
                 save_probabilities: bool) -> None:
         tr = self.trainer
-        if tr.task.task == "segmentation":
+        if tr.task.task.writes_labels:
             # log of the probabilities: logits whose softmax is those probabilities (nnU-Net resamples logits)
             logits = torch.log(tr.task.probabilities(x0[None].float(), channel_axis=1)[0].clamp_min(1e-8)).cpu()
             export_prediction_from_logits(logits, properties, tr.configuration_manager, tr.plans_manager,
@@ -113,14 +113,14 @@ class ValidationExporter:
 
     def _score(self, out_dir: Path, keys: list[str], ending: str) -> dict:
         tr = self.trainer
-        if tr.task.task == "segmentation":
+        if tr.task.task.writes_labels:
             reference = join(tr.preprocessed_dataset_folder_base, "gt_segmentations")
             summary = compute_metrics_on_folder(
                 reference, str(out_dir), str(out_dir / "summary.json"), tr.plans_manager.image_reader_writer_class(),
                 ending, tr.label_manager.foreground_regions if tr.label_manager.has_regions
                 else tr.label_manager.foreground_labels, tr.label_manager.ignore_label, num_processes=1)
             per_class = {str(k): v["Dice"] for k, v in summary["mean"].items()}
-            return {"task": "segmentation", "dice_per_class": per_class,
+            return {"task": tr.task.task.name, "dice_per_class": per_class,
                     "mean_dice": float(summary["foreground_mean"]["Dice"]), "num_cases": len(keys)}
         raw_images = Path(nnUNet_raw.get()) / tr.plans_manager.dataset_name / "imagesTr" if nnUNet_raw.is_set() \
             else None
@@ -136,11 +136,11 @@ class ValidationExporter:
                 per_case[name] = image_metrics(prediction, reference, mapping.clip_range, is_ct=mapping.units == "HU")
         names = sorted({m for case in per_case.values() for m in case})
         mean = {m: float(np.nanmean([case[m] for case in per_case.values()])) for m in names}
-        return {"task": tr.task.task, "per_case": per_case, "mean": mean, "num_cases": len(keys)}
+        return {"task": tr.task.task.name, "per_case": per_case, "mean": mean, "num_cases": len(keys)}
 
     @staticmethod
     def _headline(metrics: dict) -> str:
-        if metrics["task"] == "segmentation":
+        if "mean_dice" in metrics:
             return f"mean Dice {metrics['mean_dice']:.4f} per class {metrics['dice_per_class']}"
         mean = metrics.get("mean", {})
         return ", ".join(f"{k} {v:.3f}" for k, v in mean.items())

@@ -5,14 +5,11 @@ Point nnU-Net at this folder and it finds spinediff's trainers by class name::
     export nnUNet_extTrainer=$(python -c "import spinediff.training.nnunet_entry as e; print(e.__path__[0])")
     nnUNetv2_train 902 2d_diffusion 0 -tr DiffusionTranslationTrainer -device cpu
 
-nnU-Net imports the files of that folder; this one re-exports the real classes, so the trainer
-nnU-Net builds is the same class spinediff uses.
+nnU-Net imports the files of that folder and looks the name up in each; this one holds every spinediff trainer
+(:func:`spinediff.training.registry.trainer_classes`), so the trainer nnU-Net builds is the same class spinediff
+uses, and a new trainer needs no entry here.
 """
 
-from spinediff.training import (  # noqa: F401
-    DiffusionSegmentationTrainer,
-    DiffusionTranslationTrainer,
-    Pix2PixTrainer,
-    RegressionTrainer,
-    SegGuidedGenerationTrainer,
-)
+from spinediff.training.registry import trainer_classes
+
+globals().update(trainer_classes())

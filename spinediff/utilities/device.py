@@ -1,0 +1,41 @@
+"""The ``--device`` option, parsed once: every command gets a ``torch.device`` from argparse and passes it on."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from spinediff.errors import SpineDiffError
+
+DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def parse_device(value: str | torch.device) -> torch.device:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as written.
+
+    A CUDA device is not checked for presence here: plans for a GPU can be made on a machine without one.
+    """
+    if isinstance(value, torch.device):
+        return value
+    text = str(value).strip().lower()
+    if not _DEVICE.match(text):
+        raise SpineDiffError(f"--device must be {DEVICE_HELP}; got {value!r}.")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(text)
+
+
+def _argparse_device(value: str) -> torch.device:
+    try:
+        return parse_device(value)
+    except SpineDiffError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device_argument(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """``--device`` with the same meaning and default (``auto``) in every command."""
+    parser.add_argument("--device", type=_argparse_device, default="auto",
+                        help=f"{purpose + ': ' if purpose else ''}{DEVICE_HELP}")
