@@ -41,7 +41,10 @@ class AncestralDDPMScheduler:
     def __init__(self, process) -> None:
         self.scheduler = DDPMScheduler(process.num_train_timesteps, process.schedule_name, clip_sample=True,
                                        prediction_type=process.prediction_type)
-        self.scheduler.set_timesteps(process.num_train_timesteps)
+        self.set_timesteps(process.num_train_timesteps)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.scheduler.set_timesteps(num_inference_steps)
         self.timesteps = self.scheduler.timesteps
 
     def step(self, model_output, timestep, sample, eta=0.0, generator=None):
@@ -79,10 +82,11 @@ def score(trainer, x0: torch.Tensor, data: torch.Tensor, seg: torch.Tensor, spac
 def sample_slices(trainer, condition: torch.Tensor, steps: int, slices: list[int], seed: int = 0,
                   scheduler=None) -> torch.Tensor:
     """``predict_volume``'s slice loop (same per-slice seeds) on some slices, optionally another scheduler."""
-    sampler = trainer.make_sampler(steps)
+    sampler = trainer.make_predictor().sampler
     if scheduler is not None:
         sampler.scheduler = scheduler
-    return torch.stack([sampler.sample(condition[:, z], 1, generator=seed + z) for z in slices], dim=2)
+    return torch.stack([sampler.sample(condition[:, z], 1, generator=seed + z, num_inference_steps=steps)
+                        for z in slices], dim=2)
 
 
 def evaluate_task(name: str, iterations: int, retrain: bool, max_cases: int, ddpm_slices: int | None,

@@ -92,11 +92,10 @@ def run_worker(spec: dict) -> dict:
             network,
             DiffusionProcess(),
             patch,
-            num_inference_steps=spec["steps"],
             window_batch_size=batch,
             sample_batch_size=spec["sample_batch_size"],
         )
-        sampler.sample(condition, num_samples=spec["samples"], generator=0)
+        sampler.sample(condition, num_samples=spec["samples"], generator=0, num_inference_steps=spec["steps"])
         windows = len(sampler.windows(tuple(spec["volume"])))
         return spec["steps"] * -(-spec["samples"] * windows // batch)
 

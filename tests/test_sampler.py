@@ -1,4 +1,5 @@
-"""Tests of the sliding-window DDIM sampler (spinediff.diffusion.sampler), incl. an overfitting run."""
+"""Tests of the sliding-window DDIM sampler (spinediff.diffusion.sampler), incl. an overfitting run, and of the
+prediction core on top of it (spinediff.diffusion.volume)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
-from spinediff.diffusion import DiffusionProcess, SlidingWindowSampler, ensemble_seeds, initial_noise
+from spinediff.diffusion import (
+    DiffusionProcess,
+    SlidingWindowSampler,
+    VolumePredictor,
+    ensemble_seeds,
+    initial_noise,
+    mirrored,
+)
 from spinediff.errors import SpineDiffError
 from spinediff.networks import TimeConditionedUNet
 
@@ -84,8 +92,8 @@ def test_one_window_equals_whole_volume_sampling_exactly(ndim: int, prediction_t
     network = tiny_network(ndim)
     process = DiffusionProcess(prediction_type=prediction_type)
     condition = torch.randn((1, *SPATIAL[ndim]), generator=torch.Generator().manual_seed(5))
-    sampler = SlidingWindowSampler(network, process, SPATIAL[ndim], num_inference_steps=4, sample_batch_size=2)
-    samples = sampler.sample(condition, num_samples=2, generator=11)
+    sampler = SlidingWindowSampler(network, process, SPATIAL[ndim], sample_batch_size=2)
+    samples = sampler.sample(condition, num_samples=2, generator=11, num_inference_steps=4)
     noise = torch.stack([initial_noise(seed, (1, *SPATIAL[ndim])) for seed in ensemble_seeds(11, 2)])
     expected = reference_ddim(network, process, condition, noise, steps=4)
     assert samples.shape == (2, 1, *SPATIAL[ndim])
@@ -96,24 +104,31 @@ def test_same_seed_same_samples_different_seed_different_samples() -> None:
     network = tiny_network(2)
     condition = torch.randn((1, 24, 20), generator=torch.Generator().manual_seed(0))
     for eta in (0.0, 1.0):
-        sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3, eta=eta)
-        first = sampler.sample(condition, num_samples=2, generator=1)
+        sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), eta=eta)
+        first = sampler.sample(condition, num_samples=2, generator=1, num_inference_steps=3)
         assert torch.isfinite(first).all()  # eta = 1: monai's sqrt(1 - a_prev - sigma^2) once rounded to NaN
-        assert torch.equal(first, sampler.sample(condition, num_samples=2, generator=torch.Generator().manual_seed(1)))
-        assert (first - sampler.sample(condition, num_samples=2, generator=2)).abs().mean() > 1e-3
+        again = sampler.sample(condition, 2, generator=torch.Generator().manual_seed(1), num_inference_steps=3)
+        assert torch.equal(first, again)
+        assert (first - sampler.sample(condition, 2, generator=2, num_inference_steps=3)).abs().mean() > 1e-3
         assert (first[0] - first[1]).abs().mean() > 1e-3  # ensemble members differ
+    # the step count is the call's: one sampler used with 2 then 3 steps equals fresh ones
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16))
+    two = sampler.sample(condition, 1, generator=5, num_inference_steps=2)
+    assert torch.equal(sampler.sample(condition, 1, generator=5, num_inference_steps=3),
+                       SlidingWindowSampler(network, DiffusionProcess(), (16, 16)).sample(condition, 1, generator=5,
+                                                                                          num_inference_steps=3))
+    assert torch.equal(two, sampler.sample(condition, 1, generator=5, num_inference_steps=2))
     # with eta = 0 a member depends only on its seed: not on the ensemble size or the batching
-    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3, sample_batch_size=3)
-    alone = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=3)
-    torch.testing.assert_close(sampler.sample(condition, 3, generator=4)[:1], alone.sample(condition, 1, generator=4))
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), sample_batch_size=3)
+    alone = SlidingWindowSampler(network, DiffusionProcess(), (16, 16))
+    torch.testing.assert_close(sampler.sample(condition, 3, generator=4, num_inference_steps=3)[:1],
+                               alone.sample(condition, 1, generator=4, num_inference_steps=3))
 
 
 def test_memory_is_bounded_by_window_batches() -> None:
     recorder = CallRecorder(tiny_network(2))
-    sampler = SlidingWindowSampler(
-        recorder, DiffusionProcess(), (16, 16), num_inference_steps=2, window_batch_size=3, sample_batch_size=2
-    )
-    samples = sampler.sample(torch.zeros(1, 32, 16), num_samples=5, generator=0)
+    sampler = SlidingWindowSampler(recorder, DiffusionProcess(), (16, 16), window_batch_size=3, sample_batch_size=2)
+    samples = sampler.sample(torch.zeros(1, 32, 16), num_samples=5, generator=0, num_inference_steps=2)
     assert samples.shape == (5, 1, 32, 16)
     windows = 3  # starts 0, 8, 16 along the first axis with step 0.5
     groups = [2, 2, 1]
@@ -124,20 +139,23 @@ def test_memory_is_bounded_by_window_batches() -> None:
 
 def test_volume_smaller_than_the_patch_is_padded_and_cropped() -> None:
     network = tiny_network(2, condition_channels=2)
-    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=2)
-    samples = sampler.sample(torch.randn(2, 11, 20), num_samples=1, generator=0)
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16))
+    samples = sampler.sample(torch.randn(2, 11, 20), num_samples=1, generator=0, num_inference_steps=2)
     assert samples.shape == (1, 1, 11, 20) and torch.isfinite(samples).all()
     assert samples.abs().max() <= 1.0  # clipped x0 at the last step
 
 
 def test_invalid_calls_raise_spinediff_errors() -> None:
     network = tiny_network(2)
-    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), num_inference_steps=2)
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16))
     with pytest.raises(SpineDiffError, match="spatial"):
-        sampler.sample(torch.zeros(16, 16))
+        sampler.sample(torch.zeros(16, 16), num_inference_steps=2)
     with pytest.raises(SpineDiffError, match="start_timestep"):
-        sampler.sample(torch.zeros(1, 16, 16), initial_estimate=torch.zeros(1, 16, 16))
-    for kwargs in ({"tile_step_size": 0.0}, {"eta": 2.0}, {"num_inference_steps": 0}, {"mirror_axes": (2,)}):
+        sampler.sample(torch.zeros(1, 16, 16), initial_estimate=torch.zeros(1, 16, 16), num_inference_steps=2)
+    for steps in (0, 1001):  # checked at call time, against the process's 1000 training timesteps
+        with pytest.raises(SpineDiffError, match="num_inference_steps"):
+            sampler.sample(torch.zeros(1, 16, 16), num_inference_steps=steps)
+    for kwargs in ({"tile_step_size": 0.0}, {"eta": 2.0}, {"mirror_axes": (2,)}):
         with pytest.raises(SpineDiffError):
             SlidingWindowSampler(network, DiffusionProcess(), (16, 16), **kwargs)
 
@@ -168,8 +186,8 @@ def test_classifier_free_guidance_extrapolates_from_the_unconditional_output() -
 
 
 def test_progress_bar_over_steps(capsys: pytest.CaptureFixture[str]) -> None:
-    sampler = SlidingWindowSampler(tiny_network(2), DiffusionProcess(), (16, 16), num_inference_steps=3, progress=True)
-    sampler.sample(torch.zeros(1, 16, 16), generator=0)
+    sampler = SlidingWindowSampler(tiny_network(2), DiffusionProcess(), (16, 16), progress=True)
+    sampler.sample(torch.zeros(1, 16, 16), generator=0, num_inference_steps=3)
     assert "DDIM" in capsys.readouterr().err
 
 
@@ -217,10 +235,10 @@ def trained():
 def test_overfitted_network_reconstructs_the_target(trained) -> None:
     network, process = trained
     condition, target = pattern_pair(2 * PATCH)
-    sampler = SlidingWindowSampler(network, process, (PATCH, PATCH), num_inference_steps=10, window_batch_size=9)
+    sampler = SlidingWindowSampler(network, process, (PATCH, PATCH), window_batch_size=9)
     window = (slice(None), slice(0, PATCH), slice(0, PATCH))
-    one_window = sampler.sample(condition[window], num_samples=2, generator=0)
-    whole = sampler.sample(condition, num_samples=1, generator=0)[0]
+    one_window = sampler.sample(condition[window], num_samples=2, generator=0, num_inference_steps=10)
+    whole = sampler.sample(condition, num_samples=1, generator=0, num_inference_steps=10)[0]
     figures = {
         "condition": psnr(condition[window], target[window]),
         "one window": min(psnr(s, target[window]) for s in one_window),
@@ -250,16 +268,14 @@ def test_volume_twice_the_patch_samples_without_seams(trained) -> None:
     results = {}
     # Gaussian blending vs. a control that stitches non-overlapping windows (a seam detector check)
     for name, options in (("blended", {}), ("hard stitched", {"tile_step_size": 1.0, "use_gaussian": False})):
-        sampler = SlidingWindowSampler(
-            network, process, (PATCH, PATCH), num_inference_steps=10, window_batch_size=9, **options
-        )
+        sampler = SlidingWindowSampler(network, process, (PATCH, PATCH), window_batch_size=9, **options)
         windows = sampler.windows((size, size))
         border, inside = [], []
         # several phase shifts so that borders meet every part of the pattern; the error image
         # (sample - target) removes the content's own gradients from the comparison
         for k in range(6):
             condition, target = pattern_pair(size, shift=(3.1 * k, 5.3 * k))
-            sample = sampler.sample(condition, num_samples=1, generator=k)[0]
+            sample = sampler.sample(condition, num_samples=1, generator=k, num_inference_steps=10)[0]
             b, i = border_and_inside_differences(sample - target, windows, size)
             border.append(b)
             inside.append(i)
@@ -278,15 +294,16 @@ def test_warm_start_from_an_estimate_skips_steps(trained) -> None:
     network, process = trained
     recorder = CallRecorder(network)
     condition, target = pattern_pair(PATCH)
-    sampler = SlidingWindowSampler(recorder, process, (PATCH, PATCH), num_inference_steps=10)
+    sampler = SlidingWindowSampler(recorder, process, (PATCH, PATCH))
     # a coarse "presegmentation": the target blurred and biased
     estimate = torch.nn.functional.avg_pool2d(target[None], 5, stride=1, padding=2)[0] * 0.8 + 0.05
-    warm = sampler.sample(condition, num_samples=1, generator=0, initial_estimate=estimate, start_timestep=300)
+    warm = sampler.sample(condition, num_samples=1, generator=0, num_inference_steps=10, initial_estimate=estimate,
+                          start_timestep=300)
     assert len(recorder.batch_sizes) == 3  # scheduled timesteps 999, 888, ..., 111, 0: only 222, 111, 0 run
     assert psnr(warm[0], target) > psnr(estimate, target) + 5
     assert psnr(warm[0], target) > psnr(condition, target) + 20
     with pytest.raises(SpineDiffError, match="below every"):
-        sampler.sample(condition, initial_estimate=estimate, start_timestep=-1)
+        sampler.sample(condition, num_inference_steps=10, initial_estimate=estimate, start_timestep=-1)
 
 
 def test_segmentation_sampling_continues_from_class_probabilities() -> None:
@@ -300,9 +317,84 @@ def test_segmentation_sampling_continues_from_class_probabilities() -> None:
     scaled = Scaled(tiny_network(2, condition_channels=1, target_channels=3))
     condition = torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(0))
     process = DiffusionProcess(loss="dice_ce")
-    samples = SlidingWindowSampler(scaled, process, (16, 16), num_inference_steps=4).sample(condition, 2, generator=3)
+    samples = SlidingWindowSampler(scaled, process, (16, 16)).sample(condition, 2, generator=3, num_inference_steps=4)
     probabilities = (samples + 1) / 2
     assert probabilities.min() >= 0 and torch.allclose(probabilities.sum(1), torch.ones(2, 16, 16), atol=1e-5)
-    plain = SlidingWindowSampler(scaled, DiffusionProcess(loss="l1"), (16, 16), num_inference_steps=4)
-    assert not torch.allclose(((plain.sample(condition, 2, generator=3) + 1) / 2).sum(1), torch.ones(2, 16, 16),
-                              atol=1e-2)
+    plain = SlidingWindowSampler(scaled, DiffusionProcess(loss="l1"), (16, 16))
+    assert not torch.allclose(((plain.sample(condition, 2, generator=3, num_inference_steps=4) + 1) / 2).sum(1),
+                              torch.ones(2, 16, 16), atol=1e-2)
+
+
+# --------------------------------------------------------------------------- the prediction core
+def test_mirrored_averages_every_flip_combination() -> None:
+    x = torch.randn((2, 1, 4, 5), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn((4, 5), generator=torch.Generator().manual_seed(1))
+
+    def function(y: torch.Tensor) -> torch.Tensor:  # not mirror-equivariant
+        return y * weights
+
+    assert torch.equal(mirrored(function, x, ()), function(x))
+    flips = ([2], [3], [2, 3])
+    expected = (function(x) + sum(torch.flip(function(torch.flip(x, dims)), dims) for dims in flips)) / 4
+    torch.testing.assert_close(mirrored(function, x, (0, 1)), expected)
+
+
+def test_diffusion_volume_is_sampled_slice_by_slice_with_seed_plus_z() -> None:
+    network = tiny_network(2)
+    condition = torch.randn((1, 3, 20, 18), generator=torch.Generator().manual_seed(0))
+    predictor = VolumePredictor(network, process=DiffusionProcess(), patch_size=(16, 16), window_batch_size=4,
+                                sample_batch_size=2)
+    calls = []
+    samples = predictor.predict(condition, num_inference_steps=2, num_samples=2, seed=7,
+                                on_slice=lambda: calls.append(1))
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (16, 16), window_batch_size=4)
+    expected = torch.stack([sampler.sample(condition[:, z], 2, generator=7 + z, num_inference_steps=2)
+                            for z in range(3)], dim=2)
+    assert samples.shape == (2, 1, 3, 20, 18) and len(calls) == 3
+    assert torch.equal(samples, expected)
+    # epoch validation: one sample per patch, seeded seed + i
+    patches = condition.movedim(1, 0)[:, :, :16, :16]
+    torch.testing.assert_close(predictor.predict_patches(patches, num_inference_steps=2, seed=7),
+                               torch.cat([sampler.sample(p, 1, generator=7 + i, num_inference_steps=2)
+                                          for i, p in enumerate(patches)]), rtol=0, atol=0)
+
+
+def test_diffusion_3d_volume_is_sampled_whole() -> None:
+    network = tiny_network(3)
+    condition = torch.randn((1, 10, 20, 18), generator=torch.Generator().manual_seed(0))
+    calls = []
+    predictor = VolumePredictor(network, process=DiffusionProcess(), patch_size=(8, 16, 16), window_batch_size=4)
+    samples = predictor.predict(condition, num_inference_steps=2, num_samples=2, seed=3,
+                                on_slice=lambda: calls.append(1))
+    sampler = SlidingWindowSampler(network, DiffusionProcess(), (8, 16, 16), window_batch_size=4)
+    assert torch.equal(samples, sampler.sample(condition, 2, generator=3, num_inference_steps=2)) and calls == [1]
+
+
+def test_one_step_model_predicts_through_the_same_slice_loop() -> None:
+    """process None: network(condition, 0) in Gaussian-blended windows, clamped, the same output for all K."""
+    class Scaled(nn.Module):  # outputs beyond [-1, 1] show the clamp
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = tiny_network(2, condition_channels=0)  # reads the condition only
+
+        def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return 20 * self.network(x, timesteps)
+
+    network = Scaled().eval()
+    condition = torch.randn((1, 3, 20, 18), generator=torch.Generator().manual_seed(0))
+    calls = []
+    plain = VolumePredictor(network, process=None, patch_size=(16, 16), window_batch_size=4)
+    volume = plain.predict(condition, num_inference_steps=1, num_samples=3, on_slice=lambda: calls.append(1))
+    assert volume.shape == (3, 1, 3, 20, 18) and len(calls) == 3 and not plain.denoising
+    assert torch.equal(volume[0], volume[2]) and volume.abs().max() == 1.0
+    assert torch.equal(volume[:, :, 1], plain.predict(condition[:, 1], num_inference_steps=1, num_samples=3))
+    patches = condition.movedim(1, 0)[:, :, :16, :16]
+    with torch.no_grad():
+        direct = network(patches, torch.zeros(3, dtype=torch.long)).clamp(-1, 1)
+    assert torch.equal(plain.predict_patches(patches, num_inference_steps=1), direct)
+    # mirroring through the shared helper makes the one-step model mirror-equivariant
+    flipping = VolumePredictor(network, process=None, patch_size=(16, 16), window_batch_size=4, mirror_axes=(0, 1))
+    flipped = flipping.predict(torch.flip(condition, [3]), num_inference_steps=1)
+    torch.testing.assert_close(torch.flip(flipped, [4]), flipping.predict(condition, num_inference_steps=1),
+                               atol=1e-5, rtol=1e-5)
+    assert (flipping.predict(condition, num_inference_steps=1) - volume[:1]).abs().max() > 1e-3

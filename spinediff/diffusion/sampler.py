@@ -17,7 +17,7 @@ that fits in one window samples bit-identically to plain whole-volume DDIM.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
@@ -53,6 +53,18 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
+def mirrored(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+             mirror_axes: Sequence[int]) -> torch.Tensor:
+    """``function(x)`` averaged over every combination of flips of ``mirror_axes`` (spatial, 0-based, of a
+    ``(B, C, *spatial)`` batch), as nnU-Net's mirroring: 2^len(axes) calls; no axes: one plain call."""
+    output = function(x)
+    combinations = [c for n in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, n)]
+    for axes in combinations:
+        dims = [a + 2 for a in axes]
+        output = output + torch.flip(function(torch.flip(x, dims)), dims)
+    return output / (len(combinations) + 1) if combinations else output
+
+
 class StableDDIMScheduler(DDIMScheduler):
     """monai's DDIM scheduler with the step variance kept inside its bound.
 
@@ -75,7 +87,6 @@ class SlidingWindowSampler:
         network: denoiser ``network(x, timesteps)`` with ``x = cat([condition, x_t], dim=1)``.
         process: the diffusion process the network was trained with (schedule, prediction type).
         patch_size: spatial window size, the plans' patch size.
-        num_inference_steps: DDIM steps from t = T-1 to 0.
         eta: DDIM stochasticity (0 = deterministic given the initial noise).
         tile_step_size: window step as a fraction of the patch; nnU-Net's 0.5 so every voxel away
             from the border is seen by several windows and blending can hide window-edge effects.
@@ -97,7 +108,6 @@ class SlidingWindowSampler:
         network: nn.Module,
         process: DiffusionProcess,
         patch_size: Sequence[int],
-        num_inference_steps: int = 10,
         eta: float = 0.0,
         tile_step_size: float = 0.5,
         window_batch_size: int = 4,
@@ -113,8 +123,6 @@ class SlidingWindowSampler:
             raise SpineDiffError(f"tile_step_size must be in (0, 1], got {tile_step_size}")
         if window_batch_size < 1 or sample_batch_size < 1:
             raise SpineDiffError("window_batch_size and sample_batch_size must be at least 1")
-        if not 1 <= num_inference_steps <= process.num_train_timesteps:
-            raise SpineDiffError(f"num_inference_steps must be in [1, {process.num_train_timesteps}]")
         if not 0 <= eta <= 1:
             raise SpineDiffError(f"eta must be in [0, 1], got {eta}")
         self.network = network
@@ -123,7 +131,6 @@ class SlidingWindowSampler:
         bad_axes = [a for a in mirror_axes if not 0 <= a < len(self.patch_size)]
         if bad_axes:
             raise SpineDiffError(f"mirror_axes {bad_axes} outside the {len(self.patch_size)} spatial axes")
-        self.num_inference_steps = num_inference_steps
         self.eta = eta
         self.tile_step_size = tile_step_size
         self.window_batch_size = window_batch_size
@@ -139,14 +146,13 @@ class SlidingWindowSampler:
             clip_sample=clip_sample,
             prediction_type=process.prediction_type,
         )
-        self.scheduler.set_timesteps(num_inference_steps)
 
     @classmethod
     def from_settings(
         cls, network: nn.Module, settings: DiffusionSettings, patch_size: Sequence[int], **options
     ) -> SlidingWindowSampler:
-        """Sampler with the plans' steps and eta; ``options`` override any other argument."""
-        options.setdefault("num_inference_steps", settings.num_inference_steps)
+        """Sampler with the plans' eta; ``options`` override any other argument. The step count is given to
+        :meth:`sample` (the plans' is ``settings.num_inference_steps``)."""
         options.setdefault("eta", settings.eta)
         return cls(network, DiffusionProcess.from_settings(settings), patch_size, **options)
 
@@ -157,6 +163,8 @@ class SlidingWindowSampler:
         condition: torch.Tensor,
         num_samples: int = 1,
         generator: int | torch.Generator = 0,
+        *,
+        num_inference_steps: int,
         initial_estimate: torch.Tensor | None = None,
         start_timestep: int | None = None,
     ) -> torch.Tensor:
@@ -169,6 +177,7 @@ class SlidingWindowSampler:
                 comes from it (see :func:`ensemble_seeds`), so the same seed gives the same samples.
                 With eta > 0 the step noise is drawn per batch of members, so results then also
                 depend on ``sample_batch_size``.
+            num_inference_steps: DDIM steps from t = T-1 to 0, in [1, T].
             initial_estimate: warm start ("presegmentation"): ``(target_channels, *spatial)`` estimate
                 of x0 in the diffusion range (e.g. a one-hot nnU-Net prediction scaled to [-1, 1]).
             start_timestep: with ``initial_estimate``, the timestep to start from; sampling begins at
@@ -178,6 +187,9 @@ class SlidingWindowSampler:
         Returns:
             ``(num_samples, target_channels, *spatial)`` float tensor on the CPU.
         """
+        if not 1 <= num_inference_steps <= self.process.num_train_timesteps:
+            raise SpineDiffError(f"num_inference_steps must be in [1, {self.process.num_train_timesteps}], got "
+                                 f"{num_inference_steps}")
         seeds = ensemble_seeds(generator, num_samples)
         spatial = tuple(condition.shape[1:])
         if len(spatial) != len(self.patch_size):
@@ -185,6 +197,7 @@ class SlidingWindowSampler:
                 f"condition has spatial shape {spatial}; the patch {self.patch_size} needs "
                 f"{len(self.patch_size)} spatial axes (give (channels, *spatial))"
             )
+        self.scheduler.set_timesteps(num_inference_steps)
         timesteps = [int(t) for t in self.scheduler.timesteps]
         if initial_estimate is not None:
             if start_timestep is None:
@@ -324,11 +337,4 @@ class SlidingWindowSampler:
                 output = unconditional + self.guidance_scale * (output - unconditional)
             return output
 
-        output = guided(network_input)
-        combinations = [
-            c for n in range(1, len(self.mirror_axes) + 1) for c in itertools.combinations(self.mirror_axes, n)
-        ]
-        for axes in combinations:
-            dims = [a + 2 for a in axes]
-            output = output + torch.flip(guided(torch.flip(network_input, dims)), dims)
-        return output / (len(combinations) + 1) if combinations else output
+        return mirrored(guided, network_input, self.mirror_axes)

@@ -11,19 +11,17 @@ checkpoint file can never run code (spinediff's trainers save nothing else; see
 from __future__ import annotations
 
 import copy
-import itertools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from monai.inferers import sliding_window_inference
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from spinediff.diffusion.process import DiffusionProcess
-from spinediff.diffusion.sampler import SlidingWindowSampler
 from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
@@ -162,65 +160,14 @@ class FoldModel:
                    INFERENCE_BATCH_FACTOR * max(1, int(folder.configuration_manager.batch_size)),
                    tuple(int(a) for a in axes))
 
-    @torch.no_grad()
     def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
                 tta: bool, on_slice=None) -> torch.Tensor:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
-        mirror_axes = self.mirror_axes if tta else ()
-        if not self.denoising:
-            return regress_volume(self.network, condition, self.patch_size, self.window_batch_size, mirror_axes)[None]
-        device = next(self.network.parameters()).device
         # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
         # 3D volumes: one member at a time, so memory does not grow with K.
-        sampler = SlidingWindowSampler(self.network, self.process, self.patch_size,
-                                       num_inference_steps=num_inference_steps, eta=eta,
-                                       window_batch_size=self.window_batch_size, mirror_axes=mirror_axes,
-                                       sample_batch_size=num_samples if len(self.patch_size) == 2 else 1,
-                                       device=device)
-        return sample_volume(sampler, condition.to(device), seed, num_samples, on_slice)
-
-
-def sample_volume(sampler: SlidingWindowSampler, condition: torch.Tensor, seed: int = 0,
-                  num_samples: int = 1, on_slice=None) -> torch.Tensor:
-    """``(K, C, *spatial)`` samples of one volume ``(C, *spatial)``, as ``SpineDiffTrainer.predict_volume``.
-
-    A 2D sampler on a 3D volume samples every slice of the first axis on its own, seeded ``seed + z``.
-    ``on_slice`` (progress) is called after each slice (2D) or once after the volume (3D).
-    """
-    if len(sampler.patch_size) == 2 and condition.ndim == 4:
-        slices = []
-        for z in range(condition.shape[1]):
-            slices.append(sampler.sample(condition[:, z], num_samples, generator=seed + z))
-            if on_slice is not None:
-                on_slice()
-        return torch.stack(slices, dim=2)
-    volume = sampler.sample(condition, num_samples, generator=seed)
-    if on_slice is not None:
-        on_slice()
-    return volume
-
-
-def regress_volume(network: nn.Module, condition: torch.Tensor, patch_size: tuple[int, ...], batch_size: int,
-                   mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
-    """A one-step model's ``(C, *spatial)`` output, as ``RegressionTrainer.predict_volume`` (monai sliding
-    window, Gaussian blending, 50 % overlap; 2D models slice by slice), plus optional mirroring."""
-    device = next(network.parameters()).device
-
-    def direct(x: torch.Tensor) -> torch.Tensor:
-        timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        # every combination of flips, as nnU-Net's and the sampler's mirroring
-        flips = [[a + 2 for a in axes] for n in range(len(mirror_axes) + 1)
-                 for axes in itertools.combinations(mirror_axes, n)]
-        output = sum(torch.flip(network(torch.flip(x, dims), timesteps), dims) if dims else network(x, timesteps)
-                     for dims in flips)
-        return output / len(flips)
-
-    def run(volume: torch.Tensor) -> torch.Tensor:
-        return sliding_window_inference(volume[None].float().to(device), list(patch_size), batch_size, direct,
-                                        overlap=0.5, mode="gaussian", padding_mode="constant")[0]
-
-    if len(patch_size) == 2 and condition.ndim == 4:
-        output = torch.stack([run(condition[:, z]) for z in range(condition.shape[1])], dim=1)
-    else:
-        output = run(condition)
-    return output.clamp(-1, 1).cpu()
+        predictor = VolumePredictor(self.network, process=self.process if self.denoising else None,
+                                    patch_size=self.patch_size, window_batch_size=self.window_batch_size,
+                                    mirror_axes=self.mirror_axes if tta else (), eta=eta,
+                                    sample_batch_size=num_samples if len(self.patch_size) == 2 else 1)
+        return predictor.predict(condition, num_inference_steps=num_inference_steps, seed=seed,
+                                 num_samples=num_samples if self.denoising else 1, on_slice=on_slice)

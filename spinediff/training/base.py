@@ -2,7 +2,7 @@
 
 It composes small, separately tested objects — the network built from the plans, the
 :class:`~spinediff.diffusion.process.DiffusionProcess`, the
-:class:`~spinediff.diffusion.sampler.SlidingWindowSampler`, the :class:`TaskAdapter` and the
+:class:`~spinediff.diffusion.volume.VolumePredictor`, the :class:`TaskAdapter` and the
 :class:`WeightAverage` (EMA) — and keeps nnU-Net's data loading, augmentation, splits, logging,
 progress plot and checkpoint layout. Subclasses only choose the task and, for baselines, the loss
 and how a prediction is made.
@@ -24,8 +24,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from spinediff.diffusion.process import DiffusionProcess
-from spinediff.diffusion.sampler import SlidingWindowSampler
 from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
 from spinediff.tasks import Generation, Segmentation, Task, Translation
@@ -205,31 +205,25 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         return {"loss": loss.detach().cpu().numpy()}
 
     # ------------------------------------------------------------------ prediction
-    def make_sampler(self, num_inference_steps: int | None = None, **options) -> SlidingWindowSampler:
+    def make_predictor(self, **options) -> VolumePredictor:
+        """The prediction core on the EMA network: DDIM sampling, or one step for a non-denoising trainer."""
         options.setdefault("window_batch_size", max(1, self.configuration_manager.batch_size))
-        return SlidingWindowSampler(self.inference_network, self.process, self.configuration_manager.patch_size,
-                                    num_inference_steps=num_inference_steps or self.settings.num_inference_steps,
-                                    eta=self.settings.eta, device=self.device, **options)
+        return VolumePredictor(self.inference_network, process=self.process if self.denoising else None,
+                               patch_size=self.configuration_manager.patch_size, eta=self.settings.eta,
+                               device=self.device, **options)
 
-    @torch.no_grad()
     def predict_patches(self, condition: torch.Tensor, num_inference_steps: int, seed: int = 0) -> torch.Tensor:
         """x0 estimates for a batch of patch-sized conditions ``(B, C, *patch)``."""
-        sampler = self.make_sampler(num_inference_steps)
-        return torch.cat([sampler.sample(c, 1, generator=seed + i) for i, c in enumerate(condition)]).to(self.device)
+        return self.make_predictor().predict_patches(condition, num_inference_steps=num_inference_steps, seed=seed)
 
-    @torch.no_grad()
     def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
                        num_samples: int = 1) -> torch.Tensor:
-        """``(K, C, *spatial)`` x0 samples for one preprocessed volume ``(C, *spatial)``.
+        """``(K, C, *spatial)`` x0 estimates for one preprocessed volume ``(C, *spatial)`` on the CPU.
 
-        A 2D configuration samples every slice of the first axis on its own (seeded per slice).
+        A 2D configuration predicts every slice of the first axis on its own (seeded per slice).
         """
-        sampler = self.make_sampler(num_inference_steps)
-        if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4:
-            slices = [sampler.sample(condition[:, z], num_samples, generator=seed + z)
-                      for z in range(condition.shape[1])]
-            return torch.stack(slices, dim=2)
-        return sampler.sample(condition, num_samples, generator=seed)
+        steps = num_inference_steps or self.settings.num_inference_steps
+        return self.make_predictor().predict(condition, num_inference_steps=steps, num_samples=num_samples, seed=seed)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict) -> dict:

@@ -9,7 +9,6 @@ nnU-Net's own ``nnUNetTrainer`` is the segmentation baseline, untouched.
 from __future__ import annotations
 
 import torch
-from monai.inferers import sliding_window_inference
 from torch import nn
 
 from spinediff.tasks import Generation, Translation
@@ -18,6 +17,8 @@ from spinediff.training.distributed import average_gradients, broadcast_paramete
 
 
 class RegressionTrainer(SpineDiffTrainer):
+    """One step from the condition to the target; predicts through the base's core with no diffusion process."""
+
     supported_tasks = (Translation, Generation)
     denoising = False
 
@@ -27,28 +28,6 @@ class RegressionTrainer(SpineDiffTrainer):
 
     def compute_loss(self, network, condition, target):
         return torch.nn.functional.l1_loss(self.direct(network, condition), target)
-
-    @torch.no_grad()
-    def predict_patches(self, condition, num_inference_steps, seed=0):
-        self.inference_network.eval()
-        return self.direct(self.inference_network, condition).clamp(-1, 1)
-
-    @torch.no_grad()
-    def predict_volume(self, condition, seed=0, num_inference_steps=None, num_samples=1):
-        """Sliding-window prediction (monai, Gaussian blending, 50% overlap) of one volume ``(C, *spatial)``."""
-        network = self.inference_network.eval()
-        patch = list(self.configuration_manager.patch_size)
-
-        def run(volume: torch.Tensor) -> torch.Tensor:
-            return sliding_window_inference(volume[None].float(), patch, max(1, self.configuration_manager.batch_size),
-                                            lambda x: self.direct(network, x), overlap=0.5, mode="gaussian",
-                                            padding_mode="constant")[0]
-
-        if len(patch) == 2 and condition.ndim == 4:
-            out = torch.stack([run(condition[:, z]) for z in range(condition.shape[1])], dim=1)
-        else:
-            out = run(condition)
-        return out.clamp(-1, 1)[None].expand(num_samples, *out.shape).cpu()
 
 
 def patch_discriminator(in_channels: int, dimension: int, features: int = 32, layers: int = 3) -> nn.Module:
