@@ -111,8 +111,9 @@ def segmenter_dice(model_folder: Path, fold: int | str, images: dict[str, Path],
         outputs.mkdir()
         for case, image in images.items():
             os.symlink(Path(image).resolve(), inputs / f"{case}_0000.nii.gz")
+        torch_device = torch.device(device)
         predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                    perform_everything_on_device=device != "cpu", device=torch.device(device),
+                                    perform_everything_on_device=torch_device.type != "cpu", device=torch_device,
                                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,),
                                                        checkpoint_name="checkpoint_final.pth")

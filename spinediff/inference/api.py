@@ -119,7 +119,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     output.mkdir(parents=True, exist_ok=True)
     settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
                 "configuration": folder.configuration, "plans": folder.plans_identifier,
-                "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": device,
+                "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
                 "num_samples": num_samples or predictor.settings.num_samples,
                 "steps": num_inference_steps or predictor.settings.num_inference_steps,
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,

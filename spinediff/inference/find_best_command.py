@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.find_best import find_best
+from spinediff.utilities.device import add_device_argument
 
 
 def run_find_best(args: argparse.Namespace) -> int:
@@ -55,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "candidate)")
     parser.add_argument("-o", "--output", help="JSON to write (default: $nnUNet_results/DatasetXXX/find_best.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
-    parser.add_argument("--device", default="cpu", help="device for --repredict")
+    add_device_argument(parser, "device for --repredict")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
     parser.add_argument("--raw", help="nnU-Net raw folder, for references and re-prediction (default: $nnUNet_raw)")
     parser.set_defaults(func=run_find_best)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.api import RUN_SUMMARY, predict
+from spinediff.utilities.device import add_device_argument
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-postprocessing", action="store_true",
                         help="segmentation: do not apply the model's postprocessing.json (the level numbering that "
                              "`spinediff find_best` keeps when it improves the cross-validation Dice)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_device_argument(parser, "where to sample")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
     parser.set_defaults(func=run_predict)

@@ -28,13 +28,13 @@ import numpy as np
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import nnunet_folder, resolve_raw_dataset
+from spinediff.utilities.device import parse_device
 
 PLANS_IDENTIFIER = "nnUNetPlans"  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
 NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DIFFUSION_CONFIGURATIONS = ("2d_diffusion", "3d_diffusion")
 CPU_BASELINE_CONFIGURATIONS = ("2d_cpu", "3d_fullres_cpu")
 ALL_CONFIGURATIONS = (*NNUNET_CONFIGURATIONS, *DIFFUSION_CONFIGURATIONS, *CPU_BASELINE_CONFIGURATIONS)
-DEVICES = ("auto", "cpu", "cuda")
 # nnU-Net samples 1e8 foreground voxels for its intensity statistics (hundreds of MB per channel);
 # 1e7 gives the same percentiles to three digits at a tenth of the memory and time.
 DEFAULT_INTENSITY_SAMPLES = 10_000_000
@@ -46,14 +46,9 @@ def default_num_processes() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def resolve_device(device: str) -> str:
-    if device not in DEVICES:
-        raise SpineDiffError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}.")
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str | torch.device) -> str:  # noqa: F821 (annotation only)
+    """The kind of device to plan for, ``cpu`` or ``cuda`` (see :func:`spinediff.utilities.device.parse_device`)."""
+    return parse_device(device).type
 
 
 @contextlib.contextmanager

@@ -6,13 +6,13 @@ import argparse
 
 from spinediff.planning.api import (
     ALL_CONFIGURATIONS,
-    DEVICES,
     dataset_summary,
     default_num_processes,
     format_table,
     plan_dataset,
     summarize_plans,
 )
+from spinediff.utilities.device import add_device_argument
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -80,10 +80,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", choices=ALL_CONFIGURATIONS,
                         help="configurations to preprocess (default: all in the plans). The plans always hold "
                              f"all of them. Choices: {', '.join(ALL_CONFIGURATIONS)}")
-    parser.add_argument("--device", choices=DEVICES, default="auto",
-                        help="plan for a GPU (cuda: what nnU-Net would choose for --memory-target-gb) or for "
-                             "this CPU (cpu: small networks, a 2D training step well under a second); "
-                             "auto = cuda if torch sees a GPU (default: auto)")
+    add_device_argument(parser, "plan for a GPU (cuda: what nnU-Net would choose for --memory-target-gb) or for "
+                                "this CPU (cpu: small networks, a 2D training step well under a second)")
     parser.add_argument("--memory-target-gb", type=float, default=None, metavar="G",
                         help="GPU memory (cuda; default 8, as nnU-Net) or RAM (cpu; default 4) to plan for")
     parser.add_argument("--budget", metavar="TIME",

@@ -358,7 +358,7 @@ def distributed_session(args: argparse.Namespace, parser: argparse.ArgumentParse
     explain how to launch one."""
     if LaunchEnvironment.read() is None:
         missing = ", ".join(name for name in TORCHRUN_VARIABLES if name not in os.environ)
-        processes = "NUM_GPUS" if str(args.device).startswith("cuda") else "2"
+        processes = "NUM_GPUS" if torch.device(args.device).type == "cuda" else "2"
         raise SpineDiffError(
             f"Distributed training (--distributed, {TORCHRUN_MODULE}) runs in processes started by torchrun; "
             f"torchrun's environment variables are missing ({missing}). Launch it with:\n"

@@ -6,6 +6,7 @@ import argparse
 
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, train
+from spinediff.utilities.device import add_device_argument
 
 
 def build_parser(prog: str = "torchrun --nproc-per-node N -m spinediff.run.train") -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--npz", action="store_true",
                         help="segmentation: keep the class probabilities of the final validation (CASE.npz), as "
                              "nnUNetv2_train --npz; `spinediff find_best` then also tries the level numbering on them")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_device_argument(parser, "where to train (with --distributed: cpu or cuda, one GPU per process)")
     parser.add_argument("--c", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--val-only", action="store_true", help="only run the final validation of a trained fold")
     parser.add_argument("--overwrite", action="store_true",

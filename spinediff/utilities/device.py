@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from spinediff.errors import SpineDiffError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_HELP = "auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -18,6 +20,8 @@ def parse_device(value: str | torch.device) -> torch.device:
 
     A CUDA device is not checked for presence here: plans for a GPU can be made on a machine without one.
     """
+    import torch  # here, so that a command's --help does not wait for torch
+
     if isinstance(value, torch.device):
         return value
     text = str(value).strip().lower()

@@ -1,0 +1,34 @@
+"""--device: parsed once by argparse, the same meaning in every command."""
+
+import pytest
+import torch
+
+from spinediff.cli import build_parser
+from spinediff.errors import SpineDiffError
+from spinediff.utilities.device import parse_device
+
+
+def test_auto_means_a_gpu_when_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_device("auto") == torch.device("cuda")
+    assert parse_device("cuda:1") == torch.device("cuda", 1) and parse_device(" CPU ") == torch.device("cpu")
+
+
+def test_a_wrong_device_is_named_with_the_choices():
+    with pytest.raises(SpineDiffError, match=r"--device must be auto .*cuda:N; got 'gpu'"):
+        parse_device("gpu")
+
+
+@pytest.mark.parametrize("command", [["plan", "-d", "1"], ["train", "-d", "1", "-c", "2d_diffusion", "-f", "0"],
+                                     ["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
+                                     ["find_best", "-d", "1"]])
+def test_every_command_gets_a_torch_device_defaulting_to_auto(command, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parser = build_parser()
+    assert parser.parse_args(command).device == torch.device("cpu")
+    assert parser.parse_args([*command, "--device", "cuda:0"]).device == torch.device("cuda", 0)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--device", "tpu"])
+    assert "--device must be" in capsys.readouterr().err
