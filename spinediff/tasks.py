@@ -80,10 +80,6 @@ class Task:
         """What is wrong with a dataset.json ``spinediff`` block for this task (empty: nothing)."""
         return []
 
-    def prediction_channels(self, source: tuple[int, ...]) -> tuple[int, ...]:
-        """The image channels a user gives at prediction time."""
-        return source
-
     # ------------------------------------------------------------------ planning
     def network_channels(self, source: int, target: int, label_channels: int) -> tuple[int, int]:
         """(condition, output) channels of the network."""
@@ -175,9 +171,6 @@ class Generation(Task):
         if block.get("source_channels"):
             return ["a generation dataset is conditioned on the labels; source_channels must be empty or absent."]
         return []
-
-    def prediction_channels(self, source):
-        return ()
 
     def network_channels(self, source, target, label_channels):
         return label_channels, target
