@@ -28,6 +28,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
 from spinediff.paths import model_folder_name
+from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import get_task
 
 
@@ -324,9 +325,8 @@ def _summarise(folders, benchmarks, registration_reports, predictions) -> dict:
     }
     raw = folders["raw"] / f"Dataset{REGISTERED_ID}_SpinePhantomRegistered"
     cases = list(next(iter(trans["per_case"].values())).keys())
-    plans = read_json(folders["preprocessed"] / raw.name / "nnUNetPlans.json")
-    intensity = plans["configurations"]["2d_diffusion"]["diffusion"]["target_intensity"]
-    clip = tuple(intensity["per_channel"][0]["clip_range"])
+    plans = SpineDiffPlans.read(folders["preprocessed"] / raw.name / "nnUNetPlans.json")
+    clip = plans.configuration("2d_diffusion").target_intensity.mappings[0].clip_range
     training = read_json(folders["preprocessed"] / raw.name / "splits_final.json")[0]["train"]
     for name, scores in _linear_mr_baselines(raw, training, cases, clip).items():
         summary["translation"][name] = {m: float(np.mean([b[m] for b in scores.values()]))

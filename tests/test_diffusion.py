@@ -38,7 +38,7 @@ def test_settings_read_the_contract_block() -> None:
     settings = DiffusionSettings.from_dict(CONTRACT_BLOCK)
     assert settings.task == "translation"
     assert settings.input_channels == 3 and settings.output_channels == 1
-    assert settings.monai_schedule == "cosine"
+    assert DiffusionProcess.from_settings(settings).schedule_name == "cosine"
     assert settings.to_dict() == CONTRACT_BLOCK
     assert DiffusionSettings.from_dict(settings.to_dict()) == settings
     minimal = DiffusionSettings.from_dict({"task": "segmentation", "condition_channels": 1, "target_channels": 4})
@@ -94,30 +94,6 @@ def test_settings_reject_unknown_and_missing_keys() -> None:
         DiffusionSettings.from_dict([1, 2])  # type: ignore[arg-type]
     with pytest.raises(SpineDiffError, match="plans.json"):
         DiffusionSettings.from_dict(dict(CONTRACT_BLOCK, eta=-1), source="plans.json")
-
-
-def test_settings_from_plans_resolve_inheritance() -> None:
-    architecture = {
-        "network_class_name": "spinediff.networks.time_unet.TimeConditionedUNet",
-        "arch_kwargs": {},
-        "_kw_requires_import": [],
-    }
-    base = {"data_identifier": "x", "patch_size": [32, 32], "architecture": architecture, "diffusion": CONTRACT_BLOCK}
-    plans = {
-        "dataset_name": "Dataset001_Test",
-        "plans_name": "spinediffPlans",
-        "configurations": {
-            "2d_diffusion": base,
-            "2d_diffusion_fast": {"inherits_from": "2d_diffusion", "patch_size": [16, 16]},
-            "2d": {"data_identifier": "y", "architecture": architecture},
-        },
-    }
-    settings = DiffusionSettings.from_plans(plans, "2d_diffusion_fast")
-    assert settings.num_samples == 5
-    with pytest.raises(SpineDiffError, match="no diffusion block"):
-        DiffusionSettings.from_plans(plans, "2d")
-    with pytest.raises(SpineDiffError, match="3d_diffusion"):
-        DiffusionSettings.from_plans(plans, "3d_diffusion")
 
 
 # ---------------------------------------------------------------------------------------------- process

@@ -196,7 +196,7 @@ def test_plans_round_trip_through_plans_manager_and_build_networks(planned):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from spinediff.diffusion.settings import DiffusionSettings
+    from spinediff.planning.plans import SpineDiffPlans
 
     plans_file = planned["plans"][993]
     manager = PlansManager(str(plans_file))
@@ -210,7 +210,7 @@ def test_plans_round_trip_through_plans_manager_and_build_networks(planned):
         assert arch["network_class_name"] == "spinediff.networks.time_unet.TimeConditionedUNet"
         assert set(arch["arch_kwargs"]) == CONTRACT_ARCH_KEYS
         assert arch["arch_kwargs"]["norm_op"] == "spinediff.networks.blocks.GroupNorm"
-        settings_ = DiffusionSettings.from_plans(manager.plans, name)
+        settings_ = SpineDiffPlans(manager.plans).configuration(name).diffusion
         assert settings_.prediction_type == "sample" and settings_.loss == "l1"
         network = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
                                          settings_.input_channels, settings_.output_channels)

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 import torch
 
 from spinediff.errors import SpineDiffError
-from spinediff.training.api import TrainingOptions, build_trainer, derive_configuration, train
+from spinediff.planning.plans import SpineDiffPlans
+from spinediff.training.api import TrainingOptions, build_trainer, train
 
 TINY = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
                        validation_samples=1)
@@ -100,16 +101,20 @@ def test_trainer_trains_checkpoints_resumes_validates_and_exports(nnunet_env, ph
         assert -1100 < hu.min() and hu.max() < 3100  # written back in HU
 
 
-def test_noise_mode_is_a_derived_configuration(nnunet_env):
+def test_noise_mode_is_a_configuration_derived_at_planning_time(nnunet_env):
     plans_file = Path(nnunet_env["nnUNet_preprocessed"]) / RAW_NAME[902] / "nnUNetPlans.json"
-    assert derive_configuration(plans_file, "2d_diffusion", "x0") == "2d_diffusion"
-    name = derive_configuration(plans_file, "2d_diffusion", "eps")
-    assert name == "2d_diffusion_eps"
+    before = plans_file.read_bytes()
+    plans = SpineDiffPlans.read(plans_file)
+    assert plans.for_prediction_type("2d_diffusion", "x0") == "2d_diffusion"
+    assert plans.for_prediction_type("2d_diffusion", "eps") == "2d_diffusion_eps"
+    assert plans.configuration("2d_diffusion_v").diffusion.prediction_type == "v_prediction"
+    assert "2d_diffusion_eps" not in plans.planned_names and plans.configuration("2d_diffusion_eps").is_derived
     trainer = build_trainer(902, "2d_diffusion", 0, "DiffusionTranslationTrainer", prediction_type="eps")
     assert trainer.settings.prediction_type == "epsilon"
     assert trainer.output_folder.endswith("DiffusionTranslationTrainer__nnUNetPlans__2d_diffusion_eps/fold_0")
+    assert plans_file.read_bytes() == before  # training reads the plans, it does not write them
     with pytest.raises(SpineDiffError, match="Unknown prediction type"):
-        derive_configuration(plans_file, "2d_diffusion", "banana")
+        plans.for_prediction_type("2d_diffusion", "banana")
 
 
 def test_wrong_trainer_for_the_task_is_a_clear_error(nnunet_env):
@@ -167,19 +172,29 @@ def test_killed_training_resumes_from_its_last_checkpoint(nnunet_env, tmp_path):
     assert len(final["logging"]["train_losses"]) == epoch_at_kill + 2
 
 
-def test_nnunetv2_train_finds_spinediff_trainers(nnunet_env):
+def test_nnunetv2_train_finds_spinediff_trainers_and_follows_the_plans_schedule(nnunet_env):
+    """``nnUNetv2_train -tr DiffusionSegmentationTrainer`` works, and takes its epochs and iterations from the
+    configuration's ``schedule`` block (as a ``--budget`` plan writes it): nnU-Net has no flags for them."""
     import spinediff.training.nnunet_entry as entry
 
-    env = dict(os.environ, **nnunet_env, nnUNet_extTrainer=entry.__path__[0], SPINEDIFF_EPOCHS="1",
-               SPINEDIFF_ITERS_PER_EPOCH="1", SPINEDIFF_VAL_ITERS_PER_EPOCH="1")
+    plans_file = Path(nnunet_env["nnUNet_preprocessed"]) / RAW_NAME[901] / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["2d_diffusion_short"] = {
+        "inherits_from": "2d_diffusion",
+        "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "budget_seconds": 60}}
+    plans_file.write_text(json.dumps(plans))
+    env = dict(os.environ, **nnunet_env, nnUNet_extTrainer=entry.__path__[0])
     result = subprocess.run([sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry; "
-                             "run_training_entry()", "901", "2d_diffusion", "2", "-tr", "DiffusionSegmentationTrainer",
-                             "-device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+                             "run_training_entry()", "901", "2d_diffusion_short", "2", "-tr",
+                             "DiffusionSegmentationTrainer", "-device", "cpu"],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     folder = (Path(nnunet_env["nnUNet_results"]) / RAW_NAME[901]
-              / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion" / "fold_2")
+              / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion_short" / "fold_2")
     checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
     assert checkpoint["trainer_name"] == "DiffusionSegmentationTrainer" and checkpoint["current_epoch"] == 1
+    log = (next(folder.glob("training_log_*.txt"))).read_text()
+    assert "Epoch 0" in log and "Epoch 1" not in log
     assert (folder / "validation_metrics.json").exists()
 
 

@@ -92,28 +92,6 @@ class DiffusionSettings:
         except SpineDiffError as error:
             raise SpineDiffError(f"{source}: {error}") from None
 
-    @classmethod
-    def from_plans(
-        cls, plans: Mapping[str, Any], configuration: str, source: str = "plans"
-    ) -> DiffusionSettings:
-        """Read the settings of ``configuration`` from a plans dictionary (resolving ``inherits_from``).
-
-        Raises:
-            SpineDiffError: if the configuration does not exist or has no diffusion block.
-        """
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-        available = sorted(plans.get("configurations", {}))
-        if configuration not in available:
-            raise SpineDiffError(f"{source}: no configuration {configuration!r}; available: {available}")
-        resolved = PlansManager(dict(plans)).get_configuration(configuration).configuration
-        if "diffusion" not in resolved:
-            raise SpineDiffError(
-                f"{source}: configuration {configuration!r} has no diffusion block; plan with spinediff "
-                "(2d_diffusion / 3d_diffusion) or choose a diffusion configuration."
-            )
-        return cls.from_dict(resolved["diffusion"], source=f"{source}, configuration {configuration!r}")
-
     @property
     def task_type(self) -> Task:
         """The task class of ``task``."""
@@ -188,8 +166,3 @@ class DiffusionSettings:
     def output_channels(self) -> int:
         """Network output channels: the target channels (contract)."""
         return self.target_channels
-
-    @property
-    def monai_schedule(self) -> str:
-        """The name of the noise schedule in ``monai.networks.schedulers.NoiseSchedules``."""
-        return MONAI_SCHEDULE_NAMES[self.noise_schedule]

@@ -206,19 +206,20 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     its own process with one torch thread.
     """
     from spinediff.paths import nnunet_folder
+    from spinediff.planning.plans import SpineDiffPlans
     from spinediff.tasks import task_spec
     from spinediff.training.api import TrainingOptions, resolve_preprocessed_dataset, setup_environment
 
     preprocessed, results = setup_environment(None, None)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
-    plans = read_json(preprocessed / name / "nnUNetPlans.json")
+    plans = SpineDiffPlans.read(preprocessed / name / "nnUNetPlans.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
-    methods = methods or methods_for(spec.task, list(plans["configurations"]), dims)
+    methods = methods or methods_for(spec.task, plans.planned_names, dims)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     options = options or TrainingOptions()
-    planned = any("schedule" in (plans["configurations"].get(m.configuration) or {}) for m in methods)
+    planned = any(m.configuration in plans and plans.configuration(m.configuration).schedule for m in methods)
     if not planned:  # plans made without --budget: the schedule this harness always used
         budget_minutes = 10.0 if budget_minutes is None else budget_minutes
         options.iterations_per_epoch = options.iterations_per_epoch or 50
@@ -231,9 +232,9 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
     reference = reference_folder(raw, spec.task, target, out)
     data_range = (-1024.0, 3071.0)
     if spec.task.has_image_target:
-        intensity = plans["configurations"].get("2d_diffusion", {}).get("diffusion", {}).get("target_intensity")
+        intensity = plans.configuration("2d_diffusion").target_intensity if "2d_diffusion" in plans else None
         if intensity:
-            data_range = tuple(intensity["per_channel"][0]["clip_range"])
+            data_range = intensity.mappings[0].clip_range
     # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
     jobs = [(method, fold) for fold in folds for method in methods]
     timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from spinediff.errors import SpineDiffError
 from spinediff.inference.candidates import Candidate, score
 from spinediff.inference.inputs import split_ending
 from spinediff.io import read_image, read_json
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
 from spinediff.paths import nnunet_folder
-from spinediff.planning.target_intensity import TargetIntensity
+from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import Task, task_spec
 
 
@@ -45,11 +46,10 @@ def _images(first: Candidate, second: Candidate, raw: Path, task: Task, metric: 
     dataset_json = read_json(first.folder / "dataset.json")
     ending = dataset_json["file_ending"]
     targets = list(task_spec(dataset_json).target_channels)
-    plans = read_json(first.folder / "plans.json")["configurations"]
-    configuration = plans[first.configuration]
-    while "diffusion" not in configuration and "inherits_from" in configuration:
-        configuration = plans[configuration["inherits_from"]]
-    mappings = TargetIntensity.from_dict(configuration["diffusion"]["target_intensity"]).mappings
+    intensity = SpineDiffPlans.read(first.folder / "plans.json").configuration(first.configuration).target_intensity
+    if intensity is None:
+        raise SpineDiffError(f"{first.folder / 'plans.json'}: {first.configuration} has no target intensity map.")
+    mappings = intensity.mappings
     per_case = {}
     for fold in first.folds:
         for path in _validation_files(first, fold, ending):

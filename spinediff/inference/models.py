@@ -25,6 +25,7 @@ from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
+from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 # Windows per network call = this x the plans' training batch. Without gradients a forward pass keeps far
@@ -41,9 +42,17 @@ class ModelFolder:
     trainer: str
     plans_identifier: str
     configuration: str
-    plans_manager: PlansManager
-    configuration_manager: ConfigurationManager
+    plans: SpineDiffPlans
+    planned: PlannedConfiguration
     dataset_json: dict
+
+    @property
+    def plans_manager(self) -> PlansManager:
+        return self.plans.manager
+
+    @property
+    def configuration_manager(self) -> ConfigurationManager:
+        return self.planned.manager
 
     @property
     def dataset_name(self) -> str:
@@ -56,11 +65,9 @@ class ModelFolder:
         if parts is None:
             raise SpineDiffError(f"{path} is not a results folder named TRAINER__PLANS__CONFIGURATION.")
         trainer, plans_identifier, configuration = parts
-        plans_manager = PlansManager(read_json(path / "plans.json"))
-        if configuration not in plans_manager.available_configurations:
-            raise SpineDiffError(f"{path / 'plans.json'} has no configuration {configuration!r}.")
-        return cls(path, trainer, plans_identifier, configuration, plans_manager,
-                   plans_manager.get_configuration(configuration), read_json(path / "dataset.json"))
+        plans = SpineDiffPlans.read(path / "plans.json")
+        return cls(path, trainer, plans_identifier, configuration, plans, plans.configuration(configuration),
+                   read_json(path / "dataset.json"))
 
     def fold_folder(self, fold: int | str) -> Path:
         return self.path / f"fold_{fold}"

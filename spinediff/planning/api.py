@@ -28,6 +28,7 @@ import numpy as np
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import nnunet_folder, resolve_raw_dataset
+from spinediff.planning.plans import SpineDiffPlans
 from spinediff.utilities.device import parse_device
 
 PLANS_IDENTIFIER = "nnUNetPlans"  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
@@ -203,8 +204,6 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
     Raises:
         SpineDiffError: missing dataset or folders, invalid settings, existing plans without overwrite.
     """
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from spinediff.planning.planner import SpineDiffPlanner
     from spinediff.planning.target_intensity import collect_target_statistics
     from spinediff.tasks import task_spec
@@ -261,21 +260,21 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
         planner = SpineDiffPlanner(name, device=device, memory_target_gb=memory_target_gb,
                                    target_statistics=statistics, budget_seconds=budget_seconds, measure=measure)
         with _quiet(not verbose):
-            plans = planner.plan_experiment()
+            planner.plan_experiment()
 
         if not preprocess:
             say("[4/4] Preprocessing skipped (--no-preprocess)")
             return plans_file
-        manager = PlansManager(str(plans_file))
-        names = requested or list(plans["configurations"])
-        missing = [c for c in names if c not in manager.available_configurations]
+        planned = SpineDiffPlans.read(plans_file)
+        names = requested or planned.planned_names
+        missing = [c for c in names if c not in planned]
         if missing:
             say(f"      (not in the plans for this dataset, skipped: {', '.join(missing)})")
         done: dict[str, str] = {}
         for configuration in names:
             if configuration in missing:
                 continue
-            configuration_manager = manager.get_configuration(configuration)
+            configuration_manager = planned.configuration(configuration).manager
             identifier = configuration_manager.data_identifier
             if identifier in done:
                 say(f"[4/4] {configuration}: shares preprocessed data with {done[identifier]}")
@@ -301,18 +300,15 @@ def summarize_plans(plans: dict[str, Any] | str | os.PathLike, configurations: S
     Every row also carries the memory model's estimates for the configuration's own network: GPU memory
     in nnU-Net's reference units and the seconds of one training step on the project's 2-core CPU.
     """
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from spinediff.planning.memory import analytic_cost, estimate_cost, gb_per_element
 
-    plans = read_json(plans) if not isinstance(plans, dict) else plans
-    manager = PlansManager(plans)
-    n_channels = len(plans.get("foreground_intensity_properties_per_channel", {})) or 1
+    planned = SpineDiffPlans(read_json(plans) if not isinstance(plans, dict) else plans)
+    n_channels = len(planned.plans.get("foreground_intensity_properties_per_channel", {})) or 1
     rows = []
-    for name in configurations or manager.available_configurations:
-        if name not in manager.available_configurations:
+    for name in configurations or planned.planned_names:
+        if name not in planned:
             continue
-        resolved = manager.get_configuration(name).configuration
+        resolved = planned.configuration(name).configuration
         if "patch_size" not in resolved or "architecture" not in resolved:
             continue  # e.g. 3d_cascade_fullres without its own architecture
         arch = resolved["architecture"]

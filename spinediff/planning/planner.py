@@ -36,6 +36,7 @@ from spinediff.planning.memory import (
     fit_patch_and_batch,
     uses_real_network,
 )
+from spinediff.planning.plans import DERIVED, derived_configurations
 from spinediff.planning.target_intensity import target_intensity_from_statistics
 from spinediff.tasks import Task, TaskSpec, task_spec
 
@@ -169,7 +170,7 @@ class SpineDiffPlanner(ExperimentPlanner):
             old = read_json(plans_file).get("configurations", {})
             for name, configuration in old.items():
                 if name not in plans["configurations"] and name not in OWN_CONFIGURATIONS \
-                        and name not in NNUNET_CONFIGURATIONS:
+                        and name not in NNUNET_CONFIGURATIONS and DERIVED not in configuration:
                     plans["configurations"][name] = configuration
         write_json(plans, plans_file)
 
@@ -424,6 +425,7 @@ class SpineDiffPlanner(ExperimentPlanner):
                     self._budget_baseline(configurations[baseline], configuration, name)
                 if "augmentation" in configuration:
                     configurations[baseline]["augmentation"] = deepcopy(configuration["augmentation"])
+        configurations.update(derived_configurations(configurations))  # noise mode, v: trained on request
         plans["spinediff"] = {
             "planner": type(self).__name__,
             "version": __version__,

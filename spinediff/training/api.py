@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +11,7 @@ import torch
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name, nnunet_folder
-
-PREDICTION_TYPE_ALIASES = {"x0": "sample", "image": "sample", "sample": "sample", "eps": "epsilon",
-                           "noise": "epsilon", "epsilon": "epsilon", "v": "v_prediction",
-                           "v_prediction": "v_prediction"}
-PREDICTION_TYPE_SUFFIX = {"sample": "x0", "epsilon": "eps", "v_prediction": "v"}
+from spinediff.planning.plans import SpineDiffPlans
 
 
 @dataclass
@@ -61,39 +56,6 @@ def resolve_preprocessed_dataset(dataset: str | int, preprocessed: Path) -> str:
     raise SpineDiffError(f"No preprocessed dataset {text!r} in {preprocessed}. Run `spinediff plan -d {text}` first.")
 
 
-def derive_configuration(plans_file: Path, configuration: str, prediction_type: str | None) -> str:
-    """The configuration to train: ``configuration`` itself, or a derived one with another prediction type.
-
-    A derived configuration (e.g. ``2d_diffusion_eps``) is added to the plans file once: it inherits
-    everything and overrides the diffusion block, so nnU-Net's results folder
-    (``TRAINER__PLANS__CONFIG``) keeps image-mode and noise-mode models apart.
-    """
-    plans = read_json(plans_file)
-    configurations = plans.get("configurations", {})
-    if configuration not in configurations:
-        raise SpineDiffError(f"{plans_file} has no configuration {configuration!r}; available: "
-                             f"{', '.join(configurations)}.")
-    if prediction_type is None:
-        return configuration
-    wanted = PREDICTION_TYPE_ALIASES.get(prediction_type)
-    if wanted is None:
-        raise SpineDiffError(f"Unknown prediction type {prediction_type!r}; use x0 (image mode), eps (noise mode) "
-                             "or v.")
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    resolved = PlansManager(copy.deepcopy(plans)).get_configuration(configuration).configuration
-    if "diffusion" not in resolved:
-        raise SpineDiffError(f"--prediction-type applies to diffusion configurations; {configuration!r} is not one.")
-    if resolved["diffusion"].get("prediction_type") == wanted:
-        return configuration
-    name = f"{configuration}_{PREDICTION_TYPE_SUFFIX[wanted]}"
-    if name not in configurations:
-        diffusion = dict(resolved["diffusion"], prediction_type=wanted)
-        configurations[name] = {"inherits_from": configuration, "diffusion": diffusion}
-        write_json(plans, plans_file)
-    return name
-
-
 def ensure_splits(preprocessed_dataset: Path, seed: int = 12345) -> None:
     """nnU-Net's 5-fold split, or one fold per case for datasets with fewer than 5 cases (nnU-Net would fail)."""
     splits_file = preprocessed_dataset / "splits_final.json"
@@ -124,11 +86,12 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     plans_file = preprocessed / name / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise SpineDiffError(f"{plans_file} does not exist. Run `spinediff plan -d {dataset}` first.")
-    planned_for = read_json(plans_file).get("dataset_name")
+    plans = SpineDiffPlans.read(plans_file)
+    planned_for = plans.plans.get("dataset_name")
     if planned_for != name:
         raise SpineDiffError(f"{plans_file} was made for {planned_for!r}, not {name!r}: training on it would write "
                              f"into {planned_for}'s results. Plan this dataset with `spinediff plan -d {dataset}`.")
-    configuration = derive_configuration(plans_file, configuration, prediction_type)
+    configuration = plans.for_prediction_type(configuration, prediction_type)
     if refuse_existing:
         fold_folder = results / name / model_folder_name(trainer, configuration, plans_identifier) / f"fold_{fold}"
         started = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold_folder / f).is_file()]
@@ -151,10 +114,9 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     from spinediff.training.augmentation import apply_planned_augmentation
 
     if is_spinediff_trainer(trainer):
-        plans = read_json(plans_file)
-        plans["continue_training"] = continue_training  # nnU-Net's constructor pops it
+        plans_dict = dict(plans.plans, continue_training=continue_training)  # nnU-Net's constructor pops it
         dataset_json = read_json(preprocessed / name / "dataset.json")
-        instance = find_trainer(trainer)(plans=plans, configuration=configuration, fold=fold,
+        instance = find_trainer(trainer)(plans=plans_dict, configuration=configuration, fold=fold,
                                          dataset_json=dataset_json, device=torch_device)
     else:
         from nnunetv2.run.run_training import get_trainer_from_args

@@ -24,20 +24,19 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from spinediff.diffusion.process import DiffusionProcess
-from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
+from spinediff.planning.plans import PlannedConfiguration
 from spinediff.tasks import Generation, Segmentation, Task, Translation
 from spinediff.training.augmentation import restrict_intensity_augmentation
 from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
+from spinediff.training.schedule import apply_schedule
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
 
 CUDA = torch.device("cuda")  # nnU-Net's default device argument
-SCHEDULE_VARIABLES = {"num_epochs": "SPINEDIFF_EPOCHS", "num_iterations_per_epoch": "SPINEDIFF_ITERS_PER_EPOCH",
-                      "num_val_iterations_per_epoch": "SPINEDIFF_VAL_ITERS_PER_EPOCH"}
 
 
 def to_builtin(value: Any) -> Any:
@@ -72,7 +71,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             raise SpineDiffError(
                 f"Configuration {configuration!r} has no diffusion block: {type(self).__name__} needs a spinediff "
                 "configuration (2d_diffusion or 3d_diffusion from `spinediff plan`).")
-        self.settings = DiffusionSettings.from_dict(config["diffusion"], source=f"plans, configuration {configuration}")
+        self.settings = PlannedConfiguration(configuration, self.configuration_manager, "plans").diffusion
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
         if not isinstance(self.task.task, self.supported_tasks):
             supported = ", ".join(task.name for task in self.supported_tasks)
@@ -103,10 +102,10 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             self.rank_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed))  # per rank under DDP
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
-        # `nnUNetv2_train ... -tr NAME` has no flags for these: environment variables stand in.
-        for attribute, variable in SCHEDULE_VARIABLES.items():
-            if os.environ.get(variable):
-                setattr(self, attribute, int(os.environ[variable]))
+        # a budget plan's epochs and iterations, also under `nnUNetv2_train -tr NAME` (which has no schedule flags)
+        schedule = PlannedConfiguration(configuration, self.configuration_manager, "plans").schedule
+        if schedule is not None:
+            apply_schedule(self, schedule)
 
     # ------------------------------------------------------------------ construction
     def _add_logging_keys(self) -> None:
@@ -127,7 +126,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         ignored: a translation network reads the source channels plus the noisy target, not all image
         channels, and outputs the target, not labels.
         """
-        settings = DiffusionSettings.from_dict(configuration_manager.configuration["diffusion"])
+        settings = PlannedConfiguration("", configuration_manager, "plans").diffusion
         inputs = settings.condition_channels + (settings.target_channels if cls.denoising else 0)
         return get_network_from_plans(
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,

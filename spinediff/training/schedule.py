@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from spinediff.planning.plans import PlannedConfiguration
 from spinediff.tasks import SEGMENTATION
 
 #: Refit when the predicted end of training is off the budget by more than this share.
@@ -48,7 +48,7 @@ class ScheduleLog:
 
 def schedule_of(trainer) -> dict[str, Any] | None:
     """The plans' ``schedule`` block of the trainer's configuration (None for plans made without a budget)."""
-    return trainer.configuration_manager.configuration.get("schedule")
+    return PlannedConfiguration("", trainer.configuration_manager, "plans").schedule
 
 
 def apply_schedule(trainer, schedule: dict[str, Any]) -> None:
@@ -147,42 +147,94 @@ def _refit(trainer, log: ScheduleLog, budget_seconds: float, grow: bool, elapsed
         trainer.lr_scheduler.max_steps = max(total, 1)
 
 
+class _BudgetReached(Exception):
+    """Raised by :class:`BudgetHook` at the start of an epoch past the (refitted) schedule's end."""
+
+
+class BudgetHook:
+    """The refitted schedule as hooks on a trainer, around nnU-Net's own loop (``nnUNetTrainer.run_training``).
+
+    nnU-Net's loop is ``for epoch in range(self.current_epoch, self.num_epochs)``, its bound taken once after
+    ``on_train_start``. The hook lets that bound be large and ends training itself: ``on_epoch_start`` stops
+    the loop once the refitted number of epochs is done, ``on_epoch_end`` times the epoch, refits the remaining
+    epochs to the budget and reports one line. :meth:`run` then calls ``on_train_end`` (final checkpoint) as
+    nnU-Net's loop would have. Works for any nnU-Net trainer; the trainer's methods are wrapped on the instance.
+    """
+
+    _LOOP_BOUND = 2**31 - 1
+
+    def __init__(self, budget_seconds: float | None = None, grow: bool = True, report=None) -> None:
+        self.budget_seconds = budget_seconds
+        self.grow = grow
+        self.report = report
+        self.log: ScheduleLog | None = None
+        self._epochs = 0
+        self._before = 0.0
+        self._start = 0.0
+        self._epoch_start = 0.0
+        self._epoch_seconds: list[float] = []
+
+    def attach(self, trainer) -> None:
+        on_train_start, on_epoch_start = trainer.on_train_start, trainer.on_epoch_start
+        on_epoch_end = trainer.on_epoch_end
+
+        def train_start() -> None:
+            on_train_start()
+            self.log = ScheduleLog(int(trainer.num_epochs), self.budget_seconds)
+            self.log.initial_learning_rate = float(trainer.initial_lr)
+            self._before = seconds_already_trained(trainer)
+            self._start = time.perf_counter()
+            self._epochs, trainer.num_epochs = int(trainer.num_epochs), self._LOOP_BOUND  # nnU-Net's range bound
+
+        def epoch_start() -> None:
+            trainer.num_epochs = self._epochs  # the loop's range is built; nnU-Net's hooks see the real length
+            if trainer.current_epoch >= trainer.num_epochs:
+                raise _BudgetReached
+            self._epoch_start = time.perf_counter()
+            on_epoch_start()
+
+        def epoch_end() -> None:
+            self.log.final_learning_rate = float(trainer.optimizer.param_groups[0]["lr"])
+            on_epoch_end()  # current_epoch += 1
+            self._epoch_seconds.append(time.perf_counter() - self._epoch_start)
+            self.log.epochs_run += 1
+            elapsed = self._before + time.perf_counter() - self._start
+            if self.budget_seconds is not None and len(self._epoch_seconds) >= EPOCHS_BEFORE_REFIT:
+                _refit(trainer, self.log, self.budget_seconds, self.grow, elapsed, self._epoch_seconds)
+            self._epochs = int(trainer.num_epochs)
+            if self.report is not None:
+                self.report(epoch_line(trainer, self._epoch_seconds, self._before + time.perf_counter() - self._start))
+
+        trainer.on_train_start, trainer.on_epoch_start, trainer.on_epoch_end = train_start, epoch_start, epoch_end
+
+    def run(self, trainer) -> ScheduleLog:
+        """Train with nnU-Net's ``run_training``; returns the :class:`ScheduleLog`."""
+        self.attach(trainer)
+        finished = trainer.on_train_end
+
+        def train_end() -> None:
+            trainer.num_epochs = self._epochs
+            self.log.seconds = self._before + time.perf_counter() - self._start
+            trainer.print_to_log_file(
+                f"Training schedule: {self.log.epochs_run} epoch(s) in this run, {trainer.current_epoch} in all, "
+                f"{self.log.seconds / 60:.2f} min, final learning rate {self.log.final_learning_rate:.3g}.")
+            finished()
+
+        trainer.on_train_end = train_end
+        try:
+            trainer.run_training()
+        except _BudgetReached:
+            train_end()
+        return self.log
+
+
 def run_scheduled_training(trainer, budget_seconds: float | None = None, grow: bool = True,
                            report=None) -> ScheduleLog:
-    """nnU-Net's training loop (``nnUNetTrainer.run_training``) with a refitted schedule.
+    """nnU-Net's training loop (``nnUNetTrainer.run_training``) with the :class:`BudgetHook`'s refitted schedule.
 
     ``budget_seconds``: training time to end at (None: run the trainer's epochs as they are); ``grow``: whether
     the schedule may get longer than planned to fill the budget (False: the budget is only a cap); ``report``:
     called with one line per epoch (:func:`epoch_line`), e.g. ``print`` for the console. Works for any
     nnU-Net trainer. Returns a :class:`ScheduleLog` (also written to the trainer's log file).
     """
-    trainer.on_train_start()
-    log = ScheduleLog(int(trainer.num_epochs), budget_seconds)
-    log.initial_learning_rate = float(trainer.initial_lr)
-    before = seconds_already_trained(trainer)
-    start = time.perf_counter()
-    epoch_seconds: list[float] = []
-    while trainer.current_epoch < trainer.num_epochs:
-        t0 = time.perf_counter()
-        trainer.on_epoch_start()
-        trainer.on_train_epoch_start()
-        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(trainer.num_iterations_per_epoch)]
-        trainer.on_train_epoch_end(outputs)
-        with torch.no_grad():
-            trainer.on_validation_epoch_start()
-            val_outputs = [trainer.validation_step(next(trainer.dataloader_val))
-                           for _ in range(trainer.num_val_iterations_per_epoch)]
-            trainer.on_validation_epoch_end(val_outputs)
-        log.final_learning_rate = float(trainer.optimizer.param_groups[0]["lr"])
-        trainer.on_epoch_end()  # current_epoch += 1
-        epoch_seconds.append(time.perf_counter() - t0)
-        log.epochs_run += 1
-        if budget_seconds is not None and len(epoch_seconds) >= EPOCHS_BEFORE_REFIT:
-            _refit(trainer, log, budget_seconds, grow, before + time.perf_counter() - start, epoch_seconds)
-        if report is not None:
-            report(epoch_line(trainer, epoch_seconds, before + time.perf_counter() - start))
-    log.seconds = before + time.perf_counter() - start
-    trainer.print_to_log_file(f"Training schedule: {log.epochs_run} epoch(s) in this run, {trainer.current_epoch} in "
-                              f"all, {log.seconds / 60:.2f} min, final learning rate {log.final_learning_rate:.3g}.")
-    trainer.on_train_end()
-    return log
+    return BudgetHook(budget_seconds, grow, report).run(trainer)
