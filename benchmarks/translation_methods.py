@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
 
     from spinediff.datasets.phantom_writer import write_phantom_datasets
-    from spinediff.demo import PROFILES
-    from spinediff.evaluation.benchmark import run_benchmark
+    from spinediff.experiments.benchmark import run_benchmark
+    from spinediff.experiments.demo import PROFILES
     from spinediff.io import write_text
     from spinediff.planning.api import plan_dataset
     from spinediff.training.api import TrainingOptions

@@ -12,12 +12,12 @@ import argparse
 import importlib
 import sys
 
-from spinediff import __version__
 from spinediff.errors import SpineDiffError
+from spinediff.version import __version__
 
 # (module providing add_parser). Order = order in --help.
 SUBCOMMAND_MODULES: list[str] = [
-    "spinediff.demo",
+    "spinediff.experiments.demo",
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
     "spinediff.training.train_command",
@@ -26,7 +26,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.inference.find_best_command",
     "spinediff.inference.postprocess_command",
     "spinediff.evaluation.evaluate_command",
-    "spinediff.evaluation.benchmark_command",
+    "spinediff.experiments.benchmark_command",
     "spinediff.evaluation.report_command",
     "spinediff.registration.register_command",
     "spinediff.planning.plan_command",

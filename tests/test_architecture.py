@@ -14,7 +14,7 @@ ROOT = Path(spinediff.__file__).parent
 #: Packages (and top-level modules) from the bottom of the pipeline to the top; an import may point to the same
 #: layer or below. documentation/architecture.md explains the layers.
 LAYERS = [
-    {"spinediff", "errors", "paths", "io", "tasks", "utilities", "metrics"},
+    {"version", "errors", "paths", "io", "tasks", "utilities", "metrics"},
     {"datasets"},
     {"registration", "networks", "diffusion"},
     {"planning"},
@@ -22,9 +22,8 @@ LAYERS = [
     {"run"},
     {"inference"},
     {"evaluation"},
-    {"demo_report"},
-    {"demo"},
-    {"cli"},
+    {"experiments"},
+    {"cli", "spinediff"},  # the command, and the top-level API (spinediff/__init__.py) that imports every layer
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 
@@ -152,3 +151,16 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
         except AssertionError:
             continue
         raise AssertionError(f"{check.__name__} missed the planted problem")
+
+
+def test_the_top_level_api_names_real_functions_and_stays_light():
+    """``spinediff.NAME`` gives the function the API table names; ``import spinediff`` loads no torch."""
+    import subprocess
+
+    for name, module in spinediff.API.items():
+        assert getattr(spinediff, name) is getattr(__import__(module, fromlist=[name]), name)
+    assert set(spinediff.__all__) == {"__version__", *spinediff.API}
+    code = "import sys, spinediff; print('torch' in sys.modules, spinediff.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", spinediff.__version__]
+    assert (ROOT / "py.typed").is_file()  # PEP 561: the package's annotations are for type checkers

@@ -49,7 +49,7 @@ def test_quick_demo_runs_every_stage_and_scores_every_method(quick_demo):
         assert 0.0 <= scores["dice"] <= 1.0
     for scores in summary["translation"].values():
         assert np.isfinite(scores["psnr"]) and scores["mae_body"] > 0
-    from spinediff.demo import BASELINE_GLOBAL, BASELINE_ORACLE
+    from spinediff.experiments.demo import BASELINE_GLOBAL, BASELINE_ORACLE
 
     # the oracle is the least-squares fit to each case's own CT: no map fitted on other cases has a smaller
     # squared error (clipping to the data range only brings values closer to the reference)

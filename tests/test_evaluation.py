@@ -92,7 +92,7 @@ def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp
     import SimpleITK as sitk
 
     from spinediff.errors import SpineDiffError
-    from spinediff.evaluation.downstream import downstream_dataset_name, write_segmenter_dataset
+    from spinediff.experiments.downstream import downstream_dataset_name, write_segmenter_dataset
 
     source = phantom_root / "Dataset902_SpinePhantomTranslation"
     name = downstream_dataset_name(tmp_path, source.name)
@@ -131,7 +131,7 @@ def test_segmenter_dataset_with_a_missing_ct_writes_nothing(phantom_root, tmp_pa
     import shutil
 
     from spinediff.errors import SpineDiffError
-    from spinediff.evaluation.downstream import write_segmenter_dataset
+    from spinediff.experiments.downstream import write_segmenter_dataset
 
     source = tmp_path / "Dataset902_SpinePhantomTranslation"
     shutil.copytree(phantom_root / source.name, source)

@@ -104,6 +104,7 @@ def _dataset_json(task: str, num_cases: int, settings: PhantomSettings, seed: in
 
 def write_phantom_datasets(
     output_folder: str | os.PathLike,
+    *,
     num_cases: int = 6,
     seed: int = 0,
     tasks: Iterable[str] = tuple(PHANTOM_DATASETS),

@@ -82,7 +82,7 @@ def _looks_like_labels(image: sitk.Image) -> bool:
     return np.issubdtype(array.dtype, np.integer) and len(np.unique(array)) <= 64
 
 
-def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike,
+def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike, *,
                      labels: Sequence[int] | None = None, task: str = "auto",
                      data_range: tuple[float, float] = (-1024.0, 3071.0),
                      output_folder: str | os.PathLike | None = None,

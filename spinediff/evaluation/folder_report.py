@@ -30,8 +30,7 @@ from spinediff.evaluation.figures import (
     qualitative_panel,
     training_curves,
 )
-from spinediff.evaluation.folds import schedule_cell
-from spinediff.evaluation.report import Section, Table, fmt, write_report
+from spinediff.evaluation.report import Section, Table, fmt, schedule_cell, write_report
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name
 from spinediff.tasks import SEGMENTATION_KIND, Task, get_task

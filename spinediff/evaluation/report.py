@@ -38,6 +38,13 @@ class Section:
     figures: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
 
 
+def schedule_cell(entry: dict | None) -> str:
+    """``steps / final learning rate`` of one fold's timing record, for the schedule tables ('-': not trained)."""
+    entry = entry or {}
+    steps, lr = entry.get("steps"), entry.get("final_learning_rate")
+    return "-" if steps is None else f"{steps} / {lr:.2g}" if lr is not None else f"{steps} / ?"
+
+
 def _markdown(title: str, sections: list[Section], folder: Path) -> str:
     lines = [f"# {title}", ""]
     for section in sections:

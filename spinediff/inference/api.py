@@ -59,7 +59,7 @@ def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
 
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
-            configuration: str, trainer: str, folds: Sequence[int | str] | None = None,
+            configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "cpu",
             num_samples: int | None = None, num_inference_steps: int | None = None, eta: float | None = None,
             seed: int = 0,

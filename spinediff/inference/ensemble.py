@@ -56,7 +56,7 @@ def _prediction_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, overwrite: bool = False,
+def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, overwrite: bool = False,
                      save_probabilities: bool = False) -> EnsembleReport:
     """Average the predictions of ``inputs`` (two or more prediction folders) into ``output``."""
     folders = [Path(p) for p in inputs]

@@ -8,7 +8,8 @@ from spinediff.inference.ensemble import ensemble_folders
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
-    report = ensemble_folders(args.input, args.output, args.overwrite, args.save_probabilities)
+    report = ensemble_folders(args.input, args.output, overwrite=args.overwrite,
+                              save_probabilities=args.save_probabilities)
     print(f"{report.task}: ensembled {len(report.written)} prediction(s) into {report.output_folder}")
     for problem in report.problems:
         print(f"  PROBLEM {problem}")

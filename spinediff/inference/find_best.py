@@ -136,7 +136,7 @@ class FindBestResult:
                 "ensemble": self.ensemble, "postprocessing": self.postprocessing}
 
 
-def find_best(dataset: str | int, folds: Sequence[int | str] | None = None, repredict: bool = False,
+def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, repredict: bool = False,
               output: str | os.PathLike | None = None, overwrite: bool = False,
               results_folder: str | os.PathLike | None = None, raw_folder: str | os.PathLike | None = None,
               device: str = "cpu") -> FindBestResult:

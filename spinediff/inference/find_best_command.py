@@ -9,8 +9,8 @@ from spinediff.utilities.device import add_device_argument
 
 
 def run_find_best(args: argparse.Namespace) -> int:
-    result = find_best(args.dataset, args.folds, args.repredict, args.output, args.overwrite, args.results, args.raw,
-                       args.device)
+    result = find_best(args.dataset, folds=args.folds, repredict=args.repredict, output=args.output,
+                       overwrite=args.overwrite, results_folder=args.results, raw_folder=args.raw, device=args.device)
     direction = "higher" if result.metric in ("dice", "psnr") else "lower"
     print(f"{result.task.name}: ranked on {result.metric} ({direction} is better), pooled over the validation cases of "
           f"fold(s) {' '.join(result.folds)}\n")

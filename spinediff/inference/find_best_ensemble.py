@@ -121,7 +121,7 @@ def _repredict(candidate: Candidate, dataset_folder: Path, raw: Path, work: Path
                 os.symlink(raw / "imagesTr" / f"{stem}_{c:04d}{ending}", inputs / f"{stem}_{c:04d}{ending}")
         metrics = read_json(candidate.folder / f"fold_{fold}" / "validation_metrics.json")
         report = predict(inputs, work / f"fold_{fold}" / "validation", dataset_folder.name, candidate.configuration,
-                         candidate.trainer, [fold], candidate.plans, num_samples=1,
+                         candidate.trainer, folds=[fold], plans_identifier=candidate.plans, num_samples=1,
                          num_inference_steps=metrics.get("num_inference_steps", metrics.get("sampling_steps")),
                          seed=0, save_probabilities=True, results_folder=dataset_folder.parent, progress=False,
                          device=device)

@@ -9,10 +9,12 @@ from spinediff.utilities.device import add_device_argument
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    report = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, args.folds, args.plans,
-                     args.checkpoint, args.device, args.samples, args.num_inference_steps, args.eta, args.seed,
-                     args.tta, args.save_uncertainty, args.save_probabilities, args.overwrite, args.results,
-                     postprocessing=not args.no_postprocessing)
+    report = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, folds=args.folds,
+                     plans_identifier=args.plans, checkpoint=args.checkpoint, device=args.device,
+                     num_samples=args.samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                     seed=args.seed, tta=args.tta, save_uncertainty=args.save_uncertainty,
+                     save_probabilities=args.save_probabilities, overwrite=args.overwrite,
+                     results_folder=args.results, postprocessing=not args.no_postprocessing)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""

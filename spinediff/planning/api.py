@@ -168,10 +168,10 @@ def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], targe
             shutil.copy2(source, destination)
 
 
-def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str] | None = None,
+def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str] | None = None, *,
                  device: str = "auto", memory_target_gb: float | None = None, preprocess: bool = True,
                  num_processes: int | None = None, raw_folder: str | os.PathLike | None = None,
-                 preprocessed_folder: str | os.PathLike | None = None, *, overwrite: bool = False,
+                 preprocessed_folder: str | os.PathLike | None = None, overwrite: bool = False,
                  show_progress_bar: bool = True, verbose: bool = False,
                  intensity_samples: int = DEFAULT_INTENSITY_SAMPLES,
                  log: Callable[[str], None] | None = None, budget: str | float | None = None,

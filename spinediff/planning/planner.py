@@ -26,7 +26,6 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from spinediff import __version__
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.planning.memory import (
@@ -39,6 +38,7 @@ from spinediff.planning.memory import (
 from spinediff.planning.plans import DERIVED, derived_configurations
 from spinediff.planning.target_intensity import target_intensity_from_statistics
 from spinediff.tasks import Task, TaskSpec, task_spec
+from spinediff.version import __version__
 
 DIFFUSION_NETWORK = "spinediff.networks.time_unet.TimeConditionedUNet"
 DIFFUSION_NORM = "spinediff.networks.blocks.GroupNorm"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,28 +11,10 @@ from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name, nnunet_folder
 from spinediff.planning.plans import SpineDiffPlans
+from spinediff.training.base import SpineDiffTrainer
+from spinediff.training.options import TrainingOptions
 
-
-@dataclass
-class TrainingOptions:
-    """Schedule overrides; ``None`` keeps the trainer's default."""
-
-    epochs: int | None = None
-    iterations_per_epoch: int | None = None
-    val_iterations_per_epoch: int | None = None
-    learning_rate: float | None = None
-    num_inference_steps: int | None = None  # DDIM steps of the final validation
-    validation_samples: int | None = None  # samples averaged per case in the final validation (None: the plans')
-    mask_ablation_probability: float | None = None
-    budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
-    seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
-    save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
-    console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
-
-    def __post_init__(self) -> None:
-        # checked when the options are made, before a trainer creates its fold folder
-        if self.validation_samples is not None and int(self.validation_samples) < 1:
-            raise SpineDiffError(f"--val-samples must be at least 1, got {self.validation_samples}.")
+__all__ = ["TrainingOptions", "build_trainer", "train"]
 
 
 def setup_environment(preprocessed_folder: str | None, results_folder: str | None) -> tuple[Path, Path]:
@@ -70,7 +51,7 @@ def ensure_splits(preprocessed_dataset: Path, seed: int = 12345) -> None:
     write_json(generate_crossval_split(cases, seed=seed, n_splits=len(cases)), splits_file)
 
 
-def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str,
+def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str, *,
                   plans_identifier: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False,
                   prediction_type: str | None = None, preprocessed_folder: str | None = None,
                   results_folder: str | None = None, refuse_existing: bool = False):
@@ -141,12 +122,8 @@ def apply_options(trainer, options: TrainingOptions) -> None:
         trainer.num_val_iterations_per_epoch = int(options.val_iterations_per_epoch)
     if options.learning_rate is not None:
         trainer.initial_lr = float(options.learning_rate)
-    if options.num_inference_steps is not None and hasattr(trainer, "num_inference_steps"):
-        trainer.num_inference_steps = int(options.num_inference_steps)
-    if options.validation_samples is not None and hasattr(trainer, "final_validation_samples"):
-        trainer.final_validation_samples = int(options.validation_samples)
-    if options.mask_ablation_probability is not None and hasattr(trainer, "mask_ablation_probability"):
-        trainer.mask_ablation_probability = float(options.mask_ablation_probability)
+    if isinstance(trainer, SpineDiffTrainer):  # nnU-Net's own trainers have none of spinediff's options
+        trainer.apply_options(options)
     if options.seed is not None:
         seed_run(trainer, int(options.seed))
 
@@ -160,7 +137,7 @@ def seed_run(trainer, seed: int) -> None:
 
     fold_seed = seed + 1000 * (trainer.fold if isinstance(trainer.fold, int) else 0)
     seed_global_generators(fold_seed)
-    if hasattr(trainer, "generator"):
+    if isinstance(trainer, SpineDiffTrainer):
         trainer.seed = seed
         trainer.generator.manual_seed(trainer.rank_seed(fold_seed))
 
@@ -194,7 +171,7 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
 
 
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
-          options: TrainingOptions | None = None, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
+          options: TrainingOptions | None = None, *, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
           preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False,
           verbose: bool = True) -> Path:
@@ -203,8 +180,9 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     ``verbose`` False: nnU-Net's log goes to its file only and the console gets one line per epoch."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
-    instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier, device, continue_training,
-                             prediction_type, preprocessed_folder, results_folder,
+    instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier, device=device,
+                             continue_training=continue_training, prediction_type=prediction_type,
+                             preprocessed_folder=preprocessed_folder, results_folder=results_folder,
                              refuse_existing=not (continue_training or validation_only or overwrite))
     budget, grow = configure_schedule(instance, options or TrainingOptions())
     report = None

@@ -32,6 +32,7 @@ from spinediff.tasks import Generation, Segmentation, Task, Translation
 from spinediff.training.augmentation import restrict_intensity_augmentation
 from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
+from spinediff.training.options import TrainingOptions
 from spinediff.training.schedule import apply_schedule
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
@@ -106,6 +107,14 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         schedule = PlannedConfiguration(configuration, self.configuration_manager, "plans").schedule
         if schedule is not None:
             apply_schedule(self, schedule)
+
+    def apply_options(self, options: TrainingOptions) -> None:
+        """spinediff's options of a run (before :meth:`initialize`); nnU-Net's schedule attributes are set by
+        :func:`spinediff.training.api.apply_options` for every trainer."""
+        if options.num_inference_steps is not None:
+            self.num_inference_steps = int(options.num_inference_steps)
+        if options.validation_samples is not None:
+            self.final_validation_samples = int(options.validation_samples)
 
     # ------------------------------------------------------------------ construction
     def _add_logging_keys(self) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from spinediff.tasks import Generation, Segmentation, Translation
 from spinediff.training.base import CUDA, SpineDiffTrainer
+from spinediff.training.options import TrainingOptions
 
 
 class DiffusionTranslationTrainer(SpineDiffTrainer):
@@ -42,6 +43,11 @@ class SegGuidedGenerationTrainer(SpineDiffTrainer):
         # nnU-Net records the constructor's arguments by name: keep its exact signature.
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.mask_ablation_probability = 0.0
+
+    def apply_options(self, options: TrainingOptions) -> None:
+        super().apply_options(options)
+        if options.mask_ablation_probability is not None:
+            self.mask_ablation_probability = float(options.mask_ablation_probability)
 
     def ablate_classes(self, condition: torch.Tensor) -> torch.Tensor:
         """Drop foreground classes at random: their voxels become background in the one-hot condition."""

@@ -45,8 +45,9 @@ def _train(args: argparse.Namespace) -> int:
         from spinediff.planning.budget import parse_budget
 
         options.budget_minutes = parse_budget(args.budget) / 60.0
-    folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, args.plans, args.device,
-                   continue_training=args.c, validation_only=args.val_only, prediction_type=args.prediction_type,
+    folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, plans_identifier=args.plans,
+                   device=args.device, continue_training=args.c, validation_only=args.val_only,
+                   prediction_type=args.prediction_type,
                    preprocessed_folder=args.preprocessed, results_folder=args.results, overwrite=args.overwrite,
                    verbose=args.verbose)
     print(f"results: {folder}")

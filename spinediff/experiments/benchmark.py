@@ -23,7 +23,8 @@ from scipy import stats
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
-from spinediff.evaluation.folds import Method, MethodResult, collect_result, schedule_cell, train_folds
+from spinediff.evaluation.report import schedule_cell
+from spinediff.experiments.folds import Method, MethodResult, collect_result, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 from spinediff.tasks import Task
 
@@ -191,7 +192,7 @@ def _csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes: float | None = None,
+def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minutes: float | None = None,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
                   reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False,
                   workers: int = 1) -> dict:
@@ -199,7 +200,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
 
     ``downstream`` (translation): also train nnU-Net on the real CT of the same folds and budget and score
     every method's synthetic CT by that segmenter's Dice (``dice_downstream``), next to its Dice on the
-    real CT (:mod:`spinediff.evaluation.downstream`).
+    real CT (:mod:`spinediff.experiments.downstream`).
 
     ``budget_minutes``: training time per method and fold; None uses the plans' schedule (``spinediff plan
     --budget``), or 10 minutes for plans made without one. ``workers``: folds trained side by side, each in
@@ -249,7 +250,7 @@ def run_benchmark(dataset: str | int, folds: list | None = None, budget_minutes:
         outcomes.append(result)
     extra = {}
     if downstream and spec.task.has_downstream_dice:
-        from spinediff.evaluation.downstream import score_downstream
+        from spinediff.experiments.downstream import score_downstream
 
         extra = score_downstream(name, folds, outcomes, options, reference, reuse=reuse)
     rows, table = benchmark_table(outcomes, spec.task)

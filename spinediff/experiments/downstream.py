@@ -153,7 +153,7 @@ def score_downstream(translation_name: str, folds: list, outcomes: list, options
         reference: folder of the real CT volumes ``CASE.nii.gz``.
         configuration: the segmenter's nnU-Net configuration (CPU-sized by default).
     """
-    from spinediff.evaluation.folds import Method, run_method
+    from spinediff.experiments.folds import Method, run_method
     from spinediff.paths import nnunet_folder
     from spinediff.planning.api import plan_dataset
 

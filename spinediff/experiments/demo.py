@@ -23,9 +23,9 @@ import SimpleITK as sitk
 from spinediff.datasets.phantom import PhantomSettings
 from spinediff.datasets.phantom_writer import write_phantom_datasets
 from spinediff.datasets.validate import validate_dataset
-from spinediff.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sections
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
+from spinediff.experiments.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sections
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
 from spinediff.paths import model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
@@ -198,7 +198,7 @@ def _linear_mr_baselines(raw: Path, training: list[str], cases: list[str],
     return scores
 
 
-def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: bool = False,
+def run_demo(output: str | Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False,
              verbose: bool = False) -> DemoResult:
     """Run the whole pipeline into ``output``; returns timings, the summary and the report path. Without
     ``verbose`` the console shows one line per stage and per training epoch; everything else (nnU-Net's banners,
@@ -220,7 +220,7 @@ def run_demo(output: str | Path, quick: bool = False, seed: int = 0, overwrite: 
 
 def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwrite: bool,
                 verbose: bool) -> DemoResult:
-    from spinediff.evaluation.benchmark import Method, run_benchmark
+    from spinediff.experiments.benchmark import Method, run_benchmark
     from spinediff.planning.api import plan_dataset
     from spinediff.training.api import TrainingOptions
 
@@ -349,8 +349,8 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
     """Scores of the predict stage's outputs (the ensemble of K samples per case), beside the single-sample
     validation rows: SpineSegDiff averages the class probabilities of its samples, and the mean of K
     translation samples is the ensemble estimate of the CT."""
-    from spinediff.evaluation.benchmark import reference_folder
     from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders
+    from spinediff.experiments.benchmark import reference_folder
 
     segmentation, translation = get_task("segmentation"), get_task("translation")
     scores: dict[str, dict] = {segmentation.name: {}, translation.name: {}}

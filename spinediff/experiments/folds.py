@@ -145,10 +145,3 @@ def run_method(method: Method, dataset: str, folds: list, options, reuse: bool =
                ) -> MethodResult:
     """Train (or reuse) and validate ``method`` on ``folds`` (``workers`` folds at a time); time it."""
     return collect_result(method, folds, train_folds([(method, f) for f in folds], dataset, options, reuse, workers))
-
-
-def schedule_cell(entry: dict | None) -> str:
-    """``steps / final learning rate`` of one fold's timing record, for the schedule tables ('-': not trained)."""
-    entry = entry or {}
-    steps, lr = entry.get("steps"), entry.get("final_learning_rate")
-    return "-" if steps is None else f"{steps} / {lr:.2g}" if lr is not None else f"{steps} / ?"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spinediff.evaluation.benchmark import run_benchmark
+from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
 
 

@@ -1,0 +1,31 @@
+"""The options of a training run, built once (from ``spinediff train``'s flags, the benchmark's or the demo's)
+and handed down: nnU-Net's schedule attributes are set by :func:`spinediff.training.api.apply_options`, spinediff's
+own by :meth:`spinediff.training.base.SpineDiffTrainer.apply_options`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spinediff.errors import SpineDiffError
+
+
+@dataclass
+class TrainingOptions:
+    """Schedule overrides; ``None`` keeps the trainer's default."""
+
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+    learning_rate: float | None = None
+    num_inference_steps: int | None = None  # DDIM steps of the final validation
+    validation_samples: int | None = None  # samples averaged per case in the final validation (None: the plans')
+    mask_ablation_probability: float | None = None
+    budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
+    seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
+    save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
+    console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
+
+    def __post_init__(self) -> None:
+        # checked when the options are made, before a trainer creates its fold folder
+        if self.validation_samples is not None and int(self.validation_samples) < 1:
+            raise SpineDiffError(f"--val-samples must be at least 1, got {self.validation_samples}.")
