@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,21 @@ def requires_shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs the real sample data at {path} (../shared/data beside the repository), absent here")
     return path
+
+
+@contextlib.contextmanager
+def nnunet_folders(raw: Path, base: Path) -> Iterator[dict[str, str]]:
+    """nnU-Net's folder variables pointed at ``raw`` and ``base/{preprocessed,results}`` (no augmentation
+    workers) while the block runs; the previous values come back afterwards."""
+    env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(base / "preprocessed"),
+           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import nnunet_folders
 
 from spinediff.errors import SpineDiffError
 
@@ -45,17 +46,9 @@ def translation_env(tiny_settings, tmp_path_factory):
     base = tmp_path_factory.mktemp("distributed")
     write_phantom_datasets(base / "raw", num_cases=3, seed=7, tasks=("translation",), settings=tiny_settings,
                            progress=False)
-    env = {"nnUNet_raw": str(base / "raw"), "nnUNet_preprocessed": str(base / "preprocessed"),
-           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
-    yield env
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with nnunet_folders(base / "raw", base) as env:
+        plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
+        yield env
 
 
 def torchrun(arguments: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:

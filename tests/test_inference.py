@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import nnunet_folders
 
 from spinediff.cli import main
 from spinediff.errors import SpineDiffError
@@ -36,22 +37,15 @@ def trained(phantom_root, tmp_path_factory):
     from spinediff.planning.api import plan_dataset
 
     base = tmp_path_factory.mktemp("nnunet_inference")
-    env = {"nnUNet_raw": str(phantom_root), "nnUNet_preprocessed": str(base / "preprocessed"),
-           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for dataset in (901, 902, 903):
-        plan_dataset(dataset, configurations=[CONFIG], device="cpu", num_processes=1, show_progress_bar=False)
-    for dataset, trainer, fold in ((901, "DiffusionSegmentationTrainer", 0), (901, "DiffusionSegmentationTrainer", 1),
-                                   (902, "DiffusionTranslationTrainer", 0), (902, "RegressionTrainer", 0),
-                                   (903, "SegGuidedGenerationTrainer", 0)):
-        train(dataset, CONFIG, fold, trainer, TINY)
-    yield {**env, "raw": Path(phantom_root), "base": base}
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with nnunet_folders(phantom_root, base) as env:
+        for dataset in (901, 902, 903):
+            plan_dataset(dataset, configurations=[CONFIG], device="cpu", num_processes=1, show_progress_bar=False)
+        for dataset, trainer, fold in ((901, "DiffusionSegmentationTrainer", 0),
+                                       (901, "DiffusionSegmentationTrainer", 1),
+                                       (902, "DiffusionTranslationTrainer", 0), (902, "RegressionTrainer", 0),
+                                       (903, "SegGuidedGenerationTrainer", 0)):
+            train(dataset, CONFIG, fold, trainer, TINY)
+        yield {**env, "raw": Path(phantom_root), "base": base}
 
 
 def _geometry(image: sitk.Image) -> tuple:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import nnunet_folders
 
 from spinediff.errors import SpineDiffError
 from spinediff.planning.plans import SpineDiffPlans
@@ -32,20 +33,11 @@ def nnunet_env(phantom_root, tmp_path_factory):
     """Plan and preprocess the three phantom datasets (2d_diffusion only, CPU target)."""
     from spinediff.planning.api import plan_dataset
 
-    base = tmp_path_factory.mktemp("nnunet")
-    env = {"nnUNet_raw": str(phantom_root), "nnUNet_preprocessed": str(base / "preprocessed"),
-           "nnUNet_results": str(base / "results"), "nnUNet_n_proc_DA": "0"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for dataset in (901, 902, 903):
-        plan_dataset(dataset, configurations=["2d_diffusion"], device="cpu", num_processes=1,
-                     show_progress_bar=False)
-    yield env
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with nnunet_folders(phantom_root, tmp_path_factory.mktemp("nnunet")) as env:
+        for dataset in (901, 902, 903):
+            plan_dataset(dataset, configurations=["2d_diffusion"], device="cpu", num_processes=1,
+                         show_progress_bar=False)
+        yield env
 
 
 def _assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:

@@ -195,6 +195,24 @@ def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> Vali
     return report
 
 
+def read_channel_image(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
+    """One channel file read and checked: None (and a problem) if it cannot be read or is not a 2D/3D scalar
+    image; the image and its voxels otherwise, with a problem added if it holds NaN/Inf."""
+    loaded = read_or_report(path, problems)
+    if loaded is None:
+        return None
+    image, array = loaded
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+        problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
+                                           f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel; "
+                                           "each channel must be its own 2D/3D scalar image."))
+        return None
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        problems.append(Problem(str(path), f"contains {count} NaN/Inf voxel(s); fix or re-export the image."))
+    return image, array
+
+
 def read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
     """The image (for its geometry) and its voxel array as stored on disk.
 
@@ -223,18 +241,10 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"missing: case {case} needs {n_channels} channel files "
                                                f"(_0000 .. _{n_channels - 1:04d})."))
             continue
-        loaded = read_or_report(path, problems)
+        loaded = read_channel_image(path, problems)
         if loaded is None:
             continue
         image, array = loaded
-        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
-            problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
-                                               f"{image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                                               "each channel must be its own 2D/3D scalar image."))
-            continue
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            n_bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            problems.append(Problem(str(path), f"contains {n_bad} NaN/Inf voxel(s); fix or re-export the image."))
         if reference is None:
             reference = image
         elif (why := same_geometry(reference, image)) is not None:

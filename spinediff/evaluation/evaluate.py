@@ -7,8 +7,6 @@ mean, standard deviation and a 95% confidence interval (Student t) per metric.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
+from spinediff.evaluation.report import csv_text
 from spinediff.io import (
     IMAGE_SUFFIXES,
     ensure_writable_folder,
@@ -124,7 +123,7 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
     summary["reference_folder"], summary["prediction_folder"] = str(ref_dir.resolve()), str(pred_dir.resolve())
     if output_folder is not None:
         out = Path(output_folder)
-        write_text(_csv(rows), out / "per_case.csv")
+        write_text(csv_text(rows), out / "per_case.csv")
         write_json(summary, out / "summary.json")
     return EvaluationResult(rows, summary)
 
@@ -139,11 +138,3 @@ def _summary(rows: list[dict]) -> dict:
         mean_over_labels = {m: float(np.nanmean([per_label[k][m]["mean"] for k in per_label])) for m in metric_names}
         return {"task": SEGMENTATION_KIND, "per_label": per_label, "mean_over_labels": mean_over_labels}
     return {"task": IMAGE_KIND, "metrics": {m: summarise([r[m] for r in rows]) for m in metric_names}}
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()

@@ -7,7 +7,9 @@ figure as a base64 data URI, so the single file can be mailed or opened offline.
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,6 +38,15 @@ class Section:
     paragraphs: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption)
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Rows of one table as CSV text (columns: the first row's keys)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def schedule_cell(entry: dict | None) -> str:

@@ -11,8 +11,6 @@ Wilcoxon signed-rank test over cases.
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from dataclasses import asdict
@@ -23,7 +21,7 @@ from scipy import stats
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
-from spinediff.evaluation.report import schedule_cell
+from spinediff.evaluation.report import csv_text, schedule_cell
 from spinediff.experiments.folds import Method, MethodResult, collect_result, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 from spinediff.tasks import Task
@@ -184,14 +182,6 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     return rows, "\n".join(lines)
 
 
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minutes: float | None = None,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
                   reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False,
@@ -268,7 +258,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                "model_folders": {r.method.name: r.method.folder_name
                                  for r in outcomes}}
     write_json(summary, out / "benchmark.json")
-    write_text(_csv(rows), out / "benchmark.csv")
+    write_text(csv_text(rows), out / "benchmark.csv")
     budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
     write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
                f"fold.\n\n{table}\n", out / "benchmark.md")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spinediff.datasets.validate import Problem, read_or_report, same_geometry
+from spinediff.datasets.validate import Problem, read_channel_image, same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.io import IMAGE_SUFFIXES
 from spinediff.tasks import Task
@@ -125,19 +125,10 @@ def check_case_files(case: InputCase, layout: InputLayout) -> None:
     problems: list[Problem] = []
     reference = None
     for path in case.files:
-        loaded = read_or_report(path, problems)
-        if loaded is None:
+        loaded = read_channel_image(path, problems)
+        if loaded is None or problems:
             break
         image, array = loaded
-        if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
-            problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
-                                               f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel; "
-                                               "each channel must be its own 2D/3D scalar image."))
-            break
-        if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-            count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            problems.append(Problem(str(path), f"contains {count} NaN/Inf voxel(s); fix or re-export the image."))
-            break
         if layout.reads_label_map:
             _check_labels(path, np.asarray(array), layout.label_values, problems)
         if reference is None:
