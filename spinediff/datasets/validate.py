@@ -19,10 +19,9 @@ from spinediff.datasets.dataset_json import label_values
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_image, read_json, read_voxels_verified
 from spinediff.tasks import SEGMENTATION, TASKS
+from spinediff.utilities.geometry import same_geometry
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
-# Like nnU-Net's integrity check (np.allclose defaults), a little looser on origin for float32 headers.
-SPACING_RTOL, ORIGIN_ATOL, DIRECTION_ATOL = 1e-5, 1e-4, 1e-5
 
 
 @dataclass
@@ -141,18 +140,6 @@ def _check_spinediff_block(block: Any, n_channels: int, where: str, problems: li
     problems += [Problem(where, message)
                  for message in task.block_problems(lists["source_channels"], lists["target_channels"], block)]
     return task.name
-
-
-def same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
-    if a.GetSize() != b.GetSize():
-        return f"size {b.GetSize()} differs from {a.GetSize()}"
-    if not np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=SPACING_RTOL, atol=0):
-        return f"spacing {tuple(round(s, 6) for s in b.GetSpacing())} differs from {a.GetSpacing()}"
-    if not np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=ORIGIN_ATOL):
-        return f"origin {b.GetOrigin()} differs from {a.GetOrigin()}"
-    if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
-        return "direction (orientation) differs"
-    return None
 
 
 def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> ValidationReport:

@@ -18,7 +18,6 @@ import SimpleITK as sitk
 from scipy import stats
 from tqdm import tqdm
 
-from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import csv_text
 from spinediff.io import (
@@ -32,6 +31,7 @@ from spinediff.io import (
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import segmentation_metrics
 from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
+from spinediff.utilities.geometry import same_geometry
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from spinediff.datasets.validate import same_geometry
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, split_ending
 from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_json, write_image, write_json
 from spinediff.tasks import SEGMENTATION, Task, get_task
+from spinediff.utilities.geometry import same_geometry
 
 MAP_SUFFIXES = ("_uncertainty", "_variance")
 

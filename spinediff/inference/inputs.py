@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spinediff.datasets.validate import Problem, read_channel_image, same_geometry
+from spinediff.datasets.validate import Problem, read_channel_image
 from spinediff.errors import SpineDiffError
 from spinediff.io import IMAGE_SUFFIXES
 from spinediff.tasks import Task
+from spinediff.utilities.geometry import same_geometry
 
 # Written beside every prediction folder: settings, task and per-case status (`spinediff ensemble` reads the task).
 RUN_SUMMARY = "prediction.json"

@@ -44,6 +44,7 @@ from spinediff.registration.landmarks import (
 )
 from spinediff.registration.mask_alignment import MaskInputs, fit_from_masks
 from spinediff.registration.report import CaseReport, error_statistics, overlay_png, summary_markdown
+from spinediff.utilities.geometry import same_geometry
 
 __all__ = [
     "CaseFiles",
@@ -120,15 +121,6 @@ class DatasetRegistration:
 # ------------------------------------------------------------------------------ grids
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=1e-5, atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
-    )
-
-
 def _read_verified(path: Path) -> sitk.Image:
     """The image, after its voxels were read completely (a truncated file is refused, not read as zeros)."""
     image = read_image(path)
@@ -146,7 +138,7 @@ def _read_on_grid(path: Path, reference: sitk.Image, reference_name: str, case: 
         raise SpineDiffError(f"case {case}: {path} is a {image.GetDimension()}D image with "
                              f"{image.GetNumberOfComponentsPerPixel()} component(s); expected a 3D single-channel "
                              "mask on the grid of its image.")
-    if not _same_grid(image, reference):
+    if same_geometry(reference, image) is not None:
         raise SpineDiffError(
             f"case {case}: {path} is not on the grid of {reference_name} (size, spacing, origin "
             f"or direction differ); masks must share their image's grid."
@@ -244,7 +236,7 @@ def register_case(case: CaseFiles, settings: RegistrationSettings | None = None)
     mr_channels = {name: _read_verified(path) for name, path in case.mr_channels.items()}
     reference_name, mr_reference = next(iter(mr_channels.items()))
     for name, image in mr_channels.items():
-        if not _same_grid(image, mr_reference):
+        if same_geometry(mr_reference, image) is not None:
             raise SpineDiffError(
                 f"case {cid}: MR channel {name} ({case.mr_channels[name]}) is not on the grid of "
                 f"{reference_name}; all MR channels must share one grid."

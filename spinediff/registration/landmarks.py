@@ -37,6 +37,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import index_to_physical, read_json, write_json
+from spinediff.utilities.geometry import same_geometry
 
 # Vertebra instance labels (VerSe numbering 1-28). TPTBox / VerSe write discs as 100 + label and
 # endplates as 200 + label into the same file; those are not vertebrae.
@@ -368,13 +369,7 @@ def split_position(r: np.ndarray, bin_mm: float = 0.5, smooth_mm: float = 1.5) -
 
 
 def _check_same_grid(a: sitk.Image, b: sitk.Image, what: str) -> None:
-    same = (
-        a.GetSize() == b.GetSize()
-        and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=1e-6)
-        and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=1e-5, atol=1e-4)
-        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5)
-    )
-    if not same:
+    if same_geometry(a, b) is not None:
         raise SpineDiffError(
             f"{what}: the subregion mask and the vertebra mask have different grids "
             f"(size, spacing, origin or direction); they must be on the same image grid."

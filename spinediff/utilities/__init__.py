@@ -1,2 +1,2 @@
 """Helpers every stage needs, below training and inference: writing predictions in the raw geometry
-(``export``)."""
+(``export``), the one comparison of image grids (``geometry``)."""
