@@ -1,0 +1,80 @@
+"""Failure-detection metrics and case-level uncertainty scores against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spinediff.metrics.case_uncertainty import (
+    MISSING_LEVEL,
+    case_scores,
+    expected_volumes,
+    level_anomaly,
+    pairwise_dice,
+)
+from spinediff.metrics.failure_detection import (
+    aurc,
+    error_auroc,
+    expected_calibration_error,
+    optimal_aurc,
+    review_threshold,
+    risk_coverage,
+)
+
+
+def test_error_auroc_counts_ordered_pairs_inside_the_region():
+    uncertainty = np.array([0.1, 0.4, 0.35, 0.8])
+    error = np.array([False, False, True, True])
+    assert error_auroc(uncertainty, error) == pytest.approx(0.75)  # 3 of the 4 (wrong, right) pairs ordered
+    assert error_auroc(uncertainty, error, region=np.array([1, 0, 1, 1])) == pytest.approx(1.0)
+    assert error_auroc(uncertainty, np.zeros(4, bool)) is None
+
+
+def test_expected_calibration_error_weighs_each_bin_by_its_voxels():
+    confidence = np.array([0.95, 0.95, 0.55, 0.55])
+    correct = np.array([1, 0, 1, 1])
+    # bin 9: accuracy 0.5 vs confidence 0.95; bin 5: 1.0 vs 0.55; each holds half the voxels
+    assert expected_calibration_error(confidence, correct) == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
+    assert expected_calibration_error(np.ones(3), np.ones(3)) == pytest.approx(0.0)
+    assert expected_calibration_error(np.array([]), np.array([])) is None
+
+
+def test_aurc_of_a_perfect_a_reversed_and_a_tied_ranking():
+    risks = [0.0, 0.5, 1.0]
+    assert aurc([0.1, 0.2, 0.3], risks) == pytest.approx((0 + 0.25 + 0.5) / 3)
+    assert optimal_aurc(risks) == pytest.approx(aurc([0.1, 0.2, 0.3], risks))
+    assert aurc([0.3, 0.2, 0.1], risks) == pytest.approx((1 + 0.75 + 0.5) / 3)
+    coverage, risk = risk_coverage([1.0, 1.0], [0.0, 1.0])
+    assert coverage.tolist() == [0.5, 1.0] and risk.tolist() == [0.5, 0.5]  # a tie costs its mean risk
+    with pytest.raises(ValueError):
+        aurc([1.0], [0.1, 0.2])
+
+
+def test_review_threshold_separates_failures_and_falls_back_without_any():
+    chosen = review_threshold([0.1, 0.2, 0.8, 0.9], [False, False, True, True])
+    assert chosen["threshold"] == pytest.approx(0.5)
+    assert (chosen["failures_flagged"], chosen["good_flagged"]) == (2, 0)
+    assert review_threshold([0.1, 0.3], [False, False])["threshold"] == pytest.approx(0.3)
+
+
+def test_case_scores_see_a_missing_level_and_disagreeing_members():
+    spacing = (2.0, 1.0, 1.0)  # 2 ul per voxel
+    labels = np.zeros((1, 4, 5), dtype=int)
+    labels[0, 0, :2] = 1
+    labels[0, 1, :2] = 2  # label 3 is missing
+    probabilities = np.stack([labels == c for c in range(4)]).astype(np.float32) * 0.8 + 0.05
+    expected = expected_volumes([labels, labels], [spacing, spacing], [1, 2, 3])
+    assert expected == {1: pytest.approx(0.004), 2: pytest.approx(0.004)}  # label 3 never occurs: no expectation
+    scores = case_scores(probabilities, spacing, [1, 2, 3], expected={**expected, 3: 0.004},
+                         member_labels=[labels, np.where(labels == 2, 0, labels)])
+    assert scores["level_anomaly"] == pytest.approx(MISSING_LEVEL)
+    assert scores["level_confidence"] == pytest.approx(1 - 0.85)
+    # the two members agree on label 1 (Dice 1) and not at all on label 2 (Dice 0)
+    assert scores["sample_disagreement"] == pytest.approx(0.5)
+    p = np.array([0.85, 0.05, 0.05, 0.05])
+    assert scores["entropy"] == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-5)
+    assert scores["levels"]["3"] == {"volume_ml": 0.0}
+    assert level_anomaly({1: {"volume_ml": 0.008}}, {1: 0.004}) == pytest.approx(math.log(2))
+    assert pairwise_dice([labels], [1]) is None
