@@ -148,9 +148,9 @@ def analyse_case(case: str, raw: Path, predictions: Path, band_width: float) -> 
 def render(cases: list[str], raw: Path, predictions: Path, target: Path) -> None:
     from matplotlib.colors import ListedColormap
 
-    from spinediff.evaluation.figures import _pyplot
+    from spinediff.evaluation.figures import pyplot
 
-    plt = _pyplot()  # matplotlib defaults again: nnU-Net's training left seaborn's font scale behind
+    plt = pyplot()  # matplotlib defaults again: nnU-Net's training left seaborn's font scale behind
 
     colours = ListedColormap(["#00000000", "#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231"])
     fig, axes = plt.subplots(len(cases), 4, figsize=(16, 4.3 * len(cases)), squeeze=False)

@@ -118,11 +118,11 @@ def test_figures_start_from_matplotlib_defaults_after_nnunet_plotted():
     import matplotlib
     import seaborn as sns
 
-    from spinediff.evaluation.figures import _pyplot
+    from spinediff.evaluation.figures import pyplot
 
     sns.set(font_scale=2.5)  # what nnU-Net's logger does before each progress plot
     assert matplotlib.rcParams["xtick.labelsize"] != "medium"
-    _pyplot()
+    pyplot()
     assert matplotlib.rcParams["font.size"] == 9
     assert matplotlib.rcParams["xtick.labelsize"] == "medium" and matplotlib.rcParams["axes.facecolor"] == "white"
 

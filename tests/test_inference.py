@@ -368,3 +368,41 @@ def test_predict_and_postprocess_apply_the_models_level_numbering(trained, tmp_p
     assert json.loads((tmp_path / "pp_out" / "prediction.json").read_text())["postprocessing"]
     # without a decision, postprocess says what to run first
     assert main(["postprocess", "-i", str(tmp_path / "raw_out"), "-o", str(tmp_path / "x"), "-m", str(model)]) == 2
+
+
+# ---------------------------------------------------------------------- review flags
+def test_review_rule_flags_and_ranks_cases_from_the_model_folder(trained, tmp_path, capsys):
+    """With a review.json in the model folder, predict scores each case, flags those above the threshold, writes
+    review.csv (most doubtful first) and names the flagged cases; the rule is read back as written."""
+    import csv
+
+    from spinediff.inference.review import ReviewRule
+
+    model = Path(trained["nnUNet_results"]) / SEG / f"DiffusionSegmentationTrainer__nnUNetPlans__{CONFIG}"
+    inputs = tmp_path / "in"
+    for case in ("phantom_000", "phantom_001", "phantom_002"):
+        _case_inputs(trained["raw"], SEG, case, (0, 1), inputs)
+    first = _read(trained["raw"] / SEG / "labelsTr" / "phantom_000.nii.gz")
+    volumes = {label: float((first == label).sum()) * 1e-3 for label in np.unique(first) if label > 0}
+    rule = ReviewRule("level_anomaly", 0.5, volumes, {"rule": "set by this test"})
+    path = rule.write(model)
+    try:
+        assert ReviewRule.read(model) == rule
+        assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "901", "-c", CONFIG,
+                     "-tr", "DiffusionSegmentationTrainer", "-f", "0", "--samples", "2", "--steps", "1",
+                     "--save-uncertainty"]) == 0
+    finally:
+        path.unlink()
+    rows = list(csv.DictReader((tmp_path / "out" / "review.csv").open()))
+    values = [float(row["value"]) for row in rows]
+    assert len(rows) == 3 and values == sorted(values, reverse=True)
+    for row in rows:
+        summary = json.loads((tmp_path / "out" / f"{row['case']}_uncertainty.json").read_text())
+        assert summary["review"]["value"] == pytest.approx(summary["scores"]["level_anomaly"])
+        assert (row["review"] == "yes") == (summary["scores"]["level_anomaly"] > 0.5)
+        assert 0.0 <= summary["scores"]["sample_disagreement"] <= 1.0
+    flagged = [row["case"] for row in rows if row["review"] == "yes"]
+    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["review_flagged"] == flagged
+    assert f"review: {len(flagged)} case(s) above the model's review threshold" in capsys.readouterr().out
+    with pytest.raises(SpineDiffError, match="not one of"):
+        ReviewRule("dice", 0.5)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from spinediff.io import atomic_path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +33,7 @@ def _save(fig, target: str | os.PathLike, dpi: int = 100) -> None:
 def metric_boxplot(values: dict[str, Sequence[float]], metric: str, target: str | os.PathLike,
                    title: str = "") -> None:
     """Box plot (with the cases as dots) of one metric per method."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(values)
     data = [[v for v in values[n] if v is not None and math.isfinite(v)] for n in names]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names), 4))
@@ -71,7 +71,7 @@ def checkpoint_logging(checkpoint: str | os.PathLike) -> dict:
 
 def training_curves(curves: dict[str, dict[str, list[float]]], target: str | os.PathLike) -> None:
     """Training and validation loss per epoch, and the validation score, for several runs."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(11, 4))
     for name, logging in curves.items():
         epochs = np.arange(len(logging.get("train_losses", [])))
@@ -113,7 +113,7 @@ def qualitative_panel(rows: list[dict[str, sitk.Image | None]], columns: list[tu
 
     kwargs may hold ``overlay_on`` (another key: the column is drawn as a label overlay on that image).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.8 * len(columns), 3.3 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         for c, (name, key, kwargs) in enumerate(columns):

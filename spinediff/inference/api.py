@@ -13,6 +13,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
+from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
 from spinediff.io import ensure_writable_folder, write_json
 
 
@@ -23,6 +24,8 @@ class PredictionReport:
     output_folder: Path
     settings: dict
     cases: list[CaseResult] = field(default_factory=list)
+    review_table: Path | None = None  # review.csv, when the model has a review rule (review.json)
+    flagged: list[str] = field(default_factory=list)  # cases above the model's review threshold, most doubtful first
 
     @property
     def failed(self) -> list[CaseResult]:
@@ -35,6 +38,7 @@ class PredictionReport:
 
     def to_dict(self) -> dict:
         return {**self.settings, "num_cases": len(self.cases), "num_failed": len(self.failed),
+                "review_flagged": self.flagged,
                 "cases": {c.identifier: asdict(c) for c in self.cases}}
 
 
@@ -102,6 +106,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         from spinediff.inference.postprocessing import Postprocessing
 
         predictor.postprocessing = Postprocessing.load(folder.path)
+    if save_uncertainty and predictor.task.task.writes_labels:
+        predictor.review = ReviewRule.read(folder.path)
     options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
@@ -111,7 +117,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     output = Path(output_folder)
     planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
     existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
-    existing += [output / RUN_SUMMARY] if (output / RUN_SUMMARY).exists() else []
+    existing += [output / name for name in (RUN_SUMMARY, REVIEW_TABLE) if (output / name).exists()]
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output folder "
@@ -137,5 +143,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         if not result.ok:
             tqdm.write(f"failed {case.identifier}: {result.message}")
         report.cases.append(result)
+    flags = {c.identifier: c.uncertainty["review"] for c in report.cases
+             if c.ok and (c.uncertainty or {}).get("review")}
+    if flags:
+        report.review_table = write_review_table(flags, output)
+        report.flagged = [case for case, flag in sorted(flags.items(), key=lambda i: -i[1]["value"]) if flag["review"]]
     write_json(report.to_dict(), output / RUN_SUMMARY)
     return report

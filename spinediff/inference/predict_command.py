@@ -22,6 +22,10 @@ def run_predict(args: argparse.Namespace) -> int:
           f"(summary: {RUN_SUMMARY})")
     for case in report.failed:
         print(f"  FAILED {case.identifier}: {case.message}")
+    if report.review_table is not None:
+        shown = ", ".join(report.flagged) if report.flagged else "none"
+        print(f"review: {len(report.flagged)} case(s) above the model's review threshold, most doubtful first: "
+              f"{shown} (all cases ranked in {report.review_table})")
     return report.exit_code
 
 

@@ -34,8 +34,10 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import FoldModel, ModelFolder
 from spinediff.inference.postprocessing import Postprocessing, geometry_like
+from spinediff.inference.review import ReviewRule
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
+from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
@@ -124,6 +126,7 @@ class SpineDiffPredictor:
         self.layout = InputLayout(self.task.task, tuple(self.task.source_channels), names,
                                   tuple(self.label_manager.all_labels))
         self.postprocessing = Postprocessing()  # nothing unless the caller loads the model's decision
+        self.review: ReviewRule | None = None  # the model's review rule (review.json), when the caller loads it
 
     # ------------------------------------------------------------------ one case, step by step
     def preprocess(self, case: InputCase) -> PreprocessedCase:
@@ -240,7 +243,13 @@ class SpineDiffPredictor:
         write_image_like_raw(disagreement, properties, outputs.uncertainty[0])
         write_image_like_raw(variance, properties, outputs.variance)
         foreground = np.asarray(segmentation) > 0
-        return {"members": statistics.count, "foreground_voxels": int(foreground.sum()),
+        # case scores on the preprocessed grid, where the members are (volumes in ml, spacing-independent)
+        scores = case_scores(statistics.mean.numpy(), self.configuration_manager.spacing,
+                             [int(label) for label in self.label_manager.foreground_labels],
+                             expected=self.review.expected_volumes_ml if self.review else None,
+                             uncertainty=statistics.disagreement().numpy(), member_labels=statistics.member_labels)
+        review = {"review": self.review.flag(scores)} if self.review else {}
+        return {**review, "scores": scores, "members": statistics.count, "foreground_voxels": int(foreground.sum()),
                 "mean_uncertainty_foreground": masked_mean(disagreement, foreground),
                 "mean_variance_foreground": masked_mean(variance, foreground),
                 "mean_uncertainty": float(disagreement.mean()), "max_uncertainty": float(disagreement.max()),

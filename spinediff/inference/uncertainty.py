@@ -64,10 +64,16 @@ class EnsembleStatistics:
 
 
 class SegmentationEnsemble(EnsembleStatistics):
-    """Members are class probabilities ``(C, *spatial)``."""
+    """Members are class probabilities ``(C, *spatial)``; each member's label map is kept (uint8) for the
+    pairwise Dice between members (:func:`spinediff.metrics.case_uncertainty.pairwise_dice`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.member_labels: list[np.ndarray] = []
 
     def add_probabilities(self, probabilities: torch.Tensor) -> None:
         self.add(probabilities, class_entropy(probabilities))
+        self.member_labels.append(probabilities.argmax(0).to(torch.uint8).cpu().numpy())
 
     def disagreement(self) -> torch.Tensor:
         """Entropy of the mean probabilities minus the members' mean entropy (mutual information)."""
