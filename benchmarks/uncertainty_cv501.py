@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "Dataset501_LumbarVB3dev"
 LEVELS = [1, 2, 3, 4, 5]
 METHODS = {"nnU-Net": ("nnUNetTrainer", "2d_cpu"), "diffusion": ("DiffusionSegmentationTrainer", "2d_diffusion")}
-NEAR_VOXELS = 5
 
 
 def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -71,95 +70,23 @@ def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int
     return seconds
 
 
-def case_record(case: str, reference: np.ndarray, spacing, folder: Path, expected: dict, mi: bool) -> dict:
-    """Dice, failure, case scores and the voxels near the spine (for the pooled voxel metrics)."""
-    from scipy.ndimage import binary_dilation
-
-    from spinediff.io import read_json
-    from spinediff.metrics.case_uncertainty import case_scores
-    from spinediff.metrics.segmentation_metrics import case_dice
-
-    with np.load(folder / f"{case}.npz") as data:
-        probabilities = data["probabilities"].astype(np.float32)
-    predicted = probabilities.argmax(0)
-    uncertainty = read_array(folder / f"{case}_uncertainty.nii.gz")[0] if mi else None
-    scores = case_scores(probabilities, spacing, LEVELS, expected=expected, uncertainty=uncertainty)
-    summary = folder / f"{case}_uncertainty.json"
-    if summary.is_file():  # sample disagreement: from the members, which only the predictor saw
-        extra = read_json(summary).get("scores", {})
-        if "sample_disagreement" in extra:
-            scores["sample_disagreement"] = extra["sample_disagreement"]
-    dice = case_dice(predicted, reference, LEVELS)
-    mean_dice = float(np.nanmean(list(dice.values())))
-    merged = case_dice((predicted > 0).astype(int), (reference > 0).astype(int), [1])["1"]
-    near = binary_dilation((predicted > 0) | (reference > 0), iterations=NEAR_VOXELS)
-    entropy = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(0)
-    voxels = {"wrong": (predicted != reference)[near], "confidence": probabilities.max(0)[near],
-              "entropy": entropy[near]}
-    if uncertainty is not None:
-        voxels["mutual_information"] = uncertainty[near]
-    return {"case": case, "dice": dice, "mean_dice": mean_dice, "merged_dice": merged,
-            "wrong_level": bool(mean_dice < 0.5 <= merged), "scores": scores, "voxels": voxels}
-
-
-def analyse(records: list[dict], method: str, seconds: float) -> dict:
-    from spinediff.metrics.case_uncertainty import SCORES
-    from spinediff.metrics.failure_detection import (
-        aurc,
-        error_auroc,
-        expected_calibration_error,
-        optimal_aurc,
-        review_threshold,
-    )
-
-    wrong = np.concatenate([r["voxels"]["wrong"] for r in records])
-    confidence = np.concatenate([r["voxels"]["confidence"] for r in records])
-    risks = [1 - r["mean_dice"] for r in records]
-    failures = [r["wrong_level"] for r in records]
-    rows = []
-    for score in SCORES:
-        if not all(score in r["scores"] for r in records):
-            continue
-        values = [r["scores"][score] for r in records]
-        voxel_map = {"entropy": "entropy", "mutual_information": "mutual_information"}.get(score)
-        auroc = (error_auroc(np.concatenate([r["voxels"][voxel_map] for r in records]), wrong)
-                 if voxel_map else None)
-        chosen = review_threshold(values, failures)
-        flagged = np.asarray(values) > chosen["threshold"]
-        failed_values = [v for v, failed in zip(values, failures, strict=True) if failed]
-        good_values = [v for v, failed in zip(values, failures, strict=True) if not failed]
-        rows.append({"method": method, "score": score, "voxel_auroc": auroc,
-                     "aurc": aurc(values, risks), "e_aurc": aurc(values, risks) - optimal_aurc(risks),
-                     "threshold": chosen["threshold"],
-                     "wrong_level_caught": int(flagged[np.asarray(failures)].sum()),
-                     "wrong_level_cases": int(sum(failures)),
-                     "good_flagged": int(flagged[~np.asarray(failures)].sum()),
-                     # every wrong-level case above every other case
-                     "perfect_ranking": min(failed_values) > max(good_values) if failed_values and good_values
-                     else None})
-    return {"method": method, "ece": expected_calibration_error(confidence, ~wrong),
-            "seconds_per_case": seconds, "mean_dice": float(np.mean([r["mean_dice"] for r in records])),
-            "optimal_aurc": optimal_aurc(risks), "rows": rows,
-            "cases": [{k: v for k, v in r.items() if k != "voxels"} for r in records]}
-
-
 def markdown(results: dict) -> str:
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    lines = ["| method | score | voxel AUROC | ECE | AURC | e-AURC | wrong-level cases caught | good cases flagged |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method in results["methods"]:
-        for row in method["rows"]:
-            lines.append(f"| {row['method']} | `{row['score']}` | {f(row['voxel_auroc'])} | {f(method['ece'])} | "
-                         f"{f(row['aurc'])} | {f(row['e_aurc'])} | {row['wrong_level_caught']} of "
-                         f"{row['wrong_level_cases']} | {row['good_flagged']} |")
-    lines.append("")
-    lines.append("| method | mean L1-L5 Dice (as trained) | optimal AURC | s/case |")
-    lines.append("|---|---|---|---|")
-    for method in results["methods"]:
-        lines.append(f"| {method['method']} | {f(method['mean_dice'])} | {f(method['optimal_aurc'])} | "
-                     f"{f(method['seconds_per_case'], 1)} |")
+    lines = ["| method | case score | voxel AUROC of its map | AURC | e-AURC | wrong-level cases flagged | "
+             "good cases flagged | ranks every wrong-level case first |", "|---|---|---|---|---|---|---|---|"]
+    for method, summary in results["methods"].items():
+        for row in summary["scores"]:
+            lines.append(f"| {method} | `{row['score']}` | {f(row['voxel_auroc'])} | {f(row['aurc'])} | "
+                         f"{f(row['e_aurc'])} | {row['wrong_level_flagged']} of {summary['wrong_level_cases']} | "
+                         f"{row['good_flagged']} | {row['separates_wrong_levels']} |")
+    lines += ["", "| method | mean L1-L5 Dice (as trained) | ECE | optimal AURC | wrong-level cases | s/case |",
+              "|---|---|---|---|---|---|"]
+    for method, summary in results["methods"].items():
+        lines.append(f"| {method} | {f(summary['mean_dice'])} | {f(summary.get('ece'))} | "
+                     f"{f(summary['optimal_aurc'])} | {summary['wrong_level_cases']} "
+                     f"({', '.join(summary['wrong_level']) or 'none'}) | {f(summary['seconds_per_case'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -168,18 +95,19 @@ def figure(results: dict, target: Path) -> None:
     from spinediff.metrics.failure_detection import risk_coverage
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in results["methods"]:
-        risks = [1 - c["mean_dice"] for c in method["cases"]]
-        for row in method["rows"]:
-            values = [c["scores"][row["score"]] for c in method["cases"]]
+    fig, axes = plt.subplots(1, len(results["methods"]), figsize=(5 * len(results["methods"]), 3.8), sharey=True)
+    for ax, (method, summary) in zip(np.atleast_1d(axes), results["methods"].items(), strict=True):
+        risks = [1 - c["mean_dice"] for c in summary["per_case"]]
+        for row in summary["scores"]:
+            values = [c["scores"][row["score"]] for c in summary["per_case"]]
             coverage, risk = risk_coverage(values, risks)
-            ax.plot(coverage, risk, label=f"{method['method']}: {row['score']} (AURC {row['aurc']:.3f})")
+            ax.plot(coverage, risk, label=f"{row['score']} (AURC {row['aurc']:.3f})")
         coverage, risk = risk_coverage(risks, risks)
-        ax.plot(coverage, risk, "k:", label=f"{method['method']}: optimal")
-    ax.set_xlabel("coverage (cases accepted, most confident first)")
-    ax.set_ylabel("selective risk (1 - mean Dice)")
-    ax.legend(fontsize=6)
+        ax.plot(coverage, risk, "k:", label=f"optimal ({summary['optimal_aurc']:.3f})")
+        ax.set_title(method)
+        ax.set_xlabel("coverage (cases accepted, most confident first)")
+        ax.legend(fontsize=7)
+    np.atleast_1d(axes)[0].set_ylabel("selective risk (1 - mean Dice)")
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     plt.close(fig)
@@ -223,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 if process.returncode:
                     raise SystemExit(f"a fold's prediction failed (exit {process.returncode})")
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
-    methods = []
+    from spinediff.evaluation.failure_detection import case_record, failure_summary
+
+    methods = {}
     for method, (trainer, configuration) in METHODS.items():
         records, seconds = [], []
         for fold, split in enumerate(splits):
@@ -239,17 +169,18 @@ def main(argv: list[str] | None = None) -> int:
                     seconds.append(read_json(timing).get("inference_seconds_per_case"))
             for case in split["val"]:
                 reference, spacing = labels[case]
-                records.append(case_record(case, reference, spacing, folder, expected, method == "diffusion"))
+                prediction = read_array(folder / f"{case}.nii.gz")[0]
+                records.append(case_record(case, reference, prediction, spacing, folder, ".nii.gz", LEVELS,
+                                           expected))
         seconds = [s for s in seconds if s is not None]
-        methods.append(analyse(records, method, float(np.mean(seconds)) if seconds else None))
-    results = {"dataset": NAME, "samples": args.samples, "near_voxels": NEAR_VOXELS, "methods": methods}
+        methods[method] = dict(failure_summary(records), seconds_per_case=float(np.mean(seconds)) if seconds else None)
+    results = {"dataset": NAME, "samples": args.samples, "methods": methods}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")
     (out / "results.md").write_text(markdown(results))
     figure(results, out / "risk_coverage.png")
-    diffusion = next(m for m in methods if m["method"] == "diffusion")
-    best = min(diffusion["rows"], key=lambda row: row["aurc"])
+    best = min(methods["diffusion"]["scores"], key=lambda row: row["aurc"])
     from spinediff.inference.review import ReviewRule
 
     all_cases = list(labels)
@@ -257,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = ReviewRule(best["score"], best["threshold"], volumes,
                       {"rule": "largest Youden index for wrong-level cases on the 5-fold cross-validation "
                                f"(lowest AURC of the diffusion scores: {best['aurc']:.3f})",
-                       "cases": len(all_cases), "failures": best["wrong_level_cases"],
+                       "cases": len(all_cases), "failures": methods["diffusion"]["wrong_level_cases"],
                        "made_by": "benchmarks/uncertainty_cv501.py"})
     path = rule.write(results_root / "DiffusionSegmentationTrainer__nnUNetPlans__2d_diffusion")
     print(markdown(results))

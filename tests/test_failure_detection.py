@@ -78,3 +78,40 @@ def test_case_scores_see_a_missing_level_and_disagreeing_members():
     assert scores["levels"]["3"] == {"volume_ml": 0.0}
     assert level_anomaly({1: {"volume_ml": 0.008}}, {1: 0.004}) == pytest.approx(math.log(2))
     assert pairwise_dice([labels], [1]) is None
+
+
+def test_evaluate_scores_uncertainty_outputs_against_the_errors(tmp_path):
+    """A folder with a right case and a wrong-level case (L1 and L2 swapped), probabilities and uncertainty maps:
+    evaluate finds the wrong-level case, the map that is high exactly on the wrong voxels gets AUROC 1, and the
+    case score built from it ranks the wrong case first."""
+    import SimpleITK as sitk
+
+    from spinediff.evaluation.evaluate import evaluate_folders
+
+    ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    reference = np.zeros((4, 12, 12), dtype=np.uint8)
+    reference[:, 2:5, 2:10] = 1
+    reference[:, 7:10, 2:10] = 2
+
+    def write(array, path, spacing=(1.0, 1.0, 2.0)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(path))
+
+    for case, prediction in (("right", reference), ("swapped", np.choose(reference, [0, 2, 1]).astype(np.uint8))):
+        write(reference, ref_dir / f"{case}.nii.gz")
+        write(prediction, pred_dir / f"{case}.nii.gz")
+        probabilities = np.stack([prediction == c for c in range(3)]).astype(np.float32) * 0.9 + 0.1 / 3
+        np.savez_compressed(pred_dir / f"{case}.npz", probabilities=probabilities)
+        write((prediction != reference).astype(np.float32) * 0.5 + 0.01, pred_dir / f"{case}_uncertainty.nii.gz")
+    failure = evaluate_folders(ref_dir, pred_dir, progress=False).summary["failure_detection"]
+    assert failure["cases"] == 2 and failure["wrong_level"] == ["swapped"]
+    assert failure["auroc_mutual_information"] == pytest.approx(1.0)
+    # every voxel is near the vertebrae and has confidence 0.9 + 0.1/3; 192 of the 2 x 576 voxels are wrong
+    assert failure["ece"] == pytest.approx(abs((1 - 192 / 1152) - (0.9 + 0.1 / 3)), abs=1e-6)
+    rows = {row["score"]: row for row in failure["scores"]}
+    assert rows["mutual_information"]["separates_wrong_levels"] is True
+    assert rows["mutual_information"]["aurc"] == pytest.approx(failure["optimal_aurc"])
+    assert rows["mutual_information"]["wrong_level_flagged"] == 1 and rows["mutual_information"]["good_flagged"] == 0

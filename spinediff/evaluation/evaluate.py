@@ -19,6 +19,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
+from spinediff.evaluation.failure_detection import case_record, failure_summary, has_uncertainty
 from spinediff.evaluation.report import csv_text
 from spinediff.io import (
     IMAGE_SUFFIXES,
@@ -99,6 +100,7 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
         raise SpineDiffError(f"No prediction in {pred_dir} has a reference of the same name in {ref_dir}.")
     missing = sorted(set(references) - set(predictions))
     rows: list[dict] = []
+    failure_records: list[dict] = []
     for case in tqdm(cases, desc="evaluating", disable=not progress, unit="case"):
         ref_image, pred_image = read_image(references[case]), read_image(predictions[case])
         for path, image in ((references[case], ref_image), (predictions[case], pred_image)):
@@ -115,12 +117,18 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
             per_class = segmentation_metrics(pred, ref, classes, ref_image.GetSpacing()[::-1])
             for label, metrics in per_class.items():
                 rows.append({"case": case, "label": label, **metrics})
+            ending = predictions[case].name[len(case):]
+            if has_uncertainty(pred_dir, case, ending):  # uncertainty outputs: does it catch the errors?
+                failure_records.append(case_record(case, ref, pred, ref_image.GetSpacing()[::-1], pred_dir, ending,
+                                                   classes))
         else:
             rows.append({"case": case, **image_metrics(pred.astype(np.float32), ref.astype(np.float32), data_range)})
     summary = _summary(rows)
     summary["num_cases"] = len(cases)
     summary["missing_predictions"] = missing
     summary["reference_folder"], summary["prediction_folder"] = str(ref_dir.resolve()), str(pred_dir.resolve())
+    if failure_records:
+        summary["failure_detection"] = failure_summary(failure_records)
     if output_folder is not None:
         out = Path(output_folder)
         write_text(csv_text(rows), out / "per_case.csv")

@@ -22,6 +22,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
         for name, metrics in summary["metrics"].items():
             print(f"{name:>10}: {metrics['mean']:.4f} ± {metrics['std']:.4f} "
                   f"(95% CI {metrics['ci95_low']:.4f} – {metrics['ci95_high']:.4f}, n={metrics['n']})")
+    failure = summary.get("failure_detection")
+    if failure:
+        voxel = ", ".join(f"{k} {v:.3f}" for k, v in failure.items()
+                          if k.startswith(("auroc_", "ece")) and v is not None)
+        print(f"\nuncertainty vs errors ({failure['cases']} case(s) with uncertainty outputs; voxels within "
+              f"{failure['near_voxels']} of the foreground): {voxel or 'no voxel map'}")
+        print(f"{'case score':>20} {'AURC':>7} {'e-AURC':>7}  wrong-level cases flagged "
+              f"(of {failure['wrong_level_cases']})")
+        for row in failure["scores"]:
+            print(f"{row['score']:>20} {row['aurc']:7.3f} {row['e_aurc']:7.3f}  {row['wrong_level_flagged']} "
+                  f"(and {row['good_flagged']} good case(s))")
     if summary["missing_predictions"]:
         print(f"missing predictions: {json.dumps(summary['missing_predictions'])}")
     print(f"written: {(args.output or args.prediction)}/per_case.csv and summary.json")
@@ -35,7 +46,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Compare every file in PRED_DIR with the file of the same name in REF_DIR. Label maps get "
                     "Dice, HD95 and average surface distance per class (mm, monai); images (e.g. CT in HU) get "
                     "PSNR, SSIM, MAE overall, inside the body (> -500 HU) and in bone (> 200 HU). Writes "
-                    "per_case.csv and summary.json (mean, std, 95%% confidence interval).",
+                    "per_case.csv and summary.json (mean, std, 95%% confidence interval). For a segmentation folder "
+                    "with uncertainty outputs (CASE.npz probabilities, CASE_uncertainty maps and .json from `spinediff "
+                    "predict --save-uncertainty --save-probabilities`, or nnU-Net's --npz) it also scores whether the "
+                    "uncertainty catches the errors: voxel AUROC for wrong voxels, calibration (ECE), and per case "
+                    "score the area under the risk-coverage curve (AURC, risk = 1 - Dice) and the wrong-level cases "
+                    "it flags (summary.json: failure_detection; documentation/evaluation.md explains each).",
     )
     parser.add_argument("-ref", "--reference", required=True, help="folder of reference files")
     parser.add_argument("-pred", "--prediction", required=True, help="folder of predictions (same file names)")
