@@ -406,3 +406,27 @@ def test_review_rule_flags_and_ranks_cases_from_the_model_folder(trained, tmp_pa
     assert f"review: {len(flagged)} case(s) above the model's review threshold" in capsys.readouterr().out
     with pytest.raises(SpineDiffError, match="not one of"):
         ReviewRule("dice", 0.5)
+
+
+# ---------------------------------------------------------------------- split prediction
+def test_parts_are_disjoint_cover_the_folder_and_match_an_unsplit_run(trained, tmp_path):
+    """--num-parts 2: each part predicts every other case into the same folder, with its own run summary;
+    together exactly the cases of one unsplit run, with identical outputs."""
+    inputs = tmp_path / "in"
+    for case in ("phantom_000", "phantom_001", "phantom_002"):
+        _case_inputs(trained["raw"], TRANS, case, (0, 1), inputs)
+    common = ["-i", str(inputs), "-d", "902", "-c", CONFIG, "-tr", "DiffusionTranslationTrainer", "-f", "0",
+              "--samples", "1", "--steps", "1"]
+    assert main(["predict", *common, "-o", str(tmp_path / "whole")]) == 0
+    for part in (0, 1):
+        assert main(["predict", *common, "-o", str(tmp_path / "split"), "--num-parts", "2", "--part-id",
+                     str(part)]) == 0
+    parts = [json.loads((tmp_path / "split" / f"prediction_part{p}of2.json").read_text()) for p in (0, 1)]
+    cases = [set(p["cases"]) for p in parts]
+    assert cases == [{"phantom_000", "phantom_002"}, {"phantom_001"}]
+    assert not (tmp_path / "split" / "prediction.json").exists()
+    for case in ("phantom_000", "phantom_001", "phantom_002"):
+        np.testing.assert_array_equal(_read(tmp_path / "split" / f"{case}.nii.gz"),
+                                      _read(tmp_path / "whole" / f"{case}.nii.gz"))
+    with pytest.raises(SpineDiffError, match="--part-id must be in 0..1"):
+        predict(inputs, tmp_path / "bad", 902, CONFIG, "DiffusionTranslationTrainer", num_parts=2, part_id=2)

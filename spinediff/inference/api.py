@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.inputs import RUN_SUMMARY, discover_cases
+from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, select_part
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
@@ -25,6 +25,7 @@ class PredictionReport:
     settings: dict
     cases: list[CaseResult] = field(default_factory=list)
     review_table: Path | None = None  # review.csv, when the model has a review rule (review.json)
+    summary_file: Path | None = None  # prediction.json (prediction_partIofN.json for one part of a split run)
     flagged: list[str] = field(default_factory=list)  # cases above the model's review threshold, most doubtful first
 
     @property
@@ -69,7 +70,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             seed: int = 0,
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
-            progress: bool = True, postprocessing: bool = True) -> PredictionReport:
+            progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
+            part_id: int = 0) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -90,6 +92,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         overwrite: replace existing outputs (otherwise any existing output stops the run before it starts).
         postprocessing: segmentation: apply the model folder's ``postprocessing.json`` (``spinediff find_best``
             decides it on the cross-validation) when it has one.
+        num_parts, part_id: predict only part ``part_id`` of the input cases split in ``num_parts`` (nnU-Net's
+            convention: one process or GPU per part, all writing into one output folder; run-level files get a
+            ``_partIofN`` suffix).
 
     Returns:
         The report; ``exit_code`` is 2 if any case failed (each failure is in ``cases`` with its reason).
@@ -98,6 +103,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         raise SpineDiffError(f"The output folder must differ from the input folder {input_folder} (a generation "
                              "output CASE.nii.gz would replace its input label map).")
     ensure_writable_folder(output_folder, create=False)
+    select_part([], num_parts, part_id)  # the part is checked before anything is loaded
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     if folds is None:
         folds = trained_folds(folder.path, checkpoint)
@@ -114,10 +120,13 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if not cases and not problems:
         raise SpineDiffError(f"No input images in {input_folder}; expected {predictor.layout.describe()} "
                              f"(any of .nii.gz, .nii, .mha, .nrrd).")
+    part = select_part([c.identifier for c in cases] + [p.identifier for p in problems], num_parts, part_id)
+    cases, problems = [c for c in cases if c.identifier in part], [p for p in problems if p.identifier in part]
+    run_summary, review_table = (part_name(name, num_parts, part_id) for name in (RUN_SUMMARY, REVIEW_TABLE))
     output = Path(output_folder)
     planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
     existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
-    existing += [output / name for name in (RUN_SUMMARY, REVIEW_TABLE) if (output / name).exists()]
+    existing += [output / name for name in (run_summary, review_table) if (output / name).exists()]
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output folder "
@@ -131,7 +140,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
-                "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None}
+                "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
+                "part": {"part_id": part_id, "num_parts": num_parts}}
     report = PredictionReport(output, settings)
     report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
     for problem in problems:
@@ -146,7 +156,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     flags = {c.identifier: c.uncertainty["review"] for c in report.cases
              if c.ok and (c.uncertainty or {}).get("review")}
     if flags:
-        report.review_table = write_review_table(flags, output)
+        report.review_table = write_review_table(flags, output / review_table)
         report.flagged = [case for case, flag in sorted(flags.items(), key=lambda i: -i[1]["value"]) if flag["review"]]
-    write_json(report.to_dict(), output / RUN_SUMMARY)
+    report.summary_file = output / run_summary
+    write_json(report.to_dict(), report.summary_file)
     return report

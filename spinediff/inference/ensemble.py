@@ -40,9 +40,10 @@ class EnsembleReport:
 
 def _folder_task(folder: Path) -> Task:
     """The task of a prediction folder, from its run summary (else: probabilities → segmentation, images)."""
-    summary = folder / RUN_SUMMARY
-    if summary.is_file():
-        return get_task(read_json(summary).get("task", SEGMENTATION.name), summary)
+    summaries = [folder / RUN_SUMMARY] + sorted(folder.glob(f"{Path(RUN_SUMMARY).stem}_part*of*.json"))
+    for summary in summaries:  # a split prediction (--num-parts) has one summary per part
+        if summary.is_file():
+            return get_task(read_json(summary).get("task", SEGMENTATION.name), summary)
     return SEGMENTATION if any(folder.glob("*.npz")) else get_task("translation")
 
 

@@ -24,6 +24,24 @@ from spinediff.utilities.geometry import same_geometry
 
 # Written beside every prediction folder: settings, task and per-case status (`spinediff ensemble` reads the task).
 RUN_SUMMARY = "prediction.json"
+
+
+def part_name(name: str, num_parts: int, part_id: int) -> str:
+    """A run-level file of one part of a split prediction (``prediction.json`` -> ``prediction_part1of4.json``),
+    so that parts written by different processes into one folder never collide; unchanged for one part."""
+    if num_parts == 1:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}_part{part_id}of{num_parts}{dot}{suffix}"
+
+
+def select_part(identifiers: list[str], num_parts: int, part_id: int) -> set[str]:
+    """The cases of part ``part_id`` of ``num_parts`` (nnU-Net's ``-num_parts/-part_id``): every
+    ``num_parts``-th case in sorted order from ``part_id`` on, so the parts are disjoint and together all cases."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise SpineDiffError(f"--part-id must be in 0..{num_parts - 1} and --num-parts at least 1; got part "
+                             f"{part_id} of {num_parts}.")
+    return set(sorted(identifiers)[part_id::num_parts])
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 

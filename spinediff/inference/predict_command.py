@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spinediff.inference.api import RUN_SUMMARY, predict
+from spinediff.inference.api import predict
 from spinediff.utilities.device import add_device_argument
 
 
@@ -14,12 +14,13 @@ def run_predict(args: argparse.Namespace) -> int:
                      num_samples=args.samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
                      seed=args.seed, tta=args.tta, save_uncertainty=args.save_uncertainty,
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
-                     results_folder=args.results, postprocessing=not args.no_postprocessing)
+                     results_folder=args.results, postprocessing=not args.no_postprocessing,
+                     num_parts=args.num_parts, part_id=args.part_id)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
     print(f"predicted {done} of {len(report.cases)} case(s) into {report.output_folder}{timing} "
-          f"(summary: {RUN_SUMMARY})")
+          f"(summary: {report.summary_file.name})")
     for case in report.failed:
         print(f"  FAILED {case.identifier}: {case.message}")
     if report.review_table is not None:
@@ -71,6 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="segmentation: do not apply the model's postprocessing.json (the level numbering that "
                              "`spinediff find_best` keeps when it improves the cross-validation Dice)")
     add_device_argument(parser, "where to sample")
+    parser.add_argument("--num-parts", type=int, default=1,
+                        help="split the input cases into this many parts, one per process or GPU (nnU-Net's "
+                             "-num_parts); each run predicts one part into the same output folder")
+    parser.add_argument("--part-id", type=int, default=0,
+                        help="which part this run predicts, 0..NUM_PARTS-1 (e.g. CUDA_VISIBLE_DEVICES=1 spinediff "
+                             "predict ... --num-parts 2 --part-id 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")
     parser.set_defaults(func=run_predict)

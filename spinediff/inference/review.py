@@ -79,7 +79,7 @@ def review_table(flags: dict[str, dict]) -> str:
     return buffer.getvalue()
 
 
-def write_review_table(flags: dict[str, dict], folder: str | Path) -> Path:
-    path = Path(folder) / REVIEW_TABLE
+def write_review_table(flags: dict[str, dict], path: str | Path) -> Path:
+    """Write :func:`review_table` to ``path`` (``OUTPUT/review.csv``)."""
     write_text(review_table(flags), path)
-    return path
+    return Path(path)
