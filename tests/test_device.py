@@ -23,7 +23,7 @@ def test_a_wrong_device_is_named_with_the_choices():
 
 @pytest.mark.parametrize("command", [["plan", "-d", "1"], ["train", "-d", "1", "-c", "2d_diffusion", "-f", "0"],
                                      ["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
-                                     ["find_best", "-d", "1"]])
+                                     ["find_best", "-d", "1"], ["benchmark", "-d", "1"], ["demo"]])
 def test_every_command_gets_a_torch_device_defaulting_to_auto(command, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     parser = build_parser()
@@ -32,3 +32,14 @@ def test_every_command_gets_a_torch_device_defaulting_to_auto(command, monkeypat
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--device", "tpu"])
     assert "--device must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train", "-d", "1", "-c", "2d_diffusion", "-f", "0"],
+                                     ["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
+                                     ["benchmark", "-d", "1"]])
+def test_precision_is_one_flag_with_the_same_values(command, capsys):
+    parser = build_parser()
+    assert parser.parse_args(command).precision == "auto"
+    assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--precision", "half"])

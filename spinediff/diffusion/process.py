@@ -178,8 +178,9 @@ class DiffusionProcess:
         pure noise needs the noisy levels, where the answer must come from the image.
         """
         if self.timestep_power == 1.0:
-            return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator).to(device)
-        u = torch.rand((batch_size,), generator=generator, dtype=torch.float64)
+            return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
+                                 device=generator.device).to(device)
+        u = torch.rand((batch_size,), generator=generator, dtype=torch.float64, device=generator.device)
         steps = self.num_train_timesteps - 1 - torch.floor(self.num_train_timesteps * u**self.timestep_power)
         return steps.clamp(0, self.num_train_timesteps - 1).long().to(device)
 
@@ -203,15 +204,18 @@ class DiffusionProcess:
         Args:
             condition: ``(B, condition_channels, *spatial)`` (may have 0 channels).
             target: ``(B, target_channels, *spatial)`` in the diffusion range ([-1, 1]).
-            generator: CPU generator for timesteps, noise and condition dropout.
+            generator: the generator for timesteps, noise and condition dropout; the draws are made on its device
+                (the trainer's lives on the training device, so a GPU draws its own noise).
         """
         batch = target.shape[0]
         timesteps = self.sample_timesteps(batch, generator, target.device)
-        noise = torch.randn(target.shape, generator=generator, dtype=target.dtype).to(target.device)
+        noise = torch.randn(target.shape, generator=generator, dtype=target.dtype,
+                            device=generator.device).to(target.device)
         noisy = self.add_noise(target, noise, timesteps)
         kept = torch.ones(batch, dtype=torch.bool, device=target.device)
         if self.condition_dropout > 0:
-            kept = (torch.rand(batch, generator=generator) >= self.condition_dropout).to(target.device)
+            kept = (torch.rand(batch, generator=generator, device=generator.device)
+                    >= self.condition_dropout).to(target.device)
             condition = condition * kept.reshape(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
         return TrainingBatch(torch.cat([condition, noisy], dim=1), timesteps, target, noise, noisy, kept)
 

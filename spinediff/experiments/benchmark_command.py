@@ -6,13 +6,15 @@ import argparse
 
 from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
+from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
 def run(args: argparse.Namespace) -> int:
     folds = [f if f == "all" else int(f) for f in args.folds]
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch,
-                              num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples)
+                              num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples,
+                              device=args.device, precision=args.precision)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -44,6 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "plans' schedule (spinediff plan --budget), else 10 minutes. Each run's learning-rate "
                              "schedule is fitted to end with it")
     parser.add_argument("--budget-minutes", type=float, default=None, help=argparse.SUPPRESS)
+    add_device_argument(parser, "where every method trains and validates")
+    add_precision_argument(parser)
     parser.add_argument("-j", "--workers", type=int, default=1,
                         help="folds trained side by side, one process and one torch thread each (e.g. 2 on two "
                              "cores)")

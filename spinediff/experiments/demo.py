@@ -30,6 +30,7 @@ from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, w
 from spinediff.paths import model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import get_task
+from spinediff.utilities.device import add_device_argument
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ def _linear_mr_baselines(raw: Path, training: list[str], cases: list[str],
 
 
 def run_demo(output: str | Path, *, quick: bool = False, seed: int = 0, overwrite: bool = False,
-             verbose: bool = False) -> DemoResult:
+             verbose: bool = False, device: str | object = "auto") -> DemoResult:
     """Run the whole pipeline into ``output``; returns timings, the summary and the report path. Without
     ``verbose`` the console shows one line per stage and per training epoch; everything else (nnU-Net's banners,
     progress bars, warnings) goes to ``OUTPUT/demo_console.log``."""
@@ -207,19 +208,19 @@ def run_demo(output: str | Path, *, quick: bool = False, seed: int = 0, overwrit
     out = ensure_new_output(Path(output).expanduser().resolve(), overwrite=overwrite)
     ensure_writable_folder(out)
     if verbose:
-        return _run_stages(out, profile, quick, seed, overwrite, verbose)
+        return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
     # Quiet console: every line still goes to demo_console.log; the console shows ours only (stages, epochs).
     with open(out / CONSOLE_LOG, "a", encoding="utf-8") as log:
         console = ConsoleFilter(sys.stdout, log, QUIET_CONSOLE_LINES)
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             try:
-                return _run_stages(out, profile, quick, seed, overwrite, verbose)
+                return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
             finally:
                 console.flush()
 
 
 def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwrite: bool,
-                verbose: bool) -> DemoResult:
+                verbose: bool, device: object = "auto") -> DemoResult:
     from spinediff.experiments.benchmark import Method, run_benchmark
     from spinediff.planning.api import plan_dataset
     from spinediff.training.api import TrainingOptions
@@ -250,7 +251,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
 
     options = TrainingOptions(epochs=profile.epochs, iterations_per_epoch=profile.iterations_per_epoch,
                               val_iterations_per_epoch=1, num_inference_steps=profile.num_inference_steps,
-                              validation_samples=1, console_log=verbose)
+                              validation_samples=1, console_log=verbose, device=device)
     benchmarks = {}
     with stage("train + validate (segmentation)"):
         benchmarks["segmentation"] = run_benchmark(
@@ -264,7 +265,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
                      Method("Diffusion image mode (x0) 2D", "DiffusionTranslationTrainer", "2d_diffusion")],
             downstream=True)
     with stage("predict with uncertainty"):
-        predictions = _predict_with_uncertainty(folders, profile)
+        predictions = _predict_with_uncertainty(folders, profile, device)
     with stage("evaluate + report"):
         result.summary = _summarise(folders, benchmarks, registration_reports, predictions)
         result.summary["stages_seconds"] = result.stages
@@ -282,7 +283,7 @@ def _validation_cases(results: Path, dataset: str, trainer: str, configuration: 
     return sorted(p.name[: -len(".nii.gz")] for p in folder.glob("*.nii.gz"))
 
 
-def _predict_with_uncertainty(folders: dict[str, Path], profile: DemoProfile) -> dict:
+def _predict_with_uncertainty(folders: dict[str, Path], profile: DemoProfile, device: object = "auto") -> dict:
     """Sample ensembles of the diffusion models on the held-out cases, with uncertainty maps."""
     try:
         from spinediff.inference.api import predict
@@ -305,7 +306,7 @@ def _predict_with_uncertainty(folders: dict[str, Path], profile: DemoProfile) ->
                     os.symlink(source, link)
         target = folders["results"].parent / "predictions" / task
         predict(inputs, target, dataset, "2d_diffusion", trainer, folds=[0], num_samples=profile.samples,
-                num_inference_steps=profile.num_inference_steps, save_uncertainty=True, seed=0)
+                num_inference_steps=profile.num_inference_steps, save_uncertainty=True, seed=0, device=device)
         outputs[task] = {"folder": str(target), "cases": cases}
     return outputs
 
@@ -382,7 +383,8 @@ def _report(out, folders, datasets, registered, benchmarks, registration_reports
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = run_demo(args.output, quick=args.quick, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose)
+    result = run_demo(args.output, quick=args.quick, seed=args.seed, overwrite=args.overwrite, verbose=args.verbose,
+                      device=args.device)
     print(f"[demo] results in {result.output}")
     log = result.output / CONSOLE_LOG
     print(f"[demo] total {result.summary['total_seconds']:.1f} s (per stage: above, and in demo_summary.json)"
@@ -420,6 +422,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny volumes and a few iterations (pipeline check)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
+    add_device_argument(parser, "where the demo trains and predicts (the plans stay CPU-sized: the demo's "
+                                "profile fixes its size and schedule)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show nnU-Net's training log on the console (it is always in each fold's "
                              "training_log_*.txt); default: one line per stage and per training epoch")

@@ -64,7 +64,8 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
     from spinediff.training.api import build_trainer, configure_schedule, run_and_log_schedule
     from spinediff.training.schedule import quiet_console
 
-    trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type)
+    trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type,
+                            device=options.device)
     budget, grow = configure_schedule(trainer, options)
     if not getattr(options, "console_log", False):
         quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here

@@ -65,13 +65,13 @@ def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
             configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
-            plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "cpu",
+            plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "auto",
             num_samples: int | None = None, num_inference_steps: int | None = None, eta: float | None = None,
             seed: int = 0,
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
-            part_id: int = 0) -> PredictionReport:
+            part_id: int = 0, precision: str = "auto") -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -114,7 +114,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         predictor.postprocessing = Postprocessing.load(folder.path)
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
-    options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities)
+    options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
+                                precision)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
@@ -141,7 +142,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                 "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
-                "part": {"part_id": part_id, "num_parts": num_parts}}
+                "part": {"part_id": part_id, "num_parts": num_parts}, "precision": precision}
     report = PredictionReport(output, settings)
     report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
     for problem in problems:

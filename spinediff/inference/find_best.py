@@ -139,7 +139,7 @@ class FindBestResult:
 def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, repredict: bool = False,
               output: str | os.PathLike | None = None, overwrite: bool = False,
               results_folder: str | os.PathLike | None = None, raw_folder: str | os.PathLike | None = None,
-              device: str = "cpu") -> FindBestResult:
+              device: str = "auto") -> FindBestResult:
     """Rank the dataset's trained candidates, try the top-two ensemble, write ``find_best.json``.
 
     Args:

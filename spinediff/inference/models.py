@@ -26,6 +26,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
 from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
+from spinediff.training.precision import AutocastNetwork, autocast_dtype
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 # Windows per network call = this x the plans' training batch. Without gradients a forward pass keeps far
@@ -168,11 +169,14 @@ class FoldModel:
                    tuple(int(a) for a in axes))
 
     def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
-                tta: bool, on_slice=None) -> torch.Tensor:
+                tta: bool, on_slice=None, precision: str = "auto") -> torch.Tensor:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
         # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
         # 3D volumes: one member at a time, so memory does not grow with K.
-        predictor = VolumePredictor(self.network, process=self.process if self.denoising else None,
+        network, dtype = self.network, autocast_dtype(precision, next(self.network.parameters()).device)
+        if dtype is not None:
+            network = AutocastNetwork(network, dtype, next(self.network.parameters()).device)
+        predictor = VolumePredictor(network, process=self.process if self.denoising else None,
                                     patch_size=self.patch_size, window_batch_size=self.window_batch_size,
                                     mirror_axes=self.mirror_axes if tta else (), eta=eta,
                                     sample_batch_size=num_samples if len(self.patch_size) == 2 else 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.api import predict
-from spinediff.utilities.device import add_device_argument
+from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -15,7 +15,7 @@ def run_predict(args: argparse.Namespace) -> int:
                      seed=args.seed, tta=args.tta, save_uncertainty=args.save_uncertainty,
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
-                     num_parts=args.num_parts, part_id=args.part_id)
+                     num_parts=args.num_parts, part_id=args.part_id, precision=args.precision)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -72,6 +72,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="segmentation: do not apply the model's postprocessing.json (the level numbering that "
                              "`spinediff find_best` keeps when it improves the cross-validation Dice)")
     add_device_argument(parser, "where to sample")
+    add_precision_argument(parser)
     parser.add_argument("--num-parts", type=int, default=1,
                         help="split the input cases into this many parts, one per process or GPU (nnU-Net's "
                              "-num_parts); each run predicts one part into the same output folder")

@@ -39,6 +39,7 @@ from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnse
 from spinediff.io import atomic_path, write_json
 from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.training.task_adapter import TaskAdapter
+from spinediff.utilities.device import parse_device
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
 FOLD_SEED_STRIDE = 1_000_003  # fold f samples with seed + f * stride: folds draw different noise
@@ -60,6 +61,7 @@ class PredictionOptions:
     tta: bool | None = None
     save_uncertainty: bool = False
     save_probabilities: bool = False
+    precision: str = "auto"  # the network's autocast type (spinediff.training.precision)
 
 
 @dataclass
@@ -103,11 +105,11 @@ class SpineDiffPredictor:
     """Predict raw cases with an ensemble of trained folds of one trainer/plans/configuration."""
 
     def __init__(self, folder: ModelFolder, folds: Sequence[int | str], checkpoint: str = "final",
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "auto") -> None:
         if not folds:
             raise SpineDiffError("Give at least one fold (-f).")
         self.folder = folder
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         self.models = [FoldModel.load(folder, fold, checkpoint, self.device) for fold in folds]
         self.settings = self.models[0].settings
         for model in self.models[1:]:
@@ -177,7 +179,7 @@ class SpineDiffPredictor:
                    unit="slice" if slices > 1 else "fold", leave=False, disable=not progress)
         for model in self.models:
             x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, num_inference_steps, eta,
-                               tta, on_slice=lambda: bar.update(1))
+                               tta, on_slice=lambda: bar.update(1), precision=options.precision)
             for member in x0:
                 if isinstance(statistics, SegmentationEnsemble):
                     statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))

@@ -13,6 +13,7 @@ from spinediff.paths import model_folder_name, nnunet_folder
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.options import TrainingOptions
+from spinediff.utilities.device import parse_device
 
 __all__ = ["TrainingOptions", "build_trainer", "train"]
 
@@ -52,7 +53,8 @@ def ensure_splits(preprocessed_dataset: Path, seed: int = 12345) -> None:
 
 
 def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str, *,
-                  plans_identifier: str = "nnUNetPlans", device: str = "cpu", continue_training: bool = False,
+                  plans_identifier: str = "nnUNetPlans", device: str | torch.device = "auto",
+                  continue_training: bool = False,
                   prediction_type: str | None = None, preprocessed_folder: str | None = None,
                   results_folder: str | None = None, refuse_existing: bool = False):
     """Instantiate a spinediff or nnU-Net trainer for one fold (nothing is trained yet).
@@ -91,7 +93,7 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
             raise SpineDiffError(f"Fold {fold} does not exist: {where} has folds 0-{folds - 1}. Choose one of them "
                                  "(or 'all' to train on every case).")
     ensure_splits(preprocessed / name)
-    torch_device = torch.device(device)
+    torch_device = parse_device(device)
     from spinediff.training.augmentation import apply_planned_augmentation
 
     if is_spinediff_trainer(trainer):
@@ -171,7 +173,8 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
 
 
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
-          options: TrainingOptions | None = None, *, plans_identifier: str = "nnUNetPlans", device: str = "cpu",
+          options: TrainingOptions | None = None, *, plans_identifier: str = "nnUNetPlans",
+          device: str | torch.device | None = None,
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
           preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False,
           verbose: bool = True) -> Path:
@@ -180,6 +183,8 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
     ``verbose`` False: nnU-Net's log goes to its file only and the console gets one line per epoch."""
     from nnunetv2.run.run_training import maybe_load_checkpoint
 
+    options = options or TrainingOptions()
+    device = options.device if device is None else device  # one source: --device fills TrainingOptions.device
     instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier, device=device,
                              continue_training=continue_training, prediction_type=prediction_type,
                              preprocessed_folder=preprocessed_folder, results_folder=results_folder,

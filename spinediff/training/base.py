@@ -33,6 +33,7 @@ from spinediff.training.augmentation import restrict_intensity_augmentation
 from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
 from spinediff.training.options import TrainingOptions
+from spinediff.training.precision import AutocastNetwork, as_float32, autocast, autocast_dtype
 from spinediff.training.schedule import apply_schedule
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
@@ -99,7 +100,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         #: them, so that the cross-validation scores the prediction users get (TrainingOptions.validation_samples)
         self.final_validation_samples = self.settings.num_samples
         self.seed = 12345
-        self.generator = torch.Generator().manual_seed(
+        self.precision = "auto"  # autocast type: spinediff.training.precision (TrainingOptions.precision)
+        self.generator = torch.Generator(device=self.device).manual_seed(
             self.rank_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed))  # per rank under DDP
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
@@ -115,6 +117,14 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             self.num_inference_steps = int(options.num_inference_steps)
         if options.validation_samples is not None:
             self.final_validation_samples = int(options.validation_samples)
+        if options.precision is not None:
+            autocast_dtype(options.precision, self.device)  # a clear error for an unknown value, now
+            self.precision = options.precision
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The network's autocast type (None: float32), from :attr:`precision` and the device."""
+        return autocast_dtype(self.precision, self.device)
 
     # ------------------------------------------------------------------ construction
     def _add_logging_keys(self) -> None:
@@ -144,6 +154,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
+        # float16 needs loss scaling, bfloat16 and float32 do not (nnU-Net made a scaler for any CUDA device)
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         # Deep supervision is the network's and the loss's business only: nnU-Net's own flag stays off, so its
         # data loader does not build downsampled label maps (the loss downsamples the one-hot target itself).
         if self.settings.deep_supervision and hasattr(self.plain_network, "deep_supervision"):
@@ -159,7 +171,9 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         return None  # the diffusion process (or a baseline's compute_loss) owns the loss
 
     def _do_i_compile(self) -> bool:
-        return False  # tiny CPU networks gain nothing; compilation costs minutes
+        """torch.compile on CUDA, as nnU-Net decides it (its ``nnUNet_compile`` variable); never on the CPU, where
+        compiling costs minutes that a short budget cannot win back."""
+        return self.device.type == "cuda" and super()._do_i_compile()
 
     def configure_optimizers(self):
         # fused: one kernel for all parameters instead of ~10 ops per tensor (CPU step of the phantom's 2D
@@ -197,7 +211,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     def compute_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Noise the target at random timesteps and score the network's prediction (diffusion)."""
         batch = self.process.prepare_training_batch(condition, target, self.generator)
-        output = network(batch.network_input, batch.timesteps)
+        with autocast(self.device, self.amp_dtype):  # the network only: schedule arithmetic and loss in float32
+            output = as_float32(network(batch.network_input, batch.timesteps))
         if isinstance(output, (list, tuple)):
             return self.process.deep_supervision_loss(list(output), batch)
         return self.process.loss(output, batch)
@@ -206,17 +221,35 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         condition, target = self.split_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.compute_loss(self.network, condition, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.backward_and_step(loss, self.optimizer, self.network.parameters())
         self.ema.update(self.plain_network)
         return {"loss": loss.detach().cpu().numpy()}
+
+    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_parameters=None,
+                          before_step=None) -> None:
+        """Backward, gradient clipping and the optimiser step, through the gradient scaler under float16."""
+        scaler = self.grad_scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if before_step is not None:
+            before_step()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip_parameters is not None:
+            torch.nn.utils.clip_grad_norm_(clip_parameters, self.grad_clip)
+        if scaler is None:
+            optimizer.step()
+            return
+        scaler.step(optimizer)
+        scaler.update()
 
     # ------------------------------------------------------------------ prediction
     def make_predictor(self, **options) -> VolumePredictor:
         """The prediction core on the EMA network: DDIM sampling, or one step for a non-denoising trainer."""
         options.setdefault("window_batch_size", max(1, self.configuration_manager.batch_size))
-        return VolumePredictor(self.inference_network, process=self.process if self.denoising else None,
+        network = self.inference_network
+        if self.amp_dtype is not None:
+            network = AutocastNetwork(network, self.amp_dtype, self.device)
+        return VolumePredictor(network, process=self.process if self.denoising else None,
                                patch_size=self.configuration_manager.patch_size, eta=self.settings.eta,
                                device=self.device, **options)
 

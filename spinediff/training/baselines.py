@@ -14,6 +14,7 @@ from torch import nn
 from spinediff.tasks import Generation, Translation
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.distributed import average_gradients, broadcast_parameters
+from spinediff.training.precision import as_float32, autocast
 
 
 class RegressionTrainer(SpineDiffTrainer):
@@ -24,7 +25,8 @@ class RegressionTrainer(SpineDiffTrainer):
 
     def direct(self, network: nn.Module, condition: torch.Tensor) -> torch.Tensor:
         timesteps = torch.zeros(condition.shape[0], dtype=torch.long, device=condition.device)
-        return network(condition, timesteps)
+        with autocast(self.device, self.amp_dtype):
+            return as_float32(network(condition, timesteps))
 
     def compute_loss(self, network, condition, target):
         return torch.nn.functional.l1_loss(self.direct(network, condition), target)
@@ -58,6 +60,10 @@ class Pix2PixTrainer(RegressionTrainer):
         self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.initial_lr,
                                                          betas=(0.5, 0.999))
 
+    def _discriminate(self, pair: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype):
+            return as_float32(self.discriminator(pair))
+
     def _adversarial(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
         return torch.mean((logits - (1.0 if real else 0.0)) ** 2)
 
@@ -66,18 +72,16 @@ class Pix2PixTrainer(RegressionTrainer):
         fake = self.direct(self.network, condition)
         # discriminator: real pairs → 1, generated pairs → 0
         self.discriminator_optimizer.zero_grad(set_to_none=True)
-        d_loss = 0.5 * (self._adversarial(self.discriminator(torch.cat([condition, target], 1)), True)
-                        + self._adversarial(self.discriminator(torch.cat([condition, fake.detach()], 1)), False))
-        d_loss.backward()
-        average_gradients(self.discriminator)  # no-op in a single process
-        self.discriminator_optimizer.step()
+        d_loss = 0.5 * (self._adversarial(self._discriminate(torch.cat([condition, target], 1)), True)
+                        + self._adversarial(self._discriminate(torch.cat([condition, fake.detach()], 1)), False))
+        # average_gradients: no-op in a single process
+        self.backward_and_step(d_loss, self.discriminator_optimizer,
+                               before_step=lambda: average_gradients(self.discriminator))
         # generator: fool the discriminator and stay close to the target
         self.optimizer.zero_grad(set_to_none=True)
-        g_adv = self._adversarial(self.discriminator(torch.cat([condition, fake], 1)), True)
+        g_adv = self._adversarial(self._discriminate(torch.cat([condition, fake], 1)), True)
         loss = self.l1_weight * torch.nn.functional.l1_loss(fake, target) + g_adv
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-        self.optimizer.step()
+        self.backward_and_step(loss, self.optimizer, self.network.parameters())
         self.ema.update(self.plain_network)
         return {"loss": loss.detach().cpu().numpy()}
 

@@ -54,7 +54,8 @@ class SegGuidedGenerationTrainer(SpineDiffTrainer):
         if self.mask_ablation_probability <= 0:
             return condition
         batch, classes = condition.shape[:2]
-        drop = torch.rand((batch, classes), generator=self.generator) < self.mask_ablation_probability
+        drop = torch.rand((batch, classes), generator=self.generator,
+                          device=self.generator.device) < self.mask_ablation_probability
         drop[:, 0] = False
         drop = drop.to(condition.device).reshape(batch, classes, *([1] * (condition.ndim - 2)))
         present = (condition > 0) & ~drop

@@ -23,6 +23,8 @@ class TrainingOptions:
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
     seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
     save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)
+    device: str | object = "auto"  # where to train: auto | cpu | cuda | cuda:N, or a torch.device (--device)
+    precision: str | None = None  # auto | fp32 | bf16 | fp16 (None: the trainer's, auto)
     console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
 
     def __post_init__(self) -> None:

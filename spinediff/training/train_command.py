@@ -6,7 +6,7 @@ import argparse
 
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, train
-from spinediff.utilities.device import add_device_argument
+from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
 def build_parser(prog: str = "torchrun --nproc-per-node N -m spinediff.run.train") -> argparse.ArgumentParser:
@@ -40,13 +40,14 @@ def _train(args: argparse.Namespace) -> int:
                               num_inference_steps=args.num_inference_steps,
                               mask_ablation_probability=args.mask_ablation,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
-                              save_probabilities=args.npz, validation_samples=args.val_samples)
+                              save_probabilities=args.npz, validation_samples=args.val_samples,
+                              precision=args.precision, device=args.device)
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
 
         options.budget_minutes = parse_budget(args.budget) / 60.0
     folder = train(args.dataset, args.configuration, args.fold, args.trainer, options, plans_identifier=args.plans,
-                   device=args.device, continue_training=args.c, validation_only=args.val_only,
+                   continue_training=args.c, validation_only=args.val_only,
                    prediction_type=args.prediction_type,
                    preprocessed_folder=args.preprocessed, results_folder=args.results, overwrite=args.overwrite,
                    verbose=args.verbose)
@@ -94,6 +95,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
     parser.add_argument("--mask-ablation", type=float,
                         help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
+    add_precision_argument(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds network initialisation, augmentation (in the main process) and diffusion noise, "
                              "per fold: the same seed gives the same training on the CPU; -1 leaves them unseeded")

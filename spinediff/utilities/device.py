@@ -43,3 +43,16 @@ def add_device_argument(parser: argparse.ArgumentParser, purpose: str = "") -> N
     """``--device`` with the same meaning and default (``auto``) in every command."""
     parser.add_argument("--device", type=_argparse_device, default="auto",
                         help=f"{purpose + ': ' if purpose else ''}{DEVICE_HELP}")
+
+
+#: The network's precision (``--precision``): see :mod:`spinediff.training.precision`.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the same values and meaning in ``train`` and ``predict``
+    (:mod:`spinediff.training.precision`)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="network precision: auto (default) = bfloat16 autocast on GPUs that support it, else "
+                             "float16 with a gradient scaler, float32 on the CPU; fp32 turns mixed precision off; "
+                             "bf16/fp16 force that type (also on the CPU)")
