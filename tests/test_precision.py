@@ -4,6 +4,7 @@ device's generator."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import nnunet_folders
 
 from spinediff.errors import SpineDiffError
-from spinediff.training.api import TrainingOptions, build_trainer, train
+from spinediff.training.api import TrainingOptions, build_trainer
 from spinediff.training.precision import AutocastNetwork, autocast_dtype
 
 RUN = TrainingOptions(epochs=2, iterations_per_epoch=3, val_iterations_per_epoch=1, num_inference_steps=2,
@@ -39,35 +40,53 @@ def test_auto_precision_is_float32_on_the_cpu_and_reduced_on_cuda(monkeypatch):
         autocast_dtype("half", "cpu")
 
 
+def _trainer(precision: str, tmp_path: Path):
+    from spinediff.training.api import apply_options
+
+    trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", device="cpu",
+                            results_folder=str(tmp_path / precision))
+    apply_options(trainer, replace(RUN, precision=precision))
+    trainer.initialize()
+    return trainer
+
+
 def test_bfloat16_training_follows_the_float32_loss_curve(planned, tmp_path):
-    """Same seed, same batches and noise: the bfloat16-autocast losses stay within 5 % of float32's, and the
-    weights and the validation outputs are finite."""
-    curves = {}
+    """Same seed, same batches and noise: the bfloat16-autocast losses of four steps stay within 5 % of
+    float32's; weights and a sampled validation output stay finite."""
+    from spinediff.training.distributed import seed_global_generators
+
+    curves, batches = {}, None
     for precision in ("fp32", "bf16"):
-        folder = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", replace(RUN, precision=precision),
-                       results_folder=str(tmp_path / precision))
-        checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
-        curves[precision] = np.array(checkpoint["logging"]["train_losses"])
-        assert all(torch.isfinite(w).all() for w in checkpoint["network_weights"].values())
-        assert checkpoint["grad_scaler_state"] is None  # bfloat16 needs no loss scaling
+        trainer = _trainer(precision, tmp_path)
+        if batches is None:
+            loader, _ = trainer.get_dataloaders()
+            batches = [next(loader) for _ in range(4)]
+        seed_global_generators(0)
+        trainer.generator.manual_seed(0)
+        curves[precision] = np.array([float(trainer.train_step(b)["loss"]) for b in batches])
+        assert all(torch.isfinite(p).all() for p in trainer.network.parameters())
+        assert trainer.grad_scaler is None  # bfloat16 and float32 need no loss scaling
+        with torch.no_grad():
+            output = trainer.validation_step(batches[0])
+        assert np.isfinite(output["loss"])
     np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.05)
     assert not np.array_equal(curves["bf16"], curves["fp32"])  # bfloat16 did run
 
 
 def test_float16_checkpoints_and_restores_the_gradient_scaler(planned, tmp_path):
-    folder = train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", replace(RUN, precision="fp16", epochs=1),
-                   results_folder=str(tmp_path))
-    saved = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)["grad_scaler_state"]
+    trainer = _trainer("fp16", tmp_path)
+    loader, _ = trainer.get_dataloaders()
+    trainer.train_step(next(loader))
+    assert trainer.grad_scaler is not None
+    Path(trainer.output_folder).mkdir(parents=True, exist_ok=True)
+    path = Path(trainer.output_folder) / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(path, map_location="cpu", weights_only=True)["grad_scaler_state"]
     assert saved is not None and saved["scale"] > 0
-    from nnunetv2.run.run_training import maybe_load_checkpoint
-
-    from spinediff.training.api import apply_options
-
-    trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", continue_training=True,
-                            results_folder=str(tmp_path))
-    apply_options(trainer, replace(RUN, precision="fp16"))
-    maybe_load_checkpoint(trainer, True, False)
-    assert trainer.grad_scaler is not None and trainer.grad_scaler.state_dict() == saved
+    resumed = _trainer("fp16", tmp_path)
+    resumed.load_checkpoint(str(path))
+    assert resumed.grad_scaler.state_dict() == saved
+    assert _trainer("fp32", tmp_path).grad_scaler is None
 
 
 def test_sampling_under_autocast_returns_float32_close_to_float32_sampling():
