@@ -188,3 +188,14 @@ def test_corrupted_dataset_json_fields_are_reported(phantom_root, tmp_path_facto
     (folder / "dataset.json").write_text(json.dumps(corrupted))
     report = validate_dataset(folder)
     assert not report.ok, f"{key}={value!r} was not reported"
+
+
+def test_atomic_writes_get_the_permissions_of_a_new_file(tmp_path):
+    """Results written through a temporary file are as readable as any file the user creates (not 0600)."""
+    import os
+
+    from spinediff.io import write_text
+
+    write_text("x", tmp_path / "result.txt")
+    (tmp_path / "plain.txt").write_text("x")
+    assert os.stat(tmp_path / "result.txt").st_mode & 0o777 == os.stat(tmp_path / "plain.txt").st_mode & 0o777
