@@ -70,6 +70,8 @@ def write_json(data: Any, target: str | os.PathLike, indent: int = 2) -> None:
             return obj.tolist()
         if isinstance(obj, Path):
             return str(obj)
+        if type(obj).__module__ == "torch" and type(obj).__name__ == "device":  # e.g. TrainingOptions.device
+            return str(obj)
         raise TypeError(f"cannot serialise {type(obj).__name__}")
 
     with atomic_path(target) as tmp:
