@@ -113,12 +113,64 @@ def figure(results: dict, target: Path) -> None:
     plt.close(fig)
 
 
+def diffusion_summary(folder_of, splits: list[dict], labels: dict) -> dict:
+    """The failure summary of the diffusion predictions in ``folder_of(fold)``."""
+    from spinediff.evaluation.failure_detection import case_record, failure_summary
+    from spinediff.metrics.case_uncertainty import expected_volumes
+
+    records = []
+    for fold, split in enumerate(splits):
+        train = split["train"]
+        expected = expected_volumes([labels[c][0] for c in train], [labels[c][1] for c in train], LEVELS)
+        for case in split["val"]:
+            reference, spacing = labels[case]
+            prediction = read_array(folder_of(fold) / f"{case}.nii.gz")[0]
+            records.append(case_record(case, reference, prediction, spacing, folder_of(fold), ".nii.gz", LEVELS,
+                                       expected))
+    return failure_summary(records)
+
+
+def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Path, out: Path) -> int:
+    """How many samples the case scores need: each score's Spearman rank correlation over the cases against the
+    largest K, its AURC, and the voxel AUROC of the maps, per K."""
+    from scipy.stats import spearmanr
+
+    from spinediff.io import write_json
+
+    summaries = {}
+    for k in ks:
+        work = results_root / ("uncertainty_cv" if k == 5 else f"uncertainty_cv_k{k}")
+        summaries[k] = diffusion_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels)
+    reference = summaries[ks[-1]]
+    ref_scores = {row["score"]: [c["scores"][row["score"]] for c in reference["per_case"]]
+                  for row in reference["scores"]}
+    rows: list[dict] = []
+    lines = [f"| K | score | Spearman vs K = {ks[-1]} | AURC | e-AURC | mean Dice |", "|---|---|---|---|---|---|"]
+    for k, summary in summaries.items():
+        for row in summary["scores"]:
+            values = [c["scores"][row["score"]] for c in summary["per_case"]]
+            rho = float(spearmanr(values, ref_scores[row["score"]]).statistic) if row["score"] in ref_scores else None
+            rows.append({"k": k, "score": row["score"], "spearman": rho, "aurc": row["aurc"],
+                         "e_aurc": row["e_aurc"], "mean_dice": summary["mean_dice"], "voxel_auroc": row["voxel_auroc"]})
+            lines.append(f"| {k} | `{row['score']}` | {rho if rho is None else round(rho, 3)} | {row['aurc']:.3f} | "
+                         f"{row['e_aurc']:.3f} | "
+                         f"{summary['mean_dice']:.3f} |")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json({"ks": ks, "rows": rows}, out / "stability.json")
+    (out / "stability.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=5, help="diffusion samples per case (K)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="folds predicted side by side")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)  # one worker's fold
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "uncertainty_cv501"))
+    parser.add_argument("--stability", type=int, nargs="+", metavar="K",
+                        help="after predicting with each of these K (--samples K): how each diffusion score's case "
+                             "ranking and AURC change with K, against the largest K (Spearman rank correlation)")
     args = parser.parse_args(argv)
     from spinediff.io import read_json, write_json
     from spinediff.metrics.case_uncertainty import expected_volumes
@@ -134,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no benchmark of {NAME} in {results_root} (run spinediff plan/benchmark first)")
         return 0
     splits = read_json(preprocessed / "splits_final.json")
-    work = results_root / "uncertainty_cv"
+    # K = 5 (the plans' num_samples) in uncertainty_cv; other K (--stability) beside it
+    work = results_root / ("uncertainty_cv" if args.samples == 5 else f"uncertainty_cv_k{args.samples}")
     if args.fold is not None:
         predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples)
         return 0
@@ -151,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 if process.returncode:
                     raise SystemExit(f"a fold's prediction failed (exit {process.returncode})")
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
+    if args.stability:
+        return stability(sorted(args.stability), splits, labels, results_root, Path(args.output))
     from spinediff.evaluation.failure_detection import case_record, failure_summary
 
     methods = {}
