@@ -113,8 +113,8 @@ def figure(results: dict, target: Path) -> None:
     plt.close(fig)
 
 
-def diffusion_summary(folder_of, splits: list[dict], labels: dict) -> dict:
-    """The failure summary of the diffusion predictions in ``folder_of(fold)``."""
+def diffusion_summary(folder_of, splits: list[dict], labels: dict, cases: set[str] | None = None) -> dict:
+    """The failure summary of the diffusion predictions in ``folder_of(fold)`` (of ``cases`` only, if given)."""
     from spinediff.evaluation.failure_detection import case_record, failure_summary
     from spinediff.metrics.case_uncertainty import expected_volumes
 
@@ -123,6 +123,8 @@ def diffusion_summary(folder_of, splits: list[dict], labels: dict) -> dict:
         train = split["train"]
         expected = expected_volumes([labels[c][0] for c in train], [labels[c][1] for c in train], LEVELS)
         for case in split["val"]:
+            if cases is not None and case not in cases:
+                continue
             reference, spacing = labels[case]
             prediction = read_array(folder_of(fold) / f"{case}.nii.gz")[0]
             records.append(case_record(case, reference, prediction, spacing, folder_of(fold), ".nii.gz", LEVELS,
@@ -137,10 +139,13 @@ def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Pat
 
     from spinediff.io import write_json
 
-    summaries = {}
-    for k in ks:
-        work = results_root / ("uncertainty_cv" if k == 5 else f"uncertainty_cv_k{k}")
-        summaries[k] = diffusion_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels)
+    works = {k: results_root / ("uncertainty_cv" if k == 5 else f"uncertainty_cv_k{k}") for k in ks}
+    # the cases predicted with every K (a K = 16 run may still be going: the comparison says how many)
+    done = [{p.name.removesuffix("_uncertainty.json") for p in work.glob("fold_*/*_uncertainty.json")}
+            for work in works.values()]
+    cases = set.intersection(*done)
+    summaries = {k: diffusion_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels, cases)
+                 for k, work in works.items()}
     reference = summaries[ks[-1]]
     ref_scores = {row["score"]: [c["scores"][row["score"]] for c in reference["per_case"]]
                   for row in reference["scores"]}
@@ -156,7 +161,8 @@ def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Pat
                          f"{row['e_aurc']:.3f} | "
                          f"{summary['mean_dice']:.3f} |")
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"ks": ks, "rows": rows}, out / "stability.json")
+    lines.insert(0, f"{len(cases)} cases predicted with every K: {', '.join(sorted(cases))}\n")
+    write_json({"ks": ks, "cases": sorted(cases), "rows": rows}, out / "stability.json")
     (out / "stability.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
