@@ -113,8 +113,9 @@ def figure(results: dict, target: Path) -> None:
     plt.close(fig)
 
 
-def diffusion_summary(folder_of, splits: list[dict], labels: dict, cases: set[str] | None = None) -> dict:
-    """The failure summary of the diffusion predictions in ``folder_of(fold)`` (of ``cases`` only, if given)."""
+def method_summary(folder_of, splits: list[dict], labels: dict, cases: set[str] | None = None) -> dict:
+    """The failure summary of the predictions in ``folder_of(fold)`` (of ``cases`` only, if given), each fold's
+    level volumes expected from its own training labels."""
     from spinediff.evaluation.failure_detection import case_record, failure_summary
     from spinediff.metrics.case_uncertainty import expected_volumes
 
@@ -144,7 +145,7 @@ def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Pat
     done = [{p.name.removesuffix("_uncertainty.json") for p in work.glob("fold_*/*_uncertainty.json")}
             for work in works.values()]
     cases = set.intersection(*done)
-    summaries = {k: diffusion_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels, cases)
+    summaries = {k: method_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels, cases)
                  for k, work in works.items()}
     reference = summaries[ks[-1]]
     ref_scores = {row["score"]: [c["scores"][row["score"]] for c in reference["per_case"]]
@@ -212,29 +213,20 @@ def main(argv: list[str] | None = None) -> int:
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
     if args.stability:
         return stability(sorted(args.stability), splits, labels, results_root, Path(args.output))
-    from spinediff.evaluation.failure_detection import case_record, failure_summary
-
     methods = {}
     for method, (trainer, configuration) in METHODS.items():
-        records, seconds = [], []
-        for fold, split in enumerate(splits):
-            train = split["train"]
-            expected = expected_volumes([labels[c][0] for c in train], [labels[c][1] for c in train], LEVELS)
-            if method == "diffusion":
-                folder = work / f"fold_{fold}"
-                seconds.append(read_json(folder / "prediction_summary.json")["seconds_per_case"])
-            else:
-                folder = results_root / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}" / "validation"
-                timing = folder.parent / "benchmark_timing.json"  # the benchmark's validation time per case
-                if timing.is_file():
-                    seconds.append(read_json(timing).get("inference_seconds_per_case"))
-            for case in split["val"]:
-                reference, spacing = labels[case]
-                prediction = read_array(folder / f"{case}.nii.gz")[0]
-                records.append(case_record(case, reference, prediction, spacing, folder, ".nii.gz", LEVELS,
-                                           expected))
+        if method == "diffusion":  # its K-sample predictions above
+            folder_of = lambda fold: work / f"fold_{fold}"  # noqa: E731
+            seconds = [read_json(folder_of(f) / "prediction_summary.json")["seconds_per_case"]
+                       for f in range(len(splits))]
+        else:  # the benchmark's validation with probabilities, and its validation time per case
+            model = results_root / f"{trainer}__nnUNetPlans__{configuration}"
+            folder_of = lambda fold, model=model: model / f"fold_{fold}" / "validation"  # noqa: E731
+            timings = [folder_of(f).parent / "benchmark_timing.json" for f in range(len(splits))]
+            seconds = [read_json(t).get("inference_seconds_per_case") for t in timings if t.is_file()]
         seconds = [s for s in seconds if s is not None]
-        methods[method] = dict(failure_summary(records), seconds_per_case=float(np.mean(seconds)) if seconds else None)
+        methods[method] = dict(method_summary(folder_of, splits, labels),
+                               seconds_per_case=float(np.mean(seconds)) if seconds else None)
     results = {"dataset": NAME, "samples": args.samples, "methods": methods}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             raise SpineDiffError(
                 f"Configuration {configuration!r} has no diffusion block: {type(self).__name__} needs a spinediff "
                 "configuration (2d_diffusion or 3d_diffusion from `spinediff plan`).")
-        self.settings = PlannedConfiguration(configuration, self.configuration_manager, "plans").diffusion
+        self.planned = PlannedConfiguration(configuration, self.configuration_manager, "plans")
+        self.settings = self.planned.diffusion
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
         if not isinstance(self.task.task, self.supported_tasks):
             supported = ", ".join(task.name for task in self.supported_tasks)
@@ -106,7 +107,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
         # a budget plan's epochs and iterations, also under `nnUNetv2_train -tr NAME` (which has no schedule flags)
-        schedule = PlannedConfiguration(configuration, self.configuration_manager, "plans").schedule
+        schedule = self.planned.schedule
         if schedule is not None:
             apply_schedule(self, schedule)
 
