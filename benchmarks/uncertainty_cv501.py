@@ -70,6 +70,40 @@ def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int
     return seconds
 
 
+def member_root(results_root: Path, member: int) -> Path:
+    """The ``nnUNet_results`` folder of ensemble member ``member`` (member 0: the benchmark's own models)."""
+    return results_root.parent if member == 0 else results_root / "ensemble_members" / f"member{member}"
+
+
+def train_member(member: int, splits: list[dict]) -> None:
+    """Train nnU-Net's trainer again on every fold (another random initialisation and batch order), into
+    :func:`member_root`; run in a process whose ``nnUNet_results`` points there."""
+    from spinediff.experiments.folds import Method, train_folds
+    from spinediff.training.options import TrainingOptions
+
+    trainer, configuration = METHODS["nnU-Net"]
+    method = Method("nnU-Net", trainer, configuration, baseline=True)
+    # the benchmark trained with seed 0: each member draws its own initialisation and batches
+    train_folds([(method, fold) for fold in range(len(splits))], NAME, TrainingOptions(seed=member), reuse=True,
+                workers=1)
+
+
+def train_members(members: int, results_root: Path) -> None:
+    """Members 1..members-1 side by side, one process (one thread) each."""
+    running = []
+    for member in range(1, members):
+        root = member_root(results_root, member)
+        root.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, nnUNet_results=str(root), OMP_NUM_THREADS="1")
+        log = open(root / "train.log", "a")  # noqa: SIM115 (closed when the process ends)
+        running.append((subprocess.Popen([sys.executable, __file__, "--train-member", str(member)], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT), log))
+    for process, log in running:
+        if process.wait():
+            raise SystemExit(f"training an ensemble member failed (exit {process.returncode}); see {log.name}")
+        log.close()
+
+
 def markdown(results: dict) -> str:
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -174,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=5, help="diffusion samples per case (K)")
     parser.add_argument("-j", "--workers", type=int, default=1, help="folds predicted side by side")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)  # one worker's fold
+    parser.add_argument("--members", type=int, default=1,
+                        help="nnU-Net models per fold (the benchmark's and members-1 more, trained side by side): "
+                             "scores the ensemble's disagreement (pairwise Dice between the models) as well")
+    parser.add_argument("--train-member", type=int, help=argparse.SUPPRESS)  # one member's training process
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "uncertainty_cv501"))
     parser.add_argument("--stability", type=int, nargs="+", metavar="K",
                         help="after predicting with each of these K (--samples K): how each diffusion score's case "
@@ -195,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = read_json(preprocessed / "splits_final.json")
     # K = 5 (the plans' num_samples) in uncertainty_cv; other K (--stability) beside it
     work = results_root / ("uncertainty_cv" if args.samples == 5 else f"uncertainty_cv_k{args.samples}")
+    if args.train_member is not None:
+        train_member(args.train_member, splits)
+        return 0
+    if args.members > 1:
+        train_members(args.members, results_root)
     if args.fold is not None:
         predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples)
         return 0
