@@ -104,6 +104,23 @@ def train_members(members: int, results_root: Path) -> None:
         log.close()
 
 
+def ensemble_fold(fold: int, members: int, results_root: Path) -> tuple[Path, float | None]:
+    """Fold ``fold``'s held-out cases as the ensemble of the ``members`` nnU-Net models (``spinediff ensemble
+    --save-uncertainty``); returns its folder and the summed validation seconds per case of the members."""
+    from spinediff.inference.ensemble import ensemble_folders
+    from spinediff.io import read_json
+
+    trainer, configuration = METHODS["nnU-Net"]
+    folds = [member_root(results_root, m) / NAME / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+             for m in range(members)]
+    out = results_root / f"uncertainty_cv_ensemble{members}" / f"fold_{fold}"
+    if not (out / "prediction.json").is_file():
+        ensemble_folders([f / "validation" for f in folds], out, overwrite=True, save_probabilities=True,
+                         save_uncertainty=True)
+    timings = [read_json(f / "benchmark_timing.json").get("inference_seconds_per_case") for f in folds]
+    return out, sum(timings) if all(t is not None for t in timings) else None
+
+
 def markdown(results: dict) -> str:
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -270,7 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds = [s for s in seconds if s is not None]
         methods[method] = dict(method_summary(folder_of, splits, labels),
                                seconds_per_case=float(np.mean(seconds)) if seconds else None)
-    results = {"dataset": NAME, "samples": args.samples, "methods": methods}
+    if args.members > 1:  # the fold models' disagreement (Zenk et al. 2025's best detector): M seeds per fold
+        ensembles = [ensemble_fold(fold, args.members, results_root) for fold in range(len(splits))]
+        seconds = [s for _, s in ensembles if s is not None]
+        methods[f"nnU-Net, {args.members} models"] = dict(
+            method_summary(lambda fold: ensembles[fold][0], splits, labels),
+            seconds_per_case=float(np.mean(seconds)) if seconds else None)
+    results = {"dataset": NAME, "samples": args.samples, "members": args.members, "methods": methods}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     write_json(results, out / "results.json")

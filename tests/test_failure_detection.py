@@ -115,3 +115,47 @@ def test_evaluate_scores_uncertainty_outputs_against_the_errors(tmp_path):
     assert rows["mutual_information"]["separates_wrong_levels"] is True
     assert rows["mutual_information"]["aurc"] == pytest.approx(failure["optimal_aurc"])
     assert rows["mutual_information"]["wrong_level_flagged"] == 1 and rows["mutual_information"]["good_flagged"] == 0
+
+
+def test_ensemble_save_uncertainty_writes_member_disagreement(tmp_path):
+    """Two members (e.g. nnU-Net fold models) that agree on row 0 (label 1) and call row 1 label 2 or 1: the
+    ensemble's mutual-information map and its sample_disagreement (1 - pairwise Dice) against hand-computed
+    values; images cannot be combined this way."""
+    import SimpleITK as sitk
+
+    from spinediff.cli import main
+    from spinediff.errors import SpineDiffError
+    from spinediff.inference.ensemble import ensemble_folders
+
+    shape = (2, 4, 4)
+    first, second = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+    first[:, 0] = second[:, 0] = 1  # both: label 1 in row 0 (8 voxels)
+    first[:, 1], second[:, 1] = 2, 1  # row 1: label 2 in the first, label 1 in the second
+    for name, labels in (("a", first), ("b", second)):
+        folder = tmp_path / name
+        folder.mkdir()
+        image = sitk.GetImageFromArray(labels)
+        image.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(image, str(folder / "case.nii.gz"))
+        probabilities = np.stack([labels == c for c in range(3)]).astype(np.float32)  # one-hot: entropy 0
+        np.savez_compressed(folder / "case.npz", probabilities=probabilities)
+    assert main(["ensemble", "-i", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(tmp_path / "ab"),
+                 "--save-uncertainty"]) == 0
+    mi = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ab" / "case_uncertainty.nii.gz")))
+    disputed = first != second  # row 1, mean (0, 0.5, 0.5): entropy ln 2, members' entropy 0
+    assert np.allclose(mi[disputed], math.log(2), atol=1e-5) and np.allclose(mi[~disputed], 0, atol=1e-6)
+    from spinediff.io import read_json
+
+    said = read_json(tmp_path / "ab" / "case_uncertainty.json")
+    assert said["members"] == 2
+    # pairwise Dice: label 1 → 2 x 8 / (8 + 16) = 2/3, label 2 → 0; their mean 1/3
+    assert said["scores"]["sample_disagreement"] == pytest.approx(2 / 3)
+    # the predicted foreground is rows 0 and 1; half of it (row 1) has ln 2
+    assert said["scores"]["mutual_information"] == pytest.approx(math.log(2) / 2, rel=1e-5)
+    # translations (images without probabilities) are refused clearly
+    for name in ("a", "b"):
+        (tmp_path / name / "case.npz").unlink()
+        image = sitk.GetImageFromArray(np.zeros(shape, np.float32))
+        sitk.WriteImage(image, str(tmp_path / name / "case.nii.gz"))
+    with pytest.raises(SpineDiffError, match="save-uncertainty"):
+        ensemble_folders([tmp_path / "a", tmp_path / "b"], tmp_path / "img", save_uncertainty=True)

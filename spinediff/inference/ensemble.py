@@ -4,7 +4,14 @@
   --save-probabilities``, in raw geometry) are averaged and the label map is their argmax.
 - Translation / generation: the predicted images (HU) are averaged voxel by voxel.
 
-Inputs must hold the same cases on the same grid; uncertainty maps are not combined.
+Inputs must hold the same cases on the same grid; their own uncertainty maps are not combined. With
+``save_uncertainty`` (segmentation) the ensemble's disagreement is written instead, as ``spinediff predict
+--save-uncertainty`` writes it for samples and folds: ``CASE_uncertainty`` (the mutual information between the
+prediction and the member: entropy of the mean probabilities minus the members' mean entropy, in nats) and
+``CASE_uncertainty.json`` with the case scores of :mod:`spinediff.metrics.case_uncertainty`, among them
+``sample_disagreement``: 1 - the mean pairwise Dice between the members' label maps. For nnU-Net's fold models
+(``nnUNetv2_predict -f N --save_probabilities``, one folder per fold) that is the failure detector that did best
+across five datasets in Zenk et al. (MedIA 2025).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import SimpleITK as sitk
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, split_ending
 from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_json, write_image, write_json
+from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.tasks import SEGMENTATION, Task, get_task
 from spinediff.utilities.geometry import same_geometry
 
@@ -58,8 +66,9 @@ def _prediction_files(folder: Path) -> dict[str, Path]:
 
 
 def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, overwrite: bool = False,
-                     save_probabilities: bool = False) -> EnsembleReport:
-    """Average the predictions of ``inputs`` (two or more prediction folders) into ``output``."""
+                     save_probabilities: bool = False, save_uncertainty: bool = False) -> EnsembleReport:
+    """Average the predictions of ``inputs`` (two or more prediction folders) into ``output``; segmentation with
+    ``save_uncertainty``: also the members' disagreement (module docstring)."""
     folders = [Path(p) for p in inputs]
     if len(folders) < 2:
         raise SpineDiffError("An ensemble needs at least two prediction folders (-i DIR1 DIR2 ...).")
@@ -71,6 +80,9 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
         found = {str(folder): task.name for folder, task in tasks.items()}
         raise SpineDiffError(f"The folders hold predictions of different tasks ({found}); ensemble one task only.")
     task = tasks[folders[0]]
+    if save_uncertainty and not task.writes_labels:
+        raise SpineDiffError("--save-uncertainty combines segmentations (their class probabilities); for images "
+                             "the spread across samples is what `spinediff predict --save-uncertainty` writes.")
     files = [_prediction_files(folder) for folder in folders]
     output = ensure_writable_folder(output, create=False)
     report = EnsembleReport(output, task.name)
@@ -85,6 +97,9 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     targets = [output / n for n in complete]
     if task.writes_labels and save_probabilities:
         targets += [output / f"{split_ending(n)[0]}.npz" for n in complete]
+    if save_uncertainty:
+        targets += [output / f"{split_ending(n)[0]}_uncertainty{split_ending(n)[1]}" for n in complete]
+        targets += [output / f"{split_ending(n)[0]}_uncertainty.json" for n in complete]
     existing = [t for t in [*targets, output / RUN_SUMMARY] if t.exists()]
     if existing and not overwrite:
         raise SpineDiffError(f"{existing[0]} already exists ({len(existing)} output file(s) in all). Choose another "
@@ -93,7 +108,7 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
         try:
             paths = [f[name] for f in files]
             if task.writes_labels:
-                _ensemble_probabilities(paths, output / name, save_probabilities)
+                _ensemble_probabilities(paths, output / name, save_probabilities, save_uncertainty)
             else:
                 _average_images(paths, output / name)
             report.written.append(str(output / name))
@@ -122,10 +137,17 @@ def _average_images(paths: list[Path], target: Path) -> None:
     write_image(result, target)
 
 
-def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities: bool) -> None:
+def _entropy(probabilities: np.ndarray) -> np.ndarray:
+    return -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(0)
+
+
+def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities: bool,
+                            save_uncertainty: bool = False) -> None:
     references = [read_image(p) for p in paths]
     _check_same_grid(references, paths)
     mean = None
+    member_labels: list[np.ndarray] = []
+    entropy_sum = None
     for path in paths:
         npz = path.with_name(f"{split_ending(path.name)[0]}.npz")
         if not npz.is_file():
@@ -136,6 +158,10 @@ def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities:
         if mean is not None and probabilities.shape != mean.shape:
             raise SpineDiffError(f"{npz}: probabilities of shape {probabilities.shape}, {paths[0]}'s have "
                                  f"{mean.shape}.")
+        if save_uncertainty:
+            member_labels.append(np.argmax(probabilities, axis=0).astype(np.uint8))
+            entropy = _entropy(probabilities)
+            entropy_sum = entropy if entropy_sum is None else entropy_sum + entropy
         mean = probabilities if mean is None else mean + probabilities
     mean /= len(paths)
     # nnU-Net's label values are consecutive (0..C-1), so the argmax index is the label
@@ -147,3 +173,16 @@ def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities:
     if save_probabilities:
         with atomic_path(target.with_name(f"{split_ending(target.name)[0]}.npz")) as tmp:
             np.savez_compressed(tmp, probabilities=mean.astype(np.float32))
+    if save_uncertainty:
+        stem, ending = split_ending(target.name)
+        disagreement = np.clip(_entropy(mean) - entropy_sum / len(paths), 0, None).astype(np.float32)
+        image = sitk.GetImageFromArray(disagreement.reshape(shape))
+        image.CopyInformation(references[0])
+        write_image(image, target.with_name(f"{stem}_uncertainty{ending}"))
+        spacing = tuple(reversed(references[0].GetSpacing()))  # numpy order, as the arrays
+        scores = case_scores(mean.reshape(mean.shape[0], *shape), spacing, list(range(1, mean.shape[0])),
+                             uncertainty=disagreement.reshape(shape),
+                             member_labels=[m.reshape(shape) for m in member_labels])
+        write_json({"case": stem, "members": len(paths), "inputs": [str(p) for p in paths], "scores": scores,
+                    "uncertainty": "entropy of the mean class probabilities minus the members' mean entropy (nats)"},
+                   target.with_name(f"{stem}_uncertainty.json"))
