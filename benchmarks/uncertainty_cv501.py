@@ -46,7 +46,23 @@ def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
 
 
-def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int) -> float:
+PLANNED_STEPS = 10  # the plans' DDIM steps (2d_diffusion's num_inference_steps)
+
+
+def work_folder(results_root: Path, samples: int, steps: int = PLANNED_STEPS) -> Path:
+    """Where the predictions with K = ``samples`` and ``steps`` DDIM steps go (K = 5, 10 steps: the plans')."""
+    name = "uncertainty_cv" if samples == 5 else f"uncertainty_cv_k{samples}"
+    return results_root / (name if steps == PLANNED_STEPS else f"uncertainty_cv_k{samples}_s{steps}")
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """``K`` or ``KxS`` (K samples, S DDIM steps) → (K, S)."""
+    k, _, steps = text.partition("x")
+    return int(k), int(steps) if steps else PLANNED_STEPS
+
+
+def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int,
+                 steps: int = PLANNED_STEPS) -> float:
     """Predict the held-out ``cases`` with fold ``fold``'s diffusion model; returns seconds per case."""
     import spinediff
     from spinediff.io import read_json, write_json
@@ -63,6 +79,7 @@ def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int
     start = time.perf_counter()
     trainer, configuration = METHODS["diffusion"]
     spinediff.predict(inputs, out, 501, configuration, trainer, folds=[fold], num_samples=samples,
+                      num_inference_steps=steps,
                       save_uncertainty=True, save_probabilities=True, postprocessing=False, overwrite=True,
                       progress=False)
     seconds = (time.perf_counter() - start) / len(cases)
@@ -184,37 +201,40 @@ def method_summary(folder_of, splits: list[dict], labels: dict, cases: set[str] 
     return failure_summary(records)
 
 
-def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Path, out: Path) -> int:
-    """How many samples the case scores need: each score's Spearman rank correlation over the cases against the
-    largest K, its AURC, and the voxel AUROC of the maps, per K."""
+def stability(settings: list[tuple[int, int]], splits: list[dict], labels: dict, results_root: Path,
+              out: Path) -> int:
+    """How many samples and steps the case scores need: per (K, steps), each score's Spearman rank correlation
+    over the cases against the setting with the most network calls (K x steps), its AURC and e-AURC."""
     from scipy.stats import spearmanr
 
     from spinediff.io import write_json
 
-    works = {k: results_root / ("uncertainty_cv" if k == 5 else f"uncertainty_cv_k{k}") for k in ks}
-    # the cases predicted with every K (a K = 16 run may still be going: the comparison says how many)
+    works = {s: work_folder(results_root, *s) for s in settings}
+    # the cases predicted with every setting (a long run may still be going: the comparison says how many)
     done = [{p.name.removesuffix("_uncertainty.json") for p in work.glob("fold_*/*_uncertainty.json")}
             for work in works.values()]
     cases = set.intersection(*done)
-    summaries = {k: method_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels, cases)
-                 for k, work in works.items()}
-    reference = summaries[ks[-1]]
+    summaries = {s: method_summary(lambda fold, work=work: work / f"fold_{fold}", splits, labels, cases)
+                 for s, work in works.items()}
+    best = max(settings, key=lambda s: (s[0] * s[1], s[0]))
+    reference = summaries[best]
     ref_scores = {row["score"]: [c["scores"][row["score"]] for c in reference["per_case"]]
                   for row in reference["scores"]}
     rows: list[dict] = []
-    lines = [f"| K | score | Spearman vs K = {ks[-1]} | AURC | e-AURC | mean Dice |", "|---|---|---|---|---|---|"]
-    for k, summary in summaries.items():
+    lines = [f"| K | steps | score | Spearman vs K = {best[0]}, {best[1]} steps | AURC | e-AURC | mean Dice |",
+             "|---|---|---|---|---|---|---|"]
+    for (k, steps), summary in summaries.items():
         for row in summary["scores"]:
             values = [c["scores"][row["score"]] for c in summary["per_case"]]
             rho = float(spearmanr(values, ref_scores[row["score"]]).statistic) if row["score"] in ref_scores else None
-            rows.append({"k": k, "score": row["score"], "spearman": rho, "aurc": row["aurc"],
+            rows.append({"k": k, "steps": steps, "score": row["score"], "spearman": rho, "aurc": row["aurc"],
                          "e_aurc": row["e_aurc"], "mean_dice": summary["mean_dice"], "voxel_auroc": row["voxel_auroc"]})
-            lines.append(f"| {k} | `{row['score']}` | {rho if rho is None else round(rho, 3)} | {row['aurc']:.3f} | "
-                         f"{row['e_aurc']:.3f} | "
-                         f"{summary['mean_dice']:.3f} |")
+            lines.append(f"| {k} | {steps} | `{row['score']}` | {rho if rho is None else round(rho, 3)} | "
+                         f"{row['aurc']:.3f} | {row['e_aurc']:.3f} | {summary['mean_dice']:.3f} |")
     out.mkdir(parents=True, exist_ok=True)
-    lines.insert(0, f"{len(cases)} cases predicted with every K: {', '.join(sorted(cases))}\n")
-    write_json({"ks": ks, "cases": sorted(cases), "rows": rows}, out / "stability.json")
+    lines.insert(0, f"{len(cases)} cases predicted with every setting: {', '.join(sorted(cases))}\n")
+    write_json({"settings": settings, "reference": best, "cases": sorted(cases), "rows": rows},
+               out / "stability.json")
     (out / "stability.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -223,6 +243,7 @@ def stability(ks: list[int], splits: list[dict], labels: dict, results_root: Pat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=5, help="diffusion samples per case (K)")
+    parser.add_argument("--steps", type=int, default=PLANNED_STEPS, help="DDIM steps per sample")
     parser.add_argument("-j", "--workers", type=int, default=1, help="folds predicted side by side")
     parser.add_argument("--fold", type=int, help=argparse.SUPPRESS)  # one worker's fold
     parser.add_argument("--members", type=int, default=1,
@@ -230,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                              "scores the ensemble's disagreement (pairwise Dice between the models) as well")
     parser.add_argument("--train-member", type=int, help=argparse.SUPPRESS)  # one member's training process
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "uncertainty_cv501"))
-    parser.add_argument("--stability", type=int, nargs="+", metavar="K",
-                        help="after predicting with each of these K (--samples K): how each diffusion score's case "
-                             "ranking and AURC change with K, against the largest K (Spearman rank correlation)")
+    parser.add_argument("--stability", nargs="+", metavar="K[xSTEPS]",
+                        help="after predicting with each of these settings (--samples K --steps STEPS): how each "
+                             "diffusion score's case ranking and AURC change, against the setting with the most "
+                             "network calls (Spearman rank correlation), e.g. --stability 2 5 16 5x5 5x20")
     args = parser.parse_args(argv)
     from spinediff.io import read_json, write_json
     from spinediff.metrics.case_uncertainty import expected_volumes
@@ -248,22 +270,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no benchmark of {NAME} in {results_root} (run spinediff plan/benchmark first)")
         return 0
     splits = read_json(preprocessed / "splits_final.json")
-    # K = 5 (the plans' num_samples) in uncertainty_cv; other K (--stability) beside it
-    work = results_root / ("uncertainty_cv" if args.samples == 5 else f"uncertainty_cv_k{args.samples}")
+    # K = 5 and 10 steps (the plans') in uncertainty_cv; other settings (--stability) beside it
+    work = work_folder(results_root, args.samples, args.steps)
     if args.train_member is not None:
         train_member(args.train_member, splits)
         return 0
     if args.members > 1:
         train_members(args.members, results_root)
     if args.fold is not None:
-        predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples)
+        predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples, args.steps)
         return 0
     pending = list(range(len(splits)))
     running: list[subprocess.Popen] = []
     while pending or running:
         while pending and len(running) < args.workers:
             running.append(subprocess.Popen([sys.executable, __file__, "--fold", str(pending.pop(0)),
-                                             "--samples", str(args.samples)]))
+                                             "--samples", str(args.samples), "--steps", str(args.steps)]))
         time.sleep(5)
         for process in list(running):
             if process.poll() is not None:
@@ -272,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"a fold's prediction failed (exit {process.returncode})")
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
     if args.stability:
-        return stability(sorted(args.stability), splits, labels, results_root, Path(args.output))
+        return stability([parse_setting(t) for t in args.stability], splits, labels, results_root, Path(args.output))
     methods = {}
     for method, (trainer, configuration) in METHODS.items():
         if method == "diffusion":  # its K-sample predictions above
