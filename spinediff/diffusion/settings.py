@@ -18,7 +18,7 @@ NOISE_SCHEDULES = ("cosine", "linear")
 #: monai's names of the noise schedules (``monai.networks.schedulers`` ``NoiseSchedules``).
 MONAI_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear_beta"}
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")  # monai's DDPMPredictionType names
-SAMPLERS = ("ddim",)
+SAMPLERS = ("ddim", "dpm++2m", "unipc")  # spinediff.diffusion.sampler.make_solver
 LOSSES = ("l1", "mse", "dice_ce")
 
 

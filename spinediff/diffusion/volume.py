@@ -31,6 +31,7 @@ class VolumePredictor:
         window_batch_size: windows per network call.
         mirror_axes: spatial axes (0-based) for mirroring test-time augmentation (all flip combinations).
         eta: DDIM stochasticity (diffusion only).
+        solver: ``ddim``, ``dpm++2m`` or ``unipc`` (diffusion only; see the sampler module).
         sample_batch_size: ensemble members denoised together (diffusion only).
         device: where to predict; default the network's device.
     """
@@ -46,6 +47,7 @@ class VolumePredictor:
         eta: float = 0.0,
         sample_batch_size: int = 1,
         device: torch.device | str | None = None,
+        solver: str = "ddim",
     ) -> None:
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -63,6 +65,7 @@ class VolumePredictor:
                 sample_batch_size=sample_batch_size,
                 mirror_axes=self.mirror_axes,
                 device=self.device,
+                solver=solver,
             )
 
     @property

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from spinediff.diffusion.settings import SAMPLERS
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, select_part
 from spinediff.inference.models import model_folder
@@ -51,6 +52,11 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
         raise SpineDiffError(f"--steps must be in [1, {total}], got {options.num_inference_steps}.")
     if options.eta is not None and not 0 <= options.eta <= 1:
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
+    if options.sampler is not None and options.sampler not in SAMPLERS:
+        raise SpineDiffError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}.")
+    if (options.sampler or predictor.settings.sampler) != "ddim" and (options.num_inference_steps or 0) >= total:
+        raise SpineDiffError(f"--steps must be below {total} for a multistep solver (diffusers spaces its steps "
+                             f"over 0..{total - 1}), got {options.num_inference_steps}.")
 
 
 def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
@@ -71,7 +77,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
-            part_id: int = 0, precision: str = "auto") -> PredictionReport:
+            part_id: int = 0, precision: str = "auto", sampler: str | None = None) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -83,6 +89,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             fold of the results folder that has the checkpoint (e.g. just fold 0 after a single-fold training).
         checkpoint: ``final`` or ``best``.
         num_samples, num_inference_steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
+        sampler: the solver, ``ddim``, ``dpm++2m`` or ``unipc`` (None: the plans'; :mod:`spinediff.diffusion.sampler`).
         seed: the base seed; the same seed gives the same output.
         tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
         save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
@@ -115,7 +122,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
     options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
-                                precision)
+                                precision, sampler)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
@@ -139,6 +146,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "num_samples": num_samples or predictor.settings.num_samples,
                 "steps": num_inference_steps or predictor.settings.num_inference_steps,
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
+                "sampler": sampler or predictor.settings.sampler,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                 "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,

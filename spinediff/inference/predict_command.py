@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.diffusion.settings import SAMPLERS
 from spinediff.inference.api import predict
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
@@ -15,7 +16,8 @@ def run_predict(args: argparse.Namespace) -> int:
                      seed=args.seed, tta=args.tta, save_uncertainty=args.save_uncertainty,
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
-                     num_parts=args.num_parts, part_id=args.part_id, precision=args.precision)
+                     num_parts=args.num_parts, part_id=args.part_id, precision=args.precision,
+                     sampler=args.sampler)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -57,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", dest="num_inference_steps", type=int,
                         help="DDIM steps (default: the plans' num_inference_steps)")
     parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: the plans', usually 0)")
+    parser.add_argument("--sampler", choices=SAMPLERS,
+                        help="solver: ddim, or the multistep dpm++2m (DPM-Solver++ 2M) or unipc (UniPC), diffusers' "
+                             "implementations, which reuse earlier steps' estimates (default: the plans' sampler)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,

@@ -62,6 +62,7 @@ class PredictionOptions:
     save_uncertainty: bool = False
     save_probabilities: bool = False
     precision: str = "auto"  # the network's autocast type (spinediff.training.precision)
+    sampler: str | None = None  # ddim | dpm++2m | unipc (None: the plans'; spinediff.diffusion.sampler)
 
 
 @dataclass
@@ -179,7 +180,8 @@ class SpineDiffPredictor:
                    unit="slice" if slices > 1 else "fold", leave=False, disable=not progress)
         for model in self.models:
             x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, num_inference_steps, eta,
-                               tta, on_slice=lambda: bar.update(1), precision=options.precision)
+                               tta, on_slice=lambda: bar.update(1), precision=options.precision,
+                               solver=options.sampler)
             for member in x0:
                 if isinstance(statistics, SegmentationEnsemble):
                     statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))
