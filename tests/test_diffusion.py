@@ -30,6 +30,7 @@ CONTRACT_BLOCK = {
     "target_intensity": {"lower": -1000.0, "upper": 1500.0},
     "timestep_power": 1.0,
     "deep_supervision": False,
+    "warm_start": None,
 }
 
 
@@ -77,6 +78,9 @@ def dataclasses_frozen_error() -> type[Exception]:
         ("num_samples", True),
         ("deep_supervision", "yes"),
         ("deep_supervision", True),  # the contract block's l1 loss has no mask to supervise at low resolution
+        ("warm_start", 0.0),
+        ("warm_start", 1.0),
+        ("warm_start", "half"),
     ],
 )
 def test_settings_reject_invalid_values(key: str, value) -> None:

@@ -306,6 +306,23 @@ def test_warm_start_from_an_estimate_skips_steps(trained) -> None:
         sampler.sample(condition, num_inference_steps=10, initial_estimate=estimate, start_timestep=-1)
 
 
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m"])
+def test_self_warm_start_costs_one_call_plus_the_steps_below_its_level(trained, solver: str) -> None:
+    """VolumePredictor(warm_start=0.3): one call from pure noise, then exactly ``steps`` calls at or below
+    t = 0.3 (T - 1) for each solver; the result reconstructs the target as a cold start with more calls does."""
+    network, process = trained
+    recorder = CallRecorder(network)
+    condition, target = pattern_pair(PATCH)
+    warm = VolumePredictor(recorder, process=process, patch_size=(PATCH, PATCH), window_batch_size=4,
+                           warm_start=0.3, solver=solver, sample_batch_size=2)
+    sample = warm.predict(condition, num_inference_steps=3, num_samples=2, seed=0)
+    assert len(recorder.batch_sizes) == 1 + 3  # the one-window volume: one call per step (2 members together)
+    cold = VolumePredictor(network, process=process, patch_size=(PATCH, PATCH), window_batch_size=4, solver=solver)
+    reference = cold.predict(condition, num_inference_steps=10, num_samples=1, seed=0)
+    assert psnr(sample[0], target) > psnr(reference[0], target) - 3
+    assert psnr(sample[0], target) > psnr(condition, target) + 20
+
+
 def test_segmentation_sampling_continues_from_class_probabilities() -> None:
     """dice_ce (segmentation): every DDIM step continues from 2 softmax(x0 / T) - 1, so the sample is a
     probability map in the one-hot scale (channels sum to one after (x + 1) / 2), whatever the network's

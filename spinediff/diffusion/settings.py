@@ -54,6 +54,10 @@ class DiffusionSettings:
     #: are scored against the downsampled target (nnU-Net's deep supervision, weights 1/2^k); prediction uses
     #: the full-resolution output only.
     deep_supervision: bool = False
+    #: Warm start (SpineSegDiff): sampling starts at timestep ``warm_start * (T - 1)`` from the network's one-call x0
+    #: estimate noised to that level, and ``num_inference_steps`` steps run below it (1 + steps calls per sample);
+    #: None starts from pure noise at T - 1.
+    warm_start: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -150,6 +154,10 @@ class DiffusionSettings:
                 "deep_supervision needs loss 'dice_ce' and prediction_type 'sample' (the lower-resolution outputs "
                 f"are masks), got loss {self.loss!r} and prediction_type {self.prediction_type!r}"
             )
+        if self.warm_start is not None:
+            number("warm_start", 0.0, 1.0, high_inclusive=False)
+            if self.warm_start <= 0:
+                raise SpineDiffError(f"warm_start must be in (0, 1) or null, got {self.warm_start!r}")
         if self.condition_dropout > 0 and self.condition_channels == 0:
             raise SpineDiffError("condition_dropout > 0 needs a condition (condition_channels > 0)")
         if self.target_intensity is not None and not isinstance(self.target_intensity, Mapping):

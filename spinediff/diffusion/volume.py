@@ -32,6 +32,7 @@ class VolumePredictor:
         mirror_axes: spatial axes (0-based) for mirroring test-time augmentation (all flip combinations).
         eta: DDIM stochasticity (diffusion only).
         solver: ``ddim``, ``dpm++2m`` or ``unipc`` (diffusion only; see the sampler module).
+        warm_start: None, or the fraction of T to start sampling from (see :meth:`warm_started`).
         sample_batch_size: ensemble members denoised together (diffusion only).
         device: where to predict; default the network's device.
     """
@@ -48,6 +49,7 @@ class VolumePredictor:
         sample_batch_size: int = 1,
         device: torch.device | str | None = None,
         solver: str = "ddim",
+        warm_start: float | None = None,
     ) -> None:
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -55,6 +57,7 @@ class VolumePredictor:
         self.mirror_axes = tuple(int(a) for a in mirror_axes)
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.sampler = None
+        self.warm_start = warm_start
         if process is not None:
             self.sampler = SlidingWindowSampler(
                 network,
@@ -123,9 +126,31 @@ class VolumePredictor:
         timesteps = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return mirrored(lambda y: self.network(y, timesteps), x, self.mirror_axes)
 
+    def warm_started(self, condition: torch.Tensor, num_inference_steps: int, num_samples: int,
+                     seed: int) -> torch.Tensor:
+        """SpineSegDiff's warm start without a second model: one network call from pure noise gives an x0 estimate
+        (for segmentation, class probabilities); every member starts from it noised to ``warm_start * (T - 1)``
+        and takes ``num_inference_steps`` solver steps below that level (1 + steps calls per sample, the first
+        shared by the members)."""
+        sampler = self.sampler
+        total = sampler.process.num_train_timesteps
+        start = int(round(self.warm_start * (total - 1)))
+        estimate = sampler.sample(condition, 1, generator=seed, num_inference_steps=1)[0]
+        # the solver's schedule with num_inference_steps timesteps at or below the start
+        scheduled = num_inference_steps
+        while scheduled < total - 1:
+            sampler._set_timesteps(scheduled)
+            if sum(int(t) <= start for t in sampler.scheduler.timesteps) >= num_inference_steps:
+                break
+            scheduled += 1
+        return sampler.sample(condition, num_samples, generator=seed, num_inference_steps=scheduled,
+                              initial_estimate=estimate, start_timestep=start)
+
     def _predict(self, condition: torch.Tensor, num_inference_steps: int, num_samples: int, seed: int) -> torch.Tensor:
         """``(K, C_out, *spatial)`` for a condition whose spatial axes match the patch's."""
         if self.sampler is not None:
+            if self.warm_start is not None:
+                return self.warm_started(condition, num_inference_steps, num_samples, seed)
             return self.sampler.sample(condition, num_samples, generator=seed, num_inference_steps=num_inference_steps)
         output = sliding_window_inference(condition[None].float(), list(self.patch_size), self.window_batch_size,
                                           self.one_step, overlap=0.5, mode="gaussian", padding_mode="constant")

@@ -54,6 +54,8 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
     if options.sampler is not None and options.sampler not in SAMPLERS:
         raise SpineDiffError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}.")
+    if options.warm_start is not None and not 0 <= options.warm_start < 1:
+        raise SpineDiffError(f"--warm-start must be in [0, 1) (0: from pure noise), got {options.warm_start}.")
     if (options.sampler or predictor.settings.sampler) != "ddim" and (options.num_inference_steps or 0) >= total:
         raise SpineDiffError(f"--steps must be below {total} for a multistep solver (diffusers spaces its steps "
                              f"over 0..{total - 1}), got {options.num_inference_steps}.")
@@ -77,7 +79,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
-            part_id: int = 0, precision: str = "auto", sampler: str | None = None) -> PredictionReport:
+            part_id: int = 0, precision: str = "auto", sampler: str | None = None,
+            warm_start: float | None = None) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -90,6 +93,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         checkpoint: ``final`` or ``best``.
         num_samples, num_inference_steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
         sampler: the solver, ``ddim``, ``dpm++2m`` or ``unipc`` (None: the plans'; :mod:`spinediff.diffusion.sampler`).
+        warm_start: start sampling at this fraction of T from the network's one-call estimate (None: the plans';
+            0: from pure noise; see ``VolumePredictor.warm_started``).
         seed: the base seed; the same seed gives the same output.
         tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
         save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
@@ -122,7 +127,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
     options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
-                                precision, sampler)
+                                precision, sampler, warm_start)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
@@ -147,6 +152,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "steps": num_inference_steps or predictor.settings.num_inference_steps,
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
                 "sampler": sampler or predictor.settings.sampler,
+                "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                 "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,

@@ -169,7 +169,8 @@ class FoldModel:
                    tuple(int(a) for a in axes))
 
     def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
-                tta: bool, on_slice=None, precision: str = "auto", solver: str | None = None) -> torch.Tensor:
+                tta: bool, on_slice=None, precision: str = "auto", solver: str | None = None,
+                warm_start: float | None = None) -> torch.Tensor:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
         # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
         # 3D volumes: one member at a time, so memory does not grow with K.
@@ -180,6 +181,7 @@ class FoldModel:
                                     patch_size=self.patch_size, window_batch_size=self.window_batch_size,
                                     mirror_axes=self.mirror_axes if tta else (), eta=eta,
                                     solver=solver or self.settings.sampler,
+                                    warm_start=self.settings.warm_start if warm_start is None else warm_start or None,
                                     sample_batch_size=num_samples if len(self.patch_size) == 2 else 1)
         return predictor.predict(condition, num_inference_steps=num_inference_steps, seed=seed,
                                  num_samples=num_samples if self.denoising else 1, on_slice=on_slice)
