@@ -16,8 +16,6 @@ Writes ``benchmarks/output/solvers501/{results.json,results.md}``.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,12 +47,7 @@ def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, solver: str,
 
     if all((out / f"{case}.nii.gz").is_file() for case in cases) and (out / "timing.json").is_file():
         return
-    inputs = out / "inputs"
-    inputs.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        link = inputs / f"{case}_0000.nii.gz"
-        if not link.exists():
-            os.symlink(raw / "imagesTr" / f"{case}_0000.nii.gz", link)
+    inputs = cv.link_inputs(cases, raw, out)
     trainer, configuration = cv.METHODS["diffusion"]
     start = time.perf_counter()
     spinediff.predict(inputs, out, 501, configuration, trainer, folds=[fold], num_samples=samples,
@@ -80,37 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "solvers501"))
     args = parser.parse_args(argv)
     from spinediff.io import read_json, write_json
-    from spinediff.paths import nnunet_folder
 
-    try:
-        raw = nnunet_folder("raw") / cv.NAME
-        preprocessed, results_root = nnunet_folder("preprocessed") / cv.NAME, nnunet_folder("results") / cv.NAME
-    except Exception as exc:  # noqa: BLE001 (the folders are the user's environment)
-        print(f"skipped: {exc}")
+    folders = cv.dataset_folders()
+    if folders is None:
         return 0
-    if not (preprocessed / "splits_final.json").is_file():
-        print(f"skipped: no benchmark of {cv.NAME} in {results_root} (run spinediff plan/benchmark first)")
-        return 0
-    splits = read_json(preprocessed / "splits_final.json")
+    raw, results_root, splits = folders
     if args.job:
         (solver, steps, warm), fold = parse(args.job[0]), int(args.job[1])
         predict_fold(fold, splits[fold]["val"], raw, work_folder(results_root, solver, steps, warm, args.samples) /
                      f"fold_{fold}", solver, steps, warm, args.samples)
         return 0
     settings = [parse(t) for t in args.settings]
-    pending = [(t, f) for t in args.settings for f in range(len(splits))]
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < args.workers:
-            setting, fold = pending.pop(0)
-            running.append(subprocess.Popen([sys.executable, __file__, "--settings", setting, "--samples",
-                                             str(args.samples), "--job", setting, str(fold)]))
-        time.sleep(2)
-        for process in list(running):
-            if process.poll() is not None:
-                running.remove(process)
-                if process.returncode:
-                    raise SystemExit(f"a prediction failed (exit {process.returncode})")
+    cv.run_jobs([[__file__, "--settings", t, "--samples", str(args.samples), "--job", t, str(f)]
+                 for t in args.settings for f in range(len(splits))], args.workers)
     labels = {case: cv.read_array(raw / "labelsTr" / f"{case}.nii.gz")[0] for s in splits for case in s["val"]}
     rows = []
     for solver, steps, warm in settings:

@@ -61,18 +61,24 @@ def parse_setting(text: str) -> tuple[int, int]:
     return int(k), int(steps) if steps else PLANNED_STEPS
 
 
-def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int,
-                 steps: int = PLANNED_STEPS) -> float:
-    """Predict the held-out ``cases`` with fold ``fold``'s diffusion model; returns seconds per case."""
-    import spinediff
-    from spinediff.io import read_json, write_json
-
+def link_inputs(cases: list[str], raw: Path, out: Path) -> Path:
+    """``out/inputs`` with a link to each case's MRI in the raw dataset (what ``spinediff predict`` reads)."""
     inputs = out / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     for case in cases:
         link = inputs / f"{case}_0000.nii.gz"
         if not link.exists():
             os.symlink(raw / "imagesTr" / f"{case}_0000.nii.gz", link)
+    return inputs
+
+
+def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int,
+                 steps: int = PLANNED_STEPS) -> float:
+    """Predict the held-out ``cases`` with fold ``fold``'s diffusion model; returns seconds per case."""
+    import spinediff
+    from spinediff.io import read_json, write_json
+
+    inputs = link_inputs(cases, raw, out)
     if all((out / f"{case}_uncertainty.json").is_file() for case in cases):
         summary = out / "prediction_summary.json"
         return float(read_json(summary)["seconds_per_case"]) if summary.is_file() else float("nan")
@@ -85,6 +91,38 @@ def predict_fold(fold: int, cases: list[str], raw: Path, out: Path, samples: int
     seconds = (time.perf_counter() - start) / len(cases)
     write_json({"seconds_per_case": seconds}, out / "prediction_summary.json")
     return seconds
+
+
+def dataset_folders() -> tuple[Path, Path, list[dict]] | None:
+    """Dataset501's raw and results folders and its cross-validation splits; None (and why, printed) when this
+    environment has no finished ``spinediff benchmark -d 501``."""
+    from spinediff.io import read_json
+    from spinediff.paths import nnunet_folder
+
+    try:
+        raw = nnunet_folder("raw") / NAME
+        preprocessed, results_root = nnunet_folder("preprocessed") / NAME, nnunet_folder("results") / NAME
+    except Exception as exc:  # noqa: BLE001 (the folders are the user's environment)
+        print(f"skipped: {exc}")
+        return None
+    if not (preprocessed / "splits_final.json").is_file():
+        print(f"skipped: no benchmark of {NAME} in {results_root} (run spinediff plan/benchmark first)")
+        return None
+    return raw, results_root, read_json(preprocessed / "splits_final.json")
+
+
+def run_jobs(commands: list[list[str]], workers: int) -> None:
+    """Run ``commands`` (argument lists for this Python), ``workers`` at a time; stop at the first failure."""
+    pending, running = list(commands), []
+    while pending or running:
+        while pending and len(running) < workers:
+            running.append(subprocess.Popen([sys.executable, *pending.pop(0)]))
+        time.sleep(2)
+        for process in list(running):
+            if process.poll() is not None:
+                running.remove(process)
+                if process.returncode:
+                    raise SystemExit(f"a prediction job failed (exit {process.returncode}): {process.args}")
 
 
 def member_root(results_root: Path, member: int) -> Path:
@@ -258,18 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from spinediff.io import read_json, write_json
     from spinediff.metrics.case_uncertainty import expected_volumes
-    from spinediff.paths import nnunet_folder
 
-    try:
-        raw = nnunet_folder("raw") / NAME
-        preprocessed, results_root = nnunet_folder("preprocessed") / NAME, nnunet_folder("results") / NAME
-    except Exception as exc:  # noqa: BLE001 (the folders are the user's environment)
-        print(f"skipped: {exc}")
+    folders = dataset_folders()
+    if folders is None:
         return 0
-    if not (preprocessed / "splits_final.json").is_file():
-        print(f"skipped: no benchmark of {NAME} in {results_root} (run spinediff plan/benchmark first)")
-        return 0
-    splits = read_json(preprocessed / "splits_final.json")
+    raw, results_root, splits = folders
     # K = 5 and 10 steps (the plans') in uncertainty_cv; other settings (--stability) beside it
     work = work_folder(results_root, args.samples, args.steps)
     if args.train_member is not None:
@@ -280,18 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None:
         predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples, args.steps)
         return 0
-    pending = list(range(len(splits)))
-    running: list[subprocess.Popen] = []
-    while pending or running:
-        while pending and len(running) < args.workers:
-            running.append(subprocess.Popen([sys.executable, __file__, "--fold", str(pending.pop(0)),
-                                             "--samples", str(args.samples), "--steps", str(args.steps)]))
-        time.sleep(5)
-        for process in list(running):
-            if process.poll() is not None:
-                running.remove(process)
-                if process.returncode:
-                    raise SystemExit(f"a fold's prediction failed (exit {process.returncode})")
+    run_jobs([[__file__, "--fold", str(fold), "--samples", str(args.samples), "--steps", str(args.steps)]
+              for fold in range(len(splits))], args.workers)
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
     if args.stability:
         return stability([parse_setting(t) for t in args.stability], splits, labels, results_root, Path(args.output))
