@@ -81,6 +81,8 @@ def dataclasses_frozen_error() -> type[Exception]:
         ("warm_start", 0.0),
         ("warm_start", 1.0),
         ("warm_start", "half"),
+        ("noise_schedule", "rflow"),  # rectified flow needs its own sampler (euler)
+        ("sampler", "euler"),  # and euler needs rectified flow
     ],
 )
 def test_settings_reject_invalid_values(key: str, value) -> None:

@@ -457,4 +457,51 @@ def test_multistep_solvers_converge_to_the_ode_solution_at_higher_order(predicti
     assert errors["dpm++2m"] < 0.3 * errors["ddim"], errors
     assert errors["unipc"] < 0.3 * errors["ddim"], errors
     with pytest.raises(SpineDiffError, match="sampler must be one of"):
+        SlidingWindowSampler(network, process, (8, 8), solver="heun")
+    with pytest.raises(SpineDiffError, match="samples with ddim, dpm"):
         SlidingWindowSampler(network, process, (8, 8), solver="euler")
+
+
+class GaussianFlowDenoiser(nn.Module):
+    """The exact E[x0 | x_t] of Gaussian data N(mu, s^2) under rectified flow (x_t = (1 - u) x0 + u noise, u = t / T),
+    returned as the process's prediction type (x0, or the flow velocity x0 - noise)."""
+
+    def __init__(self, process: DiffusionProcess, mu: float = 0.3, s: float = 0.5) -> None:
+        super().__init__()
+        self.process, self.mu, self.s = process, mu, s
+        self.num_classes = 1
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        noisy = x[:, -1:]
+        u = (timesteps.float() / self.process.num_train_timesteps).reshape(-1, 1, 1, 1)
+        x0 = self.mu + (1 - u) * self.s**2 / ((1 - u) ** 2 * self.s**2 + u**2) * (noisy - (1 - u) * self.mu)
+        return self.process.from_x0(x0, noisy, timesteps)
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_rectified_flow_noises_along_a_line_and_euler_sampling_reaches_the_data(prediction_type: str) -> None:
+    """Rectified flow (monai's RFlowScheduler): x_t runs in a straight line from x0 (t = 0) to the noise (t = T), the
+    training target of v_prediction is x0 - noise, and Euler sampling with the exact denoiser of Gaussian data draws
+    that Gaussian (mean, spread), for x0 and velocity networks alike; one step reads x0 off the network once."""
+    process = DiffusionProcess(noise_schedule="rflow", prediction_type=prediction_type)
+    x0, noise = torch.full((2, 1, 4, 4), 0.7), torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(0))
+    times = torch.tensor([0, 1000])
+    noisy = process.add_noise(x0, noise, times)
+    assert torch.allclose(noisy[0], x0[0]) and torch.allclose(noisy[1], noise[1])
+    quarter = process.add_noise(x0, noise, torch.tensor([250, 250]))
+    assert torch.allclose(quarter, 0.75 * x0 + 0.25 * noise, atol=1e-6)
+    target = process.training_target(x0, noise, torch.tensor([250, 250]))
+    assert torch.allclose(target, x0 - noise if prediction_type == "v_prediction" else x0)
+    assert torch.allclose(process.to_x0(process.from_x0(x0, quarter, torch.tensor([250, 250])), quarter,
+                                        torch.tensor([250, 250])), x0, atol=1e-5)
+    drawn = process.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    assert drawn.min() >= 1 and drawn.max() == 1000  # the flow's pure-noise end is trained, t = 0 (the data) is not
+    network = GaussianFlowDenoiser(process)
+    sampler = SlidingWindowSampler(network, process, (16, 16), solver="euler", clip_sample=False)
+    samples = sampler.sample(torch.zeros(0, 16, 16), 4, generator=1, num_inference_steps=200)
+    assert abs(samples.mean().item() - 0.3) < 0.05 and abs(samples.std().item() - 0.5) < 0.05
+    with pytest.raises(SpineDiffError, match="samples with euler"):
+        SlidingWindowSampler(network, process, (16, 16), solver="ddim")
+    with pytest.raises(SpineDiffError, match="epsilon"):
+        DiffusionProcess(noise_schedule="rflow", prediction_type="epsilon")

@@ -320,3 +320,29 @@ def test_final_validation_averages_the_samples_class_probabilities(nnunet_env):
     translation = build_trainer(902, "2d_diffusion", 0, "DiffusionTranslationTrainer")
     images = torch.randn(3, 1, 4, 4)
     assert torch.allclose(ValidationExporter(translation)._ensemble(images), images.mean(0))
+
+
+def test_rectified_flow_configuration_trains_validates_and_predicts(nnunet_env, tmp_path):
+    """The planned ``2d_diffusion_rflow`` (rectified flow, Euler sampling): training, the final validation and
+    ``spinediff predict`` run end to end, and the checkpoint carries the flow schedule that prediction reads."""
+    from spinediff.inference.api import predict
+    from spinediff.io import read_json
+
+    results = tmp_path / "results"
+    folder = train(901, "2d_diffusion_rflow", 0, "DiffusionSegmentationTrainer", TINY, results_folder=str(results))
+    state = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    assert state["spinediff"]["diffusion"]["noise_schedule"] == "rflow"
+    assert np.isfinite(json.loads((folder / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"])
+    case = sorted((Path(nnunet_env["nnUNet_raw"]) / RAW_NAME[901] / "imagesTr").glob("*_0000.nii.gz"))[0]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for channel in sorted(case.parent.glob(case.name.replace("_0000.nii.gz", "_*.nii.gz"))):
+        (inputs / channel.name).symlink_to(channel)
+    report = predict(inputs, tmp_path / "out", 901, "2d_diffusion_rflow", "DiffusionSegmentationTrainer",
+                     folds=[0], num_samples=1, num_inference_steps=2, results_folder=results, progress=False)
+    assert report.exit_code == 0 and read_json(report.summary_file)["sampler"] == "euler"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / case.name.replace("_0000", ""))))
+    assert labels.max() <= 3 and labels.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(case))).shape
+    with pytest.raises(SpineDiffError, match="samples with euler"):
+        predict(inputs, tmp_path / "out2", 901, "2d_diffusion_rflow", "DiffusionSegmentationTrainer", folds=[0],
+                num_samples=1, num_inference_steps=2, sampler="ddim", results_folder=results, progress=False)

@@ -3,6 +3,11 @@
 All schedule arithmetic (betas, cumulative alphas, ``add_noise``, velocity) comes from monai's
 ``DDPMScheduler``; this module adds the conversions between prediction types, timestep and
 condition-dropout sampling from a ``torch.Generator``, and the losses.
+
+``noise_schedule="rflow"`` is rectified flow (monai's ``RFlowScheduler``, as MAISI uses it): with s = t / T,
+x_t = (1 - s) x0 + s noise, a straight line from the data (t = 0) to pure noise (t = T); the flow's velocity
+is v = x0 - noise (``v_prediction`` for this schedule), and sampling integrates dx/ds with Euler steps. The
+network may predict x0 (``sample``; then v = (x0 - x_t) / s) or v; training timesteps are 1..T.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import dataclasses
 
 import torch
 from monai.losses import DiceCELoss
-from monai.networks.schedulers import DDPMScheduler
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from spinediff.diffusion.settings import (
     LOSSES,
@@ -89,11 +94,18 @@ class DiffusionProcess:
         self.condition_dropout = condition_dropout
         self.segmentation_temperature = segmentation_temperature
         self.timestep_power = float(timestep_power)
-        schedule = MONAI_SCHEDULE_NAMES[noise_schedule]
-        self.scheduler = DDPMScheduler(num_train_timesteps, schedule, prediction_type=prediction_type)
-        # private copy: monai's add_noise recasts scheduler.alphas_cumprod to the data's dtype in place,
-        # which would silently lower the precision of the conversions after a float16 call
-        self._alphas_cumprod = self.scheduler.alphas_cumprod.clone().double()
+        if self.rectified_flow:
+            if prediction_type == "epsilon":
+                raise SpineDiffError("rectified flow (noise_schedule 'rflow') predicts x0 (sample) or v_prediction, "
+                                     "not epsilon")
+            self.scheduler = RFlowScheduler(num_train_timesteps, use_discrete_timesteps=True, sample_method="uniform")
+            self._alphas_cumprod = None
+        else:
+            schedule = MONAI_SCHEDULE_NAMES[noise_schedule]
+            self.scheduler = DDPMScheduler(num_train_timesteps, schedule, prediction_type=prediction_type)
+            # private copy: monai's add_noise recasts scheduler.alphas_cumprod to the data's dtype in place,
+            # which would silently lower the precision of the conversions after a float16 call
+            self._alphas_cumprod = self.scheduler.alphas_cumprod.clone().double()
         self._dice_ce = DiceCELoss(softmax=True, include_background=True)
 
     @classmethod
@@ -109,6 +121,10 @@ class DiffusionProcess:
         )
 
     @property
+    def rectified_flow(self) -> bool:
+        return self.noise_schedule == "rflow"
+
+    @property
     def schedule_name(self) -> str:
         """monai's name of the noise schedule (to build a matching sampling scheduler)."""
         return MONAI_SCHEDULE_NAMES[self.noise_schedule]
@@ -119,6 +135,15 @@ class DiffusionProcess:
         timesteps = torch.as_tensor(timesteps, device=like.device).long().reshape(-1)
         values = self._alphas_cumprod.to(device=like.device)[timesteps].to(like.dtype)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def _flow_time(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Rectified flow: s = t / T (0 data, 1 noise) broadcastable to ``like``, at least 1 / T."""
+        s = torch.as_tensor(timesteps, device=like.device).reshape(-1).to(like.dtype) / self.num_train_timesteps
+        return s.clamp_min(1.0 / self.num_train_timesteps).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def flow_velocity(self, x0: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Rectified flow: the velocity v = x0 - noise implied by ``x0`` at x_t: (x0 - x_t) / s."""
+        return (x0 - noisy) / self._flow_time(timesteps, noisy)
 
     # ---------------------------------------------------------------- conversions
     def x0_from_epsilon(
@@ -153,6 +178,8 @@ class DiffusionProcess:
         """The x0 estimate implied by a model output of this process's prediction type."""
         if self.prediction_type == "sample":
             return model_output
+        if self.rectified_flow:  # v = x0 - noise: x0 = x_t + s v
+            return noisy + self._flow_time(timesteps, noisy) * model_output
         if self.prediction_type == "epsilon":
             return self.x0_from_epsilon(noisy, model_output, timesteps)
         return self.x0_from_velocity(noisy, model_output, timesteps)
@@ -161,6 +188,8 @@ class DiffusionProcess:
         """The model output of this process's prediction type implying ``x0`` (inverse of :meth:`to_x0`)."""
         if self.prediction_type == "sample":
             return x0
+        if self.rectified_flow:
+            return self.flow_velocity(x0, noisy, timesteps)
         if self.prediction_type == "epsilon":
             return self.epsilon_from_x0(noisy, x0, timesteps)
         return self.velocity_from_x0(noisy, x0, timesteps)
@@ -169,7 +198,7 @@ class DiffusionProcess:
     def sample_timesteps(
         self, batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"
     ):
-        """``(batch_size,)`` timesteps in 0..T-1 (drawn on CPU, so device-independent).
+        """``(batch_size,)`` timesteps in 0..T-1 (rectified flow: 1..T; drawn on CPU, so device-independent).
 
         ``timestep_power`` 1: uniform. p > 1: ``t = T - 1 - floor(T * u**p)``, denser at the noisy end: with
         p = 3, 46 % of the draws fall in the noisiest tenth of the schedule and 21 % in the cleaner half. A
@@ -177,21 +206,26 @@ class DiffusionProcess:
         (cosine schedule: signal-to-noise above 1 for t < T/2), which teaches copying; DDIM sampling from
         pure noise needs the noisy levels, where the answer must come from the image.
         """
+        shift = 1 if self.rectified_flow else 0  # the flow starts from pure noise at t = T, and t = 0 is the data
         if self.timestep_power == 1.0:
-            return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator,
+            return torch.randint(shift, self.num_train_timesteps + shift, (batch_size,), generator=generator,
                                  device=generator.device).to(device)
         u = torch.rand((batch_size,), generator=generator, dtype=torch.float64, device=generator.device)
         steps = self.num_train_timesteps - 1 - torch.floor(self.num_train_timesteps * u**self.timestep_power)
-        return steps.clamp(0, self.num_train_timesteps - 1).long().to(device)
+        return (steps.clamp(0, self.num_train_timesteps - 1) + shift).long().to(device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(a) x0 + sqrt(1 - a) noise (monai)."""
+        """x_t = sqrt(a) x0 + sqrt(1 - a) noise; rectified flow: (1 - s) x0 + s noise (monai)."""
+        if self.rectified_flow:  # (B, C, *spatial) batches, as monai's RFlowScheduler reads them
+            return self.scheduler.add_noise(x0, noise, torch.as_tensor(timesteps, device=x0.device).reshape(-1))
         return self.scheduler.add_noise(x0, noise, timesteps)
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the network should output: x0, the noise, or the velocity (monai's ``get_velocity``)."""
         if self.prediction_type == "sample":
             return x0
+        if self.rectified_flow:
+            return x0 - noise
         if self.prediction_type == "epsilon":
             return noise
         return self.scheduler.get_velocity(x0, noise, timesteps)

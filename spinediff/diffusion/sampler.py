@@ -20,6 +20,8 @@ process's own betas, with diffusers' timestep spacing (``linspace``: from T - 1 
 previous steps' x0 estimates for a higher-order update: the same network calls per step as DDIM, fewer
 steps for the same quality. For them this module clips (and, for segmentation, projects) the x0 estimate
 itself before each step, as monai's DDIM does inside its step. They are deterministic: eta is DDIM's.
+``euler`` is the sampler of rectified flow (``noise_schedule="rflow"``, monai's ``RFlowScheduler``): Euler
+steps along the flow's velocity from t = T to 0, the velocity taken from the (clipped, projected) x0.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from monai.networks.schedulers import DDIMScheduler
+from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from torch import nn
 from tqdm import tqdm
@@ -91,11 +93,16 @@ class StableDDIMScheduler(DDIMScheduler):
 
 def make_solver(solver: str, process: DiffusionProcess, clip_sample: bool = True):
     """The step scheduler of ``solver`` (module docstring) for ``process``'s schedule and prediction type."""
+    if solver not in SOLVERS:
+        raise SpineDiffError(f"sampler must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if process.rectified_flow != (solver == "euler"):
+        raise SpineDiffError(f"a model trained with the {process.noise_schedule!r} noise schedule samples with "
+                             f"{'euler' if process.rectified_flow else 'ddim, dpm++2m or unipc'}, not {solver!r}")
+    if solver == "euler":
+        return RFlowScheduler(process.num_train_timesteps, use_discrete_timesteps=True)
     if solver == "ddim":
         return StableDDIMScheduler(process.num_train_timesteps, process.schedule_name, clip_sample=clip_sample,
                                    prediction_type=process.prediction_type)
-    if solver not in SOLVERS:
-        raise SpineDiffError(f"sampler must be one of {', '.join(SOLVERS)}, got {solver!r}")
     import diffusers
 
     betas = process.scheduler.betas.double().cpu().numpy()
@@ -265,16 +272,20 @@ class SlidingWindowSampler:
             if estimate is not None:
                 start = torch.full((len(group),), timesteps[0], dtype=torch.long, device=self.device)
                 state = self.process.add_noise(estimate.expand_as(state), state, start)
-            for t in timesteps:
+            for index, t in enumerate(timesteps):
                 blended = self._blended_output(state, condition_padded, t, windows, weight_total)
                 clip = self.solver != "ddim" and self.clip_sample  # monai's DDIM clips x0 in its step
-                if self.process.projects_x0 or clip:  # segmentation: continue from class probabilities
-                    at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
+                at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
+                if self.process.projects_x0 or clip or self.solver == "euler":
                     x0 = self.process.to_x0(blended, state, at)
-                    x0 = self.process.project_x0(x0.clamp(-1, 1) if clip else x0)
+                    x0 = self.process.project_x0(x0.clamp(-1, 1) if clip else x0)  # segmentation: probabilities
                     blended = self.process.from_x0(x0, state, at)
                 if self.solver == "ddim":
                     state, _ = self.scheduler.step(blended, t, state, eta=self.eta, generator=step_generator)
+                elif self.solver == "euler":
+                    following = timesteps[index + 1] if index + 1 < len(timesteps) else 0
+                    velocity = self.process.flow_velocity(x0, state, at)
+                    state, _ = self.scheduler.step(velocity, t, state, following)
                 else:
                     state = self.scheduler.step(blended, t, state).prev_sample
                 bar.update(1)
@@ -284,7 +295,7 @@ class SlidingWindowSampler:
 
     # ------------------------------------------------------------------ internals
     def _set_timesteps(self, num_inference_steps: int) -> None:
-        if self.solver == "ddim":
+        if self.solver in ("ddim", "euler"):  # monai's
             self.scheduler.set_timesteps(num_inference_steps)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=self.device)

@@ -14,11 +14,11 @@ from typing import Any
 from spinediff.errors import SpineDiffError
 from spinediff.tasks import TASKS, Task, get_task
 
-NOISE_SCHEDULES = ("cosine", "linear")
+NOISE_SCHEDULES = ("cosine", "linear", "rflow")  # rflow: rectified flow (monai's RFlowScheduler)
 #: monai's names of the noise schedules (``monai.networks.schedulers`` ``NoiseSchedules``).
 MONAI_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear_beta"}
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")  # monai's DDPMPredictionType names
-SAMPLERS = ("ddim", "dpm++2m", "unipc")  # spinediff.diffusion.sampler.make_solver
+SAMPLERS = ("ddim", "dpm++2m", "unipc", "euler")  # spinediff.diffusion.sampler.make_solver; euler: rflow only
 LOSSES = ("l1", "mse", "dice_ce")
 
 
@@ -154,6 +154,12 @@ class DiffusionSettings:
                 "deep_supervision needs loss 'dice_ce' and prediction_type 'sample' (the lower-resolution outputs "
                 f"are masks), got loss {self.loss!r} and prediction_type {self.prediction_type!r}"
             )
+        if (self.noise_schedule == "rflow") != (self.sampler == "euler"):
+            raise SpineDiffError(f"sampler 'euler' goes with noise_schedule 'rflow' (rectified flow) and only with "
+                                 f"it, got sampler {self.sampler!r} with {self.noise_schedule!r}")
+        if self.noise_schedule == "rflow" and self.prediction_type == "epsilon":
+            raise SpineDiffError("noise_schedule 'rflow' predicts x0 (sample) or the flow's velocity (v_prediction); "
+                                 "epsilon cannot be turned into x0 near pure noise")
         if self.warm_start is not None:
             number("warm_start", 0.0, 1.0, high_inclusive=False)
             if self.warm_start <= 0:

@@ -54,6 +54,11 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
     if options.sampler is not None and options.sampler not in SAMPLERS:
         raise SpineDiffError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}.")
+    flow = predictor.settings.noise_schedule == "rflow"
+    if options.sampler is not None and (options.sampler == "euler") != flow:
+        raise SpineDiffError(f"--sampler {options.sampler}: a model trained with the "
+                             f"{predictor.settings.noise_schedule!r} noise schedule samples with "
+                             f"{'euler' if flow else 'ddim, dpm++2m or unipc'}.")
     if options.warm_start is not None and not 0 <= options.warm_start < 1:
         raise SpineDiffError(f"--warm-start must be in [0, 1) (0: from pure noise), got {options.warm_start}.")
     if (options.sampler or predictor.settings.sampler) != "ddim" and (options.num_inference_steps or 0) >= total:

@@ -9,8 +9,9 @@ and the ``diffusion``, ``schedule`` and ``target_intensity`` blocks come back as
 >>> configuration = plans.configuration("2d_diffusion")     # doctest: +SKIP
 >>> configuration.diffusion.num_inference_steps             # doctest: +SKIP
 
-Configurations for other prediction types (``2d_diffusion_eps``: noise mode, ``2d_diffusion_v``) are made
-at planning time by :func:`derived_configurations`; training only looks them up
+Configurations for other prediction types (``2d_diffusion_eps``: noise mode, ``2d_diffusion_v``) and for
+rectified flow (``2d_diffusion_rflow``: the same network and target, noise_schedule ``rflow``, Euler
+sampling) are made at planning time by :func:`derived_configurations`; training only looks them up
 (:meth:`SpineDiffPlans.for_prediction_type`).
 """
 
@@ -47,9 +48,10 @@ def prediction_type_of(text: str) -> str:
 
 
 def derived_configurations(configurations: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """For each diffusion configuration, one configuration per other prediction type: it inherits everything
+    """For each diffusion configuration, one configuration per other prediction type and one with rectified flow
+    (``NAME_rflow``; x0 prediction as planned, or v when the plan predicts epsilon): each inherits everything
     and overrides the diffusion block, so nnU-Net's results folder (``TRAINER__PLANS__CONFIG``) keeps
-    image-mode and noise-mode models apart. Made by the planner; training only looks them up."""
+    image-mode, noise-mode and flow models apart. Made by the planner; training only looks them up."""
     manager = PlansManager({"configurations": copy.deepcopy(dict(configurations))})
     derived: dict[str, dict[str, Any]] = {}
     for name, own in configurations.items():
@@ -63,6 +65,11 @@ def derived_configurations(configurations: Mapping[str, Any]) -> dict[str, dict[
                 derived[f"{name}_{PREDICTION_TYPE_SUFFIX[prediction_type]}"] = {
                     "inherits_from": name, DERIVED: name,
                     "diffusion": dict(diffusion, prediction_type=prediction_type)}
+        if diffusion.get("noise_schedule") != "rflow":
+            planned_type = diffusion.get("prediction_type", "sample")
+            flow_type = "v_prediction" if planned_type == "epsilon" else planned_type
+            derived[f"{name}_rflow"] = {"inherits_from": name, DERIVED: name, "diffusion": dict(
+                diffusion, noise_schedule="rflow", sampler="euler", prediction_type=flow_type)}
     return derived
 
 
