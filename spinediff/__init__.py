@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from spinediff.evaluation.evaluate import evaluate_folders
     from spinediff.experiments.benchmark import run_benchmark
     from spinediff.experiments.demo import run_demo
+    from spinediff.experiments.sampling import tune_sampling
     from spinediff.inference.api import predict
     from spinediff.inference.ensemble import ensemble_folders
     from spinediff.inference.find_best import find_best
@@ -50,11 +51,12 @@ API = {
     "evaluate_folders": "spinediff.evaluation.evaluate",
     "run_benchmark": "spinediff.experiments.benchmark",
     "run_demo": "spinediff.experiments.demo",
+    "tune_sampling": "spinediff.experiments.sampling",
 }
 
 __all__ = ["__version__", "SpineDiffError", "write_phantom_datasets", "validate_dataset", "register_dataset",
            "plan_dataset", "SpineDiffPlans", "TrainingOptions", "train", "predict", "ensemble_folders", "find_best",
-           "evaluate_folders", "run_benchmark", "run_demo"]
+           "evaluate_folders", "run_benchmark", "run_demo", "tune_sampling"]
 
 
 def __getattr__(name: str) -> Any:

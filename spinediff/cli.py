@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.inference.predict_command",
     "spinediff.inference.ensemble_command",
     "spinediff.inference.find_best_command",
+    "spinediff.experiments.sampling",
     "spinediff.inference.postprocess_command",
     "spinediff.evaluation.evaluate_command",
     "spinediff.experiments.benchmark_command",

@@ -230,6 +230,43 @@ def test_sampler_option_changes_the_solver_and_is_recorded(trained, tmp_path):
                 sampler="euler", **FAST)
 
 
+def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trained, tmp_path):
+    """tune_sampling on fold 0's validation cases: the choice is the cheapest candidate within the tolerance of the
+    best, sampling.json holds it with every candidate's score, predict samples with it (and says so) unless told
+    otherwise; a candidate that does not fit the model's schedule is refused."""
+    from spinediff import tune_sampling
+    from spinediff.inference.sampling_choice import SamplingChoice
+    from spinediff.io import read_json
+
+    record = tune_sampling(SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0], max_cases=1,
+                           candidates=["ddim:1", "ddim:3", "dpm++2m:3", "ddim:2@0.5"], tolerance=0.05, progress=False)
+    rows = {row["setting"]: row for row in record["candidates"]}
+    best = max(row["quality"] for row in rows.values())
+    chosen = rows[record["choice"]]
+    assert chosen["quality"] >= 0.95 * best
+    good = [row for row in rows.values() if row["quality"] >= 0.95 * best]
+    assert all(row["network_calls"] >= chosen["network_calls"] for row in good)
+    assert rows["ddim:2@0.5"]["network_calls"] == 3 and 0 <= min(r["quality"] for r in rows.values())
+    folder = model_folder(SEG, CONFIG, "DiffusionSegmentationTrainer").path
+    choice = SamplingChoice.read(folder)
+    assert choice is not None and choice.setting.label() == record["choice"]
+    _case_inputs(trained["raw"], SEG, "phantom_000", (0, 1), tmp_path / "in")
+    try:
+        predict(tmp_path / "in", tmp_path / "tuned", SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0],
+                num_samples=1, progress=False)
+        said = read_json(tmp_path / "tuned" / "prediction.json")
+        assert said["sampling_from"].endswith("sampling.json")
+        assert (said["sampler"], said["steps"]) == (choice.setting.sampler, choice.setting.num_inference_steps)
+        predict(tmp_path / "in", tmp_path / "told", SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0],
+                num_samples=1, num_inference_steps=2, progress=False)
+        assert read_json(tmp_path / "told" / "prediction.json")["sampling_from"] == "command line"
+    finally:
+        (folder / "sampling.json").unlink()  # the other tests sample as the plans say
+    with pytest.raises(SpineDiffError, match="do not fit"):
+        tune_sampling(SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0], max_cases=1, candidates=["euler:2"],
+                      progress=False)
+
+
 def test_two_fold_ensemble_is_the_mean_of_the_single_folds(trained):
     case = InputCase("phantom_002", tuple(trained["raw"] / SEG / "imagesTr" / f"phantom_002_{c:04d}.nii.gz"
                                           for c in (0, 1)), ".nii.gz")

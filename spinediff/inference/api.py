@@ -15,6 +15,7 @@ from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, s
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
+from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
 
 
@@ -85,7 +86,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
             part_id: int = 0, precision: str = "auto", sampler: str | None = None,
-            warm_start: float | None = None) -> PredictionReport:
+            warm_start: float | None = None, tuned_sampling: bool = True) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -100,6 +101,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         sampler: the solver, ``ddim``, ``dpm++2m`` or ``unipc`` (None: the plans'; :mod:`spinediff.diffusion.sampler`).
         warm_start: start sampling at this fraction of T from the network's one-call estimate (None: the plans';
             0: from pure noise; see ``VolumePredictor.warm_started``).
+        tuned_sampling: when none of ``sampler``, ``num_inference_steps`` and ``warm_start`` is given, sample as the
+            model folder's ``sampling.json`` says (chosen on the cross-validation by ``spinediff tune_sampling``),
+            if it has one; False: as the plans say.
         seed: the base seed; the same seed gives the same output.
         tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
         save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
@@ -131,6 +135,11 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         predictor.postprocessing = Postprocessing.load(folder.path)
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
+    sampling_from = "command line" if (sampler, num_inference_steps, warm_start) != (None, None, None) else "plans"
+    choice = SamplingChoice.read(folder.path) if tuned_sampling and sampling_from == "plans" else None
+    if choice is not None:
+        sampler, num_inference_steps = choice.setting.sampler, choice.setting.num_inference_steps
+        warm_start, sampling_from = choice.setting.warm_start or 0.0, str(folder.path / SAMPLING_FILE)
     options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
                                 precision, sampler, warm_start)
     _check_options(options, predictor)
@@ -158,6 +167,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                 "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
                 "sampler": sampler or predictor.settings.sampler,
                 "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
+                "sampling_from": sampling_from,
                 "tta": predictor.device.type != "cpu" if tta is None else tta,
                 "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                 "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,

@@ -17,7 +17,7 @@ def run_predict(args: argparse.Namespace) -> int:
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
                      num_parts=args.num_parts, part_id=args.part_id, precision=args.precision,
-                     sampler=args.sampler, warm_start=args.warm_start)
+                     sampler=args.sampler, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -66,6 +66,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="start sampling at timestep F x T from the network's one-call estimate instead of pure "
                              "noise (SpineSegDiff's warm start): 1 + --steps network calls per sample; 0 turns a "
                              "planned warm start off (default: the plans' warm_start, usually none)")
+    parser.add_argument("--plans-sampling", action="store_true",
+                        help="sample as the plans say even when the model folder has a sampling.json (the solver, "
+                             "steps and warm start chosen on the cross-validation by `spinediff tune_sampling`, used "
+                             "by default when none of --sampler, --steps and --warm-start is given)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,

@@ -1,0 +1,174 @@
+"""``spinediff tune_sampling``: choose a trained diffusion model's solver, steps and warm start on its own
+cross-validation, and write the choice into its model folder (``sampling.json``).
+
+Every candidate ``SOLVER:STEPS[@WARM]`` predicts every validation case of every fold with that fold's model
+(one sample per case, the same seed for every candidate, on the preprocessed grid the model was trained on) and
+is scored against the case's reference:
+
+- segmentation: the mean foreground Dice of the argmax (each class over the cases where it is present in the
+  reference or the prediction, as nnU-Net's per-case Dice);
+- translation / generation: the mean absolute error in the target's units (HU for CT), lower is better.
+
+The choice is the candidate with the fewest network calls per sample whose quality is within ``tolerance`` of
+the best candidate's (segmentation: Dice >= (1 - tolerance) x best; images: MAE <= (1 + tolerance) x best).
+One sample per case measures the solver, not the ensemble; K samples cost K times the calls at prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from spinediff.errors import SpineDiffError
+from spinediff.inference.sampling_choice import SamplingChoice, SamplingSetting
+
+TOLERANCE = 0.01
+#: Candidates for models of the cosine/linear schedules and of rectified flow.
+DDPM_CANDIDATES = ("ddim:1", "ddim:2", "ddim:5", "ddim:10", "ddim:25", "dpm++2m:2", "dpm++2m:5", "dpm++2m:10",
+                   "ddim:2@0.5")
+FLOW_CANDIDATES = ("euler:1", "euler:2", "euler:5", "euler:10", "euler:25")
+
+
+def _quality(predictor, statistics, data: torch.Tensor, seg: torch.Tensor) -> float:
+    """Segmentation: mean foreground Dice of the argmax; images: mean absolute error in the target's units."""
+    if predictor.task.task.writes_labels:
+        prediction = statistics.mean.argmax(0).numpy()
+        reference = seg[0].numpy()
+        dices = []
+        for label in range(1, statistics.mean.shape[0]):
+            a, b = prediction == label, reference == label
+            total = int(a.sum()) + int(b.sum())
+            if total:
+                dices.append(2.0 * int((a & b).sum()) / total)
+        return float(np.mean(dices)) if dices else 1.0
+    errors = [float((statistics.mean[i] - data[channel]).abs().mean())
+              for i, channel in enumerate(predictor.task.target_channels)]
+    return float(np.mean(errors))
+
+
+def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
+                  candidates: Sequence[str] | None = None, tolerance: float = TOLERANCE,
+                  max_cases: int | None = None, plans_identifier: str = "nnUNetPlans", device: str = "auto",
+                  seed: int = 0, write: bool = True, progress: bool = True,
+                  results_folder: str | None = None) -> dict:
+    """Score every candidate on the folds' validation cases and write the choice (see the module docstring).
+
+    Returns the record written to ``sampling.json``'s ``chosen`` block, with the choice itself under ``choice``.
+    """
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from spinediff.inference.api import trained_folds
+    from spinediff.inference.models import model_folder
+    from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
+    from spinediff.io import read_json
+    from spinediff.paths import nnunet_folder
+
+    folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
+    folds = [str(f) for f in (folds if folds is not None else trained_folds(folder.path))]
+    probe = SpineDiffPredictor(folder, [folds[0]], device=device)
+    if not probe.models[0].denoising:
+        raise SpineDiffError(f"{trainer} predicts in one step; there is no sampling to tune.")
+    flow = probe.settings.noise_schedule == "rflow"
+    settings = [SamplingSetting.parse(c) for c in (candidates or (FLOW_CANDIDATES if flow else DDPM_CANDIDATES))]
+    wrong = [s.label() for s in settings if (s.sampler == "euler") != flow]
+    if wrong:
+        raise SpineDiffError(f"Candidates {', '.join(wrong)} do not fit a model trained with the "
+                             f"{probe.settings.noise_schedule!r} schedule (rflow samples with euler only).")
+    preprocessed = nnunet_folder("preprocessed") / folder.dataset_name
+    splits_file = preprocessed / "splits_final.json"
+    if not splits_file.is_file():
+        raise SpineDiffError(f"{splits_file} is missing: the folds' validation cases are read from it.")
+    splits = read_json(splits_file)
+    data_folder = str(preprocessed / folder.configuration_manager.data_identifier)
+    scores: dict[str, list[float]] = {s.label(): [] for s in settings}
+    seconds: dict[str, float] = {s.label(): 0.0 for s in settings}
+    cases: list[str] = []
+    for fold in folds:
+        if not fold.isdigit() or int(fold) >= len(splits):
+            raise SpineDiffError(f"Fold {fold} has no validation cases in {splits_file}.")
+        keys = list(splits[int(fold)]["val"])[:max_cases]
+        predictor = SpineDiffPredictor(folder, [fold], device=device)
+        dataset_reader = infer_dataset_class(data_folder)(data_folder, keys)
+        for key in tqdm(keys, desc=f"tune sampling, fold {fold}", unit="case", disable=not progress):
+            data, seg, _, _ = dataset_reader.load_case(key)
+            data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
+            seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int16))
+            condition = predictor.task.condition(data[None], seg[None])[0]
+            for setting in settings:
+                options = PredictionOptions(num_samples=1, num_inference_steps=setting.num_inference_steps, seed=seed,
+                                            sampler=setting.sampler, warm_start=setting.warm_start or 0.0)
+                start = time.perf_counter()
+                statistics = predictor.sample(condition, options)
+                seconds[setting.label()] += time.perf_counter() - start
+                scores[setting.label()].append(_quality(predictor, statistics, data, seg))
+            cases.append(key)
+    higher_is_better = probe.task.task.writes_labels
+    means = {label: float(np.mean(values)) for label, values in scores.items()}
+    best = max(means.values()) if higher_is_better else min(means.values())
+    acceptable = [s for s in settings if (means[s.label()] >= (1 - tolerance) * best if higher_is_better
+                                          else means[s.label()] <= (1 + tolerance) * best)]
+    chosen = min(acceptable, key=lambda s: (s.network_calls, -means[s.label()] if higher_is_better
+                                            else means[s.label()]))
+    metric = "mean foreground Dice" if higher_is_better else "mean absolute error (target units)"
+    record = {
+        "rule": f"fewest network calls per sample with {metric} within {100 * tolerance:g} % of the best candidate",
+        "metric": metric, "tolerance": tolerance, "folds": folds, "cases": cases, "samples_per_case": 1,
+        "candidates": [{"setting": s.label(), "network_calls": s.network_calls, "quality": means[s.label()],
+                        "seconds_per_case": seconds[s.label()] / max(len(cases), 1),
+                        "per_case": scores[s.label()]} for s in settings],
+        "made_by": "spinediff tune_sampling",
+    }
+    if write:
+        path = SamplingChoice(chosen, record).write(folder.path)
+        record["file"] = str(path)
+    record["choice"] = chosen.label()
+    return record
+
+
+def run_tune_sampling(args: argparse.Namespace) -> int:
+    record = tune_sampling(args.dataset, args.configuration, args.trainer, folds=args.folds,
+                           candidates=args.candidates, tolerance=args.tolerance, max_cases=args.max_cases,
+                           plans_identifier=args.plans, device=args.device, write=not args.dry_run)
+    print(f"{'candidate':<14} {'calls':>5} {record['metric']:>36} {'s/case':>8}")
+    for row in record["candidates"]:
+        mark = "  <- chosen" if row["setting"] == record["choice"] else ""
+        print(f"{row['setting']:<14} {row['network_calls']:>5} {row['quality']:>36.4f} "
+              f"{row['seconds_per_case']:>8.1f}{mark}")
+    where = record.get("file", "not written (--dry-run)")
+    print(f"chosen on {len(record['cases'])} validation case(s): {record['choice']} ({record['rule']}); {where}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from spinediff.utilities.device import add_device_argument
+
+    parser = subparsers.add_parser(
+        "tune_sampling",
+        help="choose a trained diffusion model's solver and steps on its cross-validation",
+        description=(
+            "Predict the validation cases of each trained fold with every candidate SOLVER:STEPS[@WARM] (one "
+            "sample, same seed) and keep the one with the fewest network calls per sample whose quality "
+            "(segmentation: Dice; images: MAE) is within --tolerance of the best candidate's. The choice goes "
+            "into the model folder as sampling.json; `spinediff predict` uses it unless --sampler, --steps or "
+            "--warm-start are given (or --plans-sampling)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
+    parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
+    parser.add_argument("-tr", "--trainer", required=True, help="trainer class name")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    parser.add_argument("--candidates", nargs="+", metavar="SOLVER:STEPS[@WARM]",
+                        help=f"settings to compare (default: {' '.join(DDPM_CANDIDATES)}; rectified flow: "
+                             f"{' '.join(FLOW_CANDIDATES)})")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative quality loss accepted")
+    parser.add_argument("--max-cases", type=int, default=None, help="validation cases per fold (default: all)")
+    parser.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
+    add_device_argument(parser, "where to sample")
+    parser.set_defaults(func=run_tune_sampling)
