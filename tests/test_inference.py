@@ -249,6 +249,9 @@ def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trai
     assert rows["ddim:2@0.5"]["network_calls"] == 3 and 0 <= min(r["quality"] for r in rows.values())
     folder = model_folder(SEG, CONFIG, "DiffusionSegmentationTrainer").path
     choice = SamplingChoice.read(folder)
+    with pytest.raises(SpineDiffError, match="already exists"):  # a decision is not replaced silently
+        tune_sampling(SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0], max_cases=1, candidates=["ddim:1"],
+                      progress=False)
     assert choice is not None and choice.setting.label() == record["choice"]
     _case_inputs(trained["raw"], SEG, "phantom_000", (0, 1), tmp_path / "in")
     try:

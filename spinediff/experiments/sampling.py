@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.sampling_choice import SamplingChoice, SamplingSetting
+from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice, SamplingSetting
 
 TOLERANCE = 0.01
 #: Candidates for models of the cosine/linear schedules and of rectified flow.
@@ -54,7 +54,7 @@ def _quality(predictor, statistics, data: torch.Tensor, seg: torch.Tensor) -> fl
 def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
                   candidates: Sequence[str] | None = None, tolerance: float = TOLERANCE,
                   max_cases: int | None = None, plans_identifier: str = "nnUNetPlans", device: str = "auto",
-                  seed: int = 0, write: bool = True, progress: bool = True,
+                  seed: int = 0, write: bool = True, overwrite: bool = False, progress: bool = True,
                   results_folder: str | None = None) -> dict:
     """Score every candidate on the folds' validation cases and write the choice (see the module docstring).
 
@@ -70,6 +70,9 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
 
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     folds = [str(f) for f in (folds if folds is not None else trained_folds(folder.path))]
+    if write and not overwrite and (folder.path / SAMPLING_FILE).is_file():
+        raise SpineDiffError(f"{folder.path / SAMPLING_FILE} already exists; pass --overwrite to choose again (or "
+                             "--dry-run to only compare).")
     probe = SpineDiffPredictor(folder, [folds[0]], device=device)
     if not probe.models[0].denoising:
         raise SpineDiffError(f"{trainer} predicts in one step; there is no sampling to tune.")
@@ -133,7 +136,8 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
 def run_tune_sampling(args: argparse.Namespace) -> int:
     record = tune_sampling(args.dataset, args.configuration, args.trainer, folds=args.folds,
                            candidates=args.candidates, tolerance=args.tolerance, max_cases=args.max_cases,
-                           plans_identifier=args.plans, device=args.device, write=not args.dry_run)
+                           plans_identifier=args.plans, device=args.device, write=not args.dry_run,
+                           overwrite=args.overwrite)
     print(f"{'candidate':<14} {'calls':>5} {record['metric']:>36} {'s/case':>8}")
     for row in record["candidates"]:
         mark = "  <- chosen" if row["setting"] == record["choice"] else ""
@@ -170,5 +174,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative quality loss accepted")
     parser.add_argument("--max-cases", type=int, default=None, help="validation cases per fold (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
+    parser.add_argument("--overwrite", action="store_true", help="replace the model's existing sampling.json")
     add_device_argument(parser, "where to sample")
     parser.set_defaults(func=run_tune_sampling)
