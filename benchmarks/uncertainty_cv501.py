@@ -245,7 +245,7 @@ def stability(settings: list[tuple[int, int]], splits: list[dict], labels: dict,
     over the cases against the setting with the most network calls (K x steps), its AURC and e-AURC."""
     from scipy.stats import spearmanr
 
-    from spinediff.io import write_json
+    from spinediff.io import read_json, write_json
 
     works = {s: work_folder(results_root, *s) for s in settings}
     # the cases predicted with every setting (a long run may still be going: the comparison says how many)
@@ -259,16 +259,20 @@ def stability(settings: list[tuple[int, int]], splits: list[dict], labels: dict,
     ref_scores = {row["score"]: [c["scores"][row["score"]] for c in reference["per_case"]]
                   for row in reference["scores"]}
     rows: list[dict] = []
-    lines = [f"| K | steps | score | Spearman vs K = {best[0]}, {best[1]} steps | AURC | e-AURC | mean Dice |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| K | steps | score | Spearman vs K = {best[0]}, {best[1]} steps | AURC | e-AURC | mean Dice | "
+             "s / case |", "|---|---|---|---|---|---|---|---|"]
     for (k, steps), summary in summaries.items():
+        timing = [works[(k, steps)] / f"fold_{f}" / "prediction_summary.json" for f in range(len(splits))]
+        seconds = float(np.mean([read_json(t)["seconds_per_case"] for t in timing if t.is_file()] or [np.nan]))
         for row in summary["scores"]:
             values = [c["scores"][row["score"]] for c in summary["per_case"]]
             rho = float(spearmanr(values, ref_scores[row["score"]]).statistic) if row["score"] in ref_scores else None
             rows.append({"k": k, "steps": steps, "score": row["score"], "spearman": rho, "aurc": row["aurc"],
-                         "e_aurc": row["e_aurc"], "mean_dice": summary["mean_dice"], "voxel_auroc": row["voxel_auroc"]})
+                         "e_aurc": row["e_aurc"], "mean_dice": summary["mean_dice"], "voxel_auroc": row["voxel_auroc"],
+                         "seconds_per_case": seconds, "wrong_level_cases": summary["wrong_level_cases"],
+                         "separates_wrong_levels": row["separates_wrong_levels"]})
             lines.append(f"| {k} | {steps} | `{row['score']}` | {rho if rho is None else round(rho, 3)} | "
-                         f"{row['aurc']:.3f} | {row['e_aurc']:.3f} | {summary['mean_dice']:.3f} |")
+                         f"{row['aurc']:.3f} | {row['e_aurc']:.3f} | {summary['mean_dice']:.3f} | {seconds:.0f} |")
     out.mkdir(parents=True, exist_ok=True)
     lines.insert(0, f"{len(cases)} cases predicted with every setting: {', '.join(sorted(cases))}\n")
     write_json({"settings": settings, "reference": best, "cases": sorted(cases), "rows": rows},
