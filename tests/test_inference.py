@@ -227,7 +227,12 @@ def test_sampler_option_changes_the_solver_and_is_recorded(trained, tmp_path):
     assert np.allclose(runs["ddim1"], runs["unipc1"], atol=1.0)
     with pytest.raises(SpineDiffError, match="--sampler must be one of"):
         predict(tmp_path / "in", tmp_path / "bad", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
+                sampler="heun", **FAST)
+    # euler is the rectified-flow solver: a cosine-schedule model refuses it, naming the solvers it takes
+    with pytest.raises(SpineDiffError, match="samples with ddim, dpm\\+\\+2m or unipc"):
+        predict(tmp_path / "in", tmp_path / "bad", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
                 sampler="euler", **FAST)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trained, tmp_path):
