@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from monai.networks.schedulers import DDIMScheduler
 from torch import nn
 
 from spinediff.diffusion import (
@@ -19,6 +18,7 @@ from spinediff.diffusion import (
     initial_noise,
     mirrored,
 )
+from spinediff.diffusion.sampler import StableDDIMScheduler, trailing_timesteps
 from spinediff.errors import SpineDiffError
 from spinediff.networks import TimeConditionedUNet
 
@@ -64,7 +64,7 @@ class CallRecorder(nn.Module):
 
 def reference_ddim(network, process, condition, noise, steps):
     """Plain whole-volume DDIM with monai's scheduler: no windows, no blending."""
-    scheduler = DDIMScheduler(
+    scheduler = StableDDIMScheduler(
         process.num_train_timesteps, process.schedule_name, prediction_type=process.prediction_type
     )
     scheduler.set_timesteps(steps)
@@ -83,6 +83,32 @@ def psnr(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 SPATIAL = {2: (16, 16), 3: (8, 16, 16)}
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 10])
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_ddim_steps_land_on_the_next_scheduled_timestep(steps: int, prediction_type: str) -> None:
+    """With an oracle output (the true x0 / noise / velocity), deterministic DDIM stays on the forward process:
+    after the step from t the state is x0 noised to the *next scheduled* timestep, and the last step gives x0.
+    monai's own DDIM steps to t - T // n instead (two steps: 999 → 499, then asked at 0)."""
+    process = DiffusionProcess(prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(steps)
+    x0 = torch.rand((1, 1, 6, 6), generator=generator) * 1.6 - 0.8
+    noise = torch.randn((1, 1, 6, 6), generator=generator)
+    scheduler = StableDDIMScheduler(1000, process.schedule_name, prediction_type=prediction_type)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps.tolist()
+    assert timesteps == trailing_timesteps(1000, steps) and timesteps[0] == 999
+    assert len(set(timesteps)) == steps and timesteps == sorted(timesteps, reverse=True)
+    state = process.add_noise(x0, noise, torch.tensor([999]))
+    for index, t in enumerate(timesteps):
+        output = process.training_target(x0, noise, torch.tensor([t]))
+        state, _ = scheduler.step(output, t, state)
+        if index + 1 < steps:
+            expected = process.add_noise(x0, noise, torch.tensor([timesteps[index + 1]]))
+        else:
+            expected = x0
+        torch.testing.assert_close(state, expected, atol=5e-3, rtol=0)  # float32 epsilon at t = 999
 
 
 # --------------------------------------------------------------------------- exactness and determinism
@@ -299,7 +325,7 @@ def test_warm_start_from_an_estimate_skips_steps(trained) -> None:
     estimate = torch.nn.functional.avg_pool2d(target[None], 5, stride=1, padding=2)[0] * 0.8 + 0.05
     warm = sampler.sample(condition, num_samples=1, generator=0, num_inference_steps=10, initial_estimate=estimate,
                           start_timestep=300)
-    assert len(recorder.batch_sizes) == 3  # scheduled timesteps 999, 888, ..., 111, 0: only 222, 111, 0 run
+    assert len(recorder.batch_sizes) == 3  # scheduled timesteps 999, 899, ..., 99: only 299, 199, 99 run
     assert psnr(warm[0], target) > psnr(estimate, target) + 5
     assert psnr(warm[0], target) > psnr(condition, target) + 20
     with pytest.raises(SpineDiffError, match="below every"):
