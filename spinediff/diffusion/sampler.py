@@ -15,12 +15,12 @@ that fits in one window samples bit-identically to plain whole-volume DDIM.
 
 Solvers (the diffusion block's ``sampler``, ``spinediff predict --sampler``): ``ddim`` is monai's DDIM
 scheduler with "trailing" timesteps (T - 1, T - 1 - T/n, ..., T/n - 1) and every step landing on the next
-scheduled timestep (:class:`StableDDIMScheduler`; monai's own spacing does not). ``dpm++2m`` (DPM-Solver++ 2M, Lu et al. 2022)
-and ``unipc`` (UniPC-bh2, Zhao et al. 2023) are diffusers' reference multistep solvers, built on the
-process's own betas, with diffusers' timestep spacing (``linspace``: from T - 1 down). They reuse the
-previous steps' x0 estimates for a higher-order update: the same network calls per step as DDIM, fewer
-steps for the same quality. For them this module clips (and, for segmentation, projects) the x0 estimate
-itself before each step, as monai's DDIM does inside its step. They are deterministic: eta is DDIM's.
+scheduled timestep (:class:`StableDDIMScheduler`; monai's own spacing does not). ``dpm++2m`` (DPM-Solver++ 2M,
+Lu et al. 2022) and ``unipc`` (UniPC-bh2, Zhao et al. 2023) are diffusers' reference multistep solvers, built
+on the process's own betas, with diffusers' timestep spacing (``linspace``: from T - 1 down). They reuse the
+previous steps' x0 estimates for a higher-order update: the same network calls per step as DDIM, fewer steps
+for the same quality. For them this module clips (and, for segmentation, projects) the x0 estimate itself
+before each step, as monai's DDIM does inside its step. They are deterministic: eta is DDIM's.
 ``euler`` is the sampler of rectified flow (``noise_schedule="rflow"``, monai's ``RFlowScheduler``): Euler
 steps along the flow's velocity from t = T to 0, the velocity taken from the (clipped, projected) x0.
 """
