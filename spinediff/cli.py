@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
     "spinediff.training.train_command",
+    "spinediff.training.distill_command",
     "spinediff.inference.predict_command",
     "spinediff.inference.ensemble_command",
     "spinediff.inference.find_best_command",

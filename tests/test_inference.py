@@ -499,3 +499,40 @@ def test_parts_are_disjoint_cover_the_folder_and_match_an_unsplit_run(trained, t
                                       _read(tmp_path / "whole" / f"{case}.nii.gz"))
     with pytest.raises(SpineDiffError, match="--part-id must be in 0..1"):
         predict(inputs, tmp_path / "bad", 902, CONFIG, "DiffusionTranslationTrainer", num_parts=2, part_id=2)
+
+
+# ---------------------------------------------------------------------- distillation
+def test_distill_writes_a_student_that_predict_samples_at_its_steps(trained, tmp_path):
+    """spinediff distill: a student checkpoint beside the teacher (which is untouched), with its step count in its
+    diffusion block and the rounds logged; refused a second time without overwrite; `predict --checkpoint distilled`
+    samples with it at that step count and says so."""
+    from spinediff.io import read_json
+    from spinediff.training.distillation import distill
+
+    fold = Path(trained["nnUNet_results"]) / TRANS / f"DiffusionTranslationTrainer__nnUNetPlans__{CONFIG}" / "fold_0"
+    teacher_before = (fold / "checkpoint_final.pth").read_bytes()
+    path = distill(902, CONFIG, 0, "DiffusionTranslationTrainer", steps=1, teacher_steps=2, iterations=3,
+                   progress=False)
+    assert path == fold / "checkpoint_distilled.pth"
+    assert (fold / "checkpoint_final.pth").read_bytes() == teacher_before
+    student = torch.load(path, weights_only=True)
+    teacher = torch.load(fold / "checkpoint_final.pth", weights_only=True)
+    assert student["spinediff"]["diffusion"]["num_inference_steps"] == 1
+    assert student["spinediff"]["diffusion"]["sampler"] == "ddim"
+    assert [r["iterations"] for r in student["spinediff"]["distillation"]["rounds"]] == [3]
+    assert read_json(fold / "distillation.json")["teacher_steps"] == 2
+    assert any(not torch.equal(student["network_weights"][k], teacher["network_weights"][k])
+               for k in teacher["network_weights"])
+    with pytest.raises(SpineDiffError, match="already exists"):
+        distill(902, CONFIG, 0, "DiffusionTranslationTrainer", steps=1, teacher_steps=2, iterations=1, progress=False)
+
+    _case_inputs(trained["raw"], TRANS, "phantom_001", (0, 1), tmp_path / "in")
+    predict(tmp_path / "in", tmp_path / "student", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
+            checkpoint="distilled", num_samples=1, progress=False)
+    predict(tmp_path / "in", tmp_path / "teacher", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
+            num_samples=1, num_inference_steps=1, progress=False)
+    summary = read_json(tmp_path / "student" / "prediction.json")
+    assert (summary["checkpoint"], summary["steps"], summary["sampling_from"]) == ("distilled", 1,
+                                                                                  "distilled checkpoint")
+    student_image, teacher_image = (_read(tmp_path / n / "phantom_001.nii.gz") for n in ("student", "teacher"))
+    assert np.isfinite(student_image).all() and not np.allclose(student_image, teacher_image)

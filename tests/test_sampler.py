@@ -531,3 +531,82 @@ def test_rectified_flow_noises_along_a_line_and_euler_sampling_reaches_the_data(
         SlidingWindowSampler(network, process, (16, 16), solver="ddim")
     with pytest.raises(SpineDiffError, match="epsilon"):
         DiffusionProcess(noise_schedule="rflow", prediction_type="epsilon")
+
+
+# --------------------------------------------------------------------------- progressive distillation
+def test_distillation_target_is_where_two_teacher_steps_land(trained) -> None:
+    """For a 1-step student the target x0 from pure noise is the teacher's own 2-step DDIM sample (trailing grid
+    999 → 499 → data), as the sampler draws it; a 2-step student's target at t = 999 moves one DDIM step onto the
+    teacher's 2-step landing at its next timestep (499)."""
+    from spinediff.diffusion.sampler import initial_noise
+    from spinediff.training.distillation import ProgressiveDistiller
+
+    network, process = trained
+    condition, _ = pattern_pair(PATCH)
+    noise = initial_noise(ensemble_seeds(3, 1)[0], (1, PATCH, PATCH))
+    two_steps = SlidingWindowSampler(network, process, (PATCH, PATCH)).sample(condition, 1, generator=3,
+                                                                              num_inference_steps=2)
+    one = ProgressiveDistiller(network, copy_of(network), process, student_steps=1)
+    target = one.student_target(condition[None], noise[None], torch.tensor([0]))
+    torch.testing.assert_close(target, two_steps, atol=1e-5, rtol=0)
+    two = ProgressiveDistiller(network, copy_of(network), process, student_steps=2)
+    assert two.starts.tolist() == [999, 499] and two.middles.tolist() == [749, 249] and two.ends.tolist() == [499, -1]
+    x0 = two.student_target(condition[None], noise[None], torch.tensor([0]))
+    start = torch.tensor([999])
+    landing = two.ddim_step(x0, process.epsilon_from_x0(noise[None], x0, start), torch.tensor([499]))
+    teacher_x0, teacher_eps = two.estimate(network, condition[None], noise[None], start)
+    halfway = two.ddim_step(teacher_x0, teacher_eps, torch.tensor([749]))
+    teacher_x0, teacher_eps = two.estimate(network, condition[None], halfway, torch.tensor([749]))
+    torch.testing.assert_close(landing, two.ddim_step(teacher_x0, teacher_eps, torch.tensor([499])), atol=1e-4,
+                               rtol=0)
+
+
+def copy_of(network: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(network)
+
+
+def test_distilled_one_step_student_samples_like_the_many_step_teacher(trained) -> None:
+    """Rounds 4 → 2 → 1 steps on the training crops: the 1-step student's sample is much closer to the teacher's
+    4-step sample than the teacher's own 1-step sample is (same seeds)."""
+    from spinediff.training.distillation import ProgressiveDistiller, distillation_rounds
+
+    network, process = trained
+    condition, target = pattern_pair(2 * PATCH)
+    generator = torch.Generator().manual_seed(7)
+
+    def crops(n: int):
+        corners = torch.randint(0, PATCH + 1, (n, 2), generator=generator).tolist()
+        cut = [(slice(None), slice(y, y + PATCH), slice(x, x + PATCH)) for y, x in corners]
+        return torch.stack([condition[c] for c in cut]), torch.stack([target[c] for c in cut])
+
+    def sample(net, steps):
+        sampler = SlidingWindowSampler(net, process, (PATCH, PATCH))
+        return torch.cat([sampler.sample(condition, 1, generator=k, num_inference_steps=steps) for k in range(3)])
+
+    reference, teacher_one = sample(network, 4), sample(network, 1)
+    teacher = network
+    for steps in distillation_rounds(1, 4):
+        student = copy_of(teacher)
+        distiller = ProgressiveDistiller(teacher, student, process, steps, 1e-3, torch.Generator().manual_seed(steps))
+        losses = [distiller.train_step(*crops(8)) for _ in range(60)]
+        assert sum(losses[-10:]) < sum(losses[:10])
+        teacher = student.eval()
+    student_error = float(((sample(teacher, 1) - reference) ** 2).mean())
+    teacher_error = float(((teacher_one - reference) ** 2).mean())
+    assert student_error < 0.3 * teacher_error, (student_error, teacher_error)
+
+
+def test_distillation_refuses_what_it_cannot_do() -> None:
+    from spinediff.training.distillation import ProgressiveDistiller, distillation_rounds
+
+    assert distillation_rounds(1, 8) == [4, 2, 1] and distillation_rounds(2, 8) == [4, 2]
+    for steps, teacher in ((1, 6), (2, 2), (2, 12)):
+        with pytest.raises(SpineDiffError, match="power of two"):
+            distillation_rounds(steps, teacher)
+    network = tiny_network(2)
+    with pytest.raises(SpineDiffError, match="epsilon"):
+        ProgressiveDistiller(network, network, DiffusionProcess(prediction_type="epsilon"), 1)
+    with pytest.raises(SpineDiffError, match="rectified"):
+        ProgressiveDistiller(network, network, DiffusionProcess(noise_schedule="rflow"), 1)

@@ -136,6 +136,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
     sampling_from = "command line" if (sampler, num_inference_steps, warm_start) != (None, None, None) else "plans"
+    if checkpoint == "distilled" and sampling_from == "plans":
+        sampling_from = "distilled checkpoint"  # the student samples at the steps it was distilled for
     choice = SamplingChoice.read(folder.path) if tuned_sampling and sampling_from == "plans" else None
     if choice is not None:
         sampler, num_inference_steps = choice.setting.sampler, choice.setting.num_inference_steps

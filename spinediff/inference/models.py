@@ -28,7 +28,8 @@ from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder
 from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
 from spinediff.training.precision import AutocastNetwork, autocast_dtype
 
-CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
+CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
+               "distilled": "checkpoint_distilled.pth"}  # spinediff distill's student
 # Windows per network call = this x the plans' training batch. Without gradients a forward pass keeps far
 # less than a training step, and small batches waste the CPU: on Dataset501's 2D network (128x112) one
 # window cost 0.18 CPU-s in batches of 4 and 0.067 CPU-s in batches of 16.

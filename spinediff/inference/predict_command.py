@@ -54,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to ensemble (or 'all'); default: every fold of the model that has the checkpoint")
-    parser.add_argument("--checkpoint", choices=["final", "best"], default="final", help="which checkpoint to load")
+    parser.add_argument("--checkpoint", choices=["final", "best", "distilled"], default="final",
+                        help="which checkpoint to load; distilled: the 1- or 2-step student of `spinediff distill`, "
+                             "sampled at its own step count")
     parser.add_argument("--samples", type=int, help="samples per fold K (default: the plans' num_samples)")
     parser.add_argument("--steps", dest="num_inference_steps", type=int,
                         help="DDIM steps (default: the plans' num_inference_steps)")
