@@ -184,7 +184,12 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
         # the ensemble is not post-processed: it must beat the best single as that one will be predicted
         if "scores" in ensemble and task.writes_labels:
             ensemble["best_single_postprocessed"] = best.scores[rank_on]
-        if "scores" in ensemble and better(ensemble["scores"][metric], best.scores[rank_on], metric):
+        # re-predicted singles (segmentation without kept probabilities): the ensemble must also beat the best of
+        # them, predicted alike; the cross-validation score alone may differ from them by the sampling settings
+        beats_singles = "best_single" not in ensemble or better(ensemble["scores"][metric], ensemble["best_single"],
+                                                                metric)
+        if "scores" in ensemble and beats_singles and better(ensemble["scores"][metric], best.scores[rank_on],
+                                                             metric):
             winner = f"ensemble of {ranking[0].name} and {ranking[1].name}"
             probabilities = task.writes_labels
             commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)

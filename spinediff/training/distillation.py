@@ -90,9 +90,9 @@ class ProgressiveDistiller:
             raise SpineDiffError("distillation is written for DDIM (cosine or linear noise schedules); a rectified-"
                                  "flow model samples with euler steps and is not distilled here.")
         if process.prediction_type == "epsilon":
-            raise SpineDiffError("a noise-prediction (epsilon) model cannot be distilled to 1-2 steps as it is: at pure "
-                                 "noise its x0 estimate divides by sqrt(alpha_bar) ~ 0.006 (Salimans & Ho). Distil an "
-                                 "x0 (sample) or v_prediction model (spinediff train --prediction-type).")
+            raise SpineDiffError("a noise-prediction (epsilon) model cannot be distilled to 1-2 steps as it is: at "
+                                 "pure noise its x0 estimate divides by sqrt(alpha_bar) ~ 0.006 (Salimans & Ho). "
+                                 "Distil an x0 (sample) or v_prediction model (spinediff train --prediction-type).")
         self.teacher, self.student, self.process = teacher.eval(), student.train(), process
         for parameter in self.student.parameters():  # a copy of an EMA module (or a frozen teacher) is frozen too
             parameter.requires_grad_(True)
