@@ -243,8 +243,20 @@ def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trai
     from spinediff.inference.sampling_choice import SamplingChoice
     from spinediff.io import read_json
 
-    record = tune_sampling(SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0], max_cases=1,
-                           candidates=["ddim:1", "ddim:3", "dpm++2m:3", "ddim:2@0.5"], tolerance=0.05, progress=False)
+    plans_file = Path(trained["nnUNet_preprocessed"]) / SEG / "nnUNetPlans.json"
+    planned = plans_file.read_text()
+    try:
+        record = tune_sampling(SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0], max_cases=1,
+                               candidates=["ddim:1", "ddim:3", "dpm++2m:3", "ddim:2@0.5"], tolerance=0.05,
+                               progress=False)
+        # the measured choice replaces the planner's guess in the plans' diffusion block, the reason in its notes
+        entry = json.loads(plans_file.read_text())["configurations"][CONFIG]
+        chosen_setting = record["choice"].partition("@")[0].split(":")
+        assert [entry["diffusion"]["sampler"], str(entry["diffusion"]["num_inference_steps"])] == chosen_setting
+        measured = [n for n in entry["notes"] if n.startswith("Sampling measured:")]
+        assert len(measured) == 1 and record["choice"] in measured[0] and "1 validation case" in measured[0]
+    finally:
+        plans_file.write_text(planned)  # the other tests train and sample as planned
     rows = {row["setting"]: row for row in record["candidates"]}
     best = max(row["quality"] for row in rows.values())
     chosen = rows[record["choice"]]

@@ -129,8 +129,41 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
     if write:
         path = SamplingChoice(chosen, record).write(folder.path)
         record["file"] = str(path)
+        plans_file = preprocessed / f"{plans_identifier}.json"
+        if plans_file.is_file():
+            record_in_plans(plans_file, configuration, chosen, record, trainer)
+            record["plans"] = str(plans_file)
     record["choice"] = chosen.label()
     return record
+
+
+PLANS_NOTE_PREFIX = "Sampling measured:"
+
+
+def record_in_plans(plans_file, configuration: str, chosen: SamplingSetting, record: dict, trainer: str) -> None:
+    """Write the measured choice into the plans' diffusion block of ``configuration`` (sampler, steps, warm start)
+    with the reason in its notes, replacing the planner's first guess; later trainings validate with it and their
+    checkpoints carry it. An earlier measured note is replaced, not repeated."""
+    from spinediff.io import read_json, write_json
+
+    plans = read_json(plans_file)
+    entry = plans.get("configurations", {}).get(configuration)
+    if not isinstance(entry, dict) or not isinstance(entry.get("diffusion"), dict):
+        return  # an inherited configuration without its own diffusion block: the model folder's choice suffices
+    diffusion = entry["diffusion"]
+    before = f"{diffusion.get('sampler', 'ddim')}:{diffusion.get('num_inference_steps')}"
+    if diffusion.get("warm_start"):
+        before += f"@{diffusion['warm_start']:g}"
+    diffusion.update(sampler=chosen.sampler, num_inference_steps=int(chosen.num_inference_steps),
+                     warm_start=chosen.warm_start)
+    quality = next(c["quality"] for c in record["candidates"] if c["setting"] == chosen.label())
+    notes = [n for n in entry.get("notes", []) if not str(n).startswith(PLANS_NOTE_PREFIX)]
+    notes.append(f"{PLANS_NOTE_PREFIX} {chosen.label()} ({chosen.network_calls} network call(s) per sample), chosen "
+                 f"by spinediff tune_sampling for {trainer} on {len(record['cases'])} validation case(s) of folds "
+                 f"{', '.join(record['folds'])}: {record['rule']} ({record['metric']} {quality:.4g}, "
+                 f"{len(record['candidates'])} candidates); the planned guess was {before}.")
+    entry["notes"] = notes
+    write_json(plans, plans_file)
 
 
 def run_tune_sampling(args: argparse.Namespace) -> int:
@@ -144,6 +177,8 @@ def run_tune_sampling(args: argparse.Namespace) -> int:
         print(f"{row['setting']:<14} {row['network_calls']:>5} {row['quality']:>36.4f} "
               f"{row['seconds_per_case']:>8.1f}{mark}")
     where = record.get("file", "not written (--dry-run)")
+    if "plans" in record:
+        where += f"; recorded in {record['plans']}"
     print(f"chosen on {len(record['cases'])} validation case(s): {record['choice']} ({record['rule']}); {where}")
     return 0
 
