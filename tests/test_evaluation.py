@@ -168,3 +168,21 @@ def test_evaluate_refuses_a_prediction_off_the_reference_grid_or_truncated(tmp_p
     err = capsys.readouterr().err
     assert "case_0.nii.gz" in err and message in err and "Traceback" not in err
     assert not (pred / "summary.json").exists() and not (pred / "per_case.csv").exists()
+
+
+def test_adjacent_difference_ratio_sees_slices_sampled_on_their_own():
+    """A smooth volume: a copy has ratio 1 on every axis; per-slice offsets (what independent noise per 2D slice
+    does) raise the ratio along that axis only; a constant prediction has ratio 0; by-hand value of a ramp."""
+    from spinediff.metrics.image_metrics import adjacent_difference_ratio
+
+    z, y, x = np.meshgrid(np.arange(10), np.arange(12), np.arange(14), indexing="ij")
+    reference = (20.0 * z + 5.0 * y + 3.0 * x).astype(np.float32)  # steps 20, 5, 3 HU along z, y, x
+    assert [adjacent_difference_ratio(reference, reference, a) for a in range(3)] == [1.0, 1.0, 1.0]
+    offsets = np.where(np.arange(10) % 2, 30.0, 0.0)[:, None, None]  # +30 HU on every other z slice
+    jumpy = reference + offsets
+    # neighbours differ by 20 + 30 = 50 or |20 - 30| = 10 HU, alternately (5 and 4 of the 9 pairs)
+    assert adjacent_difference_ratio(jumpy, reference, 0) == pytest.approx((5 * 50 + 4 * 10) / 9 / 20)
+    assert adjacent_difference_ratio(jumpy, reference, 1) == pytest.approx(1.0)
+    assert adjacent_difference_ratio(np.zeros_like(reference), reference, 2) == 0.0
+    metrics = image_metrics(jumpy, reference, (-1024, 3071), is_ct=False)
+    assert metrics["adjacent_ratio_z"] > 1.5 and metrics["adjacent_ratio_y"] == pytest.approx(1.0)

@@ -54,6 +54,28 @@ def mae(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray | None =
     return float(diff.mean()) if diff.size else float("nan")
 
 
+def adjacent_difference_ratio(prediction: np.ndarray, reference: np.ndarray, axis: int,
+                              mask: np.ndarray | None = None) -> float:
+    """Through-plane consistency: the mean absolute difference between neighbouring voxels along ``axis`` in the
+    prediction divided by the same in the reference (over neighbour pairs that are both inside ``mask``).
+
+    1: the prediction changes from slice to slice as much as the real image; above 1: it jumps more, as a 2D
+    model does across its slices when each slice is sampled with its own noise; below 1: smoother than real.
+    """
+    p, r = prediction.astype(np.float64), reference.astype(np.float64)
+    if p.shape[axis] < 2:
+        return float("nan")
+    first = [slice(None)] * p.ndim
+    second = [slice(None)] * p.ndim
+    first[axis], second[axis] = slice(None, -1), slice(1, None)
+    first, second = tuple(first), tuple(second)
+    pairs = np.ones(p[first].shape, dtype=bool) if mask is None else (mask[first] & mask[second])
+    if not pairs.any():
+        return float("nan")
+    real = np.abs(r[second] - r[first])[pairs].mean()
+    return float(np.abs(p[second] - p[first])[pairs].mean() / real) if real > 0 else float("nan")
+
+
 def body_mask_ct(reference_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     """Voxels inside the body on CT: denser than ``threshold`` HU (air and padding are below)."""
     return reference_hu > threshold
@@ -71,4 +93,8 @@ def image_metrics(prediction: np.ndarray, reference: np.ndarray, data_range: tup
         if bone_threshold is not None:
             bone = reference > bone_threshold
             out["mae_bone"] = mae(prediction, reference, bone) if bone.any() else float("nan")
+    if prediction.ndim == 3:  # through-plane consistency along each array axis (z, y, x of the image)
+        mask = body_mask_ct(reference) if is_ct else None
+        for axis, name in enumerate("zyx"):
+            out[f"adjacent_ratio_{name}"] = adjacent_difference_ratio(prediction, reference, axis, mask)
     return out
