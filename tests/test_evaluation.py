@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from spinediff.cli import main
 from spinediff.evaluation.evaluate import summarise
@@ -186,3 +188,60 @@ def test_adjacent_difference_ratio_sees_slices_sampled_on_their_own():
     assert adjacent_difference_ratio(np.zeros_like(reference), reference, 2) == 0.0
     metrics = image_metrics(jumpy, reference, (-1024, 3071), is_ct=False)
     assert metrics["adjacent_ratio_z"] > 1.5 and metrics["adjacent_ratio_y"] == pytest.approx(1.0)
+
+
+def test_frechet_distance_of_gaussians_by_hand():
+    """Identical sets: 0; a mean shift m with equal covariances: |m|^2; symmetric; too few samples refused."""
+    from spinediff.errors import SpineDiffError
+    from spinediff.metrics.frechet import frechet_distance
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 6, generator=generator, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    shift = torch.tensor([1.0, -2.0, 0.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    assert frechet_distance(a + shift, a) == pytest.approx(float((shift**2).sum()), rel=1e-6)
+    b = torch.randn(4000, 6, generator=generator, dtype=torch.float64) * 2
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(6 * (1 + 4 - 2 * 2), rel=0.1)  # tr(S1 + S2 - 2 (S1 S2)^1/2)
+    with pytest.raises(SpineDiffError, match="N >= 2"):
+        frechet_distance(a[:1], b)
+
+
+def test_frechet_distance_in_a_trained_segmenters_feature_space(phantom_root, tmp_path):
+    """Features from the encoder of an nnU-Net CT segmenter trained here (no download): real CT against itself is
+    0, and the distance grows with how much the images are corrupted."""
+    import SimpleITK as sitk
+    from conftest import nnunet_folders
+
+    from spinediff.experiments.downstream import write_segmenter_dataset
+    from spinediff.metrics.frechet import SegmenterFeatures, image_frechet_distance
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import TrainingOptions, train
+
+    source = phantom_root / "Dataset902_SpinePhantomTranslation"
+    raw = tmp_path / "raw"
+    write_segmenter_dataset(source, raw / "Dataset990_PhantomCT")
+    with nnunet_folders(raw, tmp_path):
+        plan_dataset(990, configurations=["2d_cpu"], device="cpu", num_processes=1, show_progress_bar=False)
+        folder = train(990, "2d_cpu", 0, "nnUNetTrainer", TrainingOptions(epochs=1, iterations_per_epoch=2,
+                                                                           val_iterations_per_epoch=1))
+        extractor = SegmenterFeatures(Path(folder).parent, 0)  # train() returns the fold folder
+        real = sorted((raw / "Dataset990_PhantomCT" / "imagesTr").glob("*.nii.gz"))
+        rng = np.random.default_rng(0)
+        corrupted = {}
+        for level in (20.0, 300.0):
+            for path in real:
+                image = sitk.ReadImage(str(path))
+                array = sitk.GetArrayFromImage(image).astype(np.float32)
+                noisy = sitk.GetImageFromArray(array + rng.normal(0, level, array.shape).astype(np.float32))
+                noisy.CopyInformation(image)
+                target = tmp_path / f"noise{int(level)}" / path.name
+                target.parent.mkdir(exist_ok=True)
+                sitk.WriteImage(noisy, str(target))
+                corrupted.setdefault(level, []).append(target)
+        features = extractor.features(real[0])
+        assert features.ndim == 2 and features.shape[0] >= 1 and torch.isfinite(features).all()
+        assert image_frechet_distance(extractor, real, real) == pytest.approx(0.0, abs=1e-6)
+        mild = image_frechet_distance(extractor, corrupted[20.0], real)
+        strong = image_frechet_distance(extractor, corrupted[300.0], real)
+        assert 0 < mild < strong
