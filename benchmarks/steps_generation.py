@@ -15,7 +15,9 @@ Usage::
 * Dice_gen: nnU-Net's own trainer (``2d_cpu``) trained on the *real* CT of fold 0's training cases (a copy of
   the dataset without its generation block), run on each generated CT; Dice_orig: the same on the real CT.
 * Every setting: ``spinediff predict`` from the validation cases' label maps (one sample, seed 0), scored in the raw
-  CT geometry: MAE (HU) and PSNR (data range -1024..3071 HU) against the real CT, and Dice_gen.
+  CT geometry: MAE (HU) and PSNR (data range -1024..3071 HU) against the real CT, Dice_gen, and the Fréchet distance
+  between the generated and the real CT of those cases in the segmenter's encoder features
+  (:mod:`spinediff.metrics.frechet`; every sliding window of every slice is one sample, so the sets are small).
 
 Writes ``benchmarks/output/performance/steps_generation.{json,md}``.
 """
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = read_json(WORK / "preprocessed" / GENERATION / "splits_final.json")[0]["val"]
     real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
     orig = segmenter_dice(segmenter, 0, real, raw / "labelsTr")
+    from spinediff.metrics.frechet import SegmenterFeatures, image_frechet_distance
+
+    encoder = SegmenterFeatures(segmenter, 0)
     rows = []
     with tempfile.TemporaryDirectory(dir=WORK) as scratch:
         inputs = Path(scratch) / "in"
@@ -169,23 +174,25 @@ def main(argv: list[str] | None = None) -> int:
             generated = {c: out / f"{c}.nii.gz" for c in cases}
             gen = segmenter_dice(segmenter, 0, generated, raw / "labelsTr")
             images = [image_scores(generated[c], real[c]) for c in cases]
+            frechet = image_frechet_distance(encoder, generated.values(), real.values())
             setting = f"{solver}:{steps}" + (f"@{warm:g}" if warm else "")
             row = {"model": kind, "setting": f"distilled {setting}" if student else setting,
                    "network_calls": steps + (1 if warm else 0), "seconds_per_case": watch.wall / len(cases),
                    "mae_hu": float(np.mean([i["mae_hu"] for i in images])),
                    "psnr": float(np.mean([i["psnr"] for i in images])),
-                   "dice_gen": float(np.mean([gen[c]["dice"] for c in cases])), "per_case": {
+                   "dice_gen": float(np.mean([gen[c]["dice"] for c in cases])), "frechet": frechet, "per_case": {
                        c: {**images[i], "dice_gen": gen[c]["dice"]} for i, c in enumerate(cases)}}
             pc.log(f"{kind} {row['setting']}: MAE {row['mae_hu']:.1f} HU, PSNR {row['psnr']:.2f}, "
-                   f"Dice_gen {row['dice_gen']:.3f}")
+                   f"Dice_gen {row['dice_gen']:.3f}, Fréchet {frechet:.3g}")
             rows.append(row)
     dice_orig = float(np.mean([orig[c]["dice"] for c in cases]))
     reference = next(r for r in rows if r["model"] == "eps" and r["setting"] == "ddim:50")
     names = {"eps": "noise prediction (planned)", "v": "v-prediction", "rflow": "rectified flow"}
     table = pc.markdown_table(
-        ["model", "setting", "network calls", "MAE (HU)", "PSNR (dB)", "Dice_gen", "Dice_gen / Dice_orig",
+        ["model", "setting", "network calls", "MAE (HU)", "PSNR (dB)", "Fréchet", "Dice_gen", "Dice_gen / Dice_orig",
          "MAE vs eps DDIM 50", "s / case"],
         [[names[r["model"]], f"`{r['setting']}`", r["network_calls"], f"{r['mae_hu']:.1f}", f"{r['psnr']:.2f}",
+          f"{r['frechet']:.3g}",
           f"{r['dice_gen']:.3f}", f"{r['dice_gen'] / dice_orig:.3f}",
           f"{100 * (r['mae_hu'] / reference['mae_hu'] - 1):+.1f} %", f"{r['seconds_per_case']:.2f}"] for r in rows])
     markdown = (f"Command: `{pc.command_line()}`\n\nGeneration (mask → CT) on the phantom, fold 0, validation cases "
