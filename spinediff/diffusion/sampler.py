@@ -334,7 +334,10 @@ class SlidingWindowSampler:
                 at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
                 if self.process.projects_x0 or clip or self.solver == "euler":
                     x0 = self.process.to_x0(blended, state, at)
-                    x0 = self.process.project_x0(x0.clamp(-1, 1) if clip else x0)  # segmentation: probabilities
+                    # segmentation: class probabilities in [-1, 1] from the free-scale estimate (clipping it first
+                    # would tie every class above 1 and flip argmaxes); images: clipped to the data range
+                    x0 = self.process.project_x0(x0) if self.process.projects_x0 else (
+                        x0.clamp(-1, 1) if clip else x0)
                     blended = self.process.from_x0(x0, state, at)
                 if self.solver == "ddim":
                     state, _ = self.scheduler.step(blended, t, state, eta=self.eta, generator=step_generator)
