@@ -175,7 +175,7 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
                  show_progress_bar: bool = True, verbose: bool = False,
                  intensity_samples: int = DEFAULT_INTENSITY_SAMPLES,
                  log: Callable[[str], None] | None = None, budget: str | float | None = None,
-                 measure: bool = True, check_input: bool = True) -> Path:
+                 measure: bool = True, check_input: bool = True, slice_direction: str | None = None) -> Path:
     """Fingerprint, plan and (optionally) preprocess ``dataset``; return the path of the plans file.
 
     Args:
@@ -200,6 +200,9 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
         check_input: run ``spinediff validate``'s checks (readable files, geometry across channels and
             labels, NaN/Inf, declared label values) before nnunetv2 reads anything; any problem stops
             planning before a file is written.
+        slice_direction: ``axial``, ``coronal`` or ``sagittal``: plans ``nnUNetPlans_<direction>`` whose 2D
+            configurations slice the images in that plane (found from the first image's orientation), beside the
+            default plans; train, predict and ensemble them with ``-p nnUNetPlans_<direction>``.
 
     Raises:
         SpineDiffError: missing dataset or folders, invalid settings, existing plans without overwrite.
@@ -232,7 +235,10 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
     name = dataset_folder.name
     preprocessed_root = nnunet_folder("preprocessed", preprocessed_folder)
     output = preprocessed_root / name
-    plans_file = output / f"{PLANS_IDENTIFIER}.json"
+    plans_identifier = PLANS_IDENTIFIER if slice_direction is None else f"{PLANS_IDENTIFIER}_{slice_direction}"
+    slicing = None if slice_direction is None else (slice_direction,
+                                                    slicing_axis(dataset_folder, dataset_json, slice_direction))
+    plans_file = output / f"{plans_identifier}.json"
     if plans_file.exists() and not overwrite:
         raise SpineDiffError(f"{plans_file} already exists. Pass --overwrite (overwrite=True) to plan again; "
                              "configurations of other planners in it are kept.")
@@ -257,8 +263,9 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
 
         say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else "")
             + (f", a training budget of {budget} per fold (timing a few steps of each network)" if budget else ""))
-        planner = SpineDiffPlanner(name, device=device, memory_target_gb=memory_target_gb,
-                                   target_statistics=statistics, budget_seconds=budget_seconds, measure=measure)
+        planner = SpineDiffPlanner(name, plans_name=plans_identifier, device=device, memory_target_gb=memory_target_gb,
+                                   target_statistics=statistics, budget_seconds=budget_seconds, measure=measure,
+                                   slicing=slicing)
         with _quiet(not verbose):
             planner.plan_experiment()
 
@@ -283,10 +290,33 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
             preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
             preprocessor.show_progress_bar = show_progress_bar
             with _quiet(not verbose):
-                preprocessor.run(name, configuration, PLANS_IDENTIFIER, num_processes=num_processes)
+                preprocessor.run(name, configuration, plans_identifier, num_processes=num_processes)
             done[identifier] = configuration
         _copy_ground_truth(dataset_folder, dataset_json, output / "gt_segmentations")
     return plans_file
+
+
+SLICE_DIRECTIONS = {"sagittal": 0, "coronal": 1, "axial": 2}  # the physical axis (LPS: x, y, z) normal to the plane
+
+
+def slicing_axis(dataset_folder: Path, dataset_json: dict, direction: str) -> int:
+    """The array axis (z, y, x order of SimpleITK's arrays, as nnU-Net reads them) closest to the normal of
+    ``direction``'s plane, from the first training image's direction cosines."""
+    import SimpleITK as sitk
+
+    if direction not in SLICE_DIRECTIONS:
+        raise SpineDiffError(f"--slice-direction must be one of {', '.join(SLICE_DIRECTIONS)}, got {direction!r}.")
+    images = sorted((dataset_folder / "imagesTr").glob(f"*{dataset_json.get('file_ending', '.nii.gz')}"))
+    if not images:
+        raise SpineDiffError(f"{dataset_folder / 'imagesTr'} has no images to read the orientation from.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(images[0]))
+    reader.ReadImageInformation()
+    if reader.GetDimension() != 3:
+        raise SpineDiffError(f"{images[0]} is {reader.GetDimension()}D: slice directions need 3D images.")
+    cosines = np.asarray(reader.GetDirection(), dtype=float).reshape(3, 3)  # row: physical axis, column: index axis
+    index_axis = int(np.argmax(np.abs(cosines[SLICE_DIRECTIONS[direction]])))
+    return 2 - index_axis  # ITK index axis i is numpy axis 2 - i
 
 
 def _compact(values: Sequence[Any]) -> str:

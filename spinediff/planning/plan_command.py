@@ -22,7 +22,8 @@ def run_plan(args: argparse.Namespace) -> int:
         args.dataset, configurations=args.configurations, device=args.device,
         memory_target_gb=args.memory_target_gb, preprocess=not args.no_preprocess,
         num_processes=args.num_processes, raw_folder=args.raw, preprocessed_folder=args.preprocessed,
-        overwrite=args.overwrite, show_progress_bar=not args.quiet, verbose=args.verbose, budget=args.budget)
+        overwrite=args.overwrite, show_progress_bar=not args.quiet, verbose=args.verbose, budget=args.budget,
+        slice_direction=args.slice_direction)
     plans = read_json(plans_file)
     facts = dataset_summary(plans)
     rows = summarize_plans(plans, args.configurations)
@@ -89,6 +90,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "Plans field of view, spacing, patch and a schedule that ends within it; step times are "
                              "measured with torch's current thread count (OMP_NUM_THREADS). Default: plan for memory "
                              "as nnU-Net does, with nnU-Net's 1000-epoch schedule")
+    parser.add_argument("--slice-direction", choices=["axial", "coronal", "sagittal"], default=None,
+                        help="write nnUNetPlans_<direction>: 2D configurations that slice the images in that plane "
+                             "(from the images' orientation), beside the default plans; use them with "
+                             "-p nnUNetPlans_<direction> in train/predict, and fuse directions with spinediff ensemble")
     parser.add_argument("--no-preprocess", action="store_true", help="write the plans only")
     parser.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                         help=f"worker processes for fingerprint and preprocessing (default here: "

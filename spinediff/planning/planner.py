@@ -116,8 +116,10 @@ class SpineDiffPlanner(ExperimentPlanner):
                  overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
                  suppress_transpose: bool = False, *, device: str = "cuda", memory_target_gb: float | None = None,
                  target_statistics: dict[str, Any] | None = None, budget_seconds: float | None = None,
-                 measure: bool = True) -> None:
+                 measure: bool = True, slicing: tuple[str, int] | None = None) -> None:
         self.profile = device_profile(device, memory_target_gb)
+        #: (direction, array axis): 2D slices across that axis (transpose_forward puts it first); None: nnU-Net's rule
+        self.slicing = slicing
         self.budget_seconds = budget_seconds
         self.measure = measure
         nnunet_gb = self.profile.memory_target_gb if device == "cuda" else gpu_memory_target_in_gb
@@ -146,6 +148,15 @@ class SpineDiffPlanner(ExperimentPlanner):
             network = get_network_from_plans(arch_class_name, arch_kwargs, arch_kwargs_req_import, input_channels,
                                              output_channels, allow_init=False)
         return network.compute_conv_feature_map_size(patch_size)
+
+    def determine_transpose(self) -> tuple[list[int], list[int]]:
+        """nnU-Net's transpose (the coarsest axis first), or with ``slicing`` the slicing axis first, the other two
+        in their order: nnU-Net's own mechanism for the plane 2D configurations work in."""
+        if self.slicing is None:
+            return super().determine_transpose()
+        axis = self.slicing[1]
+        forward = [axis] + [a for a in range(3) if a != axis]
+        return forward, [forward.index(a) for a in range(3)]
 
     def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self) -> tuple[list[str], list[bool]]:
         """nnU-Net's schemes, except that target channels stay in original units (``NoNormalization``).
@@ -515,6 +526,10 @@ class SpineDiffPlanner(ExperimentPlanner):
         else:
             note = (f"2D slices in the plane of the two finest axes (spacing {spacing} mm; transpose_forward puts "
                     "the coarsest axis first).")
+            if self.slicing is not None:
+                note = (f"2D slices in the {self.slicing[0]} plane (spinediff plan --slice-direction): "
+                        f"transpose_forward puts array axis {self.slicing[1]}, the one closest to the "
+                        f"{self.slicing[0]} normal, first (in-plane spacing {spacing} mm).")
             if ratio > ANISO_THRESHOLD:
                 note += f" Recommended for this anisotropic data (max/min spacing {ratio:.1f})."
             notes.append(note)
