@@ -1,4 +1,4 @@
-"""Write phantom subjects as nnU-Net raw datasets (segmentation, translation, generation)."""
+"""Write phantom subjects as nnU-Net raw datasets (segmentation, translation, generation of CT and of MR)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def _write_ct(case: PhantomCase, folder: Path) -> None:
     _write(case.ct_labels, folder / "labelsTr" / f"{case.case_id}.nii.gz")
 
 
+def ct_labels_on_mr(case: PhantomCase) -> sitk.Image:
+    """The CT's label map carried onto the MR grid through the true MR → CT transform (nearest neighbour): a mask
+    "taken from a CT" for generating an MR image from it (cross-modal generation)."""
+    return sitk.Resample(case.ct_labels, case.mr_labels, case.true_transform, sitk.sitkNearestNeighbor, 0,
+                         case.mr_labels.GetPixelID())
+
+
+def _write_mr_generation(case: PhantomCase, folder: Path) -> None:
+    """T2w MR generated from its label map; ``labelsFromCT/`` holds the CT's labels on the MR grid."""
+    _write(case.t2, folder / "imagesTr" / f"{case.case_id}_0000.nii.gz")
+    _write(case.mr_labels, folder / "labelsTr" / f"{case.case_id}.nii.gz")
+    _write(ct_labels_on_mr(case), folder / "labelsFromCT" / f"{case.case_id}.nii.gz")
+
+
 @dataclass(frozen=True)
 class PhantomDataset:
     """What the phantom writes for one task."""
@@ -83,6 +97,9 @@ PHANTOM_DATASETS = {
                                   ("imagesTr", "labelsTr", "unaligned")),
     "generation": PhantomDataset("SpinePhantomGeneration", 2, {"0": "CT"}, _write_ct,
                                  {"task": "generation", "source_channels": [], "target_channels": [0]}),
+    "generation_mr": PhantomDataset("SpinePhantomGenerationMR", 3, {"0": "T2w"}, _write_mr_generation,
+                                    {"task": "generation", "source_channels": [], "target_channels": [0]},
+                                    ("imagesTr", "labelsTr", "labelsFromCT")),
 }
 TASK_NAMES = {task: dataset.name for task, dataset in PHANTOM_DATASETS.items()}
 
