@@ -1,0 +1,263 @@
+"""Segmentation-guided generation measured as Konz et al.'s poster did (issue 19): CT and MR, every slice direction,
+3D and the fused 2.5D, across modalities, and a mask ablation, on the phantom.
+
+Usage::
+
+    python benchmarks/generation_phantom.py [--iterations 450] [--cases 8] [--segmenter-epochs 6]
+
+* Data: the phantom's ``Dataset903`` (mask → CT) and ``Dataset904`` (mask → T2w MR, with ``labelsFromCT``), ``--cases``
+  subjects, nnU-Net's 5-fold split, fold 0. Folders under ``benchmarks/output/performance/generation_phantom_work``.
+* Models per modality (``SegGuidedGenerationTrainer``, ``--iterations`` steps each): ``2d_diffusion`` of the plans
+  ``nnUNetPlans_axial|coronal|sagittal`` (``spinediff plan --slice-direction``) and ``3d_diffusion`` of the default
+  plans; "2.5D" is ``spinediff ensemble`` of the three directions (the mean image).
+* Auxiliary segmenter per modality: nnU-Net's trainer (``2d_cpu``) on the real images of fold 0's training cases.
+  Dice_gen: its mean foreground Dice on the generated image against the mask the image was generated from;
+  Dice_orig: the same on the real image. Fréchet: :mod:`spinediff.metrics.frechet` in that segmenter's encoder
+  features, generated vs real validation images.
+* Cross-modal: the MR models generate from ``labelsFromCT`` (the CT's labels on the MR grid).
+* Mask ablation: the label ``--ablate`` (2: discs) removed from the mask (its voxels become background); Dice_gen of
+  the other labels, and a figure.
+* Every prediction: ``spinediff predict`` with the plans' sampler and steps, one sample, seed 0.
+
+Writes ``benchmarks/output/performance/generation_phantom.{json,md}`` and ``generation_phantom.png`` /
+``generation_ablation.png`` beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import perf_common as pc
+
+WORK = pc.OUTPUT / "generation_phantom_work"
+os.environ["nnUNet_raw"] = str(WORK / "raw")  # before nnunetv2 is imported (it reads them once)
+os.environ["nnUNet_preprocessed"] = str(WORK / "preprocessed")
+os.environ["nnUNet_results"] = str(WORK / "results")
+
+TRAINER = "SegGuidedGenerationTrainer"
+MODALITIES = {"CT": (903, "Dataset903_SpinePhantomGeneration", 913),
+              "MR": (904, "Dataset904_SpinePhantomGenerationMR", 914)}
+DIRECTIONS = ("axial", "coronal", "sagittal")
+ITERATIONS_PER_EPOCH = 75
+
+
+def segmenter_name(modality: str) -> str:
+    return f"Dataset{MODALITIES[modality][2]}_Phantom{modality}Segmenter"
+
+
+def prepare(cases: int) -> None:
+    from spinediff.datasets.phantom_writer import write_phantom_datasets
+    from spinediff.io import read_json, write_json
+    from spinediff.planning.api import plan_dataset
+
+    marker = WORK / "ready.json"
+    recipe = {"cases": cases, "seed": pc.PHANTOM_SEED, "settings": repr(pc.phantom_settings())}
+    if marker.is_file() and read_json(marker) == recipe:
+        return
+    pc.log("writing the phantom's generation datasets and planning them (once)")
+    raw = WORK / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    write_phantom_datasets(raw, num_cases=cases, seed=pc.PHANTOM_SEED, tasks=("generation", "generation_mr"),
+                           settings=pc.phantom_settings(), overwrite=True, progress=False)
+    for modality, (dataset, name, segmenter_id) in MODALITIES.items():
+        target = raw / segmenter_name(modality)
+        shutil.rmtree(target, ignore_errors=True)
+        for sub in ("imagesTr", "labelsTr"):
+            (target / sub).mkdir(parents=True)
+            for path in (raw / name / sub).iterdir():
+                os.symlink(path.resolve(), target / sub / path.name)
+        spec = read_json(raw / name / "dataset.json")
+        spec.pop("spinediff", None)
+        spec["name"] = target.name.split("_", 1)[1]
+        write_json(spec, target / "dataset.json")
+        plan_dataset(dataset, configurations=["3d_diffusion"], device="cpu", num_processes=1, overwrite=True,
+                     show_progress_bar=False)
+        for direction in DIRECTIONS:
+            plan_dataset(dataset, configurations=["2d_diffusion"], device="cpu", num_processes=1, overwrite=True,
+                         show_progress_bar=False, slice_direction=direction)
+        plan_dataset(segmenter_id, configurations=["2d_cpu"], device="cpu", num_processes=1, overwrite=True,
+                     show_progress_bar=False)
+    write_json(recipe, marker)
+
+
+def trained(dataset: int | str, configuration: str, trainer: str, epochs: int, plans: str = "nnUNetPlans") -> Path:
+    from spinediff.paths import model_folder_name
+    from spinediff.training.api import TrainingOptions, train
+
+    names = {i: n for i, n, _ in MODALITIES.values()}
+    names.update({s: segmenter_name(m) for m, (_, _, s) in MODALITIES.items()})
+    name = names[dataset]
+    folder = Path(os.environ["nnUNet_results"]) / name / model_folder_name(trainer, configuration, plans)
+    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        return folder
+    pc.log(f"training {trainer} {configuration} ({plans}) on {name}: {epochs} x {ITERATIONS_PER_EPOCH} iterations")
+    options = TrainingOptions(epochs=epochs, iterations_per_epoch=ITERATIONS_PER_EPOCH, val_iterations_per_epoch=1,
+                              validation_samples=1, seed=0)
+    train(dataset, configuration, 0, trainer, options, plans_identifier=plans, overwrite=True)
+    return folder
+
+
+def read(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+
+
+def masks_folder(source: Path, cases: list[str], target: Path, drop: int | None = None) -> Path:
+    """``CASE.nii.gz`` masks of ``cases`` (a label removed when ``drop``)."""
+    import SimpleITK as sitk
+
+    target.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        image = sitk.ReadImage(str(source / f"{case}.nii.gz"))
+        if drop is not None:
+            array = sitk.GetArrayFromImage(image)
+            array[array == drop] = 0
+            edited = sitk.GetImageFromArray(array)
+            edited.CopyInformation(image)
+            image = edited
+        sitk.WriteImage(image, str(target / f"{case}.nii.gz"))
+    return target
+
+
+def score(folder: Path, real: dict[str, Path], masks: Path, modality: str, segmenter: Path, encoder) -> dict:
+    from spinediff.experiments.downstream import segmenter_dice
+    from spinediff.metrics.frechet import image_frechet_distance
+    from spinediff.metrics.image_metrics import image_metrics
+
+    rows = {}
+    for case, path in real.items():
+        reference, generated = read(path), read(folder / f"{case}.nii.gz")
+        data_range = (-1024.0, 3071.0) if modality == "CT" else (float(reference.min()), float(reference.max()))
+        rows[case] = image_metrics(generated.astype(np.float32), reference.astype(np.float32), data_range,
+                                   is_ct=modality == "CT")
+    dice = segmenter_dice(segmenter, 0, {c: folder / f"{c}.nii.gz" for c in real}, masks)
+    for case in real:
+        rows[case]["dice_gen"] = dice[case]["dice"]
+    frechet = image_frechet_distance(encoder, [folder / f"{c}.nii.gz" for c in real], list(real.values()))
+    return {"psnr": float(np.mean([r["psnr"] for r in rows.values()])),
+            "ssim": float(np.mean([r["ssim"] for r in rows.values()])),
+            "mae": float(np.mean([r["mae"] for r in rows.values()])),
+            "dice_gen": float(np.mean([r["dice_gen"] for r in rows.values()])), "frechet": frechet,
+            "per_case": rows}
+
+
+def figure(panels: list[tuple[str, list[tuple[str, np.ndarray]]]], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = max(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(len(panels), columns, figsize=(2.2 * columns, 2.4 * len(panels)), squeeze=False)
+    for row, (title, images) in enumerate(panels):
+        for column in range(columns):
+            ax = axes[row][column]
+            ax.axis("off")
+            if column < len(images):
+                name, image = images[column]
+                ax.imshow(image, cmap="nipy_spectral" if "mask" in name else "gray", interpolation="nearest")
+                ax.set_title(f"{title}: {name}" if column == 0 else name, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def middle(array: np.ndarray) -> np.ndarray:
+    return array[array.shape[0] // 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=450, help="training iterations per generation model")
+    parser.add_argument("--cases", type=int, default=8, help="phantom subjects (fold 0 holds out a fifth)")
+    parser.add_argument("--segmenter-epochs", type=int, default=6, help="epochs of 75 iterations of each segmenter")
+    parser.add_argument("--ablate", type=int, default=2, help="the label removed for the mask ablation")
+    args = parser.parse_args(argv)
+    os.environ["nnUNet_results"] = str(WORK / f"results_{args.iterations}it")
+    from spinediff.inference.api import predict
+    from spinediff.inference.ensemble import ensemble_folders
+    from spinediff.io import read_json
+    from spinediff.metrics.frechet import SegmenterFeatures
+
+    prepare(args.cases)
+    epochs = max(1, args.iterations // ITERATIONS_PER_EPOCH)
+    out_root = WORK / f"predictions_{args.iterations}it"
+    shutil.rmtree(out_root, ignore_errors=True)
+    results, panels, ablation_panels = {}, [], []
+    for modality, (dataset, name, segmenter_id) in MODALITIES.items():
+        raw = WORK / "raw" / name
+        cases = read_json(WORK / "preprocessed" / name / "splits_final.json")[0]["val"]
+        real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
+        segmenter = trained(segmenter_id, "2d_cpu", "nnUNetTrainer", args.segmenter_epochs)
+        encoder = SegmenterFeatures(segmenter, 0)
+        masks = masks_folder(raw / "labelsTr", cases, out_root / modality / "masks")
+        from spinediff.experiments.downstream import segmenter_dice
+
+        orig = segmenter_dice(segmenter, 0, real, masks)
+        models = {d: ("2d_diffusion", f"nnUNetPlans_{d}") for d in DIRECTIONS}
+        models["3D"] = ("3d_diffusion", "nnUNetPlans")
+        rows, outputs = {}, {}
+        for label, (configuration, plans) in models.items():
+            trained(dataset, configuration, TRAINER, epochs, plans)
+            out = out_root / modality / label
+            with pc.Stopwatch() as watch:
+                predict(masks, out, dataset, configuration, TRAINER, folds=[0], plans_identifier=plans,
+                        num_samples=1, seed=0, progress=False, tuned_sampling=False)
+            outputs[label] = out
+            rows[label] = {**score(out, real, masks, modality, segmenter, encoder),
+                           "seconds_per_case": watch.wall / len(cases)}
+            pc.log(f"{modality} {label}: PSNR {rows[label]['psnr']:.2f}, Dice_gen {rows[label]['dice_gen']:.3f}")
+        fused = out_root / modality / "2.5D"
+        ensemble_folders([outputs[d] for d in DIRECTIONS], fused)
+        rows["2.5D (mean of the 3 directions)"] = score(fused, real, masks, modality, segmenter, encoder)
+        acquisition = "sagittal" if modality == "MR" else "axial"
+        if modality == "MR":  # a mask taken from the CT → MR, by the MR model of the acquisition plane
+            from_ct = masks_folder(raw / "labelsFromCT", cases, out_root / modality / "masks_from_ct")
+            out = out_root / modality / "from_ct"
+            predict(from_ct, out, dataset, "2d_diffusion", TRAINER, folds=[0],
+                    plans_identifier="nnUNetPlans_sagittal", num_samples=1, seed=0, progress=False,
+                    tuned_sampling=False)
+            rows["sagittal, mask from the CT"] = score(out, real, from_ct, modality, segmenter, encoder)
+        ablated = masks_folder(raw / "labelsTr", cases, out_root / modality / "masks_ablated", drop=args.ablate)
+        out = out_root / modality / "ablated"
+        predict(ablated, out, dataset, "2d_diffusion", TRAINER, folds=[0],
+                plans_identifier=f"nnUNetPlans_{acquisition}", num_samples=1, seed=0, progress=False,
+                tuned_sampling=False)
+        rows[f"{acquisition}, label {args.ablate} removed"] = score(out, real, ablated, modality, segmenter, encoder)
+        results[modality] = {"cases": cases, "dice_orig": float(np.mean([orig[c]["dice"] for c in cases])),
+                             "rows": rows}
+        case = cases[0]
+        panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
+                                  ("real", middle(read(real[case])))]
+                       + [(label, middle(read(outputs[label] / f"{case}.nii.gz"))) for label in outputs]
+                       + [("2.5D", middle(read(fused / f"{case}.nii.gz")))]))
+        ablation_panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
+                                           (acquisition, middle(read(outputs[acquisition] / f"{case}.nii.gz"))),
+                                           (f"mask without {args.ablate}", middle(read(ablated / f"{case}.nii.gz"))),
+                                           ("generated from it", middle(read(out / f"{case}.nii.gz")))]))
+    figure(panels, pc.OUTPUT / "generation_phantom.png")
+    figure(ablation_panels, pc.OUTPUT / "generation_ablation.png")
+    lines = [f"Command: `{pc.command_line()}`", "",
+             f"Phantom, fold 0 of {args.cases} subjects, {args.iterations} training iterations per generation model, "
+             "one sample per case; Dice_gen / Dice_orig: the modality's nnU-Net segmenter on the generated / real "
+             "image.",
+             "",
+             "| modality | model | PSNR (dB) | SSIM | MAE | Fréchet | Dice_orig | Dice_gen | Dice_gen / Dice_orig |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for modality, result in results.items():
+        for label, row in result["rows"].items():
+            lines.append(f"| {modality} | {label} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['mae']:.1f} | "
+                         f"{row['frechet']:.3g} | {result['dice_orig']:.3f} | {row['dice_gen']:.3f} | "
+                         f"{row['dice_gen'] / result['dice_orig']:.3f} |")
+    pc.write_result("generation_phantom", {"machine": pc.machine_info(), "iterations": args.iterations,
+                                           "results": results}, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    pc.run_main(main)
