@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     from spinediff.inference.ensemble import ensemble_folders
     from spinediff.io import read_json
     from spinediff.metrics.frechet import SegmenterFeatures
+    from spinediff.training.api import ensure_splits
 
     prepare(args.cases)
     epochs = max(1, args.iterations // ITERATIONS_PER_EPOCH)
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     results, panels, ablation_panels = {}, [], []
     for modality, (dataset, name, segmenter_id) in MODALITIES.items():
         raw = WORK / "raw" / name
+        ensure_splits(WORK / "preprocessed" / name)  # nnU-Net's 5-fold split, as training makes it
         cases = read_json(WORK / "preprocessed" / name / "splits_final.json")[0]["val"]
         real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
         segmenter = trained(segmenter_id, "2d_cpu", "nnUNetTrainer", args.segmenter_epochs)
