@@ -84,6 +84,17 @@ def prepare(cases: int) -> None:
     write_json(recipe, marker)
 
 
+def write_splits(raw: Path, preprocessed: Path) -> None:
+    """nnU-Net's 5-fold split (its ``do_split``: sorted case keys, seed 12345), before any training makes it."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    from spinediff.io import write_json
+
+    if not (preprocessed / "splits_final.json").is_file():
+        keys = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
+        write_json(generate_crossval_split(keys, seed=12345, n_splits=5), preprocessed / "splits_final.json")
+
+
 def trained(dataset: int | str, configuration: str, trainer: str, epochs: int, plans: str = "nnUNetPlans") -> Path:
     from spinediff.paths import model_folder_name
     from spinediff.training.api import TrainingOptions, train
@@ -183,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
     from spinediff.inference.ensemble import ensemble_folders
     from spinediff.io import read_json
     from spinediff.metrics.frechet import SegmenterFeatures
-    from spinediff.training.api import ensure_splits
 
     prepare(args.cases)
     epochs = max(1, args.iterations // ITERATIONS_PER_EPOCH)
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     results, panels, ablation_panels = {}, [], []
     for modality, (dataset, name, segmenter_id) in MODALITIES.items():
         raw = WORK / "raw" / name
-        ensure_splits(WORK / "preprocessed" / name)  # nnU-Net's 5-fold split, as training makes it
+        write_splits(raw, WORK / "preprocessed" / name)
         cases = read_json(WORK / "preprocessed" / name / "splits_final.json")[0]["val"]
         real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
         segmenter = trained(segmenter_id, "2d_cpu", "nnUNetTrainer", args.segmenter_epochs)
