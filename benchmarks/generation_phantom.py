@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8, help="phantom subjects (fold 0 holds out a fifth)")
     parser.add_argument("--segmenter-epochs", type=int, default=6, help="epochs of 75 iterations of each segmenter")
     parser.add_argument("--ablate", type=int, default=2, help="the label removed for the mask ablation")
+    parser.add_argument("--no-3d", action="store_true", help="skip 3d_diffusion (a 3D model on the CPU is slow)")
     args = parser.parse_args(argv)
     os.environ["nnUNet_results"] = str(WORK / f"results_{args.iterations}it")
     from spinediff.inference.api import predict
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
 
         orig = segmenter_dice(segmenter, 0, real, masks)
         models = {d: ("2d_diffusion", f"nnUNetPlans_{d}") for d in DIRECTIONS}
-        models["3D"] = ("3d_diffusion", "nnUNetPlans")
+        if not args.no_3d:
+            models["3D"] = ("3d_diffusion", "nnUNetPlans")
         rows, outputs = {}, {}
         for label, (configuration, plans) in models.items():
             trained(dataset, configuration, TRAINER, epochs, plans)
