@@ -57,8 +57,9 @@ def diffusion_block(task: Task, condition_channels: int, target_channels: int, d
     The task's own entries (:meth:`Task.diffusion_defaults`), and why:
     - prediction type: x0 ("image mode") for translation and segmentation: Graf et al. found image mode better
       than noise mode for MR->CT, and SpineSegDiff predicts the clean mask. Generation predicts the noise
-      (epsilon), the standard DDPM objective of segmentation-guided generation, which favours diversity and
-      detail over a regression to the mean image.
+      (epsilon) on a GPU, the standard DDPM objective of segmentation-guided generation, which favours diversity
+      and detail over a regression to the mean image; on the CPU it predicts v, which at budgets of hundreds of
+      steps learned far faster (phantom: MAE 112 vs 508 HU, Dice_gen 0.57 vs 0.20 at 600 steps each).
     - DDIM steps: Graf et al. sampled ~25 DDIM steps on a GPU and 5 on the CPU; SpineSegDiff 10-35 (the x0
       prediction of a mask settles after a few steps, so its lower end); generation from noise prediction
       needs more steps for texture (50; 10 on the CPU to keep sampling tolerable).
