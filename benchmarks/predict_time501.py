@@ -49,6 +49,7 @@ def nnunet_fold(model: Path, fold: int, inputs: Path, output: Path) -> float:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
