@@ -23,7 +23,8 @@ LAYERS = [
     {"inference"},
     {"evaluation"},
     {"experiments"},
-    {"cli", "spinediff"},  # the command, and the top-level API (spinediff/__init__.py) that imports every layer
+    {"cli", "__main__", "spinediff"},  # the command (also `python -m spinediff`), and the top-level API
+    # (spinediff/__init__.py) that imports every layer
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -170,7 +170,6 @@ def distill(dataset: str | int, configuration: str, fold: int | str, trainer: st
     ``iterations`` per round, or with ``budget_minutes`` the whole budget split evenly over the rounds (each round
     stops when its share is spent). The learning rate defaults to a fifth of the trainer's.
     """
-    from spinediff.inference.models import load_checkpoint
     from spinediff.training.api import build_trainer
 
     rounds = distillation_rounds(steps, teacher_steps)
@@ -184,7 +183,10 @@ def distill(dataset: str | int, configuration: str, fold: int | str, trainer: st
         raise SpineDiffError(f"{teacher_file} does not exist: train fold {fold} to the end first (spinediff train).")
     if output.exists() and not overwrite:
         raise SpineDiffError(f"{output} already exists. Pass --overwrite to replace it.")
-    state = load_checkpoint(teacher_file)
+    try:  # tensors and plain values only: a checkpoint never runs code on load
+        state = torch.load(teacher_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (unpickling, truncation and I/O errors alike)
+        raise SpineDiffError(f"{teacher_file} could not be read as a spinediff checkpoint ({exc}).") from None
     instance.initialize()
     instance.load_checkpoint(state)
     torch.manual_seed(seed)
