@@ -51,6 +51,7 @@ def segmenter_name(modality: str) -> str:
 
 def prepare(cases: int) -> None:
     from spinediff.datasets.phantom_writer import write_phantom_datasets
+    from spinediff.experiments.downstream import write_segmenter_dataset
     from spinediff.io import read_json, write_json
     from spinediff.planning.api import plan_dataset
 
@@ -64,16 +65,8 @@ def prepare(cases: int) -> None:
     write_phantom_datasets(raw, num_cases=cases, seed=pc.PHANTOM_SEED, tasks=("generation", "generation_mr"),
                            settings=pc.phantom_settings(), overwrite=True, progress=False)
     for modality, (dataset, name, segmenter_id) in MODALITIES.items():
-        target = raw / segmenter_name(modality)
-        shutil.rmtree(target, ignore_errors=True)
-        for sub in ("imagesTr", "labelsTr"):
-            (target / sub).mkdir(parents=True)
-            for path in (raw / name / sub).iterdir():
-                os.symlink(path.resolve(), target / sub / path.name)
-        spec = read_json(raw / name / "dataset.json")
-        spec.pop("spinediff", None)
-        spec["name"] = target.name.split("_", 1)[1]
-        write_json(spec, target / "dataset.json")
+        shutil.rmtree(raw / segmenter_name(modality), ignore_errors=True)
+        write_segmenter_dataset(raw / name, raw / segmenter_name(modality))
         plan_dataset(dataset, configurations=["3d_diffusion"], device="cpu", num_processes=1, overwrite=True,
                      show_progress_bar=False)
         for direction in DIRECTIONS:

@@ -55,6 +55,7 @@ ITERATIONS_PER_EPOCH = 75
 def prepare() -> None:
     """The phantom's generation dataset, its CT-segmentation copy, both planned (once)."""
     from spinediff.datasets.phantom_writer import write_phantom_datasets
+    from spinediff.experiments.downstream import write_segmenter_dataset
     from spinediff.io import read_json, write_json
     from spinediff.planning.api import plan_dataset
 
@@ -67,17 +68,7 @@ def prepare() -> None:
     raw.mkdir(parents=True, exist_ok=True)
     write_phantom_datasets(raw, num_cases=pc.NUM_CASES, seed=pc.PHANTOM_SEED, tasks=("generation",),
                            settings=pc.phantom_settings(), overwrite=True, progress=False)
-    source, target = raw / GENERATION, raw / SEGMENTER
-    shutil.rmtree(target, ignore_errors=True)
-    (target / "imagesTr").mkdir(parents=True)
-    (target / "labelsTr").mkdir()
-    for sub in ("imagesTr", "labelsTr"):
-        for path in (source / sub).iterdir():
-            os.symlink(path.resolve(), target / sub / path.name)
-    dataset = read_json(source / "dataset.json")
-    dataset.pop("spinediff", None)
-    dataset["name"] = SEGMENTER.split("_", 1)[1]
-    write_json(dataset, target / "dataset.json")
+    write_segmenter_dataset(raw / GENERATION, raw / SEGMENTER)
     plan_dataset(903, configurations=["2d_diffusion"], device="cpu", num_processes=1, overwrite=True,
                  show_progress_bar=False)
     plan_dataset(913, configurations=["2d_cpu"], device="cpu", num_processes=1, overwrite=True,

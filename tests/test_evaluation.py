@@ -113,6 +113,10 @@ def test_segmenter_dataset_links_the_target_channel_and_labels(phantom_root, tmp
     assert np.array_equal(ct, expected)
     with pytest.raises(SpineDiffError, match="translation dataset"):
         write_segmenter_dataset(phantom_root / "Dataset901_SpinePhantomSeg", tmp_path / "other")
+    # a generation dataset (label map → CT) gives the segmenter of Dice_gen the same way
+    generation = write_segmenter_dataset(phantom_root / "Dataset903_SpinePhantomGeneration", tmp_path / "gen")
+    assert json.loads((generation / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
+    assert sorted(p.name for p in (generation / "imagesTr").iterdir()) == images
 
 
 def test_figures_start_from_matplotlib_defaults_after_nnunet_plotted():

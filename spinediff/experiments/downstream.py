@@ -33,16 +33,17 @@ SOURCE_KEY = "spinediff_downstream_of"  # dataset.json key naming the translatio
 
 
 def write_segmenter_dataset(translation_raw: Path, output_raw: Path) -> Path:
-    """A segmentation dataset of ``translation_raw``'s target channel and labels, at ``output_raw``.
+    """A segmentation dataset of ``translation_raw``'s target channel and labels, at ``output_raw`` (a generation
+    dataset works the same way: its segmenter gives Dice_gen).
 
     Images and labels are symbolic links to the translation dataset's files; the dataset.json names
     the target channel and copies the labels. Idempotent: an existing complete folder is kept.
     """
     dataset_json = read_json(translation_raw / "dataset.json")
     spec = task_spec(dataset_json, translation_raw / "dataset.json")
-    if not spec.task.has_downstream_dice or len(spec.target_channels) != 1:
-        raise SpineDiffError(f"{translation_raw}: downstream Dice needs a translation dataset with one target "
-                             "channel (the CT); this one is not.")
+    if not (spec.task.has_downstream_dice or spec.task.name == "generation") or len(spec.target_channels) != 1:
+        raise SpineDiffError(f"{translation_raw}: downstream Dice needs a translation dataset (or a generation "
+                             "dataset: Dice_gen) with one target channel; this one is not.")
     labels = translation_raw / "labelsTr"
     if not labels.is_dir() or not any(labels.iterdir()):
         raise SpineDiffError(f"{labels}: downstream Dice needs the label maps of the translation dataset; add them "
