@@ -49,6 +49,8 @@ class Task:
     intensity_augmentation_on_condition_only: ClassVar[bool] = True
     #: a segmenter scores the synthetic images (downstream Dice)
     has_downstream_dice: ClassVar[bool] = False
+    #: the prediction is a synthetic image that a segmenter of the target channel can score (Dice_gen / downstream)
+    synthesises_images: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -110,6 +112,7 @@ class Segmentation(Task):
     higher_is_better = True
     ranking_metrics = ("dice", "dice_pp")
     intensity_augmentation_on_condition_only = False
+    synthesises_images = False
 
     def default_channels(self, n_channels, source, target):
         return source or tuple(range(n_channels)), target

@@ -41,7 +41,7 @@ def write_segmenter_dataset(translation_raw: Path, output_raw: Path) -> Path:
     """
     dataset_json = read_json(translation_raw / "dataset.json")
     spec = task_spec(dataset_json, translation_raw / "dataset.json")
-    if not (spec.task.has_downstream_dice or spec.task.name == "generation") or len(spec.target_channels) != 1:
+    if not spec.task.synthesises_images or len(spec.target_channels) != 1:
         raise SpineDiffError(f"{translation_raw}: downstream Dice needs a translation dataset (or a generation "
                              "dataset: Dice_gen) with one target channel; this one is not.")
     labels = translation_raw / "labelsTr"
