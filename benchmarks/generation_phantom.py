@@ -3,7 +3,8 @@
 
 Usage::
 
-    python benchmarks/generation_phantom.py [--iterations 450] [--cases 8] [--segmenter-epochs 6]
+    python benchmarks/generation_phantom.py [--iterations 600] [--cases 15] [--models axial,coronal,sagittal]
+    python benchmarks/generation_phantom.py --models 3D --iterations-3d 225   # beside it, in a second process
 
 * Data: the phantom's ``Dataset903`` (mask → CT) and ``Dataset904`` (mask → T2w MR, with ``labelsFromCT``), ``--cases``
   subjects, nnU-Net's 5-fold split, fold 0. Folders under ``benchmarks/output/performance/generation_phantom_work``.
@@ -56,7 +57,7 @@ def prepare(cases: int) -> None:
     from spinediff.planning.api import plan_dataset
 
     marker = WORK / "ready.json"
-    recipe = {"cases": cases, "seed": pc.PHANTOM_SEED, "settings": repr(pc.phantom_settings())}
+    recipe = {"cases": cases, "seed": pc.PHANTOM_SEED, "planner": 2, "settings": repr(pc.phantom_settings())}
     if marker.is_file() and read_json(marker) == recipe:
         return
     pc.log("writing the phantom's generation datasets and planning them (once)")
@@ -88,21 +89,42 @@ def write_splits(raw: Path, preprocessed: Path) -> None:
         write_json(generate_crossval_split(keys, seed=12345, n_splits=5), preprocessed / "splits_final.json")
 
 
-def trained(dataset: int | str, configuration: str, trainer: str, epochs: int, plans: str = "nnUNetPlans") -> Path:
+def trained(dataset: int | str, configuration: str, trainer: str, iterations: int, plans: str = "nnUNetPlans") -> dict:
+    """Fold 0 of the model trained for ``iterations`` steps (trained now unless it is there); its folder and the
+    training wall time in minutes. A segmenter trained by an earlier run of this benchmark (another results folder)
+    is reused: it depends on the data and its epochs only."""
+    import time
+
+    from spinediff.io import read_json, write_json
     from spinediff.paths import model_folder_name
     from spinediff.training.api import TrainingOptions, train
 
     names = {i: n for i, n, _ in MODALITIES.values()}
     names.update({s: segmenter_name(m) for m, (_, _, s) in MODALITIES.items()})
     name = names[dataset]
-    folder = Path(os.environ["nnUNet_results"]) / name / model_folder_name(trainer, configuration, plans)
-    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
-        return folder
-    pc.log(f"training {trainer} {configuration} ({plans}) on {name}: {epochs} x {ITERATIONS_PER_EPOCH} iterations")
-    options = TrainingOptions(epochs=epochs, iterations_per_epoch=ITERATIONS_PER_EPOCH, val_iterations_per_epoch=1,
-                              validation_samples=1, seed=0)
-    train(dataset, configuration, 0, trainer, options, plans_identifier=plans, overwrite=True)
-    return folder
+    model = model_folder_name(trainer, configuration, plans)
+    results = Path(os.environ["nnUNet_results"])
+    folder = results / name / model
+    timing = folder / "fold_0" / "benchmark_training.json"
+    if dataset not in MODALITIES and not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        for other in sorted(WORK.glob("results_*")):
+            earlier = other / name / model
+            if other != results and (earlier / "fold_0" / "benchmark_training.json").is_file():
+                (results / name).mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.symlink_to(earlier.resolve(), target_is_directory=True)
+                pc.log(f"reusing {earlier}")
+                break
+    if not timing.is_file():
+        epochs = max(1, iterations // ITERATIONS_PER_EPOCH)
+        pc.log(f"training {trainer} {configuration} ({plans}) on {name}: {epochs} x {ITERATIONS_PER_EPOCH} iterations")
+        options = TrainingOptions(epochs=epochs, iterations_per_epoch=ITERATIONS_PER_EPOCH, val_iterations_per_epoch=1,
+                                  validation_samples=1, seed=0)
+        start = time.perf_counter()
+        train(dataset, configuration, 0, trainer, options, plans_identifier=plans, overwrite=True)
+        write_json({"iterations": epochs * ITERATIONS_PER_EPOCH,
+                    "minutes": (time.perf_counter() - start) / 60.0}, timing)
+    return {"folder": folder, **read_json(timing)}
 
 
 def read(path: Path) -> np.ndarray:
@@ -181,48 +203,77 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=8, help="phantom subjects (fold 0 holds out a fifth)")
     parser.add_argument("--segmenter-epochs", type=int, default=6, help="epochs of 75 iterations of each segmenter")
     parser.add_argument("--ablate", type=int, default=2, help="the label removed for the mask ablation")
-    parser.add_argument("--no-3d", action="store_true", help="skip 3d_diffusion (a 3D model on the CPU is slow)")
+    parser.add_argument("--models", default="axial,coronal,sagittal,3D",
+                        help="comma-separated subset of axial, coronal, sagittal, 3D (a 3D model on the CPU is slow: "
+                             "run it in a second process with its own --iterations-3d)")
+    parser.add_argument("--iterations-3d", type=int, default=None, help="training iterations of the 3D models "
+                        "(default: --iterations)")
+    parser.add_argument("--modalities", default="CT,MR", help="comma-separated subset of CT, MR")
     args = parser.parse_args(argv)
-    os.environ["nnUNet_results"] = str(WORK / f"results_{args.iterations}it")
+    chosen = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(chosen) - {*DIRECTIONS, "3D"})
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from axial, coronal, sagittal, 3D")
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    if set(modalities) - set(MODALITIES):
+        parser.error("--modalities: choose from CT, MR")
+    iterations_3d = args.iterations if args.iterations_3d is None else args.iterations_3d
+    tag = f"{args.iterations}it" + (f"_3d{iterations_3d}it" if "3D" in chosen else "")
+    os.environ["nnUNet_results"] = str(WORK / f"results_{tag}")
     from spinediff.inference.api import predict
     from spinediff.inference.ensemble import ensemble_folders
     from spinediff.io import read_json
     from spinediff.metrics.frechet import SegmenterFeatures
 
     prepare(args.cases)
-    epochs = max(1, args.iterations // ITERATIONS_PER_EPOCH)
-    out_root = WORK / f"predictions_{args.iterations}it"
+    segmenters = {m: trained(MODALITIES[m][2], "2d_cpu", "nnUNetTrainer", args.segmenter_epochs * ITERATIONS_PER_EPOCH)
+                  ["folder"] for m in modalities}
+    out_root = WORK / f"predictions_{tag}_{'_'.join(chosen)}"
     shutil.rmtree(out_root, ignore_errors=True)
     results, panels, ablation_panels = {}, [], []
-    for modality, (dataset, name, segmenter_id) in MODALITIES.items():
+    for modality in modalities:
+        dataset, name, segmenter_id = MODALITIES[modality]
         raw = WORK / "raw" / name
         write_splits(raw, WORK / "preprocessed" / name)
         cases = read_json(WORK / "preprocessed" / name / "splits_final.json")[0]["val"]
         real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
-        segmenter = trained(segmenter_id, "2d_cpu", "nnUNetTrainer", args.segmenter_epochs)
+        segmenter = segmenters[modality]
         encoder = SegmenterFeatures(segmenter, 0)
         masks = masks_folder(raw / "labelsTr", cases, out_root / modality / "masks")
         from spinediff.experiments.downstream import segmenter_dice
 
         orig = segmenter_dice(segmenter, 0, real, masks)
-        models = {d: ("2d_diffusion", f"nnUNetPlans_{d}") for d in DIRECTIONS}
-        if not args.no_3d:
-            models["3D"] = ("3d_diffusion", "nnUNetPlans")
+        models = {d: ("2d_diffusion", f"nnUNetPlans_{d}", args.iterations) for d in DIRECTIONS if d in chosen}
+        if "3D" in chosen:
+            models["3D"] = ("3d_diffusion", "nnUNetPlans", iterations_3d)
         rows, outputs = {}, {}
-        for label, (configuration, plans) in models.items():
-            trained(dataset, configuration, TRAINER, epochs, plans)
+        for label, (configuration, plans, iterations) in models.items():
+            training = trained(dataset, configuration, TRAINER, iterations, plans)
             out = out_root / modality / label
             with pc.Stopwatch() as watch:
                 predict(masks, out, dataset, configuration, TRAINER, folds=[0], plans_identifier=plans,
                         num_samples=1, seed=0, progress=False, tuned_sampling=False)
             outputs[label] = out
             rows[label] = {**score(out, real, masks, modality, segmenter, encoder),
-                           "seconds_per_case": watch.wall / len(cases)}
+                           "seconds_per_case": watch.wall / len(cases), "iterations": training["iterations"],
+                           "training_minutes": training["minutes"]}
             pc.log(f"{modality} {label}: PSNR {rows[label]['psnr']:.2f}, Dice_gen {rows[label]['dice_gen']:.3f}")
         fused = out_root / modality / "2.5D"
-        ensemble_folders([outputs[d] for d in DIRECTIONS], fused)
-        rows["2.5D (mean of the 3 directions)"] = score(fused, real, masks, modality, segmenter, encoder)
+        if all(d in outputs for d in DIRECTIONS):
+            ensemble_folders([outputs[d] for d in DIRECTIONS], fused)
+            rows["2.5D (mean of the 3 directions)"] = {
+                **score(fused, real, masks, modality, segmenter, encoder), "iterations": 3 * args.iterations,
+                "training_minutes": sum(rows[d]["training_minutes"] for d in DIRECTIONS)}
         acquisition = "sagittal" if modality == "MR" else "axial"
+        case = cases[0]
+        panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
+                                  ("real", middle(read(real[case])))]
+                       + [(label, middle(read(outputs[label] / f"{case}.nii.gz"))) for label in outputs]
+                       + ([("2.5D", middle(read(fused / f"{case}.nii.gz")))] if fused.is_dir() else [])))
+        results[modality] = {"cases": cases, "dice_orig": float(np.mean([orig[c]["dice"] for c in cases])),
+                             "rows": rows}
+        if acquisition not in outputs:
+            continue
         if modality == "MR":  # a mask taken from the CT → MR, by the MR model of the acquisition plane
             from_ct = masks_folder(raw / "labelsFromCT", cases, out_root / modality / "masks_from_ct")
             out = out_root / modality / "from_ct"
@@ -236,33 +287,32 @@ def main(argv: list[str] | None = None) -> int:
                 plans_identifier=f"nnUNetPlans_{acquisition}", num_samples=1, seed=0, progress=False,
                 tuned_sampling=False)
         rows[f"{acquisition}, label {args.ablate} removed"] = score(out, real, ablated, modality, segmenter, encoder)
-        results[modality] = {"cases": cases, "dice_orig": float(np.mean([orig[c]["dice"] for c in cases])),
-                             "rows": rows}
-        case = cases[0]
-        panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
-                                  ("real", middle(read(real[case])))]
-                       + [(label, middle(read(outputs[label] / f"{case}.nii.gz"))) for label in outputs]
-                       + [("2.5D", middle(read(fused / f"{case}.nii.gz")))]))
         ablation_panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
                                            (acquisition, middle(read(outputs[acquisition] / f"{case}.nii.gz"))),
                                            (f"mask without {args.ablate}", middle(read(ablated / f"{case}.nii.gz"))),
                                            ("generated from it", middle(read(out / f"{case}.nii.gz")))]))
-    figure(panels, pc.OUTPUT / "generation_phantom.png")
-    figure(ablation_panels, pc.OUTPUT / "generation_ablation.png")
+    name = f"generation_phantom_{tag}_{'_'.join(chosen)}"
+    figure(panels, pc.OUTPUT / f"{name}.png")
+    if ablation_panels:
+        figure(ablation_panels, pc.OUTPUT / f"{name}_ablation.png")
     lines = [f"Command: `{pc.command_line()}`", "",
-             f"Phantom, fold 0 of {args.cases} subjects, {args.iterations} training iterations per generation model, "
-             "one sample per case; Dice_gen / Dice_orig: the modality's nnU-Net segmenter on the generated / real "
-             "image.",
+             f"Phantom, fold 0 of {args.cases} subjects, one sample per case; Dice_gen / Dice_orig: the modality's "
+             "nnU-Net segmenter on the generated / real image. Rows without iterations reuse the model above them.",
              "",
-             "| modality | model | PSNR (dB) | SSIM | MAE | Fréchet | Dice_orig | Dice_gen | Dice_gen / Dice_orig |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| modality | model | iterations | training min | PSNR (dB) | SSIM | MAE | Fréchet | Dice_orig | Dice_gen "
+             "| Dice_gen / Dice_orig | s / case |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for modality, result in results.items():
         for label, row in result["rows"].items():
-            lines.append(f"| {modality} | {label} | {row['psnr']:.2f} | {row['ssim']:.3f} | {row['mae']:.1f} | "
-                         f"{row['frechet']:.3g} | {result['dice_orig']:.3f} | {row['dice_gen']:.3f} | "
-                         f"{row['dice_gen'] / result['dice_orig']:.3f} |")
-    pc.write_result("generation_phantom", {"machine": pc.machine_info(), "iterations": args.iterations,
-                                           "results": results}, "\n".join(lines) + "\n")
+            iterations = f"{row['iterations']}" if "iterations" in row else ""
+            minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else ""
+            seconds = f"{row['seconds_per_case']:.1f}" if "seconds_per_case" in row else ""
+            lines.append(f"| {modality} | {label} | {iterations} | {minutes} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
+                         f"{row['mae']:.1f} | {row['frechet']:.3g} | {result['dice_orig']:.3f} | {row['dice_gen']:.3f} "
+                         f"| {row['dice_gen'] / result['dice_orig']:.3f} | {seconds} |")
+    pc.write_result(name, {"machine": pc.machine_info(), "iterations": args.iterations,
+                           "iterations_3d": iterations_3d, "models": chosen, "results": results},
+                    "\n".join(lines) + "\n")
     return 0
 
 
