@@ -1,11 +1,13 @@
-"""MR→CT translation on the phantom: diffusion image mode vs noise mode vs regression vs Pix2Pix.
+"""MR→CT translation on the phantom, Graf et al.'s comparison under one harness (issue 18): diffusion x0 / eps / v,
+the regression U-Net, nnsyn's masked regression + anatomical perception loss, Pix2Pix, and CUT trained unpaired.
 
-Every method trains fold 0 of the same planned phantom translation dataset for the same wall-clock
-budget (CPU), then predicts its held-out cases; PSNR, SSIM and MAE (HU, body and bone) are compared
-side by side (Graf et al. 2023 found image mode > noise mode). Results: JSON + Markdown under
-benchmarks/output/translation_methods/ (the table is copied into documentation/results.md).
+Every method trains the same folds of the same planned phantom translation dataset for the same wall-clock budget
+(CPU), then predicts its held-out cases; PSNR, SSIM and MAE (HU, body and bone), the Fréchet distance and the
+downstream Dice are compared side by side, with a Wilcoxon test per case against the regression baseline and a box
+plot (``spinediff benchmark``). Results: JSON + Markdown under benchmarks/output/translation_methods/ (the table is
+copied into documentation/results.md).
 
-    python benchmarks/translation_methods.py --budget-minutes 7 --cases 20 --downstream
+    python benchmarks/translation_methods.py --budget-minutes 2 --cases 20 --folds 0 1 2 --downstream
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=20.0, help="training budget per method (issue: 20)")
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--dims", nargs="+", default=["2d"], choices=["2d", "3d"])
+    parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2], help="cross-validation folds (of 5)")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset (spinediff benchmark --methods)")
+    parser.add_argument("--workers", type=int, default=1, help="folds trained side by side")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "translation_methods"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--downstream", action="store_true",
@@ -53,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         plan_dataset(902, configurations=[f"{d}_diffusion" for d in args.dims], device="cpu", num_processes=1)
     start = time.perf_counter()
     options = TrainingOptions(epochs=1000, iterations_per_epoch=40, val_iterations_per_epoch=1)
-    summary = run_benchmark(902, folds=[0], budget_minutes=args.budget_minutes, dims=tuple(args.dims),
-                            options=options, output=out, downstream=args.downstream)
+    summary = run_benchmark(902, folds=args.folds, budget_minutes=args.budget_minutes, dims=tuple(args.dims),
+                            options=options, output=out, downstream=args.downstream, method_names=args.methods,
+                            workers=args.workers)
     command = "python benchmarks/translation_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_text(f"{summary['table']}\n\nCommand: `{command}` ({(time.perf_counter() - start) / 60:.0f} min).\n",
                out / "results.md")

@@ -158,9 +158,12 @@ class Translation(Task):
 
     def benchmark_methods(self, tag):
         return [MethodSpec(f"Regression U-Net {tag}", "RegressionTrainer", baseline=True),
+                MethodSpec(f"Masked regression + perception loss {tag}", "PerceptionRegressionTrainer"),
                 MethodSpec(f"Diffusion image mode (x0) {tag}", "DiffusionTranslationTrainer"),
                 MethodSpec(f"Diffusion noise mode (eps) {tag}", "DiffusionTranslationTrainer", "eps"),
-                MethodSpec(f"Pix2Pix {tag}", "Pix2PixTrainer")]
+                MethodSpec(f"Diffusion v-prediction {tag}", "DiffusionTranslationTrainer", "v"),
+                MethodSpec(f"Pix2Pix {tag}", "Pix2PixTrainer"),
+                MethodSpec(f"CUT, unpaired {tag}", "CUTTrainer")]
 
 
 class Generation(Task):

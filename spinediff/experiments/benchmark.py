@@ -45,6 +45,23 @@ def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = (
     return methods
 
 
+def select_methods(methods: list[Method], names: list[str] | None) -> list[Method]:
+    """The methods named in ``names`` (a trainer class, ``TRAINER:eps|v`` for a prediction-type variant, or a
+    configuration-qualified ``TRAINER@CONFIG``); all of them when ``names`` is empty."""
+    if not names:
+        return methods
+
+    def keys(method: Method) -> set[str]:
+        base = method.trainer + (f":{method.prediction_type}" if method.prediction_type else "")
+        return {base, f"{base}@{method.configuration}"}
+
+    unknown = [n for n in names if not any(n in keys(m) for m in methods)]
+    if unknown:
+        offered = sorted({k for m in methods for k in keys(m) if "@" not in k})
+        raise SpineDiffError(f"--methods: no method {', '.join(unknown)}; this task offers {', '.join(offered)}.")
+    return [m for m in methods if keys(m) & set(names)]
+
+
 def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, work: Path) -> Path:
     """Segmentation: labelsTr. Images: a folder of links CASE.nii.gz → imagesTr/CASE_{target}.nii.gz."""
     if task.writes_labels:
@@ -144,17 +161,20 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
                "network_evals_per_window": r.network_evaluations_per_window}
         for name in names:
             row[name] = summarise([case.get(name, float("nan")) for case in r.per_case.values()])["mean"]
+        row.update(r.set_metrics)
         p, n = paired_test({c: v[metric] for c, v in r.per_case.items()},
                            {c: v[metric] for c, v in baseline.per_case.items()})
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
     shown = [m for m in ("dice", "dice_pp", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95",
                          "psnr", "ssim", "mae", "mae_body", "mae_bone", "dice_downstream") if m in names]
+    shown += [m for m in ("frechet",) if any(m in r.set_metrics for r in results)]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         p = row[f"wilcoxon_p_vs_{baseline.method.name}"]
-        cells = [row["method"], *[f"{row[m]:.3f}" for m in shown], f"{row['train_minutes']:.1f}", str(row["epochs"]),
+        cells = [row["method"], *[f"{row.get(m, float('nan')):.3g}" if m == "frechet" else f"{row[m]:.3f}"
+                                  for m in shown], f"{row['train_minutes']:.1f}", str(row["epochs"]),
                  f"{row['inference_s_per_case']:.1f}", str(row["network_evals_per_window"]),
                  "baseline" if math.isnan(p) and row["method"] == baseline.method.name else f"{p:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -176,6 +196,9 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
                  f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
+    if "frechet" in shown:
+        lines.append("frechet: Fréchet distance between the synthetic and the real CT of the validation cases in the "
+                     "downstream segmenter's encoder features (per fold, averaged over the folds; lower is better).")
     if "dice_pp" in shown:
         lines.append("dice_pp: mean Dice after the level-numbering post-processing where the method's cross-validation "
                      "keeps it (spinediff find_best's rule), else the plain Dice; dice_1.. are before it.")
@@ -185,7 +208,7 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
 def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minutes: float | None = None,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
                   reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False,
-                  workers: int = 1) -> dict:
+                  workers: int = 1, method_names: list[str] | None = None) -> dict:
     """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure.
 
     ``downstream`` (translation): also train nnU-Net on the real CT of the same folds and budget and score
@@ -194,7 +217,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
 
     ``budget_minutes``: training time per method and fold; None uses the plans' schedule (``spinediff plan
     --budget``), or 10 minutes for plans made without one. ``workers``: folds trained side by side, each in
-    its own process with one torch thread.
+    its own process with one torch thread. ``method_names``: a subset of the task's methods (:func:`select_methods`).
     """
     from spinediff.paths import nnunet_folder
     from spinediff.planning.plans import SpineDiffPlans
@@ -206,7 +229,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     plans = SpineDiffPlans.read(preprocessed / name / "nnUNetPlans.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
-    methods = methods or methods_for(spec.task, plans.planned_names, dims)
+    methods = methods or select_methods(methods_for(spec.task, plans.planned_names, dims), method_names)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     options = options or TrainingOptions()
@@ -226,6 +249,14 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         intensity = plans.configuration("2d_diffusion").target_intensity if "2d_diffusion" in plans else None
         if intensity:
             data_range = intensity.mappings[0].clip_range
+    from spinediff.training.registry import find_trainer, is_spinediff_trainer
+
+    if any(is_spinediff_trainer(m.trainer) and find_trainer(m.trainer).needs_target_segmenter for m in methods):
+        # the perception loss's frozen segmenter: the downstream segmenter of the same folds, trained first
+        from spinediff.experiments.downstream import train_downstream_segmenter
+
+        segmenter_folder, _ = train_downstream_segmenter(name, folds, options, reuse=reuse)
+        options.perception_model = str(segmenter_folder)
     # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
     jobs = [(method, fold) for fold in folds for method in methods]
     timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),

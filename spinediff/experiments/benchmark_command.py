@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
         budget = parse_budget(args.budget) / 60.0
     summary = run_benchmark(args.dataset, folds=folds, budget_minutes=budget,
                             dims=tuple(args.dims), options=options, output=args.output, reuse=not args.retrain,
-                            downstream=args.downstream, workers=args.workers)
+                            downstream=args.downstream, workers=args.workers, method_names=args.methods)
     print(summary["table"])
     print(f"\nwritten: {summary['output']}/benchmark.md, benchmark.csv, benchmark.json, benchmark.png")
     return 0
@@ -51,6 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-j", "--workers", type=int, default=1,
                         help="folds trained side by side, one process and one torch thread each (e.g. 2 on two "
                              "cores)")
+    parser.add_argument("--methods", nargs="+", metavar="TRAINER",
+                        help="a subset of the task's methods, by trainer class (e.g. RegressionTrainer CUTTrainer "
+                             "DiffusionTranslationTrainer DiffusionTranslationTrainer:eps DiffusionTranslationTrainer:v"
+                             " PerceptionRegressionTrainer Pix2PixTrainer); default: all of them")
     parser.add_argument("--dims", nargs="+", choices=["2d", "3d"], default=["2d"], help="2D and/or 3D configurations")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs (default: the plans' schedule, fitted to the budget); with a budget, a cap")

@@ -142,10 +142,35 @@ def downstream_dataset_name(raw_root: Path, translation_name: str) -> str:
     return f"Dataset{free:03d}_{translation_name.split('_', 1)[-1]}CTSegmenter"
 
 
+def train_downstream_segmenter(translation_name: str, folds: list, options, configuration: str = "2d_cpu",
+                               reuse: bool = True) -> tuple[Path, object]:
+    """Train (or reuse) nnU-Net on the real target images of the translation dataset's folds; its model folder and
+    its ``MethodResult`` (training time). The same segmenter scores the synthetic images (downstream Dice) and gives
+    the perception loss of ``PerceptionRegressionTrainer`` (fold by fold: it saw the fold's training cases only)."""
+    from spinediff.experiments.folds import Method, run_method
+    from spinediff.paths import nnunet_folder
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import ensure_splits
+
+    raw_root, preprocessed_root, results_root = (nnunet_folder(k) for k in ("raw", "preprocessed", "results"))
+    name = downstream_dataset_name(raw_root, translation_name)
+    write_segmenter_dataset(raw_root / translation_name, raw_root / name)
+    if not (preprocessed_root / name / "nnUNetPlans.json").is_file():
+        plan_dataset(raw_root / name, configurations=[configuration], device="cpu", num_processes=1,
+                     show_progress_bar=False)
+    ensure_splits(preprocessed_root / translation_name, write_five_folds=True)  # the segmenter may train first
+    copy_splits(preprocessed_root / translation_name, preprocessed_root / name)
+    segmenter = run_method(Method("CT segmenter (nnU-Net)", SEGMENTER_TRAINER, configuration), name, folds, options,
+                           reuse=reuse)
+    return results_root / name / model_folder_name(SEGMENTER_TRAINER, configuration), segmenter
+
+
 def score_downstream(translation_name: str, folds: list, outcomes: list, options, reference: Path,
                      configuration: str = "2d_cpu", reuse: bool = True) -> dict:
     """Train (or reuse) the CT segmenter on the translation dataset's folds and add ``dice_downstream``
-    to every method's per-case scores; returns the segmenter's scores on the real CT (Dice_orig).
+    to every method's per-case scores and the Fréchet distance between its synthetic and the real CT (in the fold
+    segmenter's encoder features, averaged over the folds) to its ``set_metrics``; returns the segmenter's scores on
+    the real CT (Dice_orig).
 
     Args:
         translation_name: the translation dataset (``DatasetXXX_Name``), raw and preprocessed.
@@ -154,31 +179,32 @@ def score_downstream(translation_name: str, folds: list, outcomes: list, options
         reference: folder of the real CT volumes ``CASE.nii.gz``.
         configuration: the segmenter's nnU-Net configuration (CPU-sized by default).
     """
-    from spinediff.experiments.folds import Method, run_method
     from spinediff.paths import nnunet_folder
-    from spinediff.planning.api import plan_dataset
 
     raw_root, preprocessed_root, results_root = (nnunet_folder(k) for k in ("raw", "preprocessed", "results"))
-    name = downstream_dataset_name(raw_root, translation_name)
-    write_segmenter_dataset(raw_root / translation_name, raw_root / name)
-    if not (preprocessed_root / name / "nnUNetPlans.json").is_file():
-        plan_dataset(raw_root / name, configurations=[configuration], device="cpu", num_processes=1,
-                     show_progress_bar=False)
-    copy_splits(preprocessed_root / translation_name, preprocessed_root / name)
-    segmenter = run_method(Method("CT segmenter (nnU-Net)", SEGMENTER_TRAINER, configuration), name, folds, options,
-                           reuse=reuse)
-    model = results_root / name / model_folder_name(SEGMENTER_TRAINER, configuration)
+    model, segmenter = train_downstream_segmenter(translation_name, folds, options, configuration, reuse)
+    name = model.parent.name
     labels = raw_root / translation_name / "labelsTr"
+    from spinediff.metrics.frechet import SegmenterFeatures, image_frechet_distance
+
     real: dict[str, dict] = {}
+    frechet: dict[str, list[float]] = {}
     for fold in folds:
         validation = read_json(preprocessed_root / name / "splits_final.json")[int(fold)]["val"] \
             if fold != "all" else []
         real.update(segmenter_dice(model, fold, {c: reference / f"{c}.nii.gz" for c in validation}, labels))
+        encoder = SegmenterFeatures(model, fold)
         for outcome in outcomes:
             exports = results_root / translation_name / outcome.method.folder_name / f"fold_{fold}" / "validation"
             synthetic = {c: exports / f"{c}.nii.gz" for c in validation if (exports / f"{c}.nii.gz").is_file()}
             for case, scores in segmenter_dice(model, fold, synthetic, labels).items():
                 outcome.per_case.setdefault(case, {})["dice_downstream"] = scores["dice"]
+            if synthetic:  # the fold's synthetic vs real CT, in the fold segmenter's feature space
+                frechet.setdefault(outcome.method.name, []).append(image_frechet_distance(
+                    encoder, list(synthetic.values()), [reference / f"{c}.nii.gz" for c in synthetic]))
+    for outcome in outcomes:
+        if outcome.method.name in frechet:
+            outcome.set_metrics["frechet"] = float(np.mean(frechet[outcome.method.name]))
     values = [s["dice"] for s in real.values() if math.isfinite(s["dice"])]
     return {"segmenter": f"{SEGMENTER_TRAINER} {configuration} on {name}",
             "train_minutes": segmenter.train_seconds / 60,

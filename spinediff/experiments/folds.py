@@ -40,6 +40,7 @@ class MethodResult:
     network_evaluations_per_window: int = 1
     epochs: int = 0
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)  # case → metric → value
+    set_metrics: dict[str, float] = field(default_factory=dict)  # metrics of all cases together (Fréchet distance)
     per_fold: dict[str, dict] = field(default_factory=dict)  # fold → steps, epochs, final learning rate, minutes
     postprocessing: dict | None = None  # segmentation: the cross-validated level numbering decision
 

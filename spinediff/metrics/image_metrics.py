@@ -76,7 +76,10 @@ def adjacent_difference_ratio(prediction: np.ndarray, reference: np.ndarray, axi
     return float(np.abs(p[second] - p[first])[pairs].mean() / real) if real > 0 else float("nan")
 
 
-def body_mask_ct(reference_hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+BODY_THRESHOLD_HU = -500.0  # air and padding are below
+
+
+def body_mask_ct(reference_hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """Voxels inside the body on CT: denser than ``threshold`` HU (air and padding are below)."""
     return reference_hu > threshold
 

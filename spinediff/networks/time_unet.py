@@ -168,12 +168,7 @@ class TimeConditionedUNet(nn.Module):
         self.decoder_attention = nn.ModuleList(decoder_attention)
         self.output_layers = nn.ModuleList(output_layers)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Predict from ``x = cat([condition, noisy_target], dim=1)`` at integer ``timesteps`` ``(B,)``.
-
-        Returns:
-            ``(B, num_classes, *spatial)``; with deep supervision a list, full resolution first.
-        """
+    def _encode(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         if timesteps.shape != (x.shape[0],):
@@ -185,6 +180,20 @@ class TimeConditionedUNet(nn.Module):
         for stage, attention in zip(self.encoder_stages, self.encoder_attention, strict=True):
             x = attention(stage(x, embedding))
             skips.append(x)
+        return skips, embedding
+
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's feature maps, full resolution first (what contrastive losses such as CUT's PatchNCE
+        compare between an input and its translation)."""
+        return self._encode(x, timesteps)[0]
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Predict from ``x = cat([condition, noisy_target], dim=1)`` at integer ``timesteps`` ``(B,)``.
+
+        Returns:
+            ``(B, num_classes, *spatial)``; with deep supervision a list, full resolution first.
+        """
+        skips, embedding = self._encode(x, timesteps)
         outputs = []
         x = skips[-1]
         for d, (transpconv, stage, attention) in enumerate(

@@ -38,18 +38,19 @@ def resolve_preprocessed_dataset(dataset: str | int, preprocessed: Path) -> str:
     raise SpineDiffError(f"No preprocessed dataset {text!r} in {preprocessed}. Run `spinediff plan -d {text}` first.")
 
 
-def ensure_splits(preprocessed_dataset: Path, seed: int = 12345) -> None:
-    """nnU-Net's 5-fold split, or one fold per case for datasets with fewer than 5 cases (nnU-Net would fail)."""
+def ensure_splits(preprocessed_dataset: Path, seed: int = 12345, write_five_folds: bool = False) -> None:
+    """One fold per case for datasets with fewer than 5 cases (nnU-Net would fail); with ``write_five_folds`` also
+    nnU-Net's own 5-fold split (its ``do_split``: sorted case keys, seed 12345) before any training writes it."""
     splits_file = preprocessed_dataset / "splits_final.json"
     if splits_file.exists():
         return
     cases = sorted(p.name[: -len(".pkl")] for p in preprocessed_dataset.glob("*/*.pkl"))
     cases = sorted(set(cases))
-    if len(cases) >= 5 or len(cases) < 2:
+    if (len(cases) >= 5 and not write_five_folds) or len(cases) < 2:
         return  # nnU-Net's own do_split handles (and reports) these
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-    write_json(generate_crossval_split(cases, seed=seed, n_splits=len(cases)), splits_file)
+    write_json(generate_crossval_split(cases, seed=seed, n_splits=min(5, len(cases))), splits_file)
 
 
 def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str, *,

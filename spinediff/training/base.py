@@ -64,6 +64,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     denoising: bool = True
     #: Tasks a trainer accepts (a dataset's ``spinediff.task``).
     supported_tasks: tuple[type[Task], ...] = (Segmentation, Translation, Generation)
+    #: training needs a segmenter of the target modality (``TrainingOptions.perception_model``)
+    needs_target_segmenter: bool = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):

@@ -1,4 +1,6 @@
-"""Baselines on the same network, data and harness: one-step regression and Pix2Pix.
+"""Baselines on the same network, data and harness: one-step regression and Pix2Pix (CUT, unpaired:
+:mod:`spinediff.training.unpaired`; nnsyn's masked regression with a perception loss:
+:mod:`spinediff.training.perception`).
 
 ``RegressionTrainer`` is the "one-step" baseline diffusion must beat: the same U-Net, fed the
 condition only (timestep fixed at 0), trained with L1 to output the target directly.
@@ -46,37 +48,58 @@ def patch_discriminator(in_channels: int, dimension: int, features: int = 32, la
     return nn.Sequential(*blocks)
 
 
-class Pix2PixTrainer(RegressionTrainer):
+class DiscriminatorMixin:
+    """A PatchGAN discriminator, its optimiser, the least-squares GAN loss and their checkpoint state, for the
+    adversarial baselines (Pix2Pix: conditional, on (condition, image) pairs; CUT: unconditional, on images)."""
+
+    def initialize_discriminator(self, in_channels: int) -> None:
+        dimension = len(self.configuration_manager.patch_size)
+        self.discriminator = patch_discriminator(in_channels, dimension).to(self.device)
+        broadcast_parameters(self.discriminator)  # DDP wraps only the generator: start all ranks alike
+        self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.initial_lr,
+                                                         betas=(0.5, 0.999))
+
+    def _discriminate(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype):
+            return as_float32(self.discriminator(images))
+
+    @staticmethod
+    def _adversarial(logits: torch.Tensor, real: bool) -> torch.Tensor:
+        return torch.mean((logits - (1.0 if real else 0.0)) ** 2)
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> None:
+        """One step of the discriminator: ``real`` → 1, ``fake`` (detached here) → 0."""
+        self.discriminator_optimizer.zero_grad(set_to_none=True)
+        loss = 0.5 * (self._adversarial(self._discriminate(real), True)
+                      + self._adversarial(self._discriminate(fake.detach()), False))
+        # average_gradients: no-op in a single process
+        self.backward_and_step(loss, self.discriminator_optimizer,
+                               before_step=lambda: average_gradients(self.discriminator))
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"discriminator_weights": self.discriminator.state_dict(),
+                "discriminator_optimizer_state": self.discriminator_optimizer.state_dict()}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        if "discriminator_weights" in checkpoint:
+            self.discriminator.load_state_dict(checkpoint["discriminator_weights"])
+            self.discriminator_optimizer.load_state_dict(checkpoint["discriminator_optimizer_state"])
+
+
+class Pix2PixTrainer(DiscriminatorMixin, RegressionTrainer):
     """U-Net generator (the shared network) + PatchGAN discriminator, L1 (weight 100) + least-squares GAN loss."""
 
     l1_weight = 100.0
 
     def initialize(self) -> None:
         super().initialize()
-        dimension = len(self.configuration_manager.patch_size)
-        channels = self.task.condition_channels + self.task.output_channels
-        self.discriminator = patch_discriminator(channels, dimension).to(self.device)
-        broadcast_parameters(self.discriminator)  # DDP wraps only the generator: start all ranks alike
-        self.discriminator_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=self.initial_lr,
-                                                         betas=(0.5, 0.999))
-
-    def _discriminate(self, pair: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.amp_dtype):
-            return as_float32(self.discriminator(pair))
-
-    def _adversarial(self, logits: torch.Tensor, real: bool) -> torch.Tensor:
-        return torch.mean((logits - (1.0 if real else 0.0)) ** 2)
+        self.initialize_discriminator(self.task.condition_channels + self.task.output_channels)
 
     def train_step(self, batch: dict) -> dict:
         condition, target = self.split_batch(batch)
         fake = self.direct(self.network, condition)
         # discriminator: real pairs → 1, generated pairs → 0
-        self.discriminator_optimizer.zero_grad(set_to_none=True)
-        d_loss = 0.5 * (self._adversarial(self._discriminate(torch.cat([condition, target], 1)), True)
-                        + self._adversarial(self._discriminate(torch.cat([condition, fake.detach()], 1)), False))
-        # average_gradients: no-op in a single process
-        self.backward_and_step(d_loss, self.discriminator_optimizer,
-                               before_step=lambda: average_gradients(self.discriminator))
+        self.discriminator_step(torch.cat([condition, target], 1), torch.cat([condition, fake], 1))
         # generator: fool the discriminator and stay close to the target
         self.optimizer.zero_grad(set_to_none=True)
         g_adv = self._adversarial(self._discriminate(torch.cat([condition, fake], 1)), True)
@@ -87,12 +110,3 @@ class Pix2PixTrainer(RegressionTrainer):
 
     def compute_loss(self, network, condition, target):
         return self.l1_weight * torch.nn.functional.l1_loss(self.direct(network, condition), target)
-
-    def extra_checkpoint_state(self) -> dict:
-        return {"discriminator_weights": self.discriminator.state_dict(),
-                "discriminator_optimizer_state": self.discriminator_optimizer.state_dict()}
-
-    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
-        if "discriminator_weights" in checkpoint:
-            self.discriminator.load_state_dict(checkpoint["discriminator_weights"])
-            self.discriminator_optimizer.load_state_dict(checkpoint["discriminator_optimizer_state"])

@@ -20,6 +20,7 @@ class TrainingOptions:
     num_inference_steps: int | None = None  # DDIM steps of the final validation
     validation_samples: int | None = None  # samples averaged per case in the final validation (None: the plans')
     mask_ablation_probability: float | None = None
+    perception_model: str | None = None  # PerceptionRegressionTrainer: the frozen segmenter's model folder
     budget_minutes: float | None = None  # end training at this wall-clock budget (refits the schedule)
     seed: int | None = 0  # seeds network initialisation, augmentation and diffusion noise (None: unseeded)
     save_probabilities: bool = False  # segmentation: keep CASE.npz in the final validation (as nnU-Net's --npz)

@@ -38,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch, learning_rate=args.lr,
                               num_inference_steps=args.num_inference_steps,
-                              mask_ablation_probability=args.mask_ablation,
+                              mask_ablation_probability=args.mask_ablation, perception_model=args.perception_model,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
                               save_probabilities=args.npz, validation_samples=args.val_samples,
                               precision=args.precision, device=args.device)
@@ -95,6 +95,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
     parser.add_argument("--mask-ablation", type=float,
                         help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
+    parser.add_argument("--perception-model", metavar="FOLDER",
+                        help="PerceptionRegressionTrainer: the model folder (TRAINER__PLANS__CONFIG) of an nnU-Net "
+                             "segmenter trained on the real target images of the same folds; its frozen encoder gives "
+                             "the anatomical perception loss")
     add_precision_argument(parser)
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds network initialisation, augmentation (in the main process) and diffusion noise, "
