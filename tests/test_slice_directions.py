@@ -1,6 +1,7 @@
 """2D configurations per slice direction (issue 19, point 1): ``spinediff plan --slice-direction`` writes
 ``nnUNetPlans_<direction>`` with nnU-Net's transpose putting the slicing axis first, found from the images'
-orientation; a model of such plans trains and predicts raw cases in their own geometry."""
+orientation; a model of such plans trains and predicts raw cases in their own geometry; ``find_best`` scores the
+2.5D fusion of the directions."""
 
 from __future__ import annotations
 
@@ -62,8 +63,24 @@ def test_slice_directions_plan_train_and_predict(phantom_root, tmp_path):
         assert refused.value.code == 2
 
         options = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
-                                  validation_samples=1)
-        train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", options, plans_identifier="nnUNetPlans_coronal")
+                                  validation_samples=1, save_probabilities=True)
+        for direction in ("coronal", "sagittal"):
+            train(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer", options,
+                  plans_identifier=f"nnUNetPlans_{direction}")
+        # find_best tries the 2.5D fusion of the two directions (mean of their saved validation probabilities)
+        from spinediff.inference.find_best import find_best
+
+        result = find_best(901, folds=[0])
+        fused = result.fused
+        assert sorted(fused["members"]) == sorted(c.name for c in result.ranking) and fused["cases"] >= 1
+        assert 0.0 <= fused["scores"]["dice"] <= 1.0
+        # each member's Dice from its saved probabilities is its cross-validation Dice (the label map is their argmax)
+        for candidate in result.ranking:
+            assert fused["singles"][candidate.name] == pytest.approx(candidate.scores["dice"], abs=0.02)
+        if result.winner.startswith("2.5D fusion"):
+            assert result.commands[-1] == "spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER"
+            assert fused["scores"]["dice"] > max(c.scores["dice_pp"] for c in result.ranking)
+        assert "2.5D fusion of 2 slice directions" in result.table()
         inputs = tmp_path / "in"
         inputs.mkdir()
         for channel in (0, 1):

@@ -1,6 +1,7 @@
 """``find_best``: rank every trained configuration/trainer of a dataset on its cross-validation, try the
-ensemble of the top two, and say how to predict with the winner (nnU-Net's find_best_configuration,
-for spinediff's tasks).
+ensemble of the top two and, for a model trained in several slice directions (``nnUNetPlans_axial|coronal|sagittal``),
+their 2.5D fusion, and say how to predict with the winner (nnU-Net's find_best_configuration, for spinediff's
+tasks).
 
 Scores are pooled over all validation cases of the compared folds (as nnU-Net pools its
 cross-validation predictions):
@@ -101,6 +102,20 @@ def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT
                                                                            else ""))
 
 
+SLICE_DIRECTIONS = ("axial", "coronal", "sagittal")
+
+
+def slice_direction_group(ranking: list[Candidate]) -> list[Candidate]:
+    """The best-ranked model (trainer and configuration) trained under two or more ``nnUNetPlans_<direction>`` plans
+    (``spinediff plan --slice-direction``): its candidates in those directions, best first; empty if none."""
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for candidate in ranking:  # best first, so the first full group is the best model's
+        direction = candidate.plans.rsplit("_", 1)[-1] if "_" in candidate.plans else ""
+        if direction in SLICE_DIRECTIONS:
+            groups.setdefault((candidate.trainer, candidate.configuration), []).append(candidate)
+    return next((group for group in groups.values() if len(group) >= 2), [])
+
+
 @dataclass
 class FindBestResult:
     task: Task
@@ -112,6 +127,7 @@ class FindBestResult:
     commands: list[str]
     notes: list[str]
     postprocessing: dict | None = None
+    fused: dict | None = None  # the 2.5D fusion of one model in the slice directions (segmentation: probabilities)
 
     def table(self) -> str:
         metrics = [m for m in self.task.ranking_metrics if self.task.writes_labels
@@ -121,10 +137,12 @@ class FindBestResult:
         for rank, c in enumerate(self.ranking, 1):
             lines.append(f"{rank:<5} {c.name:<60} {len(c.per_case):>5} "
                          + " ".join(f"{c.scores.get(m, float('nan')):>9.4f}" for m in metrics))
-        if self.ensemble and "scores" in self.ensemble:
-            e = self.ensemble
-            lines.append(f"{'ens':<5} {'ensemble of ranks 1+2':<60} {e['cases']:>5} "
-                         + " ".join(f"{e['scores'].get(m, float('nan')):>9.4f}" for m in metrics))
+        for tag, label, e in (("ens", "ensemble of ranks 1+2", self.ensemble),
+                              ("2.5D", f"2.5D fusion of {len((self.fused or {}).get('members', []))} slice directions",
+                               self.fused)):
+            if e and "scores" in e:
+                lines.append(f"{tag:<5} {label:<60} {e['cases']:>5} "
+                             + " ".join(f"{e['scores'].get(m, float('nan')):>9.4f}" for m in metrics))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -133,7 +151,7 @@ class FindBestResult:
                 "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
                              "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
                             for c in self.ranking],
-                "ensemble": self.ensemble, "postprocessing": self.postprocessing}
+                "ensemble": self.ensemble, "fused_2_5d": self.fused, "postprocessing": self.postprocessing}
 
 
 def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, repredict: bool = False,
@@ -149,7 +167,7 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
         output: the JSON (default ``$nnUNet_results/DatasetXXX/find_best.json``); never silently replaced.
         raw_folder: ``$nnUNet_raw`` (references of image tasks, inputs of re-prediction).
     """
-    from spinediff.inference.find_best_ensemble import evaluate_top_two
+    from spinediff.inference.find_best_ensemble import evaluate_ensemble, evaluate_top_two
 
     dataset_folder = find_dataset_results(dataset, results_folder)
     target = ensure_new_output(Path(output) if output else dataset_folder / "find_best.json", overwrite)
@@ -195,12 +213,27 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
             commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
                         for i, c in enumerate(ranking[:2], 1)]
             commands.append("spinediff ensemble -i OUTPUT_FOLDER_1 OUTPUT_FOLDER_2 -o OUTPUT_FOLDER")
+    fused = None
+    group = slice_direction_group(ranking)
+    if group:  # one model trained in several slice directions: their fusion (2.5D) is a candidate too
+        fused = evaluate_ensemble(group, task, metric, dataset_folder, repredict, raw_folder, device)
+        current = (ensemble["scores"][metric] if winner != best.name else best.scores[rank_on])
+        beats_singles = "best_single" not in fused or better(fused.get("scores", {}).get(metric, math.nan),
+                                                             fused["best_single"], metric)
+        if "scores" in fused and beats_singles and better(fused["scores"][metric], current, metric):
+            winner = "2.5D fusion of " + " and ".join(c.name for c in group)
+            probabilities = task.writes_labels
+            commands = [predict_command(dataset_id, c, f"OUTPUT_FOLDER_{i}", probabilities)
+                        for i, c in enumerate(group, 1)]
+            commands.append("spinediff ensemble -i " + " ".join(f"OUTPUT_FOLDER_{i}" for i in range(1, len(group) + 1))
+                            + " -o OUTPUT_FOLDER")
     postprocessing = decisions.get(best.name) if winner == best.name else None
     if postprocessing and postprocessing.get("applied") and not best.is_spinediff:
         needs = postprocessing.get("foreground") == "probabilities"  # postprocess reads CASE.npz then
         commands = [predict_command(dataset_id, best, probabilities=needs),
                     f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
-    result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing)
+    result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing,
+                            fused)
     write_json(result.to_dict(), target)
     return result
 

@@ -1,4 +1,5 @@
-"""The top-two ensemble of ``find_best``, scored on the cross-validation cases (see :mod:`.find_best`)."""
+"""The ensembles of ``find_best`` (the top two; the 2.5D fusion of one model trained in the three slice directions),
+scored on the cross-validation cases (see :mod:`.find_best`)."""
 
 from __future__ import annotations
 
@@ -21,19 +22,25 @@ from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import Task, task_spec
 
 
-def evaluate_top_two(first: Candidate, second: Candidate, task: Task, metric: str, dataset_folder: Path,
-                     repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
-    """Scores of the two-member ensemble, or ``{"skipped": reason}``."""
-    members = [first.name, second.name]
+def evaluate_ensemble(members: list[Candidate], task: Task, metric: str, dataset_folder: Path,
+                      repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
+    """Scores of the ensemble of ``members`` (the mean of their predictions), or ``{"skipped": reason}``."""
+    names = [m.name for m in members]
     try:
         raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
     except Exception as exc:  # noqa: BLE001 - the ensemble is optional; say why it was not tried
-        return {"members": members, "skipped": f"needs the raw dataset for the references ({exc})"}
+        return {"members": names, "skipped": f"needs the raw dataset for the references ({exc})"}
     if task.writes_labels:
-        result = _segmentation(first, second, dataset_folder, raw, repredict, device)
+        result = _segmentation(members, dataset_folder, raw, repredict, device)
     else:
-        result = _images(first, second, raw, task, metric)
-    return {"members": members, **result}
+        result = _images(members, raw, task, metric)
+    return {"members": names, **result}
+
+
+def evaluate_top_two(first: Candidate, second: Candidate, task: Task, metric: str, dataset_folder: Path,
+                     repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
+    """Scores of the two-member ensemble, or ``{"skipped": reason}``."""
+    return evaluate_ensemble([first, second], task, metric, dataset_folder, repredict, raw_folder, device)
 
 
 def _validation_files(candidate: Candidate, fold: str, ending: str) -> list[Path]:
@@ -42,7 +49,8 @@ def _validation_files(candidate: Candidate, fold: str, ending: str) -> list[Path
 
 
 # ---------------------------------------------------------------------- images: average the HU predictions
-def _images(first: Candidate, second: Candidate, raw: Path, task: Task, metric: str) -> dict:
+def _images(members: list[Candidate], raw: Path, task: Task, metric: str) -> dict:
+    first = members[0]
     dataset_json = read_json(first.folder / "dataset.json")
     ending = dataset_json["file_ending"]
     targets = list(task_spec(dataset_json).target_channels)
@@ -53,17 +61,18 @@ def _images(first: Candidate, second: Candidate, raw: Path, task: Task, metric: 
     per_case = {}
     for fold in first.folds:
         for path in _validation_files(first, fold, ending):
-            other = second.folder / f"fold_{fold}" / "validation" / path.name
+            others = [m.folder / f"fold_{fold}" / "validation" / path.name for m in members[1:]]
             stem = split_ending(path.name)[0]
             channel = targets[0] if len(targets) == 1 else int(stem[-4:])
             reference = raw / "imagesTr" / (f"{stem}_{channel:04d}{ending}" if len(targets) == 1 else path.name)
-            if not other.is_file() or not reference.is_file():
-                return {"skipped": f"{other if not other.is_file() else reference} is missing"}
-            mean = (_array(path) + _array(other)) / 2
+            missing = [f for f in (*others, reference) if not f.is_file()]
+            if missing:
+                return {"skipped": f"{missing[0]} is missing"}
+            mean = sum((_array(f) for f in others), _array(path)) / len(members)
             mapping = mappings[targets.index(channel)]
             per_case[path.name] = image_metrics(mean, _array(reference), mapping.clip_range,
                                                 is_ct=mapping.units == "HU")
-    return {"method": "voxel-wise mean of the two validation predictions", "cases": len(per_case),
+    return {"method": f"voxel-wise mean of the {len(members)} validation predictions", "cases": len(per_case),
             "scores": score(per_case, task), "best_single": first.scores[metric]}
 
 
@@ -83,28 +92,28 @@ def _load_probabilities(path: Path) -> np.ndarray:
         return data["probabilities"].astype(np.float64)
 
 
-def _segmentation(first: Candidate, second: Candidate, dataset_folder: Path, raw: Path, repredict: bool,
-                  device: str) -> dict:
+def _segmentation(members: list[Candidate], dataset_folder: Path, raw: Path, repredict: bool, device: str) -> dict:
+    first = members[0]
     dataset_json = read_json(first.folder / "dataset.json")
     ending = dataset_json["file_ending"]
     saved = all((c.folder / f"fold_{f}" / "validation" / f"{split_ending(p.name)[0]}.npz").is_file()
-                for c in (first, second) for f in first.folds for p in _validation_files(c, f, ending))
+                for c in members for f in first.folds for p in _validation_files(c, f, ending))
     if saved:
-        return _score_probabilities(first, second, {c.name: c.folder for c in (first, second)}, raw, ending,
+        return _score_probabilities(members, {c.name: c.folder for c in members}, raw, ending,
                                     "mean of the saved validation probabilities")
     if not repredict:
         return {"skipped": "the final validations kept no class probabilities (validation/CASE.npz); pass "
                            "--repredict to predict the validation cases again with probabilities"}
-    if not (first.is_spinediff and second.is_spinediff):
+    if not all(c.is_spinediff for c in members):
         return {"skipped": "re-prediction works for spinediff trainers; run nnU-Net's validation with --npz"}
     with tempfile.TemporaryDirectory(prefix="spinediff_find_best_") as tmp:
-        for candidate in (first, second):
+        for candidate in members:
             failure = _repredict(candidate, dataset_folder, raw, Path(tmp) / candidate.name, ending, device)
             if failure:
                 return {"skipped": failure}
-        return _score_probabilities(first, second, {c.name: Path(tmp) / c.name for c in (first, second)}, raw,
-                                    ending, "validation cases re-predicted with probabilities (1 sample, the final "
-                                            "validation's steps), mean of the two; singles re-predicted alike")
+        return _score_probabilities(members, {c.name: Path(tmp) / c.name for c in members}, raw, ending,
+                                    "validation cases re-predicted with probabilities (1 sample, the final "
+                                    f"validation's steps), mean of the {len(members)}; singles re-predicted alike")
 
 
 def _repredict(candidate: Candidate, dataset_folder: Path, raw: Path, work: Path, ending: str,
@@ -130,20 +139,21 @@ def _repredict(candidate: Candidate, dataset_folder: Path, raw: Path, work: Path
     return None
 
 
-def _score_probabilities(first: Candidate, second: Candidate, roots: dict[str, Path], raw: Path, ending: str,
+def _score_probabilities(members: list[Candidate], roots: dict[str, Path], raw: Path, ending: str,
                          method: str) -> dict:
+    first = members[0]
     labels = sorted(v for k, v in read_json(first.folder / "dataset.json")["labels"].items()
                     if isinstance(v, int) and v > 0)
-    per_case: dict[str, list[dict]] = {"ensemble": [], first.name: [], second.name: []}
+    per_case: dict[str, list[dict]] = {"ensemble": [], **{c.name: [] for c in members}}
     for fold, name, reference in _cases(first, raw, ending):
         reference_labels = sitk.GetArrayFromImage(read_image(reference))
         probabilities = [_load_probabilities(roots[c.name] / f"fold_{fold}" / "validation" /
-                                             f"{split_ending(name)[0]}.npz") for c in (first, second)]
-        for key, p in ((first.name, probabilities[0]), (second.name, probabilities[1]),
-                       ("ensemble", (probabilities[0] + probabilities[1]) / 2)):
+                                             f"{split_ending(name)[0]}.npz") for c in members]
+        for key, p in (*zip([c.name for c in members], probabilities, strict=True),
+                       ("ensemble", sum(probabilities) / len(probabilities))):
             labels_of = np.argmax(p, axis=0).reshape(reference_labels.shape)
             per_case[key].append(case_dice(labels_of, reference_labels, labels))
-    singles = {key: pooled_foreground_dice(per_case[key]) for key in (first.name, second.name)}
+    singles = {c.name: pooled_foreground_dice(per_case[c.name]) for c in members}
     return {"method": method, "cases": len(per_case["ensemble"]),
             "scores": {"dice": pooled_foreground_dice(per_case["ensemble"])}, "singles": singles,
             "best_single": max(singles.values())}
