@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="2d_diffusion_v: v-prediction (on the phantom it beat the planned noise prediction of "
                              "generation at equal steps: MAE 112 vs 508 HU); 2d_diffusion: as planned")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "generation501"))
+    parser.add_argument("--generation-results", default=None,
+                        help="nnUNet_results folder of the generation models (default: $nnUNet_results); give another "
+                             "folder to train at another --budget beside the first run's models")
     args = parser.parse_args(argv)
     found = cv.dataset_folders()
     if found is None:
@@ -77,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_root, preprocessed_root = raw.parent, nnunet_folder("preprocessed")
     prepare(raw_root, preprocessed_root, args.budget)
-    model = nnunet_folder("results") / GENERATION / f"{TRAINER}__nnUNetPlans__{args.configuration}"
-    jobs = [["-m", "spinediff", "train", "-d", GENERATION, "-c", args.configuration, "-f", str(f), "-tr", TRAINER]
+    if args.generation_results:  # the training jobs and predict read it; the segmenters keep their own folder
+        os.environ["nnUNet_results"] = str(Path(args.generation_results).resolve())
+    generation_results = nnunet_folder("results")
+    model = generation_results / GENERATION / f"{TRAINER}__nnUNetPlans__{args.configuration}"
+    jobs = [["-m", "spinediff", "train", "-d", GENERATION, "-c", args.configuration, "-f", str(f), "-tr", TRAINER,
+             "--budget", args.budget]
             for f in range(len(splits)) if not (model / f"fold_{f}" / "checkpoint_final.pth").is_file()]
     cv.run_jobs(jobs, args.workers)
 
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if not all((out / f"{c}.nii.gz").is_file() for c in cases):
             shutil.rmtree(out, ignore_errors=True)
             predict(masks, out, GENERATION, args.configuration, TRAINER, folds=[fold], num_samples=1, seed=0,
-                    progress=False, tuned_sampling=False)
+                    progress=False, tuned_sampling=False, results_folder=generation_results)
         real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
         generated = {c: out / f"{c}.nii.gz" for c in cases}
         dice_gen = segmenter_dice(segmenter, fold, generated, raw / "labelsTr")
@@ -131,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               "sampling": f"{diffusion['sampler']}:{diffusion['num_inference_steps']}",
               "prediction_type": diffusion["prediction_type"]}
     md = (f"Command: `python benchmarks/generation501.py -j {args.workers} --budget {args.budget} -c "
-          f"{args.configuration}`\n\n"
+          f"{args.configuration}" + (" --generation-results DIR" if args.generation_results else "") + "`\n\n"
           f"Dataset501, 5-fold CV, {len(rows)} held-out masks → MR ({TRAINER}, {args.configuration}, {args.budget} "
           "per fold, "
           f"{diffusion['prediction_type']} prediction, {result['sampling']}, one sample); auxiliary segmenter: each "
