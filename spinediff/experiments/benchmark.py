@@ -167,7 +167,8 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
     shown = [m for m in ("dice", "dice_pp", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95",
-                         "psnr", "ssim", "mae", "mae_body", "mae_bone", "dice_downstream") if m in names]
+                         "psnr", "ssim", "mae", "mae_body", "mae_bone", "dice_downstream", "adjacent_ratio_z",
+                         "adjacent_ratio_y", "adjacent_ratio_x") if m in names]
     shown += [m for m in ("frechet",) if any(m in r.set_metrics for r in results)]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -196,6 +197,10 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
                  f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
+    if "adjacent_ratio_z" in shown:
+        lines.append("adjacent_ratio_z|y|x: through-plane consistency, the mean absolute difference between neighbouring "
+                     "voxels along that array axis in the body, synthetic / real (1: as smooth as the real image; a 2D "
+                     "model slicing that axis samples each slice with its own noise).")
     if "frechet" in shown:
         lines.append("frechet: Fréchet distance between the synthetic and the real CT of the validation cases in the "
                      "downstream segmenter's encoder features (per fold, averaged over the folds; lower is better).")
