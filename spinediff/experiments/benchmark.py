@@ -198,9 +198,9 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
                  f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
     if "adjacent_ratio_z" in shown:
-        lines.append("adjacent_ratio_z|y|x: through-plane consistency, the mean absolute difference between neighbouring "
-                     "voxels along that array axis in the body, synthetic / real (1: as smooth as the real image; a 2D "
-                     "model slicing that axis samples each slice with its own noise).")
+        lines.append("adjacent_ratio_z|y|x: through-plane consistency, the mean absolute difference between "
+                     "neighbouring voxels along that array axis in the body, synthetic / real (1: as smooth as the "
+                     "real image; a 2D model slicing that axis samples each slice with its own noise).")
     if "frechet" in shown:
         lines.append("frechet: Fréchet distance between the synthetic and the real CT of the validation cases in the "
                      "downstream segmenter's encoder features (per fold, averaged over the folds; lower is better).")
