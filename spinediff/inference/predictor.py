@@ -38,12 +38,12 @@ from spinediff.inference.review import ReviewRule
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
 from spinediff.metrics.case_uncertainty import case_scores
+from spinediff.metrics.image_metrics import BODY_THRESHOLD_HU
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.utilities.device import parse_device
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
 FOLD_SEED_STRIDE = 1_000_003  # fold f samples with seed + f * stride: folds draw different noise
-BODY_THRESHOLD_HU = -500.0  # as spinediff.metrics.image_metrics.body_mask_ct
 
 
 @dataclass(frozen=True)
@@ -215,10 +215,11 @@ class SpineDiffPredictor:
         return self._export_images(statistics, case, outputs)
 
     def _revert_map(self, values: torch.Tensor, properties: dict) -> np.ndarray:
-        """A non-negative per-voxel map ``(*spatial)`` back to raw geometry (0 outside nnU-Net's crop)."""
+        """A non-negative per-voxel map ``(*spatial)`` back to raw geometry (0 outside nnU-Net's crop), resampled as
+        the plans resample probabilities (linear: cheaper than the images' cubic and never below zero)."""
         raw = revert_image_preprocessing(values[None], self.plans_manager, self.configuration_manager, properties,
-                                         fill_value=0.0)[0]
-        return np.clip(raw, 0, None)  # cubic resampling can overshoot below zero
+                                         fill_value=0.0, resampling="probabilities")[0]
+        return np.clip(raw, 0, None)
 
     def _export_segmentation(self, statistics: SegmentationEnsemble, case: PreprocessedCase,
                              outputs: CaseOutputs) -> dict:

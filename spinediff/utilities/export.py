@@ -19,8 +19,12 @@ from spinediff.io import atomic_path
 
 
 def revert_image_preprocessing(image: np.ndarray | torch.Tensor, plans_manager, configuration_manager,
-                               properties: dict, fill_value: float) -> np.ndarray:
-    """``(C, *preprocessed_spatial)`` → ``(C, *raw_spatial)`` in the raw file's axis order."""
+                               properties: dict, fill_value: float, resampling: str = "data") -> np.ndarray:
+    """``(C, *preprocessed_spatial)`` → ``(C, *raw_spatial)`` in the raw file's axis order.
+
+    ``resampling``: ``data`` resamples as the plans resample images (nnU-Net: cubic in plane); ``probabilities`` as
+    they resample class probabilities (linear), for derived maps such as uncertainty, which are cheaper that way and
+    never overshoot."""
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     image = np.asarray(image, dtype=np.float32)
@@ -28,8 +32,9 @@ def revert_image_preprocessing(image: np.ndarray | torch.Tensor, plans_manager, 
     shape_after_crop = properties["shape_after_cropping_and_before_resampling"]
     current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape_after_crop) \
         else [spacing_transposed[0], *configuration_manager.spacing]
-    resampled = configuration_manager.resampling_fn_data(image, shape_after_crop, current_spacing,
-                                                         spacing_transposed)
+    resample = {"data": configuration_manager.resampling_fn_data,
+                "probabilities": configuration_manager.resampling_fn_probabilities}[resampling]
+    resampled = resample(image, shape_after_crop, current_spacing, spacing_transposed)
     resampled = np.asarray(resampled, dtype=np.float32)
     full = np.full((image.shape[0], *properties["shape_before_cropping"]), fill_value, dtype=np.float32)
     for channel in range(image.shape[0]):
