@@ -106,7 +106,8 @@ def trained(dataset: int | str, configuration: str, trainer: str, iterations: in
     results = Path(os.environ["nnUNet_results"])
     folder = results / name / model
     timing = folder / "fold_0" / "benchmark_training.json"
-    if dataset not in MODALITIES and not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+    segmenter = dataset in {s for _, _, s in MODALITIES.values()}
+    if segmenter and not (folder / "fold_0" / "checkpoint_final.pth").is_file():
         for other in sorted(WORK.glob("results_*")):
             earlier = other / name / model
             if other != results and (earlier / "fold_0" / "benchmark_training.json").is_file():
