@@ -107,10 +107,14 @@ def trained(dataset: int | str, configuration: str, trainer: str, iterations: in
     folder = results / name / model
     timing = folder / "fold_0" / "benchmark_training.json"
     segmenter = dataset in {s for _, _, s in MODALITIES.values()}
+    wanted = max(1, iterations // ITERATIONS_PER_EPOCH) * ITERATIONS_PER_EPOCH
+    if timing.is_file() and read_json(timing)["iterations"] != wanted:  # trained for another budget: train again
+        shutil.rmtree(folder) if not folder.is_symlink() else folder.unlink()
     if segmenter and not (folder / "fold_0" / "checkpoint_final.pth").is_file():
         for other in sorted(WORK.glob("results_*")):
             earlier = other / name / model
-            if other != results and (earlier / "fold_0" / "benchmark_training.json").is_file():
+            done = earlier / "fold_0" / "benchmark_training.json"
+            if other != results and done.is_file() and read_json(done)["iterations"] == wanted:
                 (results / name).mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.symlink_to(earlier.resolve(), target_is_directory=True)
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=450, help="training iterations per generation model")
     parser.add_argument("--cases", type=int, default=8, help="phantom subjects (fold 0 holds out a fifth)")
-    parser.add_argument("--segmenter-epochs", type=int, default=6, help="epochs of 75 iterations of each segmenter")
+    parser.add_argument("--segmenter-epochs", type=int, default=15, help="epochs of 75 iterations of each segmenter")
     parser.add_argument("--ablate", type=int, default=2, help="the label removed for the mask ablation")
     parser.add_argument("--models", default="axial,coronal,sagittal,3D",
                         help="comma-separated subset of axial, coronal, sagittal, 3D (a 3D model on the CPU is slow: "
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                   ["folder"] for m in modalities}
     out_root = WORK / f"predictions_{tag}_{'_'.join(chosen)}"
     shutil.rmtree(out_root, ignore_errors=True)
-    results, panels, ablation_panels = {}, [], []
+    results, panels, ablation_panels, ablations = {}, [], [], {}
     for modality in modalities:
         dataset, name, segmenter_id = MODALITIES[modality]
         raw = WORK / "raw" / name
@@ -288,6 +292,21 @@ def main(argv: list[str] | None = None) -> int:
                 plans_identifier=f"nnUNetPlans_{acquisition}", num_samples=1, seed=0, progress=False,
                 tuned_sampling=False)
         rows[f"{acquisition}, label {args.ablate} removed"] = score(out, real, ablated, modality, segmenter, encoder)
+        # mask-following: the segmenter's Dice of each label against the full mask, on the image generated from the
+        # full mask and on the one generated from the mask without the label (it should vanish, the rest stay)
+        full = segmenter_dice(segmenter, 0, {c: outputs[acquisition] / f"{c}.nii.gz" for c in cases}, masks)
+        without = segmenter_dice(segmenter, 0, {c: out / f"{c}.nii.gz" for c in cases}, masks)
+        removed, kept = f"dice_{args.ablate}", [k for k in full[cases[0]] if k.startswith("dice_") and
+                                                k != f"dice_{args.ablate}"]
+
+        def mean_of(scores: dict, keys: list[str]) -> float:
+            return float(np.nanmean([case.get(k, np.nan) for case in scores.values() for k in keys]))
+
+        ablations[modality] = {"direction": acquisition, "label": args.ablate,
+                               "removed_label_dice_full_mask": mean_of(full, [removed]),
+                               "removed_label_dice_ablated_mask": mean_of(without, [removed]),
+                               "other_labels_dice_full_mask": mean_of(full, kept),
+                               "other_labels_dice_ablated_mask": mean_of(without, kept)}
         ablation_panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
                                            (acquisition, middle(read(outputs[acquisition] / f"{case}.nii.gz"))),
                                            (f"mask without {args.ablate}", middle(read(ablated / f"{case}.nii.gz"))),
@@ -311,8 +330,19 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {modality} | {label} | {iterations} | {minutes} | {row['psnr']:.2f} | {row['ssim']:.3f} | "
                          f"{row['mae']:.1f} | {row['frechet']:.3g} | {result['dice_orig']:.3f} | {row['dice_gen']:.3f} "
                          f"| {row['dice_gen'] / result['dice_orig']:.3f} | {seconds} |")
+    if ablations:
+        lines += ["", "Mask ablation: the segmenter's Dice of each label against the full mask, on the image "
+                  "generated from the full mask and on the one generated from the mask without the label "
+                  "(mask-following: the removed label's Dice should fall to about 0, the others should stay).", "",
+                  "| modality | model | label removed | its Dice: full mask | its Dice: mask without it | "
+                  "other labels: full mask | other labels: mask without it |", "|---|---|---|---|---|---|---|"]
+        for modality, a in ablations.items():
+            lines.append(f"| {modality} | {a['direction']} | {a['label']} | {a['removed_label_dice_full_mask']:.3f} | "
+                         f"{a['removed_label_dice_ablated_mask']:.3f} | {a['other_labels_dice_full_mask']:.3f} | "
+                         f"{a['other_labels_dice_ablated_mask']:.3f} |")
     pc.write_result(name, {"machine": pc.machine_info(), "iterations": args.iterations,
-                           "iterations_3d": iterations_3d, "models": chosen, "results": results},
+                           "iterations_3d": iterations_3d, "models": chosen, "results": results,
+                           "ablation": ablations},
                     "\n".join(lines) + "\n")
     return 0
 
