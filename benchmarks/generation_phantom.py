@@ -91,8 +91,9 @@ def write_splits(raw: Path, preprocessed: Path) -> None:
 
 def trained(dataset: int | str, configuration: str, trainer: str, iterations: int, plans: str = "nnUNetPlans") -> dict:
     """Fold 0 of the model trained for ``iterations`` steps (trained now unless it is there); its folder and the
-    training wall time in minutes. A segmenter trained by an earlier run of this benchmark (another results folder)
-    is reused: it depends on the data and its epochs only."""
+    training wall time in minutes. A model trained for the same iterations by an earlier run of this benchmark
+    (another results folder; its timing file is written last) is reused: it depends on the data, its plans and its
+    iterations only."""
     import time
 
     from spinediff.io import read_json, write_json
@@ -106,11 +107,10 @@ def trained(dataset: int | str, configuration: str, trainer: str, iterations: in
     results = Path(os.environ["nnUNet_results"])
     folder = results / name / model
     timing = folder / "fold_0" / "benchmark_training.json"
-    segmenter = dataset in {s for _, _, s in MODALITIES.values()}
     wanted = max(1, iterations // ITERATIONS_PER_EPOCH) * ITERATIONS_PER_EPOCH
     if timing.is_file() and read_json(timing)["iterations"] != wanted:  # trained for another budget: train again
         shutil.rmtree(folder) if not folder.is_symlink() else folder.unlink()
-    if segmenter and not (folder / "fold_0" / "checkpoint_final.pth").is_file():
+    if not (folder / "fold_0" / "checkpoint_final.pth").is_file():
         for other in sorted(WORK.glob("results_*")):
             earlier = other / name / model
             done = earlier / "fold_0" / "benchmark_training.json"
