@@ -163,7 +163,8 @@ class Translation(Task):
                 MethodSpec(f"Diffusion noise mode (eps) {tag}", "DiffusionTranslationTrainer", "eps"),
                 MethodSpec(f"Diffusion v-prediction {tag}", "DiffusionTranslationTrainer", "v"),
                 MethodSpec(f"Pix2Pix {tag}", "Pix2PixTrainer"),
-                MethodSpec(f"CUT, unpaired {tag}", "CUTTrainer")]
+                MethodSpec(f"CUT, unpaired {tag}", "CUTTrainer"),
+                MethodSpec(f"Unpaired diffusion (SDEdit) {tag}", "UnpairedDiffusionTrainer")]
 
 
 class Generation(Task):

@@ -115,8 +115,9 @@ def test_benchmark_offers_every_translation_baseline_and_selects_by_trainer():
     from spinediff.tasks import get_task
 
     methods = methods_for(get_task("translation"), ["2d_diffusion", "3d_diffusion"], ("2d", "3d"))
-    assert len(methods) == 14 and {m.configuration for m in methods} == {"2d_diffusion", "3d_diffusion"}
-    assert {m.trainer for m in methods} >= {"PerceptionRegressionTrainer", "CUTTrainer", "Pix2PixTrainer"}
+    assert len(methods) == 16 and {m.configuration for m in methods} == {"2d_diffusion", "3d_diffusion"}
+    assert {m.trainer for m in methods} >= {"PerceptionRegressionTrainer", "CUTTrainer", "Pix2PixTrainer",
+                                            "UnpairedDiffusionTrainer"}
     assert sorted({m.prediction_type for m in methods if m.trainer == "DiffusionTranslationTrainer"},
                   key=str) == sorted([None, "eps", "v"], key=str)
     chosen = select_methods(methods, ["CUTTrainer", "DiffusionTranslationTrainer:v@3d_diffusion"])
@@ -125,3 +126,59 @@ def test_benchmark_offers_every_translation_baseline_and_selects_by_trainer():
     assert select_methods(methods, None) == methods
     with pytest.raises(SpineDiffError, match="offers .*PerceptionRegressionTrainer"):
         select_methods(methods, ["SynDiffTrainer"])
+
+
+def test_histogram_matching_follows_the_target_distribution_and_keeps_the_order():
+    from spinediff.diffusion.unpaired import HISTOGRAM_BINS, match_histogram, target_histogram
+
+    target = torch.cat([torch.full((300,), -0.9), torch.full((700,), 0.4)])  # 30 % air, 70 % tissue
+    histogram = target_histogram(target)
+    assert histogram.sum() == 1000 and histogram.shape == (HISTOGRAM_BINS,)
+    image = torch.linspace(5.0, 9.0, 2000).reshape(40, 50)  # any units, any shape
+    mapped = match_histogram(image, histogram)
+    assert mapped.shape == image.shape
+    flat = mapped.flatten()
+    assert torch.all(flat[1:] >= flat[:-1])  # monotone: the MR's order (its anatomy) is kept
+    assert (flat < -0.8).float().mean().item() == pytest.approx(0.3, abs=0.002)
+    assert ((flat > 0.38) & (flat < 0.42)).float().mean().item() == pytest.approx(0.7, abs=0.002)
+
+
+def test_unpaired_diffusion_never_reads_the_paired_source_and_predicts_from_the_matched_mr(env_with_segmenter,
+                                                                                           tmp_path):
+    """The CT model's loss is the same whatever the MR beside the CT (its condition is zero); training gathers the CT
+    histogram; spinediff predict translates a raw case from the histogram-matched MR, in the input's geometry."""
+    import SimpleITK as sitk
+
+    from spinediff.inference.api import predict
+
+    trainer = build_trainer(902, "2d_diffusion", 0, "UnpairedDiffusionTrainer")
+    trainer.apply_options(TINY)
+    trainer.initialize()
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, *trainer.configuration_manager.patch_size, generator=generator) * 2 - 1
+    losses = []
+    for _ in range(2):
+        condition = torch.randn(2, trainer.task.condition_channels, *target.shape[2:], generator=generator)
+        trainer.generator.manual_seed(5)
+        losses.append(trainer.compute_loss(trainer.inference_network, condition, target).item())
+    assert losses[0] == losses[1]
+    assert trainer.target_histogram.sum() == 0  # validation losses gather nothing
+
+    folder = train(902, "2d_diffusion", 0, "UnpairedDiffusionTrainer", TINY)
+    checkpoint = torch.load(folder / "checkpoint_final.pth", map_location="cpu", weights_only=True)
+    patch = int(torch.tensor(trainer.configuration_manager.patch_size).prod())
+    seen = TINY.iterations_per_epoch * trainer.configuration_manager.batch_size * patch
+    assert checkpoint["sdedit"]["target_histogram"].sum().item() == seen and checkpoint["sdedit"]["start"] == 0.5
+    raw = env_with_segmenter["nnUNet_raw"] + "/" + TRANSLATION
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for channel in (0, 1):
+        (inputs / f"phantom_001_{channel:04d}.nii.gz").symlink_to(f"{raw}/imagesTr/phantom_001_{channel:04d}.nii.gz")
+    report = predict(inputs, tmp_path / "out", 902, "2d_diffusion", "UnpairedDiffusionTrainer", folds=[0],
+                     num_samples=1, num_inference_steps=2, progress=False)
+    assert report.exit_code == 0
+    synthetic = sitk.ReadImage(str(tmp_path / "out" / "phantom_001.nii.gz"))
+    reference = sitk.ReadImage(f"{raw}/imagesTr/phantom_001_0002.nii.gz")
+    assert synthetic.GetSize() == reference.GetSize()
+    hu = sitk.GetArrayFromImage(synthetic)
+    assert -1100 < hu.min() < hu.max() < 3100

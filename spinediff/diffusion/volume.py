@@ -33,6 +33,9 @@ class VolumePredictor:
         eta: DDIM stochasticity (diffusion only).
         solver: ``ddim``, ``dpm++2m`` or ``unipc`` (diffusion only; see the sampler module).
         warm_start: None, or the fraction of T to start sampling from (see :meth:`warm_started`).
+        sdedit: ``(start, target_channels)`` for unpaired diffusion (:mod:`spinediff.diffusion.unpaired`): the
+            condition's first ``target_channels`` channels are the initial estimate, noised to ``start`` × T and
+            denoised with a zero condition (see :meth:`re_noised`).
         sample_batch_size: ensemble members denoised together (diffusion only).
         device: where to predict; default the network's device.
     """
@@ -50,6 +53,7 @@ class VolumePredictor:
         device: torch.device | str | None = None,
         solver: str = "ddim",
         warm_start: float | None = None,
+        sdedit: tuple[float, int] | None = None,
     ) -> None:
         self.network = network
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -58,6 +62,7 @@ class VolumePredictor:
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.sampler = None
         self.warm_start = warm_start
+        self.sdedit = sdedit
         if process is not None:
             self.sampler = SlidingWindowSampler(
                 network,
@@ -117,6 +122,9 @@ class VolumePredictor:
         batch = batch.to(self.device)
         if self.sampler is None:
             return self.one_step(batch).clamp(-1, 1)
+        if self.sdedit is not None:
+            return torch.cat([self._predict(c, num_inference_steps, 1, seed + i) for i, c in enumerate(batch)]
+                             ).to(self.device)
         samples = [self.sampler.sample(c, 1, generator=seed + i, num_inference_steps=num_inference_steps)
                    for i, c in enumerate(batch)]
         return torch.cat(samples).to(self.device)
@@ -132,23 +140,40 @@ class VolumePredictor:
         (for segmentation, class probabilities); every member starts from it noised to ``warm_start * (T - 1)``
         and takes ``num_inference_steps`` solver steps below that level (1 + steps calls per sample, the first
         shared by the members)."""
+        start, scheduled = self._below(self.warm_start, num_inference_steps)
+        estimate = self.sampler.sample(condition, 1, generator=seed, num_inference_steps=1)[0]
+        return self.sampler.sample(condition, num_samples, generator=seed, num_inference_steps=scheduled,
+                                   initial_estimate=estimate, start_timestep=start)
+
+    def _below(self, fraction: float, num_inference_steps: int) -> tuple[int, int]:
+        """The start timestep ``fraction`` × (T - 1) and the length of the solver's schedule that has
+        ``num_inference_steps`` timesteps at or below it."""
         sampler = self.sampler
         total = sampler.process.num_train_timesteps
-        start = int(round(self.warm_start * (total - 1)))
-        estimate = sampler.sample(condition, 1, generator=seed, num_inference_steps=1)[0]
-        # the solver's schedule with num_inference_steps timesteps at or below the start
+        start = int(round(fraction * (total - 1)))
         scheduled = num_inference_steps
         while scheduled < total - 1:
             sampler._set_timesteps(scheduled)
             if sum(int(t) <= start for t in sampler.scheduler.timesteps) >= num_inference_steps:
                 break
             scheduled += 1
-        return sampler.sample(condition, num_samples, generator=seed, num_inference_steps=scheduled,
-                              initial_estimate=estimate, start_timestep=start)
+        return start, scheduled
+
+    def re_noised(self, condition: torch.Tensor, num_inference_steps: int, num_samples: int,
+                  seed: int) -> torch.Tensor:
+        """Unpaired diffusion (SDEdit): the estimate in the condition's first channels, noised to the start
+        timestep and denoised in ``num_inference_steps`` steps by the unconditional model (a zero condition)."""
+        fraction, channels = self.sdedit
+        start, scheduled = self._below(fraction, num_inference_steps)
+        return self.sampler.sample(torch.zeros_like(condition), num_samples, generator=seed,
+                                   num_inference_steps=scheduled, initial_estimate=condition[:channels],
+                                   start_timestep=start)
 
     def _predict(self, condition: torch.Tensor, num_inference_steps: int, num_samples: int, seed: int) -> torch.Tensor:
         """``(K, C_out, *spatial)`` for a condition whose spatial axes match the patch's."""
         if self.sampler is not None:
+            if self.sdedit is not None:
+                return self.re_noised(condition, num_inference_steps, num_samples, seed)
             if self.warm_start is not None:
                 return self.warm_started(condition, num_inference_steps, num_samples, seed)
             return self.sampler.sample(condition, num_samples, generator=seed, num_inference_steps=num_inference_steps)

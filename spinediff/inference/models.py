@@ -132,6 +132,8 @@ class FoldModel:
     patch_size: tuple[int, ...]
     window_batch_size: int
     mirror_axes: tuple[int, ...]
+    #: unpaired diffusion (UnpairedDiffusionTrainer): the start fraction and the training CT's histogram
+    sdedit: dict | None = None
 
     @classmethod
     def load(cls, folder: ModelFolder, fold: int | str, checkpoint: str = "final",
@@ -167,7 +169,7 @@ class FoldModel:
                    bool(block.get("denoising", trainer_class.denoising)),
                    tuple(int(p) for p in folder.configuration_manager.patch_size),
                    INFERENCE_BATCH_FACTOR * max(1, int(folder.configuration_manager.batch_size)),
-                   tuple(int(a) for a in axes))
+                   tuple(int(a) for a in axes), state.get("sdedit"))
 
     def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
                 tta: bool, on_slice=None, precision: str = "auto", solver: str | None = None,
@@ -175,6 +177,12 @@ class FoldModel:
         """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
         # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
         # 3D volumes: one member at a time, so memory does not grow with K.
+        sdedit = None
+        if self.sdedit is not None:  # unpaired diffusion: the histogram-matched source is the initial estimate
+            from spinediff.diffusion.unpaired import source_as_estimate
+
+            condition = source_as_estimate(condition, self.sdedit["target_histogram"], self.settings.target_channels)
+            sdedit = (float(self.sdedit["start"]), self.settings.target_channels)
         network, dtype = self.network, autocast_dtype(precision, next(self.network.parameters()).device)
         if dtype is not None:
             network = AutocastNetwork(network, dtype, next(self.network.parameters()).device)
@@ -183,6 +191,6 @@ class FoldModel:
                                     mirror_axes=self.mirror_axes if tta else (), eta=eta,
                                     solver=solver or self.settings.sampler,
                                     warm_start=self.settings.warm_start if warm_start is None else warm_start or None,
-                                    sample_batch_size=num_samples if len(self.patch_size) == 2 else 1)
+                                    sample_batch_size=num_samples if len(self.patch_size) == 2 else 1, sdedit=sdedit)
         return predictor.predict(condition, num_inference_steps=num_inference_steps, seed=seed,
                                  num_samples=num_samples if self.denoising else 1, on_slice=on_slice)

@@ -1,5 +1,6 @@
 """Unpaired translation: CUT (contrastive unpaired translation, Park et al., ECCV 2020), the unpaired GAN baseline
-of Graf et al. 2023.
+of Graf et al. 2023, and an unpaired diffusion baseline (SDEdit-style re-noising of the histogram-matched MR by a CT
+diffusion model; :class:`UnpairedDiffusionTrainer`).
 
 ``CUTTrainer`` never compares a synthetic CT with the CT of its own MR. Its generator (the shared U-Net, one step,
 as :class:`~spinediff.training.baselines.RegressionTrainer`) learns from two signals only:
@@ -23,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spinediff.diffusion.unpaired import HISTOGRAM_BINS, source_as_estimate, target_histogram
 from spinediff.errors import SpineDiffError
 from spinediff.tasks import Translation
-from spinediff.training.base import CUDA
+from spinediff.training.base import CUDA, SpineDiffTrainer
 from spinediff.training.baselines import DiscriminatorMixin, RegressionTrainer
 from spinediff.training.distributed import average_gradients, broadcast_parameters
 from spinediff.training.precision import as_float32, autocast
@@ -134,3 +136,52 @@ class CUTTrainer(DiscriminatorMixin, RegressionTrainer):
         super().load_extra_checkpoint_state(checkpoint)
         if "nce_heads" in checkpoint:
             self.heads.load_state_dict(checkpoint["nce_heads"])
+
+
+class UnpairedDiffusionTrainer(SpineDiffTrainer):
+    """Unpaired diffusion (SDEdit): a CT diffusion model trained on the CT alone (condition held at zero), which
+    translates an MR by denoising it, histogram-matched to the training CT and noised to :attr:`start` × T
+    (:mod:`spinediff.diffusion.unpaired`). The only thing it learns about the MR side is nothing: the pairing is never
+    used, and the CT's intensity distribution is gathered from the training targets as a marginal.
+
+    How it differs from SynDiff (Graf et al.'s unpaired diffusion baseline): no adversarial diffusion, no cycle
+    consistency and no second (CT → MR) model; the MR's anatomy reaches the CT only through the partial noising.
+    """
+
+    supported_tasks = (Translation,)
+    start = 0.5  # the fraction of T the histogram-matched MR is noised to: less keeps the MR, more the CT model
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA) -> None:
+        # nnU-Net records the constructor's arguments by name: keep its exact signature.
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.target_histogram = torch.zeros(HISTOGRAM_BINS)
+
+    def compute_loss(self, network, condition, target):
+        if network is self.network:  # training batches only: the CT distribution the MR is matched to
+            self.target_histogram += target_histogram(target)
+        return super().compute_loss(network, torch.zeros_like(condition), target)
+
+    def make_predictor(self, **options):
+        options.setdefault("sdedit", (self.start, self.task.output_channels))
+        return super().make_predictor(**options)
+
+    def as_estimate(self, condition: torch.Tensor) -> torch.Tensor:
+        histogram = self.target_histogram if self.target_histogram.sum() > 0 else torch.ones(HISTOGRAM_BINS)
+        return source_as_estimate(condition, histogram, self.task.output_channels)
+
+    def predict_patches(self, condition: torch.Tensor, num_inference_steps: int, seed: int = 0) -> torch.Tensor:
+        mapped = torch.stack([self.as_estimate(c) for c in condition])
+        return super().predict_patches(mapped, num_inference_steps, seed)
+
+    def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
+                       num_samples: int = 1) -> torch.Tensor:
+        return super().predict_volume(self.as_estimate(condition), seed, num_inference_steps, num_samples)
+
+    def extra_checkpoint_state(self) -> dict:
+        # read by spinediff predict (FoldModel) as well as on resuming
+        return {"sdedit": {"start": float(self.start), "target_histogram": self.target_histogram.clone()}}
+
+    def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
+        if "sdedit" in checkpoint:
+            self.target_histogram = checkpoint["sdedit"]["target_histogram"].detach().cpu().float().clone()
