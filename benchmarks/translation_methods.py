@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2], help="cross-validation folds (of 5)")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset (spinediff benchmark --methods)")
     parser.add_argument("--workers", type=int, default=1, help="folds trained side by side")
+    parser.add_argument("--benchmark-output", default=None,
+                        help="folder of this run's benchmark.md/json (default: --output); the models stay in --output")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "output" / "translation_methods"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--downstream", action="store_true",
@@ -53,17 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     if not (raw / "Dataset902_SpinePhantomTranslation").exists():
         write_phantom_datasets(raw, num_cases=args.cases, seed=args.seed, tasks=["translation"],
                                settings=PROFILES["full"].phantom)
-    plans = out / "nnUNet_preprocessed" / "Dataset902_SpinePhantomTranslation" / "nnUNetPlans.json"
-    if not plans.exists():
-        plan_dataset(902, configurations=[f"{d}_diffusion" for d in args.dims], device="cpu", num_processes=1)
+    preprocessed = out / "nnUNet_preprocessed" / "Dataset902_SpinePhantomTranslation"
+    if not all((preprocessed / f"nnUNetPlans_{d}").is_dir() for d in ("2d", *(["3d_fullres"] if "3d" in args.dims
+                                                                            else []))):
+        # (re)plan when a dimension's preprocessed data is missing; the plans are deterministic, the splits stay
+        plan_dataset(902, configurations=[f"{d}_diffusion" for d in args.dims], device="cpu", num_processes=1,
+                     overwrite=True)
     start = time.perf_counter()
     options = TrainingOptions(epochs=1000, iterations_per_epoch=40, val_iterations_per_epoch=1)
     summary = run_benchmark(902, folds=args.folds, budget_minutes=args.budget_minutes, dims=tuple(args.dims),
-                            options=options, output=out, downstream=args.downstream, method_names=args.methods,
+                            options=options, output=Path(args.benchmark_output or out), downstream=args.downstream,
+                            method_names=args.methods,
                             workers=args.workers)
     command = "python benchmarks/translation_methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_text(f"{summary['table']}\n\nCommand: `{command}` ({(time.perf_counter() - start) / 60:.0f} min).\n",
-               out / "results.md")
+               Path(args.benchmark_output or out) / "results.md")
     print(summary["table"])
     return 0
 
