@@ -198,8 +198,17 @@ def figure(panels: list[tuple[str, list[tuple[str, np.ndarray]]]], target: Path)
     plt.close(fig)
 
 
-def middle(array: np.ndarray) -> np.ndarray:
-    return array[array.shape[0] // 2]
+def best_slice(mask: np.ndarray, label: int) -> tuple[int, int]:
+    """The (axis, index) of the slice that shows the most voxels of ``label`` (the figures' slice: the discs, say,
+    are absent from the middle axial slice of a CT)."""
+    counts = [(np.sum(mask == label, axis=tuple(a for a in range(3) if a != axis)), axis) for axis in range(3)]
+    per_axis = [(int(c.max()), axis, int(c.argmax())) for c, axis in counts]
+    _, axis, index = max(per_axis)
+    return axis, index
+
+
+def cut(array: np.ndarray, where: tuple[int, int]) -> np.ndarray:
+    return np.take(array, where[1], axis=where[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                 "training_minutes": sum(rows[d]["training_minutes"] for d in DIRECTIONS)}
         acquisition = "sagittal" if modality == "MR" else "axial"
         case = cases[0]
-        panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
-                                  ("real", middle(read(real[case])))]
-                       + [(label, middle(read(outputs[label] / f"{case}.nii.gz"))) for label in outputs]
-                       + ([("2.5D", middle(read(fused / f"{case}.nii.gz")))] if fused.is_dir() else [])))
+        where = best_slice(read(masks / f"{case}.nii.gz"), args.ablate)
+        panels.append((modality, [("mask", cut(read(masks / f"{case}.nii.gz"), where)),
+                                  ("real", cut(read(real[case]), where))]
+                       + [(label, cut(read(outputs[label] / f"{case}.nii.gz"), where)) for label in outputs]
+                       + ([("2.5D", cut(read(fused / f"{case}.nii.gz"), where))] if fused.is_dir() else [])))
         results[modality] = {"cases": cases, "dice_orig": float(np.mean([orig[c]["dice"] for c in cases])),
                              "rows": rows}
         if acquisition not in outputs:
@@ -307,10 +317,11 @@ def main(argv: list[str] | None = None) -> int:
                                "removed_label_dice_ablated_mask": mean_of(without, [removed]),
                                "other_labels_dice_full_mask": mean_of(full, kept),
                                "other_labels_dice_ablated_mask": mean_of(without, kept)}
-        ablation_panels.append((modality, [("mask", middle(read(masks / f"{case}.nii.gz"))),
-                                           (acquisition, middle(read(outputs[acquisition] / f"{case}.nii.gz"))),
-                                           (f"mask without {args.ablate}", middle(read(ablated / f"{case}.nii.gz"))),
-                                           ("generated from it", middle(read(out / f"{case}.nii.gz")))]))
+        ablation_panels.append((modality, [
+            ("mask", cut(read(masks / f"{case}.nii.gz"), where)),
+            (acquisition, cut(read(outputs[acquisition] / f"{case}.nii.gz"), where)),
+            (f"mask without {args.ablate}", cut(read(ablated / f"{case}.nii.gz"), where)),
+            ("generated from it", cut(read(out / f"{case}.nii.gz"), where))]))
     name = f"generation_phantom_{tag}_{'_'.join(chosen)}"
     figure(panels, pc.OUTPUT / f"{name}.png")
     if ablation_panels:
