@@ -78,17 +78,6 @@ def prepare(cases: int) -> None:
     write_json(recipe, marker)
 
 
-def write_splits(raw: Path, preprocessed: Path) -> None:
-    """nnU-Net's 5-fold split (its ``do_split``: sorted case keys, seed 12345), before any training makes it."""
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
-
-    from spinediff.io import write_json
-
-    if not (preprocessed / "splits_final.json").is_file():
-        keys = sorted(p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
-        write_json(generate_crossval_split(keys, seed=12345, n_splits=5), preprocessed / "splits_final.json")
-
-
 def trained(dataset: int | str, configuration: str, trainer: str, iterations: int, plans: str = "nnUNetPlans") -> dict:
     """Fold 0 of the model trained for ``iterations`` steps (trained now unless it is there); its folder and the
     training wall time in minutes. A model trained for the same iterations by an earlier run of this benchmark
@@ -238,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from spinediff.inference.ensemble import ensemble_folders
     from spinediff.io import read_json
     from spinediff.metrics.frechet import SegmenterFeatures
+    from spinediff.training.api import ensure_splits
 
     prepare(args.cases)
     segmenters = {m: trained(MODALITIES[m][2], "2d_cpu", "nnUNetTrainer", args.segmenter_epochs * ITERATIONS_PER_EPOCH)
@@ -248,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for modality in modalities:
         dataset, name, segmenter_id = MODALITIES[modality]
         raw = WORK / "raw" / name
-        write_splits(raw, WORK / "preprocessed" / name)
+        ensure_splits(WORK / "preprocessed" / name, write_five_folds=True)  # nnU-Net's split, before training
         cases = read_json(WORK / "preprocessed" / name / "splits_final.json")[0]["val"]
         real = {c: raw / "imagesTr" / f"{c}_0000.nii.gz" for c in cases}
         segmenter = segmenters[modality]

@@ -167,7 +167,7 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
         output: the JSON (default ``$nnUNet_results/DatasetXXX/find_best.json``); never silently replaced.
         raw_folder: ``$nnUNet_raw`` (references of image tasks, inputs of re-prediction).
     """
-    from spinediff.inference.find_best_ensemble import evaluate_ensemble, evaluate_top_two
+    from spinediff.inference.find_best_ensemble import evaluate_ensemble
 
     dataset_folder = find_dataset_results(dataset, results_folder)
     target = ensure_new_output(Path(output) if output else dataset_folder / "find_best.json", overwrite)
@@ -197,8 +197,7 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
     winner, commands = best.name, [predict_command(dataset_id, best)]
     ensemble = None
     if len(ranking) >= 2:
-        ensemble = evaluate_top_two(ranking[0], ranking[1], task, metric, dataset_folder, repredict, raw_folder,
-                                    device)
+        ensemble = evaluate_ensemble(ranking[:2], task, metric, dataset_folder, repredict, raw_folder, device)
         # the ensemble is not post-processed: it must beat the best single as that one will be predicted
         if "scores" in ensemble and task.writes_labels:
             ensemble["best_single_postprocessed"] = best.scores[rank_on]

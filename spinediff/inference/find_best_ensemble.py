@@ -37,12 +37,6 @@ def evaluate_ensemble(members: list[Candidate], task: Task, metric: str, dataset
     return {"members": names, **result}
 
 
-def evaluate_top_two(first: Candidate, second: Candidate, task: Task, metric: str, dataset_folder: Path,
-                     repredict: bool, raw_folder: str | os.PathLike | None, device: str) -> dict:
-    """Scores of the two-member ensemble, or ``{"skipped": reason}``."""
-    return evaluate_ensemble([first, second], task, metric, dataset_folder, repredict, raw_folder, device)
-
-
 def _validation_files(candidate: Candidate, fold: str, ending: str) -> list[Path]:
     folder = candidate.folder / f"fold_{fold}" / "validation"
     return sorted(p for p in folder.glob(f"*{ending}") if p.name in candidate.per_case)
