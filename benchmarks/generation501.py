@@ -204,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generation-results", default=None,
                         help="nnUNet_results folder of the generation models (default: $nnUNet_results); give another "
                              "folder to train at another --budget beside the first run's models")
+    parser.add_argument("--reuse-validation", action="store_true",
+                        help="take each fold's generated MR from its training's own validation export "
+                             "(fold_F/validation: the same final EMA model, the plans' sampler and steps, one sample) "
+                             "instead of generating them again with spinediff predict (as slow as the training's "
+                             "validation: ~40 s per case for a 2D model slicing 224 planes)")
     parser.add_argument("--fuse", nargs="+", default=None, metavar="RUN",
                         help="instead of training: fuse these runs' generated MR (their --output folders) into the "
                              "2.5D row and write the combined table and figure")
@@ -263,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             if not link.exists():
                 os.symlink((raw / "labelsTr" / f"{case}.nii.gz").resolve(), link)
         out = generated_root / f"fold_{fold}"
+        validation = model / f"fold_{fold}" / "validation"
+        if args.reuse_validation and not all((out / f"{c}.nii.gz").is_file() for c in cases):
+            if not all((validation / f"{c}.nii.gz").is_file() for c in cases):
+                raise SystemExit(f"--reuse-validation: {validation} lacks some of fold {fold}'s cases {cases}")
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            for case in cases:
+                shutil.copy(validation / f"{case}.nii.gz", out / f"{case}.nii.gz")
         if not all((out / f"{c}.nii.gz").is_file() for c in cases):
             shutil.rmtree(out, ignore_errors=True)
             predict(masks, out, GENERATION, args.configuration, TRAINER, folds=[fold], num_samples=1, seed=0,
@@ -282,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"Command: `python benchmarks/generation501.py -j {args.workers} --budget {args.budget}"
           + (f" --plan-budget {args.plan_budget}" if args.plan_budget else "") + f" -c {args.configuration}"
           + (f" -p {args.plans}" if args.plans != DEFAULT_PLANS else "")
-          + (" --generation-results DIR" if args.generation_results else "") + "`\n\n"
+          + (" --generation-results DIR" if args.generation_results else "")
+          + (" --reuse-validation" if args.reuse_validation else "") + "`\n\n"
           f"Dataset501, 5-fold CV, {result['cases']} held-out masks → MR ({TRAINER}, {args.configuration}, "
           f"{args.plans}, {args.budget} per fold, {diffusion['prediction_type']} prediction, {result['sampling']}, one "
           "sample); auxiliary segmenter: each fold's nnU-Net (2d_cpu) of the benchmark.\n\n" + table([result]))

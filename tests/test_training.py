@@ -175,6 +175,11 @@ def test_nnunetv2_train_finds_spinediff_trainers_and_follows_the_plans_schedule(
         "inherits_from": "2d_diffusion",
         "schedule": {"epochs": 1, "iterations_per_epoch": 2, "val_iterations_per_epoch": 1, "budget_seconds": 60}}
     plans_file.write_text(json.dumps(plans))
+    # the split spinediff train would write (the phantom may have fewer than 5 cases, which nnU-Net's own fails on),
+    # so that this test does not depend on an earlier one having trained
+    from spinediff.training.api import ensure_splits
+
+    ensure_splits(plans_file.parent)
     env = dict(os.environ, **nnunet_env, nnUNet_extTrainer=entry.__path__[0])
     result = subprocess.run([sys.executable, "-c", "from nnunetv2.run.run_training import run_training_entry; "
                              "run_training_entry()", "901", "2d_diffusion_short", "2", "-tr",
