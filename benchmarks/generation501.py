@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     cv.run_jobs(jobs, args.workers)
 
     from spinediff.inference.api import predict
+    from spinediff.inference.inputs import RUN_SUMMARY
+    from spinediff.io import write_json
 
     generated_root = out_root / "generated"
     for fold, split in enumerate(splits):
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             out.mkdir(parents=True)
             for case in cases:
                 shutil.copy(validation / f"{case}.nii.gz", out / f"{case}.nii.gz")
+            write_json({"model": str(model), "task": "generation", "trainer": TRAINER,  # as spinediff predict's
+                        "configuration": args.configuration, "plans": args.plans, "folds": [str(fold)],
+                        "source": f"{validation} (the training's validation export)"}, out / RUN_SUMMARY)
         if not all((out / f"{c}.nii.gz").is_file() for c in cases):
             shutil.rmtree(out, ignore_errors=True)
             predict(masks, out, GENERATION, args.configuration, TRAINER, folds=[fold], num_samples=1, seed=0,
