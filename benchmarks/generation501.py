@@ -140,22 +140,20 @@ def table(results: list[dict]) -> str:
 
 def figure(results: list[dict], splits: list[dict], raw: Path, target: Path, cases: int = 2) -> None:
     """For ``cases`` held-out cases of fold 0: the real MR, the mask and every row's generated MR, cut through the
-    sagittal slice that shows the most of the mask."""
+    slice that shows the most of the mask (along the spine: Dataset501's headers cannot be trusted to name it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from spinediff.io import read_json
-    from spinediff.planning.api import slicing_axis
-
-    axis = slicing_axis(raw, read_json(raw / "dataset.json"), "sagittal")
     chosen = list(splits[0]["val"])[:cases]
     columns = 2 + len(results)
     fig, axes = plt.subplots(len(chosen), columns, figsize=(2.1 * columns, 2.6 * len(chosen)), squeeze=False)
     for row, case in enumerate(chosen):
         mask = read(raw / "labelsTr" / f"{case}.nii.gz")
-        index = int(np.argmax(np.sum(mask > 0, axis=tuple(a for a in range(3) if a != axis))))
+        counts = [np.sum(mask > 0, axis=tuple(a for a in range(3) if a != axis)) for axis in range(3)]
+        axis = int(np.argmax([c.max() for c in counts]))
+        index = int(np.argmax(counts[axis]))
         real = np.take(read(raw / "imagesTr" / f"{case}_0000.nii.gz"), index, axis=axis)
         panels = [("real MR", real, "gray"), ("mask", np.take(mask, index, axis=axis), "nipy_spectral")]
         panels += [(r["label"], np.take(read(Path(r["generated"]) / "fold_0" / f"{case}.nii.gz"), index, axis=axis),
