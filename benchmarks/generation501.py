@@ -31,7 +31,6 @@ Writes ``results.json`` and ``results.md`` into ``--output`` (and ``generation50
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -96,9 +95,7 @@ def row_label(preprocessed_root: Path, raw: Path, plans: str, configuration: str
 
 
 def read(path: Path) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    return cv.read_array(path)[0].astype(np.float32)
 
 
 def score(generated_root: Path, splits: list[dict], raw: Path, segmenter: Path) -> dict:
@@ -219,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     raw, results_root, splits = found
     import torch
 
+    from spinediff.io import read_json, write_json, write_text
     from spinediff.paths import nnunet_folder
 
     torch.set_num_threads(1)
@@ -227,19 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     generation_raw = raw.parent / GENERATION
     if args.fuse:
         members = [Path(m) for m in args.fuse]
-        shown = [json.loads((Path(m) / "results.json").read_text()) for m in (args.rows or args.fuse)]
+        shown = [read_json(Path(m) / "results.json") for m in (args.rows or args.fuse)]
         fused = fuse(members, splits, out_root)
         result = {**score(fused, splits, raw, segmenter), "generated": str(fused), "budget": shown[0]["budget"],
                   "label": "2.5D", "model": "mean of " + ", ".join(
-                      json.loads((m / "results.json").read_text())["label"] for m in members)}
+                      read_json(m / "results.json")["label"] for m in members)}
         md = (f"Command: `python benchmarks/generation501.py --fuse {' '.join(args.fuse)}"
               + (f" --rows {' '.join(args.rows)}" if args.rows else "") + "`\n\n"
               f"Dataset501, 5-fold CV, {result['cases']} held-out masks → MR ({TRAINER}); auxiliary segmenter: each "
               "fold's nnU-Net (2d_cpu) of the benchmark.\n\n" + table([*shown, result]))
         out_root.mkdir(parents=True, exist_ok=True)
         figure([*shown, result], splits, raw, out_root / "generation501.png")
-        (out_root / "results.json").write_text(json.dumps({**result, "rows_shown": shown}, indent=2))
-        (out_root / "results.md").write_text(md)
+        write_json({**result, "rows_shown": shown}, out_root / "results.json")
+        write_text(md, out_root / "results.md")
         print(md)
         return 0
 
@@ -256,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from spinediff.inference.api import predict
     from spinediff.inference.inputs import RUN_SUMMARY
-    from spinediff.io import write_json
 
     generated_root = out_root / "generated"
     for fold, split in enumerate(splits):
@@ -284,27 +281,27 @@ def main(argv: list[str] | None = None) -> int:
             predict(masks, out, GENERATION, args.configuration, TRAINER, folds=[fold], num_samples=1, seed=0,
                     progress=False, tuned_sampling=False, results_folder=generation_results,
                     plans_identifier=args.plans)
-    plans = json.loads((preprocessed_root / GENERATION / f"{args.plans}.json").read_text())
-    base = args.configuration.split("_diffusion")[0] + "_diffusion"
-    diffusion = dict(plans["configurations"][base]["diffusion"],
-                     **plans["configurations"].get(args.configuration, {}).get("diffusion", {}))
+    from spinediff.planning.plans import SpineDiffPlans
+
+    diffusion = SpineDiffPlans.read(preprocessed_root / GENERATION / f"{args.plans}.json").configuration(
+        args.configuration).diffusion
     result = {**score(generated_root, splits, raw, segmenter), "budget": args.budget,
               "plan_budget": args.plan_budget or args.budget, "plans": args.plans,
               "configuration": args.configuration, "generated": str(generated_root.resolve()),
               "label": row_label(preprocessed_root, generation_raw, args.plans, args.configuration),
               "model": f"{args.configuration} ({args.plans})",
-              "sampling": f"{diffusion['sampler']}:{diffusion['num_inference_steps']}",
-              "prediction_type": diffusion["prediction_type"]}
+              "sampling": f"{diffusion.sampler}:{diffusion.num_inference_steps}",
+              "prediction_type": diffusion.prediction_type}
     md = (f"Command: `python benchmarks/generation501.py -j {args.workers} --budget {args.budget}"
           + (f" --plan-budget {args.plan_budget}" if args.plan_budget else "") + f" -c {args.configuration}"
           + (f" -p {args.plans}" if args.plans != DEFAULT_PLANS else "")
           + (" --generation-results DIR" if args.generation_results else "")
           + (" --reuse-validation" if args.reuse_validation else "") + "`\n\n"
           f"Dataset501, 5-fold CV, {result['cases']} held-out masks → MR ({TRAINER}, {args.configuration}, "
-          f"{args.plans}, {args.budget} per fold, {diffusion['prediction_type']} prediction, {result['sampling']}, one "
+          f"{args.plans}, {args.budget} per fold, {diffusion.prediction_type} prediction, {result['sampling']}, one "
           "sample); auxiliary segmenter: each fold's nnU-Net (2d_cpu) of the benchmark.\n\n" + table([result]))
-    (out_root / "results.json").write_text(json.dumps(result, indent=2))
-    (out_root / "results.md").write_text(md)
+    write_json(result, out_root / "results.json")
+    write_text(md, out_root / "results.md")
     print(md)
     return 0
 
