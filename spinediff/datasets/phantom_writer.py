@@ -17,12 +17,12 @@ from tqdm import tqdm
 from spinediff.datasets.anatomy import SEMANTIC_LABELS
 from spinediff.datasets.phantom import PhantomCase, PhantomSettings, generate_case, landmarks_to_json
 from spinediff.errors import SpineDiffError
-from spinediff.io import write_json
+from spinediff.io import atomic_path, write_image, write_json
 from spinediff.paths import dataset_name_from_id
 
 
 def _write(image: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(image, str(path), True)
+    write_image(image, path)  # verified: SimpleITK misses a short write on a full disk
 
 
 def _write_mr(case: PhantomCase, folder: Path) -> None:
@@ -46,7 +46,8 @@ def _write_translation(case: PhantomCase, folder: Path) -> None:
     _write(case.ct_labels, un / f"{cid}_ct_labels.nii.gz")
     write_json(landmarks_to_json(case.mr_landmarks), un / f"{cid}_mr_landmarks.json")
     write_json(landmarks_to_json(case.ct_landmarks), un / f"{cid}_ct_landmarks.json")
-    sitk.WriteTransform(case.true_transform, str(un / f"{cid}_true_transform.tfm"))
+    with atomic_path(un / f"{cid}_true_transform.tfm") as tmp:
+        sitk.WriteTransform(case.true_transform, str(tmp))
     matrix = np.eye(4)
     matrix[:3, :3] = np.asarray(case.true_transform.GetMatrix()).reshape(3, 3)
     centre = np.asarray(case.true_transform.GetCenter())

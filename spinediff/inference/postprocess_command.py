@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
-from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_voxels_verified
+from spinediff.io import ensure_writable_folder, read_image, read_voxels_verified, write_image
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 
@@ -51,8 +51,7 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             else array
         out = sitk.GetImageFromArray(changed)
         out.CopyInformation(image)
-        with atomic_path(output_folder / path.name) as tmp:
-            sitk.WriteImage(out, str(tmp), True)
+        write_image(out, output_folder / path.name)
     return len(files)
 
 

@@ -17,7 +17,6 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from spinediff.errors import SpineDiffError
-from spinediff.io import read_json, write_json
+from spinediff.io import copy_file, read_json, write_json
 from spinediff.paths import nnunet_folder, resolve_raw_dataset
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.utilities.device import parse_device
@@ -165,7 +164,7 @@ def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], targe
         destination = target / f"{case}{dataset_json['file_ending']}"
         source = Path(files["label"])
         if not destination.exists() or destination.stat().st_mtime < source.stat().st_mtime:
-            shutil.copy2(source, destination)
+            copy_file(source, destination)
 
 
 def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str] | None = None, *,

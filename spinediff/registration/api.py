@@ -30,6 +30,7 @@ from spinediff.io import (
     ensure_new_output,
     read_image,
     read_voxels_verified,
+    write_bytes,
     write_image,
     write_json,
     write_text,
@@ -330,8 +331,7 @@ def write_case(result: CaseRegistration, dataset: Path, channel_names: Sequence[
             if landmarks is not None:
                 write_landmarks(landmarks, target(qa / f"{cid}_{key}_landmarks.json"))
         if result.overlay is not None:
-            with atomic_path(target(qa / f"{cid}_overlay.png")) as tmp:
-                tmp.write_bytes(result.overlay)
+            write_bytes(result.overlay, target(qa / f"{cid}_overlay.png"))
         result.report.files = {p.name: str(p.relative_to(dataset)) for p in written}
         write_json(result.report.to_json(), target(qa / f"{cid}_report.json"))
     except BaseException:

@@ -8,6 +8,7 @@ reference: Dice per class (nnU-Net's evaluation) or PSNR, SSIM and MAE in HU (mo
 
 from __future__ import annotations
 
+import os
 import time
 from os.path import join
 from pathlib import Path
@@ -20,7 +21,8 @@ from nnunetv2.inference.export_prediction import export_prediction_from_logits
 from nnunetv2.paths import nnUNet_raw
 from tqdm import tqdm
 
-from spinediff.io import write_json
+from spinediff.errors import SpineDiffError
+from spinediff.io import atomic_path, verify_written, write_json
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
 
@@ -100,8 +102,23 @@ class ValidationExporter:
         if tr.task.task.writes_labels:
             # log of the probabilities: logits whose softmax is those probabilities (nnU-Net resamples logits)
             logits = torch.log(tr.task.probabilities(x0[None].float(), channel_axis=1)[0].clamp_min(1e-8)).cpu()
-            export_prediction_from_logits(logits, properties, tr.configuration_manager, tr.plans_manager,
-                                          tr.dataset_json, str(out_dir / key), save_probabilities)
+            # nnunetv2 writes TRUNCATED + ending (and .npz/.pkl): under a temporary name, verified before renaming
+            extras: list[Path] = []
+            try:
+                with atomic_path(out_dir / f"{key}{ending}") as tmp:
+                    truncated = str(tmp)[: -len(ending)]
+                    extras = [Path(truncated + e) for e in (".npz", ".pkl")] if save_probabilities else []
+                    export_prediction_from_logits(logits, properties, tr.configuration_manager, tr.plans_manager,
+                                                  tr.dataset_json, truncated, save_probabilities)
+                    for extra in extras:
+                        if extra.suffix == ".npz" and verify_written(extra, ".npz") is not None:
+                            raise SpineDiffError(f"Could not write {out_dir / key}.npz completely (check free space "
+                                                 f"on the device holding {out_dir}).")
+                for extra in extras:
+                    os.replace(extra, out_dir / f"{key}{extra.suffix}")
+            finally:
+                for extra in extras:
+                    extra.unlink(missing_ok=True)
             return
         units = tr.task.to_original_units(x0[None].cpu())[0]
         fill = [m.clip_range[0] for m in tr.task.target_intensity.mappings]

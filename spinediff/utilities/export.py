@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
-from spinediff.io import atomic_path
+from spinediff.io import write_image
 
 
 def revert_image_preprocessing(image: np.ndarray | torch.Tensor, plans_manager, configuration_manager,
@@ -63,5 +63,4 @@ def write_image_like_raw(array: np.ndarray, properties: dict, target: str | os.P
                          dtype=np.float32) -> None:
     """Write one channel atomically with the raw input's geometry."""
     image = image_from_array_like_raw(np.asarray(array).astype(dtype, copy=False), properties)
-    with atomic_path(target) as tmp:
-        sitk.WriteImage(image, str(tmp), True)
+    write_image(image, target)
