@@ -145,3 +145,32 @@ def test_report_names_a_folder_that_is_no_benchmark_or_evaluation(tmp_path, caps
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "benchmark.json" in err and "Traceback" not in err
     assert not (tmp_path / "report").exists()
+
+
+def test_eta_is_not_scaled_by_the_fast_io_stages_and_the_budget_caps_a_training():
+    """The issue's failure: fast first (I/O) stages made the ETA scale every later stage by 0.5x. Here they leave
+    the rest at its own expected cost; a slow compute stage scales the rest, but a training stage never beyond its
+    trainings' budget."""
+    from spinediff.experiments.demo import EXPECTED_STAGE_SECONDS, remaining_seconds
+
+    expected = EXPECTED_STAGE_SECONDS["full"]
+    names = list(expected)
+    io_done = {name: expected[name] * 0.1 for name in names[:3]}  # phantom, register, validate: 10x faster
+    assert remaining_seconds(expected, io_done) == pytest.approx(sum(expected[n] for n in names[3:]))
+    slow = dict(io_done, **{"plan + preprocess": expected["plan + preprocess"] * 3})
+    uncapped = remaining_seconds(expected, slow)
+    assert uncapped == pytest.approx(3 * sum(expected[n] for n in names[4:]))
+    capped = remaining_seconds(expected, slow, budget_minutes=1.0)
+    assert capped < uncapped
+    assert capped <= 2 * 60 + 3 * 60 + 0.15 * (expected[names[4]] + expected[names[5]]) + 3 * sum(
+        expected[n] for n in names[6:]) + 1e-6
+
+
+def test_quick_demo_records_how_far_each_eta_was_from_the_time_actually_left(quick_demo):
+    summary = json.loads((quick_demo / "demo_summary.json").read_text())
+    accuracy = summary["eta_accuracy"]
+    stages = list(summary["stages_seconds"])
+    assert list(accuracy) == stages[:-1] or list(accuracy) == stages
+    for name, row in accuracy.items():
+        actual = sum(summary["stages_seconds"][later] for later in stages[stages.index(name) + 1:])
+        assert row["actual_seconds"] == pytest.approx(actual)

@@ -111,13 +111,49 @@ class ConsoleFilter(io.TextIOBase):
         self.console.flush()
 
 
-def remaining_seconds(expected: dict[str, float], done: dict[str, float]) -> float:
-    """The expected seconds of the stages not yet done, scaled by how much slower (or faster) than expected
-    the finished stages ran on this machine (between 0.5x and 4x, so that one odd stage does not dominate)."""
-    spent = sum(done.values())
-    planned = sum(expected.get(name, 0.0) for name in done)
+#: Stages whose time scales with the machine's compute speed (network steps, sampling, preprocessing). The others
+#: (writing the phantom, registration, validation) are I/O-bound and short: their speed says nothing about the rest.
+COMPUTE_STAGES = ("plan + preprocess", "train + validate (segmentation)", "train + validate (translation)",
+                  "predict with uncertainty", "evaluate + report")
+#: Trainings per stage (the budget per model caps their time on a slow machine).
+TRAININGS_PER_STAGE = {"train + validate (segmentation)": 2, "train + validate (translation)": 3}
+
+
+def remaining_seconds(expected: dict[str, float], done: dict[str, float], budget_minutes: float | None = None) -> float:
+    """The expected seconds of the stages not yet done.
+
+    Each remaining stage costs its own expected seconds, scaled only by how much slower (or faster) than expected the
+    finished *compute* stages ran (``COMPUTE_STAGES``; between 0.5x and 4x); the short I/O-bound first stages never
+    scale the rest. A training stage is capped by its trainings' time budget (``budget_minutes`` per model, plus its
+    expected validation time), since the budget ends a training on a slow machine.
+    """
+    finished = [name for name in done if name in COMPUTE_STAGES and expected.get(name, 0) > 0]
+    spent = sum(done[name] for name in finished)
+    planned = sum(expected[name] for name in finished)
     speed = min(4.0, max(0.5, spent / planned)) if planned > 0 and spent > 0 else 1.0
-    return speed * sum(seconds for name, seconds in expected.items() if name not in done)
+    left = 0.0
+    for name, seconds in expected.items():
+        if name in done:
+            continue
+        estimate = seconds * speed if name in COMPUTE_STAGES else seconds
+        trainings = TRAININGS_PER_STAGE.get(name)
+        if trainings and budget_minutes:
+            estimate = min(estimate, trainings * budget_minutes * 60 + 0.15 * seconds)
+        left += estimate
+    return left
+
+
+def eta_accuracy(etas: dict[str, float], stages: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per finished stage: the ETA printed after it, the time that was actually left, and their ratio."""
+    names = list(stages)
+    rows = {}
+    for index, name in enumerate(names):
+        if name not in etas:
+            continue
+        actual = sum(stages[later] for later in names[index + 1:])
+        rows[name] = {"eta_seconds": etas[name], "actual_seconds": actual,
+                      "ratio": etas[name] / actual if actual > 0 else float("nan")}
+    return rows
 
 
 def _clock(seconds: float) -> str:
@@ -128,13 +164,15 @@ def _clock(seconds: float) -> str:
 class _Stopwatch:
     """One console line per finished stage: its time, the elapsed time and an estimate of the time left."""
 
-    def __init__(self, result: DemoResult, expected: dict[str, float]) -> None:
+    def __init__(self, result: DemoResult, expected: dict[str, float], budget_minutes: float | None = None) -> None:
         self.result = result
         self.expected = expected
+        self.budget_minutes = budget_minutes
+        self.etas: dict[str, float] = {}
         self.started = time.perf_counter()
 
     def __call__(self, name: str):
-        result, expected, started = self.result, self.expected, self.started
+        result, expected, started, watch = self.result, self.expected, self.started, self
 
         class _Stage:
             def __enter__(self):
@@ -145,7 +183,8 @@ class _Stopwatch:
                 if exc[0] is not None:
                     return
                 number = list(expected).index(name) + 1 if name in expected else len(result.stages)
-                left = remaining_seconds(expected, result.stages)
+                left = remaining_seconds(expected, result.stages, watch.budget_minutes)
+                watch.etas[name] = left
                 print(f"[demo] {number}/{len(expected)} {name:<32} {result.stages[name]:6.1f} s | elapsed "
                       f"{_clock(time.perf_counter() - started)} | ETA {_clock(left)}", flush=True)
 
@@ -229,7 +268,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
     expected = EXPECTED_STAGE_SECONDS["quick" if quick else "full"]
     print(f"[demo] {len(expected)} stages, about {_clock(sum(expected.values()))} (min:s) on 2 idle cores; one line "
           f"per stage, then the results", flush=True)
-    stage = _Stopwatch(result, expected)
+    stage = _Stopwatch(result, expected, profile.budget_minutes)
     folders = _environment(out)
     started = time.perf_counter()
 
@@ -274,6 +313,7 @@ def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwri
                                      predictions, result)
     result.summary["stages_seconds"] = result.stages
     result.summary["total_seconds"] = time.perf_counter() - started
+    result.summary["eta_accuracy"] = eta_accuracy(stage.etas, result.stages)
     write_json(result.summary, out / "demo_summary.json")
     return result
 
