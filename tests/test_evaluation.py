@@ -249,3 +249,23 @@ def test_frechet_distance_in_a_trained_segmenters_feature_space(phantom_root, tm
         mild = image_frechet_distance(extractor, corrupted[20.0], real)
         strong = image_frechet_distance(extractor, corrupted[300.0], real)
         assert 0 < mild < strong
+
+
+def test_the_downstream_ct_segmenter_learns_only_the_labels_the_ct_shows(phantom_root, tmp_path):
+    """Discs and the spinal canal are soft tissue in CT: the downstream segmenter keeps the bone labels (median HU
+    above the bone threshold), renumbered, with the map back to the source's values."""
+    import json
+
+    import SimpleITK as sitk
+
+    from spinediff.experiments.downstream import LABEL_MAP_KEY, write_segmenter_dataset
+
+    source = phantom_root / "Dataset902_SpinePhantomTranslation"
+    out = write_segmenter_dataset(source, tmp_path / "Dataset990_Bone", ct_visible_only=True)
+    spec = json.loads((out / "dataset.json").read_text())
+    assert spec["labels"] == {"background": 0, "vertebra": 1}, spec["labels"]
+    assert spec[LABEL_MAP_KEY] == {"1": 1}
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / "phantom_001.nii.gz")))
+    original = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labelsTr" / "phantom_001.nii.gz")))
+    assert set(np.unique(label)) == {0, 1} and np.array_equal(label == 1, original == 1)
+    assert not (out / "labelsTr" / "phantom_001.nii.gz").is_symlink()

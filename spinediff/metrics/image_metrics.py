@@ -79,13 +79,17 @@ def adjacent_difference_ratio(prediction: np.ndarray, reference: np.ndarray, axi
 BODY_THRESHOLD_HU = -500.0  # air and padding are below
 
 
+#: CT voxels denser than this are bone (the bone MAE, and the labels a downstream CT segmenter is trained on).
+BONE_THRESHOLD_HU = 200.0
+
+
 def body_mask_ct(reference_hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """Voxels inside the body on CT: denser than ``threshold`` HU (air and padding are below)."""
     return reference_hu > threshold
 
 
 def image_metrics(prediction: np.ndarray, reference: np.ndarray, data_range: tuple[float, float],
-                  bone_threshold: float | None = 200.0, is_ct: bool = True) -> dict[str, float]:
+                  bone_threshold: float | None = BONE_THRESHOLD_HU, is_ct: bool = True) -> dict[str, float]:
     """PSNR, SSIM, MAE overall, MAE in the body and in bone (CT), for one volume."""
     out = {"psnr": psnr(prediction, reference, data_range), "ssim": ssim(prediction, reference, data_range),
            "mae": mae(prediction, reference)}
