@@ -21,7 +21,6 @@ differs from the plan (:mod:`spinediff.training.schedule`).
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from spinediff.errors import SpineDiffError
 from spinediff.tasks import Task
+from spinediff.utilities.argtypes import parse_duration
 
 #: Steps a budget should buy at least. Calibration (shared/docs/nnunet-notes.md): nnU-Net's trainer reached
 #: Dice 0.89 on real lumbar MRI after 2 000 annealed steps of a 2D whole-slice configuration, and stayed
@@ -50,22 +50,16 @@ SPACING_FACTORS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 #: Foreground extent percentile over cases (robust to one odd case, covers nearly all).
 EXTENT_PERCENTILE = 95
 
-_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+#: The shortest ``spinediff plan --budget``: below it :data:`TARGET_STEPS` steps leave under 13 ms a step, and the
+#: planner shrinks the patch to the smallest U-Net with one downsampling (on this project's 2-core CPU the
+#: tiny test dataset reached that limit at about 12 s), so the plans would train a few hundred steps of a toy.
+MIN_PLAN_BUDGET_SECONDS = 30.0
 
 
 def parse_budget(text: str | float | int) -> float:
-    """``"20m"``, ``"12h"``, ``"90s"``, ``"1.5h"`` or a bare number of minutes -> seconds."""
-    if isinstance(text, (int, float)):
-        seconds = float(text) * 60.0
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
-        if not match or match.group(2) not in ("", *_UNITS):
-            raise SpineDiffError(f"Cannot read the budget {text!r}: write a number with a unit, e.g. 90s, 20m, "
-                                 "1.5h (a bare number means minutes).")
-        seconds = float(match.group(1)) * (_UNITS[match.group(2)] if match.group(2) else 60.0)
-    if not seconds > 0:
-        raise SpineDiffError(f"The budget must be positive, got {text!r}.")
-    return seconds
+    """``"20m"``, ``"12h"``, ``"90s"``, ``"1.5h"`` or a bare number of minutes -> seconds
+    (:func:`spinediff.utilities.argtypes.parse_duration`)."""
+    return parse_duration(text, "budget")
 
 
 def format_duration(seconds: float) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from spinediff.errors import SpineDiffError
 from spinediff.planning.budget import (
     SPACING_FACTORS,
     STEP_SHARE,
@@ -110,9 +111,15 @@ def fit_for_budget(planner, base: dict[str, Any], n_voxels_dataset: float, input
             fitted = fit_patch_and_batch(spacing, median, voxels, input_channels, output_channels, budget,
                                          architecture_for, planner.UNet_featuremap_min_edge_length,
                                          planner.max_dataset_covered, min_patch=floor)
+            if fitted.arch_kwargs["n_stages"] < 2 and last is not None:
+                break  # a patch without one downsampling is no U-Net: keep the coarsest one that has it
             last = (factor, spacing, median, fitted)
             if fitted.fits:
                 break
+        if last[3].arch_kwargs["n_stages"] < 2:
+            raise SpineDiffError(f"The budget of {format_duration(planner.budget_seconds)} is too short for this "
+                                 "dataset: even at the finest spacing the patch that fits it has no downsampling. "
+                                 "Give --budget a longer time (e.g. 10m).")
         return last
 
     scale = 1.0
