@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from spinediff.errors import SpineDiffError
+from spinediff.utilities.lock import LOCK_NAME
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
@@ -299,8 +300,8 @@ def ensure_new_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse to overwrite existing results unless ``overwrite`` is set."""
     path = Path(path)
     if path.exists() and not overwrite:
-        if path.is_dir() and not any(path.iterdir()):
-            return path
+        if path.is_dir() and not any(p for p in path.iterdir() if not p.name.endswith(LOCK_NAME)):
+            return path  # empty, or holding only the lock this run took (spinediff.utilities.lock)
         raise SpineDiffError(f"{path} already exists. Choose another output or pass --overwrite to replace it.")
     return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from spinediff.datasets.phantom import PhantomCase, PhantomSettings, generate_ca
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path, write_image, write_json
 from spinediff.paths import dataset_name_from_id
+from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 
 def _write(image: sitk.Image, path: Path) -> None:
@@ -151,35 +153,38 @@ def write_phantom_datasets(
     out = Path(output_folder).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     targets = {task: out / dataset_folder_name(task, dataset_id_base) for task in tasks}
-    for target in targets.values():
-        if target.exists() and not overwrite:
-            raise SpineDiffError(f"{target} already exists. Choose another output folder or --dataset-id, "
-                                 f"or pass --overwrite to replace it.")
+    with contextlib.ExitStack() as locks:  # each dataset is replaced as a whole: its lock lies beside it
+        for target in targets.values():
+            locks.enter_context(folder_lock(out, name=f".{target.name}{LOCK_NAME}"))
+        for target in targets.values():
+            if target.exists() and not overwrite:
+                raise SpineDiffError(f"{target} already exists. Choose another output folder or --dataset-id, "
+                                     f"or pass --overwrite to replace it.")
 
-    staging = {task: Path(tempfile.mkdtemp(prefix=f".{targets[task].name}.", dir=out)) for task in tasks}
-    try:
-        for task, folder in staging.items():
-            for sub in PHANTOM_DATASETS[task].subfolders:
-                (folder / sub).mkdir(parents=True)
-        previews = []
-        for index in tqdm(range(num_cases), desc="phantom cases", disable=not progress, unit="case"):
-            case = generate_case(seed, index, settings)
+        staging = {task: Path(tempfile.mkdtemp(prefix=f".{targets[task].name}.", dir=out)) for task in tasks}
+        try:
             for task, folder in staging.items():
-                PHANTOM_DATASETS[task].write_case(case, folder)
-            if preview and index < 4:
-                previews.append(case)
-        for task, folder in staging.items():
-            write_json(_dataset_json(task, num_cases, settings, seed), folder / "dataset.json")
-            if preview and previews:
-                from spinediff.datasets.preview import save_phantom_preview
+                for sub in PHANTOM_DATASETS[task].subfolders:
+                    (folder / sub).mkdir(parents=True)
+            previews = []
+            for index in tqdm(range(num_cases), desc="phantom cases", disable=not progress, unit="case"):
+                case = generate_case(seed, index, settings)
+                for task, folder in staging.items():
+                    PHANTOM_DATASETS[task].write_case(case, folder)
+                if preview and index < 4:
+                    previews.append(case)
+            for task, folder in staging.items():
+                write_json(_dataset_json(task, num_cases, settings, seed), folder / "dataset.json")
+                if preview and previews:
+                    from spinediff.datasets.preview import save_phantom_preview
 
-                save_phantom_preview(previews, folder / "preview.png")
-        for task, folder in staging.items():
-            if targets[task].exists():
-                shutil.rmtree(targets[task])
-            os.replace(folder, targets[task])
-    finally:
-        for folder in staging.values():
-            if folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-    return targets
+                    save_phantom_preview(previews, folder / "preview.png")
+            for task, folder in staging.items():
+                if targets[task].exists():
+                    shutil.rmtree(targets[task])
+                os.replace(folder, targets[task])
+        finally:
+            for folder in staging.values():
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+        return targets

@@ -33,6 +33,7 @@ from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import segmentation_metrics
 from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
 from spinediff.utilities.geometry import same_geometry
+from spinediff.utilities.lock import folder_lock
 
 
 def dice_per_case(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
@@ -87,13 +88,24 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
                      data_range: tuple[float, float] = (-1024.0, 3071.0),
                      output_folder: str | os.PathLike | None = None,
                      progress: bool = True) -> EvaluationResult:
-    """Score every prediction that has a reference of the same name; write CSV + JSON if ``output_folder``."""
+    """Score every prediction that has a reference of the same name; write CSV + JSON if ``output_folder`` (whose
+    lock is held from before the first case is read to the last file written: one run per output folder)."""
+    arguments = {"labels": labels, "task": task, "data_range": data_range, "output_folder": output_folder,
+                 "progress": progress}
+    if output_folder is None:
+        return _evaluate_folders(reference_folder, prediction_folder, **arguments)
+    ensure_writable_folder(output_folder, create=False)
+    with folder_lock(output_folder):
+        return _evaluate_folders(reference_folder, prediction_folder, **arguments)
+
+
+def _evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike, *,
+                      labels: Sequence[int] | None, task: str, data_range: tuple[float, float],
+                      output_folder: str | os.PathLike | None, progress: bool) -> EvaluationResult:
     ref_dir, pred_dir = Path(reference_folder), Path(prediction_folder)
     for folder in (ref_dir, pred_dir):
         if not folder.is_dir():
             raise SpineDiffError(f"{folder} is not a folder.")
-    if output_folder is not None:
-        ensure_writable_folder(output_folder, create=False)
     references, predictions = _case_files(ref_dir), _case_files(pred_dir)
     cases = sorted(set(references) & set(predictions))
     if not cases:

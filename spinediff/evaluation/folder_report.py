@@ -34,6 +34,7 @@ from spinediff.evaluation.report import Section, Table, fmt, schedule_cell, writ
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name
 from spinediff.tasks import SEGMENTATION_KIND, Task, get_task
+from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
 SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
@@ -66,31 +67,33 @@ def write_folder_report(folder: str | os.PathLike, output: str | os.PathLike | N
         raise SpineDiffError(f"{folder} is not a folder. Give a benchmark or evaluation output folder.")
     kind = report_kind(folder)
     out = Path(output) if output else folder / "report"
-    if out.exists() and not overwrite:
-        raise SpineDiffError(f"{out} already exists. Choose another output folder (-o) or pass --overwrite.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Built in a sibling folder and moved into place at the end: an error leaves no half-written report.
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        figures = work / "figures"
-        figures.mkdir()
-        source = folder / ("benchmark.json" if kind == "benchmark" else "summary.json")
+    # the report folder is replaced as a whole, so its lock lies beside it; taken before the check that it is new
+    with folder_lock(out.parent, name=f".{out.name}{LOCK_NAME}"):
+        if out.exists() and not overwrite:
+            raise SpineDiffError(f"{out} already exists. Choose another output folder (-o) or pass --overwrite.")
+        # Built in a sibling folder and moved into place at the end: an error leaves no half-written report.
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            if kind == "benchmark":
-                title, sections = benchmark_sections(folder, figures, results, raw)
-            else:
-                title, sections = evaluation_sections(folder, figures)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise SpineDiffError(f"{source} (or per_case.csv beside it) does not have the layout spinediff writes "
-                                 f"({type(error).__name__}: {error}). Run `spinediff {kind}` again to rewrite "
-                                 "it.") from None
-        write_report(title, sections, work)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-    finally:
-        if work.exists():
-            shutil.rmtree(work)
+            figures = work / "figures"
+            figures.mkdir()
+            source = folder / ("benchmark.json" if kind == "benchmark" else "summary.json")
+            try:
+                if kind == "benchmark":
+                    title, sections = benchmark_sections(folder, figures, results, raw)
+                else:
+                    title, sections = evaluation_sections(folder, figures)
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                raise SpineDiffError(f"{source} (or per_case.csv beside it) does not have the layout spinediff writes "
+                                     f"({type(error).__name__}: {error}). Run `spinediff {kind}` again to rewrite "
+                                     "it.") from None
+            write_report(title, sections, work)
+            if out.exists():
+                shutil.rmtree(out)
+            work.rename(out)
+        finally:
+            if work.exists():
+                shutil.rmtree(work)
     return out / "report.html"
 
 

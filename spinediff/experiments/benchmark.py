@@ -25,6 +25,7 @@ from spinediff.evaluation.report import csv_text, schedule_cell
 from spinediff.experiments.folds import Method, MethodResult, collect_result, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 from spinediff.tasks import Task
+from spinediff.utilities.lock import folder_lock
 
 
 def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
@@ -246,63 +247,65 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     options.budget_minutes = budget_minutes
     folds = folds if folds is not None else [0, 1, 2, 3, 4]
     out = ensure_writable_folder(Path(output) if output else results / name / "spinediff_benchmark")
-    raw = nnunet_folder("raw") / name
-    target = spec.target_channels[0] if spec.target_channels else None
-    reference = reference_folder(raw, spec.task, target, out)
-    data_range = (-1024.0, 3071.0)
-    if spec.task.has_image_target:
-        intensity = plans.configuration("2d_diffusion").target_intensity if "2d_diffusion" in plans else None
-        if intensity:
-            data_range = intensity.mappings[0].clip_range
-    from spinediff.training.registry import find_trainer, is_spinediff_trainer
+    with folder_lock(out):  # one benchmark per output folder, held to the end
+        raw = nnunet_folder("raw") / name
+        target = spec.target_channels[0] if spec.target_channels else None
+        reference = reference_folder(raw, spec.task, target, out)
+        data_range = (-1024.0, 3071.0)
+        if spec.task.has_image_target:
+            intensity = plans.configuration("2d_diffusion").target_intensity if "2d_diffusion" in plans else None
+            if intensity:
+                data_range = intensity.mappings[0].clip_range
+        from spinediff.training.registry import find_trainer, is_spinediff_trainer
 
-    if any(is_spinediff_trainer(m.trainer) and find_trainer(m.trainer).needs_target_segmenter for m in methods):
-        # the perception loss's frozen segmenter: the downstream segmenter of the same folds, trained first
-        from spinediff.experiments.downstream import train_downstream_segmenter
+        if any(is_spinediff_trainer(m.trainer) and find_trainer(m.trainer).needs_target_segmenter for m in methods):
+            # the perception loss's frozen segmenter: the downstream segmenter of the same folds, trained first
+            from spinediff.experiments.downstream import train_downstream_segmenter
 
-        segmenter_folder, _ = train_downstream_segmenter(name, folds, options, reuse=reuse)
-        options.perception_model = str(segmenter_folder)
-    # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
-    jobs = [(method, fold) for fold in folds for method in methods]
-    timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),
-                       strict=True))
-    outcomes = []
-    for method in methods:
-        result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
-        score_method(result, results / name, reference, spec.task, data_range)
-        if spec.task.writes_labels:
-            labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
-            score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
-        outcomes.append(result)
-    extra = {}
-    if downstream and spec.task.has_downstream_dice:
-        from spinediff.experiments.downstream import score_downstream
+            segmenter_folder, _ = train_downstream_segmenter(name, folds, options, reuse=reuse)
+            options.perception_model = str(segmenter_folder)
+        # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
+        jobs = [(method, fold) for fold in folds for method in methods]
+        timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),
+                           strict=True))
+        outcomes = []
+        for method in methods:
+            result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
+            score_method(result, results / name, reference, spec.task, data_range)
+            if spec.task.writes_labels:
+                labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
+                score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
+            outcomes.append(result)
+        extra = {}
+        if downstream and spec.task.has_downstream_dice:
+            from spinediff.experiments.downstream import score_downstream
 
-        extra = score_downstream(name, folds, outcomes, options, reference, reuse=reuse)
-    rows, table = benchmark_table(outcomes, spec.task)
-    if extra:
-        table += (f"\n\nDownstream Dice (dice_downstream): {extra['segmenter']}, trained on the real CT of the same "
-                  f"folds ({extra['epochs']} epochs, {extra['train_minutes']:.1f} min), segments each method's "
-                  f"synthetic CT of the validation cases; on the real CT it reaches Dice {extra['dice_real_ct']:.3f}.")
-    summary = {"dataset": name, "task": spec.task.name, "folds": folds, "budget_minutes": budget_minutes,
-               "options": asdict(options), "methods": rows,
-               "per_fold": {r.method.name: r.per_fold for r in outcomes},
-               "postprocessing": {r.method.name: r.postprocessing for r in outcomes},
-               "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None,
-               # where `spinediff report` finds the models, images and references of this benchmark
-               "results_folder": str(results), "raw_folder": str(raw.parent), "reference_folder": str(reference),
-               "model_folders": {r.method.name: r.method.folder_name
-                                 for r in outcomes}}
-    write_json(summary, out / "benchmark.json")
-    write_text(csv_text(rows), out / "benchmark.csv")
-    budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
-    write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
-               f"fold.\n\n{table}\n", out / "benchmark.md")
-    from spinediff.evaluation.figures import metric_boxplot
+            extra = score_downstream(name, folds, outcomes, options, reference, reuse=reuse)
+        rows, table = benchmark_table(outcomes, spec.task)
+        if extra:
+            table += (f"\n\nDownstream Dice (dice_downstream): {extra['segmenter']}, trained on the real CT of the "
+                      f"same folds ({extra['epochs']} epochs, {extra['train_minutes']:.1f} min), segments each "
+                      f"method's synthetic CT of the validation cases; on the real CT it reaches Dice "
+                      f"{extra['dice_real_ct']:.3f}.")
+        summary = {"dataset": name, "task": spec.task.name, "folds": folds, "budget_minutes": budget_minutes,
+                   "options": asdict(options), "methods": rows,
+                   "per_fold": {r.method.name: r.per_fold for r in outcomes},
+                   "postprocessing": {r.method.name: r.postprocessing for r in outcomes},
+                   "per_case": {r.method.name: r.per_case for r in outcomes}, "downstream": extra or None,
+                   # where `spinediff report` finds the models, images and references of this benchmark
+                   "results_folder": str(results), "raw_folder": str(raw.parent), "reference_folder": str(reference),
+                   "model_folders": {r.method.name: r.method.folder_name
+                                     for r in outcomes}}
+        write_json(summary, out / "benchmark.json")
+        write_text(csv_text(rows), out / "benchmark.csv")
+        budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
+        write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
+                   f"fold.\n\n{table}\n", out / "benchmark.md")
+        from spinediff.evaluation.figures import metric_boxplot
 
-    metric = spec.task.primary_metric
-    metric_boxplot({r.method.name: [c[metric] for c in r.per_case.values()] for r in outcomes}, metric,
-                   out / "benchmark.png", title=f"{name}: {metric} per case")
-    summary["table"] = table
-    summary["output"] = str(out)
-    return summary
+        metric = spec.task.primary_metric
+        metric_boxplot({r.method.name: [c[metric] for c in r.per_case.values()] for r in outcomes}, metric,
+                       out / "benchmark.png", title=f"{name}: {metric} per case")
+        summary["table"] = table
+        summary["output"] = str(out)
+        return summary

@@ -31,6 +31,7 @@ from spinediff.paths import model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import get_task
 from spinediff.utilities.device import add_device_argument
+from spinediff.utilities.lock import folder_lock
 
 
 @dataclass(frozen=True)
@@ -244,18 +245,21 @@ def run_demo(output: str | Path, *, quick: bool = False, seed: int = 0, overwrit
     ``verbose`` the console shows one line per stage and per training epoch; everything else (nnU-Net's banners,
     progress bars, warnings) goes to ``OUTPUT/demo_console.log``."""
     profile = PROFILES["quick" if quick else "full"]
-    out = ensure_new_output(Path(output).expanduser().resolve(), overwrite=overwrite)
-    ensure_writable_folder(out)
-    if verbose:
-        return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
-    # Quiet console: every line still goes to demo_console.log; the console shows ours only (stages, epochs).
-    with open(out / CONSOLE_LOG, "a", encoding="utf-8") as log:
-        console = ConsoleFilter(sys.stdout, log, QUIET_CONSOLE_LINES)
-        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
-            try:
-                return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
-            finally:
-                console.flush()
+    out = Path(output).expanduser().resolve()
+    ensure_writable_folder(out, create=False)
+    with folder_lock(out):  # one demo per folder, held to the end; the folder is checked under it
+        ensure_new_output(out, overwrite=overwrite)
+        ensure_writable_folder(out)
+        if verbose:
+            return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
+        # Quiet console: every line still goes to demo_console.log; the console shows ours only (stages, epochs).
+        with open(out / CONSOLE_LOG, "a", encoding="utf-8") as log:
+            console = ConsoleFilter(sys.stdout, log, QUIET_CONSOLE_LINES)
+            with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+                try:
+                    return _run_stages(out, profile, quick, seed, overwrite, verbose, device)
+                finally:
+                    console.flush()
 
 
 def _run_stages(out: Path, profile: DemoProfile, quick: bool, seed: int, overwrite: bool,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDi
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
+from spinediff.utilities.lock import LOCK_NAME, PART_LOCK_PREFIX, folder_lock, other_holders
 
 
 @dataclass
@@ -75,6 +77,20 @@ def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
         raise SpineDiffError(f"No trained fold in {path} (no fold_*/checkpoint_{checkpoint}.pth). Train one with "
                              "`spinediff train`, or name the folds with -f.")
     return folds
+
+
+@contextlib.contextmanager
+def _output_lock(output: Path, num_parts: int, part_id: int) -> Iterator[None]:
+    """The output folder's lock; the parts of one prediction (``--num-parts``) each hold their own, and a whole
+    run and a part run exclude each other."""
+    name = LOCK_NAME if num_parts == 1 else f"{PART_LOCK_PREFIX}{part_id}of{num_parts}.lock"
+    with folder_lock(output, name=name):
+        others = other_holders(output, PART_LOCK_PREFIX if num_parts == 1 else LOCK_NAME)
+        if others:
+            raise SpineDiffError(f"{output} is in use by another spinediff run (PID {others[0].get('pid', '?')}, "
+                                 f"lock file {others[0]['lock']}). Wait for it to finish or choose another output "
+                                 "folder.")
+        yield
 
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
@@ -153,43 +169,45 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     cases, problems = [c for c in cases if c.identifier in part], [p for p in problems if p.identifier in part]
     run_summary, review_table = (part_name(name, num_parts, part_id) for name in (RUN_SUMMARY, REVIEW_TABLE))
     output = Path(output_folder)
-    planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
-    existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
-    existing += [output / name for name in (run_summary, review_table) if (output / name).exists()]
-    if existing and not overwrite:
-        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output folder "
-                             "or pass --overwrite to replace them.")
-    output.mkdir(parents=True, exist_ok=True)
-    settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
-                "configuration": folder.configuration, "plans": folder.plans_identifier,
-                "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
-                "num_samples": num_samples or predictor.settings.num_samples,
-                "steps": num_inference_steps or predictor.settings.num_inference_steps,
-                "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
-                "sampler": sampler or predictor.settings.sampler,
-                "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
-                "sampling_from": sampling_from,
-                "tta": predictor.device.type != "cpu" if tta is None else tta,
-                "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
-                "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
-                "part": {"part_id": part_id, "num_parts": num_parts}, "precision": precision}
-    report = PredictionReport(output, settings)
-    report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
-    for problem in problems:
-        tqdm.write(f"skipped {problem.identifier}: {problem.message}")
-    bar = tqdm(cases, desc=f"predict ({len(predictor.models)} fold(s))", unit="case", disable=not progress)
-    for case in bar:
-        bar.set_postfix_str(case.identifier)
-        result = predictor.predict_case(case, planned[case.identifier], options, progress)
-        if not result.ok:
-            tqdm.write(f"failed {case.identifier}: {result.message}")
-        report.cases.append(result)
-    flags = {c.identifier: c.uncertainty["review"] for c in report.cases
-             if c.ok and (c.uncertainty or {}).get("review")}
-    if flags:
-        report.review_table = write_review_table(flags, output / review_table)
-        report.flagged = [case for case, flag in sorted(flags.items(), key=lambda i: -i[1]["value"]) if flag["review"]]
-    report.summary_file = output / run_summary
-    write_json(report.to_dict(), report.summary_file)
-    return report
+    with _output_lock(output, num_parts, part_id):  # held to the end: no other run writes here meanwhile
+        planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
+        existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
+        existing += [output / name for name in (run_summary, review_table) if (output / name).exists()]
+        if existing and not overwrite:  # checked under the lock: no other run can add outputs now
+            shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
+            raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output "
+                                 "folder or pass --overwrite to replace them.")
+        output.mkdir(parents=True, exist_ok=True)
+        settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
+                    "configuration": folder.configuration, "plans": folder.plans_identifier,
+                    "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
+                    "num_samples": num_samples or predictor.settings.num_samples,
+                    "steps": num_inference_steps or predictor.settings.num_inference_steps,
+                    "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
+                    "sampler": sampler or predictor.settings.sampler,
+                    "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
+                    "sampling_from": sampling_from,
+                    "tta": predictor.device.type != "cpu" if tta is None else tta,
+                    "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
+                    "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
+                    "part": {"part_id": part_id, "num_parts": num_parts}, "precision": precision}
+        report = PredictionReport(output, settings)
+        report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
+        for problem in problems:
+            tqdm.write(f"skipped {problem.identifier}: {problem.message}")
+        bar = tqdm(cases, desc=f"predict ({len(predictor.models)} fold(s))", unit="case", disable=not progress)
+        for case in bar:
+            bar.set_postfix_str(case.identifier)
+            result = predictor.predict_case(case, planned[case.identifier], options, progress)
+            if not result.ok:
+                tqdm.write(f"failed {case.identifier}: {result.message}")
+            report.cases.append(result)
+        flags = {c.identifier: c.uncertainty["review"] for c in report.cases
+                 if c.ok and (c.uncertainty or {}).get("review")}
+        if flags:
+            report.review_table = write_review_table(flags, output / review_table)
+            report.flagged = [case for case, flag in sorted(flags.items(), key=lambda i: -i[1]["value"])
+                              if flag["review"]]
+        report.summary_file = output / run_summary
+        write_json(report.to_dict(), report.summary_file)
+        return report

@@ -30,6 +30,7 @@ from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_j
 from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.tasks import SEGMENTATION, Task, get_task
 from spinediff.utilities.geometry import same_geometry
+from spinediff.utilities.lock import folder_lock
 
 MAP_SUFFIXES = ("_uncertainty", "_variance")
 
@@ -65,6 +66,19 @@ def _prediction_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _refuse_output_among_inputs(output: Path, folders: Sequence[Path]) -> None:
+    """The output may be none of the inputs, nor inside or around one (with --overwrite too): the ensemble would
+    replace the predictions it is made of."""
+    out = output.expanduser().resolve()
+    for folder in folders:
+        member = folder.expanduser().resolve()
+        if out == member or member in out.parents or out in member.parents:
+            relation = "is" if out == member else "is inside" if member in out.parents else "contains"
+            raise SpineDiffError(f"The output folder {output} {relation} the input folder {folder}: the ensemble "
+                                 "would replace or mix with the predictions it averages (also with --overwrite). "
+                                 "Choose a separate output folder with -o.")
+
+
 def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, *, overwrite: bool = False,
                      save_probabilities: bool = False, save_uncertainty: bool = False) -> EnsembleReport:
     """Average the predictions of ``inputs`` (two or more prediction folders) into ``output``; segmentation with
@@ -83,6 +97,7 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     if save_uncertainty and not task.writes_labels:
         raise SpineDiffError("--save-uncertainty combines segmentations (their class probabilities); for images "
                              "the spread across samples is what `spinediff predict --save-uncertainty` writes.")
+    _refuse_output_among_inputs(Path(output), folders)
     files = [_prediction_files(folder) for folder in folders]
     output = ensure_writable_folder(output, create=False)
     report = EnsembleReport(output, task.name)
@@ -100,23 +115,24 @@ def ensemble_folders(inputs: Sequence[str | os.PathLike], output: str | os.PathL
     if save_uncertainty:
         targets += [output / f"{split_ending(n)[0]}_uncertainty{split_ending(n)[1]}" for n in complete]
         targets += [output / f"{split_ending(n)[0]}_uncertainty.json" for n in complete]
-    existing = [t for t in [*targets, output / RUN_SUMMARY] if t.exists()]
-    if existing and not overwrite:
-        raise SpineDiffError(f"{existing[0]} already exists ({len(existing)} output file(s) in all). Choose another "
-                             "output folder or pass --overwrite.")
-    for name in complete:
-        try:
-            paths = [f[name] for f in files]
-            if task.writes_labels:
-                _ensemble_probabilities(paths, output / name, save_probabilities, save_uncertainty)
-            else:
-                _average_images(paths, output / name)
-            report.written.append(str(output / name))
-        except SpineDiffError as exc:
-            report.problems.append(str(exc))
-    write_json({"task": task.name, "ensemble_of": [str(f) for f in folders], "written": report.written,
-                "problems": report.problems}, output / RUN_SUMMARY)
-    return report
+    with folder_lock(output):  # held to the end; outputs are checked under it (no other run adds any now)
+        existing = [t for t in [*targets, output / RUN_SUMMARY] if t.exists()]
+        if existing and not overwrite:
+            raise SpineDiffError(f"{existing[0]} already exists ({len(existing)} output file(s) in all). Choose "
+                                 "another output folder or pass --overwrite.")
+        for name in complete:
+            try:
+                paths = [f[name] for f in files]
+                if task.writes_labels:
+                    _ensemble_probabilities(paths, output / name, save_probabilities, save_uncertainty)
+                else:
+                    _average_images(paths, output / name)
+                report.written.append(str(output / name))
+            except SpineDiffError as exc:
+                report.problems.append(str(exc))
+        write_json({"task": task.name, "ensemble_of": [str(f) for f in folders], "written": report.written,
+                    "problems": report.problems}, output / RUN_SUMMARY)
+        return report
 
 
 def _check_same_grid(images: list[sitk.Image], paths: list[Path]) -> None:

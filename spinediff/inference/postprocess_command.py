@@ -11,6 +11,7 @@ from tqdm import tqdm
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
 from spinediff.io import ensure_writable_folder, read_image, read_voxels_verified, write_image
+from spinediff.utilities.lock import folder_lock
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 
@@ -32,26 +33,27 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     files = sorted(p for p in input_folder.iterdir() if p.is_file() and p.name.endswith(ENDINGS))
     if not files:
         raise SpineDiffError(f"No segmentation ({', '.join(ENDINGS)}) in {input_folder}.")
-    existing = [output_folder / p.name for p in files if (output_folder / p.name).exists()]
-    if existing and not overwrite:
-        raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
-                             "output folder or pass --overwrite.")
     for path in files:  # every input checked before anything is written
         read_voxels_verified(path, read_image(path))
         if decision.needs_probabilities and not _probabilities_of(path).is_file():
             raise SpineDiffError(f"{_probabilities_of(path)} is missing: this model's post-processing forms the "
                                  "foreground from class probabilities. Predict with probabilities (nnUNetv2_predict "
                                  "--save_probabilities or spinediff predict --save-probabilities).")
-    ensure_writable_folder(output_folder)
-    for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
-        image = read_image(path)
-        array = sitk.GetArrayFromImage(image)
-        probabilities = load_probabilities(_probabilities_of(path)) if decision.needs_probabilities else None
-        changed = decision.apply(array, image, probabilities).astype(array.dtype) if image.GetDimension() == 3 \
-            else array
-        out = sitk.GetImageFromArray(changed)
-        out.CopyInformation(image)
-        write_image(out, output_folder / path.name)
+    ensure_writable_folder(output_folder, create=False)
+    with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
+        existing = [output_folder / p.name for p in files if (output_folder / p.name).exists()]
+        if existing and not overwrite:
+            raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
+                                 "output folder or pass --overwrite.")
+        for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
+            image = read_image(path)
+            array = sitk.GetArrayFromImage(image)
+            probabilities = load_probabilities(_probabilities_of(path)) if decision.needs_probabilities else None
+            changed = decision.apply(array, image, probabilities).astype(array.dtype) if image.GetDimension() == 3 \
+                else array
+            out = sitk.GetImageFromArray(changed)
+            out.CopyInformation(image)
+            write_image(out, output_folder / path.name)
     return len(files)
 
 

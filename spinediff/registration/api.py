@@ -46,6 +46,7 @@ from spinediff.registration.landmarks import (
 from spinediff.registration.mask_alignment import MaskInputs, fit_from_masks
 from spinediff.registration.report import CaseReport, error_statistics, overlay_png, summary_markdown
 from spinediff.utilities.geometry import same_geometry
+from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 __all__ = [
     "CaseFiles",
@@ -372,76 +373,78 @@ def register_dataset(
             f"{output}: the output folder must be named like nnU-Net datasets, "
             f"DatasetNNN_Name (e.g. Dataset902_SpineTranslation)."
         )
-    ensure_new_output(output, overwrite)
-    if not cases:
-        raise SpineDiffError("no cases to register.")
-    channel_names = [*cases[0].mr_channels, CT_CHANNEL_NAME]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    result = DatasetRegistration(output)
-    label_max, binarised = 0, True
-    try:
-        for case in progress(cases) if progress else cases:
-            try:
-                if [*case.mr_channels, CT_CHANNEL_NAME] != channel_names:
-                    raise SpineDiffError(
-                        f"case {case.case_id}: MR channels {list(case.mr_channels)} differ from "
-                        f"the first case's {channel_names[:-1]}."
+    # the dataset folder is replaced as a whole, so its lock lies beside it; taken before the check that it is new
+    with folder_lock(output.parent, name=f".{output.name}{LOCK_NAME}"):
+        ensure_new_output(output, overwrite)
+        if not cases:
+            raise SpineDiffError("no cases to register.")
+        channel_names = [*cases[0].mr_channels, CT_CHANNEL_NAME]
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        result = DatasetRegistration(output)
+        label_max, binarised = 0, True
+        try:
+            for case in progress(cases) if progress else cases:
+                try:
+                    if [*case.mr_channels, CT_CHANNEL_NAME] != channel_names:
+                        raise SpineDiffError(
+                            f"case {case.case_id}: MR channels {list(case.mr_channels)} differ from "
+                            f"the first case's {channel_names[:-1]}."
+                        )
+                    registered = register_case(case, settings)
+                    write_case(registered, staging, channel_names)
+                except (SpineDiffError, RuntimeError) as exc:  # RuntimeError: SimpleITK on unusual input
+                    text = str(exc).strip().splitlines()[-1] if isinstance(exc, RuntimeError) else str(exc)
+                    message = text if case.case_id in text else f"case {case.case_id}: {text}"
+                    result.reports.append(
+                        CaseReport(
+                            case=case.case_id,
+                            status="failed",
+                            error=message,
+                            transform=settings.transform,
+                            landmarks_per_vertebra=settings.landmarks_per_vertebra,
+                        )
                     )
-                registered = register_case(case, settings)
-                write_case(registered, staging, channel_names)
-            except (SpineDiffError, RuntimeError) as exc:  # RuntimeError: SimpleITK on unusual input
-                text = str(exc).strip().splitlines()[-1] if isinstance(exc, RuntimeError) else str(exc)
-                message = text if case.case_id in text else f"case {case.case_id}: {text}"
-                result.reports.append(
-                    CaseReport(
-                        case=case.case_id,
-                        status="failed",
-                        error=message,
-                        transform=settings.transform,
-                        landmarks_per_vertebra=settings.landmarks_per_vertebra,
-                    )
-                )
-                continue
-            result.reports.append(registered.report)
-            label_max = max(label_max, int(sitk.GetArrayViewFromImage(registered.label_map).max()))
-            binarised &= case.mr_labels is None
-        if not any(r.status == "ok" for r in result.reports):
-            return result
-        n_mr = len(channel_names) - 1
-        dataset_json = {
-            "channel_names": {str(i): name for i, name in enumerate(channel_names)},
-            "labels": _label_names(label_max, binarised, label_names),
-            "numTraining": sum(r.status == "ok" for r in result.reports),
-            "file_ending": ".nii.gz",
-            "name": output.name.split("_", 1)[1],
-            "description": "MR/CT pairs aligned by landmark-based registration (spinediff register).",
-            "spinediff": {
-                "task": "translation",
-                "source_channels": list(range(n_mr)),
-                "target_channels": [n_mr],
-            },
-            "registration": {
-                "transform": settings.transform,
-                "landmarks_per_vertebra": settings.landmarks_per_vertebra,
-                "interpolation": settings.interpolation,
-                "outside_value_hu": align.CT_OUTSIDE_VALUE,
-            },
-        }
-        write_json(dataset_json, staging / "dataset.json")
-        write_text(
-            summary_markdown(result.reports, f"Registration of {output.name}"),
-            staging / "registration" / "summary.md",
-        )
-        write_json(
-            {"settings": dataset_json["registration"], "cases": [r.to_json() for r in result.reports]},
-            staging / "registration" / "summary.json",
-        )
-        _move_into_place(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return result
+                    continue
+                result.reports.append(registered.report)
+                label_max = max(label_max, int(sitk.GetArrayViewFromImage(registered.label_map).max()))
+                binarised &= case.mr_labels is None
+            if not any(r.status == "ok" for r in result.reports):
+                return result
+            n_mr = len(channel_names) - 1
+            dataset_json = {
+                "channel_names": {str(i): name for i, name in enumerate(channel_names)},
+                "labels": _label_names(label_max, binarised, label_names),
+                "numTraining": sum(r.status == "ok" for r in result.reports),
+                "file_ending": ".nii.gz",
+                "name": output.name.split("_", 1)[1],
+                "description": "MR/CT pairs aligned by landmark-based registration (spinediff register).",
+                "spinediff": {
+                    "task": "translation",
+                    "source_channels": list(range(n_mr)),
+                    "target_channels": [n_mr],
+                },
+                "registration": {
+                    "transform": settings.transform,
+                    "landmarks_per_vertebra": settings.landmarks_per_vertebra,
+                    "interpolation": settings.interpolation,
+                    "outside_value_hu": align.CT_OUTSIDE_VALUE,
+                },
+            }
+            write_json(dataset_json, staging / "dataset.json")
+            write_text(
+                summary_markdown(result.reports, f"Registration of {output.name}"),
+                staging / "registration" / "summary.md",
+            )
+            write_json(
+                {"settings": dataset_json["registration"], "cases": [r.to_json() for r in result.reports]},
+                staging / "registration" / "summary.json",
+            )
+            _move_into_place(staging, output)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return result
 
 
 def _move_into_place(staging: Path, output: Path) -> None:
