@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: list[str] = [
     "spinediff.experiments.demo",
     "spinediff.datasets.phantom_command",
     "spinediff.datasets.validate_command",
+    "spinediff.datasets.convert_command",
     "spinediff.training.train_command",
     "spinediff.training.distill_command",
     "spinediff.inference.predict_command",
