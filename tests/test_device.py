@@ -22,20 +22,31 @@ def test_a_wrong_device_is_named_with_the_choices():
 
 
 @pytest.mark.parametrize("command", [["plan", "-d", "1"], ["train", "-d", "1", "-c", "2d_diffusion", "-f", "0"],
-                                     ["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
+                                     ["predict", "-i", ".", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
                                      ["find_best", "-d", "1"], ["benchmark", "-d", "1"], ["demo"]])
 def test_every_command_gets_a_torch_device_defaulting_to_auto(command, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     parser = build_parser()
     assert parser.parse_args(command).device == torch.device("cpu")
-    assert parser.parse_args([*command, "--device", "cuda:0"]).device == torch.device("cuda", 0)
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--device", "tpu"])
     assert "--device must be" in capsys.readouterr().err
+    if command[0] == "plan":  # plans for a GPU can be made on a machine without one
+        assert parser.parse_args([*command, "--device", "cuda:0"]).device == torch.device("cuda", 0)
+        return
+    with pytest.raises(SystemExit):  # the others run on the device: refused while parsing, before any work
+        parser.parse_args([*command, "--device", "cuda:0"])
+    assert "no CUDA device is visible to torch" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parser.parse_args([*command, "--device", "cuda:1"]).device == torch.device("cuda", 1)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--device", "cuda:2"])
+    assert "torch sees 2 CUDA device(s)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [["train", "-d", "1", "-c", "2d_diffusion", "-f", "0"],
-                                     ["predict", "-i", "x", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
+                                     ["predict", "-i", ".", "-o", "y", "-d", "1", "-c", "2d_diffusion"],
                                      ["benchmark", "-d", "1"]])
 def test_precision_is_one_flag_with_the_same_values(command, capsys):
     parser = build_parser()

@@ -8,6 +8,7 @@ from spinediff.datasets.phantom import PhantomSettings
 from spinediff.datasets.phantom_writer import TASK_NAMES, write_phantom_datasets
 from spinediff.io import ensure_writable_folder
 from spinediff.paths import nnunet_folder
+from spinediff.utilities.argtypes import float_range, int_range, non_negative_float, non_negative_int, positive_int
 
 
 def run_phantom(args: argparse.Namespace) -> int:
@@ -49,20 +50,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-o", "--output", help="folder receiving the DatasetXXX_* folders (default: $nnUNet_raw)")
     parser.add_argument("--task", choices=[*TASK_NAMES, "all"], default="all", help="which dataset(s) to write")
-    parser.add_argument("--cases", type=int, default=6, help="number of subjects")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed → identical data)")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(defaults.mr_shape), metavar=("AP", "SI", "LR"),
+    parser.add_argument("--cases", type=positive_int, default=6, help="number of subjects")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (same seed → identical data)")
+    parser.add_argument("--shape", type=int_range(4, 1024), nargs=3, default=list(defaults.mr_shape),
+                        metavar=("AP", "SI", "LR"),
                         help="MR grid size in voxels: in-plane anterior-posterior, superior-inferior, "
                              "then the number of sagittal slices")
-    parser.add_argument("--mr-spacing", type=float, nargs=3, default=list(defaults.mr_spacing),
+    parser.add_argument("--mr-spacing", type=float_range(0.05, 50.0), nargs=3, default=list(defaults.mr_spacing),
                         metavar=("AP", "SI", "LR"), help="MR voxel spacing in mm (clinical: 0.8 0.8 3.5)")
-    parser.add_argument("--ct-spacing", type=float, nargs=3, default=list(defaults.ct_spacing),
+    parser.add_argument("--ct-spacing", type=float_range(0.05, 50.0), nargs=3, default=list(defaults.ct_spacing),
                         metavar=("X", "Y", "Z"), help="CT voxel spacing in mm")
-    parser.add_argument("--max-translation-mm", type=float, default=defaults.max_translation_mm,
+    parser.add_argument("--max-translation-mm", type=non_negative_float, default=defaults.max_translation_mm,
                         help="largest random CT translation relative to the MR")
-    parser.add_argument("--max-rotation-deg", type=float, default=defaults.max_rotation_deg,
+    parser.add_argument("--max-rotation-deg", type=float_range(0.0, 180.0), default=defaults.max_rotation_deg,
                         help="largest random CT rotation relative to the MR")
-    parser.add_argument("--dataset-id", type=int, default=901,
+    parser.add_argument("--dataset-id", type=int_range(1, 997), default=901,
                         help="ID of the segmentation dataset; translation and generation get +1 and +2")
     parser.add_argument("--preview", action="store_true", help="also write preview.png in each dataset folder")
     parser.add_argument("--overwrite", action="store_true", help="replace existing phantom datasets")

@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
+from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import evaluate_folders
 from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
+from spinediff.utilities.argtypes import existing_folder, finite_float, non_negative_int
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    low, high = args.data_range
+    if not low < high:
+        raise SpineDiffError(f"--data-range LOW HIGH needs LOW below HIGH, got {low:g} {high:g}; e.g. --data-range "
+                             "-1024 3071 for CT in HU.")
     result = evaluate_folders(args.reference, args.prediction, labels=args.labels, task=args.task,
                               data_range=tuple(args.data_range), output_folder=args.output or args.prediction)
     summary = result.summary
@@ -53,13 +59,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "score the area under the risk-coverage curve (AURC, risk = 1 - Dice) and the wrong-level cases "
                     "it flags (summary.json: failure_detection; documentation/evaluation.md explains each).",
     )
-    parser.add_argument("-ref", "--reference", required=True, help="folder of reference files")
-    parser.add_argument("-pred", "--prediction", required=True, help="folder of predictions (same file names)")
-    parser.add_argument("-l", "--labels", type=int, nargs="+",
+    parser.add_argument("-ref", "--reference", required=True, type=existing_folder, help="folder of reference files")
+    parser.add_argument("-pred", "--prediction", required=True, type=existing_folder,
+                        help="folder of predictions (same file names)")
+    parser.add_argument("-l", "--labels", type=non_negative_int, nargs="+",
                         help="label values to score (default: all in the reference)")
     parser.add_argument("--task", choices=["auto", SEGMENTATION_KIND, IMAGE_KIND], default="auto",
                         help="auto: integer files with few values are label maps")
-    parser.add_argument("--data-range", type=float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),
+    parser.add_argument("--data-range", type=finite_float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),
                         help="intensity range for PSNR/SSIM of images (values are clipped to it)")
     parser.add_argument("-o", "--output", help="where to write the CSV/JSON (default: the prediction folder)")
     parser.set_defaults(func=run_evaluate)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.utilities.argtypes import existing_folder
+
 
 def run_report(args: argparse.Namespace) -> int:
     from spinediff.evaluation.folder_report import write_folder_report
@@ -26,7 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "worst, median and best case with the uncertainty map where predict wrote one). Figures are "
                     "embedded, so the page can be mailed or opened offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--input", required=True, help="a benchmark or evaluation output folder")
+    parser.add_argument("-i", "--input", required=True, type=existing_folder,
+                        help="a benchmark or evaluation output folder")
     parser.add_argument("-o", "--output", help="report folder (default: INPUT/report); holds report.html, "
                                                "report.md and figures/")
     parser.add_argument("--results", help="models' folder of a benchmark whose benchmark.json does not record it "

@@ -6,6 +6,7 @@ import argparse
 
 from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
+from spinediff.utilities.argtypes import duration, minutes, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
@@ -41,14 +42,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name (planned with `spinediff plan`)")
     parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to run")
-    parser.add_argument("--budget", metavar="TIME",
+    parser.add_argument("--budget", metavar="TIME", type=duration(),
                         help="training time per method and fold, e.g. 15m (a bare number: minutes). Default: the "
                              "plans' schedule (spinediff plan --budget), else 10 minutes. Each run's learning-rate "
                              "schedule is fitted to end with it")
-    parser.add_argument("--budget-minutes", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--budget-minutes", type=minutes(), default=None, help=argparse.SUPPRESS)
     add_device_argument(parser, "where every method trains and validates")
     add_precision_argument(parser)
-    parser.add_argument("-j", "--workers", type=int, default=1,
+    parser.add_argument("-j", "--workers", type=positive_int, default=1,
                         help="folds trained side by side, one process and one torch thread each (e.g. 2 on two "
                              "cores)")
     parser.add_argument("--methods", nargs="+", metavar="TRAINER",
@@ -56,15 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "DiffusionTranslationTrainer DiffusionTranslationTrainer:eps DiffusionTranslationTrainer:v"
                              " PerceptionRegressionTrainer Pix2PixTrainer); default: all of them")
     parser.add_argument("--dims", nargs="+", choices=["2d", "3d"], default=["2d"], help="2D and/or 3D configurations")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="epochs (default: the plans' schedule, fitted to the budget); with a budget, a cap")
-    parser.add_argument("--iters-per-epoch", type=int, default=None,
+    parser.add_argument("--iters-per-epoch", type=positive_int, default=None,
                         help="training iterations per epoch (default: the plans' schedule, else 50)")
-    parser.add_argument("--val-iters-per-epoch", type=int, default=None,
+    parser.add_argument("--val-iters-per-epoch", type=positive_int, default=None,
                         help="validation batches per epoch (default: the plans' schedule, else 2)")
-    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+    parser.add_argument("--steps", dest="num_inference_steps", type=positive_int,
                         help="DDIM steps at validation (default: the plans' num_inference_steps)")
-    parser.add_argument("--val-samples", type=int,
+    parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per validation case (default: the plans' num_samples, as "
                              "`spinediff predict` does; 1 scores a single sample, K times faster)")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")

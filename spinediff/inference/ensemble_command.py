@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.ensemble import ensemble_folders
+from spinediff.utilities.argtypes import existing_folder
 
 
 def run_ensemble(args: argparse.Namespace) -> int:
@@ -28,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-i", "--input", nargs="+", required=True, help="two or more prediction folders")
+    parser.add_argument("-i", "--input", nargs="+", required=True, type=existing_folder,
+                        help="two or more prediction folders")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--save-probabilities", action="store_true", help="segmentation: also write CASE.npz")
     parser.add_argument("--save-uncertainty", action="store_true",

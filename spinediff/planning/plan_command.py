@@ -12,12 +12,18 @@ from spinediff.planning.api import (
     plan_dataset,
     summarize_plans,
 )
+from spinediff.planning.budget import MIN_PLAN_BUDGET_SECONDS
+from spinediff.utilities.argtypes import duration, positive_float, positive_int
 from spinediff.utilities.device import add_device_argument
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from spinediff.io import read_json
+    from spinediff.io import ensure_writable_folder, read_json
+    from spinediff.paths import nnunet_folder
 
+    preprocessed_root = nnunet_folder("preprocessed", args.preprocessed)
+    # before any work: a read-only (or file) --preprocessed is refused, and a missing one is not made yet
+    ensure_writable_folder(preprocessed_root, create=preprocessed_root.is_dir())
     plans_file = plan_dataset(
         args.dataset, configurations=args.configurations, device=args.device,
         memory_target_gb=args.memory_target_gb, preprocess=not args.no_preprocess,
@@ -81,11 +87,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--configurations", nargs="+", metavar="CONFIG", choices=ALL_CONFIGURATIONS,
                         help="configurations to preprocess (default: all in the plans). The plans always hold "
                              f"all of them. Choices: {', '.join(ALL_CONFIGURATIONS)}")
-    add_device_argument(parser, "plan for a GPU (cuda: what nnU-Net would choose for --memory-target-gb) or for "
-                                "this CPU (cpu: small networks, a 2D training step well under a second)")
-    parser.add_argument("--memory-target-gb", type=float, default=None, metavar="G",
+    add_device_argument(parser, "plan for a GPU (cuda: what nnU-Net would choose for --memory-target-gb; this machine "
+                                "need not have one) or for this CPU (cpu: small networks, a 2D training step well "
+                                "under a second)", must_be_present=False)
+    parser.add_argument("--memory-target-gb", type=positive_float, default=None, metavar="G",
                         help="GPU memory (cuda; default 8, as nnU-Net) or RAM (cpu; default 4) to plan for")
-    parser.add_argument("--budget", metavar="TIME",
+    parser.add_argument("--budget", metavar="TIME", type=duration(
+                            MIN_PLAN_BUDGET_SECONDS, " (a shorter budget plans a network too small to learn)"),
                         help="training time per fold and configuration, e.g. 90s, 15m, 12h (a bare number: minutes). "
                              "Plans field of view, spacing, patch and a schedule that ends within it; step times are "
                              "measured with torch's current thread count (OMP_NUM_THREADS). Default: plan for memory "
@@ -95,7 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "(from the images' orientation), beside the default plans; use them with "
                              "-p nnUNetPlans_<direction> in train/predict, and fuse directions with spinediff ensemble")
     parser.add_argument("--no-preprocess", action="store_true", help="write the plans only")
-    parser.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
+    parser.add_argument("-np", "--num-processes", type=positive_int, default=None, metavar="N",
                         help=f"worker processes for fingerprint and preprocessing (default here: "
                              f"{default_num_processes()})")
     parser.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from spinediff.errors import SpineDiffError
+from spinediff.utilities.argtypes import existing_file, existing_folder
 
 DESCRIPTION = """\
 Align CT to MR with landmarks from vertebra masks and write a paired translation dataset
@@ -49,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "unaligned",
         nargs="?",
-        type=Path,
+        type=existing_folder,
         help="phantom-style unaligned/ folder with several cases (omit when giving --ct, --mr)",
     )
     parser.add_argument(
@@ -98,7 +99,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="[NAME=]PATH",
         help="MR channel files in channel order, optionally named (T1w=t1.nii.gz)",
     )
-    explicit.add_argument("--ct", type=Path, help="CT in HU")
+    explicit.add_argument("--ct", type=existing_file, help="CT in HU")
     for name, text in (
         ("vertebrae", "vertebra instance mask"),
         ("subregions", "TPTBox subregion mask (optional)"),
@@ -106,10 +107,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         ("landmarks", "landmark JSON file (alternative to vertebra masks)"),
     ):
         for modality in ("mr", "ct"):
-            explicit.add_argument(f"--{modality}-{name}", type=Path, help=f"{modality.upper()} {text}")
+            explicit.add_argument(f"--{modality}-{name}", type=existing_file, help=f"{modality.upper()} {text}")
     explicit.add_argument(
         "--true-transform",
-        type=Path,
+        type=existing_file,
         help="known MR->CT transform (.tfm) to measure the target registration error",
     )
     parser.set_defaults(func=run)
@@ -124,7 +125,10 @@ def _mr_channels(values: list[str]) -> dict[str, Path]:
             name, path = ("MR" if len(values) == 1 else f"MR{i}"), value
         if name in channels or name == "CT":
             raise SpineDiffError(f"--mr: channel name {name!r} is used twice or reserved; name channels uniquely.")
-        channels[name] = Path(path)
+        try:
+            channels[name] = existing_file(path)
+        except argparse.ArgumentTypeError as exc:
+            raise SpineDiffError(f"--mr {value}: {exc}.") from None
     return channels
 
 

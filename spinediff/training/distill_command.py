@@ -24,6 +24,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from spinediff.utilities.argtypes import duration, non_negative_int, positive_float, positive_int
     from spinediff.utilities.device import add_device_argument
 
     parser = subparsers.add_parser(
@@ -45,13 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name of the teacher")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("--steps", type=int, default=1, choices=(1, 2), help="the student's DDIM steps")
-    parser.add_argument("--teacher-steps", type=int, default=8,
+    parser.add_argument("--teacher-steps", type=positive_int, default=8,
                         help="the teacher's DDIM steps in the first round (--steps times a power of two)")
-    parser.add_argument("--iterations", type=int, default=200, help="student updates per round")
-    parser.add_argument("--budget", default=None,
+    parser.add_argument("--iterations", type=positive_int, default=200, help="student updates per round")
+    parser.add_argument("--budget", default=None, type=duration(), metavar="TIME",
                         help="wall-clock budget for all rounds instead of --iterations, e.g. 10m (split evenly)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: a fifth of the trainer's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and timesteps")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="learning rate (default: a fifth of the trainer's)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the noise and timesteps")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint_distilled.pth")
     parser.add_argument("--preprocessed", default=None, help="nnUNet_preprocessed (default: the variable)")
     parser.add_argument("--results", default=None, help="nnUNet_results (default: the variable)")

@@ -6,6 +6,15 @@ import argparse
 
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, train
+from spinediff.utilities.argtypes import (
+    duration,
+    existing_folder,
+    fraction,
+    int_range,
+    minutes,
+    positive_float,
+    positive_int,
+)
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
@@ -78,29 +87,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prediction-type", choices=["x0", "eps", "v"],
                         help="what the diffusion network predicts: x0 = image mode (the plans' default), eps = noise "
                              "mode, v = velocity; a non-default choice trains a derived configuration CONFIG_eps/_v")
-    parser.add_argument("--epochs", type=int, help="number of epochs (nnU-Net default 1000)")
-    parser.add_argument("--budget", metavar="TIME",
+    parser.add_argument("--epochs", type=positive_int, help="number of epochs (nnU-Net default 1000)")
+    parser.add_argument("--budget", metavar="TIME", type=duration(),
                         help="training time, e.g. 15m or 12h (default: the plans' schedule from `spinediff plan "
                              "--budget`). The number of epochs is refitted to the speed measured in the first epochs "
                              "so that training, and its learning-rate decay, end at the budget; with --epochs the "
                              "budget is only a cap")
-    parser.add_argument("--budget-minutes", type=float, help="the same as --budget, in minutes")
-    parser.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default 250)")
-    parser.add_argument("--val-iters-per-epoch", type=int, help="validation batches per epoch")
-    parser.add_argument("--lr", type=float, help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
-    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+    parser.add_argument("--budget-minutes", type=minutes(), help="the same as --budget, in minutes")
+    parser.add_argument("--iters-per-epoch", type=positive_int, help="training iterations per epoch (default 250)")
+    parser.add_argument("--val-iters-per-epoch", type=positive_int, help="validation batches per epoch")
+    parser.add_argument("--lr", type=positive_float,
+                        help="initial learning rate (diffusion default 5e-4, AdamW, poly decay)")
+    parser.add_argument("--steps", dest="num_inference_steps", type=positive_int,
                         help="DDIM steps for the final validation (default: the plans' num_inference_steps)")
-    parser.add_argument("--val-samples", type=int,
+    parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per case in the final validation (default: the plans' "
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
-    parser.add_argument("--mask-ablation", type=float,
+    parser.add_argument("--mask-ablation", type=fraction,
                         help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
-    parser.add_argument("--perception-model", metavar="FOLDER",
+    parser.add_argument("--perception-model", metavar="FOLDER", type=existing_folder,
                         help="PerceptionRegressionTrainer: the model folder (TRAINER__PLANS__CONFIG) of an nnU-Net "
                              "segmenter trained on the real target images of the same folds; its frozen encoder gives "
                              "the anatomical perception loss")
     add_precision_argument(parser)
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int_range(-1, 2**32 - 1), default=0,
                         help="seeds network initialisation, augmentation (in the main process) and diffusion noise, "
                              "per fold: the same seed gives the same training on the CPU; -1 leaves them unseeded")
     parser.add_argument("--npz", action="store_true",
