@@ -6,6 +6,7 @@ import argparse
 
 from spinediff.diffusion.settings import SAMPLERS
 from spinediff.inference.api import predict
+from spinediff.utilities.argtypes import existing_folder, fraction, non_negative_int, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
@@ -46,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-i", "--input", required=True, help="folder of raw input images")
+    parser.add_argument("-i", "--input", required=True, type=existing_folder, help="folder of raw input images")
     parser.add_argument("-o", "--output", required=True, help="output folder (created)")
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or DatasetXXX_Name")
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
@@ -57,14 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", choices=["final", "best", "distilled"], default="final",
                         help="which checkpoint to load; distilled: the 1- or 2-step student of `spinediff distill`, "
                              "sampled at its own step count")
-    parser.add_argument("--samples", type=int, help="samples per fold K (default: the plans' num_samples)")
-    parser.add_argument("--steps", dest="num_inference_steps", type=int,
+    parser.add_argument("--samples", type=positive_int, help="samples per fold K (default: the plans' num_samples)")
+    parser.add_argument("--steps", dest="num_inference_steps", type=positive_int,
                         help="DDIM steps (default: the plans' num_inference_steps)")
-    parser.add_argument("--eta", type=float, help="DDIM eta in [0, 1] (default: the plans', usually 0)")
+    parser.add_argument("--eta", type=fraction, help="DDIM eta in [0, 1] (default: the plans', usually 0)")
     parser.add_argument("--sampler", choices=SAMPLERS,
                         help="solver: ddim, or the multistep dpm++2m (DPM-Solver++ 2M) or unipc (UniPC), diffusers' "
                              "implementations, which reuse earlier steps' estimates (default: the plans' sampler)")
-    parser.add_argument("--warm-start", type=float, metavar="F",
+    parser.add_argument("--warm-start", type=fraction, metavar="F",
                         help="start sampling at timestep F x T from the network's one-call estimate instead of pure "
                              "noise (SpineSegDiff's warm start): 1 + --steps network calls per sample; 0 turns a "
                              "planned warm start off (default: the plans' warm_start, usually none)")
@@ -72,7 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="sample as the plans say even when the model folder has a sampling.json (the solver, "
                              "steps and warm start chosen on the cross-validation by `spinediff tune_sampling`, used "
                              "by default when none of --sampler, --steps and --warm-start is given)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed; the same seed gives the same output")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
                      help="no mirroring test-time augmentation (default on a GPU: mirroring costs 2^axes network calls "
@@ -88,10 +90,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "`spinediff find_best` keeps when it improves the cross-validation Dice)")
     add_device_argument(parser, "where to sample")
     add_precision_argument(parser)
-    parser.add_argument("--num-parts", type=int, default=1,
+    parser.add_argument("--num-parts", type=positive_int, default=1,
                         help="split the input cases into this many parts, one per process or GPU (nnU-Net's "
                              "-num_parts); each run predicts one part into the same output folder")
-    parser.add_argument("--part-id", type=int, default=0,
+    parser.add_argument("--part-id", type=non_negative_int, default=0,
                         help="which part this run predicts, 0..NUM_PARTS-1 (e.g. CUDA_VISIBLE_DEVICES=1 spinediff "
                              "predict ... --num-parts 2 --part-id 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
