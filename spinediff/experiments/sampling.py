@@ -183,7 +183,17 @@ def run_tune_sampling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _candidate(text: str) -> str:
+    """``--candidates``: each ``SOLVER:STEPS[@WARM]`` read while parsing, before any model is loaded."""
+    try:
+        SamplingSetting.parse(text)
+    except SpineDiffError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from spinediff.utilities.argtypes import fraction, positive_int
     from spinediff.utilities.device import add_device_argument
 
     parser = subparsers.add_parser(
@@ -203,11 +213,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every trained fold)")
-    parser.add_argument("--candidates", nargs="+", metavar="SOLVER:STEPS[@WARM]",
+    parser.add_argument("--candidates", nargs="+", metavar="SOLVER:STEPS[@WARM]", type=_candidate,
                         help=f"settings to compare (default: {' '.join(DDPM_CANDIDATES)}; rectified flow: "
                              f"{' '.join(FLOW_CANDIDATES)})")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative quality loss accepted")
-    parser.add_argument("--max-cases", type=int, default=None, help="validation cases per fold (default: all)")
+    parser.add_argument("--tolerance", type=fraction, default=TOLERANCE, help="relative quality loss accepted")
+    parser.add_argument("--max-cases", type=positive_int, default=None, help="validation cases per fold (default: all)")
     parser.add_argument("--dry-run", action="store_true", help="print the comparison, write nothing")
     parser.add_argument("--overwrite", action="store_true", help="replace the model's existing sampling.json")
     add_device_argument(parser, "where to sample")
