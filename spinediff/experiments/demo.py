@@ -30,6 +30,7 @@ from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, w
 from spinediff.paths import model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import get_task
+from spinediff.utilities.argtypes import non_negative_int
 from spinediff.utilities.device import add_device_argument
 from spinediff.utilities.lock import folder_lock
 
@@ -464,7 +465,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-o", "--output", default="demo_output", help="output folder (nnU-Net folders, report)")
     parser.add_argument("--quick", action="store_true", help="tiny volumes and a few iterations (pipeline check)")
-    parser.add_argument("--seed", type=int, default=0, help="phantom seed")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="phantom seed")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
     add_device_argument(parser, "where the demo trains and predicts (the plans stay CPU-sized: the demo's "
                                 "profile fixes its size and schedule)")

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
 from spinediff.io import ensure_writable_folder, read_image, read_voxels_verified, write_image
+from spinediff.utilities.argtypes import existing_folder
 from spinediff.utilities.lock import folder_lock
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -80,9 +81,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "raised the cross-validation Dice) to segmentations written by another tool, e.g. "
                     "nnUNetv2_predict. `spinediff predict` applies it by itself.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-i", "--input", required=True, help="folder of predicted segmentations")
+    parser.add_argument("-i", "--input", required=True, type=existing_folder, help="folder of predicted segmentations")
     parser.add_argument("-o", "--output", required=True, help="output folder (created; inputs are never replaced)")
-    parser.add_argument("-m", "--model", required=True, help="the model folder TRAINER__PLANS__CONFIG that holds "
-                                                              "postprocessing.json")
+    parser.add_argument("-m", "--model", required=True, type=existing_folder,
+                        help="the model folder TRAINER__PLANS__CONFIG that holds postprocessing.json")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=run)
