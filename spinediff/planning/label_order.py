@@ -80,3 +80,124 @@ def augmentation_block(ordered: list[int], transpose_forward: list[int], dim: in
     if ordered_patch:
         block["max_rotation_degrees"] = ORDERED_MAX_ROTATION_DEGREES
     return block
+
+
+# ---------------------------------------------------------------------- position and field of view along the spine
+#: Probability that a training patch is shifted (and maybe zoomed out) along the spine axis.
+P_SHIFT = 0.5
+#: Probability that a training patch's field of view is cut at a random height across the spine.
+P_CUT = 0.3
+#: How far the levels may move (in level pitches, centroid to centroid): one and a half levels, so that the same
+#: place in the patch holds different levels in training.
+SHIFT_LEVELS = 1.5
+#: Levels that stay visible at least after a cut.
+KEEP_LEVELS = 2.0
+#: Zoom out until this many more levels would fit beside the labelled extent.
+ZOOM_LEVELS = 2.0
+
+
+def case_extents_mm(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per training case: the centroid of each label, the labels' extent (low/high, mm per array axis in (z, y, x))
+    and the image's extent (mm)."""
+    import SimpleITK as sitk
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    from scipy import ndimage
+
+    cases = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json)
+    result = []
+    for _, files in sorted(cases.items()):
+        image = sitk.ReadImage(str(files["label"]))
+        array = sitk.GetArrayFromImage(image)
+        spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]
+        values = [int(v) for v in np.unique(array) if v > 0]
+        if not values:
+            continue
+        centres = ndimage.center_of_mass(np.ones_like(array, dtype=np.uint8), array, values)
+        where = np.argwhere(array > 0)
+        result.append({"centroids": {v: np.asarray(c, dtype=float) * spacing
+                                     for v, c in zip(values, centres, strict=True)},
+                       "low": where.min(0) * spacing, "high": (where.max(0) + 1) * spacing,
+                       "size": np.asarray(array.shape) * spacing})
+    return result
+
+
+def spine_axis(extents: list[dict[str, Any]], ordered: list[int]) -> int | None:
+    """The ordered array axis along which the first and last label lie furthest apart (the spine's long axis)."""
+    if not ordered or not extents:
+        return None
+    spans = []
+    for case in extents:
+        c = case["centroids"]
+        if len(c) >= 2:
+            spans.append(np.abs(c[max(c)] - c[min(c)]))
+    if not spans:
+        return None
+    median = np.median(spans, axis=0)
+    return int(max(ordered, key=lambda a: median[a]))
+
+
+def field_of_view_block(extents: list[dict[str, Any]], ordered: list[int], transpose_forward: list[int],
+                        patch_size: list[int], spacing: list[float]) -> dict[str, Any] | None:
+    """The ``augmentation.field_of_view`` block of a configuration (patch ``patch_size`` at ``spacing``, in the
+    transposed axis order), planned from the training labels: the spine axis in the patch, the level pitch and
+    the labelled extent (mm), and from them how far to shift, zoom out and cut. None when the spine axis is not a
+    patch axis (a 2D configuration whose slices cut across the spine) or the labels keep no order."""
+    axis = spine_axis(extents, ordered)
+    if axis is None:
+        return None
+    dim = len(patch_size)
+    after = list(transpose_forward).index(axis)
+    patch_axes = list(range(3 - dim, 3))
+    if after not in patch_axes:
+        return None
+    patch_axis = patch_axes.index(after)
+    pitches, labelled, image = [], [], []
+    for case in extents:
+        c = case["centroids"]
+        if len(c) >= 2:
+            pitches.append(abs(c[max(c)][axis] - c[min(c)][axis]) / (len(c) - 1))
+        labelled.append(case["high"][axis] - case["low"][axis])
+        image.append(case["size"][axis])
+    pitch, extent = float(np.median(pitches)) if pitches else float(np.median(labelled)), float(np.median(labelled))
+    patch_mm = float(patch_size[patch_axis]) * float(spacing[patch_axis])
+    margin = max(0.0, (patch_mm - extent) / 2.0)
+    return {
+        "enabled": True,
+        "axis": patch_axis,
+        "p_shift": P_SHIFT,
+        "max_shift_fraction": round(float(np.clip(SHIFT_LEVELS * pitch / patch_mm, 0.1, 0.5)), 3),
+        "zoom_range": [round(float(np.clip(extent / (extent + ZOOM_LEVELS * pitch), 0.6, 1.0)), 3), 1.0],
+        "p_cut": P_CUT,
+        "max_cut_fraction": round(float(np.clip((margin + extent - KEEP_LEVELS * pitch) / patch_mm, 0.15, 0.6)), 3),
+        "level_pitch_mm": round(pitch, 1),
+        "labelled_extent_mm": round(extent, 1),
+        "image_extent_mm": round(float(np.median(image)), 1),
+        "patch_extent_mm": round(patch_mm, 1),
+    }
+
+
+# ---------------------------------------------------------------------- contrast
+#: Contrast augmentation of MR segmentation (probabilities per training sample; see
+#: spinediff.training.augmentation): inversion, a non-monotone remapping, strong gamma, a bias field.
+CONTRAST_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "p_inversion": 0.2,
+    "p_remap": 0.2,
+    "remap_control_points": [3, 7],
+    "p_gamma": 0.2,
+    "gamma_range": [0.3, 3.0],
+    "p_bias_field": 0.3,
+    "bias_field_degree": 3,
+    "bias_field_coefficients": [0.2, 0.6],
+}
+
+
+def contrast_block(writes_labels: bool, normalization_schemes: list[str]) -> dict[str, Any] | None:
+    """The ``augmentation.contrast`` block: on for segmentation of images that nnU-Net normalises as MR (any scheme
+    but ``CTNormalization``: a CT's Hounsfield units mean the same in every scan, an MR's intensities do not);
+    off (None) for CT inputs and for translation and generation, whose targets must keep their intensities."""
+    if not writes_labels or not normalization_schemes:
+        return None
+    if any("CTNormalization" in str(s) for s in normalization_schemes):
+        return None
+    return dict(CONTRAST_DEFAULTS)

@@ -85,7 +85,7 @@ def diffusion_block(task: Task, condition_channels: int, target_channels: int, d
         "noise_schedule": "cosine",
         "prediction_type": defaults["prediction_type"],
         # DDIM everywhere: deterministic (eta 0), few steps, used by all three works.
-        "sampler": "ddim",
+        "solver": "ddim",
         "num_inference_steps": defaults["num_inference_steps"],
         "eta": 0.0,
         "num_samples": defaults["num_samples"],
@@ -392,23 +392,51 @@ class SpineDiffPlanner(ExperimentPlanner):
                 self._ordered = ordered_axes(centroids, 3)
         return self._ordered
 
-    def _add_augmentation(self, configuration: dict[str, Any], dim: int) -> None:
-        """Mirroring and rotation that keep ordered labels (vertebral levels) in their order."""
-        from spinediff.planning.label_order import augmentation_block
+    def _add_augmentation(self, configuration: dict[str, Any], dim: int, base: dict[str, Any] | None = None) -> None:
+        """Augmentation planned from the data (:mod:`.label_order`): mirroring and rotation that keep ordered labels
+        (vertebral levels) in their order, shifts/zoom-outs/cuts of the field of view along the spine, and contrast
+        augmentation (T1w/T2w) for MR segmentation. ``base``: the nnU-Net configuration it inherits from."""
+        from spinediff.planning.label_order import augmentation_block, contrast_block, field_of_view_block
 
+        merged = {**(base or {}), **configuration}
+        block: dict[str, Any] = {}
         ordered = self.ordered_label_axes()
-        if not ordered:
-            return
         transpose_forward, _ = self.determine_transpose()
-        block = augmentation_block(ordered, list(transpose_forward), dim)
-        if not block["ordered_label_axes"]:
-            return
-        configuration["augmentation"] = block
-        axes = ", ".join(str(a) for a in block["ordered_label_axes"])
-        configuration.setdefault("notes", []).append(
-            f"The labels keep one order along patch axis {axes} in every training case (e.g. vertebral levels "
-            f"along the spine): no mirroring along it and rotations within {block['max_rotation_degrees']:g} "
-            "degrees, so that training never shows the levels upside down (nnU-Net mirrors every axis).")
+        if ordered:
+            order_block = augmentation_block(ordered, list(transpose_forward), dim)
+            if order_block["ordered_label_axes"]:
+                block.update(order_block)
+                axes = ", ".join(str(a) for a in order_block["ordered_label_axes"])
+                configuration.setdefault("notes", []).append(
+                    f"The labels keep one order along patch axis {axes} in every training case (e.g. vertebral "
+                    f"levels along the spine): no mirroring along it and rotations within "
+                    f"{order_block['max_rotation_degrees']:g} degrees, so that training never shows the levels "
+                    "upside down (nnU-Net mirrors every axis).")
+            if merged.get("patch_size") is not None and merged.get("spacing") is not None:
+                if not hasattr(self, "_extents"):
+                    from spinediff.planning.label_order import case_extents_mm
+
+                    self._extents = case_extents_mm(Path(self.raw_dataset_folder), self.dataset_json)
+                fov = field_of_view_block(self._extents, ordered, list(transpose_forward),
+                                          list(merged["patch_size"]), list(merged["spacing"])[-dim:])
+                if fov:
+                    block["field_of_view"] = fov
+                    configuration.setdefault("notes", []).append(
+                        f"Position and field of view along the spine (patch axis {fov['axis']}, levels "
+                        f"{fov['level_pitch_mm']:g} mm apart, labelled extent {fov['labelled_extent_mm']:g} mm): "
+                        f"shifts up to {fov['max_shift_fraction']:.0%} of the patch and zoom-outs to "
+                        f"{fov['zoom_range'][0]:g} (p {fov['p_shift']:g}), field of view cut inside the labelled "
+                        f"extent (p {fov['p_cut']:g}), the visible levels keeping their labels.")
+        contrast = contrast_block(bool(self.task.task.writes_labels), list(merged.get("normalization_schemes") or []))
+        if contrast:
+            block["contrast"] = contrast
+            configuration.setdefault("notes", []).append(
+                "Contrast augmentation for T1w and T2w (MR segmentation): inversion (p {p_inversion:g}), a random "
+                "non-monotone remapping (p {p_remap:g}), gamma in {gamma_range} (p {p_gamma:g}), a bias field "
+                "(p {p_bias_field:g}); set augmentation.contrast.enabled to false in the plans to train "
+                "without it.".format(**contrast))
+        if block:
+            configuration["augmentation"] = block
 
     def _resampled(self, base: dict[str, Any], fit) -> dict[str, Any]:
         """Spacing overrides of a budget configuration; its own preprocessed data when the spacing changed."""
@@ -428,7 +456,7 @@ class SpineDiffPlanner(ExperimentPlanner):
                 continue
             base = configurations[base_name]
             configuration, fitted = self.plan_diffusion_configuration(name, base, n_voxels)
-            self._add_augmentation(configuration, len(fitted.patch_size))
+            self._add_augmentation(configuration, len(fitted.patch_size), base)
             configurations[name] = configuration
             if self.profile.device == "cpu" or self.budget_seconds is not None:
                 baseline = {v: k for k, v in CPU_BASELINES.items()}[name]
@@ -437,6 +465,13 @@ class SpineDiffPlanner(ExperimentPlanner):
                     self._budget_baseline(configurations[baseline], configuration, name)
                 if "augmentation" in configuration:
                     configurations[baseline]["augmentation"] = deepcopy(configuration["augmentation"])
+            # nnU-Net's own configuration too (nnUNetTrainer under `spinediff train` / the benchmark follows it;
+            # nnUNetv2_train ignores the key)
+            self._add_augmentation(base, len(base["patch_size"]), None)
+            baseline_configuration = configurations.get({v: k for k, v in CPU_BASELINES.items()}[name])
+            for own in (configuration, baseline_configuration):
+                if "augmentation" in base and own is not None and "augmentation" not in own:
+                    own["augmentation"] = {}  # planned for the other patch: not inherited
         configurations.update(derived_configurations(configurations))  # noise mode, v: trained on request
         plans["spinediff"] = {
             "planner": type(self).__name__,
