@@ -21,10 +21,12 @@ DIFFUSION = {"task": "translation", "condition_channels": 2, "target_channels": 
 
 def _plans(derived: bool = True) -> dict:
     configurations = {
-        "2d_diffusion": {"data_identifier": "x", "patch_size": [32, 32], "architecture": ARCHITECTURE,
+        "2d_diffusion": {"data_identifier": "x", "patch_size": [32, 32], "spacing": [1.0, 1.0], "batch_size": 4,
+                         "architecture": ARCHITECTURE,
                          "diffusion": DIFFUSION, "schedule": {"epochs": 3, "iterations_per_epoch": 4}},
         "2d_diffusion_fast": {"inherits_from": "2d_diffusion", "patch_size": [16, 16]},
-        "2d": {"data_identifier": "y", "patch_size": [32, 32], "architecture": ARCHITECTURE},
+        "2d": {"data_identifier": "y", "patch_size": [32, 32], "spacing": [1.0, 1.0], "batch_size": 4,
+               "architecture": ARCHITECTURE},
     }
     if derived:
         configurations.update(derived_configurations(configurations))

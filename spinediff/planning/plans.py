@@ -18,6 +18,7 @@ sampling) are made at planning time by :func:`derived_configurations`; training 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,35 @@ def derived_configurations(configurations: Mapping[str, Any]) -> dict[str, dict[
             derived[f"{name}_rflow"] = {"inherits_from": name, DERIVED: name, "diffusion": dict(
                 diffusion, noise_schedule="rflow", sampler="euler", prediction_type=flow_type)}
     return derived
+
+
+REPLAN = ("plan again with `spinediff plan --overwrite` (for a model folder's plans.json: restore it from the "
+          "preprocessed plans the model was trained with).")
+
+
+def _whole_numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def check_configuration(configuration: Mapping[str, Any], name: str, source: str) -> None:
+    """The schema of the fields every reader relies on: ``patch_size`` (whole numbers >= 1), ``spacing``
+    (finite numbers > 0, one per patch axis), ``batch_size`` (a whole number >= 1); a damaged or hand-edited
+    plans file is refused here, naming the file, before a network is built from it."""
+    where = f"{source}: configuration {name!r}"
+    patch = configuration.get("patch_size")
+    if not _whole_numbers(patch) or len(patch) not in (2, 3) or min(patch) < 1:
+        raise SpineDiffError(f"{where} has patch_size {patch!r}; it must be 2 or 3 whole numbers of at least 1. "
+                             f"{REPLAN}")
+    spacing = configuration.get("spacing")
+    if not (isinstance(spacing, (list, tuple)) and len(spacing) == len(patch)
+            and all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+                    for s in spacing)):
+        raise SpineDiffError(f"{where} has spacing {spacing!r}; it must be {len(patch)} finite numbers greater than 0, "
+                             f"one per axis of patch_size {list(patch)}. {REPLAN}")
+    batch = configuration.get("batch_size")
+    if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
+        raise SpineDiffError(f"{where} has batch_size {batch!r}; it must be a whole number of at least 1. {REPLAN}")
 
 
 class PlannedConfiguration:
@@ -129,9 +159,15 @@ class SpineDiffPlans:
     @classmethod
     def read(cls, path: str | Path) -> SpineDiffPlans:
         path = Path(path)
+        if path.is_dir():
+            raise SpineDiffError(f"The plans file {path} is a folder, not a file; run `spinediff plan` to write it.")
         if not path.is_file():
             raise SpineDiffError(f"No plans file {path}; run `spinediff plan` first.")
-        return cls(read_json(path), source=str(path))
+        data = read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("configurations"), dict):
+            raise SpineDiffError(f"{path} is not a plans file (no 'configurations' object); it was edited or damaged: "
+                                 f"{REPLAN}")
+        return cls(data, source=str(path))
 
     @property
     def names(self) -> list[str]:
@@ -150,7 +186,11 @@ class SpineDiffPlans:
         if name not in self:
             raise SpineDiffError(f"{self.source} has no configuration {name!r}; available: "
                                  f"{', '.join(self.planned_names)}.")
-        return PlannedConfiguration(name, self.manager.get_configuration(name), self.source)
+        if not isinstance(self.plans["configurations"][name], dict):
+            raise SpineDiffError(f"{self.source}: configuration {name!r} is not an object; {REPLAN}")
+        manager = self.manager.get_configuration(name)
+        check_configuration(manager.configuration, name, self.source)
+        return PlannedConfiguration(name, manager, self.source)
 
     def for_prediction_type(self, name: str, prediction_type: str | None) -> str:
         """The configuration to train for ``--prediction-type``: ``name`` itself when it already predicts that
