@@ -115,3 +115,37 @@ def test_segmentation_score_averages_the_classes_present_in_the_reference():
     score = segmentation_score(prediction, reference, classes=[1, 2], spacing=(1.0, 1.0, 1.0))
     assert score["synthrad_seg_dice"] == pytest.approx(2 * 32 / (64 + 32))
     assert score["synthrad_seg_hd95"] == pytest.approx(2.0)  # the missing half lies up to 2 voxels away
+
+
+def _write(array: np.ndarray, path) -> None:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def test_evaluate_adds_the_challenge_columns_inside_the_given_masks(tmp_path):
+    from spinediff.errors import SpineDiffError
+    from spinediff.evaluation.evaluate import evaluate_folders
+
+    ref, pred, masks = (tmp_path / n for n in ("ref", "pred", "masks"))
+    for folder in (ref, pred, masks):
+        folder.mkdir()
+    reference = np.full((8, 9, 10), -1000.0, dtype=np.float32)
+    reference[2:6, 2:7, 2:8] = 40.0
+    prediction = reference.copy()
+    prediction[2:6, 2:7, 2:8] += 30.0  # 30 HU inside the body
+    prediction[0, 0, 0] = 500.0  # outside the mask: not counted
+    mask = (reference > -500).astype(np.uint8)
+    _write(reference, ref / "case1.nii.gz")
+    _write(prediction, pred / "case1.nii.gz")
+    _write(mask, masks / "case1.nii.gz")
+    row = evaluate_folders(ref, pred, task="image", mask_folder=masks, progress=False).rows[0]
+    assert row["synthrad_mae"] == pytest.approx(30.0)
+    assert row["synthrad_psnr"] == pytest.approx(10 * math.log10(4024.0 ** 2 / 900.0))
+    assert 0 < row["synthrad_ms_ssim"] < 1
+    plain = evaluate_folders(ref, pred, task="image", progress=False).rows[0]
+    assert "synthrad_mae" not in plain
+    (masks / "case1.nii.gz").unlink()
+    _write(mask, masks / "other.nii.gz")
+    with pytest.raises(SpineDiffError, match="no mask for case"):
+        evaluate_folders(ref, pred, task="image", mask_folder=masks, progress=False)

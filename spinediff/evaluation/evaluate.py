@@ -29,7 +29,8 @@ from spinediff.io import (
     write_json,
     write_text,
 )
-from spinediff.metrics.image_metrics import image_metrics
+from spinediff.metrics.challenge_metrics import challenge_metrics
+from spinediff.metrics.image_metrics import body_mask_ct, image_metrics
 from spinediff.metrics.segmentation_metrics import segmentation_metrics
 from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
 from spinediff.utilities.geometry import same_geometry
@@ -78,6 +79,16 @@ class EvaluationResult:
     summary: dict
 
 
+def _body_mask(path: Path | None, reference: sitk.Image, reference_array: np.ndarray) -> np.ndarray:
+    """The case's body mask from its file (voxels > 0, on the reference's grid), else the reference > -500 HU."""
+    if path is None:
+        return body_mask_ct(reference_array)
+    mask = read_image(path)
+    if (mismatch := same_geometry(reference, mask)) is not None:
+        raise SpineDiffError(f"{path}: {mismatch} of the reference; a body mask must lie on its reference's grid.")
+    return sitk.GetArrayFromImage(mask) > 0
+
+
 def _looks_like_labels(image: sitk.Image) -> bool:
     array = sitk.GetArrayViewFromImage(image)
     return np.issubdtype(array.dtype, np.integer) and len(np.unique(array)) <= 64
@@ -87,11 +98,19 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
                      labels: Sequence[int] | None = None, task: str = "auto",
                      data_range: tuple[float, float] = (-1024.0, 3071.0),
                      output_folder: str | os.PathLike | None = None,
-                     progress: bool = True) -> EvaluationResult:
+                     progress: bool = True, challenge: bool = False,
+                     mask_folder: str | os.PathLike | None = None) -> EvaluationResult:
     """Score every prediction that has a reference of the same name; write CSV + JSON if ``output_folder`` (whose
-    lock is held from before the first case is read to the last file written: one run per output folder)."""
+    lock is held from before the first case is read to the last file written: one run per output folder).
+
+    ``challenge`` (images): also the SynthRAD challenges' metrics (:mod:`spinediff.metrics.challenge_metrics`:
+    ``synthrad_mae``, ``synthrad_psnr``, ``synthrad_ssim``, ``synthrad_ms_ssim``) inside the body mask: the file of
+    the case's name in ``mask_folder`` (voxels > 0; e.g. a converted dataset's labelsTr), else the reference's
+    voxels above -500 HU. A ``mask_folder`` implies ``challenge``.
+    """
     arguments = {"labels": labels, "task": task, "data_range": data_range, "output_folder": output_folder,
-                 "progress": progress}
+                 "progress": progress, "challenge": challenge or mask_folder is not None,
+                 "mask_folder": mask_folder}
     if output_folder is None:
         return _evaluate_folders(reference_folder, prediction_folder, **arguments)
     ensure_writable_folder(output_folder, create=False)
@@ -101,15 +120,22 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
 
 def _evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike, *,
                       labels: Sequence[int] | None, task: str, data_range: tuple[float, float],
-                      output_folder: str | os.PathLike | None, progress: bool) -> EvaluationResult:
+                      output_folder: str | os.PathLike | None, progress: bool, challenge: bool,
+                      mask_folder: str | os.PathLike | None) -> EvaluationResult:
     ref_dir, pred_dir = Path(reference_folder), Path(prediction_folder)
-    for folder in (ref_dir, pred_dir):
+    for folder in (ref_dir, pred_dir, *([Path(mask_folder)] if mask_folder is not None else [])):
         if not folder.is_dir():
             raise SpineDiffError(f"{folder} is not a folder.")
     references, predictions = _case_files(ref_dir), _case_files(pred_dir)
     cases = sorted(set(references) & set(predictions))
     if not cases:
         raise SpineDiffError(f"No prediction in {pred_dir} has a reference of the same name in {ref_dir}.")
+    masks = _case_files(Path(mask_folder)) if mask_folder is not None else {}
+    if mask_folder is not None and (no_mask := [c for c in cases if c not in masks]):
+        raise SpineDiffError(f"--mask {mask_folder} holds no mask for case(s) {', '.join(no_mask[:5])}"
+                             f"{' ...' if len(no_mask) > 5 else ''}; give the folder of the body masks named as "
+                             "the references (e.g. the dataset's labelsTr), or leave --mask out (body: reference "
+                             "> -500 HU).")
     missing = sorted(set(references) - set(predictions))
     rows: list[dict] = []
     failure_records: list[dict] = []
@@ -134,7 +160,11 @@ def _evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: st
                 failure_records.append(case_record(case, ref, pred, ref_image.GetSpacing()[::-1], pred_dir, ending,
                                                    classes))
         else:
-            rows.append({"case": case, **image_metrics(pred.astype(np.float32), ref.astype(np.float32), data_range)})
+            row = {"case": case, **image_metrics(pred.astype(np.float32), ref.astype(np.float32), data_range)}
+            if challenge:
+                row.update(challenge_metrics(pred.astype(np.float32), ref.astype(np.float32),
+                                             _body_mask(masks.get(case), ref_image, ref)))
+            rows.append(row)
     summary = _summary(rows)
     summary["num_cases"] = len(cases)
     summary["missing_predictions"] = missing

@@ -17,7 +17,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise SpineDiffError(f"--data-range LOW HIGH needs LOW below HIGH, got {low:g} {high:g}; e.g. --data-range "
                              "-1024 3071 for CT in HU.")
     result = evaluate_folders(args.reference, args.prediction, labels=args.labels, task=args.task,
-                              data_range=tuple(args.data_range), output_folder=args.output or args.prediction)
+                              data_range=tuple(args.data_range), output_folder=args.output or args.prediction,
+                              challenge=args.challenge, mask_folder=args.mask)
     summary = result.summary
     if summary["task"] == SEGMENTATION_KIND:
         print(f"{'label':>6} {'Dice':>8} {'HD95 mm':>9} {'ASD mm':>8}")
@@ -68,5 +69,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="auto: integer files with few values are label maps")
     parser.add_argument("--data-range", type=finite_float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),
                         help="intensity range for PSNR/SSIM of images (values are clipped to it)")
+    parser.add_argument("--challenge", action="store_true",
+                        help="images: also the SynthRAD challenges' metrics as their public code defines them "
+                             "(synthrad_mae, synthrad_psnr in [-1024, 3000] HU, synthrad_ssim of 2023, "
+                             "synthrad_ms_ssim of 2025) inside the body mask (--mask, else reference > -500 HU); "
+                             "comparable to the leaderboards (documentation/evaluation.md)")
+    parser.add_argument("--mask", metavar="MASK_DIR",
+                        help="folder of body masks named as the references (voxels > 0 are inside; e.g. the labelsTr "
+                             "of a dataset made by `spinediff convert`); implies --challenge")
     parser.add_argument("-o", "--output", help="where to write the CSV/JSON (default: the prediction folder)")
     parser.set_defaults(func=run_evaluate)
