@@ -1,0 +1,185 @@
+"""Diffusion that refines another model's answer: SpineSegDiff's nnU-Net presegmentation start, and the same for
+translation (a regression's synthetic CT, SDEdit-like from a partially noised start).
+
+What SpineSegDiff's public code does (github BMDS-ETH/SpineSegDiff, read for facts):
+
+- the network is conditioned on the image only (image encoder + denoising U-Net over ``cat(image, x_t)``); the
+  presegmentation is never a condition channel. It enters as the *start* of sampling:
+  ``ddim_sample_loop_presegmentation`` noises the nnU-Net mask ``x_pre`` to ``t_max`` (``q_sample``) and denoises
+  from there;
+- the paper trains the refiner by noising the presegmentation (not the ground truth) and scoring the x0 estimate
+  against the ground truth, over a shortened schedule (T = 30 of 1000 matched T = 1000); the released
+  ``src/train.py`` hard-codes ``presegmentation = False``, i.e. the published weights are trained as the standard
+  model (ground truth noised at uniform timesteps, loss Dice + BCE + MSE of the x0 estimate);
+- inference draws S = 15 samples and combines the x0 estimates of the last Ts = 10 steps with exponential
+  weights; the uncertainty is the maximum over those steps of the samples' entropy
+  (:mod:`spinediff.diffusion.refinement`).
+
+What this trainer does: the standard diffusion model of the task (the ground truth noised, conditioned on the
+image, the plans' loss), with training timesteps drawn uniformly from the refinement range only,
+``t <= REFINE_TRAIN_FRACTION x (T - 1)``: the levels a refinement ever starts from; sampling from pure noise is not
+trained. Training on noised presegmentations would need answers of the training cases from models that never saw
+them (nnU-Net's answers on its own training cases are near the ground truth and teach copying); it is not done.
+Its final validation refines each validation case's answer of the *same fold* of the initial model
+(``init_model``: nnU-Net's ``nnUNetTrainer`` of the plans' CPU 2D configuration for segmentation, the
+``RegressionTrainer`` of the same configuration for translation), read from that fold's ``validation/`` export, so
+that no case is refined from an answer of a model that saw it. The model folder records the initial model and the
+start level in ``refinement.json``, which ``spinediff predict`` reads to run the initial model itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from spinediff.diffusion.refinement import check_fraction, refine_volume
+from spinediff.errors import SpineDiffError
+from spinediff.io import read_json, write_json
+from spinediff.paths import model_folder_name, split_model_folder_name
+from spinediff.tasks import Segmentation, Translation
+from spinediff.training.base import CUDA, SpineDiffTrainer
+from spinediff.training.task_adapter import TaskAdapter
+from spinediff.utilities.initial_answer import InitialAnswerFolder, raw_shape, to_preprocessed_grid
+
+REFINEMENT_FILE = "refinement.json"
+#: The highest start level trained (fraction of T - 1); refinements start at or below it.
+REFINE_TRAIN_FRACTION = 0.5
+#: The start level when neither the command line, sampling.json nor the plans' warm_start give one.
+DEFAULT_REFINE_FROM = 0.3
+#: nnU-Net configurations tried, in order, as a segmentation refiner's initial model (same dimension first).
+NNUNET_CONFIGURATIONS = {2: ("2d_cpu", "2d"), 3: ("3d_fullres_cpu", "3d_fullres")}
+
+
+def initial_estimate(answers: InitialAnswerFolder, case: str, properties: dict, task: TaskAdapter, plans_manager,
+                     configuration_manager, shape) -> torch.Tensor:
+    """The case's initial answer ``(C, *shape)`` on its preprocessed grid in the diffusion range: class probabilities
+    as ``2 p - 1`` (the one-hot scale of :func:`~spinediff.training.task_adapter.one_hot_scaled`), images through
+    the target intensity mapping."""
+    raw = raw_shape(properties, plans_manager)
+    if task.task.writes_labels:
+        values = answers.raw_probabilities(case, task.num_classes, properties, raw)
+        grid = to_preprocessed_grid(values, properties, plans_manager, configuration_manager, shape)
+        return torch.from_numpy(grid) * 2 - 1
+    values = answers.raw_image(case, properties, raw, len(task.target_channels))
+    grid = to_preprocessed_grid(values, properties, plans_manager, configuration_manager, shape, kind="image")
+    return task.target_intensity.to_network(torch.from_numpy(grid), channel_axis=0).clamp(-1, 1)
+
+
+def default_initial_model(plans_manager, configuration: str, task, patch_dims: int) -> str:
+    """``TRAINER__PLANS__CONFIG`` of the model whose answers a refiner of ``configuration`` starts from."""
+    plans = plans_manager.plans_name
+    if task.writes_labels:
+        available = plans_manager.available_configurations
+        for name in NNUNET_CONFIGURATIONS[patch_dims]:
+            if name in available:
+                return model_folder_name("nnUNetTrainer", name, plans)
+        raise SpineDiffError(f"The plans have none of {', '.join(NNUNET_CONFIGURATIONS[patch_dims])} for the nnU-Net "
+                             "model whose answers the refiner starts from; plan one (spinediff plan) or name it.")
+    return model_folder_name("RegressionTrainer", configuration, plans)
+
+
+class DiffusionRefinementTrainer(SpineDiffTrainer):
+    """Refines another model's answer (module docstring): nnU-Net's segmentation, or a regression's synthetic
+    image. Trained on the refinement range of timesteps; validated from the same fold's initial answers."""
+
+    supported_tasks = (Segmentation, Translation)
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA) -> None:
+        # nnU-Net records the constructor's arguments by name: keep its exact signature.
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.train_fraction = REFINE_TRAIN_FRACTION
+        self.refine_from = self.settings.warm_start or DEFAULT_REFINE_FROM
+        self.init_model = default_initial_model(self.plans_manager, configuration, self.task.task,
+                                                len(self.configuration_manager.patch_size))
+        self.validation_case: tuple[str, dict] | None = None
+        self.limit_training_timesteps()
+
+    # ------------------------------------------------------------------ training
+    def max_timestep(self) -> int:
+        return int(round(self.train_fraction * (self.process.num_train_timesteps - 1)))
+
+    def limit_training_timesteps(self) -> None:
+        """Training timesteps uniform in ``0..max_timestep`` (the refinement range) instead of the whole schedule;
+        everything else of the process (noise, condition dropout, loss) is the plans'."""
+        if self.process.rectified_flow:
+            raise SpineDiffError("refinement trains DDPM schedules (cosine/linear), not rectified flow")
+        highest = self.max_timestep()
+
+        def sample_timesteps(batch_size: int, generator: torch.Generator, device: torch.device | str = "cpu"):
+            return torch.randint(0, highest + 1, (batch_size,), generator=generator,
+                                 device=generator.device).to(device)
+
+        self.process.sample_timesteps = sample_timesteps
+
+    # ------------------------------------------------------------------ initial answers
+    def initial_answers_folder(self) -> Path:
+        """The same fold's validation export of the initial model (it never saw these cases)."""
+        if split_model_folder_name(self.init_model) is None:
+            raise SpineDiffError(f"init model {self.init_model!r} is not TRAINER__PLANS__CONFIG")
+        return Path(self.output_folder_base).parent / self.init_model / f"fold_{self.fold}" / "validation"
+
+    def check_initial_answers(self) -> InitialAnswerFolder:
+        folder = self.initial_answers_folder()
+        trainer, plans, configuration = split_model_folder_name(self.init_model)
+        if not folder.is_dir():
+            how = (f"nnUNetv2_train {self.plans_manager.dataset_name} {configuration} {self.fold} -tr {trainer} "
+                   f"-p {plans} --npz" if trainer.startswith("nnUNet") else
+                   f"spinediff train -d {self.plans_manager.dataset_name} -c {configuration} -f {self.fold} "
+                   f"-tr {trainer}")
+            raise SpineDiffError(f"{type(self).__name__} fold {self.fold} refines the answers of {self.init_model} "
+                                 f"fold {self.fold}, but {folder} does not exist. Train and validate that fold first "
+                                 f"({how}).")
+        answers = InitialAnswerFolder.open(folder, self.dataset_json["file_ending"])
+        answers.check_cases(self.do_split()[1])
+        return answers
+
+    def on_train_start(self) -> None:
+        self.check_initial_answers()  # before training: its validation could not run otherwise
+        super().on_train_start()
+        write_json({"init_model": self.init_model, "refine_from": self.refine_from,
+                    "train_fraction": self.train_fraction,
+                    "made_by": type(self).__name__}, Path(self.output_folder_base) / REFINEMENT_FILE)
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        if self.local_rank != 0:
+            return
+        answers = self.check_initial_answers()
+        trainer, original = self, self.dataset_class
+
+        class Recording(original):  # the case being validated, with its properties, for predict_volume
+            def load_case(self, key):
+                loaded = super().load_case(key)
+                trainer.validation_case = (key, loaded[3])
+                return loaded
+
+        self.dataset_class, self.answers = Recording, answers
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class, self.validation_case = original, None
+
+    def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
+                       num_samples: int = 1) -> torch.Tensor:
+        if self.validation_case is None:
+            return super().predict_volume(condition, seed, num_inference_steps, num_samples)
+        key, properties = self.validation_case
+        estimate = initial_estimate(self.answers, key, properties, self.task, self.plans_manager,
+                                    self.configuration_manager, condition.shape[1:])
+        steps = num_inference_steps or self.settings.num_inference_steps
+        members, _ = refine_volume(self.make_predictor().sampler, condition, estimate.to(condition.device),
+                                   fraction=check_fraction(self.refine_from), num_inference_steps=steps,
+                                   num_samples=num_samples, seed=seed)
+        return members
+
+
+def read_refinement(model_folder: str | Path) -> dict | None:
+    """A refinement model's ``refinement.json`` (its initial model and start level), or None for other models."""
+    path = Path(model_folder) / REFINEMENT_FILE
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or "init_model" not in record:
+        raise SpineDiffError(f"{path} is not a refinement record (no init_model); train the fold again.")
+    return record

@@ -1,0 +1,251 @@
+"""Refinement of another model's answer (issue 35): the initial-answer loader on nnU-Net's own export format, the
+refiner's cross-validation from the same fold's nnU-Net model, predict --init-from, SpineSegDiff's combination."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import nnunet_folders
+
+from spinediff.errors import SpineDiffError
+from spinediff.training.api import TrainingOptions, ensure_splits, train
+
+SEG = "Dataset901_SpinePhantomSeg"
+TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
+                       validation_samples=1)
+NNUNET = "nnUNetTrainer__nnUNetPlans__2d_cpu"
+
+
+@pytest.fixture(scope="module")
+def refined(phantom_root, tmp_path_factory):
+    """Phantom 901 planned (2d_diffusion, 2d_cpu); fold 0 of nnU-Net (validation with probabilities, as --npz) and of
+    the refiner, whose validation refines nnU-Net fold 0's answers."""
+    from spinediff.planning.api import plan_dataset
+
+    base = tmp_path_factory.mktemp("refinement")
+    raw = base / "raw"
+    raw.mkdir()
+    (raw / SEG).symlink_to(phantom_root / SEG, target_is_directory=True)
+    with nnunet_folders(raw, base) as env:
+        plan_dataset(901, configurations=["2d_diffusion", "2d_cpu"], device="cpu", num_processes=1,
+                     show_progress_bar=False)
+        ensure_splits(base / "preprocessed" / SEG)
+        nnunet = train(901, "2d_cpu", 0, "nnUNetTrainer", TrainingOptions(
+            epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, save_probabilities=True))
+        refiner = train(901, "2d_diffusion", 0, "DiffusionRefinementTrainer", TINY)
+        yield {**env, "base": base, "raw": raw / SEG, "nnunet": nnunet, "refiner": refiner}
+
+
+def _preprocessed_case(base, key):
+    folder = base / "preprocessed" / SEG
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    data_folder = str(folder / "nnUNetPlans_2d")
+    data, seg, _, properties = infer_dataset_class(data_folder)(data_folder, [key]).load_case(key)
+    return np.asarray(data[:]), np.asarray(seg[:]), properties
+
+
+def _managers(base):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(str(base / "preprocessed" / SEG / "nnUNetPlans.json"))
+    return plans, plans.get_configuration("2d_diffusion")
+
+
+def test_loader_puts_nnunet_probabilities_on_the_preprocessed_grid(refined, tmp_path):
+    """A hand-built npz in nnU-Net's export layout (one-hot of the raw label map, reader's axis order) comes back on the
+    preprocessed grid as the preprocessed labels; nnU-Net's own validation export loads with the same shape."""
+    from spinediff.utilities.initial_answer import InitialAnswerFolder, raw_shape, to_preprocessed_grid
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    data, seg, properties = _preprocessed_case(refined["base"], key)
+    plans, configuration = _managers(refined["base"])
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(refined["raw"] / "labelsTr" / f"{key}.nii.gz")))
+    classes = int(seg.max()) + 1
+    folder = tmp_path / "hand"
+    folder.mkdir()
+    one_hot = np.eye(classes, dtype=np.float32)[label].transpose(3, 0, 1, 2)
+    np.savez_compressed(folder / f"{key}.npz", probabilities=one_hot)
+    answers = InitialAnswerFolder.open(folder)
+    values = answers.raw_probabilities(key, classes, properties, raw_shape(properties, plans))
+    grid = to_preprocessed_grid(values, properties, plans, configuration, data.shape[1:])
+    assert grid.shape == (classes, *data.shape[1:])
+    np.testing.assert_allclose(grid.sum(0), 1, atol=1e-4)
+    agreement = (grid.argmax(0) == np.clip(seg[0], 0, None)).mean()
+    assert agreement > 0.97, agreement
+    real = InitialAnswerFolder.open(validation)  # written by nnunetv2's export_prediction_from_logits (+ .pkl)
+    loaded = real.raw_probabilities(key, classes, properties, raw_shape(properties, plans))
+    assert loaded.shape == one_hot.shape
+    assert (validation / f"{key}.pkl").is_file()
+
+
+def test_loader_refuses_missing_cases_wrong_classes_and_wrong_grids(refined, tmp_path):
+    from spinediff.utilities.initial_answer import InitialAnswerFolder, raw_shape
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    _, seg, properties = _preprocessed_case(refined["base"], key)
+    plans, _ = _managers(refined["base"])
+    shape = raw_shape(properties, plans)
+    classes = int(np.load(validation / f"{key}.npz")["probabilities"].shape[0])
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    answers = InitialAnswerFolder.open(folder)
+    with pytest.raises(SpineDiffError, match="no initial answer for 1 case"):
+        answers.check_cases([key])
+    np.savez_compressed(folder / f"{key}.npz", probabilities=np.ones((classes + 1, *shape), np.float32))
+    with pytest.raises(SpineDiffError, match=f"has {classes + 1} class channel"):
+        answers.raw_probabilities(key, classes, properties, shape)
+    np.savez_compressed(folder / f"{key}.npz", probabilities=np.ones((classes, *shape[:-1], shape[-1] - 2), np.float32))
+    with pytest.raises(SpineDiffError, match="has the grid"):
+        answers.raw_probabilities(key, classes, properties, shape)
+    shutil.copy(validation / f"{key}.npz", folder / f"{key}.npz")
+    with open(validation / f"{key}.pkl", "rb") as handle:
+        saved = pickle.load(handle)
+    saved["sitk_stuff"] = {**saved["sitk_stuff"], "spacing": tuple(2 * s for s in saved["sitk_stuff"]["spacing"])}
+    with open(folder / f"{key}.pkl", "wb") as handle:
+        pickle.dump(saved, handle)
+    with pytest.raises(SpineDiffError, match="geometry"):
+        answers.raw_probabilities(key, classes, properties, shape)
+    with pytest.raises(SpineDiffError, match="no such folder"):
+        InitialAnswerFolder.open(tmp_path / "absent")
+
+
+def test_cross_validation_refines_the_same_folds_nnunet_answers(refined):
+    """The refiner's fold 0 validation starts from nnU-Net fold 0's export (never from a model that saw the case);
+    at init noise 0 its validation is nnU-Net's answer itself, case by case."""
+    import json
+
+    from spinediff.training.api import build_trainer
+    from spinediff.training.refinement import read_refinement
+
+    record = read_refinement(refined["refiner"].parent)
+    assert record["init_model"] == NNUNET
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionRefinementTrainer", device="cpu")
+        trainer.initialize()
+        assert trainer.initial_answers_folder() == refined["nnunet"] / "validation"
+        trainer.load_checkpoint(str(refined["refiner"] / "checkpoint_final.pth"))
+        trainer.refine_from = 0.0
+        trainer.perform_actual_validation(False)
+    ours = json.loads((refined["refiner"] / "validation" / "summary.json").read_text())["metric_per_case"]
+    theirs = json.loads((refined["nnunet"] / "validation" / "summary.json").read_text())["metric_per_case"]
+    dice = {e["prediction_file"].rsplit("/", 1)[-1]: {k: v["Dice"] for k, v in e["metrics"].items()} for e in ours}
+    for entry in theirs:
+        name = entry["prediction_file"].rsplit("/", 1)[-1]
+        for label, value in entry["metrics"].items():
+            assert dice[name][label] == pytest.approx(value["Dice"], abs=0.02, nan_ok=True)
+
+
+def test_refiner_trains_only_the_refinement_range(refined):
+    from spinediff.training.api import build_trainer
+    from spinediff.training.refinement import REFINE_TRAIN_FRACTION
+
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionRefinementTrainer", device="cpu")
+    draws = trainer.process.sample_timesteps(4000, torch.Generator().manual_seed(0))
+    highest = round(REFINE_TRAIN_FRACTION * (trainer.process.num_train_timesteps - 1))
+    assert int(draws.min()) == 0 and int(draws.max()) == highest
+
+
+def _inputs(refined, tmp_path, key):
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    for image in (refined["raw"] / "imagesTr").glob(f"{key}_*.nii.gz"):
+        shutil.copy(image, folder / image.name)
+    return folder
+
+
+def test_predict_init_from_keeps_the_answer_at_noise_zero_and_changes_it_at_high_noise(refined, tmp_path):
+    from spinediff.cli import main
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    inputs = _inputs(refined, tmp_path, key)
+    answer = sitk.GetArrayFromImage(sitk.ReadImage(str(refined["raw"] / "labelsTr" / f"{key}.nii.gz")))
+    init = tmp_path / "init"
+    init.mkdir()
+    shutil.copy(refined["raw"] / "labelsTr" / f"{key}.nii.gz", init / f"{key}.nii.gz")  # a label map answer
+    common = ["predict", "-i", str(inputs), "-d", "901", "-c", "2d_diffusion", "-tr", "DiffusionRefinementTrainer",
+              "-f", "0", "--init-from", str(init), "--steps", "2", "--samples", "2", "--no-postprocessing"]
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        assert main([*common, "-o", str(tmp_path / "low"), "--init-noise", "0"]) == 0
+        assert main([*common, "-o", str(tmp_path / "high"), "--init-noise", "0.95", "--save-uncertainty",
+                     "--combine", "spinesegdiff"]) == 0
+    low = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "low" / f"{key}.nii.gz")))
+    high = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "high" / f"{key}.nii.gz")))
+    assert (low == answer).mean() > 0.99
+    assert (high != answer).mean() > 0.01
+    entropy = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "high" / f"{key}_uncertainty.nii.gz")))
+    assert entropy.max() > 0 and entropy.min() >= 0
+
+
+def test_predict_refuses_bad_initial_answers_with_exit_2_and_writes_nothing(refined, tmp_path):
+    from spinediff.cli import main
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    inputs = _inputs(refined, tmp_path, key)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    probabilities = np.load(validation / f"{key}.npz")["probabilities"]
+    np.savez_compressed(wrong / f"{key}.npz", probabilities=np.concatenate([probabilities, probabilities[:1]]))
+    common = ["predict", "-i", str(inputs), "-d", "901", "-c", "2d_diffusion", "-tr", "DiffusionRefinementTrainer",
+              "-f", "0", "--steps", "1", "--samples", "1"]
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        for name, folder in (("missing", empty), ("classes", wrong), ("absent", tmp_path / "absent")):
+            out = tmp_path / f"out_{name}"
+            assert main([*common, "-o", str(out), "--init-from", str(folder)]) == 2
+            assert not out.exists() or not any(out.iterdir())
+        out = tmp_path / "out_model"
+        assert main([*common, "-o", str(out), "--init-model", "nnUNetTrainer__nnUNetPlans__3d_fullres"]) == 2
+        assert not out.exists() or not any(out.iterdir())
+
+
+def test_predict_runs_the_recorded_nnunet_model_itself(refined, tmp_path):
+    """No --init-*: the refinement model's refinement.json names nnU-Net 2d_cpu, which is predicted first (fold 0 for
+    fold 0) and removed afterwards; at init noise 0 the result is nnU-Net's own prediction of the case (nnunetv2's
+    predictor with the same settings)."""
+    from spinediff.cli import main
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    inputs = _inputs(refined, tmp_path, key)
+    out = tmp_path / "auto"
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        assert main(["predict", "-i", str(inputs), "-o", str(out), "-d", "901", "-c", "2d_diffusion", "-tr",
+                     "DiffusionRefinementTrainer", "-f", "0", "--init-noise", "0", "--samples", "1",
+                     "--no-postprocessing"]) == 0
+        from spinediff.inference.refinement import predict_initial_answers
+
+        direct = predict_initial_answers(refined["nnunet"].parent, SEG, ["0"], inputs, tmp_path / "direct",
+                                         torch.device("cpu"))["0"].path
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{key}.nii.gz")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(direct / f"{key}.nii.gz")))
+    assert (ours == theirs).mean() > 0.99
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".initial")) == []
+
+
+def test_spinesegdiff_combination_weights_the_last_steps_and_takes_the_maximum_entropy():
+    from spinediff.diffusion.refinement import StepCombination
+
+    combination = StepCombination(last_steps=3)
+    weights = combination.weights(3)
+    assert weights == sorted(weights) and sum(weights) == pytest.approx(1.0)
+    certain = torch.tensor([[1.0, -1.0]]).reshape(1, 2, 1, 1).expand(2, 2, 1, 1)  # p = (1, 0)
+    unsure = torch.zeros(2, 2, 1, 1)  # p = (0.5, 0.5)
+    for index, x0 in enumerate([unsure, unsure, certain, certain]):  # four steps: the first is left out
+        combination(index, x0)
+    combined, entropy = combination.result()
+    p = (combined + 1) / 2
+    expected = weights[0] * 0.5 + weights[1] + weights[2]
+    assert float(p[0, 0, 0]) == pytest.approx(expected, abs=1e-5)
+    assert float(entropy[0, 0]) == pytest.approx(np.log(2), abs=1e-4)
