@@ -130,7 +130,9 @@ class Segmentation(Task):
 
     def benchmark_methods(self, tag):
         return [MethodSpec(f"nnU-Net {tag}", "nnUNetTrainer", baseline=True, nnunet=True),
-                MethodSpec(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer")]
+                MethodSpec(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer"),
+                # refines the same fold's nnU-Net answers (issue 35); its row counts nnU-Net's training time too
+                MethodSpec(f"nnU-Net + diffusion refinement {tag}", "DiffusionRefinementTrainer")]
 
 
 class Translation(Task):

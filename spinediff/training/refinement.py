@@ -84,6 +84,8 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
     image. Trained on the refinement range of timesteps; validated from the same fold's initial answers."""
 
     supported_tasks = (Segmentation, Translation)
+    #: its final validation needs the initial model's fold exports (the benchmark trains that model first)
+    refines_initial_answers = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA) -> None:
