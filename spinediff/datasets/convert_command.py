@@ -22,8 +22,8 @@ examples:
   spinediff convert -i my_pairs -d 912 --name SpineMRCT --source-name t1 t2 --target-name ct --mask-name body
 
   # one object, cross-validated on 3 slabs along its longest axis with 10 mm between training and validation
-  spinediff convert -i mridir_porcine_parent -d 920 --name PorcineSlabs --slab-folds 3 --gap-mm 10 \\
-      --labels ct-classes
+  spinediff convert -i ../shared/data/real_mrct/mridir_porcine -d 920 --name PorcineSlabs --slab-folds 3 \\
+      --gap-mm 10 --labels ct-classes
 
 then: spinediff validate -d 910; spinediff plan -d 910; ... (documentation/convert.md)
 """
