@@ -51,6 +51,8 @@ class Task:
     has_downstream_dice: ClassVar[bool] = False
     #: the prediction is a synthetic image that a segmenter of the target channel can score (Dice_gen / downstream)
     synthesises_images: ClassVar[bool] = True
+    #: its images are also scored by the SynthRAD challenges' metrics (spinediff.metrics.challenge_metrics)
+    challenge_metrics: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -139,6 +141,7 @@ class Translation(Task):
     name = "translation"
     field_of_view_from_labels = False
     has_downstream_dice = True
+    challenge_metrics = True
 
     def block_problems(self, source, target, block):
         if not source or not target:
