@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               "configuration": args.configuration, "generated": str(generated_root.resolve()),
               "label": row_label(preprocessed_root, generation_raw, args.plans, args.configuration),
               "model": f"{args.configuration} ({args.plans})",
-              "sampling": f"{diffusion.sampler}:{diffusion.num_inference_steps}",
+              "sampling": f"{diffusion.solver}:{diffusion.num_inference_steps}",
               "prediction_type": diffusion.prediction_type}
     md = (f"Command: `python benchmarks/generation501.py -j {args.workers} --budget {args.budget}"
           + (f" --plan-budget {args.plan_budget}" if args.plan_budget else "") + f" -c {args.configuration}"

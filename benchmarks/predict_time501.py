@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     total = {k: float(np.sum([r[k] for r in rows])) for k in ("nnunet_seconds", "diffusion_seconds")}
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("nnunet_dice", "diffusion_dice")}
     ratio = total["diffusion_seconds"] / total["nnunet_seconds"]
-    result = {"samples": args.samples, "sampling": {k: settings.get(k) for k in ("sampler", "steps", "warm_start",
-                                                                                   "sampling_from")},
+    sampling = {"solver": settings.get("solver", settings.get("sampler")),  # older prediction.json: sampler, steps
+                "num_inference_steps": settings.get("num_inference_steps", settings.get("steps")),
+                "warm_start": settings.get("warm_start"), "sampling_from": settings.get("sampling_from")}
+    result = {"samples": args.samples, "sampling": sampling,
               "cases": len(rows), "seconds_per_case": {k: v / len(rows) for k, v in total.items()},
               "time_ratio": ratio, "mean_dice": mean, "rows": rows}
     sampling = result["sampling"]
@@ -116,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
           "| method | s / case | mean L1-L5 Dice |\n|---|---|---|\n"
           f"| nnU-Net predictor (`2d_cpu`, its defaults) | {result['seconds_per_case']['nnunet_seconds']:.1f} | "
           f"{mean['nnunet_dice']:.3f} |\n"
-          f"| `spinediff predict --samples {args.samples} --save-uncertainty` ({sampling['sampler']}:"
-          f"{sampling['steps']}, from {Path(str(sampling['sampling_from'])).name}) | "
+          f"| `spinediff predict --samples {args.samples} --save-uncertainty` ({sampling['solver']}:"
+          f"{sampling['num_inference_steps']}, from {Path(str(sampling['sampling_from'])).name}) | "
           f"{result['seconds_per_case']['diffusion_seconds']:.1f} | {mean['diffusion_dice']:.3f} |\n\n"
           f"Time ratio diffusion / nnU-Net: **{ratio:.2f}x** (goal: <= 2x).\n")
     out = Path(args.output)

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             with pc.Stopwatch() as watch:
                 report = predict(inputs, out, 903, MODELS[kind], TRAINER, folds=[0], num_samples=1, seed=0,
                                  checkpoint="distilled" if student else "final",
-                                 sampler=None if student else solver, num_inference_steps=None if student else steps,
+                                 solver=None if student else solver, num_inference_steps=None if student else steps,
                                  warm_start=None if student else (warm or 0.0), progress=False, tuned_sampling=False)
             if report.failed:
                 raise RuntimeError(report.failed[0].message)

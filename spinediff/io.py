@@ -247,6 +247,8 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise SpineDiffError(f"{path} is a folder, not a file: a JSON file belongs there.")
     if not path.is_file():
         raise SpineDiffError(f"{path} does not exist.")
     try:
@@ -258,6 +260,8 @@ def read_json(path: str | os.PathLike) -> Any:
 def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a NIfTI/MHA/NRRD image with SimpleITK; missing or corrupt files raise SpineDiffError."""
     path = Path(path)
+    if path.is_dir():
+        raise SpineDiffError(f"{path} is a folder, not a file: an image file belongs there.")
     if not path.is_file():
         raise SpineDiffError(f"{path} does not exist.")
     try:

@@ -20,7 +20,7 @@ CONTRACT_BLOCK = {
     "num_train_timesteps": 1000,
     "noise_schedule": "cosine",
     "prediction_type": "sample",
-    "sampler": "ddim",
+    "solver": "ddim",
     "num_inference_steps": 10,
     "eta": 0.0,
     "num_samples": 5,
@@ -60,7 +60,7 @@ def dataclasses_frozen_error() -> type[Exception]:
         ("task", "registration"),
         ("noise_schedule", "sigmoid"),
         ("prediction_type", "x0"),
-        ("sampler", "ddpm"),
+        ("solver", "heun"),
         ("loss", "dice_ce"),  # only for segmentation
         ("condition_channels", -1),
         ("target_channels", 0),
@@ -81,14 +81,23 @@ def dataclasses_frozen_error() -> type[Exception]:
         ("warm_start", 0.0),
         ("warm_start", 1.0),
         ("warm_start", "half"),
-        ("noise_schedule", "rflow"),  # rectified flow needs its own sampler (euler)
-        ("sampler", "euler"),  # and euler needs rectified flow
+        ("noise_schedule", "rflow"),  # rectified flow needs its own solver (euler)
+        ("solver", "euler"),  # and euler needs rectified flow
     ],
 )
 def test_settings_reject_invalid_values(key: str, value) -> None:
     block = dict(CONTRACT_BLOCK, **{key: value})
     with pytest.raises(SpineDiffError, match=key if key != "loss" else "dice_ce"):
         DiffusionSettings.from_dict(block, source="plans.json")
+
+
+def test_settings_read_the_solver_under_its_old_name() -> None:
+    """Plans and checkpoints written before the solver registry call the solver ``sampler``: still read."""
+    old = {k: v for k, v in CONTRACT_BLOCK.items() if k != "solver"}
+    settings = DiffusionSettings.from_dict(dict(old, sampler="dpm++2m"))
+    assert settings.solver == "dpm++2m" and "sampler" not in settings.to_dict()
+    with pytest.raises(SpineDiffError, match="solver must be one of"):
+        DiffusionSettings.from_dict(dict(old, sampler="heun"))
 
 
 def test_settings_reject_unknown_and_missing_keys() -> None:

@@ -206,32 +206,32 @@ def test_same_seed_gives_identical_output_and_another_seed_differs(trained, tmp_
     assert not np.array_equal(runs["a"], runs["c"])
 
 
-def test_sampler_option_changes_the_solver_and_is_recorded(trained, tmp_path):
-    """--sampler dpm++2m: a different trajectory than DDIM at the same steps and seed, a valid HU image, the
+def test_solver_option_changes_the_solver_and_is_recorded(trained, tmp_path):
+    """--solver dpm++2m: a different trajectory than DDIM at the same steps and seed, a valid HU image, the
     solver named in prediction.json; 1 step of any solver is the network's single x0 estimate; a wrong name
     is refused before anything is loaded."""
     from spinediff.io import read_json
 
     _case_inputs(trained["raw"], TRANS, "phantom_001", (0, 1), tmp_path / "in")
     runs = {}
-    for name, sampler, steps in (("ddim", "ddim", 3), ("dpm", "dpm++2m", 3), ("ddim1", "ddim", 1),
+    for name, solver, steps in (("ddim", "ddim", 3), ("dpm", "dpm++2m", 3), ("ddim1", "ddim", 1),
                                  ("unipc1", "unipc", 1)):
         predict(tmp_path / "in", tmp_path / name, TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
-                num_samples=1, num_inference_steps=steps, sampler=sampler, progress=False)
+                num_samples=1, num_inference_steps=steps, solver=solver, progress=False)
         runs[name] = _read(tmp_path / name / "phantom_001.nii.gz")
-    assert read_json(tmp_path / "dpm" / "prediction.json")["sampler"] == "dpm++2m"
+    assert read_json(tmp_path / "dpm" / "prediction.json")["solver"] == "dpm++2m"
     assert not np.allclose(runs["ddim"], runs["dpm"]) and np.isfinite(runs["dpm"]).all()
     assert -1100 < runs["dpm"].min() and runs["dpm"].max() < 3200  # inside the CT window, not diverged
     # one step from noise at the first timestep: both read x0 off the network once (timesteps differ by
     # the solvers' spacing, 999 for both with a single step)
     assert np.allclose(runs["ddim1"], runs["unipc1"], atol=1.0)
-    with pytest.raises(SpineDiffError, match="--sampler must be one of"):
+    with pytest.raises(SpineDiffError, match="--solver must be one of"):
         predict(tmp_path / "in", tmp_path / "bad", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
-                sampler="heun", **FAST)
+                solver="heun", **FAST)
     # euler is the rectified-flow solver: a cosine-schedule model refuses it, naming the solvers it takes
-    with pytest.raises(SpineDiffError, match="samples with ddim, dpm\\+\\+2m or unipc"):
+    with pytest.raises(SpineDiffError, match="samples with ddim, dpm\\+\\+2m, unipc"):
         predict(tmp_path / "in", tmp_path / "bad", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
-                sampler="euler", **FAST)
+                solver="euler", **FAST)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
@@ -252,7 +252,7 @@ def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trai
         # the measured choice replaces the planner's guess in the plans' diffusion block, the reason in its notes
         entry = json.loads(plans_file.read_text())["configurations"][CONFIG]
         chosen_setting = record["choice"].partition("@")[0].split(":")
-        assert [entry["diffusion"]["sampler"], str(entry["diffusion"]["num_inference_steps"])] == chosen_setting
+        assert [entry["diffusion"]["solver"], str(entry["diffusion"]["num_inference_steps"])] == chosen_setting
         measured = [n for n in entry["notes"] if n.startswith("Sampling measured:")]
         assert len(measured) == 1 and record["choice"] in measured[0] and "1 validation case" in measured[0]
     finally:
@@ -276,7 +276,8 @@ def test_tune_sampling_writes_the_cheapest_good_setting_and_predict_uses_it(trai
                 num_samples=1, progress=False)
         said = read_json(tmp_path / "tuned" / "prediction.json")
         assert said["sampling_from"].endswith("sampling.json")
-        assert (said["sampler"], said["steps"]) == (choice.setting.sampler, choice.setting.num_inference_steps)
+        assert (said["solver"], said["num_inference_steps"]) == (choice.setting.solver,
+                                                                 choice.setting.num_inference_steps)
         predict(tmp_path / "in", tmp_path / "told", SEG, CONFIG, "DiffusionSegmentationTrainer", folds=[0],
                 num_samples=1, num_inference_steps=2, progress=False)
         assert read_json(tmp_path / "told" / "prediction.json")["sampling_from"] == "command line"
@@ -530,7 +531,7 @@ def test_distill_writes_a_student_that_predict_samples_at_its_steps(trained, tmp
     student = torch.load(path, weights_only=True)
     teacher = torch.load(fold / "checkpoint_final.pth", weights_only=True)
     assert student["spinediff"]["diffusion"]["num_inference_steps"] == 1
-    assert student["spinediff"]["diffusion"]["sampler"] == "ddim"
+    assert student["spinediff"]["diffusion"]["solver"] == "ddim"
     assert [r["iterations"] for r in student["spinediff"]["distillation"]["rounds"]] == [3]
     assert read_json(fold / "distillation.json")["teacher_steps"] == 2
     assert any(not torch.equal(student["network_weights"][k], teacher["network_weights"][k])
@@ -544,7 +545,7 @@ def test_distill_writes_a_student_that_predict_samples_at_its_steps(trained, tmp
     predict(tmp_path / "in", tmp_path / "teacher", TRANS, CONFIG, "DiffusionTranslationTrainer", folds=[0],
             num_samples=1, num_inference_steps=1, progress=False)
     summary = read_json(tmp_path / "student" / "prediction.json")
-    assert (summary["checkpoint"], summary["steps"], summary["sampling_from"]) == ("distilled", 1,
+    assert (summary["checkpoint"], summary["num_inference_steps"], summary["sampling_from"]) == ("distilled", 1,
                                                                                   "distilled checkpoint")
     student_image, teacher_image = (_read(tmp_path / n / "phantom_001.nii.gz") for n in ("student", "teacher"))
     assert np.isfinite(student_image).all() and not np.allclose(student_image, teacher_image)

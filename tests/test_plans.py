@@ -54,7 +54,7 @@ def test_other_prediction_types_are_planned_once_per_diffusion_configuration() -
         "2d_diffusion_eps", "2d_diffusion_v", "2d_diffusion_fast_eps", "2d_diffusion_fast_v", "2d_diffusion_rflow",
         "2d_diffusion_fast_rflow"}
     flow = plans.configuration("2d_diffusion_rflow").diffusion  # rectified flow: same network and target
-    assert (flow.noise_schedule, flow.sampler, flow.prediction_type) == ("rflow", "euler", "sample")
+    assert (flow.noise_schedule, flow.solver, flow.prediction_type) == ("rflow", "euler", "sample")
     eps = plans.configuration(plans.for_prediction_type("2d_diffusion_fast", "noise"))
     assert eps.name == "2d_diffusion_fast_eps" and eps.is_derived
     assert eps.diffusion.prediction_type == "epsilon" and eps.configuration["patch_size"] == [16, 16]

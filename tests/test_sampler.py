@@ -506,7 +506,7 @@ def test_multistep_solvers_converge_to_the_ode_solution_at_higher_order(predicti
     errors = {solver: (draw(solver, 50) - converged).abs().mean().item() for solver in ("ddim", "dpm++2m", "unipc")}
     assert errors["dpm++2m"] < 0.3 * errors["ddim"], errors
     assert errors["unipc"] < 0.3 * errors["ddim"], errors
-    with pytest.raises(SpineDiffError, match="sampler must be one of"):
+    with pytest.raises(SpineDiffError, match="solver must be one of"):
         SlidingWindowSampler(network, process, (8, 8), solver="heun")
     with pytest.raises(SpineDiffError, match="samples with ddim, dpm"):
         SlidingWindowSampler(network, process, (8, 8), solver="euler")

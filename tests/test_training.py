@@ -345,9 +345,9 @@ def test_rectified_flow_configuration_trains_validates_and_predicts(nnunet_env, 
         (inputs / channel.name).symlink_to(channel)
     report = predict(inputs, tmp_path / "out", 901, "2d_diffusion_rflow", "DiffusionSegmentationTrainer",
                      folds=[0], num_samples=1, num_inference_steps=2, results_folder=results, progress=False)
-    assert report.exit_code == 0 and read_json(report.summary_file)["sampler"] == "euler"
+    assert report.exit_code == 0 and read_json(report.summary_file)["solver"] == "euler"
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / case.name.replace("_0000", ""))))
     assert labels.max() <= 3 and labels.shape == sitk.GetArrayFromImage(sitk.ReadImage(str(case))).shape
     with pytest.raises(SpineDiffError, match="samples with euler"):
         predict(inputs, tmp_path / "out2", 901, "2d_diffusion_rflow", "DiffusionSegmentationTrainer", folds=[0],
-                num_samples=1, num_inference_steps=2, sampler="ddim", results_folder=results, progress=False)
+                num_samples=1, num_inference_steps=2, solver="ddim", results_folder=results, progress=False)

@@ -150,12 +150,17 @@ def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> Vali
     if not folder.is_dir():
         raise SpineDiffError(f"Dataset folder {folder} does not exist.")
     json_path = folder / "dataset.json"
+    if json_path.is_dir():
+        problems.append(Problem(str(json_path), "is a folder, not a file: it must be nnU-Net's dataset.json."))
+        return report
     try:
         data = read_json(json_path)
     except SpineDiffError as exc:
         problems.append(Problem(str(json_path), str(exc).replace(f"{json_path} ", "", 1)))
         return report
     n_channels, labels, ending, task = _check_dataset_json(data, json_path, problems)
+    if not isinstance(data, dict):
+        return report
     report.task, report.num_channels = task, n_channels
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     for d in (images_dir, labels_dir):
@@ -192,12 +197,50 @@ def read_channel_image(path: Path, problems: list[Problem]) -> tuple[sitk.Image,
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
         problems.append(Problem(str(path), f"has {image.GetDimension()} dimensions and "
                                            f"{image.GetNumberOfComponentsPerPixel()} component(s) per voxel; "
-                                           "each channel must be its own 2D/3D scalar image."))
+                                           "each channel must be its own 3D scalar image."))
         return None
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         problems.append(Problem(str(path), f"contains {count} NaN/Inf voxel(s); fix or re-export the image."))
     return image, array
+
+
+COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+#: How far a direction matrix may be from orthonormal (|D^T D - I|, headers store about 6 digits).
+ORTHONORMAL_TOLERANCE = 1e-4
+
+
+def header_problem(image: sitk.Image, path: Path) -> str | None:
+    """What is wrong with an image's header, or None: 3D (spinediff's 2D configurations slice 3D volumes; a 2D
+    image crashes nnU-Net's planning), real-valued scalar voxels, spacing finite and > 0 (for NIfTI also in the
+    header itself, where SimpleITK silently replaces a NaN), direction finite and orthonormal."""
+    dimension = image.GetDimension()
+    if dimension == 2:
+        return ("is a 2D image; spinediff works on 3D volumes (its 2d configurations slice them), and every image "
+                "of a dataset must be 3D. Stack the slices into one 3D image per case.")
+    if image.GetPixelID() in COMPLEX_PIXELS:
+        return (f"holds complex voxels ({image.GetPixelIDTypeAsString()}); channels must be real-valued. Save the "
+                "magnitude (or each part as its own channel).")
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if path.name.endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        try:
+            zooms = np.asarray(nibabel.load(str(path)).header.get_zooms()[:dimension], dtype=float)
+        except Exception:  # noqa: BLE001 - the voxel reader reports an unreadable header with its own message
+            zooms = spacing
+        spacing = zooms if zooms.shape == spacing.shape and not np.all(np.isfinite(zooms) & (zooms > 0)) \
+            else spacing
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        return (f"has spacing {tuple(float(s) for s in spacing)} in its header; every spacing must be a finite "
+                "number greater than 0 (mm). Re-export the image with its real voxel size.")
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(dimension, dimension)
+    if not np.all(np.isfinite(direction)) or \
+            np.abs(direction.T @ direction - np.eye(dimension)).max() > ORTHONORMAL_TOLERANCE:
+        return (f"has direction {tuple(round(float(d), 6) for d in direction.ravel())} in its header, which is not "
+                "a rotation (its axes must be unit length and perpendicular); re-export the image with a valid "
+                "orientation.")
+    return None
 
 
 def read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
@@ -206,10 +249,16 @@ def read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.
     NIfTI voxels are read with nibabel: SimpleITK's NIfTI reader turns NaN into 0, which would hide
     NaNs from this check but not from tools that read with nibabel.
     """
+    if path.is_dir():
+        problems.append(Problem(str(path), "is a folder, not a file: each channel and label map is one image file."))
+        return None
     try:
         image = read_image(path)
     except SpineDiffError as exc:
         problems.append(Problem(str(path), str(exc).replace(f"{path} ", "", 1)))
+        return None
+    if (why := header_problem(image, path)) is not None:
+        problems.append(Problem(str(path), why))
         return None
     try:
         array = read_voxels_verified(path, image)

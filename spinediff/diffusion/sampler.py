@@ -13,16 +13,17 @@ scheduler derives that x0 (and clips it) itself. Normalising the weights before 
 of dividing afterwards) makes a voxel covered by one window get weight exactly 1.0, so a volume
 that fits in one window samples bit-identically to plain whole-volume DDIM.
 
-Solvers (the diffusion block's ``sampler``, ``spinediff predict --sampler``): ``ddim`` is monai's DDIM
-scheduler with "trailing" timesteps (T - 1, T - 1 - T/n, ..., T/n - 1) and every step landing on the next
-scheduled timestep (:class:`StableDDIMScheduler`; monai's own spacing does not). ``dpm++2m`` (DPM-Solver++ 2M,
-Lu et al. 2022) and ``unipc`` (UniPC-bh2, Zhao et al. 2023) are diffusers' reference multistep solvers, built
-on the process's own betas, with diffusers' timestep spacing (``linspace``: from T - 1 down). They reuse the
-previous steps' x0 estimates for a higher-order update: the same network calls per step as DDIM, fewer steps
-for the same quality. For them this module clips (and, for segmentation, projects) the x0 estimate itself
-before each step, as monai's DDIM does inside its step. They are deterministic: eta is DDIM's.
-``euler`` is the sampler of rectified flow (``noise_schedule="rflow"``, monai's ``RFlowScheduler``): Euler
-steps along the flow's velocity from t = T to 0, the velocity taken from the (clipped, projected) x0.
+The step rule is a solver (:mod:`spinediff.diffusion.solvers`, found by its name: the diffusion block's
+``solver``, ``spinediff predict --solver``): ``ddim`` is monai's DDIM scheduler with "trailing" timesteps
+(T - 1, T - 1 - T/n, ..., T/n - 1) and every step landing on the next scheduled timestep
+(:class:`StableDDIMScheduler`; monai's own spacing does not). ``dpm++2m`` (DPM-Solver++ 2M, Lu et al. 2022)
+and ``unipc`` (UniPC-bh2, Zhao et al. 2023) are diffusers' reference multistep solvers, built on the process's
+own betas, with diffusers' timestep spacing (``linspace``: from T - 1 down). They reuse the previous steps' x0
+estimates for a higher-order update: the same network calls per step as DDIM, fewer steps for the same quality.
+For a solver that does not clip x0 in its step (all but DDIM) this loop clips (and, for segmentation, projects)
+the x0 estimate itself before each step. ``euler`` is the sampler of rectified flow
+(``noise_schedule="rflow"``, monai's ``RFlowScheduler``): Euler steps along the flow's velocity from t = T to 0,
+the velocity taken from the (clipped, projected) x0. This loop knows no solver by name.
 """
 
 from __future__ import annotations
@@ -32,15 +33,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
-from monai.networks.schedulers import DDIMScheduler, RFlowScheduler
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
 from torch import nn
 from tqdm import tqdm
 
 from spinediff.diffusion.process import DiffusionProcess
-from spinediff.diffusion.settings import SAMPLERS as SOLVERS
 from spinediff.diffusion.settings import DiffusionSettings
+from spinediff.diffusion.solvers import Solver, make_solver
+from spinediff.diffusion.solvers.ddim import StableDDIMScheduler, trailing_timesteps
 from spinediff.errors import SpineDiffError
+
+__all__ = ["SlidingWindowSampler", "StableDDIMScheduler", "ensemble_seeds", "initial_noise", "make_generator",
+           "mirrored", "trailing_timesteps"]
 
 
 def make_generator(seed_or_generator: int | torch.Generator) -> torch.Generator:
@@ -77,99 +81,6 @@ def mirrored(function: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return output / (len(combinations) + 1) if combinations else output
 
 
-def trailing_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
-    """DDIM's timesteps with "trailing" spacing (Lin et al., WACV 2024): T - 1, then every T/n down to T/n - 1,
-    e.g. 999, 499 for two steps of T = 1000. Every step starts at a level the network was trained on, the first
-    at pure noise, and the last lands on the data (the step after it is the final one, to alpha = 1)."""
-    spacing = num_train_timesteps / num_inference_steps
-    return [int(round(num_train_timesteps - k * spacing)) - 1 for k in range(num_inference_steps)]
-
-
-class StableDDIMScheduler(DDIMScheduler):
-    """monai's DDIM scheduler with consistent timesteps and the step variance kept inside its bound.
-
-    Timesteps: monai spaces them ``linspace(T - 1, 0, n)`` but steps each one to ``t - T // n``, which is not
-    the next scheduled timestep (two steps: 999 goes to 499, and the network is then asked at t = 0 with an
-    x_t that still holds half the noise; four steps: 999 → 749, asked at 666). Here the timesteps are
-    :func:`trailing_timesteps` and each step goes exactly to the next scheduled timestep (the last to the
-    data), so the network always sees an x_t at the level it is told.
-
-    Variance: DDIM's sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) never exceeds 1 - a_prev, and
-    monai takes ``sqrt(1 - a_prev - (eta * sigma_t)^2)``. In float32 the two can round past each other (eta = 1
-    with the cosine schedule: the square root of a tiny negative number), and one NaN voxel spreads through
-    the network to the whole sample. Capping sigma_t^2 just below 1 - a_prev changes nothing else.
-    """
-
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
-        super().set_timesteps(num_inference_steps, device)  # its argument checks
-        self.timesteps = torch.tensor(trailing_timesteps(self.num_train_timesteps, num_inference_steps),
-                                      dtype=torch.long, device=device)
-        following = self.timesteps.tolist()[1:] + [-1]
-        self._following = dict(zip(self.timesteps.tolist(), following, strict=True))
-
-    def previous_timestep(self, timestep: int) -> int:
-        """The scheduled timestep after ``timestep`` (-1: the data)."""
-        return self._following[int(timestep)]
-
-    def step(self, model_output: torch.Tensor, timestep: int, sample: torch.Tensor, eta: float = 0.0,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # monai steps to timestep - T // n: right when n divides T (1, 2, 4, 5, 10, 20, 25, 50 of 1000 steps)
-        if int(timestep) - self.previous_timestep(timestep) == self.num_train_timesteps // self.num_inference_steps:
-            return super().step(model_output, timestep, sample, eta, generator)
-        return self._exact_step(model_output, int(timestep), sample, eta, generator)
-
-    def _exact_step(self, model_output, timestep, sample, eta, generator):
-        """DDIM's update (Song et al. 2021, eq. 12) to the next scheduled timestep, for step sizes monai's
-        integer ratio cannot express."""
-        previous = self.previous_timestep(timestep)
-        alpha = self.alphas_cumprod[timestep]
-        alpha_prev = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
-        if self.prediction_type == "epsilon":
-            x0 = (sample - (1 - alpha) ** 0.5 * model_output) / alpha**0.5
-        elif self.prediction_type == "sample":
-            x0 = model_output
-        else:
-            x0 = alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
-        epsilon = (sample - alpha**0.5 * x0) / (1 - alpha) ** 0.5  # before clipping, as monai's step
-        if self.clip_sample:
-            x0 = torch.clamp(x0, self.clip_sample_values[0], self.clip_sample_values[1])
-        std = eta * self._get_variance(timestep, previous) ** 0.5
-        prev = alpha_prev**0.5 * x0 + (1 - alpha_prev - std**2) ** 0.5 * epsilon
-        if eta > 0:
-            noise = torch.randn(model_output.shape, dtype=model_output.dtype, generator=generator,
-                                device=model_output.device)
-            prev = prev + std * noise
-        return prev, x0
-
-    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
-        variance = super()._get_variance(timestep, prev_timestep)
-        alpha_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        return torch.clamp(variance, min=0.0, max=float(1 - alpha_prev) * (1 - 1e-6))
-
-
-def make_solver(solver: str, process: DiffusionProcess, clip_sample: bool = True):
-    """The step scheduler of ``solver`` (module docstring) for ``process``'s schedule and prediction type."""
-    if solver not in SOLVERS:
-        raise SpineDiffError(f"sampler must be one of {', '.join(SOLVERS)}, got {solver!r}")
-    if process.rectified_flow != (solver == "euler"):
-        raise SpineDiffError(f"a model trained with the {process.noise_schedule!r} noise schedule samples with "
-                             f"{'euler' if process.rectified_flow else 'ddim, dpm++2m or unipc'}, not {solver!r}")
-    if solver == "euler":
-        return RFlowScheduler(process.num_train_timesteps, use_discrete_timesteps=True)
-    if solver == "ddim":
-        return StableDDIMScheduler(process.num_train_timesteps, process.schedule_name, clip_sample=clip_sample,
-                                   prediction_type=process.prediction_type)
-    import diffusers
-
-    betas = process.scheduler.betas.double().cpu().numpy()
-    if solver == "dpm++2m":
-        return diffusers.DPMSolverMultistepScheduler(
-            process.num_train_timesteps, trained_betas=betas, solver_order=2, algorithm_type="dpmsolver++",
-            prediction_type=process.prediction_type, lower_order_final=True)
-    return diffusers.UniPCMultistepScheduler(process.num_train_timesteps, trained_betas=betas, solver_order=2,
-                                             prediction_type=process.prediction_type, lower_order_final=True)
-
-
 class SlidingWindowSampler:
     """DDIM (or multistep-solver) sampler for volumes of any size, ensembles and warm starts.
 
@@ -191,7 +102,7 @@ class SlidingWindowSampler:
         clip_sample: clip the x0 estimate to [-1, 1] at every step (monai), the diffusion data range.
         device: where to sample; default the network's device.
         progress: show a tqdm bar over steps.
-        solver: ``ddim``, ``dpm++2m`` or ``unipc`` (module docstring).
+        solver: the name of a solver (:func:`spinediff.diffusion.solvers.solver_names`).
     """
 
     def __init__(
@@ -232,9 +143,8 @@ class SlidingWindowSampler:
         self.use_gaussian = use_gaussian
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
         self.progress = progress
-        self.solver = solver
         self.clip_sample = clip_sample
-        self.scheduler = make_solver(solver, process, clip_sample)
+        self.solver: Solver = make_solver(solver, process, clip_sample)
 
     @classmethod
     def from_settings(
@@ -243,7 +153,7 @@ class SlidingWindowSampler:
         """Sampler with the plans' eta and solver; ``options`` override any other argument. The step count is given
         to :meth:`sample` (the plans' is ``settings.num_inference_steps``)."""
         options.setdefault("eta", settings.eta)
-        options.setdefault("solver", settings.sampler)
+        options.setdefault("solver", settings.solver)
         return cls(network, DiffusionProcess.from_settings(settings), patch_size, **options)
 
     # ------------------------------------------------------------------ public API
@@ -287,8 +197,8 @@ class SlidingWindowSampler:
                 f"condition has spatial shape {spatial}; the patch {self.patch_size} needs "
                 f"{len(self.patch_size)} spatial axes (give (channels, *spatial))"
             )
-        self._set_timesteps(num_inference_steps)
-        timesteps = [int(t) for t in self.scheduler.timesteps]
+        self.solver.set_timesteps(num_inference_steps, self.device)
+        timesteps = list(self.solver.timesteps)
         if initial_estimate is not None:
             if start_timestep is None:
                 raise SpineDiffError("a warm start needs start_timestep as well as initial_estimate")
@@ -323,42 +233,29 @@ class SlidingWindowSampler:
             # eta > 0 draws fresh noise at each step for the whole group (monai), from its own stream
             step_generator = torch.Generator(device=self.device).manual_seed(seeds[group[0]] + 1)
             state = noise.to(self.device)
-            if self.solver != "ddim":  # a multistep solver keeps the previous steps' estimates: start afresh
-                self._set_timesteps(num_inference_steps)
+            self.solver.set_timesteps(num_inference_steps, self.device)  # a multistep solver starts afresh
             if estimate is not None:
                 start = torch.full((len(group),), timesteps[0], dtype=torch.long, device=self.device)
                 state = self.process.add_noise(estimate.expand_as(state), state, start)
-            for index, t in enumerate(timesteps):
+            for t in timesteps:
                 blended = self._blended_output(state, condition_padded, t, windows, weight_total)
-                clip = self.solver != "ddim" and self.clip_sample  # monai's DDIM clips x0 in its step
-                at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
-                if self.process.projects_x0 or clip or self.solver == "euler":
+                clip = self.clip_sample and not self.solver.clips_x0
+                x0 = None
+                if self.process.projects_x0 or clip or self.solver.needs_x0:
+                    at = torch.full((len(group),), t, dtype=torch.long, device=self.device)
                     x0 = self.process.to_x0(blended, state, at)
                     # segmentation: class probabilities in [-1, 1] from the free-scale estimate (clipping it first
                     # would tie every class above 1 and flip argmaxes); images: clipped to the data range
                     x0 = self.process.project_x0(x0) if self.process.projects_x0 else (
                         x0.clamp(-1, 1) if clip else x0)
                     blended = self.process.from_x0(x0, state, at)
-                if self.solver == "ddim":
-                    state, _ = self.scheduler.step(blended, t, state, eta=self.eta, generator=step_generator)
-                elif self.solver == "euler":
-                    following = timesteps[index + 1] if index + 1 < len(timesteps) else 0
-                    velocity = self.process.flow_velocity(x0, state, at)
-                    state, _ = self.scheduler.step(velocity, t, state, following)
-                else:
-                    state = self.scheduler.step(blended, t, state).prev_sample
+                state, _ = self.solver.step(blended, t, state, x0=x0, eta=self.eta, generator=step_generator)
                 bar.update(1)
             samples.append(state[(slice(None), slice(None), *crop)].float().cpu())
         bar.close()
         return torch.cat(samples)
 
     # ------------------------------------------------------------------ internals
-    def _set_timesteps(self, num_inference_steps: int) -> None:
-        if self.solver in ("ddim", "euler"):  # monai's
-            self.scheduler.set_timesteps(num_inference_steps)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-
     def _target_channels(self, condition: torch.Tensor, initial_estimate: torch.Tensor | None) -> int:
         if initial_estimate is not None:
             return int(initial_estimate.shape[0])

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from spinediff.diffusion.solvers import check_solver
 from spinediff.errors import SpineDiffError
 from spinediff.tasks import TASKS, Task, get_task
 
@@ -18,8 +19,9 @@ NOISE_SCHEDULES = ("cosine", "linear", "rflow")  # rflow: rectified flow (monai'
 #: monai's names of the noise schedules (``monai.networks.schedulers`` ``NoiseSchedules``).
 MONAI_SCHEDULE_NAMES = {"cosine": "cosine", "linear": "linear_beta"}
 PREDICTION_TYPES = ("sample", "epsilon", "v_prediction")  # monai's DDPMPredictionType names
-SAMPLERS = ("ddim", "dpm++2m", "unipc", "euler")  # spinediff.diffusion.sampler.make_solver; euler: rflow only
 LOSSES = ("l1", "mse", "dice_ce")
+#: the solver's key in plans, checkpoints and sampling.json written before it was called ``solver``
+LEGACY_SOLVER_KEY = "sampler"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +40,9 @@ class DiffusionSettings:
     num_train_timesteps: int = 1000
     noise_schedule: str = "cosine"
     prediction_type: str = "sample"
-    sampler: str = "ddim"
+    #: the step rule of sampling, a name of :mod:`spinediff.diffusion.solvers` (plans written before call it
+    #: ``sampler``; :meth:`from_dict` still reads that)
+    solver: str = "ddim"
     num_inference_steps: int = 10
     eta: float = 0.0
     num_samples: int = 5
@@ -79,6 +83,10 @@ class DiffusionSettings:
             raise SpineDiffError(
                 f"{source}: the diffusion block must be a JSON object, got {type(block).__name__}"
             )
+        block = dict(block)
+        if LEGACY_SOLVER_KEY in block:  # plans and checkpoints written before the solver registry
+            legacy = block.pop(LEGACY_SOLVER_KEY)
+            block.setdefault("solver", legacy)
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(block) - known)
         if unknown:
@@ -131,7 +139,6 @@ class DiffusionSettings:
         choice("task", tuple(TASKS))
         choice("noise_schedule", NOISE_SCHEDULES)
         choice("prediction_type", PREDICTION_TYPES)
-        choice("sampler", SAMPLERS)
         choice("loss", LOSSES)
         integer("condition_channels", 0)
         integer("target_channels", 1)
@@ -154,9 +161,7 @@ class DiffusionSettings:
                 "deep_supervision needs loss 'dice_ce' and prediction_type 'sample' (the lower-resolution outputs "
                 f"are masks), got loss {self.loss!r} and prediction_type {self.prediction_type!r}"
             )
-        if (self.noise_schedule == "rflow") != (self.sampler == "euler"):
-            raise SpineDiffError(f"sampler 'euler' goes with noise_schedule 'rflow' (rectified flow) and only with "
-                                 f"it, got sampler {self.sampler!r} with {self.noise_schedule!r}")
+        check_solver(self.solver, self.noise_schedule, self.num_train_timesteps)  # a known name that fits the schedule
         if self.noise_schedule == "rflow" and self.prediction_type == "epsilon":
             raise SpineDiffError("noise_schedule 'rflow' predicts x0 (sample) or the flow's velocity (v_prediction); "
                                  "epsilon cannot be turned into x0 near pure noise")

@@ -153,8 +153,8 @@ class VolumePredictor:
         start = int(round(fraction * (total - 1)))
         scheduled = num_inference_steps
         while scheduled < total - 1:
-            sampler._set_timesteps(scheduled)
-            if sum(int(t) <= start for t in sampler.scheduler.timesteps) >= num_inference_steps:
+            sampler.solver.set_timesteps(scheduled, sampler.device)
+            if sum(t <= start for t in sampler.solver.timesteps) >= num_inference_steps:
                 break
             scheduled += 1
         return start, scheduled

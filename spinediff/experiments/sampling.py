@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
+from spinediff.diffusion.solvers import solver_class
 from spinediff.errors import SpineDiffError
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice, SamplingSetting
 
@@ -31,6 +33,8 @@ TOLERANCE = 0.01
 #: Candidates for models of the cosine/linear schedules and of rectified flow.
 DDPM_CANDIDATES = ("ddim:1", "ddim:2", "ddim:5", "ddim:10", "ddim:25", "dpm++2m:2", "dpm++2m:5", "dpm++2m:10",
                    "ddim:2@0.5")
+#: A refinement model (refinement.json): SOLVER:STEPS@F refines the fold's initial answers from F x T (issue 35).
+REFINE_CANDIDATES = ("ddim:1@0.1", "ddim:1@0.2", "ddim:2@0.2", "ddim:2@0.3", "ddim:3@0.3", "ddim:5@0.5")
 FLOW_CANDIDATES = ("euler:1", "euler:2", "euler:5", "euler:10", "euler:25")
 
 
@@ -77,8 +81,12 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
     if not probe.models[0].denoising:
         raise SpineDiffError(f"{trainer} predicts in one step; there is no sampling to tune.")
     flow = probe.settings.noise_schedule == "rflow"
-    settings = [SamplingSetting.parse(c) for c in (candidates or (FLOW_CANDIDATES if flow else DDPM_CANDIDATES))]
-    wrong = [s.label() for s in settings if (s.sampler == "euler") != flow]
+    from spinediff.training.refinement import read_refinement
+
+    refinement = read_refinement(folder.path)
+    defaults = REFINE_CANDIDATES if refinement else FLOW_CANDIDATES if flow else DDPM_CANDIDATES
+    settings = [SamplingSetting.parse(c) for c in (candidates or defaults)]
+    wrong = [s.label() for s in settings if solver_class(s.solver).rectified_flow != flow]
     if wrong:
         raise SpineDiffError(f"Candidates {', '.join(wrong)} do not fit a model trained with the "
                              f"{probe.settings.noise_schedule!r} schedule (rflow samples with euler only).")
@@ -96,16 +104,27 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
             raise SpineDiffError(f"Fold {fold} has no validation cases in {splits_file}.")
         keys = list(splits[int(fold)]["val"])[:max_cases]
         predictor = SpineDiffPredictor(folder, [fold], device=device)
+        if refinement:  # the same fold's initial answers: its initial model never saw these cases
+            from spinediff.inference.refinement import RefiningPredictor
+            from spinediff.utilities.initial_answer import InitialAnswerFolder
+
+            answers = InitialAnswerFolder.open(folder.path.parent / refinement["init_model"] / f"fold_{fold}"
+                                               / "validation", folder.dataset_json["file_ending"])
+            answers.check_cases(list(splits[int(fold)]["val"])[:max_cases])
+            predictor = RefiningPredictor(folder, [fold], {fold: answers}, refinement.get("refine_from", 0.3),
+                                          device=device)
         dataset_reader = infer_dataset_class(data_folder)(data_folder, keys)
         for key in tqdm(keys, desc=f"tune sampling, fold {fold}", unit="case", disable=not progress):
-            data, seg, _, _ = dataset_reader.load_case(key)
+            data, seg, _, properties = dataset_reader.load_case(key)
             data = torch.from_numpy(np.asarray(data[:], dtype=np.float32))
             seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int16))
             condition = predictor.task.condition(data[None], seg[None])[0]
             for setting in settings:
                 options = PredictionOptions(num_samples=1, num_inference_steps=setting.num_inference_steps, seed=seed,
-                                            sampler=setting.sampler, warm_start=setting.warm_start or 0.0)
+                                            solver=setting.solver, warm_start=setting.warm_start or 0.0)
                 start = time.perf_counter()
+                if refinement:
+                    predictor._case, predictor.init_noise = (key, properties), setting.warm_start or 0.0
                 statistics = predictor.sample(condition, options)
                 seconds[setting.label()] += time.perf_counter() - start
                 scores[setting.label()].append(_quality(predictor, statistics, data, seg))
@@ -141,7 +160,7 @@ PLANS_NOTE_PREFIX = "Sampling measured:"
 
 
 def record_in_plans(plans_file, configuration: str, chosen: SamplingSetting, record: dict, trainer: str) -> None:
-    """Write the measured choice into the plans' diffusion block of ``configuration`` (sampler, steps, warm start)
+    """Write the measured choice into the plans' diffusion block of ``configuration`` (solver, steps, warm start)
     with the reason in its notes, replacing the planner's first guess; later trainings validate with it and their
     checkpoints carry it. An earlier measured note is replaced, not repeated."""
     from spinediff.io import read_json, write_json
@@ -151,10 +170,12 @@ def record_in_plans(plans_file, configuration: str, chosen: SamplingSetting, rec
     if not isinstance(entry, dict) or not isinstance(entry.get("diffusion"), dict):
         return  # an inherited configuration without its own diffusion block: the model folder's choice suffices
     diffusion = entry["diffusion"]
-    before = f"{diffusion.get('sampler', 'ddim')}:{diffusion.get('num_inference_steps')}"
+    planned_solver = diffusion.get("solver", diffusion.get(LEGACY_SOLVER_KEY, "ddim"))
+    before = f"{planned_solver}:{diffusion.get('num_inference_steps')}"
     if diffusion.get("warm_start"):
         before += f"@{diffusion['warm_start']:g}"
-    diffusion.update(sampler=chosen.sampler, num_inference_steps=int(chosen.num_inference_steps),
+    diffusion.pop(LEGACY_SOLVER_KEY, None)
+    diffusion.update(solver=chosen.solver, num_inference_steps=int(chosen.num_inference_steps),
                      warm_start=chosen.warm_start)
     quality = next(c["quality"] for c in record["candidates"] if c["setting"] == chosen.label())
     notes = [n for n in entry.get("notes", []) if not str(n).startswith(PLANS_NOTE_PREFIX)]
@@ -203,7 +224,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "Predict the validation cases of each trained fold with every candidate SOLVER:STEPS[@WARM] (one "
             "sample, same seed) and keep the one with the fewest network calls per sample whose quality "
             "(segmentation: Dice; images: MAE) is within --tolerance of the best candidate's. The choice goes "
-            "into the model folder as sampling.json; `spinediff predict` uses it unless --sampler, --steps or "
+            "into the model folder as sampling.json; `spinediff predict` uses it unless --solver, --steps or "
             "--warm-start are given (or --plans-sampling)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from spinediff.diffusion.settings import SAMPLERS
+from spinediff.diffusion.solvers import check_solver
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, select_part
 from spinediff.inference.models import model_folder
@@ -55,18 +55,10 @@ def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) ->
         raise SpineDiffError(f"--steps must be in [1, {total}], got {options.num_inference_steps}.")
     if options.eta is not None and not 0 <= options.eta <= 1:
         raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
-    if options.sampler is not None and options.sampler not in SAMPLERS:
-        raise SpineDiffError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {options.sampler!r}.")
-    flow = predictor.settings.noise_schedule == "rflow"
-    if options.sampler is not None and (options.sampler == "euler") != flow:
-        raise SpineDiffError(f"--sampler {options.sampler}: a model trained with the "
-                             f"{predictor.settings.noise_schedule!r} noise schedule samples with "
-                             f"{'euler' if flow else 'ddim, dpm++2m or unipc'}.")
     if options.warm_start is not None and not 0 <= options.warm_start < 1:
         raise SpineDiffError(f"--warm-start must be in [0, 1) (0: from pure noise), got {options.warm_start}.")
-    if (options.sampler or predictor.settings.sampler) != "ddim" and (options.num_inference_steps or 0) >= total:
-        raise SpineDiffError(f"--steps must be below {total} for a multistep solver (diffusers spaces its steps "
-                             f"over 0..{total - 1}), got {options.num_inference_steps}.")
+    check_solver(options.solver or predictor.settings.solver, predictor.settings.noise_schedule, total,
+                 options.num_inference_steps, option="--solver")
 
 
 def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
@@ -101,7 +93,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
-            part_id: int = 0, precision: str = "auto", sampler: str | None = None,
+            part_id: int = 0, precision: str = "auto", solver: str | None = None,
             warm_start: float | None = None, tuned_sampling: bool = True) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
@@ -114,10 +106,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             fold of the results folder that has the checkpoint (e.g. just fold 0 after a single-fold training).
         checkpoint: ``final`` or ``best``.
         num_samples, num_inference_steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
-        sampler: the solver, ``ddim``, ``dpm++2m`` or ``unipc`` (None: the plans'; :mod:`spinediff.diffusion.sampler`).
+        solver: the step rule of sampling, a name of :mod:`spinediff.diffusion.solvers` (None: the plans').
         warm_start: start sampling at this fraction of T from the network's one-call estimate (None: the plans';
             0: from pure noise; see ``VolumePredictor.warm_started``).
-        tuned_sampling: when none of ``sampler``, ``num_inference_steps`` and ``warm_start`` is given, sample as the
+        tuned_sampling: when none of ``solver``, ``num_inference_steps`` and ``warm_start`` is given, sample as the
             model folder's ``sampling.json`` says (chosen on the cross-validation by ``spinediff tune_sampling``),
             if it has one; False: as the plans say.
         seed: the base seed; the same seed gives the same output.
@@ -151,15 +143,15 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         predictor.postprocessing = Postprocessing.load(folder.path)
     if save_uncertainty and predictor.task.task.writes_labels:
         predictor.review = ReviewRule.read(folder.path)
-    sampling_from = "command line" if (sampler, num_inference_steps, warm_start) != (None, None, None) else "plans"
+    sampling_from = "command line" if (solver, num_inference_steps, warm_start) != (None, None, None) else "plans"
     if checkpoint == "distilled" and sampling_from == "plans":
         sampling_from = "distilled checkpoint"  # the student samples at the steps it was distilled for
     choice = SamplingChoice.read(folder.path) if tuned_sampling and sampling_from == "plans" else None
     if choice is not None:
-        sampler, num_inference_steps = choice.setting.sampler, choice.setting.num_inference_steps
+        solver, num_inference_steps = choice.setting.solver, choice.setting.num_inference_steps
         warm_start, sampling_from = choice.setting.warm_start or 0.0, str(folder.path / SAMPLING_FILE)
     options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
-                                precision, sampler, warm_start)
+                                precision, solver, warm_start)
     _check_options(options, predictor)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
@@ -182,9 +174,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                     "configuration": folder.configuration, "plans": folder.plans_identifier,
                     "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
                     "num_samples": num_samples or predictor.settings.num_samples,
-                    "steps": num_inference_steps or predictor.settings.num_inference_steps,
+                    "num_inference_steps": num_inference_steps or predictor.settings.num_inference_steps,
                     "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
-                    "sampler": sampler or predictor.settings.sampler,
+                    "solver": solver or predictor.settings.solver,
                     "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
                     "sampling_from": sampling_from,
                     "tta": predictor.device.type != "cpu" if tta is None else tta,

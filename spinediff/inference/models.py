@@ -189,7 +189,7 @@ class FoldModel:
         predictor = VolumePredictor(network, process=self.process if self.denoising else None,
                                     patch_size=self.patch_size, window_batch_size=self.window_batch_size,
                                     mirror_axes=self.mirror_axes if tta else (), eta=eta,
-                                    solver=solver or self.settings.sampler,
+                                    solver=solver or self.settings.solver,
                                     warm_start=self.settings.warm_start if warm_start is None else warm_start or None,
                                     sample_batch_size=num_samples if len(self.patch_size) == 2 else 1, sdedit=sdedit)
         return predictor.predict(condition, num_inference_steps=num_inference_steps, seed=seed,

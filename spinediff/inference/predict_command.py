@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from spinediff.diffusion.settings import SAMPLERS
+from spinediff.diffusion.solvers import solver_names
 from spinediff.inference.api import predict
 from spinediff.utilities.argtypes import existing_folder, fraction, non_negative_int, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
@@ -18,7 +18,7 @@ def run_predict(args: argparse.Namespace) -> int:
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
                      num_parts=args.num_parts, part_id=args.part_id, precision=args.precision,
-                     sampler=args.sampler, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling)
+                     solver=args.solver, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -62,9 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", dest="num_inference_steps", type=positive_int,
                         help="DDIM steps (default: the plans' num_inference_steps)")
     parser.add_argument("--eta", type=fraction, help="DDIM eta in [0, 1] (default: the plans', usually 0)")
-    parser.add_argument("--sampler", choices=SAMPLERS,
-                        help="solver: ddim, or the multistep dpm++2m (DPM-Solver++ 2M) or unipc (UniPC), diffusers' "
-                             "implementations, which reuse earlier steps' estimates (default: the plans' sampler)")
+    parser.add_argument("--solver", "--sampler", dest="solver", choices=solver_names(),
+                        help="the step rule of sampling (spinediff.diffusion.solvers; --sampler is its old name): "
+                             "ddim, the multistep dpm++2m (DPM-Solver++ 2M) or unipc (UniPC), the stochastic ddpm "
+                             "(ancestral); euler for rectified-flow models (default: the plans' solver)")
     parser.add_argument("--warm-start", type=fraction, metavar="F",
                         help="start sampling at timestep F x T from the network's one-call estimate instead of pure "
                              "noise (SpineSegDiff's warm start): 1 + --steps network calls per sample; 0 turns a "
@@ -72,7 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plans-sampling", action="store_true",
                         help="sample as the plans say even when the model folder has a sampling.json (the solver, "
                              "steps and warm start chosen on the cross-validation by `spinediff tune_sampling`, used "
-                             "by default when none of --sampler, --steps and --warm-start is given)")
+                             "by default when none of --solver, --steps and --warm-start is given)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()

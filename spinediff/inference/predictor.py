@@ -62,7 +62,7 @@ class PredictionOptions:
     save_uncertainty: bool = False
     save_probabilities: bool = False
     precision: str = "auto"  # the network's autocast type (spinediff.training.precision)
-    sampler: str | None = None  # ddim | dpm++2m | unipc (None: the plans'; spinediff.diffusion.sampler)
+    solver: str | None = None  # a name of spinediff.diffusion.solvers (None: the plans')
     warm_start: float | None = None  # fraction of T to start from (None: the plans'; 0: from pure noise)
 
 
@@ -182,7 +182,7 @@ class SpineDiffPredictor:
         for model in self.models:
             x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, num_inference_steps, eta,
                                tta, on_slice=lambda: bar.update(1), precision=options.precision,
-                               solver=options.sampler, warm_start=options.warm_start)
+                               solver=options.solver, warm_start=options.warm_start)
             for member in x0:
                 if isinstance(statistics, SegmentationEnsemble):
                     statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))

@@ -1,7 +1,7 @@
 """How a trained diffusion model samples by default: a solver, a step count and a warm start chosen on its
 cross-validation (``MODEL_FOLDER/sampling.json``).
 
-The plans fix a first guess (``sampler``, ``num_inference_steps``, ``warm_start`` in the diffusion block) before
+The plans fix a first guess (``solver``, ``num_inference_steps``, ``warm_start`` in the diffusion block) before
 any model exists. After training, ``spinediff tune_sampling`` (:mod:`spinediff.experiments.sampling`) predicts
 the folds' validation cases with each candidate setting and keeps the one with the fewest network calls per
 sample whose quality is within a tolerance of the best candidate's, the way nnU-Net decides its post-processing
@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinediff.diffusion.settings import SAMPLERS
+from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
+from spinediff.diffusion.solvers import solver_class
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 
@@ -24,13 +25,12 @@ SAMPLING_FILE = "sampling.json"
 class SamplingSetting:
     """One way to sample: the solver, its steps and an optional warm start (fraction of T)."""
 
-    sampler: str
+    solver: str
     num_inference_steps: int
     warm_start: float | None = None
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise SpineDiffError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}.")
+        solver_class(self.solver)  # a known name, or a clear error naming the known ones
         if int(self.num_inference_steps) < 1:
             raise SpineDiffError(f"steps must be at least 1, got {self.num_inference_steps}.")
         if self.warm_start is not None and not 0 < self.warm_start < 1:
@@ -52,7 +52,7 @@ class SamplingSetting:
             raise SpineDiffError(f"{text!r} is not SOLVER:STEPS[@WARM] (e.g. dpm++2m:5, ddim:2@0.5).") from None
 
     def label(self) -> str:
-        return f"{self.sampler}:{self.num_inference_steps}" + (f"@{self.warm_start:g}" if self.warm_start else "")
+        return f"{self.solver}:{self.num_inference_steps}" + (f"@{self.warm_start:g}" if self.warm_start else "")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class SamplingChoice:
         data = read_json(path)
         try:
             warm = data.get("warm_start")
-            setting = SamplingSetting(str(data["sampler"]), int(data["num_inference_steps"]),
+            solver = data["solver"] if "solver" in data else data[LEGACY_SOLVER_KEY]  # older files: "sampler"
+            setting = SamplingSetting(str(solver), int(data["num_inference_steps"]),
                                       None if warm is None else float(warm))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpineDiffError(f"{path} is not a sampling choice ({type(exc).__name__}: {exc}); run `spinediff "
@@ -80,6 +81,6 @@ class SamplingChoice:
 
     def write(self, model_folder: str | Path) -> Path:
         path = Path(model_folder) / SAMPLING_FILE
-        write_json({"sampler": self.setting.sampler, "num_inference_steps": self.setting.num_inference_steps,
+        write_json({"solver": self.setting.solver, "num_inference_steps": self.setting.num_inference_steps,
                     "warm_start": self.setting.warm_start, "chosen": self.chosen}, path)
         return path

@@ -25,7 +25,7 @@ from typing import Any
 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from spinediff.diffusion.settings import PREDICTION_TYPES, DiffusionSettings
+from spinediff.diffusion.settings import LEGACY_SOLVER_KEY, PREDICTION_TYPES, DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.planning.target_intensity import TargetIntensity
@@ -70,7 +70,8 @@ def derived_configurations(configurations: Mapping[str, Any]) -> dict[str, dict[
             planned_type = diffusion.get("prediction_type", "sample")
             flow_type = "v_prediction" if planned_type == "epsilon" else planned_type
             derived[f"{name}_rflow"] = {"inherits_from": name, DERIVED: name, "diffusion": dict(
-                diffusion, noise_schedule="rflow", sampler="euler", prediction_type=flow_type)}
+                {k: v for k, v in diffusion.items() if k != LEGACY_SOLVER_KEY}, noise_schedule="rflow",
+                solver="euler", prediction_type=flow_type)}
     return derived
 
 

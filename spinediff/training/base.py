@@ -254,7 +254,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
             network = AutocastNetwork(network, self.amp_dtype, self.device)
         return VolumePredictor(network, process=self.process if self.denoising else None,
                                patch_size=self.configuration_manager.patch_size, eta=self.settings.eta,
-                               solver=self.settings.sampler, warm_start=self.settings.warm_start,
+                               solver=self.settings.solver, warm_start=self.settings.warm_start,
                                device=self.device, **options)
 
     def predict_patches(self, condition: torch.Tensor, num_inference_steps: int, seed: int = 0) -> torch.Tensor:

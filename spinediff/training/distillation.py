@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.sampler import trailing_timesteps
+from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path, write_json
 
@@ -218,7 +219,8 @@ def distill(dataset: str | int, configuration: str, fold: int | str, trainer: st
         for augmenter in (loader, validation_loader):
             if hasattr(augmenter, "_finish"):  # nnU-Net's background augmenters (nnUNet_n_proc_DA > 0)
                 augmenter._finish()
-    diffusion = dict(state["spinediff"]["diffusion"], num_inference_steps=steps, sampler="ddim", warm_start=None)
+    diffusion = {k: v for k, v in state["spinediff"]["diffusion"].items() if k != LEGACY_SOLVER_KEY}
+    diffusion.update(num_inference_steps=steps, solver="ddim", warm_start=None)
     checkpoint = {key: state[key] for key in ("trainer_name", "init_args", "inference_allowed_mirroring_axes")
                   if key in state}
     checkpoint.update({
