@@ -16,6 +16,17 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
 3. The candidates, sorted along the direction, get strictly increasing labels that agree with as many
    of their predicted voxels as possible (dynamic programming); when there are more candidates than
    labels, the surplus ones with the least support become background.
+4. The field of view decides which numberings the anatomy allows (:func:`renumber_with_report`). An end of the
+   scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge along the
+   direction (a level beyond it may be outside the scan); it is *closed* when there is room for another vertebra
+   between them (a level beyond it would have been seen). Levels may be missing only at an open end, so a
+   numbering that leaves out L1 needs an open top and one that leaves out L5 an open bottom; numberings with
+   fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar level) are tried at open ends too.
+   A renumbering that changes the level of most vertebrae is applied only when the anatomy supports it (all
+   levels found with both ends closed, or the missing levels at an open end); otherwise the network's numbering
+   is kept. Every case gets a report with a confidence: the share of the found vertebrae's voxels whose label
+   the numbering keeps (raised to 0.5 + half of it when the field of view leaves only one numbering of the
+   vertebrae found), halved when levels are missing inside the field of view.
 
 :func:`spinediff.inference.postprocessing.determine_postprocessing` keeps this step only when it
 improves the cross-validation Dice (as nnU-Net decides its own post-processing).
@@ -198,22 +209,140 @@ def separate(mask: np.ndarray, spacing_zyx, expected: int) -> np.ndarray:
 
 def renumber(prediction: np.ndarray, image, order: LevelOrder) -> np.ndarray:
     """``prediction`` (3D array on the SimpleITK ``image``'s grid) with its ordered labels numbered again."""
+    return renumber_with_report(prediction, image, order)[0]
 
+
+#: An end of the scan is open when the outermost vertebra found is closer to the image edge than this share of
+#: the level pitch (another level may lie beyond it, outside the scan).
+OPEN_END_PITCHES = 0.5
+#: A change of level for more than this share of the vertebrae found is a shift of the numbering.
+SHIFT_SHARE = 0.5
+#: Cost (share of its voxels) of setting a found vertebra to background when numberings are compared.
+DROP_COST = 0.5
+#: Confidence factor when levels are missing inside the field of view (a vertebra the network did not find).
+UNSUPPORTED_FACTOR = 0.5
+
+
+def _grid_corners(shape) -> np.ndarray:
+    """Index coordinates (3 x 8) of the grid's outer corners."""
+    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
+                        for c in (-0.5, shape[2] - 0.5)]).T
+    return corners
+
+
+def _numberings(votes: np.ndarray, top_open: bool, bottom_open: bool) -> list[tuple[list[int | None], bool]]:
+    """Candidate numberings (label index or None per candidate) and whether the field of view supports them: the
+    free assignment of :func:`assign` (all levels it can place), and assignments to contiguous blocks of labels whose
+    missing labels lie at open ends (with all labels placeable, down to two levels fewer, the surplus vertebrae
+    becoming background: an S1 or T12 that carries a lumbar label)."""
+    n, k = votes.shape
+    full = min(n, k)
+    options = [(assign(votes), None)]
+    for m in range(full, (full if n < k else max(1, full - 2)) - 1, -1):
+        for start in range(0, k - m + 1):
+            if (start > 0 and not top_open) or (start + m < k and not bottom_open):
+                continue
+            block = assign(votes[:, start:start + m])
+            options.append(([None if b is None else b + start for b in block], (start, start + m)))
+    return options
+
+
+def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`renumber` and its report: the vertebrae found, the numbering chosen and why, and a confidence in
+    [0, 1] (see the module docstring, point 4)."""
     labels = order.labels
+    report: dict[str, Any] = {"levels_found": 0, "labels": [], "missing_labels": list(labels), "applied": False,
+                              "confidence": 0.0, "basis": "no vertebra found"}
     mask = np.isin(prediction, labels)
     if prediction.ndim != 3 or not mask.any():
-        return prediction
+        return prediction, report
     components = separate(mask, image.GetSpacing()[::-1], len(labels))
     foreground = np.flatnonzero(mask)
-    heights = index_to_physical(image, np.unravel_index(foreground, prediction.shape)) @ np.asarray(order.direction)
+    direction = np.asarray(order.direction)
+    heights = index_to_physical(image, np.unravel_index(foreground, prediction.shape)) @ direction
     candidates = _candidates(components.ravel()[foreground], prediction.ravel()[foreground], heights, labels)
     if not candidates:
-        return prediction
+        return prediction, report
     candidates.sort(key=lambda c: c[1])
+    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     votes = np.stack([c[2] for c in candidates])
-    # ties (a network that calls every vertebra the same) drop the smallest surplus candidates (partial T12/S1)
-    chosen = assign(votes + TIE_BREAK * np.asarray([len(c[0]) for c in candidates], dtype=float)[:, None])
+    # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
+    inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
+    weighted = votes + TIE_BREAK * sizes[:, None] + TIE_BREAK * sizes.max() * inner[:, None]
+    # the field of view along the direction: room between the outermost vertebrae found and the image edges
+    edge = index_to_physical(image, _grid_corners(prediction.shape)) @ direction
+    low_edge, high_edge = float(edge.min()), float(edge.max())
+    tops = [float(heights[c[0]].min()) for c in candidates]
+    bottoms = [float(heights[c[0]].max()) for c in candidates]
+    majors = [candidates[i] for i in range(len(candidates)) if sizes[i] >= 0.3 * sizes.max()]
+    if len(majors) >= 2:
+        pitch = float(np.median(np.diff(sorted(c[1] for c in majors))))
+    else:
+        pitch = 1.4 * float(np.median(np.asarray(bottoms) - np.asarray(tops)))
+    room_top, room_bottom = tops[0] - low_edge, high_edge - bottoms[-1]
+    top_open, bottom_open = room_top < OPEN_END_PITCHES * pitch, room_bottom < OPEN_END_PITCHES * pitch
+    options = _numberings(weighted, top_open, bottom_open)
+
+    def score(numbering):  # agreeing votes; a vertebra set to background costs half its voxels
+        return sum(weighted[i, j] if j is not None else -DROP_COST * sizes[i] for i, j in enumerate(numbering))
+
+    supported = [numbering for numbering, _ in options[1:]]
+    field_supports = bool(supported)
+    full = min(len(candidates), len(labels))
+    determined = len({tuple(n) for n in supported if sum(j is not None for j in n) == full}) == 1
+    chosen = max(supported, key=score) if supported else options[0][0]
+    majority = [int(np.argmax(v)) for v in votes]
+    kept = [i for i, j in enumerate(chosen) if j is not None]
+    shifted = sum(1 for i in kept if chosen[i] != majority[i])
+    is_shift = len(kept) >= 2 and shifted > SHIFT_SHARE * len(kept)
+    apply = not is_shift or field_supports
+    if not apply:
+        # the anatomy gives no reason to move the levels: keep the network's own numbering
+        kept_labels = sorted({labels[majority[i]] for i in range(len(candidates))})
+        agreement = 1.0 - float(votes.sum() - sum(votes[i, majority[i]] for i in range(len(candidates)))) / \
+            float(votes.sum())
+        report.update(levels_found=len(candidates), labels=kept_labels,
+                      missing_labels=[v for v in labels if v not in kept_labels], applied=False,
+                      shifted_levels=shifted, agreement=round(agreement, 4),
+                      confidence=round(UNSUPPORTED_FACTOR * min(agreement, 1.0 - shifted / len(kept)), 4),
+                      basis="renumbering would shift most levels and the field of view does not support it: the "
+                            "network's numbering is kept")
+        report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
+        return prediction, report
     out = prediction.copy().ravel()
     for (where, _, _), label in zip(candidates, chosen, strict=True):
         out[foreground[where]] = 0 if label is None else labels[label]
-    return out.reshape(prediction.shape)
+    assigned = sorted(labels[j] for j in chosen if j is not None)
+    missing = [v for v in labels if v not in assigned]
+    agreement = float(sum(votes[i, j] for i, j in enumerate(chosen) if j is not None)) / float(votes.sum())
+    inside_gap = bool(missing) and not _missing_at_open_ends(chosen, len(labels), top_open, bottom_open)
+    # the field of view leaves one numbering of the vertebrae found: it counts beside the network's votes
+    confidence = (0.5 + 0.5 * agreement if determined else agreement) * (UNSUPPORTED_FACTOR if inside_gap else 1.0)
+    basis = "all levels found" if not missing else (
+        f"levels {', '.join(map(str, missing))} missing " +
+        ("inside the field of view (a vertebra the network did not find?)" if inside_gap
+         else "beyond an open end of the field of view"))
+    dropped = [i for i, j in enumerate(chosen) if j is None]
+    if dropped:
+        basis += f"; {len(dropped)} surplus vertebra(e) set to background"
+    report.update(levels_found=len(kept), candidates=len(candidates), labels=assigned, missing_labels=missing,
+                  applied=True, shifted_levels=shifted, agreement=round(agreement, 4),
+                  confidence=round(confidence, 4), basis=basis)
+    report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
+    return out.reshape(prediction.shape), report
+
+
+def _missing_at_open_ends(numbering: list[int | None], k: int, top_open: bool, bottom_open: bool) -> bool:
+    """Are the labels this numbering leaves out all beyond open ends (none in the middle)?"""
+    used = sorted(j for j in numbering if j is not None)
+    if not used:
+        return False
+    if used != list(range(used[0], used[-1] + 1)):
+        return False
+    return (used[0] == 0 or top_open) and (used[-1] == k - 1 or bottom_open)
+
+
+def _geometry_report(room_top: float, room_bottom: float, top_open: bool, bottom_open: bool,
+                     pitch: float) -> dict[str, Any]:
+    return {"room_above_mm": round(room_top, 1), "room_below_mm": round(room_bottom, 1), "top_open": bool(top_open),
+            "bottom_open": bool(bottom_open), "level_pitch_mm": round(pitch, 1)}

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.level_order import LevelOrder, label_centroids, learn_order, renumber
+from spinediff.inference.level_order import LevelOrder, label_centroids, learn_order, renumber_with_report
 from spinediff.io import read_json, write_json
 from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
 
@@ -54,14 +54,20 @@ class Postprocessing:
     def apply(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray | None = None) -> np.ndarray:
         """``segmentation`` (array on the grid of the SimpleITK image ``geometry``) post-processed;
         ``probabilities`` (classes first, channel i = label i) when the decision needs them."""
+        return self.apply_with_report(segmentation, geometry, probabilities)[0]
+
+    def apply_with_report(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """:meth:`apply` and the level numbering's report (vertebrae found, levels missing and at which end of the
+        field of view, whether the numbering was changed, its ``confidence``; None without a level order)."""
         if self.level_order is None:
-            return segmentation
+            return segmentation, None
         if self.needs_probabilities:
             if probabilities is None:
                 raise SpineDiffError("This model's post-processing forms the foreground from class probabilities; "
                                      "predict with probabilities (nnUNetv2_predict --save_probabilities).")
             segmentation = grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
-        return renumber(np.asarray(segmentation), geometry, self.level_order)
+        return renumber_with_report(np.asarray(segmentation), geometry, self.level_order)
 
     def to_dict(self) -> dict[str, Any]:
         return {"level_order": self.level_order.to_dict() if self.level_order else None,

@@ -1,27 +1,84 @@
-"""Which predicted cases a person should open: a case score and a threshold chosen on cross-validation.
+"""Which predicted cases a person should open: out-of-distribution and uncertain cases, with the rule that says so.
 
-``MODEL_FOLDER/review.json`` (written by :meth:`ReviewRule.write`, e.g. by the cross-validation analysis in
-``benchmarks/uncertainty_cv501.py``) holds the score to use (one of
-:data:`spinediff.metrics.case_uncertainty.SCORES`), the threshold above which a case is flagged, how that
-threshold was chosen, and the expected volume of each label (medians of the training labels) that the
-``level_anomaly`` score compares with. ``spinediff predict --save-uncertainty`` reads it, adds each case's
-score and flag to ``CASE_uncertainty.json``, writes ``review.csv`` (most doubtful first) and names the flagged
-cases at the end of the run.
+``MODEL_FOLDER/review.json`` holds the rule. The cross-validation writes it with every model
+(:func:`write_cross_validation_rule`, called where ``spinediff find_best`` and ``spinediff benchmark`` decide the
+post-processing), and an uncertainty analysis (``benchmarks/uncertainty_cv501.py``) may calibrate its score on the
+cross-validation's failures. ``spinediff predict`` reads it for every segmentation (no flag to turn on), adds each
+case's flag and reasons to ``prediction.json`` (and ``CASE_uncertainty.json``), writes ``review.csv`` (most
+doubtful first) and names the flagged cases at the end of the run. A case is flagged when any of these holds:
+
+- **uncertain**: its case score (one of :data:`spinediff.metrics.case_uncertainty.SCORES`; by default
+  ``level_anomaly``, the largest |log(volume / expected volume)| of a level) is above the rule's threshold;
+- **intensities out of distribution**: the quantiles of its z-scored intensities (what the network sees after
+  nnU-Net's normalisation) lie further from the training cases' than any training case does from the others
+  (:func:`intensity_signature`, :func:`intensity_distance`): an inverted contrast (T1w for a model trained on T2w)
+  moves them by many training spreads;
+- **level numbering uncertain**: the level numbering's confidence (:mod:`spinediff.inference.level_order`) is
+  below ``numbering_threshold``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json, write_text
-from spinediff.metrics.case_uncertainty import SCORES
+from spinediff.metrics.case_uncertainty import SCORES, expected_volumes
 
 REVIEW_FILE = "review.json"
 REVIEW_TABLE = "review.csv"
+#: Quantiles of the z-scored intensities that describe a scan's contrast.
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+#: Smallest spread (z units) of a training quantile, so that a few alike training cases do not flag every scan.
+MIN_SPREAD = 0.1
+#: A scan is out of distribution when its distance exceeds the largest leave-one-out distance of a training case
+#: times this factor (and at least MIN_INTENSITY_THRESHOLD spreads).
+INTENSITY_MARGIN = 1.5
+MIN_INTENSITY_THRESHOLD = 4.0
+#: Level volumes: flagged beyond this factor of the largest training deviation (|log ratio|), and at least log(2).
+VOLUME_MARGIN = 1.5
+MIN_VOLUME_THRESHOLD = math.log(2.0)
+#: Cases whose level numbering confidence is below this are flagged.
+NUMBERING_THRESHOLD = 0.5
+
+
+def intensity_signature(image: np.ndarray) -> list[float]:
+    """Quantiles (:data:`QUANTILES`) of one channel's intensities after z-scoring over the whole image."""
+    values = np.asarray(image, dtype=np.float64).ravel()
+    if values.size > 2_000_000:
+        values = values[:: values.size // 1_000_000]
+    std = values.std()
+    z = (values - values.mean()) / (std if std > 0 else 1.0)
+    return [float(q) for q in np.quantile(z, QUANTILES)]
+
+
+def intensity_distance(signature: Sequence[float], mean: Sequence[float], spread: Sequence[float]) -> float:
+    """The largest |quantile - training mean| in training spreads."""
+    return float(np.max(np.abs(np.asarray(signature) - np.asarray(mean)) / np.maximum(spread, MIN_SPREAD)))
+
+
+def intensity_reference(signatures: Sequence[Sequence[Sequence[float]]]) -> dict:
+    """The training reference from each training case's per-channel signatures: mean and spread per channel and
+    quantile, and a threshold above every training case's leave-one-out distance."""
+    data = np.asarray(signatures, dtype=np.float64)  # cases x channels x quantiles
+    if data.ndim != 3 or data.shape[0] < 2:
+        raise SpineDiffError("An intensity reference needs at least two training cases.")
+    loo = []
+    for i in range(data.shape[0]):
+        rest = np.delete(data, i, axis=0)
+        loo.append(max(intensity_distance(data[i, c], rest[:, c].mean(0), rest[:, c].std(0))
+                       for c in range(data.shape[1])))
+    threshold = max(MIN_INTENSITY_THRESHOLD, INTENSITY_MARGIN * max(loo))
+    return {"quantiles": list(QUANTILES), "mean": data.mean(0).round(4).tolist(),
+            "spread": data.std(0).round(4).tolist(), "threshold": round(float(threshold), 4),
+            "leave_one_out_max": round(float(max(loo)), 4), "cases": int(data.shape[0])}
 
 
 @dataclass(frozen=True)
@@ -30,6 +87,8 @@ class ReviewRule:
     threshold: float
     expected_volumes_ml: dict[int, float] = field(default_factory=dict)
     chosen: dict = field(default_factory=dict)  # how: rule, cases, failures, the cross-validation it came from
+    intensity: dict | None = None  # intensity_reference(...) of the training cases
+    numbering_threshold: float | None = None  # flag a level numbering confidence below this
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -43,43 +102,139 @@ class ReviewRule:
             return None
         data = read_json(path)
         try:
+            numbering = data.get("numbering_threshold")
             return cls(str(data["score"]), float(data["threshold"]),
                        {int(k): float(v) for k, v in data.get("expected_volumes_ml", {}).items()},
-                       dict(data.get("chosen", {})))
+                       dict(data.get("chosen", {})), data.get("intensity"),
+                       None if numbering is None else float(numbering))
         except (KeyError, TypeError, ValueError) as exc:
             raise SpineDiffError(f"{path} is not a review rule ({type(exc).__name__}: {exc}); write it again or "
                                  "move it aside to predict without review flags.") from None
 
     def write(self, model_folder: str | Path) -> Path:
         path = Path(model_folder) / REVIEW_FILE
-        write_json({"score": self.score, "threshold": self.threshold,
-                    "expected_volumes_ml": {str(k): v for k, v in self.expected_volumes_ml.items()},
-                    "chosen": self.chosen}, path)
+        data = {"score": self.score, "threshold": self.threshold,
+                "expected_volumes_ml": {str(k): v for k, v in self.expected_volumes_ml.items()},
+                "chosen": self.chosen}
+        if self.intensity is not None:
+            data["intensity"] = self.intensity
+        if self.numbering_threshold is not None:
+            data["numbering_threshold"] = self.numbering_threshold
+        write_json(data, path)
         return path
 
-    def flag(self, scores: dict) -> dict:
-        """``{"score", "value", "threshold", "review"}`` for one case's scores (``review`` True: open it)."""
+    def flag(self, scores: dict, intensity: Sequence[Sequence[float]] | None = None,
+             numbering: dict | None = None) -> dict:
+        """``{"score", "value", "threshold", "review", "reasons", ...}`` for one case: its case ``scores``, the
+        per-channel :func:`intensity_signature` of its input and its level numbering report (``review`` True: open
+        it; ``reasons`` say why)."""
         value = scores.get(self.score)
         if value is None:
             raise SpineDiffError(f"the review rule asks for {self.score!r}, which this prediction did not give "
                                  f"(it gave {', '.join(k for k in scores if k in SCORES)}); predict with more "
                                  "than one sample, or choose another score.")
-        return {"score": self.score, "value": float(value), "threshold": self.threshold,
-                "review": bool(value > self.threshold)}
+        reasons = []
+        if value > self.threshold:
+            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}")
+        flag = {"score": self.score, "value": float(value), "threshold": self.threshold}
+        if self.intensity is not None and intensity is not None:
+            reference = self.intensity
+            if len(intensity) != len(reference["mean"]):
+                raise SpineDiffError(f"the review rule's intensity reference has {len(reference['mean'])} channel(s), "
+                                     f"the case {len(intensity)}.")
+            distance = max(intensity_distance(s, m, sp) for s, m, sp in
+                           zip(intensity, reference["mean"], reference["spread"], strict=True))
+            flag["intensity_distance"] = round(distance, 4)
+            if distance > reference["threshold"]:
+                reasons.append(f"intensities out of distribution ({distance:.3g} > {reference['threshold']:.3g} "
+                               "training spreads)")
+        if numbering is not None:
+            flag["numbering_confidence"] = numbering.get("confidence")
+            threshold = NUMBERING_THRESHOLD if self.numbering_threshold is None else self.numbering_threshold
+            if numbering.get("confidence", 1.0) < threshold:
+                reasons.append(f"level numbering confidence {numbering.get('confidence', 0):.2f} < {threshold:.2g} "
+                               f"({numbering.get('basis', '')})")
+        return {**flag, "review": bool(reasons), "reasons": reasons}
 
 
 def review_table(flags: dict[str, dict]) -> str:
-    """CSV text of the cases' flags, the most doubtful first."""
+    """CSV text of the cases' flags, flagged first, then the most doubtful."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["case", "score", "value", "threshold", "review"])
-    for case, flag in sorted(flags.items(), key=lambda item: -item[1]["value"]):
+    writer.writerow(["case", "score", "value", "threshold", "review", "intensity_distance", "numbering_confidence",
+                     "reasons"])
+    for case, flag in sorted(flags.items(), key=lambda item: (not item[1]["review"], -item[1]["value"])):
         writer.writerow([case, flag["score"], f"{flag['value']:.6g}", f"{flag['threshold']:.6g}",
-                         "yes" if flag["review"] else "no"])
+                         "yes" if flag["review"] else "no", _number(flag.get("intensity_distance")),
+                         _number(flag.get("numbering_confidence")), "; ".join(flag.get("reasons", []))])
     return buffer.getvalue()
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{float(value):.4g}"
 
 
 def write_review_table(flags: dict[str, dict], path: str | Path) -> Path:
     """Write :func:`review_table` to ``path`` (``OUTPUT/review.csv``)."""
     write_text(review_table(flags), path)
     return Path(path)
+
+
+# ---------------------------------------------------------------------- the rule written by the cross-validation
+def _image_files(raw_dataset: Path, case: str) -> list[Path]:
+    dataset_json = read_json(raw_dataset / "dataset.json")
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    return [raw_dataset / "imagesTr" / f"{case}_{int(c):04d}{ending}" for c in sorted(dataset_json["channel_names"],
+                                                                                    key=int)]
+
+
+def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Sequence[int],
+                               raw_dataset: Path | None) -> ReviewRule:
+    """The default rule of a model from its cross-validation ``(prediction, reference)`` files: expected level
+    volumes and their threshold from the references, the intensity reference from the cases' raw images (when
+    ``raw_dataset`` is there), the numbering threshold :data:`NUMBERING_THRESHOLD`."""
+    import SimpleITK as sitk
+
+    labels = [int(v) for v in labels if int(v) > 0]
+    maps, spacings, signatures, missing = [], [], [], []
+    for _, reference in pairs:
+        image = sitk.ReadImage(str(reference))
+        maps.append(sitk.GetArrayFromImage(image))
+        spacings.append(image.GetSpacing())
+        if raw_dataset is not None:
+            case = reference.name.split(".")[0]
+            files = _image_files(raw_dataset, case)
+            if all(f.is_file() for f in files):
+                signatures.append([intensity_signature(sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
+                                   for f in files])
+            else:
+                missing.append(case)
+    volumes = expected_volumes(maps, spacings, labels)
+    deviations = [abs(math.log(float((m == label).sum()) * float(np.prod(s)) / 1000.0 / volumes[label]))
+                  for m, s in zip(maps, spacings, strict=True) for label in volumes if (m == label).any()]
+    threshold = max(MIN_VOLUME_THRESHOLD, VOLUME_MARGIN * max(deviations, default=0.0))
+    intensity = intensity_reference(signatures) if len(signatures) >= 2 else None
+    chosen = {"rule": "written by the cross-validation: level volumes beyond the training spread (level_anomaly), "
+                      "intensities out of the training distribution, or a level numbering of low confidence",
+              "cases": len(pairs), "volume_threshold_from": "1.5 x the largest training |log(volume/median)|, "
+                                                            "at least log 2",
+              "intensity_reference": "none (raw images not found)" if intensity is None else
+              f"{len(signatures)} training case(s)"}
+    if missing:
+        chosen["cases_without_images"] = missing
+    return ReviewRule("level_anomaly", round(float(threshold), 4), volumes, chosen, intensity, NUMBERING_THRESHOLD)
+
+
+def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, Path]], labels: Sequence[int],
+                                raw_dataset: Path | None) -> ReviewRule:
+    """Write (or complete) ``model_folder/review.json``: a rule calibrated before (e.g. an uncertainty score chosen
+    on the failures of the cross-validation) keeps its score and threshold and gains what it lacks."""
+    rule = rule_from_cross_validation(pairs, labels, raw_dataset)
+    existing = ReviewRule.read(model_folder)
+    if existing is not None:
+        rule = replace(existing, expected_volumes_ml=existing.expected_volumes_ml or rule.expected_volumes_ml,
+                       intensity=existing.intensity or rule.intensity,
+                       numbering_threshold=existing.numbering_threshold if existing.numbering_threshold is not None
+                       else rule.numbering_threshold)
+    rule.write(model_folder)
+    return rule
