@@ -34,7 +34,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import FoldModel, ModelFolder
 from spinediff.inference.postprocessing import Postprocessing, geometry_like
-from spinediff.inference.review import ReviewRule
+from spinediff.inference.review import ReviewRule, intensity_signature
 from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
 from spinediff.io import atomic_path, write_json
 from spinediff.metrics.case_uncertainty import case_scores
@@ -71,6 +71,7 @@ class PreprocessedCase:
     condition: torch.Tensor
     properties: dict
     label_map: np.ndarray | None = None  # generation: the raw label map, for the foreground summary
+    intensity: list[list[float]] | None = None  # segmentation with a review rule: each channel's intensity signature
 
 
 @dataclass
@@ -156,12 +157,15 @@ class SpineDiffPredictor:
         if "sitk_stuff" not in properties:
             raise SpineDiffError(f"The plans' reader {type(reader).__name__} keeps no SimpleITK geometry; spinediff "
                                  "predicts datasets read with SimpleITKIO.")
+        intensity = None
+        if self.review is not None and self.review.intensity is not None and seg is None:
+            intensity = [intensity_signature(channel) for channel in data]  # the raw channels, as in training
         preprocessor = self.configuration_manager.preprocessor_class(verbose=False)
         data, seg, properties = preprocessor.run_case_npy(data, seg, properties, self.plans_manager,
                                                           self.configuration_manager, self.dataset_json)
         labels = torch.from_numpy(np.asarray(seg, dtype=np.int16))[None] if seg is not None else None
         condition = self.task.condition(torch.from_numpy(np.asarray(data, dtype=np.float32))[None], labels)[0]
-        return PreprocessedCase(condition, properties, label_map)
+        return PreprocessedCase(condition, properties, label_map, intensity)
 
     def sample(self, condition: torch.Tensor, options: PredictionOptions, progress: bool = False,
                label: str = "") -> EnsembleStatistics:
@@ -232,30 +236,36 @@ class SpineDiffPredictor:
             return_probabilities=keep, num_threads_torch=torch.get_num_threads())
         segmentation, probabilities = result if keep else (result, None)
         stuff = properties["sitk_stuff"]
+        numbering = None
         if self.postprocessing.active and len(stuff["spacing"]) == 3:
             geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
             segmentation = np.asarray(segmentation)
-            segmentation = self.postprocessing.apply(segmentation, geometry, probabilities).astype(segmentation.dtype)
+            changed, numbering = self.postprocessing.apply_with_report(segmentation, geometry, probabilities)
+            segmentation = changed.astype(segmentation.dtype)
         writer = self.plans_manager.image_reader_writer_class()
         with atomic_path(outputs.predictions[0]) as tmp:
             writer.write_seg(np.asarray(segmentation), str(tmp), properties)
         if outputs.probabilities is not None:
             with atomic_path(outputs.probabilities) as tmp:
                 np.savez_compressed(tmp, probabilities=np.asarray(probabilities, dtype=np.float32))
-        if not outputs.uncertainty:
-            return {}
-        disagreement = self._revert_map(statistics.disagreement(), properties)
-        variance = self._revert_map(statistics.total_variance(), properties)
-        write_image_like_raw(disagreement, properties, outputs.uncertainty[0])
-        write_image_like_raw(variance, properties, outputs.variance)
-        foreground = np.asarray(segmentation) > 0
+        extra = {"level_numbering": numbering} if numbering is not None else {}
+        if not outputs.uncertainty and self.review is None:
+            return extra
         # case scores on the preprocessed grid, where the members are (volumes in ml, spacing-independent)
         scores = case_scores(statistics.mean.numpy(), self.configuration_manager.spacing,
                              [int(label) for label in self.label_manager.foreground_labels],
                              expected=self.review.expected_volumes_ml if self.review else None,
                              uncertainty=statistics.disagreement().numpy(), member_labels=statistics.member_labels)
-        review = {"review": self.review.flag(scores)} if self.review else {}
-        return {**review, "scores": scores, "members": statistics.count, "foreground_voxels": int(foreground.sum()),
+        if self.review:
+            extra["review"] = self.review.flag(scores, case.intensity, numbering)
+        if not outputs.uncertainty:
+            return {**extra, "scores": scores}
+        disagreement = self._revert_map(statistics.disagreement(), properties)
+        variance = self._revert_map(statistics.total_variance(), properties)
+        write_image_like_raw(disagreement, properties, outputs.uncertainty[0])
+        write_image_like_raw(variance, properties, outputs.variance)
+        foreground = np.asarray(segmentation) > 0
+        return {**extra, "scores": scores, "members": statistics.count, "foreground_voxels": int(foreground.sum()),
                 "mean_uncertainty_foreground": masked_mean(disagreement, foreground),
                 "mean_variance_foreground": masked_mean(variance, foreground),
                 "mean_uncertainty": float(disagreement.mean()), "max_uncertainty": float(disagreement.max()),
