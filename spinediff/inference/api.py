@@ -141,7 +141,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         from spinediff.inference.postprocessing import Postprocessing
 
         predictor.postprocessing = Postprocessing.load(folder.path)
-    if save_uncertainty and predictor.task.task.writes_labels:
+    if predictor.task.task.writes_labels:  # review flags on by default: the rule the cross-validation wrote
         predictor.review = ReviewRule.read(folder.path)
     sampling_from = "command line" if (solver, num_inference_steps, warm_start) != (None, None, None) else "plans"
     if checkpoint == "distilled" and sampling_from == "plans":
