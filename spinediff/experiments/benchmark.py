@@ -119,6 +119,9 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
                                          f"decision is in {out / f'postprocessing_{slug}.json'}")
     for prediction, _ in pairs:
         case = prediction.name[:-len(ending)]
+    from spinediff.inference.review import write_cross_validation_rule
+
+    write_cross_validation_rule(folder, pairs, labels, raw if raw is not None and raw.is_dir() else None)
         if case in result.per_case:
             per_label = dice["after"][prediction.name]
             values = list(per_label.values())

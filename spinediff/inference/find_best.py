@@ -240,7 +240,7 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
 def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder, overwrite: bool) -> dict:
     """The candidate's post-processing, decided on its cross-validation and written next to it
     (``postprocessing.json``: applied by ``spinediff predict``; nnU-Net's own predictions need
-    ``spinediff postprocess``)."""
+    ``spinediff postprocess``), and its review rule (``review.json``, :mod:`spinediff.inference.review`)."""
     from spinediff.inference.postprocessing import (
         POSTPROCESSING_FILE,
         determine_postprocessing,
@@ -254,9 +254,13 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
     except SpineDiffError:
         raw = None
     labels = [int(v) for v in read_json(candidate.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
-    decision, _ = determine_postprocessing(validation_pairs(candidate.folder, candidate.folds, raw), labels)
+    pairs = validation_pairs(candidate.folder, candidate.folds, raw)
+    decision, _ = determine_postprocessing(pairs, labels)
     evidence = decision.to_dict()
     if not write_decision(evidence, candidate.folder, overwrite):
         raise SpineDiffError(f"{candidate.folder / POSTPROCESSING_FILE} holds another decision (made on other folds "
                              "or results). Pass --overwrite to replace it.")
+    from spinediff.inference.review import write_cross_validation_rule
+
+    write_cross_validation_rule(candidate.folder, pairs, labels, raw if raw is not None and raw.is_dir() else None)
     return evidence

@@ -6,15 +6,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
-from spinediff.io import ensure_writable_folder, read_image, read_voxels_verified, write_image
+from spinediff.inference.review import NUMBERING_THRESHOLD
+from spinediff.io import ensure_writable_folder, read_image, read_json, read_voxels_verified, write_image, write_json
 from spinediff.utilities.argtypes import existing_folder
 from spinediff.utilities.lock import folder_lock
 
 ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
+NUMBERING_FILE = "level_numbering.json"
 
 
 def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Path, overwrite: bool = False,
@@ -46,15 +49,21 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
         if existing and not overwrite:
             raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
                                  "output folder or pass --overwrite.")
+        reports = {}
         for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
             image = read_image(path)
             array = sitk.GetArrayFromImage(image)
             probabilities = load_probabilities(_probabilities_of(path)) if decision.needs_probabilities else None
-            changed = decision.apply(array, image, probabilities).astype(array.dtype) if image.GetDimension() == 3 \
-                else array
-            out = sitk.GetImageFromArray(changed)
+            changed, report = decision.apply_with_report(array, image, probabilities) \
+                if image.GetDimension() == 3 else (array, None)
+            if report is not None:
+                reports[path.name] = report
+            out = sitk.GetImageFromArray(np.asarray(changed).astype(array.dtype))
             out.CopyInformation(image)
             write_image(out, output_folder / path.name)
+        if reports:  # each case's level numbering: levels found and missing, the field of view, the confidence
+            low = sorted(c for c, r in reports.items() if r.get("confidence", 1.0) < NUMBERING_THRESHOLD)
+            write_json({"cases": reports, "low_confidence": low}, output_folder / NUMBERING_FILE)
     return len(files)
 
 
@@ -69,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
     what = "level numbering by anatomical order" if decision.active else "nothing (it did not improve the " \
                                                                           "cross-validation; files copied)"
     print(f"post-processed {count} case(s) into {args.output}: {what}")
+    numbering = Path(args.output) / NUMBERING_FILE
+    if decision.active and numbering.is_file():
+        low = read_json(numbering)["low_confidence"]
+        print(f"level numbering: {len(low)} case(s) below confidence {NUMBERING_THRESHOLD:g} "
+              f"({', '.join(low) or 'none'}; all cases in {numbering})")
     return 0
 
 
