@@ -26,7 +26,7 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     import SimpleITK as sitk
 
     decision_file = model_folder / POSTPROCESSING_FILE
-    if not decision_file.is_file():
+    if not decision_file.exists():
         raise SpineDiffError(f"{decision_file} does not exist. Run `spinediff find_best -d DATASET` first: it decides "
                              "the post-processing on the model's cross-validation.")
     decision = Postprocessing.load(model_folder)

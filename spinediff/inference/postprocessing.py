@@ -34,6 +34,11 @@ POSTPROCESSING_FILE = "postprocessing.json"
 FOREGROUNDS = ("argmax", "probabilities")
 
 
+#: The keys of a postprocessing.json: the decision, then the evidence written by :func:`decide_postprocessing`.
+POSTPROCESSING_KEYS = frozenset({"level_order", "foreground", "channel_labels", "candidate", "learnt_order", "cases",
+                                 "dice_before", "dice_after", "dice_per_variant", "applied", "rule"})
+
+
 @dataclass
 class Postprocessing:
     """What to apply to a segmentation after prediction (no level order: nothing)."""
@@ -75,23 +80,44 @@ class Postprocessing:
                 "channel_labels": list(self.channel_labels) if self.channel_labels else None, **self.evidence}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Postprocessing:
-        order = data.get("level_order")
+    def from_dict(cls, data: dict[str, Any], source: str = POSTPROCESSING_FILE) -> Postprocessing:
+        """The decision of a ``postprocessing.json`` (``source`` names it in errors): an object with
+        ``level_order`` (null or {labels, direction}), optionally ``foreground`` and ``channel_labels``, and the
+        evidence keys :func:`decide_postprocessing` writes; anything else is refused."""
+        fix = "run `spinediff find_best` again to rewrite it (or move it aside to predict without post-processing)."
+        if not isinstance(data, dict):
+            raise SpineDiffError(f"{source} holds a JSON {type(data).__name__}, not an object with 'level_order'; "
+                                 f"{fix}")
+        unknown = sorted(set(data) - POSTPROCESSING_KEYS)
+        if unknown:
+            raise SpineDiffError(f"{source} has unknown key(s) {unknown} (known: {sorted(POSTPROCESSING_KEYS)}); {fix}")
+        if "level_order" not in data:
+            raise SpineDiffError(f"{source} lacks 'level_order' (null when nothing is applied); {fix}")
+        order = data["level_order"]
         foreground = data.get("foreground", "argmax")
         if foreground not in FOREGROUNDS:
-            raise SpineDiffError(f"Unknown post-processing foreground {foreground!r} (expected one of {FOREGROUNDS}).")
+            raise SpineDiffError(f"{source}: unknown post-processing foreground {foreground!r} (expected one of "
+                                 f"{FOREGROUNDS}); {fix}")
         channels = data.get("channel_labels")
-        return cls(LevelOrder.from_dict(order) if order else None, foreground,
-                   tuple(int(c) for c in channels) if channels else None,
+        try:
+            level_order = LevelOrder.from_dict(order) if order else None
+            channel_labels = tuple(int(c) for c in channels) if channels else None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SpineDiffError(f"{source}: 'level_order' or 'channel_labels' is malformed ({type(exc).__name__}: "
+                                 f"{exc}); level_order must be null or an object with 'labels' and a 3-number "
+                                 f"'direction'; {fix}") from None
+        if level_order is not None and len(level_order.direction) != 3:
+            raise SpineDiffError(f"{source}: level_order.direction must hold 3 numbers; {fix}")
+        return cls(level_order, foreground, channel_labels,
                    {k: v for k, v in data.items() if k not in ("level_order", "foreground", "channel_labels")})
 
     @classmethod
     def load(cls, model_folder: str | os.PathLike) -> Postprocessing:
         """The model folder's decision; nothing to apply if it has none."""
         path = Path(model_folder) / POSTPROCESSING_FILE
-        if not path.is_file():
+        if not path.exists():
             return cls()
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
 
 def grouped_argmax(probabilities: np.ndarray, group: Sequence[int], channel_labels: Sequence[int] | None = None
