@@ -234,6 +234,18 @@ def test_predict_runs_the_recorded_nnunet_model_itself(refined, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".initial")) == []
 
 
+def test_tune_sampling_chooses_the_start_level_on_the_folds_own_answers(refined):
+    from spinediff.experiments.sampling import tune_sampling
+
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        record = tune_sampling(901, "2d_diffusion", "DiffusionRefinementTrainer", folds=[0], write=False,
+                               candidates=["ddim:1@0.05", "ddim:1@0.9"], device="cpu", progress=False)
+    quality = {c["setting"]: c["quality"] for c in record["candidates"]}
+    assert set(quality) == {"ddim:1@0.05", "ddim:1@0.9"} and all(0 <= q <= 1 for q in quality.values())
+    assert quality["ddim:1@0.05"] != quality["ddim:1@0.9"]  # the start level changes the answer
+    assert record["choice"] in quality
+
+
 def test_spinesegdiff_combination_weights_the_last_steps_and_takes_the_maximum_entropy():
     from spinediff.diffusion.refinement import StepCombination
 

@@ -77,6 +77,11 @@ class RefiningPredictor(SpineDiffPredictor):
                 for identifier in identifiers:
                     answers.check_classes(identifier, self.task.num_classes)
 
+    def set_case(self, identifier: str, properties: dict) -> None:
+        """The case the next :meth:`sample` refines (its answer is found by name; ``properties`` place it on the
+        preprocessed grid); :meth:`preprocess` sets it for raw inputs."""
+        self._case = (identifier, properties)
+
     def preprocess(self, case):
         preprocessed = super().preprocess(case)
         self._case = (case.identifier, preprocessed.properties)
@@ -176,8 +181,10 @@ def initial_model_folds(init_model: str, results: Path, folds: Sequence[str]) ->
 
 
 def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str], input_folder: str | Path,
-                            work: Path, device: torch.device) -> dict[str, InitialAnswerFolder]:
-    """Predict every case with each fold of the initial model into ``work/fold_F`` (probabilities kept)."""
+                            work: Path, device: torch.device, spinediff_predict=None) -> dict[str, InitialAnswerFolder]:
+    """Predict every case with each fold of the initial model into ``work/fold_F`` (probabilities kept): nnU-Net's
+    trainers with nnunetv2's predictor, spinediff's with ``spinediff_predict`` (:func:`spinediff.inference.api.predict`,
+    given by the caller)."""
     from spinediff.training.registry import is_spinediff_trainer
 
     trainer, plans, configuration = split_model_folder_name(init_folder.name)
@@ -186,9 +193,9 @@ def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str
         out = work / f"fold_{fold}"
         out.mkdir(parents=True, exist_ok=True)
         if is_spinediff_trainer(trainer):
-            from spinediff.inference.api import predict
-
-            report = predict(input_folder, out, dataset, configuration, trainer, folds=[fold], plans_identifier=plans,
+            if spinediff_predict is None:
+                raise SpineDiffError(f"the initial model {init_folder.name} is a spinediff model: give its predict")
+            report = spinediff_predict(input_folder, out, dataset, configuration, trainer, folds=[fold], plans_identifier=plans,
                              device=str(device), save_probabilities=True, overwrite=True, progress=False,
                              results_folder=init_folder.parent.parent)
             if report.failed:
