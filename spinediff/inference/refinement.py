@@ -195,9 +195,9 @@ def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str
         if is_spinediff_trainer(trainer):
             if spinediff_predict is None:
                 raise SpineDiffError(f"the initial model {init_folder.name} is a spinediff model: give its predict")
-            report = spinediff_predict(input_folder, out, dataset, configuration, trainer, folds=[fold], plans_identifier=plans,
-                             device=str(device), save_probabilities=True, overwrite=True, progress=False,
-                             results_folder=init_folder.parent.parent)
+            report = spinediff_predict(input_folder, out, dataset, configuration, trainer, folds=[fold],
+                                       plans_identifier=plans, device=str(device), save_probabilities=True,
+                                       overwrite=True, progress=False, results_folder=init_folder.parent.parent)
             if report.failed:
                 raise SpineDiffError(f"the initial model {init_folder.name} failed on "
                                      f"{', '.join(c.identifier for c in report.failed)}: {report.failed[0].message}")
