@@ -19,6 +19,8 @@ from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 
 SAMPLING_FILE = "sampling.json"
+#: The keys of a sampling.json (``sampler``: the solver's name in files written before it was renamed).
+SAMPLING_KEYS = frozenset({"solver", LEGACY_SOLVER_KEY, "num_inference_steps", "warm_start", "chosen"})
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,17 @@ class SamplingChoice:
     def read(cls, model_folder: str | Path) -> SamplingChoice | None:
         """The model's choice, or None when it has none (the plans' settings then apply)."""
         path = Path(model_folder) / SAMPLING_FILE
-        if not path.is_file():
+        if not path.exists():
             return None
         data = read_json(path)
+        fix = "run `spinediff tune_sampling` again or move it aside to sample as the plans say."
+        if not isinstance(data, dict):
+            raise SpineDiffError(f"{path} holds a JSON {type(data).__name__}, not a sampling choice object; {fix}")
+        unknown = sorted(set(data) - SAMPLING_KEYS)
+        if unknown:
+            raise SpineDiffError(f"{path} has unknown key(s) {unknown} (known: {sorted(SAMPLING_KEYS)}); {fix}")
+        if not isinstance(data.get("chosen", {}), dict):
+            raise SpineDiffError(f"{path}: 'chosen' must be an object; {fix}")
         try:
             warm = data.get("warm_start")
             solver = data["solver"] if "solver" in data else data[LEGACY_SOLVER_KEY]  # older files: "sampler"
