@@ -296,6 +296,11 @@ def write_image(image: sitk.Image, target: str | os.PathLike, compress: bool = T
             sitk.WriteImage(image, str(tmp), compress)
         except RuntimeError as exc:
             message = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+            folder, free = Path(target).parent, _free_bytes(Path(target).parent)
+            if "no space" in message.lower() or (free is not None and free < 1 << 20):
+                raise SpineDiffError(f"Could not write {target}: no space left on the device holding {folder} "
+                                     f"(SimpleITK: {message}); free space or choose another output. Nothing was "
+                                     "written under that name.") from exc
             raise SpineDiffError(f"Could not write {target}: SimpleITK failed ({message}). Check free space and "
                                  "permissions of the output folder. Nothing was written under that name.") from exc
 

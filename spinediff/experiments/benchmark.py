@@ -78,13 +78,15 @@ def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, 
 
 
 def score_method(result: MethodResult, results_root: Path, reference: Path, task: Task,
-                 data_range: tuple[float, float]) -> None:
-    """Per-case metrics of a method's fold validation exports."""
+                 data_range: tuple[float, float], masks: Path | None = None) -> None:
+    """Per-case metrics of a method's fold validation exports (a translation's also the SynthRAD challenges' metrics,
+    inside the body masks of ``masks``, else inside the reference > -500 HU)."""
     for fold in result.folds:
         folder = (results_root / result.method.folder_name
                   / f"fold_{fold}" / "validation")
         evaluation = evaluate_folders(reference, folder, task=task.evaluation_kind,
-                                      data_range=data_range, progress=False)
+                                      data_range=data_range, progress=False, challenge=task.challenge_metrics,
+                                      mask_folder=masks if task.challenge_metrics else None)
         if task.writes_labels:
             for case, dices in dice_per_case(evaluation.rows).items():
                 result.per_case.setdefault(case, {}).update(dices)
@@ -117,11 +119,11 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
     if not write_decision(result.postprocessing, folder):
         result.postprocessing["note"] = (f"{folder} holds another postprocessing.json and was kept; this run's "
                                          f"decision is in {out / f'postprocessing_{slug}.json'}")
-    for prediction, _ in pairs:
-        case = prediction.name[:-len(ending)]
     from spinediff.inference.review import write_cross_validation_rule
 
     write_cross_validation_rule(folder, pairs, labels, raw if raw is not None and raw.is_dir() else None)
+    for prediction, _ in pairs:
+        case = prediction.name[:-len(ending)]
         if case in result.per_case:
             per_label = dice["after"][prediction.name]
             values = list(per_label.values())
@@ -171,7 +173,8 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
         rows.append(row)
     shown = [m for m in ("dice", "dice_pp", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95",
-                         "psnr", "ssim", "mae", "mae_body", "mae_bone", "dice_downstream", "adjacent_ratio_z",
+                         "psnr", "ssim", "mae", "mae_body", "mae_bone", "synthrad_mae", "synthrad_psnr",
+                         "synthrad_ms_ssim", "dice_downstream", "adjacent_ratio_z",
                          "adjacent_ratio_y", "adjacent_ratio_x") if m in names]
     shown += [m for m in ("frechet",) if any(m in r.set_metrics for r in results)]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
@@ -205,6 +208,10 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
         lines.append("adjacent_ratio_z|y|x: through-plane consistency, the mean absolute difference between "
                      "neighbouring voxels along that array axis in the body, synthetic / real (1: as smooth as the "
                      "real image; a 2D model slicing that axis samples each slice with its own noise).")
+    if "synthrad_ms_ssim" in shown:
+        lines.append("synthrad_mae|psnr|ms_ssim: the SynthRAD challenges' metrics as their public code defines them "
+                     "(in the body mask; HU clipped to [-1024, 3000] for PSNR and MS-SSIM), comparable to the "
+                     "leaderboards (documentation/evaluation.md).")
     if "frechet" in shown:
         lines.append("frechet: Fréchet distance between the synthetic and the real CT of the validation cases in the "
                      "downstream segmenter's encoder features (per fold, averaged over the folds; lower is better).")
@@ -241,6 +248,12 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     methods = methods or select_methods(methods_for(spec.task, plans.planned_names, dims), method_names)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
+    from spinediff.planning.completion import verify_for_training
+
+    for method in methods:  # an interrupted or damaged preprocessing is refused before any fold starts
+        if method.configuration in plans:
+            identifier = plans.configuration(method.configuration).manager.data_identifier
+            verify_for_training(preprocessed / name, identifier, dataset, method.configuration)
     options = options or TrainingOptions()
     planned = any(m.configuration in plans and plans.configuration(m.configuration).schedule for m in methods)
     if not planned:  # plans made without --budget: the schedule this harness always used
@@ -254,6 +267,8 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         raw = nnunet_folder("raw") / name
         target = spec.target_channels[0] if spec.target_channels else None
         reference = reference_folder(raw, spec.task, target, out)
+        # a dataset made by `spinediff convert` keeps the body mask as labelsTr > 0 (the challenge metrics' mask)
+        masks = raw / "labelsTr" if (dataset_json.get("spinediff") or {}).get("body_mask") == "labels" else None
         data_range = (-1024.0, 3071.0)
         if spec.task.has_image_target:
             intensity = plans.configuration("2d_diffusion").target_intensity if "2d_diffusion" in plans else None
@@ -268,13 +283,24 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
             segmenter_folder, _ = train_downstream_segmenter(name, folds, options, reuse=reuse)
             options.perception_model = str(segmenter_folder)
         # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
-        jobs = [(method, fold) for fold in folds for method in methods]
-        timings = dict(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers),
-                           strict=True))
+        # a refiner validates from its initial model's fold exports (nnU-Net's): refiners run in a second wave
+        refiners = [m for m in methods if is_spinediff_trainer(m.trainer)
+                    and getattr(find_trainer(m.trainer), "refines_initial_answers", False)]
+        timings = {}
+        for wave in ([m for m in methods if m not in refiners], refiners):
+            jobs = [(method, fold) for fold in folds for method in wave]
+            timings.update(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers)
+                               if jobs else [], strict=True))
         outcomes = []
         for method in methods:
             result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
-            score_method(result, results / name, reference, spec.task, data_range)
+            initial = next((m for m in methods if method in refiners and m.baseline
+                            and m.configuration[:2] == method.configuration[:2]), None)
+            if initial is not None:  # the row's cost includes the model whose answers it refines
+                result.train_seconds += sum(timings[(initial.name, str(f))]["train_seconds"] for f in folds)
+                result.inference_seconds_per_case += timings[(initial.name, str(folds[-1]))][
+                    "inference_seconds_per_case"]
+            score_method(result, results / name, reference, spec.task, data_range, masks)
             if spec.task.writes_labels:
                 labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
                 score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])

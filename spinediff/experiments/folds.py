@@ -57,7 +57,15 @@ def _network_evaluations(trainer) -> int:
 
 def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool = True) -> dict:
     """Train (or resume, or reuse) one fold of ``method`` with the plans' schedule and validate it; returns
-    its timing record (also kept as ``benchmark_timing.json`` in the fold folder)."""
+    its timing record (also kept as ``benchmark_timing.json`` in the fold folder). The fold folder's lock is held
+    throughout (:mod:`spinediff.utilities.lock`): a `spinediff train` of the same fold is refused meanwhile."""
+    import contextlib
+
+    with contextlib.ExitStack() as locks:
+        return _train_and_validate_fold(method, dataset, fold, options, reuse, locks)
+
+
+def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: bool, locks) -> dict:
     import sys
 
     from nnunetv2.run.run_training import maybe_load_checkpoint
@@ -66,7 +74,7 @@ def train_and_validate_fold(method: Method, dataset: str, fold, options, reuse: 
     from spinediff.training.schedule import quiet_console
 
     trainer = build_trainer(dataset, method.configuration, fold, method.trainer, prediction_type=method.prediction_type,
-                            device=options.device)
+                            device=options.device, locks=locks)
     budget, grow = configure_schedule(trainer, options)
     if not getattr(options, "console_log", False):
         quiet_console(trainer)  # nnU-Net's log stays in the fold's log file; one line per epoch here

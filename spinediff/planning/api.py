@@ -17,6 +17,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,8 +28,10 @@ import numpy as np
 from spinediff.errors import SpineDiffError
 from spinediff.io import copy_file, read_json, write_json
 from spinediff.paths import nnunet_folder, resolve_raw_dataset
+from spinediff.planning import completion
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.utilities.device import parse_device
+from spinediff.utilities.lock import folder_lock
 
 PLANS_IDENTIFIER = "nnUNetPlans"  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
 NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
@@ -154,7 +157,7 @@ def _make_fingerprint_extractor(intensity_samples: int):
     return FingerprintExtractor
 
 
-def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], target: Path) -> None:
+def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], target: Path) -> list[str]:
     """As nnUNetv2_preprocess: labels into ``gt_segmentations`` (nnU-Net's validation reads them there)."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
@@ -165,6 +168,7 @@ def _copy_ground_truth(dataset_folder: Path, dataset_json: dict[str, Any], targe
         source = Path(files["label"])
         if not destination.exists() or destination.stat().st_mtime < source.stat().st_mtime:
             copy_file(source, destination)
+    return sorted(cases)
 
 
 def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str] | None = None, *,
@@ -238,61 +242,75 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
     slicing = None if slice_direction is None else (slice_direction,
                                                     slicing_axis(dataset_folder, dataset_json, slice_direction))
     plans_file = output / f"{plans_identifier}.json"
-    if plans_file.exists() and not overwrite:
-        raise SpineDiffError(f"{plans_file} already exists. Pass --overwrite (overwrite=True) to plan again; "
-                             "configurations of other planners in it are kept.")
-    output.mkdir(parents=True, exist_ok=True)
+    created = not output.exists()
+    with folder_lock(output):  # one plan per preprocessed dataset, held to the end; checks below run under it
+        why = completion.incomplete(output) if output.is_dir() else None
+        if why is not None:
+            warn = log or (lambda line: print(line, file=sys.stderr))  # shown with --quiet too
+            warn(f"{output} is incomplete: {why}. Planning and preprocessing it again.")
+        elif plans_file.exists() and not overwrite:
+            raise SpineDiffError(f"{plans_file} already exists (its preprocessing is complete). Pass --overwrite "
+                                 "(overwrite=True) to plan again; configurations of other planners in it are kept.")
+        completion.start_run(output, plans_identifier, [])  # until finish_run, the folder counts as incomplete
+        try:
+            with nnunet_environment(dataset_folder.parent, preprocessed_root), _single_process(num_processes == 1):
+                say(f"[1/4] Fingerprint of {name} (nnunetv2 extractor, {num_processes} process(es))")
+                extractor = _make_fingerprint_extractor(intensity_samples)(name, num_processes, verbose=verbose)
+                extractor.show_progress_bar = show_progress_bar
+                with _quiet(not verbose):
+                    extractor.run(overwrite_existing=True)
 
-    with nnunet_environment(dataset_folder.parent, preprocessed_root), _single_process(num_processes == 1):
-        say(f"[1/4] Fingerprint of {name} (nnunetv2 extractor, {num_processes} process(es))")
-        extractor = _make_fingerprint_extractor(intensity_samples)(name, num_processes, verbose=verbose)
-        extractor.show_progress_bar = show_progress_bar
-        with _quiet(not verbose):
-            extractor.run(overwrite_existing=True)
+                spec = task_spec(dataset_json, dataset_folder / "dataset.json")
+                statistics: dict[str, Any] = {}
+                if spec.task.has_image_target:
+                    say(f"[2/4] Target intensity statistics (channels {list(spec.target_channels)})")
+                    statistics = collect_target_statistics(dataset_folder, dataset_json, spec,
+                                                           show_progress_bar=show_progress_bar)
+                    write_json(statistics, output / "spinediff_fingerprint.json")
+                else:
+                    say("[2/4] Target intensity statistics: not needed (segmentation)")
 
-        spec = task_spec(dataset_json, dataset_folder / "dataset.json")
-        statistics: dict[str, Any] = {}
-        if spec.task.has_image_target:
-            say(f"[2/4] Target intensity statistics (channels {list(spec.target_channels)})")
-            statistics = collect_target_statistics(dataset_folder, dataset_json, spec,
-                                                   show_progress_bar=show_progress_bar)
-            write_json(statistics, output / "spinediff_fingerprint.json")
-        else:
-            say("[2/4] Target intensity statistics: not needed (segmentation)")
+                say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else "")
+                    + (f", a training budget of {budget} per fold (timing a few steps of each network)" if budget
+                       else ""))
+                planner = SpineDiffPlanner(name, plans_name=plans_identifier, device=device,
+                                           memory_target_gb=memory_target_gb, target_statistics=statistics,
+                                           budget_seconds=budget_seconds, measure=measure, slicing=slicing)
+                with _quiet(not verbose):
+                    planner.plan_experiment()
 
-        say(f"[3/4] Planning for {device}" + (f", {memory_target_gb:g} GB" if memory_target_gb else "")
-            + (f", a training budget of {budget} per fold (timing a few steps of each network)" if budget else ""))
-        planner = SpineDiffPlanner(name, plans_name=plans_identifier, device=device, memory_target_gb=memory_target_gb,
-                                   target_statistics=statistics, budget_seconds=budget_seconds, measure=measure,
-                                   slicing=slicing)
-        with _quiet(not verbose):
-            planner.plan_experiment()
-
-        if not preprocess:
-            say("[4/4] Preprocessing skipped (--no-preprocess)")
+                if not preprocess:
+                    say("[4/4] Preprocessing skipped (--no-preprocess)")
+                    completion.finish_run(output, [], [])
+                    return plans_file
+                planned = SpineDiffPlans.read(plans_file)
+                names = requested or planned.planned_names
+                missing = [c for c in names if c not in planned]
+                if missing:
+                    say(f"      (not in the plans for this dataset, skipped: {', '.join(missing)})")
+                done: dict[str, str] = {}
+                for configuration in names:
+                    if configuration in missing:
+                        continue
+                    configuration_manager = planned.configuration(configuration).manager
+                    identifier = configuration_manager.data_identifier
+                    if identifier in done:
+                        say(f"[4/4] {configuration}: shares preprocessed data with {done[identifier]}")
+                        continue
+                    say(f"[4/4] Preprocessing {configuration} -> {identifier}")
+                    completion.start_run(output, plans_identifier, [identifier])  # its old data no longer counts
+                    preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
+                    preprocessor.show_progress_bar = show_progress_bar
+                    with _quiet(not verbose):
+                        preprocessor.run(name, configuration, plans_identifier, num_processes=num_processes)
+                    done[identifier] = configuration
+                cases = _copy_ground_truth(dataset_folder, dataset_json, output / "gt_segmentations")
+                completion.finish_run(output, cases, list(done))  # last: every case file checked and recorded
             return plans_file
-        planned = SpineDiffPlans.read(plans_file)
-        names = requested or planned.planned_names
-        missing = [c for c in names if c not in planned]
-        if missing:
-            say(f"      (not in the plans for this dataset, skipped: {', '.join(missing)})")
-        done: dict[str, str] = {}
-        for configuration in names:
-            if configuration in missing:
-                continue
-            configuration_manager = planned.configuration(configuration).manager
-            identifier = configuration_manager.data_identifier
-            if identifier in done:
-                say(f"[4/4] {configuration}: shares preprocessed data with {done[identifier]}")
-                continue
-            say(f"[4/4] Preprocessing {configuration} -> {identifier}")
-            preprocessor = configuration_manager.preprocessor_class(verbose=verbose)
-            preprocessor.show_progress_bar = show_progress_bar
-            with _quiet(not verbose):
-                preprocessor.run(name, configuration, plans_identifier, num_processes=num_processes)
-            done[identifier] = configuration
-        _copy_ground_truth(dataset_folder, dataset_json, output / "gt_segmentations")
-    return plans_file
+        except BaseException:
+            if created:  # everything in it is this run's: an interrupted first plan leaves nothing behind
+                shutil.rmtree(output, ignore_errors=True)
+            raise
 
 
 SLICE_DIRECTIONS = {"sagittal": 0, "coronal": 1, "axial": 2}  # the physical axis (LPS: x, y, z) normal to the plane

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import torch
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name, nnunet_folder
+from spinediff.planning.completion import verify_for_training
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.options import TrainingOptions
 from spinediff.utilities.device import parse_device
+from spinediff.utilities.lock import folder_lock
 
 __all__ = ["TrainingOptions", "build_trainer", "train"]
 
@@ -57,8 +60,11 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
                   plans_identifier: str = "nnUNetPlans", device: str | torch.device = "auto",
                   continue_training: bool = False,
                   prediction_type: str | None = None, preprocessed_folder: str | None = None,
-                  results_folder: str | None = None, refuse_existing: bool = False):
+                  results_folder: str | None = None, refuse_existing: bool = False,
+                  locks: contextlib.ExitStack | None = None):
     """Instantiate a spinediff or nnU-Net trainer for one fold (nothing is trained yet).
+
+    ``locks``: take the fold folder's lock (:mod:`spinediff.utilities.lock`) into this stack, held until it closes.
 
     ``refuse_existing``: raise before anything is written when the fold's results folder already holds a
     started or finished training (``spinediff train`` without ``--c`` / ``--overwrite``).
@@ -76,12 +82,6 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
         raise SpineDiffError(f"{plans_file} was made for {planned_for!r}, not {name!r}: training on it would write "
                              f"into {planned_for}'s results. Plan this dataset with `spinediff plan -d {dataset}`.")
     configuration = plans.for_prediction_type(configuration, prediction_type)
-    if refuse_existing:
-        fold_folder = results / name / model_folder_name(trainer, configuration, plans_identifier) / f"fold_{fold}"
-        started = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold_folder / f).is_file()]
-        if started:
-            raise SpineDiffError(f"{fold_folder} already holds a training ({', '.join(started)}). Resume it with "
-                                 "--c, re-run only its validation with --val-only, or start again with --overwrite.")
     if fold != "all":
         try:
             fold = int(fold)
@@ -93,7 +93,19 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
             where = splits_file if splits_file.is_file() else "nnU-Net's default split"
             raise SpineDiffError(f"Fold {fold} does not exist: {where} has folds 0-{folds - 1}. Choose one of them "
                                  "(or 'all' to train on every case).")
+    # incomplete preprocessing (an interrupted plan, a full disk) is refused before a split is drawn from it
+    identifier = plans.configuration(configuration).manager.data_identifier
+    verify_for_training(preprocessed / name, identifier, dataset, configuration, plans_identifier)
+    fold_folder = results / name / model_folder_name(trainer, configuration, plans_identifier) / f"fold_{fold}"
+    if locks is not None:  # one run per fold folder, taken before the check that the fold is new
+        locks.enter_context(folder_lock(fold_folder))
+    if refuse_existing:
+        started = [f for f in ("checkpoint_final.pth", "checkpoint_latest.pth") if (fold_folder / f).is_file()]
+        if started:
+            raise SpineDiffError(f"{fold_folder} already holds a training ({', '.join(started)}). Resume it with "
+                                 "--c, re-run only its validation with --val-only, or start again with --overwrite.")
     ensure_splits(preprocessed / name)
+    verify_for_training(preprocessed / name, identifier, dataset, configuration, plans_identifier)  # the split's cases
     torch_device = parse_device(device)
     from spinediff.training.augmentation import apply_planned_augmentation
 
@@ -186,38 +198,40 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
 
     options = options or TrainingOptions()
     device = options.device if device is None else device  # one source: --device fills TrainingOptions.device
-    instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier, device=device,
-                             continue_training=continue_training, prediction_type=prediction_type,
-                             preprocessed_folder=preprocessed_folder, results_folder=results_folder,
-                             refuse_existing=not (continue_training or validation_only or overwrite))
-    budget, grow = configure_schedule(instance, options or TrainingOptions())
-    report = None
-    if not verbose:
-        import sys
+    with contextlib.ExitStack() as locks:  # the fold folder's lock, held to the end
+        instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier,
+                                 device=device, continue_training=continue_training, prediction_type=prediction_type,
+                                 preprocessed_folder=preprocessed_folder, results_folder=results_folder,
+                                 refuse_existing=not (continue_training or validation_only or overwrite),
+                                 locks=locks)
+        budget, grow = configure_schedule(instance, options or TrainingOptions())
+        report = None
+        if not verbose:
+            import sys
 
-        from spinediff.training.schedule import quiet_console
+            from spinediff.training.schedule import quiet_console
 
-        quiet_console(instance)
-        report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
-        raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth is "
-                             "missing). Train first, or resume with --c.")
-    try:
-        maybe_load_checkpoint(instance, continue_training, validation_only)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        folder = Path(instance.output_folder)
-        present = sorted(p.name for p in folder.glob("checkpoint_*.pth"))
-        raise SpineDiffError(f"A checkpoint in {folder} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it "
-                             f"is probably truncated (a run killed while writing it, or a full disk). Checkpoints "
-                             f"there: {', '.join(present) or 'none'}. Move the damaged one aside to resume from "
-                             "another (nnU-Net resumes from checkpoint_final, then _latest, then _best), or start "
-                             "again with --overwrite.") from None
-    if instance.inference_allowed_mirroring_axes == ():  # older checkpoints; nnU-Net's predictor wants None
-        instance.inference_allowed_mirroring_axes = None
-    if not validation_only:
-        run_and_log_schedule(instance, budget, grow, report)
-    instance.perform_actual_validation(bool(options and options.save_probabilities))
-    return Path(instance.output_folder)
+            quiet_console(instance)
+            report = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+        if validation_only and not (Path(instance.output_folder) / "checkpoint_final.pth").is_file():
+            raise SpineDiffError(f"No finished training in {instance.output_folder} to validate (checkpoint_final.pth "
+                                 "is missing). Train first, or resume with --c.")
+        try:
+            maybe_load_checkpoint(instance, continue_training, validation_only)
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            folder = Path(instance.output_folder)
+            present = sorted(p.name for p in folder.glob("checkpoint_*.pth"))
+            raise SpineDiffError(f"A checkpoint in {folder} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                                 f"it is probably truncated (a run killed while writing it, or a full disk). "
+                                 f"Checkpoints there: {', '.join(present) or 'none'}. Move the damaged one aside to "
+                                 "resume from another (nnU-Net resumes from checkpoint_final, then _latest, then "
+                                 "_best), or start again with --overwrite.") from None
+        if instance.inference_allowed_mirroring_axes == ():  # older checkpoints; nnU-Net's predictor wants None
+            instance.inference_allowed_mirroring_axes = None
+        if not validation_only:
+            run_and_log_schedule(instance, budget, grow, report)
+        instance.perform_actual_validation(bool(options and options.save_probabilities))
+        return Path(instance.output_folder)
 
 
 def run_and_log_schedule(trainer, budget_seconds: float | None, grow: bool = True, report=None):

@@ -156,6 +156,7 @@ def folder_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, command: st
     """
     folder = Path(folder)
     created = not folder.exists()
+    made = [folder, *(p for p in folder.parents if not p.exists())]  # the folders this call creates, deepest first
     if created:
         if not create:
             raise SpineDiffError(f"{folder} does not exist.")
@@ -172,8 +173,7 @@ def folder_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, command: st
             lock.acquire()
         except BaseException:
             if created:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+                _remove_empty(made)
             raise
         _held[key] = lock
     lock.count += 1
@@ -182,13 +182,20 @@ def folder_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, command: st
     except BaseException:
         if created and lock.count == 1:
             _release(key)
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty: nothing of ours was written
+            _remove_empty(made)  # only folders left empty: nothing was written into them
         raise
     finally:
         lock.count -= 1
         if lock.count <= 0:
             _release(key)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _release(key: Path) -> None:
