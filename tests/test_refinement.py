@@ -261,3 +261,32 @@ def test_spinesegdiff_combination_weights_the_last_steps_and_takes_the_maximum_e
     expected = weights[0] * 0.5 + weights[1] + weights[2]
     assert float(p[0, 0, 0]) == pytest.approx(expected, abs=1e-5)
     assert float(entropy[0, 0]) == pytest.approx(np.log(2), abs=1e-4)
+
+
+def test_translation_refiner_starts_from_the_same_folds_regression(phantom_root, tmp_path_factory):
+    """Translation: the refiner's fold 0 validation refines RegressionTrainer fold 0's synthetic CT; at init noise 0 its
+    MAE is the regression's own (smoke test of the phantom pipeline)."""
+    import json
+
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import build_trainer
+
+    name = "Dataset902_SpinePhantomTranslation"
+    base = tmp_path_factory.mktemp("refine_translation")
+    raw = base / "raw"
+    raw.mkdir()
+    (raw / name).symlink_to(phantom_root / name, target_is_directory=True)
+    with nnunet_folders(raw, base):
+        plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
+        ensure_splits(base / "preprocessed" / name)
+        regression = train(902, "2d_diffusion", 0, "RegressionTrainer", TINY)
+        refiner = train(902, "2d_diffusion", 0, "DiffusionRefinementTrainer", TINY)
+        trainer = build_trainer(902, "2d_diffusion", 0, "DiffusionRefinementTrainer", device="cpu")
+        trainer.initialize()
+        assert trainer.initial_answers_folder() == regression / "validation"
+        trainer.load_checkpoint(str(refiner / "checkpoint_final.pth"))
+        trainer.refine_from = 0.0
+        trainer.perform_actual_validation(False)
+    ours = json.loads((refiner / "validation_metrics.json").read_text())["mean"]
+    theirs = json.loads((regression / "validation_metrics.json").read_text())["mean"]
+    assert ours["mae"] == pytest.approx(theirs["mae"], rel=0.02)
