@@ -124,7 +124,8 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
                                             solver=setting.solver, warm_start=setting.warm_start or 0.0)
                 start = time.perf_counter()
                 if refinement:
-                    predictor._case, predictor.init_noise = (key, properties), setting.warm_start or 0.0
+                    predictor.set_case(key, properties)
+                    predictor.init_noise = setting.warm_start or 0.0
                 statistics = predictor.sample(condition, options)
                 seconds[setting.label()] += time.perf_counter() - start
                 scores[setting.label()].append(_quality(predictor, statistics, data, seg))

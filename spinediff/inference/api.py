@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +95,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             overwrite: bool = False, results_folder: str | os.PathLike | None = None,
             progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
             part_id: int = 0, precision: str = "auto", solver: str | None = None,
-            warm_start: float | None = None, tuned_sampling: bool = True) -> PredictionReport:
+            warm_start: float | None = None, tuned_sampling: bool = True,
+            init_from: str | os.PathLike | None = None, init_model: str | None = None,
+            init_noise: float | None = None, combine: str = "mean") -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -124,6 +127,11 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         num_parts, part_id: predict only part ``part_id`` of the input cases split in ``num_parts`` (nnU-Net's
             convention: one process or GPU per part, all writing into one output folder; run-level files get a
             ``_partIofN`` suffix).
+        init_from, init_model, init_noise, combine: refine another model's answers instead of sampling from noise
+            (:mod:`spinediff.inference.refinement`): a folder of its predictions, or its results folder name
+            ``TRAINER__PLANS__CONFIG`` (predicted first, fold by fold); the start level as a fraction of T; ``mean``
+            or ``spinesegdiff`` (SpineSegDiff's combination of the last steps and max-entropy map). A refinement
+            model (``refinement.json``) runs its initial model itself when neither is given.
 
     Returns:
         The report; ``exit_code`` is 2 if any case failed (each failure is in ``cases`` with its reason).
@@ -136,7 +144,17 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     if folds is None:
         folds = trained_folds(folder.path, checkpoint)
-    predictor = SpineDiffPredictor(folder, [str(f) for f in folds], checkpoint, device)
+    from spinediff.inference.refinement import RefiningPredictor, plan_refinement, predict_initial_answers
+
+    folds = [str(f) for f in folds]
+    tuned = SamplingChoice.read(folder.path) if tuned_sampling and num_inference_steps is None else None
+    refinement = plan_refinement(folder, folds, init_from, init_model, init_noise,
+                                 tuned.setting.warm_start if tuned is not None else None)
+    if refinement is None:
+        predictor = SpineDiffPredictor(folder, folds, checkpoint, device)
+    else:
+        answers = {f: refinement["init_from"] for f in folds} if "init_from" in refinement else None
+        predictor = RefiningPredictor(folder, folds, answers, refinement["init_noise"], combine, checkpoint, device)
     if postprocessing:
         from spinediff.inference.postprocessing import Postprocessing
 
@@ -159,6 +177,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                              f"(any of .nii.gz, .nii, .mha, .nrrd).")
     part = select_part([c.identifier for c in cases] + [p.identifier for p in problems], num_parts, part_id)
     cases, problems = [c for c in cases if c.identifier in part], [p for p in problems if p.identifier in part]
+    if refinement is not None and "init_from" in refinement:  # every answer there, with the model's classes
+        predictor.check_answers([c.identifier for c in cases])
     run_summary, review_table = (part_name(name, num_parts, part_id) for name in (RUN_SUMMARY, REVIEW_TABLE))
     output = Path(output_folder)
     with _output_lock(output, num_parts, part_id):  # held to the end: no other run writes here meanwhile
@@ -170,6 +190,17 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output "
                                  "folder or pass --overwrite to replace them.")
         output.mkdir(parents=True, exist_ok=True)
+        work = None
+        if refinement is not None and "init_model" in refinement:  # the initial model first, fold by fold
+            import tempfile
+
+            work = Path(tempfile.mkdtemp(prefix=".initial_answers_", dir=output))
+            try:
+                predictor.set_answers(predict_initial_answers(refinement["init_model"], folder.dataset_name, folds,
+                                                              input_folder, work, predictor.device, predict))
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
                     "configuration": folder.configuration, "plans": folder.plans_identifier,
                     "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
@@ -183,6 +214,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                     "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                     "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
                     "part": {"part_id": part_id, "num_parts": num_parts}, "precision": precision}
+        if refinement is not None:
+            source = refinement["init_from"].path if "init_from" in refinement else refinement["init_model"]
+            settings["refinement"] = {"initial_answers": str(source), "init_noise": refinement["init_noise"],
+                                      "combine": combine}
         report = PredictionReport(output, settings)
         report.cases += [CaseResult(p.identifier, False, p.message) for p in problems]
         for problem in problems:
@@ -202,4 +237,6 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                               if flag["review"]]
         report.summary_file = output / run_summary
         write_json(report.to_dict(), report.summary_file)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         return report

@@ -18,7 +18,9 @@ def run_predict(args: argparse.Namespace) -> int:
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
                      num_parts=args.num_parts, part_id=args.part_id, precision=args.precision,
-                     solver=args.solver, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling)
+                     solver=args.solver, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling,
+                     init_from=args.init_from, init_model=args.init_model, init_noise=args.init_noise,
+                     combine=args.combine)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -74,6 +76,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="sample as the plans say even when the model folder has a sampling.json (the solver, "
                              "steps and warm start chosen on the cross-validation by `spinediff tune_sampling`, used "
                              "by default when none of --solver, --steps and --warm-start is given)")
+    refine = parser.add_argument_group("refinement of another model's answer (SpineSegDiff's presegmentation start)")
+    refine.add_argument("--init-from", metavar="FOLDER",
+                        help="start every fold from these predictions instead of pure noise: CASE.npz class "
+                             "probabilities (nnUNetv2_predict --save_probabilities, spinediff predict "
+                             "--save-probabilities) or CASE label maps / target images")
+    refine.add_argument("--init-model", metavar="TRAINER__PLANS__CONFIG",
+                        help="predict this model of the same dataset first, fold by fold (fold f starts from its fold "
+                             "f), then refine; default for a DiffusionRefinementTrainer model: its refinement.json")
+    refine.add_argument("--init-noise", type=float, metavar="F",
+                        help="noise the initial answer to F x T before denoising (0: the answer itself; default: the "
+                             "model's tuned sampling.json, its refinement.json, the plans' warm_start, else 0.3)")
+    refine.add_argument("--combine", choices=["mean", "spinesegdiff"], default="mean",
+                        help="mean: average the samples' class probabilities; spinesegdiff: SpineSegDiff's weighting "
+                             "of the last steps and the maximum entropy over them as the uncertainty map")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="base seed; the same seed gives the same output")
     tta = parser.add_mutually_exclusive_group()
