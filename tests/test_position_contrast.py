@@ -1,0 +1,201 @@
+"""Issue 34: contrast and field-of-view augmentation, level numbering confidence, review of out-of-distribution scans
+(numpy/torch only: fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from spinediff.inference.level_order import LevelOrder, renumber_with_report
+from spinediff.inference.review import ReviewRule, intensity_reference, intensity_signature
+from spinediff.training.augmentation import (
+    BiasFieldTransform,
+    FieldOfViewCutTransform,
+    RandomRemapTransform,
+    SpineShiftZoomTransform,
+    insert_planned_transforms,
+)
+
+
+def patch() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2D patch (C, H, W): five 'vertebrae' stacked along axis 0, brighter than the background."""
+    seg = torch.zeros(1, 80, 40, dtype=torch.int16)
+    for i in range(5):
+        seg[0, 10 + i * 12:10 + i * 12 + 9, 10:30] = i + 1
+    image = torch.randn(1, 80, 40) * 0.1 + (seg > 0).float() * 2.0 - 1.0
+    image[0, :, :5] = 4.0  # a bright structure (fat) beside them
+    return image, seg
+
+
+def test_remap_is_non_monotone_and_keeps_the_normalised_scale():
+    np.random.seed(3)
+    image, seg = patch()
+    out = RandomRemapTransform((5, 5))(image=image.clone(), segmentation=seg.clone())
+    assert torch.equal(out["segmentation"], seg)  # an intensity transform never touches the labels
+    assert out["image"].mean().item() == pytest.approx(image.mean().item(), abs=1e-4)
+    assert out["image"].std().item() == pytest.approx(image.std().item(), rel=1e-3)
+    # three tissues ordered background < vertebra < fat before; some pair changes its order after some draw
+    orders = set()
+    for seed in range(10):
+        np.random.seed(seed)
+        x = RandomRemapTransform((5, 7))(image=image.clone())["image"][0]
+        means = (x[:, 5:][seg[0, :, 5:] == 0].mean().item(), x[seg[0] > 0].mean().item(), x[:, :5].mean().item())
+        orders.add(tuple(np.argsort(means)))
+    assert len(orders) > 1  # not monotone: the tissues' order changes between draws
+
+
+def test_inversion_and_bias_field_change_the_image_not_the_labels():
+    from batchgeneratorsv2.transforms.intensity.inversion import InvertImageTransform
+
+    image, seg = patch()
+    inverted = InvertImageTransform(p_invert_image=1.0)(image=image.clone(), segmentation=seg.clone())
+    assert torch.equal(inverted["segmentation"], seg)
+    assert inverted["image"][seg > 0].mean() < inverted["image"][seg == 0].mean()  # bright vertebrae became dark
+    np.random.seed(0)
+    biased = BiasFieldTransform(3, (0.4, 0.6))(image=image.clone(), segmentation=seg.clone())
+    assert torch.equal(biased["segmentation"], seg)
+    ratio = (biased["image"] - biased["image"].min() + 1) / (image - image.min() + 1)
+    assert ratio.std() > 0.01  # a smooth field that varies across the patch
+
+
+def test_shift_moves_labels_with_the_image_and_cut_keeps_the_visible_labels():
+    image, seg = patch()
+    marker = (seg > 0).float()  # an image that is the foreground itself: labels must follow it exactly
+    np.random.seed(1)
+    transform = SpineShiftZoomTransform(axis=0, max_shift=0.3)
+    out = transform(image=marker.clone(), segmentation=seg.clone())
+    moved = out["segmentation"][0]
+    assert not torch.equal(moved, seg[0])
+    assert torch.equal(out["image"][0] > 0.5, moved > 0)
+    rows = torch.nonzero(moved[:, 20] == 3).flatten()
+    assert len(rows) == 9  # a level keeps its label and its size
+    np.random.seed(2)
+    zoomed = SpineShiftZoomTransform(axis=0, max_shift=0.0, zoom=(0.6, 0.6))(image=marker.clone(),
+                                                                             segmentation=seg.clone())
+    assert (zoomed["segmentation"] > 0).sum() < 0.5 * (seg > 0).sum()  # zoomed out: smaller vertebrae
+    assert set(torch.unique(zoomed["segmentation"]).tolist()) == {0, 1, 2, 3, 4, 5}
+    for seed in range(20):
+        np.random.seed(seed)
+        cut = FieldOfViewCutTransform(axis=0, max_fraction=0.6)(image=image.clone(), segmentation=seg.clone())
+        visible = cut["segmentation"][0] > 0
+        assert torch.equal(cut["segmentation"][0][visible], seg[0][visible])  # true labels where still visible
+        removed = (seg[0] > 0) & ~visible
+        assert torch.all(cut["image"][0][removed] == 0)
+        lost_rows = torch.nonzero(removed.any(1)).flatten()
+        if len(lost_rows):  # one contiguous end of the patch
+            assert lost_rows.min() == 10 or lost_rows.max() == 66  # the first or last labelled row
+
+
+def test_planned_transforms_join_nnunets_pipeline_in_order():
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from spinediff.planning.label_order import CONTRAST_DEFAULTS
+
+    pipeline = nnUNetTrainer.get_training_transforms([80, 40], (-0.2, 0.2), None, (1,), False)
+    block = {"contrast": dict(CONTRAST_DEFAULTS),
+             "field_of_view": {"axis": 0, "p_shift": 0.5, "max_shift_fraction": 0.2, "zoom_range": [0.8, 1.0],
+                               "p_cut": 0.3, "max_cut_fraction": 0.5}}
+    composed = insert_planned_transforms(pipeline, block).transforms
+    names = [type(getattr(t, "transform", t)).__name__ for t in composed]
+    assert names.index("SpineShiftZoomTransform") == names.index("SpatialTransform") + 1
+    assert names.index("FieldOfViewCutTransform") == names.index("SpineShiftZoomTransform") + 1
+    mirror = next(i for i, t in enumerate(composed) if isinstance(t, MirrorTransform))
+    for name in ("InvertImageTransform", "RandomRemapTransform", "BiasFieldTransform"):
+        assert names.index("SimulateLowResolutionTransform") < names.index(name) < mirror
+    assert insert_planned_transforms(pipeline, {"contrast": {"enabled": False}}) is pipeline
+    image, seg = patch()
+    out = ComposeCall(composed)(image, seg)
+    assert out["image"].shape == (1, 80, 40) and set(torch.unique(out["segmentation"]).tolist()) <= {0, 1, 2, 3, 4, 5}
+
+
+class ComposeCall:
+    def __init__(self, transforms):
+        from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+
+        self.compose = ComposeTransforms(transforms)
+
+    def __call__(self, image, seg):
+        return self.compose(image=image.clone(), segmentation=seg.clone())
+
+
+# ---------------------------------------------------------------------- level numbering and its confidence
+ORDER = LevelOrder((1, 2, 3, 4, 5), (0.0, 1.0, 0.0))
+
+
+def stack(labels: list[int], start: int, length: int = 80) -> np.ndarray:
+    """Vertebrae of 9 voxels (18 mm) every 12 voxels along array axis 1 (world y), top first."""
+    array = np.zeros((10, length, 20), np.uint8)
+    for i, value in enumerate(labels):
+        array[2:8, max(start + i * 12, 0):start + i * 12 + 9, 5:15] = value
+    return array
+
+
+def numbered(array: np.ndarray) -> tuple[list[int], dict]:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 2.0, 3.0))
+    out, report = renumber_with_report(array, image, ORDER)
+    bodies = [int(np.bincount(out[array == v].ravel()).argmax()) for v in dict.fromkeys(array[4, :, 10]) if v]
+    values = [int(out[4, r, 10]) for r in range(array.shape[1])
+              if array[4, r, 10] and (r == 0 or not array[4, r - 1, 10])]
+    return values if len(values) >= len(bodies) else bodies, report
+
+
+@pytest.mark.parametrize("labels,start,expected,open_end,confident", [
+    ([2, 3, 4, 5], 0, [2, 3, 4, 5], "top", True),  # L1 cut off at the top, right labels: kept, confident
+    ([1, 2, 3, 4], 0, [2, 3, 4, 5], "top", False),  # top cut but numbered from L1: the bottom is closed -> L2..L5
+    ([1, 2, 3, 4], 40, [1, 2, 3, 4], "bottom", True),  # L5 cut off at the bottom
+    ([2, 3, 4, 5], 40, [1, 2, 3, 4], "bottom", False),  # bottom cut, numbered up to L5: the top is closed -> L1..
+])
+def test_numbering_follows_the_open_end_of_the_field_of_view(labels, start, expected, open_end, confident):
+    values, report = numbered(stack(labels, start))
+    assert values == expected
+    assert report[f"{open_end}_open"] and not report[f"{'bottom' if open_end == 'top' else 'top'}_open"]
+    assert report["applied"]
+    assert (report["confidence"] >= 0.9) == confident
+    assert report["confidence"] >= 0.5  # the field of view leaves one numbering: not a blind shift
+
+
+def test_a_level_missing_inside_the_field_of_view_is_not_renumbered_and_has_low_confidence():
+    # four vertebrae, room for a fifth at both ends, numbered 1..4 by the network: the gap is not explained
+    values, report = numbered(stack([1, 2, 3, 4], 15))
+    assert values == [1, 2, 3, 4]
+    assert not report["top_open"] and not report["bottom_open"]
+    assert report["confidence"] <= 0.5 and "inside the field of view" in report["basis"]
+
+
+def test_an_extra_vertebra_below_is_dropped_and_the_rest_keep_their_levels():
+    # L2..L5 with the top cut, and an S1 the network also called L5: S1 (outermost) becomes background
+    array = stack([2, 3, 4, 5, 5], 0)
+    values, report = numbered(array)
+    assert values[:4] == [2, 3, 4, 5] and values[4] == 0
+    assert report["missing_labels"] == [1] and report["confidence"] > 0.6
+
+
+def test_a_shift_without_support_keeps_the_networks_numbering():
+    # four vertebrae with room for a fifth at both ends, numbered 2..5: nothing in the field of view says whether L1
+    # or L5 was missed, so the levels are not moved, and the confidence says so
+    values, report = numbered(stack([2, 3, 4, 5], 15))
+    assert values == [2, 3, 4, 5] and report["confidence"] <= 0.5
+
+
+# ---------------------------------------------------------------------- review of out-of-distribution scans
+def test_an_inverted_contrast_is_out_of_the_training_intensity_distribution():
+    rng = np.random.default_rng(0)
+    training = []
+    for _ in range(5):  # T2w-like: mostly dark background, bright structures
+        image = rng.gamma(1.5, 20.0, size=(20, 40, 40))
+        image[5:15, 10:30, 15:25] += 120 + rng.normal(0, 10)
+        training.append([intensity_signature(image)])
+    reference = intensity_reference(training)
+    rule = ReviewRule("level_anomaly", 1.0, {1: 1.0}, {}, reference, 0.5)
+    new = rng.gamma(1.5, 20.0, size=(20, 40, 40))
+    new[5:15, 10:30, 15:25] += 125
+    same = rule.flag({"level_anomaly": 0.1}, [intensity_signature(new)])
+    inverted = rule.flag({"level_anomaly": 0.1}, [intensity_signature(new.max() - new)])
+    assert not same["review"] and same["intensity_distance"] < reference["threshold"]
+    assert inverted["review"] and "intensities out of distribution" in inverted["reasons"][0]
+    low = rule.flag({"level_anomaly": 0.1}, [intensity_signature(new)], {"confidence": 0.2, "basis": "x"})
+    assert low["review"] and "numbering" in low["reasons"][0]
