@@ -25,6 +25,24 @@ TINY_SETTINGS = PhantomSettings(mr_shape=(48, 64, 8), mr_spacing=(3.2, 3.2, 7.0)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: The integration tier: modules whose tests plan, preprocess, train or run whole commands (demo, predict) on the
+#: phantom. Their tests are marked ``slow``; ``pytest -m "not slow"`` runs the fast unit tier (no planning or
+#: training, about a minute on 2 cores), ``pytest tests`` (the README's command, .ci/run) runs both.
+INTEGRATION_MODULES = frozenset({
+    "test_budget", "test_convert", "test_demo", "test_device", "test_distributed", "test_evaluation",
+    "test_generation_mr", "test_inference", "test_planning", "test_precision", "test_refinement", "test_robustness",
+    "test_robustness_writes", "test_slice_directions", "test_three_d", "test_training", "test_translation_baselines",
+})
+#: single end-to-end tests in otherwise fast modules
+INTEGRATION_TESTS = frozenset({"test_cli.py::test_phantom_command_end_to_end"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module is not None else ""
+        if module in INTEGRATION_MODULES or f"{module}.py::{item.name}" in INTEGRATION_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_settings() -> PhantomSettings:

@@ -130,6 +130,34 @@ def test_tasks_are_classes_not_compared_names():
     assert not found, "task-name comparisons outside spinediff/tasks.py:\n" + "\n".join(found)
 
 
+#: One home per fact: the module that alone may define it (``documentation/architecture.md``).
+FOLD_SEED_HOME = "spinediff/utilities/seeds.py"
+
+
+def fold_seed_formulas() -> list[str]:
+    """Products with a fold (``seed + 1000 * fold``) outside :data:`FOLD_SEED_HOME`: a second fold-seed formula.
+    Training and prediction must draw a fold's noise from one formula (``utilities.seeds.fold_seed``)."""
+    def mentions_fold(node: ast.AST) -> bool:
+        return any((isinstance(n, ast.Name) and n.id == "fold") or (isinstance(n, ast.Attribute) and n.attr == "fold")
+                   for n in ast.walk(node))
+
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = str(path.relative_to(ROOT.parent))
+        if relative == FOLD_SEED_HOME:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and (
+                    mentions_fold(node.left) or mentions_fold(node.right)):
+                found.append(f"{relative}:{node.lineno}")
+    return found
+
+
+def test_one_fold_seed_formula():
+    found = fold_seed_formulas()
+    assert not found, f"a fold-seed formula outside {FOLD_SEED_HOME} (use fold_seed):\n" + "\n".join(found)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     """A planted upward import, cycle and private import are found (the checks can fail)."""
     fake = tmp_path / "spinediff"
@@ -139,14 +167,16 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     (fake / "__init__.py").write_text("")
     (fake / "datasets" / "a.py").write_text("from spinediff.training.b import _hidden\n")
     (fake / "training" / "b.py").write_text("def f(task):\n    from spinediff.datasets import a\n"
-                                            "    return task == 'segmentation'\n")
+                                            "    return task == 'segmentation'\n"
+                                            "def g(seed, trainer):\n    return seed + 1000 * trainer.fold\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     graph = imports()
     assert ("spinediff.training.b", "_hidden") in graph["spinediff.datasets.a"]
     assert task_name_comparisons() == ["spinediff/training/b.py:3"]
+    assert fold_seed_formulas() == ["spinediff/training/b.py:5"]
     for check in (test_imports_point_down_the_pipeline, test_no_module_imports_itself_back,
                   test_no_private_name_crosses_a_package_and_no_relative_imports,
-                  test_tasks_are_classes_not_compared_names):
+                  test_tasks_are_classes_not_compared_names, test_one_fold_seed_formula):
         try:
             check()
         except AssertionError:

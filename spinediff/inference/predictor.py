@@ -42,8 +42,7 @@ from spinediff.metrics.image_metrics import BODY_THRESHOLD_HU
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.utilities.device import parse_device
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
-
-FOLD_SEED_STRIDE = 1_000_003  # fold f samples with seed + f * stride: folds draw different noise
+from spinediff.utilities.seeds import fold_seed
 
 
 @dataclass(frozen=True)
@@ -97,11 +96,6 @@ class CaseResult:
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
     uncertainty: dict | None = None
-
-
-def fold_seed(seed: int, fold: str) -> int:
-    """The seed a fold samples with: fixed per (seed, fold), independent of the other folds in the ensemble."""
-    return int(seed) + FOLD_SEED_STRIDE * (int(fold) if str(fold).isdigit() else 0)
 
 
 class SpineDiffPredictor:

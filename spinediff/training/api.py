@@ -145,16 +145,17 @@ def apply_options(trainer, options: TrainingOptions) -> None:
 
 def seed_run(trainer, seed: int) -> None:
     """Seed what a run draws from: numpy, ``random`` and torch (network initialisation, nnU-Net's data loading
-    and augmentation in the main process) and a spinediff trainer's diffusion-noise generator; per fold, so
-    that folds differ. Call before the trainer is initialised. Augmentation worker processes
-    (``nnUNet_n_proc_DA`` > 0) and GPU kernels are not made deterministic by this."""
+    and augmentation in the main process) and a spinediff trainer's diffusion-noise generator; per fold
+    (:func:`spinediff.utilities.seeds.fold_seed`, as prediction), so that folds differ. Call before the trainer is
+    initialised. Augmentation worker processes (``nnUNet_n_proc_DA`` > 0) and GPU kernels are not made
+    deterministic by this."""
     from spinediff.training.distributed import seed_global_generators
+    from spinediff.utilities.seeds import fold_seed
 
-    fold_seed = seed + 1000 * (trainer.fold if isinstance(trainer.fold, int) else 0)
-    seed_global_generators(fold_seed)
+    seed_global_generators(fold_seed(seed, trainer.fold))
     if isinstance(trainer, SpineDiffTrainer):
         trainer.seed = seed
-        trainer.generator.manual_seed(trainer.rank_seed(fold_seed))
+        trainer.generator.manual_seed(trainer.rank_seed(fold_seed(seed, trainer.fold)))
 
 
 def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None, bool]:

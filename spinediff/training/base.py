@@ -37,6 +37,7 @@ from spinediff.training.precision import AutocastNetwork, as_float32, autocast, 
 from spinediff.training.schedule import apply_schedule
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
+from spinediff.utilities.seeds import fold_seed
 
 CUDA = torch.device("cuda")  # nnU-Net's default device argument
 
@@ -104,8 +105,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.final_validation_samples = self.settings.num_samples
         self.seed = 12345
         self.precision = "auto"  # autocast type: spinediff.training.precision (TrainingOptions.precision)
-        self.generator = torch.Generator(device=self.device).manual_seed(
-            self.rank_seed(self.seed + 1000 * fold if isinstance(fold, int) else self.seed))  # per rank under DDP
+        # per fold (as prediction samples) and per rank under DDP
+        self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(fold_seed(self.seed, fold)))
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
         # a budget plan's epochs and iterations, also under `nnUNetv2_train -tr NAME` (which has no schedule flags)

@@ -25,6 +25,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path, verify_written, write_json
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
+from spinediff.utilities.seeds import fold_seed
 
 
 def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -74,7 +75,9 @@ class ValidationExporter:
             condition = tr.task.condition(data[None], seg[None])[0]
             start = time.perf_counter()
             samples = max(1, int(getattr(tr, "final_validation_samples", 1))) if tr.denoising else 1
-            x0 = tr.predict_volume(condition.to(tr.device), seed=0, num_inference_steps=tr.num_inference_steps,
+            # the fold's seed for base seed 0, as `spinediff predict` (default --seed 0) samples this fold
+            x0 = tr.predict_volume(condition.to(tr.device), seed=fold_seed(0, tr.fold),
+                                   num_inference_steps=tr.num_inference_steps,
                                    num_samples=samples)
             x0 = x0[0] if samples == 1 else self._ensemble(x0)
             timings.append(time.perf_counter() - start)
