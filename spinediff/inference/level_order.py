@@ -35,7 +35,6 @@ improves the cross-validation Dice (as nnU-Net decides its own post-processing).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 from itertools import combinations
 from typing import Any
 
@@ -153,26 +152,37 @@ def _stacked(heights_per_label: list[np.ndarray]) -> bool:
 
 def assign(votes: np.ndarray) -> list[int | None]:
     """Strictly increasing label indices for candidates in order (rows of ``votes``, candidates x labels)
-    that maximise the agreeing votes; as many candidates as there are labels get one, the rest None."""
+    that maximise the agreeing votes; as many candidates as there are labels get one, the rest None.
+    Dynamic programming from the last candidate backwards (iterative: a noisy prediction may have hundreds of
+    candidates)."""
+    votes = np.asarray(votes, dtype=float)
     n, k = votes.shape
     keep = min(n, k)
-
-    @cache
-    def best(i: int, j: int, left: int) -> tuple[float, tuple[int | None, ...]]:
-        if left == 0:
-            return 0.0, (None,) * (n - i)
-        if n - i < left or k - j < left:
-            return -np.inf, ()
-        options = []
-        if n - i > left:  # candidate i dropped
-            score, rest = best(i + 1, j, left)
-            options.append((score, (None,) + rest))
-        for label in range(j, k - left + 1):
-            score, rest = best(i + 1, label + 1, left - 1)
-            options.append((score + votes[i, label], (label,) + rest))
-        return max(options, key=lambda o: o[0])
-
-    return list(best(0, 0, keep)[1])
+    # best[i][j][left]: (score, choice) for candidates i.. with labels j.. still free and `left` to place
+    best = [[[(-np.inf, None)] * (keep + 1) for _ in range(k + 1)] for _ in range(n + 1)]
+    for i in range(n, -1, -1):
+        for j in range(k, -1, -1):
+            best[i][j][0] = (0.0, "done")
+            for left in range(1, keep + 1):
+                if n - i < left or k - j < left:
+                    continue
+                options = []
+                if n - i > left:  # candidate i dropped
+                    options.append((best[i + 1][j][left][0], "drop"))
+                for label in range(j, k - left + 1):
+                    options.append((best[i + 1][label + 1][left - 1][0] + votes[i, label], label))
+                best[i][j][left] = max(options, key=lambda o: o[0])
+    chosen: list[int | None] = []
+    i, j, left = 0, 0, keep
+    while i < n:
+        choice = best[i][j][left][1] if left else "done"
+        if choice in ("done", "drop"):
+            chosen.append(None)
+        else:
+            chosen.append(int(choice))
+            j, left = int(choice) + 1, left - 1
+        i += 1
+    return chosen
 
 
 def _major(components: np.ndarray) -> int:
