@@ -36,6 +36,14 @@ SUBCOMMAND_MODULES: list[str] = [
 ]
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: a refused option prints one line that names the option and what it needs (the
+    ``type=`` functions of :mod:`spinediff.utilities.argtypes`), and where the options are listed, then exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spinediff",
@@ -47,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"spinediff {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for module_name in SUBCOMMAND_MODULES:
         importlib.import_module(module_name).add_parser(subparsers)
     return parser

@@ -75,7 +75,7 @@ def derived_configurations(configurations: Mapping[str, Any]) -> dict[str, dict[
     return derived
 
 
-REPLAN = ("plan again with `spinediff plan --overwrite` (for a model folder's plans.json: restore it from the "
+REPLAN = ("Plan again with `spinediff plan --overwrite` (for a model folder's plans.json: restore it from the "
           "preprocessed plans the model was trained with).")
 
 
@@ -166,7 +166,7 @@ class SpineDiffPlans:
             raise SpineDiffError(f"No plans file {path}; run `spinediff plan` first.")
         data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("configurations"), dict):
-            raise SpineDiffError(f"{path} is not a plans file (no 'configurations' object); it was edited or damaged: "
+            raise SpineDiffError(f"{path} is not a plans file (no 'configurations' object); it was edited or damaged. "
                                  f"{REPLAN}")
         return cls(data, source=str(path))
 
@@ -188,7 +188,7 @@ class SpineDiffPlans:
             raise SpineDiffError(f"{self.source} has no configuration {name!r}; available: "
                                  f"{', '.join(self.planned_names)}.")
         if not isinstance(self.plans["configurations"][name], dict):
-            raise SpineDiffError(f"{self.source}: configuration {name!r} is not an object; {REPLAN}")
+            raise SpineDiffError(f"{self.source}: configuration {name!r} is not an object. {REPLAN}")
         manager = self.manager.get_configuration(name)
         check_configuration(manager.configuration, name, self.source)
         return PlannedConfiguration(name, manager, self.source)
