@@ -107,8 +107,15 @@ class FolderLock:
                       "that run was interrupted, its outputs may be incomplete.", file=sys.stderr)
             record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                       "started": datetime.datetime.now().isoformat(timespec="seconds")}
-            os.ftruncate(fd, 0)
-            os.write(fd, (json.dumps(record) + "\n").encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, (json.dumps(record) + "\n").encode())
+            except OSError as error:  # e.g. a full disk: the lock cannot say who holds it
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                os.close(fd)
+                raise SpineDiffError(f"Cannot write the lock file {self.path} ({error.strerror}); free space on the "
+                                     f"device holding {self.folder} or choose another output folder.") from error
             self.fd = fd
             return
         raise SpineDiffError(f"Could not take the lock {self.path}: it keeps being replaced by other processes.")
