@@ -149,3 +149,33 @@ def test_evaluate_adds_the_challenge_columns_inside_the_given_masks(tmp_path):
     _write(mask, masks / "other.nii.gz")
     with pytest.raises(SpineDiffError, match="no mask for case"):
         evaluate_folders(ref, pred, task="image", mask_folder=masks, progress=False)
+
+
+def test_benchmark_scores_translation_inside_the_dataset_masks_and_shows_the_columns(tmp_path):
+    from spinediff.experiments.benchmark import benchmark_table, score_method
+    from spinediff.experiments.folds import Method, MethodResult
+    from spinediff.tasks import TASKS
+
+    translation = TASKS["translation"]
+    reference, masks, results = tmp_path / "reference", tmp_path / "labelsTr", tmp_path / "results"
+    method = Method("Regression U-Net 2D", "RegressionTrainer", "2d_diffusion", baseline=True)
+    validation = results / method.folder_name / "fold_0" / "validation"
+    for folder in (reference, masks, validation):
+        folder.mkdir(parents=True)
+    ct = np.full((8, 9, 10), 40.0, dtype=np.float32)  # all "body" by the -500 HU rule
+    synthetic = ct.copy()
+    synthetic[:, :, :5] += 100.0  # 100 HU off in one half ...
+    mask = np.zeros(ct.shape, dtype=np.uint8)
+    mask[:, :, 5:] = 2  # ... but the dataset's body mask (a CT class, > 0) covers the other half only
+    _write(ct, reference / "case1.nii.gz")
+    _write(synthetic, validation / "case1.nii.gz")
+    _write(mask, masks / "case1.nii.gz")
+    result = MethodResult(method, [0])
+    score_method(result, results, reference, translation, (-1024.0, 3071.0), masks)
+    scores = result.per_case["case1"]
+    assert scores["synthrad_mae"] == pytest.approx(0.0) and scores["mae_body"] == pytest.approx(50.0)
+    _, table = benchmark_table([result], translation)
+    assert "synthrad_mae | synthrad_psnr | synthrad_ms_ssim" in table
+    without = MethodResult(method, [0])
+    score_method(without, results, reference, translation, (-1024.0, 3071.0))  # no masks: reference > -500 HU
+    assert without.per_case["case1"]["synthrad_mae"] == pytest.approx(50.0)
