@@ -169,7 +169,9 @@ class Translation(Task):
                 MethodSpec(f"Diffusion v-prediction {tag}", "DiffusionTranslationTrainer", "v"),
                 MethodSpec(f"Pix2Pix {tag}", "Pix2PixTrainer"),
                 MethodSpec(f"CUT, unpaired {tag}", "CUTTrainer"),
-                MethodSpec(f"Unpaired diffusion (SDEdit) {tag}", "UnpairedDiffusionTrainer")]
+                MethodSpec(f"Unpaired diffusion (SDEdit) {tag}", "UnpairedDiffusionTrainer"),
+                # refines the same fold's regression output (issue 35); its row counts the regression's training too
+                MethodSpec(f"Regression + diffusion refinement {tag}", "DiffusionRefinementTrainer")]
 
 
 class Generation(Task):

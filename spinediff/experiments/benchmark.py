@@ -63,6 +63,29 @@ def select_methods(methods: list[Method], names: list[str] | None) -> list[Metho
     return [m for m in methods if keys(m) & set(names)]
 
 
+def refinement_initials(methods: list[Method], offered: list[Method], plans, task: Task) -> dict[str, Method]:
+    """Each refiner among ``methods`` (a trainer that refines another model's fold exports,
+    ``DiffusionRefinementTrainer``) → the method whose answers it refines: the one among ``offered`` whose results
+    folder is the refiner's initial model (nnU-Net's for segmentation, the regression of the same configuration for
+    translation). Its folds are trained first and its training time counts in the refiner's row."""
+    from spinediff.training.refinement import initial_model_for
+    from spinediff.training.registry import find_trainer, is_spinediff_trainer
+
+    initials = {}
+    for method in methods:
+        if not (is_spinediff_trainer(method.trainer)
+                and getattr(find_trainer(method.trainer), "refines_initial_answers", False)):
+            continue
+        patch_dims = len(plans.configuration(method.configuration).manager.patch_size)
+        name = initial_model_for(plans.planned_names, method.configuration, task, patch_dims)
+        initial = next((m for m in offered if m.folder_name == name), None)
+        if initial is None:
+            raise SpineDiffError(f"{method.name} refines the answers of {name}, which this benchmark does not offer; "
+                                 "plan its configuration (spinediff plan).")
+        initials[method.name] = initial
+    return initials
+
+
 def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, work: Path) -> Path:
     """Segmentation: labelsTr. Images: a folder of links CASE.nii.gz → imagesTr/CASE_{target}.nii.gz."""
     if task.writes_labels:
@@ -245,9 +268,17 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     plans = SpineDiffPlans.read(preprocessed / name / "nnUNetPlans.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
-    methods = methods or select_methods(methods_for(spec.task, plans.planned_names, dims), method_names)
+    offered = methods_for(spec.task, plans.planned_names, dims)
+    methods = methods or select_methods(offered, method_names)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
+    # a refiner's initial model is trained first (and shown) even when --methods names the refiner alone
+    initials = refinement_initials(methods, offered + methods, plans, spec.task)
+    added = [m for m in dict.fromkeys(initials.values()) if m not in methods]
+    if added:
+        print(f"[benchmark] also training {', '.join(m.name for m in added)}: the refinement row refines its "
+              "answers", flush=True)
+        methods = added + methods
     from spinediff.planning.completion import verify_for_training
 
     for method in methods:  # an interrupted or damaged preprocessing is refused before any fold starts
@@ -283,9 +314,9 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
             segmenter_folder, _ = train_downstream_segmenter(name, folds, options, reuse=reuse)
             options.perception_model = str(segmenter_folder)
         # every (method, fold) in one queue, so that side-by-side workers never wait for a method to finish
-        # a refiner validates from its initial model's fold exports (nnU-Net's): refiners run in a second wave
-        refiners = [m for m in methods if is_spinediff_trainer(m.trainer)
-                    and getattr(find_trainer(m.trainer), "refines_initial_answers", False)]
+        # a refiner validates from its initial model's fold exports (nnU-Net's, the regression's): refiners run in a
+        # second wave, after every fold of the initial model is trained and validated
+        refiners = [m for m in methods if m.name in initials]
         timings = {}
         for wave in ([m for m in methods if m not in refiners], refiners):
             jobs = [(method, fold) for fold in folds for method in wave]
@@ -294,8 +325,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         outcomes = []
         for method in methods:
             result = collect_result(method, folds, [timings[(method.name, str(f))] for f in folds])
-            initial = next((m for m in methods if method in refiners and m.baseline
-                            and m.configuration[:2] == method.configuration[:2]), None)
+            initial = initials.get(method.name)
             if initial is not None:  # the row's cost includes the model whose answers it refines
                 result.train_seconds += sum(timings[(initial.name, str(f))]["train_seconds"] for f in folds)
                 result.inference_seconds_per_case += timings[(initial.name, str(folds[-1]))][

@@ -68,9 +68,16 @@ def initial_estimate(answers: InitialAnswerFolder, case: str, properties: dict, 
 
 def default_initial_model(plans_manager, configuration: str, task, patch_dims: int) -> str:
     """``TRAINER__PLANS__CONFIG`` of the model whose answers a refiner of ``configuration`` starts from."""
-    plans = plans_manager.plans_name
+    return initial_model_for(plans_manager.available_configurations, configuration, task, patch_dims,
+                             plans_manager.plans_name)
+
+
+def initial_model_for(available: list[str] | tuple[str, ...], configuration: str, task, patch_dims: int,
+                      plans: str = "nnUNetPlans") -> str:
+    """:func:`default_initial_model` from the plans' configuration names (the benchmark asks it before any trainer
+    exists): nnU-Net's ``nnUNetTrainer`` on the CPU configuration of the same dimension for segmentation, the
+    ``RegressionTrainer`` of the refiner's own configuration for translation."""
     if task.writes_labels:
-        available = plans_manager.available_configurations
         for name in NNUNET_CONFIGURATIONS[patch_dims]:
             if name in available:
                 return model_folder_name("nnUNetTrainer", name, plans)
