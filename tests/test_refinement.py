@@ -290,3 +290,118 @@ def test_translation_refiner_starts_from_the_same_folds_regression(phantom_root,
     ours = json.loads((refiner / "validation_metrics.json").read_text())["mean"]
     theirs = json.loads((regression / "validation_metrics.json").read_text())["mean"]
     assert ours["mae"] == pytest.approx(theirs["mae"], rel=0.02)
+
+
+TRANSLATION = "Dataset902_SpinePhantomTranslation"
+REGRESSION = "RegressionTrainer__nnUNetPlans__2d_diffusion"
+REFINER = "DiffusionRefinementTrainer__nnUNetPlans__2d_diffusion"
+
+
+@pytest.fixture(scope="module")
+def translation_benchmark(phantom_root, tmp_path_factory):
+    """The benchmark of the translation refinement row alone on folds 0 and 1 of the tiny phantom (3 cases, one
+    validation case per fold), one epoch of two steps per fold: the regression is added and trained first."""
+    from spinediff.experiments.benchmark import run_benchmark
+    from spinediff.planning.api import plan_dataset
+
+    base = tmp_path_factory.mktemp("refine_benchmark")
+    raw = base / "raw"
+    raw.mkdir()
+    (raw / TRANSLATION).symlink_to(phantom_root / TRANSLATION, target_is_directory=True)
+    with nnunet_folders(raw, base) as env:
+        plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
+        ensure_splits(base / "preprocessed" / TRANSLATION)
+        options = TrainingOptions(**{**TINY.__dict__, "device": "cpu"})
+        summary = run_benchmark(902, folds=[0, 1], options=options, output=base / "bench",
+                                method_names=["DiffusionRefinementTrainer"])
+        yield {**env, "base": base, "raw": raw / TRANSLATION, "summary": summary,
+               "results": base / "results" / TRANSLATION}
+
+
+def test_benchmark_refines_each_folds_regression_after_it_and_counts_its_time(translation_benchmark):
+    """Two waves: every fold of the regression is trained and validated before any fold of the refiner starts, and the
+    refiner's fold f refines the regression's fold f export (at start level 0 its validation is that export, case by
+    case); the refinement row's training time is its own plus the regression's, its time per case both."""
+    import json
+
+    from spinediff.training.api import build_trainer
+
+    summary, results = translation_benchmark["summary"], translation_benchmark["results"]
+    rows = {row["method"]: row for row in summary["methods"]}
+    assert list(rows) == ["Regression U-Net 2D", "Regression + diffusion refinement 2D"]  # the regression was added
+    timing = {(name, f): json.loads((results / name / f"fold_{f}" / "benchmark_timing.json").read_text())
+              for name in (REGRESSION, REFINER) for f in (0, 1)}
+    validated = max((results / REGRESSION / f"fold_{f}" / "validation_metrics.json").stat().st_mtime for f in (0, 1))
+    started = min((results / REFINER / f"fold_{f}" / "debug.json").stat().st_mtime for f in (0, 1))
+    assert validated <= started
+    refiner_seconds = sum(timing[(REFINER, f)]["train_seconds"] for f in (0, 1))
+    regression_seconds = sum(timing[(REGRESSION, f)]["train_seconds"] for f in (0, 1))
+    row = rows["Regression + diffusion refinement 2D"]
+    assert row["train_minutes"] * 60 == pytest.approx(refiner_seconds + regression_seconds, rel=1e-9)
+    assert rows["Regression U-Net 2D"]["train_minutes"] * 60 == pytest.approx(regression_seconds, rel=1e-9)
+    assert row["inference_s_per_case"] == pytest.approx(timing[(REFINER, 1)]["inference_seconds_per_case"]
+                                                        + timing[(REGRESSION, 1)]["inference_seconds_per_case"])
+    with nnunet_folders(translation_benchmark["base"] / "raw", translation_benchmark["base"]):
+        for fold in (0, 1):
+            trainer = build_trainer(902, "2d_diffusion", fold, "DiffusionRefinementTrainer", device="cpu")
+            trainer.initialize()
+            assert trainer.initial_answers_folder() == results / REGRESSION / f"fold_{fold}" / "validation"
+            trainer.load_checkpoint(str(results / REFINER / f"fold_{fold}" / "checkpoint_final.pth"))
+            trainer.refine_from = 0.0
+            trainer.perform_actual_validation(False)
+            ours = json.loads((results / REFINER / f"fold_{fold}" / "validation_metrics.json").read_text())
+            theirs = json.loads((results / REGRESSION / f"fold_{fold}" / "validation_metrics.json").read_text())
+            assert ours["per_case"].keys() == theirs["per_case"].keys()
+            for case, metrics in theirs["per_case"].items():
+                assert ours["per_case"][case]["mae_body"] == pytest.approx(metrics["mae_body"], rel=0.02)
+
+
+def test_find_best_ranks_the_refinement_and_its_command_runs_the_regression_itself(translation_benchmark, tmp_path):
+    """find_best ranks the refinement model beside the regression; its predict command (the one find_best gives when
+    it wins) names no initial answers and runs the regression's folds itself, in one command."""
+    import json
+    import shlex
+
+    from spinediff.cli import main
+    from spinediff.inference.find_best import find_best, predict_command
+
+    with nnunet_folders(translation_benchmark["base"] / "raw", translation_benchmark["base"]):
+        result = find_best(902, folds=[0, 1], output=tmp_path / "find_best.json")
+        ranked = {c.name: c for c in result.ranking}
+        assert set(ranked) == {REGRESSION, REFINER}
+        command = predict_command("902", ranked[REFINER])
+        if result.winner == REFINER:
+            assert result.commands == [command]
+        assert "--init" not in command and "-tr DiffusionRefinementTrainer" in command and "-f 0 1" in command
+        key = "phantom_001"
+        inputs = tmp_path / "in"
+        inputs.mkdir()
+        for image in (translation_benchmark["raw"] / "imagesTr").glob(f"{key}_000[01].nii.gz"):
+            shutil.copy(image, inputs / image.name)
+        argv = shlex.split(command.replace("INPUT_FOLDER", str(inputs)).replace("OUTPUT_FOLDER", str(tmp_path / "out")))
+        assert argv[:2] == ["spinediff", "predict"]
+        assert main([*argv[1:], "--steps", "1", "--samples", "1"]) == 0
+    settings = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert settings["refinement"]["initial_answers"] == str(translation_benchmark["results"] / REGRESSION)
+    synthetic = sitk.ReadImage(str(tmp_path / "out" / f"{key}.nii.gz"))
+    reference = sitk.ReadImage(str(translation_benchmark["raw"] / "imagesTr" / f"{key}_0002.nii.gz"))
+    assert synthetic.GetSize() == reference.GetSize()
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".initial")]
+
+
+def test_combine_spinesegdiff_is_refused_where_it_does_not_apply(translation_benchmark, tmp_path):
+    """--combine spinesegdiff combines class probabilities of a refiner: a translation benchmark and a trainer that
+    is not a refiner are refused before any work, naming the option."""
+    from spinediff.cli import main
+    from spinediff.experiments.benchmark import run_benchmark
+
+    options = TrainingOptions(**{**TINY.__dict__, "device": "cpu", "combine": "spinesegdiff"})
+    with nnunet_folders(translation_benchmark["base"] / "raw", translation_benchmark["base"]):
+        with pytest.raises(SpineDiffError, match="--combine spinesegdiff.*translation dataset"):
+            run_benchmark(902, folds=[0], options=options, output=tmp_path / "bench",
+                          method_names=["DiffusionRefinementTrainer"])
+        assert main(["train", "-d", "902", "-c", "2d_diffusion", "-f", "2", "-tr", "RegressionTrainer",
+                     "--combine", "spinesegdiff", "--epochs", "1"]) == 2
+        assert not (translation_benchmark["results"] / REGRESSION / "fold_2").exists()
+    with pytest.raises(SpineDiffError, match="--combine must be one of"):
+        TrainingOptions(combine="median")

@@ -274,6 +274,11 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     # a refiner's initial model is trained first (and shown) even when --methods names the refiner alone
     initials = refinement_initials(methods, offered + methods, plans, spec.task)
+    if getattr(options, "combine", None) == "spinesegdiff" and not (spec.task.writes_labels and initials):
+        raise SpineDiffError("--combine spinesegdiff combines a segmentation refiner's class probabilities "
+                             "(DiffusionRefinementTrainer on a segmentation dataset); "
+                             + (f"{name} is a {spec.task.name} dataset." if not spec.task.writes_labels else
+                                "--methods names no refiner."))
     added = [m for m in dict.fromkeys(initials.values()) if m not in methods]
     if added:
         print(f"[benchmark] also training {', '.join(m.name for m in added)}: the refinement row refines its "
@@ -358,8 +363,10 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         write_json(summary, out / "benchmark.json")
         write_text(csv_text(rows), out / "benchmark.csv")
         budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
+        combined = (" The refinement's validation samples are combined as SpineSegDiff does (--combine "
+                    "spinesegdiff), not averaged." if options.combine == "spinesegdiff" else "")
         write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
-                   f"fold.\n\n{table}\n", out / "benchmark.md")
+                   f"fold.{combined}\n\n{table}\n", out / "benchmark.md")
         from spinediff.evaluation.figures import metric_boxplot
 
         metric = spec.task.primary_metric

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.diffusion.refinement import COMBINATIONS
 from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
 from spinediff.utilities.argtypes import duration, minutes, positive_int
@@ -15,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch,
                               num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples,
-                              device=args.device, precision=args.precision)
+                              device=args.device, precision=args.precision, combine=args.combine)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -68,6 +69,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per validation case (default: the plans' num_samples, as "
                              "`spinediff predict` does; 1 scores a single sample, K times faster)")
+    parser.add_argument("--combine", choices=COMBINATIONS, default=None,
+                        help="segmentation, the refinement row (DiffusionRefinementTrainer): combine its validation "
+                             "samples as SpineSegDiff does (spinesegdiff: the last 10 steps' estimates weighted "
+                             "towards the last) instead of their mean; its folds are validated again when their last "
+                             "validation combined otherwise (the training is reused). Run the benchmark once with "
+                             "each into two -o folders to compare them")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")
     parser.add_argument("--downstream", action="store_true",
                         help="translation: also train nnU-Net on the real CT (same folds and budget) and report its "

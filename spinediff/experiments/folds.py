@@ -85,8 +85,22 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
     folder = Path(trainer.output_folder)
     done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
     timing_file = folder / "benchmark_timing.json"
+    # segmentation keeps the class probabilities: the post-processing may form its foreground from them
+    task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
+    combine = getattr(trainer, "combine", None)  # a refinement model's combination of its samples (--combine)
     if reuse and done and timing_file.is_file():
-        return read_json(timing_file)
+        timing = read_json(timing_file)
+        if combine is None or timing.get("combine", "mean") == combine:
+            return timing
+        # validated with the other combination of the samples: validate again, keep the training's record
+        maybe_load_checkpoint(trainer, False, True)
+        report(f"validating again, samples combined by {combine} (was {timing.get('combine', 'mean')})")
+        start = time.perf_counter()
+        trainer.perform_actual_validation(task.writes_labels)
+        timing.update(inference_seconds_per_case=(time.perf_counter() - start) / max(1, len(trainer.do_split()[1])),
+                      network_evaluations_per_window=_network_evaluations(trainer), combine=combine)
+        write_json(timing, timing_file)
+        return timing
     schedule = {}
     if not (folder / "checkpoint_final.pth").is_file():
         maybe_load_checkpoint(trainer, (folder / "checkpoint_latest.pth").is_file(), False)
@@ -103,8 +117,6 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
         lrs = logging.get("lrs", [])
         schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
     start = time.perf_counter()
-    # segmentation keeps the class probabilities: the post-processing may form its foreground from them
-    task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
     trainer.perform_actual_validation(task.writes_labels)
     n_val = max(1, len(trainer.do_split()[1]))
     timing = {"train_seconds": train_seconds, "epochs": epochs,
@@ -114,6 +126,8 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
               "budget_seconds": budget, "refits": schedule.get("refits", []),
               "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
               "network_evaluations_per_window": _network_evaluations(trainer)}
+    if combine is not None:
+        timing["combine"] = combine
     write_json(timing, timing_file)
     return timing
 

@@ -199,6 +199,12 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
 
     options = options or TrainingOptions()
     device = options.device if device is None else device  # one source: --device fills TrainingOptions.device
+    if options.combine not in (None, "mean"):  # refused before the fold folder is made
+        from spinediff.training.registry import find_trainer, is_spinediff_trainer
+
+        if not (is_spinediff_trainer(trainer) and getattr(find_trainer(trainer), "refines_initial_answers", False)):
+            raise SpineDiffError(f"--combine {options.combine}: only a refinement model (DiffusionRefinementTrainer) "
+                                 f"combines its samples otherwise than by their mean; {trainer} does not.")
     with contextlib.ExitStack() as locks:  # the fold folder's lock, held to the end
         instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier,
                                  device=device, continue_training=continue_training, prediction_type=prediction_type,

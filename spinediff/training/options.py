@@ -27,8 +27,15 @@ class TrainingOptions:
     device: str | object = "auto"  # where to train: auto | cpu | cuda | cuda:N, or a torch.device (--device)
     precision: str | None = None  # auto | fp32 | bf16 | fp16 (None: the trainer's, auto)
     console_log: bool = False  # benchmark/demo: nnU-Net's full log on the console too (always in its log file)
+    #: a refinement model's final validation: ``mean`` of the K samples (None: mean) or ``spinesegdiff`` (the last
+    #: steps' weighted estimates; segmentation only; spinediff.diffusion.refinement.StepCombination)
+    combine: str | None = None
 
     def __post_init__(self) -> None:
         # checked when the options are made, before a trainer creates its fold folder
         if self.validation_samples is not None and int(self.validation_samples) < 1:
             raise SpineDiffError(f"--val-samples must be at least 1, got {self.validation_samples}.")
+        from spinediff.diffusion.refinement import COMBINATIONS
+
+        if self.combine is not None and self.combine not in COMBINATIONS:
+            raise SpineDiffError(f"--combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.diffusion.refinement import COMBINATIONS
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, train
 from spinediff.utilities.argtypes import (
@@ -50,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
                               mask_ablation_probability=args.mask_ablation, perception_model=args.perception_model,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
                               save_probabilities=args.npz, validation_samples=args.val_samples,
-                              precision=args.precision, device=args.device)
+                              precision=args.precision, device=args.device, combine=args.combine)
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
 
@@ -103,6 +104,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per case in the final validation (default: the plans' "
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
+    parser.add_argument("--combine", choices=COMBINATIONS, default=None,
+                        help="DiffusionRefinementTrainer (segmentation): how the final validation combines the "
+                             "samples: mean (the default: mean class probabilities of the K samples, as `spinediff "
+                             "predict`) or spinesegdiff (SpineSegDiff: each step's mean over the samples, the last "
+                             "10 steps weighted towards the last; use with --val-samples 15 as SpineSegDiff). With "
+                             "--val-only it re-validates a trained fold the other way")
     parser.add_argument("--mask-ablation", type=fraction,
                         help="SegGuidedGenerationTrainer: probability of dropping each class from the condition")
     parser.add_argument("--perception-model", metavar="FOLDER", type=existing_folder,
