@@ -99,8 +99,9 @@ def time_cases(cases: list[str], repeats: int, predict_case, num_classes: int, o
 
 def worker_diffusion(spec: dict) -> dict:
     from spinediff.inference.inputs import InputCase
-    from spinediff.inference.models import INFERENCE_BATCH_FACTOR, ModelFolder
+    from spinediff.inference.models import ModelFolder
     from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
+    from spinediff.prediction.core import INFERENCE_BATCH_FACTOR
 
     predictor = SpineDiffPredictor(ModelFolder.open(Path(spec["folder"]).parent), [str(pc.FOLD)])
     model = predictor.models[0]
@@ -127,15 +128,17 @@ def worker_diffusion(spec: dict) -> dict:
     settings.append({"steps": steps, "num_samples": ensemble,
                      "window_batch_size": max(1, default_window_batch // INFERENCE_BATCH_FACTOR)})
     for key in spec["cases"]:  # warm-up: reading, preprocessing, export and the network's shapes
-        runner(PredictionOptions(num_samples=1, num_inference_steps=1))(key, work / "warmup" / f"{key}.nii.gz")
+        warmup = PredictionOptions(predictor.sampling(num_samples=1, num_inference_steps=1))
+        runner(warmup)(key, work / "warmup" / f"{key}.nii.gz")
     loaded = memory_kib()  # its VmHWM: the peak of start-up, loading and warm-up
     reset = reset_peak()
     rows = []
     for index, setting in enumerate(settings):
         model.window_batch_size = setting.get("window_batch_size", default_window_batch)
-        options = PredictionOptions(num_samples=setting["num_samples"], num_inference_steps=setting["steps"])
+        options = PredictionOptions(predictor.sampling(num_samples=setting["num_samples"],
+                                                       num_inference_steps=setting["steps"]))
         if "window_batch_size" in setting:
-            runner(PredictionOptions(num_samples=setting["num_samples"], steps=1))(
+            runner(PredictionOptions(predictor.sampling(num_samples=setting["num_samples"], num_inference_steps=1)))(
                 spec["cases"][0], work / "warmup" / f"{spec['cases'][0]}.nii.gz")  # the new batch shape
         measured = time_cases(spec["cases"], spec["repeats"], runner(options), num_classes, work / f"setting{index}")
         rows.append({**setting, "default_window_batch_size": default_window_batch, **measured})

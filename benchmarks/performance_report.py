@@ -238,7 +238,7 @@ def _inference_text(inference: dict | None) -> str:
     if batched:
         text.append(f"Fuller calls: `spinediff predict` evaluates windows in batches of up to "
                     f"{batched['default_window_batch_size']} (4x the plans' training batch; "
-                    "`INFERENCE_BATCH_FACTOR` in `spinediff/inference/models.py`), so with "
+                    "`INFERENCE_BATCH_FACTOR` in `spinediff/prediction/core.py`), so with "
                     f"K = {batched['num_samples']} every DDIM step of a slice is one network call. With the "
                     f"training batch ({batched['window_batch_size']}) each step was a full call plus one padded "
                     f"with copies: Dice {batched['dice']:.3f} vs {plans['dice']:.3f} (the same samples up to float "

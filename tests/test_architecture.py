@@ -18,6 +18,7 @@ LAYERS = [
     {"datasets"},
     {"registration", "networks", "diffusion"},
     {"planning"},
+    {"prediction"},  # the prediction core shared by the trainers' final validation and `spinediff predict`
     {"training"},
     {"run"},
     {"inference"},

@@ -292,8 +292,8 @@ def test_two_fold_ensemble_is_the_mean_of_the_single_folds(trained):
     case = InputCase("phantom_002", tuple(trained["raw"] / SEG / "imagesTr" / f"phantom_002_{c:04d}.nii.gz"
                                           for c in (0, 1)), ".nii.gz")
     folder = model_folder(SEG, CONFIG, "DiffusionSegmentationTrainer")
-    options = PredictionOptions(num_samples=2, num_inference_steps=2, seed=11)
     both = SpineDiffPredictor(folder, [0, 1])
+    options = PredictionOptions(both.sampling(num_samples=2, num_inference_steps=2), seed=11)
     condition = both.preprocess(case).condition
     ensemble = both.sample(condition, options)
     singles = [SpineDiffPredictor(folder, [f]).sample(condition, options) for f in (0, 1)]

@@ -13,7 +13,7 @@ from conftest import nnunet_folders
 
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, build_trainer
-from spinediff.training.precision import AutocastNetwork, autocast_dtype
+from spinediff.utilities.precision import AutocastNetwork, autocast_dtype
 
 RUN = TrainingOptions(epochs=2, iterations_per_epoch=3, val_iterations_per_epoch=1, num_inference_steps=2,
                       validation_samples=1, seed=3)

@@ -40,10 +40,10 @@ def trained_3d(phantom_root, tmp_path_factory):
 
 def test_3d_translation_trains_validates_and_predicts_in_the_input_geometry(trained_3d, tmp_path):
     from spinediff.diffusion.sampler import SlidingWindowSampler
-    from spinediff.inference.models import FoldModel, model_folder
+    from spinediff.inference.models import load_fold_model, model_folder
 
     folder = model_folder(902, CONFIG, TRAINER)
-    model = FoldModel.load(folder, 0)
+    model = load_fold_model(folder, 0)
     assert model.patch_size == tuple(PATCH) and len(model.patch_size) == 3
     # the validation exports of the 3D model, in each case's raw geometry
     exported = sorted((folder.path / "fold_0" / "validation").glob("*.nii.gz"))

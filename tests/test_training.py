@@ -308,23 +308,27 @@ def test_deep_supervision_trains_every_resolution_and_predicts_from_the_full_one
 
 
 def test_final_validation_averages_the_samples_class_probabilities(nnunet_env):
-    """K validation samples are combined as `spinediff predict` combines them: segmentation averages the class
-    probabilities of the samples (returned in a sample's one-hot scale), images average the samples; the default
-    K is the plans' num_samples."""
-    from spinediff.training.validation import ValidationExporter
+    """K validation samples are combined by the prediction core that `spinediff predict` uses: segmentation averages
+    the class probabilities of the samples, images average the samples in the target's units; the default K is the
+    plans' num_samples."""
+    from spinediff.prediction.core import add_members, new_statistics
 
     trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
     assert trainer.final_validation_samples == trainer.settings.num_samples
+    assert trainer.validation_sampling().num_samples == trainer.settings.num_samples
     one_hot = torch.nn.functional.one_hot(torch.tensor([[0, 1], [2, 3]]), 4).movedim(-1, 0).float() * 2 - 1
     other = torch.roll(one_hot, 1, dims=0)  # every voxel another class
-    combined = ValidationExporter(trainer)._ensemble(torch.stack([one_hot, one_hot, other]))
-    probabilities = trainer.task.probabilities(combined[None], channel_axis=1)[0]
+    statistics = new_statistics(trainer.task)
+    add_members(statistics, torch.stack([one_hot, one_hot, other]), trainer.task)
     expected = (2 * (one_hot + 1) / 2 + (other + 1) / 2) / 3
-    assert torch.allclose(probabilities, expected, atol=1e-6)
-    assert torch.equal(probabilities.argmax(0), one_hot.argmax(0))  # the majority wins
+    assert torch.allclose(statistics.mean, expected, atol=1e-6)
+    assert torch.equal(statistics.mean.argmax(0), one_hot.argmax(0))  # the majority wins
     translation = build_trainer(902, "2d_diffusion", 0, "DiffusionTranslationTrainer")
     images = torch.randn(3, 1, 4, 4)
-    assert torch.allclose(ValidationExporter(translation)._ensemble(images), images.mean(0))
+    statistics = new_statistics(translation.task)
+    add_members(statistics, images, translation.task)
+    assert torch.allclose(statistics.mean, translation.task.to_original_units(images, channel_axis=1).mean(0),
+                          atol=1e-3)
 
 
 def test_rectified_flow_configuration_trains_validates_and_predicts(nnunet_env, tmp_path):

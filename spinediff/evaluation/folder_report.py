@@ -198,7 +198,7 @@ def _entropy_map(probabilities_file: Path, like: sitk.Image | None) -> sitk.Imag
     if like is None or not probabilities_file.is_file():
         return None
     from spinediff.inference.postprocessing import load_probabilities
-    from spinediff.inference.uncertainty import class_entropy
+    from spinediff.prediction.statistics import class_entropy
 
     try:
         probabilities = load_probabilities(probabilities_file).astype(np.float32)

@@ -17,6 +17,7 @@ One sample per case measures the solver, not the ensemble; K samples cost K time
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections.abc import Sequence
 
@@ -28,6 +29,7 @@ from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
 from spinediff.diffusion.solvers import solver_class
 from spinediff.errors import SpineDiffError
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice, SamplingSetting
+from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 TOLERANCE = 0.01
 #: Candidates for models of the cosine/linear schedules and of rectified flow.
@@ -64,15 +66,27 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
 
     Returns the record written to ``sampling.json``'s ``chosen`` block, with the choice itself under ``choice``.
     """
+    from spinediff.inference.models import model_folder
+
+    folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
+    # one choice per model folder: its sampling.json's lock, before the check that it is new, held to the end
+    lock = folder_lock(folder.path, name=f".{SAMPLING_FILE}{LOCK_NAME}", create=False) if write else \
+        contextlib.nullcontext()
+    with lock:
+        return _tune(folder, configuration, trainer, folds, candidates, tolerance, max_cases, plans_identifier,
+                     device, seed, write, overwrite, progress)
+
+
+def _tune(folder, configuration: str, trainer: str, folds: Sequence[int | str] | None,
+          candidates: Sequence[str] | None, tolerance: float, max_cases: int | None, plans_identifier: str,
+          device: str, seed: int, write: bool, overwrite: bool, progress: bool) -> dict:
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
     from spinediff.inference.api import trained_folds
-    from spinediff.inference.models import model_folder
     from spinediff.inference.predictor import PredictionOptions, SpineDiffPredictor
     from spinediff.io import read_json
     from spinediff.paths import nnunet_folder
 
-    folder = model_folder(dataset, configuration, trainer, plans_identifier, results_folder)
     folds = [str(f) for f in (folds if folds is not None else trained_folds(folder.path))]
     if write and not overwrite and (folder.path / SAMPLING_FILE).is_file():
         raise SpineDiffError(f"{folder.path / SAMPLING_FILE} already exists; pass --overwrite to choose again (or "
@@ -95,6 +109,10 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
     if not splits_file.is_file():
         raise SpineDiffError(f"{splits_file} is missing: the folds' validation cases are read from it.")
     splits = read_json(splits_file)
+    beyond = [f for f in folds if not f.isdigit() or int(f) >= len(splits)]
+    if beyond:  # every fold is checked before the first is sampled
+        raise SpineDiffError(f"Fold(s) {', '.join(beyond)} have no validation cases in {splits_file} (it has folds "
+                             f"0-{len(splits) - 1}); choose others with -f.")
     data_folder = str(preprocessed / folder.configuration_manager.data_identifier)
     scores: dict[str, list[float]] = {s.label(): [] for s in settings}
     seconds: dict[str, float] = {s.label(): 0.0 for s in settings}
@@ -120,8 +138,9 @@ def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds
             seg = torch.from_numpy(np.asarray(seg[:], dtype=np.int16))
             condition = predictor.task.condition(data[None], seg[None])[0]
             for setting in settings:
-                options = PredictionOptions(num_samples=1, num_inference_steps=setting.num_inference_steps, seed=seed,
-                                            solver=setting.solver, warm_start=setting.warm_start or 0.0)
+                sampling = predictor.sampling(num_samples=1, num_inference_steps=setting.num_inference_steps,
+                                              solver=setting.solver, warm_start=setting.warm_start or 0.0)
+                options = PredictionOptions(sampling, seed=seed)
                 start = time.perf_counter()
                 if refinement:
                     predictor.set_case(key, properties)
@@ -215,7 +234,7 @@ def _candidate(text: str) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from spinediff.utilities.argtypes import fraction, positive_int
+    from spinediff.utilities.argtypes import fold, fraction, positive_int
     from spinediff.utilities.device import add_device_argument
 
     parser = subparsers.add_parser(
@@ -234,7 +253,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", "--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    parser.add_argument("-f", "--folds", nargs="+", type=fold, default=None, help="folds (default: every trained fold)")
     parser.add_argument("--candidates", nargs="+", metavar="SOLVER:STEPS[@WARM]", type=_candidate,
                         help=f"settings to compare (default: {' '.join(DDPM_CANDIDATES)}; rectified flow: "
                              f"{' '.join(FLOW_CANDIDATES)})")

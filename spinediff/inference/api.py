@@ -11,7 +11,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from spinediff.diffusion.solvers import check_solver
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, select_part
 from spinediff.inference.models import model_folder
@@ -19,6 +18,7 @@ from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDi
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
+from spinediff.prediction.sampling import SamplingRequest
 from spinediff.utilities.lock import LOCK_NAME, PART_LOCK_PREFIX, folder_lock, other_holders
 
 
@@ -48,20 +48,6 @@ class PredictionReport:
                 "cases": {c.identifier: asdict(c) for c in self.cases}}
 
 
-def _check_options(options: PredictionOptions, predictor: SpineDiffPredictor) -> None:
-    if options.num_samples is not None and options.num_samples < 1:
-        raise SpineDiffError(f"--samples must be at least 1, got {options.num_samples}.")
-    total = predictor.settings.num_train_timesteps
-    if options.num_inference_steps is not None and not 1 <= options.num_inference_steps <= total:
-        raise SpineDiffError(f"--steps must be in [1, {total}], got {options.num_inference_steps}.")
-    if options.eta is not None and not 0 <= options.eta <= 1:
-        raise SpineDiffError(f"--eta must be in [0, 1], got {options.eta}.")
-    if options.warm_start is not None and not 0 <= options.warm_start < 1:
-        raise SpineDiffError(f"--warm-start must be in [0, 1) (0: from pure noise), got {options.warm_start}.")
-    check_solver(options.solver or predictor.settings.solver, predictor.settings.noise_schedule, total,
-                 options.num_inference_steps, option="--solver")
-
-
 def trained_folds(path: Path, checkpoint: str = "final") -> list[str]:
     """The folds of a results folder (``fold_0`` ... ``fold_all``) that hold ``checkpoint_<checkpoint>.pth``."""
     names = [p.name[len("fold_"):] for p in path.glob("fold_*") if (p / f"checkpoint_{checkpoint}.pth").is_file()]
@@ -89,15 +75,12 @@ def _output_lock(output: Path, num_parts: int, part_id: int) -> Iterator[None]:
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
             configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
             plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "auto",
-            num_samples: int | None = None, num_inference_steps: int | None = None, eta: float | None = None,
-            seed: int = 0,
-            tta: bool | None = None, save_uncertainty: bool = False, save_probabilities: bool = False,
-            overwrite: bool = False, results_folder: str | os.PathLike | None = None,
-            progress: bool = True, postprocessing: bool = True, num_parts: int = 1,
-            part_id: int = 0, precision: str = "auto", solver: str | None = None,
-            warm_start: float | None = None, tuned_sampling: bool = True,
-            init_from: str | os.PathLike | None = None, init_model: str | None = None,
-            init_noise: float | None = None, combine: str = "mean") -> PredictionReport:
+            sampling: SamplingRequest | None = None, seed: int = 0, save_uncertainty: bool = False,
+            save_probabilities: bool = False, overwrite: bool = False,
+            results_folder: str | os.PathLike | None = None, progress: bool = True, postprocessing: bool = True,
+            num_parts: int = 1, part_id: int = 0, init_from: str | os.PathLike | None = None,
+            init_model: str | None = None, init_noise: float | None = None, combine: str = "mean",
+            **sampling_keywords) -> PredictionReport:
     """Predict every case of ``input_folder`` with the ensemble of ``folds`` and write the results.
 
     Args:
@@ -108,15 +91,14 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         folds: the folds to ensemble (their x0 estimates / class probabilities are averaged); None: every
             fold of the results folder that has the checkpoint (e.g. just fold 0 after a single-fold training).
         checkpoint: ``final`` or ``best``.
-        num_samples, num_inference_steps, eta: the sample ensemble size K, DDIM steps and eta (None: the model's plans).
-        solver: the step rule of sampling, a name of :mod:`spinediff.diffusion.solvers` (None: the plans').
-        warm_start: start sampling at this fraction of T from the network's one-call estimate (None: the plans';
-            0: from pure noise; see ``VolumePredictor.warm_started``).
-        tuned_sampling: when none of ``solver``, ``num_inference_steps`` and ``warm_start`` is given, sample as the
-            model folder's ``sampling.json`` says (chosen on the cross-validation by ``spinediff tune_sampling``),
-            if it has one; False: as the plans say.
+        sampling, sampling_keywords: how to sample, a :class:`~spinediff.prediction.sampling.SamplingRequest` and/or
+            its fields as keywords (``num_samples``, ``num_inference_steps``, ``eta``, ``solver``, ``warm_start``,
+            ``precision``, ``tta``, ``tuned_sampling``; None: the model's). The model's plans, its ``sampling.json``
+            (chosen on the cross-validation by ``spinediff tune_sampling``, used when none of ``solver``,
+            ``num_inference_steps`` and ``warm_start`` is given and ``tuned_sampling`` is True) and the request are
+            combined once (:func:`~spinediff.prediction.sampling.resolve_sampling`); ``warm_start`` 0 starts from
+            pure noise; ``tta`` None mirrors on GPUs only.
         seed: the base seed; the same seed gives the same output.
-        tta: mirroring test-time augmentation (None: on for GPUs, off on the CPU).
         save_uncertainty: write ``CASE_uncertainty`` (and ``CASE_variance`` for segmentation) and
             ``CASE_uncertainty.json``.
         save_probabilities: segmentation: write the mean class probabilities ``CASE.npz`` (raw geometry)
@@ -147,9 +129,10 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     from spinediff.inference.refinement import RefiningPredictor, plan_refinement, predict_initial_answers
 
     folds = [str(f) for f in folds]
-    tuned = SamplingChoice.read(folder.path) if tuned_sampling and num_inference_steps is None else None
+    request = SamplingRequest.from_keywords(sampling, **sampling_keywords)
+    choice = SamplingChoice.read(folder.path) if request.tuned_sampling and not request.names_sampling else None
     refinement = plan_refinement(folder, folds, init_from, init_model, init_noise,
-                                 tuned.setting.warm_start if tuned is not None else None)
+                                 choice.setting.warm_start if choice is not None else None)
     if refinement is None:
         predictor = SpineDiffPredictor(folder, folds, checkpoint, device)
     else:
@@ -161,16 +144,12 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         predictor.postprocessing = Postprocessing.load(folder.path)
     if predictor.task.task.writes_labels:  # review flags on by default: the rule the cross-validation wrote
         predictor.review = ReviewRule.read(folder.path)
-    sampling_from = "command line" if (solver, num_inference_steps, warm_start) != (None, None, None) else "plans"
-    if checkpoint == "distilled" and sampling_from == "plans":
-        sampling_from = "distilled checkpoint"  # the student samples at the steps it was distilled for
-    choice = SamplingChoice.read(folder.path) if tuned_sampling and sampling_from == "plans" else None
-    if choice is not None:
-        solver, num_inference_steps = choice.setting.solver, choice.setting.num_inference_steps
-        warm_start, sampling_from = choice.setting.warm_start or 0.0, str(folder.path / SAMPLING_FILE)
-    options = PredictionOptions(num_samples, num_inference_steps, eta, seed, tta, save_uncertainty, save_probabilities,
-                                precision, solver, warm_start)
-    _check_options(options, predictor)
+    # the student samples at the steps it was distilled for (its checkpoint's diffusion block), not sampling.json's
+    distilled = checkpoint == "distilled"
+    tuned = None if distilled or choice is None else choice.setting
+    resolved = predictor.sampling(request, tuned=tuned, tuned_source=str(folder.path / SAMPLING_FILE),
+                                  plans_source="distilled checkpoint" if distilled else "plans")
+    options = PredictionOptions(resolved, seed, save_uncertainty, save_probabilities)
     cases, problems = discover_cases(input_folder, predictor.layout)
     if not cases and not problems:
         raise SpineDiffError(f"No input images in {input_folder}; expected {predictor.layout.describe()} "
@@ -201,19 +180,14 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
+        sampled = options.sampling.to_dict()
         settings = {"model": str(folder.path), "task": predictor.task.task.name, "trainer": folder.trainer,
                     "configuration": folder.configuration, "plans": folder.plans_identifier,
                     "folds": [m.fold for m in predictor.models], "checkpoint": checkpoint, "device": str(device),
-                    "num_samples": num_samples or predictor.settings.num_samples,
-                    "num_inference_steps": num_inference_steps or predictor.settings.num_inference_steps,
-                    "eta": predictor.settings.eta if eta is None else eta, "seed": seed,
-                    "solver": solver or predictor.settings.solver,
-                    "warm_start": predictor.settings.warm_start if warm_start is None else warm_start or None,
-                    "sampling_from": sampling_from,
-                    "tta": predictor.device.type != "cpu" if tta is None else tta,
-                    "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
+                    **{k: v for k, v in sampled.items() if k != "source"}, "sampling_from": sampled["source"],
+                    "seed": seed, "denoising": predictor.models[0].denoising, "input_folder": str(input_folder),
                     "postprocessing": predictor.postprocessing.to_dict() if predictor.postprocessing.active else None,
-                    "part": {"part_id": part_id, "num_parts": num_parts}, "precision": precision}
+                    "part": {"part_id": part_id, "num_parts": num_parts}}
         if refinement is not None:
             source = refinement["init_from"].path if "init_from" in refinement else refinement["init_model"]
             settings["refinement"] = {"initial_answers": str(source), "init_noise": refinement["init_noise"],

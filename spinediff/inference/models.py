@@ -17,23 +17,17 @@ from pathlib import Path
 
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
 
 from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.settings import DiffusionSettings
-from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
 from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
-from spinediff.training.precision import AutocastNetwork, autocast_dtype
+from spinediff.prediction.core import FoldModel
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
                "distilled": "checkpoint_distilled.pth"}  # spinediff distill's student
-# Windows per network call = this x the plans' training batch. Without gradients a forward pass keeps far
-# less than a training step, and small batches waste the CPU: on Dataset501's 2D network (128x112) one
-# window cost 0.18 CPU-s in batches of 4 and 0.067 CPU-s in batches of 16.
-INFERENCE_BATCH_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -120,77 +114,38 @@ def load_checkpoint(path: str | Path) -> dict:
                              "incomplete.") from None
 
 
-@dataclass
-class FoldModel:
-    """One trained fold: the EMA network and how it predicts a volume."""
+def load_fold_model(folder: ModelFolder, fold: int | str, checkpoint: str = "final",
+                    device: torch.device | str = "cpu") -> FoldModel:
+    """One trained fold of ``folder`` from its checkpoint (EMA weights; see the module docstring)."""
+    from spinediff.training.registry import find_trainer, is_spinediff_trainer, trainer_classes
 
-    fold: str
-    network: nn.Module
-    settings: DiffusionSettings
-    process: DiffusionProcess
-    denoising: bool
-    patch_size: tuple[int, ...]
-    window_batch_size: int
-    mirror_axes: tuple[int, ...]
-    #: unpaired diffusion (UnpairedDiffusionTrainer): the start fraction and the training CT's histogram
-    sdedit: dict | None = None
-
-    @classmethod
-    def load(cls, folder: ModelFolder, fold: int | str, checkpoint: str = "final",
-             device: torch.device | str = "cpu") -> FoldModel:
-        from spinediff.training.registry import find_trainer, is_spinediff_trainer, trainer_classes
-
-        if not is_spinediff_trainer(folder.trainer):
-            names = ", ".join(trainer_classes())
-            raise SpineDiffError(f"{folder.trainer} is not a spinediff trainer ({names}). Predict "
-                                 "nnU-Net's own trainers with nnUNetv2_predict.")
-        if checkpoint not in CHECKPOINTS:
-            raise SpineDiffError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}.")
-        path = folder.fold_folder(fold) / CHECKPOINTS[checkpoint]
-        state = load_checkpoint(path)
-        block = state.get("spinediff")
-        if state.get("trainer_name") != folder.trainer or not isinstance(block, dict):
-            raise SpineDiffError(f"{path} was written by {state.get('trainer_name')!r}, not by spinediff's "
-                                 f"{folder.trainer}; it does not belong in this folder.")
-        settings = DiffusionSettings.from_dict(block["diffusion"], source=str(path))
-        trainer_class = find_trainer(folder.trainer)
-        # The plans' architecture with the checkpoint's diffusion block: the settings the weights were trained with.
-        configuration = copy.deepcopy(folder.configuration_manager.configuration)
-        configuration["diffusion"] = settings.to_dict()
-        network = trainer_class.build_network_architecture(folder.plans_manager, ConfigurationManager(configuration),
-                                                           0, 0, False)
-        try:
-            network.load_state_dict(state["network_weights"])
-        except RuntimeError as exc:
-            raise SpineDiffError(f"{path} does not fit the network of {folder.path / 'plans.json'} ({exc}).") from None
-        network.to(device).eval()
-        axes = state.get("inference_allowed_mirroring_axes") or ()
-        return cls(str(fold), network, settings, DiffusionProcess.from_settings(settings),
-                   bool(block.get("denoising", trainer_class.denoising)),
-                   tuple(int(p) for p in folder.configuration_manager.patch_size),
-                   INFERENCE_BATCH_FACTOR * max(1, int(folder.configuration_manager.batch_size)),
-                   tuple(int(a) for a in axes), state.get("sdedit"))
-
-    def predict(self, condition: torch.Tensor, seed: int, num_samples: int, num_inference_steps: int, eta: float,
-                tta: bool, on_slice=None, precision: str = "auto", solver: str | None = None,
-                warm_start: float | None = None) -> torch.Tensor:
-        """``(K, C, *spatial)`` x0 estimates in [-1, 1] on the CPU; a one-step (non-denoising) model gives one."""
-        # 2D slices are small: all K members of a slice are denoised together (fewer, fuller network calls).
-        # 3D volumes: one member at a time, so memory does not grow with K.
-        sdedit = None
-        if self.sdedit is not None:  # unpaired diffusion: the histogram-matched source is the initial estimate
-            from spinediff.diffusion.unpaired import source_as_estimate
-
-            condition = source_as_estimate(condition, self.sdedit["target_histogram"], self.settings.target_channels)
-            sdedit = (float(self.sdedit["start"]), self.settings.target_channels)
-        network, dtype = self.network, autocast_dtype(precision, next(self.network.parameters()).device)
-        if dtype is not None:
-            network = AutocastNetwork(network, dtype, next(self.network.parameters()).device)
-        predictor = VolumePredictor(network, process=self.process if self.denoising else None,
-                                    patch_size=self.patch_size, window_batch_size=self.window_batch_size,
-                                    mirror_axes=self.mirror_axes if tta else (), eta=eta,
-                                    solver=solver or self.settings.solver,
-                                    warm_start=self.settings.warm_start if warm_start is None else warm_start or None,
-                                    sample_batch_size=num_samples if len(self.patch_size) == 2 else 1, sdedit=sdedit)
-        return predictor.predict(condition, num_inference_steps=num_inference_steps, seed=seed,
-                                 num_samples=num_samples if self.denoising else 1, on_slice=on_slice)
+    if not is_spinediff_trainer(folder.trainer):
+        names = ", ".join(trainer_classes())
+        raise SpineDiffError(f"{folder.trainer} is not a spinediff trainer ({names}). Predict "
+                             "nnU-Net's own trainers with nnUNetv2_predict.")
+    if checkpoint not in CHECKPOINTS:
+        raise SpineDiffError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}.")
+    path = folder.fold_folder(fold) / CHECKPOINTS[checkpoint]
+    state = load_checkpoint(path)
+    block = state.get("spinediff")
+    if state.get("trainer_name") != folder.trainer or not isinstance(block, dict):
+        raise SpineDiffError(f"{path} was written by {state.get('trainer_name')!r}, not by spinediff's "
+                             f"{folder.trainer}; it does not belong in this folder.")
+    settings = DiffusionSettings.from_dict(block["diffusion"], source=str(path))
+    trainer_class = find_trainer(folder.trainer)
+    # The plans' architecture with the checkpoint's diffusion block: the settings the weights were trained with.
+    configuration = copy.deepcopy(folder.configuration_manager.configuration)
+    configuration["diffusion"] = settings.to_dict()
+    network = trainer_class.build_network_architecture(folder.plans_manager, ConfigurationManager(configuration),
+                                                       0, 0, False)
+    try:
+        network.load_state_dict(state["network_weights"])
+    except RuntimeError as exc:
+        raise SpineDiffError(f"{path} does not fit the network of {folder.path / 'plans.json'} ({exc}).") from None
+    network.to(device).eval()
+    axes = state.get("inference_allowed_mirroring_axes") or ()
+    return FoldModel(str(fold), network, settings, DiffusionProcess.from_settings(settings),
+                     bool(block.get("denoising", trainer_class.denoising)),
+                     tuple(int(p) for p in folder.configuration_manager.patch_size),
+                     FoldModel.window_batch(folder.configuration_manager.batch_size),
+                     tuple(int(a) for a in axes), state.get("sdedit"))

@@ -6,21 +6,22 @@ import argparse
 
 from spinediff.diffusion.solvers import solver_names
 from spinediff.inference.api import predict
+from spinediff.prediction.sampling import SamplingRequest
 from spinediff.utilities.argtypes import existing_folder, fraction, non_negative_int, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    sampling = SamplingRequest(num_samples=args.samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                               solver=args.solver, warm_start=args.warm_start, precision=args.precision, tta=args.tta,
+                               tuned_sampling=not args.plans_sampling)
     report = predict(args.input, args.output, args.dataset, args.configuration, args.trainer, folds=args.folds,
-                     plans_identifier=args.plans, checkpoint=args.checkpoint, device=args.device,
-                     num_samples=args.samples, num_inference_steps=args.num_inference_steps, eta=args.eta,
-                     seed=args.seed, tta=args.tta, save_uncertainty=args.save_uncertainty,
+                     plans_identifier=args.plans, checkpoint=args.checkpoint, device=args.device, sampling=sampling,
+                     seed=args.seed, save_uncertainty=args.save_uncertainty,
                      save_probabilities=args.save_probabilities, overwrite=args.overwrite,
                      results_folder=args.results, postprocessing=not args.no_postprocessing,
-                     num_parts=args.num_parts, part_id=args.part_id, precision=args.precision,
-                     solver=args.solver, warm_start=args.warm_start, tuned_sampling=not args.plans_sampling,
-                     init_from=args.init_from, init_model=args.init_model, init_noise=args.init_noise,
-                     combine=args.combine)
+                     num_parts=args.num_parts, part_id=args.part_id, init_from=args.init_from,
+                     init_model=args.init_model, init_noise=args.init_noise, combine=args.combine)
     done = len(report.cases) - len(report.failed)
     seconds = [c.seconds for c in report.cases if c.ok and c.seconds is not None]
     timing = f", {sum(seconds) / len(seconds):.1f} s per case" if seconds else ""
@@ -77,7 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "steps and warm start chosen on the cross-validation by `spinediff tune_sampling`, used "
                              "by default when none of --solver, --steps and --warm-start is given)")
     refine = parser.add_argument_group("refinement of another model's answer (SpineSegDiff's presegmentation start)")
-    refine.add_argument("--init-from", metavar="FOLDER",
+    refine.add_argument("--init-from", metavar="FOLDER", type=existing_folder,
                         help="start every fold from these predictions instead of pure noise: CASE.npz class "
                              "probabilities (nnUNetv2_predict --save_probabilities, spinediff predict "
                              "--save-probabilities) or CASE label maps / target images")

@@ -1,7 +1,7 @@
 """``SpineDiffPredictor``: raw files → nnU-Net preprocessing → fold × sample ensemble → raw geometry.
 
 One case at a time: read and check the files, preprocess with the plans' preprocessor, let every
-fold draw its samples (members are folded into running statistics, see :mod:`.uncertainty`), undo
+fold draw its samples (the prediction core, :mod:`spinediff.prediction.core`), undo
 the preprocessing and write the prediction (and, on request, uncertainty maps, a per-case JSON
 summary and the class probabilities) with the input's exact geometry. What the models read:
 
@@ -27,42 +27,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
-from spinediff.inference.models import FoldModel, ModelFolder
+from spinediff.inference.models import ModelFolder, load_fold_model
 from spinediff.inference.postprocessing import Postprocessing, geometry_like
 from spinediff.inference.review import ReviewRule, intensity_signature
-from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
-from spinediff.io import atomic_path, write_json
-from spinediff.metrics.case_uncertainty import case_scores
-from spinediff.metrics.image_metrics import BODY_THRESHOLD_HU
+from spinediff.io import write_json
+from spinediff.prediction.core import CaseExporter, CaseOutputs, output_paths, sample_case
+from spinediff.prediction.sampling import SamplingRequest, SamplingSettings, resolve_sampling
+from spinediff.prediction.statistics import EnsembleStatistics
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.utilities.device import parse_device
-from spinediff.utilities.export import revert_image_preprocessing, write_image_like_raw
-from spinediff.utilities.seeds import fold_seed
 
 
 @dataclass(frozen=True)
 class PredictionOptions:
-    """How to sample; ``None`` takes the value the model was trained with (its plans' diffusion block).
+    """One run's options: how to sample (resolved once, see :func:`spinediff.prediction.sampling.resolve_sampling`;
+    :meth:`SpineDiffPredictor.sampling` builds it for this predictor's model), the base seed, and which extra
+    outputs to write."""
 
-    ``tta`` (mirroring test-time augmentation over the trainer's allowed axes) costs 2^axes network
-    calls per window and step; ``None`` turns it on for GPUs and off on the CPU.
-    """
-
-    num_samples: int | None = None
-    num_inference_steps: int | None = None
-    eta: float | None = None
+    sampling: SamplingSettings
     seed: int = 0
-    tta: bool | None = None
     save_uncertainty: bool = False
     save_probabilities: bool = False
-    precision: str = "auto"  # the network's autocast type (spinediff.training.precision)
-    solver: str | None = None  # a name of spinediff.diffusion.solvers (None: the plans')
-    warm_start: float | None = None  # fraction of T to start from (None: the plans'; 0: from pure noise)
 
 
 @dataclass
@@ -71,21 +60,6 @@ class PreprocessedCase:
     properties: dict
     label_map: np.ndarray | None = None  # generation: the raw label map, for the foreground summary
     intensity: list[list[float]] | None = None  # segmentation with a review rule: each channel's intensity signature
-
-
-@dataclass
-class CaseOutputs:
-    """Where one case's results go (all beside each other in the output folder)."""
-
-    predictions: list[Path]
-    uncertainty: list[Path]
-    variance: Path | None
-    probabilities: Path | None
-    summary: Path | None
-
-    def all(self) -> list[Path]:
-        extra = [p for p in (self.variance, self.probabilities, self.summary) if p is not None]
-        return [*self.predictions, *self.uncertainty, *extra]
 
 
 @dataclass
@@ -107,7 +81,7 @@ class SpineDiffPredictor:
             raise SpineDiffError("Give at least one fold (-f).")
         self.folder = folder
         self.device = parse_device(device)
-        self.models = [FoldModel.load(folder, fold, checkpoint, self.device) for fold in folds]
+        self.models = [load_fold_model(folder, fold, checkpoint, self.device) for fold in folds]
         self.settings = self.models[0].settings
         for model in self.models[1:]:
             if model.settings != self.settings:
@@ -124,6 +98,7 @@ class SpineDiffPredictor:
         names = {int(k): v for k, v in self.dataset_json["channel_names"].items()}
         self.layout = InputLayout(self.task.task, tuple(self.task.source_channels), names,
                                   tuple(self.label_manager.all_labels))
+        self.exporter = CaseExporter(self.task, self.plans_manager, self.configuration_manager, self.label_manager)
         self.postprocessing = Postprocessing()  # nothing unless the caller loads the model's decision
         self.review: ReviewRule | None = None  # the model's review rule (review.json), when the caller loads it
 
@@ -161,133 +136,58 @@ class SpineDiffPredictor:
         condition = self.task.condition(torch.from_numpy(np.asarray(data, dtype=np.float32))[None], labels)[0]
         return PreprocessedCase(condition, properties, label_map, intensity)
 
+    def sampling(self, request: SamplingRequest | None = None, *, tuned=None, tuned_source: str = "sampling.json",
+                 plans_source: str = "plans", **keywords) -> SamplingSettings:
+        """This model's sampling settings: plans <- ``tuned`` (sampling.json) <- ``request`` and ``keywords``
+        (``num_samples``, ``num_inference_steps``, ``eta``, ``solver``, ``warm_start``, ``precision``, ``tta``; None:
+        the model's); see :func:`spinediff.prediction.sampling.resolve_sampling`."""
+        return resolve_sampling(self.settings, SamplingRequest.from_keywords(request, **keywords), tuned=tuned,
+                                tuned_source=tuned_source, plans_source=plans_source, device=self.device,
+                                denoising=self.models[0].denoising)
+
     def sample(self, condition: torch.Tensor, options: PredictionOptions, progress: bool = False,
                label: str = "") -> EnsembleStatistics:
-        """Every fold's samples, folded into running statistics (in the preprocessed grid).
-
-        Segmentation members are class probabilities; image members are in the output units (HU). ``progress``:
-        a bar over folds x slices (2D) or folds (3D) with its ETA, for cases that take minutes.
-        """
-        num_inference_steps = options.num_inference_steps or self.settings.num_inference_steps
-        num_samples = options.num_samples or self.settings.num_samples
-        eta = self.settings.eta if options.eta is None else options.eta
-        tta = self.device.type != "cpu" if options.tta is None else options.tta
-        statistics = SegmentationEnsemble() if self.task.task.writes_labels else EnsembleStatistics()
+        """Every fold's samples, folded into running statistics (in the preprocessed grid; see
+        :func:`spinediff.prediction.core.sample_case`). ``progress``: a bar over folds x slices (2D) or folds (3D)
+        with its ETA, for cases that take minutes."""
+        sampling = options.sampling
         slices = condition.shape[1] if len(self.configuration_manager.patch_size) == 2 and condition.ndim == 4 else 1
         bar = tqdm(total=len(self.models) * slices,
-                   desc=f"  {label} {num_samples} sample(s) x {num_inference_steps} steps",
+                   desc=f"  {label} {sampling.num_samples} sample(s) x {sampling.num_inference_steps} steps",
                    unit="slice" if slices > 1 else "fold", leave=False, disable=not progress)
-        for model in self.models:
-            x0 = model.predict(condition, fold_seed(options.seed, model.fold), num_samples, num_inference_steps, eta,
-                               tta, on_slice=lambda: bar.update(1), precision=options.precision,
-                               solver=options.solver, warm_start=options.warm_start)
-            for member in x0:
-                if isinstance(statistics, SegmentationEnsemble):
-                    statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))
-                else:
-                    statistics.add(self.task.to_original_units(member, channel_axis=0))
-            del x0
+        statistics = sample_case(self.models, condition, self.task, sampling, options.seed,
+                                 on_slice=lambda: bar.update(1))
         bar.close()
         return statistics
 
     def output_paths(self, case: InputCase, folder: Path, options: PredictionOptions) -> CaseOutputs:
-        stem, ending = case.identifier, case.ending
-        if self.task.task.writes_labels:
-            stems = [stem]
-        else:
-            targets = self.task.target_channels
-            stems = [stem] if len(targets) == 1 else [f"{stem}_{c:04d}" for c in targets]
-        segmentation = self.task.task.writes_labels
-        return CaseOutputs(
-            predictions=[folder / f"{s}{ending}" for s in stems],
-            uncertainty=[folder / f"{s}_uncertainty{ending}" for s in stems] if options.save_uncertainty else [],
-            variance=folder / f"{stem}_variance{ending}" if options.save_uncertainty and segmentation else None,
-            probabilities=folder / f"{stem}.npz" if options.save_probabilities and segmentation else None,
-            summary=folder / f"{stem}_uncertainty.json" if options.save_uncertainty else None)
+        return output_paths(case.identifier, case.ending, folder, self.task, options.save_uncertainty,
+                            options.save_probabilities)
 
     def export(self, statistics: EnsembleStatistics, case: PreprocessedCase, outputs: CaseOutputs,
                options: PredictionOptions) -> dict:
-        """Write the prediction and maps in raw geometry; returns the case's uncertainty summary."""
-        if isinstance(statistics, SegmentationEnsemble):
-            return self._export_segmentation(statistics, case, outputs)
-        return self._export_images(statistics, case, outputs)
+        """Write the prediction and maps in raw geometry (the model's post-processing applied, review flags from
+        its review rule); returns the case's summary."""
+        postprocess = self._postprocess if self.postprocessing.active else None
+        summary = self.exporter.export(statistics, case.properties, outputs, postprocess=postprocess,
+                                       needs_probabilities=self.postprocessing.needs_probabilities,
+                                       scores=self.review is not None,
+                                       expected_volumes=self.review.expected_volumes_ml if self.review else None,
+                                       label_map=case.label_map)
+        if self.review is not None and "scores" in summary:
+            summary["review"] = self.review.flag(summary["scores"], case.intensity, summary.get("level_numbering"))
+        return summary
+
+    def _postprocess(self, segmentation: np.ndarray, probabilities, properties: dict):
+        stuff = properties["sitk_stuff"]
+        if len(stuff["spacing"]) != 3:
+            return segmentation, None
+        geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
+        changed, numbering = self.postprocessing.apply_with_report(segmentation, geometry, probabilities)
+        return changed.astype(segmentation.dtype), numbering
 
     def _revert_map(self, values: torch.Tensor, properties: dict) -> np.ndarray:
-        """A non-negative per-voxel map ``(*spatial)`` back to raw geometry (0 outside nnU-Net's crop), resampled as
-        the plans resample probabilities (linear: cheaper than the images' cubic and never below zero)."""
-        raw = revert_image_preprocessing(values[None], self.plans_manager, self.configuration_manager, properties,
-                                         fill_value=0.0, resampling="probabilities")[0]
-        return np.clip(raw, 0, None)
-
-    def _export_segmentation(self, statistics: SegmentationEnsemble, case: PreprocessedCase,
-                             outputs: CaseOutputs) -> dict:
-        properties = case.properties
-        # nnU-Net resamples logits; log of the mean probabilities are logits whose softmax is that mean.
-        logits = torch.log(statistics.mean.clamp_min(1e-8))
-        keep = outputs.probabilities is not None or self.postprocessing.needs_probabilities
-        result = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, self.plans_manager, self.configuration_manager, self.label_manager, properties,
-            return_probabilities=keep, num_threads_torch=torch.get_num_threads())
-        segmentation, probabilities = result if keep else (result, None)
-        stuff = properties["sitk_stuff"]
-        numbering = None
-        if self.postprocessing.active and len(stuff["spacing"]) == 3:
-            geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
-            segmentation = np.asarray(segmentation)
-            changed, numbering = self.postprocessing.apply_with_report(segmentation, geometry, probabilities)
-            segmentation = changed.astype(segmentation.dtype)
-        writer = self.plans_manager.image_reader_writer_class()
-        with atomic_path(outputs.predictions[0]) as tmp:
-            writer.write_seg(np.asarray(segmentation), str(tmp), properties)
-        if outputs.probabilities is not None:
-            with atomic_path(outputs.probabilities) as tmp:
-                np.savez_compressed(tmp, probabilities=np.asarray(probabilities, dtype=np.float32))
-        extra = {"level_numbering": numbering} if numbering is not None else {}
-        if not outputs.uncertainty and self.review is None:
-            return extra
-        # case scores on the preprocessed grid, where the members are (volumes in ml, spacing-independent)
-        scores = case_scores(statistics.mean.numpy(), self.configuration_manager.spacing,
-                             [int(label) for label in self.label_manager.foreground_labels],
-                             expected=self.review.expected_volumes_ml if self.review else None,
-                             uncertainty=statistics.disagreement().numpy(), member_labels=statistics.member_labels)
-        if self.review:
-            extra["review"] = self.review.flag(scores, case.intensity, numbering)
-        if not outputs.uncertainty:
-            return {**extra, "scores": scores}
-        disagreement = self._revert_map(statistics.disagreement(), properties)
-        variance = self._revert_map(statistics.total_variance(), properties)
-        write_image_like_raw(disagreement, properties, outputs.uncertainty[0])
-        write_image_like_raw(variance, properties, outputs.variance)
-        foreground = np.asarray(segmentation) > 0
-        return {**extra, "scores": scores, "members": statistics.count, "foreground_voxels": int(foreground.sum()),
-                "mean_uncertainty_foreground": masked_mean(disagreement, foreground),
-                "mean_variance_foreground": masked_mean(variance, foreground),
-                "mean_uncertainty": float(disagreement.mean()), "max_uncertainty": float(disagreement.max()),
-                "uncertainty": "entropy of the mean class probabilities minus the members' mean entropy (nats)",
-                "variance": "variance of the class probabilities across members, summed over classes"}
-
-    def _export_images(self, statistics: EnsembleStatistics, case: PreprocessedCase, outputs: CaseOutputs) -> dict:
-        properties = case.properties
-        std = statistics.variance.sqrt()
-        summary: dict = {"members": statistics.count, "channels": {}}
-        for i, channel in enumerate(self.task.target_channels):
-            mapping = self.task.target_intensity.mappings[i]
-            mean = revert_image_preprocessing(statistics.mean[i:i + 1], self.plans_manager, self.configuration_manager,
-                                              properties, fill_value=mapping.clip_range[0])[0]
-            write_image_like_raw(mean, properties, outputs.predictions[i])
-            if not outputs.uncertainty:
-                continue
-            deviation = self._revert_map(std[i], properties)
-            write_image_like_raw(deviation, properties, outputs.uncertainty[i])
-            body = mean > BODY_THRESHOLD_HU if mapping.units == "HU" else np.ones(mean.shape, dtype=bool)
-            entry = {"units": mapping.units, "body_voxels": int(body.sum()),
-                     "mean_std_body": masked_mean(deviation, body), "mean_std": float(deviation.mean()),
-                     "max_std": float(deviation.max())}
-            if case.label_map is not None:
-                entry["mean_std_foreground"] = masked_mean(deviation, case.label_map[0] > 0)
-            summary["channels"][str(channel)] = entry
-        summary["uncertainty"] = "standard deviation across members, in the target's units"
-        return summary
+        return self.exporter.revert_map(values, properties)
 
     def predict_case(self, case: InputCase, outputs: CaseOutputs, options: PredictionOptions,
                      progress: bool = False) -> CaseResult:

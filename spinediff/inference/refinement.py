@@ -23,20 +23,15 @@ from pathlib import Path
 import torch
 
 from spinediff.diffusion.refinement import COMBINATIONS, check_fraction, refine_volume
-from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
-from spinediff.inference.predictor import CaseOutputs, SpineDiffPredictor, fold_seed
-from spinediff.inference.uncertainty import EnsembleStatistics, SegmentationEnsemble, masked_mean
+from spinediff.inference.predictor import SpineDiffPredictor
 from spinediff.paths import split_model_folder_name
+from spinediff.prediction.core import CaseOutputs, add_members, new_statistics
+from spinediff.prediction.statistics import EnsembleStatistics, masked_mean
 from spinediff.training.refinement import DEFAULT_REFINE_FROM, initial_estimate, read_refinement
 from spinediff.utilities.export import write_image_like_raw
 from spinediff.utilities.initial_answer import InitialAnswerFolder
-
-
-def _solver(options, settings) -> str:
-    """The solver named by the options, else the model's (spelled ``solver`` or ``sampler``)."""
-    chosen = getattr(options, "solver", None) or getattr(options, "sampler", None)
-    return chosen or getattr(settings, "solver", None) or settings.sampler
+from spinediff.utilities.seeds import fold_seed
 
 
 class RefiningPredictor(SpineDiffPredictor):
@@ -89,32 +84,20 @@ class RefiningPredictor(SpineDiffPredictor):
 
     def sample(self, condition: torch.Tensor, options, progress: bool = False, label: str = "") -> EnsembleStatistics:
         identifier, properties = self._case
-        num_inference_steps = options.num_inference_steps or self.settings.num_inference_steps
-        num_samples = options.num_samples or self.settings.num_samples
-        eta = self.settings.eta if options.eta is None else options.eta
-        tta = self.device.type != "cpu" if options.tta is None else options.tta
-        statistics = SegmentationEnsemble() if self.task.task.writes_labels else EnsembleStatistics()
+        sampling = options.sampling
+        statistics = new_statistics(self.task)
         entropies = []
         for model in self.models:
             estimate = initial_estimate(self.answers[model.fold], identifier, properties, self.task,
                                         self.plans_manager, self.configuration_manager, condition.shape[1:])
-            core = VolumePredictor(model.network, process=model.process, patch_size=model.patch_size,
-                                   window_batch_size=model.window_batch_size,
-                                   mirror_axes=model.mirror_axes if tta else (), eta=eta,
-                                   solver=_solver(options, model.settings),
-                                   sample_batch_size=num_samples if len(model.patch_size) == 2 else 1,
-                                   device=self.device)
-            members, entropy = refine_volume(core.sampler, condition.to(self.device), estimate.to(self.device),
-                                             fraction=self.init_noise, num_inference_steps=num_inference_steps,
-                                             num_samples=num_samples, seed=fold_seed(options.seed, model.fold),
+            sampler = model.volume_predictor(sampling).sampler
+            members, entropy = refine_volume(sampler, condition.to(self.device), estimate.to(self.device),
+                                             fraction=self.init_noise, num_inference_steps=sampling.num_inference_steps,
+                                             num_samples=sampling.num_samples, seed=fold_seed(options.seed, model.fold),
                                              combination=self.combine)
             if entropy is not None:
                 entropies.append(entropy)
-            for member in members:
-                if isinstance(statistics, SegmentationEnsemble):
-                    statistics.add_probabilities(self.task.probabilities(member, channel_axis=0))
-                else:
-                    statistics.add(self.task.to_original_units(member, channel_axis=0))
+            add_members(statistics, members, self.task)
         self._entropy = torch.stack(entropies).mean(0) if entropies else None
         return statistics
 

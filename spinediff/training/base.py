@@ -28,15 +28,17 @@ from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
 from spinediff.planning.plans import PlannedConfiguration
+from spinediff.prediction.core import FoldModel
+from spinediff.prediction.sampling import SamplingRequest, SamplingSettings, resolve_sampling
 from spinediff.tasks import Generation, Segmentation, Task, Translation
 from spinediff.training.augmentation import restrict_intensity_augmentation
 from spinediff.training.distributed import DistributedTrainerMixin
 from spinediff.training.ema import WeightAverage
 from spinediff.training.options import TrainingOptions
-from spinediff.training.precision import AutocastNetwork, as_float32, autocast, autocast_dtype
 from spinediff.training.schedule import apply_schedule
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.training.validation import ValidationExporter, batch_image_scores, batch_segmentation_counts
+from spinediff.utilities.precision import AutocastNetwork, as_float32, autocast, autocast_dtype
 from spinediff.utilities.seeds import fold_seed
 
 CUDA = torch.device("cuda")  # nnU-Net's default device argument
@@ -104,7 +106,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         #: them, so that the cross-validation scores the prediction users get (TrainingOptions.validation_samples)
         self.final_validation_samples = self.settings.num_samples
         self.seed = 12345
-        self.precision = "auto"  # autocast type: spinediff.training.precision (TrainingOptions.precision)
+        self.precision = "auto"  # autocast type: spinediff.utilities.precision (TrainingOptions.precision)
         # per fold (as prediction samples) and per rank under DDP
         self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(fold_seed(self.seed, fold)))
         self.ema: WeightAverage | None = None
@@ -262,14 +264,37 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         """x0 estimates for a batch of patch-sized conditions ``(B, C, *patch)``."""
         return self.make_predictor().predict_patches(condition, num_inference_steps=num_inference_steps, seed=seed)
 
+    def fold_model(self) -> FoldModel:
+        """This fold as ``spinediff predict`` loads it from the checkpoint (EMA network, diffusion settings, mirroring
+        axes, window batch), for the prediction core (:mod:`spinediff.prediction.core`)."""
+        return FoldModel(str(self.fold), self.inference_network, self.settings, self.process, self.denoising,
+                         tuple(int(p) for p in self.configuration_manager.patch_size),
+                         FoldModel.window_batch(self.configuration_manager.batch_size),
+                         tuple(int(a) for a in self.inference_allowed_mirroring_axes or ()),
+                         self.extra_checkpoint_state().get("sdedit"))
+
+    def validation_sampling(self) -> SamplingSettings:
+        """The final validation's sampling: the plans' solver, eta and warm start with this run's step count, samples
+        (``final_validation_samples``) and precision; no mirroring (resolved as ``spinediff predict`` resolves its
+        flags, :func:`spinediff.prediction.sampling.resolve_sampling`)."""
+        request = SamplingRequest(num_samples=max(1, int(self.final_validation_samples)),
+                                  num_inference_steps=self.num_inference_steps, precision=self.precision, tta=False)
+        return resolve_sampling(self.settings, request, device=self.device, denoising=self.denoising,
+                                plans_source="training")
+
+    def validation_models(self, key: str, properties: dict, shape: tuple[int, ...]) -> list:
+        """What predicts validation case ``key`` (preprocessed ``shape``) in the final validation: this fold (a
+        refinement trainer wraps it to start from the case's initial answer)."""
+        return [self.fold_model()]
+
     def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
                        num_samples: int = 1) -> torch.Tensor:
-        """``(K, C, *spatial)`` x0 estimates for one preprocessed volume ``(C, *spatial)`` on the CPU.
-
-        A 2D configuration predicts every slice of the first axis on its own (seeded per slice).
-        """
-        steps = num_inference_steps or self.settings.num_inference_steps
-        return self.make_predictor().predict(condition, num_inference_steps=steps, num_samples=num_samples, seed=seed)
+        """``(K, C, *spatial)`` x0 estimates for one preprocessed volume ``(C, *spatial)`` on the CPU, as the final
+        validation samples (a 2D configuration predicts every slice of the first axis on its own, seeded per slice)."""
+        sampling = self.validation_sampling().replace(
+            num_inference_steps=num_inference_steps or self.settings.num_inference_steps,
+            num_samples=num_samples if self.denoising else 1)
+        return self.fold_model().predict(condition, seed, sampling)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict) -> dict:

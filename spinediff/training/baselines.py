@@ -16,7 +16,7 @@ from torch import nn
 from spinediff.tasks import Generation, Translation
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.distributed import average_gradients, broadcast_parameters
-from spinediff.training.precision import as_float32, autocast
+from spinediff.utilities.precision import as_float32, autocast
 
 
 class RegressionTrainer(SpineDiffTrainer):

@@ -29,6 +29,7 @@ start level in ``refinement.json``, which ``spinediff predict`` reads to run the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ from spinediff.diffusion.refinement import check_fraction, refine_volume
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name, split_model_folder_name
+from spinediff.prediction.core import FoldModel
+from spinediff.prediction.sampling import SamplingSettings
 from spinediff.tasks import Segmentation, Translation
 from spinediff.training.base import CUDA, SpineDiffTrainer
 from spinediff.training.task_adapter import TaskAdapter
@@ -102,8 +105,18 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         self.refine_from = self.settings.warm_start or DEFAULT_REFINE_FROM
         self.init_model = default_initial_model(self.plans_manager, configuration, self.task.task,
                                                 len(self.configuration_manager.patch_size))
-        self.validation_case: tuple[str, dict] | None = None
+        self.answers: InitialAnswerFolder | None = None
+        #: how the final validation combines the samples: "mean", or "spinesegdiff" (TrainingOptions.combine)
+        self.combine = "mean"
         self.limit_training_timesteps()
+
+    def apply_options(self, options) -> None:
+        super().apply_options(options)
+        if options.combine is not None:
+            if options.combine != "mean" and not self.task.task.writes_labels:
+                raise SpineDiffError(f"--combine {options.combine} combines class probabilities: segmentation "
+                                     f"refiners only (this dataset's task is {self.task.task.name}).")
+            self.combine = options.combine
 
     # ------------------------------------------------------------------ training
     def max_timestep(self) -> int:
@@ -154,32 +167,37 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.local_rank != 0:
             return
-        answers = self.check_initial_answers()
-        trainer, original = self, self.dataset_class
+        self.answers = self.check_initial_answers()
+        super().perform_actual_validation(save_probabilities)
+        metrics = Path(self.output_folder) / "validation_metrics.json"
+        if metrics.is_file():  # how the samples were combined, beside the sampling settings
+            write_json({**read_json(metrics), "combine": self.combine}, metrics)
 
-        class Recording(original):  # the case being validated, with its properties, for predict_volume
-            def load_case(self, key):
-                loaded = super().load_case(key)
-                trainer.validation_case = (key, loaded[3])
-                return loaded
-
-        self.dataset_class, self.answers = Recording, answers
-        try:
-            super().perform_actual_validation(save_probabilities)
-        finally:
-            self.dataset_class, self.validation_case = original, None
-
-    def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
-                       num_samples: int = 1) -> torch.Tensor:
-        if self.validation_case is None:
-            return super().predict_volume(condition, seed, num_inference_steps, num_samples)
-        key, properties = self.validation_case
+    def validation_models(self, key: str, properties: dict, shape) -> list:
+        """This fold, starting from the case's initial answer (the same fold's export of the initial model)."""
         estimate = initial_estimate(self.answers, key, properties, self.task, self.plans_manager,
-                                    self.configuration_manager, condition.shape[1:])
-        steps = num_inference_steps or self.settings.num_inference_steps
-        members, _ = refine_volume(self.make_predictor().sampler, condition, estimate.to(condition.device),
-                                   fraction=check_fraction(self.refine_from), num_inference_steps=steps,
-                                   num_samples=num_samples, seed=seed)
+                                    self.configuration_manager, shape)
+        return [RefiningFold(self.fold_model(), estimate, check_fraction(self.refine_from), self.combine)]
+
+
+@dataclass
+class RefiningFold:
+    """A fold that refines an initial estimate instead of sampling from noise (the prediction core's model)."""
+
+    model: FoldModel
+    estimate: torch.Tensor
+    fraction: float
+    combination: str = "mean"  # or "spinesegdiff": one combined member (spinediff.diffusion.refinement)
+
+    @property
+    def fold(self) -> str:
+        return self.model.fold
+
+    def predict(self, condition: torch.Tensor, seed: int, sampling: SamplingSettings, on_slice=None) -> torch.Tensor:
+        sampler = self.model.volume_predictor(sampling).sampler
+        members, _ = refine_volume(sampler, condition, self.estimate.to(condition.device), fraction=self.fraction,
+                                   num_inference_steps=sampling.num_inference_steps,
+                                   num_samples=sampling.num_samples, seed=seed, combination=self.combination)
         return members
 
 

@@ -30,7 +30,7 @@ from spinediff.tasks import Translation
 from spinediff.training.base import CUDA, SpineDiffTrainer
 from spinediff.training.baselines import DiscriminatorMixin, RegressionTrainer
 from spinediff.training.distributed import average_gradients, broadcast_parameters
-from spinediff.training.precision import as_float32, autocast
+from spinediff.utilities.precision import as_float32, autocast
 
 
 def projection_head(channels: int, features: int) -> nn.Module:
@@ -173,10 +173,6 @@ class UnpairedDiffusionTrainer(SpineDiffTrainer):
     def predict_patches(self, condition: torch.Tensor, num_inference_steps: int, seed: int = 0) -> torch.Tensor:
         mapped = torch.stack([self.as_estimate(c) for c in condition])
         return super().predict_patches(mapped, num_inference_steps, seed)
-
-    def predict_volume(self, condition: torch.Tensor, seed: int = 0, num_inference_steps: int | None = None,
-                       num_samples: int = 1) -> torch.Tensor:
-        return super().predict_volume(self.as_estimate(condition), seed, num_inference_steps, num_samples)
 
     def extra_checkpoint_state(self) -> dict:
         # read by spinediff predict (FoldModel) as well as on resuming

@@ -74,13 +74,13 @@ def add_device_argument(parser: argparse.ArgumentParser, purpose: str = "", *, m
                         default="auto", help=f"{purpose + ': ' if purpose else ''}{DEVICE_HELP}")
 
 
-#: The network's precision (``--precision``): see :mod:`spinediff.training.precision`.
+#: The network's precision (``--precision``): see :mod:`spinediff.utilities.precision`.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     """``--precision``: the same values and meaning in ``train`` and ``predict``
-    (:mod:`spinediff.training.precision`)."""
+    (:mod:`spinediff.utilities.precision`)."""
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="network precision: auto (default) = bfloat16 autocast on GPUs that support it, else "
                              "float16 with a gradient scaler, float32 on the CPU; fp32 turns mixed precision off; "
