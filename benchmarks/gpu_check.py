@@ -59,13 +59,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def validation_metric(trainer, batch: dict) -> tuple[str, float]:
     """The trainer's own per-epoch validation on one batch: pseudo-Dice (segmentation) or PSNR."""
+    from spinediff.metrics.segmentation_metrics import dice_from_counts
+
     trainer.network.eval()
     with torch.no_grad():
         out = trainer.validation_step(batch)
     trainer.network.train()
     if "tp_hard" in out:
         tp, fp, fn = (np.atleast_2d(out[k]).sum(0) for k in ("tp_hard", "fp_hard", "fn_hard"))
-        dice = [2 * a / (2 * a + b + c) for a, b, c in zip(tp, fp, fn, strict=True) if 2 * a + b + c > 0]
+        dice = [float(d) for d in dice_from_counts(tp, fp, fn) if not np.isnan(d)]
         return "pseudo Dice", float(sum(dice) / max(len(dice), 1))
     return "PSNR dB", float(out["psnr"])
 

@@ -55,19 +55,30 @@ def resolve_raw_dataset(dataset: str | int | os.PathLike, raw_folder: str | os.P
     root = nnunet_folder("raw", raw_folder)
     if not root.is_dir():
         raise SpineDiffError(f"The nnU-Net raw folder {root} does not exist.")
-    if text.isdigit():
-        dataset_id = int(text)
-        matches = sorted(p for p in root.iterdir() if p.is_dir() and _DATASET_NAME.match(p.name)
-                         and int(_DATASET_NAME.match(p.name).group(1)) == dataset_id)
-        if not matches:
-            raise SpineDiffError(f"No dataset with ID {dataset_id} (Dataset{dataset_id:03d}_*) in {root}.")
-        if len(matches) > 1:
-            raise SpineDiffError(f"Dataset ID {dataset_id} is ambiguous in {root}: {[m.name for m in matches]}.")
-        return matches[0]
-    path = root / text
-    if not path.is_dir():
+    found = dataset_in(root, text)
+    if found is None and text.isdigit():
+        raise SpineDiffError(f"No dataset with ID {int(text)} ({dataset_name_from_id(int(text), '*')}) in {root}.")
+    if found is None:
         raise SpineDiffError(f"No dataset named {text} in {root}.")
-    return path
+    return found
+
+
+def dataset_in(root: Path, dataset: str | int) -> Path | None:
+    """The folder of ``dataset`` (an ID such as ``501`` or a name ``Dataset501_X``) directly inside ``root`` (raw,
+    preprocessed or results); None when absent; an ID held by two folders is an error. The one resolver of dataset
+    IDs: an ID names the folder ``DatasetXXX_*`` as nnU-Net's ``find_candidate_datasets`` matches it, in the given
+    folder (spinediff's commands take folder overrides, which nnU-Net's environment-only lookup would miss)."""
+    text = str(dataset)
+    if (root / text).is_dir():
+        return root / text
+    if not text.isdigit() or not root.is_dir():
+        return None
+    prefix = dataset_name_from_id(int(text), "")
+    matches = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)
+                     and _DATASET_NAME.match(p.name))
+    if len(matches) > 1:
+        raise SpineDiffError(f"Dataset ID {int(text)} is ambiguous in {root}: {[m.name for m in matches]}.")
+    return matches[0] if matches else None
 
 
 def dataset_name_from_id(dataset_id: int, name: str) -> str:
@@ -81,8 +92,11 @@ DEFAULT_PLANS = "nnUNetPlans"
 
 def model_folder_name(trainer: str, configuration: str, plans: str = DEFAULT_PLANS) -> str:
     """The results folder of a trained model, ``TRAINER__PLANS__CONFIGURATION`` (as nnU-Net's
-    ``get_output_folder``); the one place that builds the name."""
-    return f"{trainer}__{plans}__{configuration}"
+    ``get_output_folder``, through its ``convert_trainer_plans_config_to_identifier``); the one place that builds
+    the name."""
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    return convert_trainer_plans_config_to_identifier(trainer, plans, configuration)
 
 
 def split_model_folder_name(name: str) -> tuple[str, str, str] | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from spinediff.errors import SpineDiffError
+from spinediff.metrics.direction import higher_is_better as metric_higher_is_better
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,8 @@ class Task:
     writes_labels: ClassVar[bool] = False
     #: the label map is the network's condition and the prediction's input file
     labels_are_condition: ClassVar[bool] = False
-    #: the metric that ranks methods and whether higher is better
+    #: the metric that ranks methods (its direction: :attr:`higher_is_better`)
     primary_metric: ClassVar[str] = "mae_body"
-    higher_is_better: ClassVar[bool] = False
     #: per-case metrics a model's cross-validation is compared by (find_best)
     ranking_metrics: ClassVar[tuple[str, ...]] = ("mae_body", "psnr", "ssim")
     #: the budget planner measures the field of view on the labels (the spine), not the whole image
@@ -53,6 +53,11 @@ class Task:
     synthesises_images: ClassVar[bool] = True
     #: its images are also scored by the SynthRAD challenges' metrics (spinediff.metrics.challenge_metrics)
     challenge_metrics: ClassVar[bool] = False
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Is a higher :attr:`primary_metric` better (``spinediff.metrics.direction``, the one home of directions)?"""
+        return metric_higher_is_better(self.primary_metric)
 
     # ------------------------------------------------------------------ identity
     def __repr__(self) -> str:
@@ -111,7 +116,6 @@ class Segmentation(Task):
     name = "segmentation"
     writes_labels = True
     primary_metric = "dice"
-    higher_is_better = True
     ranking_metrics = ("dice", "dice_pp")
     intensity_augmentation_on_condition_only = False
     synthesises_images = False
@@ -192,7 +196,7 @@ class Generation(Task):
     def diffusion_defaults(self, on_cpu):
         # Noise prediction is the DDPM objective of Konz et al. (GPU schedules of 10^5 steps). At CPU budgets of
         # hundreds of steps v-prediction learned far faster: phantom mask -> CT, 600 steps each, MAE 112 vs 508 HU,
-        # Dice_gen 0.57 vs 0.20 (benchmarks/steps_generation.py, 2026-12-04).
+        # Dice_gen 0.57 vs 0.20 (studies/steps_generation.py, 2026-12-04).
         return {"prediction_type": "v_prediction" if on_cpu else "epsilon",
                 "num_inference_steps": 10 if on_cpu else 50, "num_samples": 1, "loss": "mse", "timestep_power": 1.0}
 

@@ -159,6 +159,77 @@ def test_one_fold_seed_formula():
     assert not found, f"a fold-seed formula outside {FOLD_SEED_HOME} (use fold_seed):\n" + "\n".join(found)
 
 
+#: More facts with one home each (point 4 of issue 32): the module that alone may define it.
+FACT_HOMES = {
+    "metric direction": "spinediff/metrics/direction.py",
+    "nnU-Net configuration list": "spinediff/planning/planner.py",
+    "Dice formula": "spinediff/metrics/segmentation_metrics.py",
+    "plans identifier literal": "spinediff/paths.py",
+    "dataset ID pattern": "spinediff/paths.py",
+    "model folder name": "spinediff/paths.py",
+}
+METRIC_NAMES = {"dice", "dice_pp", "psnr", "ssim", "mae", "mae_body", "mae_bone", "hd95"}
+NNUNET_NAMES = {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
+
+
+def _strings(node: ast.AST) -> set[str]:
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else node.keys if isinstance(
+        node, ast.Dict) else []
+    return {e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+
+
+def _fact(node: ast.AST) -> str | None:
+    """The fact ``node`` defines, if it is one of :data:`FACT_HOMES`."""
+    if isinstance(node, ast.Dict) and len(_strings(node) & METRIC_NAMES) >= 2 and all(
+            isinstance(v, ast.Constant) and (isinstance(v.value, bool) or v.value in ("higher", "lower"))
+            for v in node.values):
+        return "metric direction"  # {"dice": True, ...} or {"dice": "higher", ...}
+    if isinstance(node, ast.Compare) and any(isinstance(op, ast.In) for op in node.ops) and any(
+            _strings(c) & METRIC_NAMES for c in node.comparators) and "metric" in ast.unparse(node.left):
+        return "metric direction"  # metric in ("dice", "psnr")
+    if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "higher_is_better"
+                                            for t in node.targets) and isinstance(node.value, ast.Constant):
+        return "metric direction"  # a class attribute higher_is_better = True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(_strings(node) & NNUNET_NAMES) >= 2:
+        return "nnU-Net configuration list"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.left, ast.BinOp) and \
+            isinstance(node.left.op, ast.Mult) and any(isinstance(n, ast.Constant) and n.value == 2
+                                                       for n in (node.left.left, node.left.right)) and \
+            isinstance(node.right, ast.BinOp) and isinstance(node.right.op, ast.Add):
+        return "Dice formula"  # 2 * tp / (2 * tp + fp + fn)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("nnUNetPlans") \
+            and not any(c.isspace() for c in node.value):
+        return "plans identifier literal"  # "nnUNetPlans", "nnUNetPlans.json", "nnUNetPlans_" (not prose)
+    if isinstance(node, ast.JoinedStr):
+        parts = node.values
+        for before, after in zip(parts, parts[1:], strict=False):
+            if isinstance(before, ast.Constant) and str(before.value).endswith("Dataset") and \
+                    isinstance(after, ast.FormattedValue) and after.format_spec is not None:
+                return "dataset ID pattern"  # f"Dataset{id:03d}_..." (a resolver or a name of its own)
+        for a, middle, b in zip(parts, parts[1:], parts[2:], strict=False):
+            if isinstance(a, ast.FormattedValue) and isinstance(b, ast.FormattedValue) and \
+                    isinstance(middle, ast.Constant) and middle.value == "__":
+                return "model folder name"  # f"{trainer}__{plans}__{configuration}"
+    return None
+
+
+def second_homes() -> list[str]:
+    """Definitions of a fact of :data:`FACT_HOMES` outside its home module."""
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        relative = str(path.relative_to(ROOT.parent))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            fact = _fact(node)
+            if fact is not None and relative != FACT_HOMES[fact]:
+                found.append(f"{relative}:{node.lineno}: {fact} (its home: {FACT_HOMES[fact]})")
+    return found
+
+
+def test_one_home_per_fact():
+    found = second_homes()
+    assert not found, "a second home of a fact (use the home's function or constant):\n" + "\n".join(found)
+
+
 def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     """A planted upward import, cycle and private import are found (the checks can fail)."""
     fake = tmp_path / "spinediff"
@@ -169,15 +240,27 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     (fake / "datasets" / "a.py").write_text("from spinediff.training.b import _hidden\n")
     (fake / "training" / "b.py").write_text("def f(task):\n    from spinediff.datasets import a\n"
                                             "    return task == 'segmentation'\n"
-                                            "def g(seed, trainer):\n    return seed + 1000 * trainer.fold\n")
+                                            "def g(seed, trainer):\n    return seed + 1000 * trainer.fold\n"
+                                            "DIRECTION = {'dice': 'higher', 'mae_body': 'lower'}\n"
+                                            "class T:\n    higher_is_better = True\n"
+                                            "def h(metric, tp, fp, fn, trainer, plans, configuration, i):\n"
+                                            "    up = metric in ('dice', 'psnr')\n"
+                                            "    configurations = ('2d', '3d_fullres')\n"
+                                            "    dice = 2 * tp / (2 * tp + fp + fn)\n"
+                                            "    plans = 'nnUNetPlans'\n"
+                                            "    name = f'Dataset{i:03d}_X'\n"
+                                            "    return f'{trainer}__{plans}__{configuration}'\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     graph = imports()
     assert ("spinediff.training.b", "_hidden") in graph["spinediff.datasets.a"]
     assert task_name_comparisons() == ["spinediff/training/b.py:3"]
     assert fold_seed_formulas() == ["spinediff/training/b.py:5"]
+    assert sorted(f.split(": ", 1)[1].split(" (")[0] for f in second_homes()) == sorted(
+        ["metric direction"] * 3 + ["nnU-Net configuration list", "Dice formula", "plans identifier literal",
+                                    "dataset ID pattern", "model folder name"])
     for check in (test_imports_point_down_the_pipeline, test_no_module_imports_itself_back,
                   test_no_private_name_crosses_a_package_and_no_relative_imports,
-                  test_tasks_are_classes_not_compared_names, test_one_fold_seed_formula):
+                  test_tasks_are_classes_not_compared_names, test_one_fold_seed_formula, test_one_home_per_fact):
         try:
             check()
         except AssertionError:

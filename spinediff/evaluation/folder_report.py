@@ -32,6 +32,7 @@ from spinediff.evaluation.figures import (
 )
 from spinediff.evaluation.report import Section, Table, fmt, schedule_cell, write_report
 from spinediff.io import read_json
+from spinediff.metrics.direction import higher_is_better
 from spinediff.paths import model_folder_name
 from spinediff.tasks import SEGMENTATION_KIND, Task, get_task
 from spinediff.utilities.lock import LOCK_NAME, folder_lock
@@ -39,8 +40,6 @@ from spinediff.utilities.lock import LOCK_NAME, folder_lock
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
 SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
                    "mae_bone", "fid")
-#: True where higher is better (the ranking of the case panel).
-HIGHER_IS_BETTER = {"dice": True, "dice_pp": True, "psnr": True, "ssim": True, "mae_body": False}
 CASE_COUNT = 3
 
 
@@ -180,7 +179,7 @@ def _ranked_cases(per_case: dict, task: Task) -> list[str]:
     """Worst, median and best case by the mean over methods of the primary metric."""
     metric = "dice_pp" if any("dice_pp" in c for cases in per_case.values() for c in cases.values()) else (
         task.primary_metric)
-    higher = HIGHER_IS_BETTER.get(metric, True)
+    higher = higher_is_better(metric, default=True)
     scores: dict[str, list[float]] = {}
     for cases in per_case.values():
         for case, values in cases.items():

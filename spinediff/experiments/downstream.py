@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_image, read_json, write_image, write_json
 from spinediff.metrics.image_metrics import BONE_THRESHOLD_HU
-from spinediff.paths import model_folder_name
+from spinediff.paths import DEFAULT_PLANS, dataset_name_from_id, model_folder_name
 from spinediff.tasks import SEGMENTATION_KIND, task_spec
 
 SEGMENTER_TRAINER = "nnUNetTrainer"
@@ -187,7 +187,7 @@ def downstream_dataset_name(raw_root: Path, translation_name: str) -> str:
     free = next((i for i in range(999, 0, -1) if i not in used), None)
     if free is None:
         raise SpineDiffError(f"No free dataset ID under {raw_root} for the downstream CT segmenter.")
-    return f"Dataset{free:03d}_{translation_name.split('_', 1)[-1]}CTSegmenter"
+    return dataset_name_from_id(free, f"{translation_name.split('_', 1)[-1]}CTSegmenter")
 
 
 def train_downstream_segmenter(translation_name: str, folds: list, options, configuration: str = "2d_cpu",
@@ -203,7 +203,7 @@ def train_downstream_segmenter(translation_name: str, folds: list, options, conf
     raw_root, preprocessed_root, results_root = (nnunet_folder(k) for k in ("raw", "preprocessed", "results"))
     name = downstream_dataset_name(raw_root, translation_name)
     write_segmenter_dataset(raw_root / translation_name, raw_root / name, ct_visible_only=True)
-    if not (preprocessed_root / name / "nnUNetPlans.json").is_file():
+    if not (preprocessed_root / name / f"{DEFAULT_PLANS}.json").is_file():
         plan_dataset(raw_root / name, configurations=[configuration], device="cpu", num_processes=1,
                      show_progress_bar=False)
     ensure_splits(preprocessed_root / translation_name, write_five_folds=True)  # the segmenter may train first

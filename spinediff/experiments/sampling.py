@@ -29,6 +29,7 @@ from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
 from spinediff.diffusion.solvers import solver_class
 from spinediff.errors import SpineDiffError
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice, SamplingSetting
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 TOLERANCE = 0.01
@@ -59,7 +60,7 @@ def _quality(predictor, statistics, data: torch.Tensor, seg: torch.Tensor) -> fl
 
 def tune_sampling(dataset: str | int, configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
                   candidates: Sequence[str] | None = None, tolerance: float = TOLERANCE,
-                  max_cases: int | None = None, plans_identifier: str = "nnUNetPlans", device: str = "auto",
+                  max_cases: int | None = None, plans_identifier: str = DEFAULT_PLANS, device: str = "auto",
                   seed: int = 0, write: bool = True, overwrite: bool = False, progress: bool = True,
                   results_folder: str | None = None) -> dict:
     """Score every candidate on the folds' validation cases and write the choice (see the module docstring).
@@ -149,7 +150,7 @@ def _tune(folder, configuration: str, trainer: str, folds: Sequence[int | str] |
                 seconds[setting.label()] += time.perf_counter() - start
                 scores[setting.label()].append(_quality(predictor, statistics, data, seg))
             cases.append(key)
-    higher_is_better = probe.task.task.writes_labels
+    higher_is_better = probe.task.task.higher_is_better  # Dice for segmentation, MAE for images
     means = {label: float(np.mean(values)) for label, values in scores.items()}
     best = max(means.values()) if higher_is_better else min(means.values())
     acceptable = [s for s in settings if (means[s.label()] >= (1 - tolerance) * best if higher_is_better
@@ -252,7 +253,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans identifier")
     parser.add_argument("-f", "--folds", nargs="+", type=fold, default=None, help="folds (default: every trained fold)")
     parser.add_argument("--candidates", nargs="+", metavar="SOLVER:STEPS[@WARM]", type=_candidate,
                         help=f"settings to compare (default: {' '.join(DDPM_CANDIDATES)}; rectified flow: "

@@ -18,6 +18,7 @@ from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDi
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.prediction.sampling import SamplingRequest
 from spinediff.utilities.lock import LOCK_NAME, PART_LOCK_PREFIX, folder_lock, other_holders
 
@@ -74,7 +75,7 @@ def _output_lock(output: Path, num_parts: int, part_id: int) -> Iterator[None]:
 
 def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
             configuration: str, trainer: str, *, folds: Sequence[int | str] | None = None,
-            plans_identifier: str = "nnUNetPlans", checkpoint: str = "final", device: str = "auto",
+            plans_identifier: str = DEFAULT_PLANS, checkpoint: str = "final", device: str = "auto",
             sampling: SamplingRequest | None = None, seed: int = 0, save_uncertainty: bool = False,
             save_probabilities: bool = False, overwrite: bool = False,
             results_folder: str | os.PathLike | None = None, progress: bool = True, postprocessing: bool = True,

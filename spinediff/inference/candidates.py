@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spinediff.metrics.direction import higher_is_better
 from spinediff.metrics.segmentation_metrics import pooled_foreground_dice
 from spinediff.tasks import Task
 from spinediff.training.registry import is_spinediff_trainer
-
-METRIC_DIRECTION = {"dice": "higher", "mae_body": "lower", "psnr": "higher"}
 
 
 @dataclass
@@ -58,4 +57,4 @@ def better(a: float, b: float, metric: str) -> bool:
         return False
     if math.isnan(b):
         return True
-    return a > b if METRIC_DIRECTION[metric] == "higher" else a < b
+    return a > b if higher_is_better(metric) else a < b

@@ -22,7 +22,7 @@ from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
-from spinediff.paths import model_folder_name, nnunet_folder, split_model_folder_name
+from spinediff.paths import DEFAULT_PLANS, dataset_in, model_folder_name, nnunet_folder, split_model_folder_name
 from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
 from spinediff.prediction.core import FoldModel
 
@@ -76,19 +76,14 @@ def find_dataset_results(dataset: str | int, results_folder: str | Path | None =
     """``$nnUNet_results/DatasetXXX_Name`` from an ID, a name, or a path."""
     root = nnunet_folder("results", results_folder)
     text = str(dataset)
-    if (root / text).is_dir():
-        return root / text
-    if text.isdigit():
-        matches = sorted(p for p in root.glob(f"Dataset{int(text):03d}_*") if p.is_dir())
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise SpineDiffError(f"Dataset ID {text} is ambiguous in {root}: {[m.name for m in matches]}.")
+    found = dataset_in(root, text)
+    if found is not None:
+        return found
     raise SpineDiffError(f"No trained models for dataset {text!r} in {root} (expected {root}/DatasetXXX_Name/). "
                          "Train first with `spinediff train`.")
 
 
-def model_folder(dataset: str | int, configuration: str, trainer: str, plans_identifier: str = "nnUNetPlans",
+def model_folder(dataset: str | int, configuration: str, trainer: str, plans_identifier: str = DEFAULT_PLANS,
                  results_folder: str | Path | None = None) -> ModelFolder:
     """The results folder of one trained trainer/plans/configuration."""
     base = find_dataset_results(dataset, results_folder)

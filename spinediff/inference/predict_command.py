@@ -6,6 +6,7 @@ import argparse
 
 from spinediff.diffusion.solvers import solver_names
 from spinediff.inference.api import predict
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.prediction.sampling import SamplingRequest
 from spinediff.utilities.argtypes import existing_folder, fraction, non_negative_int, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
@@ -55,7 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or DatasetXXX_Name")
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
     parser.add_argument("-tr", "--trainer", default="DiffusionTranslationTrainer", help="trainer class name")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans identifier")
     parser.add_argument("-f", "--folds", nargs="+", default=None,
                         help="folds to ensemble (or 'all'); default: every fold of the model that has the checkpoint")
     parser.add_argument("--checkpoint", choices=["final", "best", "distilled"], default="final",

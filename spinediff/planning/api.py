@@ -27,16 +27,16 @@ import numpy as np
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import copy_file, read_json, write_json
-from spinediff.paths import nnunet_folder, resolve_raw_dataset
+from spinediff.paths import DEFAULT_PLANS, nnunet_folder, resolve_raw_dataset
 from spinediff.planning import completion
+from spinediff.planning.planner import CPU_BASELINES, DIFFUSION_BASE, NNUNET_CONFIGURATIONS
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.utilities.device import parse_device
 from spinediff.utilities.lock import folder_lock
 
-PLANS_IDENTIFIER = "nnUNetPlans"  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
-NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
-DIFFUSION_CONFIGURATIONS = ("2d_diffusion", "3d_diffusion")
-CPU_BASELINE_CONFIGURATIONS = ("2d_cpu", "3d_fullres_cpu")
+PLANS_IDENTIFIER = DEFAULT_PLANS  # nnU-Net's default, so `nnUNetv2_train ID 2d FOLD` finds the plans
+DIFFUSION_CONFIGURATIONS = tuple(DIFFUSION_BASE)
+CPU_BASELINE_CONFIGURATIONS = tuple(CPU_BASELINES)
 ALL_CONFIGURATIONS = (*NNUNET_CONFIGURATIONS, *DIFFUSION_CONFIGURATIONS, *CPU_BASELINE_CONFIGURATIONS)
 # nnU-Net samples 1e8 foreground voxels for its intensity statistics (hundreds of MB per channel);
 # 1e7 gives the same percentiles to three digits at a tenth of the memory and time.

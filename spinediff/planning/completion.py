@@ -20,6 +20,7 @@ from typing import Any
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
+from spinediff.paths import DEFAULT_PLANS
 
 RECORD = "preprocessing_complete.json"
 _DATA_ENDINGS = (".b2nd", ".npz")  # nnunetv2's blosc2 dataset (current) and numpy dataset (older versions)
@@ -180,9 +181,9 @@ def complete_cases(dataset_folder: Path, identifier: str) -> list[str]:
 
 
 def verify_for_training(dataset_folder: Path, identifier: str, dataset: str | int, configuration: str,
-                        plans_identifier: str = "nnUNetPlans") -> None:
+                        plans_identifier: str = DEFAULT_PLANS) -> None:
     """Refuse, before a trainer is built, a preprocessed folder that is incomplete or lacks cases of the split."""
-    direction = plans_identifier.split("_", 1)[1] if plans_identifier.startswith("nnUNetPlans_") else None
+    direction = plans_identifier.split("_", 1)[1] if plans_identifier.startswith(f"{DEFAULT_PLANS}_") else None
     fix = f"`spinediff plan -d {dataset}" + (f" --slice-direction {direction}" if direction else "") + " --overwrite`"
     why = incomplete(dataset_folder, identifier)
     if why is not None:

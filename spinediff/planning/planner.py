@@ -28,6 +28,7 @@ from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.planning.memory import (
     Budget,
     FittedConfiguration,
@@ -44,7 +45,9 @@ DIFFUSION_NETWORK = "spinediff.networks.time_unet.TimeConditionedUNet"
 DIFFUSION_NORM = "spinediff.networks.blocks.GroupNorm"
 DIFFUSION_BASE = {"2d_diffusion": "2d", "3d_diffusion": "3d_fullres"}
 CPU_BASELINES = {"2d_cpu": "2d_diffusion", "3d_fullres_cpu": "3d_diffusion"}
-NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+#: nnU-Net's own configurations that `spinediff plan -c` may ask for; nnU-Net adds its cascade with ``3d_lowres``
+NNUNET_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+NNUNET_CASCADE = "3d_cascade_fullres"
 OWN_CONFIGURATIONS = (*DIFFUSION_BASE, *CPU_BASELINES)
 # Attention only where it is cheap: its memory grows with the square of the tokens of a stage.
 MAX_ATTENTION_TOKENS = 1024
@@ -113,7 +116,7 @@ class SpineDiffPlanner(ExperimentPlanner):
     """
 
     def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
-                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = "nnUNetPlans",
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = DEFAULT_PLANS,
                  overwrite_target_spacing: list[float] | tuple[float, ...] | None = None,
                  suppress_transpose: bool = False, *, device: str = "cuda", memory_target_gb: float | None = None,
                  target_statistics: dict[str, Any] | None = None, budget_seconds: float | None = None,
@@ -182,7 +185,7 @@ class SpineDiffPlanner(ExperimentPlanner):
             old = read_json(plans_file).get("configurations", {})
             for name, configuration in old.items():
                 if name not in plans["configurations"] and name not in OWN_CONFIGURATIONS \
-                        and name not in NNUNET_CONFIGURATIONS and DERIVED not in configuration:
+                        and name not in (*NNUNET_CONFIGURATIONS, NNUNET_CASCADE) and DERIVED not in configuration:
                     plans["configurations"][name] = configuration
         write_json(plans, plans_file)
 

@@ -27,6 +27,7 @@ from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path
+from spinediff.metrics.segmentation_metrics import dice_from_counts
 from spinediff.planning.plans import PlannedConfiguration
 from spinediff.prediction.core import FoldModel
 from spinediff.prediction.sampling import SamplingRequest, SamplingSettings, resolve_sampling
@@ -310,8 +311,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         loss = float(np.mean(outputs["loss"]))
         if self.task.task.writes_labels:
             tp, fp, fn = (np.sum(outputs[k], 0) for k in ("tp_hard", "fp_hard", "fn_hard"))
-            per_class = [float(2 * a / (2 * a + b + c)) if (2 * a + b + c) > 0 else float("nan")
-                         for a, b, c in zip(tp, fp, fn, strict=True)]
+            per_class = [float(d) for d in dice_from_counts(tp, fp, fn)]
             mean = float(np.nanmean(per_class)) if not np.all(np.isnan(per_class)) else 0.0
         else:
             # Image tasks: the "pseudo Dice" curve of nnU-Net's progress plot shows SSIM (in [0, 1]);

@@ -37,7 +37,7 @@ import torch
 from spinediff.diffusion.refinement import check_fraction, refine_volume
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
-from spinediff.paths import model_folder_name, split_model_folder_name
+from spinediff.paths import DEFAULT_PLANS, model_folder_name, split_model_folder_name
 from spinediff.prediction.core import FoldModel
 from spinediff.prediction.sampling import SamplingSettings
 from spinediff.tasks import Segmentation, Translation
@@ -51,7 +51,7 @@ REFINE_TRAIN_FRACTION = 0.5
 #: The start level when neither the command line, sampling.json nor the plans' warm_start give one.
 DEFAULT_REFINE_FROM = 0.3
 #: nnU-Net configurations tried, in order, as a segmentation refiner's initial model (same dimension first).
-NNUNET_CONFIGURATIONS = {2: ("2d_cpu", "2d"), 3: ("3d_fullres_cpu", "3d_fullres")}
+INITIAL_CONFIGURATIONS = {2: ("2d_cpu", "2d"), 3: ("3d_fullres_cpu", "3d_fullres")}
 
 
 def initial_estimate(answers: InitialAnswerFolder, case: str, properties: dict, task: TaskAdapter, plans_manager,
@@ -76,15 +76,15 @@ def default_initial_model(plans_manager, configuration: str, task, patch_dims: i
 
 
 def initial_model_for(available: list[str] | tuple[str, ...], configuration: str, task, patch_dims: int,
-                      plans: str = "nnUNetPlans") -> str:
+                      plans: str = DEFAULT_PLANS) -> str:
     """:func:`default_initial_model` from the plans' configuration names (the benchmark asks it before any trainer
     exists): nnU-Net's ``nnUNetTrainer`` on the CPU configuration of the same dimension for segmentation, the
     ``RegressionTrainer`` of the refiner's own configuration for translation."""
     if task.writes_labels:
-        for name in NNUNET_CONFIGURATIONS[patch_dims]:
+        for name in INITIAL_CONFIGURATIONS[patch_dims]:
             if name in available:
                 return model_folder_name("nnUNetTrainer", name, plans)
-        raise SpineDiffError(f"The plans have none of {', '.join(NNUNET_CONFIGURATIONS[patch_dims])} for the nnU-Net "
+        raise SpineDiffError(f"The plans have none of {', '.join(INITIAL_CONFIGURATIONS[patch_dims])} for the nnU-Net "
                              "model whose answers the refiner starts from; plan one (spinediff plan) or name it.")
     return model_folder_name("RegressionTrainer", configuration, plans)
 

@@ -6,6 +6,7 @@ import argparse
 
 from spinediff.diffusion.refinement import COMBINATIONS
 from spinediff.errors import SpineDiffError
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.training.api import TrainingOptions, train
 from spinediff.utilities.argtypes import (
     duration,
@@ -84,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="plans configuration, e.g. 2d_diffusion, 3d_diffusion (2d/3d_fullres for nnUNetTrainer)")
     parser.add_argument("-f", "--fold", required=True, help="fold 0-4, or 'all'")
     parser.add_argument("-tr", "--trainer", default="DiffusionTranslationTrainer", help="trainer class name")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans identifier")
     parser.add_argument("--prediction-type", choices=["x0", "eps", "v"],
                         help="what the diffusion network predicts: x0 = image mode (the plans' default), eps = noise "
                              "mode, v = velocity; a non-default choice trains a derived configuration CONFIG_eps/_v")

@@ -22,20 +22,18 @@ from tqdm import tqdm
 
 from spinediff.io import write_json
 from spinediff.metrics.image_metrics import image_metrics
+from spinediff.metrics.segmentation_metrics import dice_counts
 from spinediff.prediction.core import CaseExporter, output_paths, sample_case
 
 
 def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
-    """Hard TP/FP/FN per foreground class of a batch (nnU-Net's pseudo-Dice bookkeeping)."""
-    predicted = estimate.argmax(1)
-    truth = target.argmax(1)
-    counts = {"tp_hard": [], "fp_hard": [], "fn_hard": []}
-    for c in range(1, estimate.shape[1]):
-        p, t = predicted == c, truth == c
-        counts["tp_hard"].append(float((p & t).sum()))
-        counts["fp_hard"].append(float((p & ~t).sum()))
-        counts["fn_hard"].append(float((~p & t).sum()))
-    return {k: np.asarray(v) for k, v in counts.items()}
+    """Hard TP/FP/FN per foreground class of a batch (nnU-Net's pseudo-Dice bookkeeping, through
+    :func:`spinediff.metrics.segmentation_metrics.dice_counts`)."""
+    classes = estimate.shape[1]
+    predicted = torch.nn.functional.one_hot(estimate.argmax(1), classes).movedim(-1, 1)
+    truth = torch.nn.functional.one_hot(target.argmax(1), classes).movedim(-1, 1)
+    tp, fp, fn = dice_counts(predicted[:, 1:], truth[:, 1:])
+    return {"tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
 
 def batch_image_scores(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
