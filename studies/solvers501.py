@@ -13,7 +13,7 @@ Dataset501 (14 lumbar MRI, L1-L5), 5-fold cross-validation. Needs a finished ``s
 3. The table of both models' candidates, against cold 25-step DDIM on the cosine model as the reference.
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... OMP_NUM_THREADS=1
-    python benchmarks/solvers501.py --train-rflow -j 2
+    python -m studies.solvers501 --train-rflow -j 2
 
 Writes ``benchmarks/output/solvers501/{results.json,results.md}``.
 """
@@ -25,8 +25,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders, job runner)
+from studies import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders, job runner)
 
 TRAINER = cv.METHODS["diffusion"][0]
 CANDIDATES = {
@@ -115,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.train_rflow:
         train_rflow(args.workers)
-    cv.run_jobs([[__file__, "--tune", c] for c in args.configurations], args.workers)
+    cv.run_jobs([[*cv.module_args(__file__), "--tune", c] for c in args.configurations], args.workers)
     return table(results_root, Path(args.output))
 
 

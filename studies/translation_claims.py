@@ -1,7 +1,7 @@
 """Graf et al.'s claims tested on our translation benchmark (issue 18): paired Wilcoxon signed-rank tests over the
 validation cases between the methods each claim compares, read from ``spinediff benchmark``'s ``benchmark.json``.
 
-    python benchmarks/translation_claims.py benchmarks/output/translation_methods/benchmark.json \\
+    python -m studies.translation_claims benchmarks/output/translation_methods/benchmark.json \\
         [benchmarks/output/translation_methods/bench3d/benchmark.json] [--metric mae_body]
 
 Claims: image mode (x0) beats noise mode (eps); x0 vs v-prediction; paired beats unpaired (the best paired method
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for claim, first, second in pairs:
         result = compare(per_case(summary, first, metric), per_case(summary, second, metric), metric)
         rows.append({"claim": claim, "first": first, "second": second, **result})
-    lines = [f"Command: `python benchmarks/translation_claims.py {' '.join(str(p) for p in args.benchmarks)} "
+    lines = [f"Command: `python -m studies.translation_claims {' '.join(str(p) for p in args.benchmarks)} "
              f"--metric {metric}`", "",
              f"Paired two-sided Wilcoxon signed-rank tests over the validation cases, on `{metric}` "
              f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better).", "",

@@ -17,7 +17,7 @@ best diffusion score (threshold, expected volumes from all 14 cases) is written 
 (``review.json``), so ``spinediff predict --save-uncertainty`` flags cases with it.
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... OMP_NUM_THREADS=1
-    python benchmarks/uncertainty_cv501.py --samples 5 -j 2
+    python -m studies.uncertainty_cv501 --samples 5 -j 2
 
 Writes ``benchmarks/output/uncertainty_cv501/{results.json,results.md,risk_coverage.png}``.
 """
@@ -111,12 +111,18 @@ def dataset_folders() -> tuple[Path, Path, list[dict]] | None:
     return raw, results_root, read_json(preprocessed / "splits_final.json")
 
 
+def module_args(path: str) -> list[str]:
+    """The interpreter arguments that run study ``path`` as a module (``-m studies.NAME``, from the repository root)."""
+    return ["-m", f"studies.{Path(path).stem}"]
+
+
 def run_jobs(commands: list[list[str]], workers: int) -> None:
-    """Run ``commands`` (argument lists for this Python), ``workers`` at a time; stop at the first failure."""
+    """Run ``commands`` (argument lists for this Python, from the repository root), ``workers`` at a time; stop at
+    the first failure."""
     pending, running = list(commands), []
     while pending or running:
         while pending and len(running) < workers:
-            running.append(subprocess.Popen([sys.executable, *pending.pop(0)]))
+            running.append(subprocess.Popen([sys.executable, *pending.pop(0)], cwd=ROOT))
         time.sleep(2)
         for process in list(running):
             if process.poll() is not None:
@@ -151,8 +157,8 @@ def train_members(members: int, results_root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, nnUNet_results=str(root), OMP_NUM_THREADS="1")
         log = open(root / "train.log", "a")  # noqa: SIM115 (closed when the process ends)
-        running.append((subprocess.Popen([sys.executable, __file__, "--train-member", str(member)], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT), log))
+        command = [sys.executable, *module_args(__file__), "--train-member", str(member)]
+        running.append((subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
     for process, log in running:
         if process.wait():
             raise SystemExit(f"training an ensemble member failed (exit {process.returncode}); see {log.name}")
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fold is not None:
         predict_fold(args.fold, splits[args.fold]["val"], raw, work / f"fold_{args.fold}", args.samples, args.steps)
         return 0
-    run_jobs([[__file__, "--fold", str(fold), "--samples", str(args.samples), "--steps", str(args.steps)]
+    run_jobs([[*module_args(__file__), "--fold", str(fold), "--samples", str(args.samples), "--steps", str(args.steps)]
               for fold in range(len(splits))], args.workers)
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
     if args.stability:

@@ -13,7 +13,7 @@ one method after the other, fold by fold (so both see the same machine load), on
 loading included. Both are scored as trained (no post-processing): mean L1-L5 Dice against the manual masks.
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... OMP_NUM_THREADS=1
-    python benchmarks/predict_time501.py --samples 5
+    python -m studies.predict_time501 --samples 5
 
 Writes ``benchmarks/output/predict_time501/{results.json,results.md}``.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +29,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders)
+from studies import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders)
 
 
 def level_dice(prediction: Path, reference: Path) -> float:
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
               "cases": len(rows), "seconds_per_case": {k: v / len(rows) for k, v in total.items()},
               "time_ratio": ratio, "mean_dice": mean, "rows": rows}
     sampling = result["sampling"]
-    md = (f"Command: `python benchmarks/predict_time501.py --samples {args.samples}`\n\n"
+    md = (f"Command: `python -m studies.predict_time501 --samples {args.samples}`\n\n"
           f"Dataset501, {len(rows)} held-out cases (each by its own fold's models), raw files in, label maps out, "
           f"model loading included, one torch thread, the two methods one after the other per fold.\n\n"
           "| method | s / case | mean L1-L5 Dice |\n|---|---|---|\n"

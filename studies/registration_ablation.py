@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/registration_ablation.py [--cases 16] [--seed 0] [--work DIR]
+    .venv/bin/python -m studies.registration_ablation [--cases 16] [--seed 0] [--work DIR]
 
 1. ``spinediff phantom --task translation`` writes phantom subjects whose CT is misaligned by a
    random rigid transform of up to ``--max-translation-mm`` (20) and ``--max-rotation-deg`` (15),
@@ -45,7 +45,7 @@ from spinediff.registration import align
 from spinediff.registration.api import RegistrationSettings, find_unaligned_cases, register_case
 from spinediff.registration.landmarks import vertebra_voxels
 
-OUTPUT = Path(__file__).resolve().parent / "output"
+OUTPUT = Path(__file__).resolve().parents[1] / "benchmarks" / "output"
 MODES = (0, 1, 2)
 
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/steps_generation.py [--iterations 600] [--distill-iterations 200] [--segmenter-epochs 8]
+    python -m studies.steps_generation [--iterations 600] [--distill-iterations 200] [--segmenter-epochs 8]
 
 * Data: the tiny phantom's generation dataset (``Dataset903_SpinePhantomGeneration``: label map → CT), 6 cases,
   nnU-Net's 5-fold split; fold 0 (4 training, 2 validation cases). Its own folders under
@@ -31,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import perf_common as pc
+
+from benchmarks import perf_common as pc
 
 WORK = pc.OUTPUT / "generation_work"
 os.environ["nnUNet_raw"] = str(WORK / "raw")  # before nnunetv2 is imported (it reads them once)

@@ -3,8 +3,8 @@
 
 Usage::
 
-    python benchmarks/generation_phantom.py [--iterations 600] [--cases 15] [--models axial,coronal,sagittal]
-    python benchmarks/generation_phantom.py --models 3D --iterations-3d 225   # beside it, in a second process
+    python -m studies.generation_phantom [--iterations 600] [--cases 15] [--models axial,coronal,sagittal]
+    python -m studies.generation_phantom --models 3D --iterations-3d 225   # beside it, in a second process
 
 * Data: the phantom's ``Dataset903`` (mask → CT) and ``Dataset904`` (mask → T2w MR, with ``labelsFromCT``), ``--cases``
   subjects, nnU-Net's 5-fold split, fold 0. Folders under ``benchmarks/output/performance/generation_phantom_work``.
@@ -32,7 +32,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import perf_common as pc
+
+from benchmarks import perf_common as pc
 
 WORK = pc.OUTPUT / "generation_phantom_work"
 os.environ["nnUNet_raw"] = str(WORK / "raw")  # before nnunetv2 is imported (it reads them once)

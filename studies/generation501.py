@@ -22,8 +22,8 @@ mean image of those runs per case, scores it like a run, and writes the poster's
 (default: the fused ones) plus the fused row, with a figure of generated images beside the real MR and the mask.
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=... OMP_NUM_THREADS=1
-    python benchmarks/generation501.py -j 2 --budget 10m -c 2d_diffusion_v -p nnUNetPlans_coronal --output OUT_C
-    python benchmarks/generation501.py --fuse OUT_A OUT_C OUT_S --rows OUT_A OUT_C OUT_S OUT_3D --output OUT_25D
+    python -m studies.generation501 -j 2 --budget 10m -c 2d_diffusion_v -p nnUNetPlans_coronal --output OUT_C
+    python -m studies.generation501 --fuse OUT_A OUT_C OUT_S --rows OUT_A OUT_C OUT_S OUT_3D --output OUT_25D
 
 Writes ``results.json`` and ``results.md`` into ``--output`` (and ``generation501.png`` with ``--fuse``).
 """
@@ -33,14 +33,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders, job runner)
+from studies import uncertainty_cv501 as cv  # noqa: E402 (the Dataset501 harness: names, folders, job runner)
 
 GENERATION = "Dataset511_LumbarVB3devGeneration"
 TRAINER = "SegGuidedGenerationTrainer"
@@ -230,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {**score(fused, splits, raw, segmenter), "generated": str(fused), "budget": shown[0]["budget"],
                   "label": "2.5D", "model": "mean of " + ", ".join(
                       read_json(m / "results.json")["label"] for m in members)}
-        md = (f"Command: `python benchmarks/generation501.py --fuse {' '.join(args.fuse)}"
+        md = (f"Command: `python -m studies.generation501 --fuse {' '.join(args.fuse)}"
               + (f" --rows {' '.join(args.rows)}" if args.rows else "") + "`\n\n"
               f"Dataset501, 5-fold CV, {result['cases']} held-out masks → MR ({TRAINER}); auxiliary segmenter: each "
               "fold's nnU-Net (2d_cpu) of the benchmark.\n\n" + table([*shown, result]))
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               "model": f"{args.configuration} ({args.plans})",
               "sampling": f"{diffusion.solver}:{diffusion.num_inference_steps}",
               "prediction_type": diffusion.prediction_type}
-    md = (f"Command: `python benchmarks/generation501.py -j {args.workers} --budget {args.budget}"
+    md = (f"Command: `python -m studies.generation501 -j {args.workers} --budget {args.budget}"
           + (f" --plan-budget {args.plan_budget}" if args.plan_budget else "") + f" -c {args.configuration}"
           + (f" -p {args.plans}" if args.plans != DEFAULT_PLANS else "")
           + (" --generation-results DIR" if args.generation_results else "")

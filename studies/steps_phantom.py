@@ -3,7 +3,7 @@ starts, rectified flow and the distilled students (issue 20).
 
 Usage::
 
-    python benchmarks/steps_phantom.py [--iterations 600] [--distill-iterations 150] [--tasks translation ...]
+    python -m studies.steps_phantom [--iterations 600] [--distill-iterations 150] [--tasks translation ...]
 
 * Models: the tiny phantom's ``2d_diffusion`` (cosine schedule, x0 prediction) of ``perf_common``, trained for
   ``--iterations`` steps on fold 0, and the same network, data and iterations with rectified flow
@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import perf_common as pc
 import torch
+
+from benchmarks import perf_common as pc
 
 DDPM_SETTINGS = [("ddim", s, None) for s in (1, 2, 5, 10, 25, 50)] + \
     [("dpm++2m", s, None) for s in (2, 5, 10, 25)] + [("unipc", s, None) for s in (2, 5, 10)] + \

@@ -11,7 +11,7 @@ Everything runs in a work folder outside the repository (the raw data is copied 
 Markdown and the PNG go to ``benchmarks/output/uncertainty_dataset501/``. Each stage is reused if
 its results exist, so an interrupted run continues. Skips with a message if the data is absent.
 
-    nohup python benchmarks/uncertainty_dataset501.py --budget-minutes 10 > /tmp/u501.log 2>&1 &
+    nohup python -m studies.uncertainty_dataset501 --budget-minutes 10 > /tmp/u501.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {case: {**analyse_case(case, raw, predictions, args.band), "seconds": timing[case]["seconds"]}
                for case in cases}
     render(cases, raw, predictions, out / "overlay.png")
-    command = "python benchmarks/uncertainty_dataset501.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m studies.uncertainty_dataset501 " + " ".join(sys.argv[1:] if argv is None else argv)
     summary = {"dataset": NAME, "trainer": TRAINER, "configuration": CONFIG, "fold": 0,
                "training": training, "samples": args.samples, "steps": args.steps, "band": args.band,
                "cases": results, "command": command.strip()}
