@@ -96,7 +96,7 @@ class RandomRemapTransform(ImageOnlyTransform):
     values (drawn uniformly in [0, 1], so the curve goes up and down: a tissue brighter than another may become
     darker, as CSF does between T2w and T1w); the mean and standard deviation of the channel are kept."""
 
-    def __init__(self, control_points: tuple[int, int] = (3, 7), p_per_channel: float = 1.0) -> None:
+    def __init__(self, control_points: tuple[int, int] = (3, 4), p_per_channel: float = 1.0) -> None:
         super().__init__()
         self.control_points = (int(control_points[0]), int(control_points[1]))
         self.p_per_channel = float(p_per_channel)
@@ -129,7 +129,7 @@ class BiasFieldTransform(ImageOnlyTransform):
     on the channel's intensities shifted to be positive (a bias field multiplies signal, and the normalised
     intensities are centred at zero), with the channel's mean and standard deviation kept."""
 
-    def __init__(self, degree: int = 3, coefficients: tuple[float, float] = (0.2, 0.6), p_per_channel: float = 1.0):
+    def __init__(self, degree: int = 3, coefficients: tuple[float, float] = (0.0, 0.2), p_per_channel: float = 1.0):
         super().__init__()
         from monai.transforms import RandBiasField
 
@@ -164,15 +164,15 @@ def contrast_transforms(block: dict) -> list[BasicTransform]:
     if block.get("p_inversion", 0) > 0:
         transforms.append(RandomTransform(InvertImageTransform(p_invert_image=1.0), block["p_inversion"]))
     if block.get("p_remap", 0) > 0:
-        transforms.append(RandomTransform(RandomRemapTransform(tuple(block.get("remap_control_points", (3, 7)))),
+        transforms.append(RandomTransform(RandomRemapTransform(tuple(block.get("remap_control_points", (3, 4)))),
                                           block["p_remap"]))
     if block.get("p_gamma", 0) > 0:
         transforms.append(RandomTransform(GammaTransform(
-            gamma=BGContrast(tuple(block.get("gamma_range", (0.3, 3.0)))), p_invert_image=0.5,
+            gamma=BGContrast(tuple(block.get("gamma_range", (0.5, 2.0)))), p_invert_image=0.5,
             synchronize_channels=False, p_per_channel=1, p_retain_stats=1), block["p_gamma"]))
     if block.get("p_bias_field", 0) > 0:
         transforms.append(RandomTransform(BiasFieldTransform(int(block.get("bias_field_degree", 3)),
-                                                             tuple(block.get("bias_field_coefficients", (0.2, 0.6)))),
+                                                             tuple(block.get("bias_field_coefficients", (0.0, 0.2)))),
                                           block["p_bias_field"]))
     return transforms
 
@@ -329,8 +329,10 @@ def apply_planned_augmentation(trainer) -> None:
 def _add_planned_transforms(trainer, block: dict) -> None:
     """Wrap the trainer's ``get_training_transforms`` (nnU-Net's static method or a spinediff override) so that
     the planned contrast and field-of-view transforms join nnU-Net's pipeline."""
-    if not (block.get("contrast") or block.get("field_of_view")) or not hasattr(trainer, "get_training_transforms"):
-        return
+    described = [name for name in ("contrast", "field_of_view") if (block.get(name) or {}).get("enabled", True)
+                 and block.get(name)]
+    if not described or not hasattr(trainer, "get_training_transforms"):
+        return  # none planned, or all switched off in the plans (enabled: false)
     original = trainer.get_training_transforms
     task = getattr(trainer, "task", None)
     channels = None
@@ -341,7 +343,5 @@ def _add_planned_transforms(trainer, block: dict) -> None:
         return insert_planned_transforms(original(*args, **kwargs), block, channels)
 
     trainer.get_training_transforms = get_training_transforms
-    described = [name for name in ("contrast", "field_of_view") if (block.get(name) or {}).get("enabled", True)
-                 and block.get(name)]
     trainer.print_to_log_file(f"Planned augmentation: {' and '.join(described)} "
                               f"({ {k: block[k] for k in described} }).")
