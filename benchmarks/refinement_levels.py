@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     regression = results_root / name / model_folder_name(REGRESSION, args.configuration)
     segmenter_name = downstream_dataset_name(raw_root, name)
     segmenter = results_root / segmenter_name / model_folder_name(SEGMENTER_TRAINER, "2d_cpu")
+    from spinediff.planning.plans import SpineDiffPlans
+
+    # PSNR and SSIM over the target's clip range, as the benchmark scores them
+    intensity = SpineDiffPlans.read(preprocessed_root / name / "nnUNetPlans.json").configuration(
+        args.configuration).target_intensity
+    data_range = tuple(intensity.mappings[0].clip_range)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     reference = out / "reference"  # CASE.nii.gz -> the real CT, as the benchmark's reference folder
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     link.symlink_to(path.resolve())
             frechet.append(image_frechet_distance(SegmenterFeatures(segmenter, fold), synthetic,
                                                   [reference / p.name for p in synthetic]))
-        evaluation = evaluate_folders(reference, merged, task="image", progress=False)
+        evaluation = evaluate_folders(reference, merged, task="image", data_range=data_range, progress=False)
         per_case = {row["case"]: row for row in evaluation.rows}
         means = {m: float(np.nanmean([r[m] for r in per_case.values()])) for m in ("mae_body", "psnr", "ssim")}
         rows[label] = {**means, "frechet": float(np.mean(frechet)), "frechet_per_fold": frechet,
