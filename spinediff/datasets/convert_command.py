@@ -9,6 +9,7 @@ from spinediff.datasets.convert import LABEL_MODES, SlabSettings, convert_pairs,
 from spinediff.datasets.validate import validate_dataset
 from spinediff.errors import SpineDiffError
 from spinediff.paths import nnunet_folder
+from spinediff.utilities.argtypes import int_range, non_negative_float
 
 EXAMPLES = """\
 examples:
@@ -70,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-i", "--input", required=True, help="folder holding the subject folders (any depth)")
-    parser.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset ID (1-999)")
+    parser.add_argument("-d", "--dataset-id", type=int_range(1, 999), required=True, help="nnU-Net dataset ID (1-999)")
     parser.add_argument("--name", default="MRCT", help="dataset name: DatasetXXX_NAME (default: MRCT)")
     parser.add_argument("-o", "--output", help="nnU-Net raw folder receiving the dataset (default: $nnUNet_raw)")
     parser.add_argument("--source-name", nargs="+", default=["mr"], metavar="NAME",
@@ -84,11 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "serves the perception loss and the downstream Dice) (default: mask)")
     parser.add_argument("--file-ending", default=".nii.gz", choices=[".nii.gz", ".mha", ".nrrd", ".nii"],
                         help="file type written (default: .nii.gz)")
-    parser.add_argument("--slab-folds", type=int, metavar="N",
+    parser.add_argument("--slab-folds", type=int_range(2, 100), metavar="N",
                         help="cut every subject into N slabs along --slab-axis for N-fold slab cross-validation: "
                              "case SUBJECT_slabK validates fold K, SUBJECT_foldK_trainJ train it (the rest minus "
                              "--gap-mm each side); writes splits_final.json")
-    parser.add_argument("--gap-mm", type=float, default=10.0,
+    parser.add_argument("--gap-mm", type=non_negative_float, default=10.0,
                         help="untouched gap between a fold's training and validation slabs (default: 10)")
     parser.add_argument("--slab-axis", choices=["longest", "x", "y", "z"], default="longest",
                         help="image axis the slabs are cut along (default: the longest physical extent)")

@@ -160,6 +160,7 @@ def merged_foreground_dice(reference: Path, prediction: Path) -> float:
     tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
     import SimpleITK as sitk
 
+
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
     total = int(truth.sum()) + int(predicted.sum())
@@ -298,6 +299,13 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         options.val_iterations_per_epoch = options.val_iterations_per_epoch or 2
     options.budget_minutes = budget_minutes
     folds = folds if folds is not None else [0, 1, 2, 3, 4]
+    splits_file = preprocessed / name / "splits_final.json"  # every fold is checked before the first is trained
+    count = len(read_json(splits_file)) if splits_file.is_file() else 5
+    beyond = [str(f) for f in folds if str(f) != "all" and not (str(f).isdigit() and int(f) < count)]
+    if beyond:
+        where = splits_file if splits_file.is_file() else "nnU-Net's default split"
+        raise SpineDiffError(f"Fold(s) {', '.join(beyond)} do not exist: {where} has folds 0-{count - 1}. Choose "
+                             "among them with -f (or 'all').")
     out = ensure_writable_folder(Path(output) if output else results / name / "spinediff_benchmark")
     with folder_lock(out):  # one benchmark per output folder, held to the end
         raw = nnunet_folder("raw") / name

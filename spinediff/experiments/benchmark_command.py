@@ -7,7 +7,7 @@ import argparse
 from spinediff.diffusion.refinement import COMBINATIONS
 from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
-from spinediff.utilities.argtypes import duration, minutes, positive_int
+from spinediff.utilities.argtypes import duration, fold, minutes, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name (planned with `spinediff plan`)")
-    parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2", "3", "4"], help="folds to run")
+    parser.add_argument("-f", "--folds", nargs="+", type=fold, default=["0", "1", "2", "3", "4"], help="folds to run")
     parser.add_argument("--budget", metavar="TIME", type=duration(),
                         help="training time per method and fold, e.g. 15m (a bare number: minutes). Default: the "
                              "plans' schedule (spinediff plan --budget), else 10 minutes. Each run's learning-rate "

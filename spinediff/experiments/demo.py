@@ -26,6 +26,7 @@ from spinediff.datasets.validate import validate_dataset
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.report import write_report
 from spinediff.experiments.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sections
+from spinediff.inference.inputs import RUN_SUMMARY, read_run_summary
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
 from spinediff.paths import model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
@@ -409,7 +410,7 @@ def _ensemble_scores(folders: dict[str, Path], predictions: dict, registered: Pa
         if not isinstance(entry, dict):
             continue
         folder = Path(entry["folder"])
-        samples = int(read_json(folder / "prediction.json").get("num_samples", 0)) or None
+        samples = read_run_summary(folder / RUN_SUMMARY).get("num_samples") or None
         rows = evaluate_folders(reference, folder, task=task.evaluation_kind, data_range=clip, progress=False).rows
         if task.writes_labels:
             scores[task.name][ensemble_name(method, samples)] = {

@@ -25,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.inputs import RUN_SUMMARY, split_ending
-from spinediff.io import atomic_path, ensure_writable_folder, read_image, read_json, write_image, write_json
+from spinediff.inference.inputs import RUN_SUMMARY, read_run_summary, split_ending
+from spinediff.io import atomic_path, ensure_writable_folder, read_image, write_image, write_json
 from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.tasks import SEGMENTATION, Task, get_task
 from spinediff.utilities.geometry import same_geometry
@@ -51,8 +51,8 @@ def _folder_task(folder: Path) -> Task:
     """The task of a prediction folder, from its run summary (else: probabilities → segmentation, images)."""
     summaries = [folder / RUN_SUMMARY] + sorted(folder.glob(f"{Path(RUN_SUMMARY).stem}_part*of*.json"))
     for summary in summaries:  # a split prediction (--num-parts) has one summary per part
-        if summary.is_file():
-            return get_task(read_json(summary).get("task", SEGMENTATION.name), summary)
+        if summary.exists():  # a folder in its place is refused by the reader
+            return get_task(read_run_summary(summary)["task"], summary)
     return SEGMENTATION if any(folder.glob("*.npz")) else get_task("translation")
 
 

@@ -24,6 +24,7 @@ compared with the two singles *as re-predicted*, so that the comparison is like 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
 from spinediff.paths import split_model_folder_name
 from spinediff.tasks import Task, task_spec
+from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 
 def _fold_results(fold_folder: Path, task: Task) -> dict[str, dict] | None:
@@ -167,10 +169,20 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
         output: the JSON (default ``$nnUNet_results/DatasetXXX/find_best.json``); never silently replaced.
         raw_folder: ``$nnUNet_raw`` (references of image tasks, inputs of re-prediction).
     """
+    dataset_folder = find_dataset_results(dataset, results_folder)
+    target = Path(output) if output else dataset_folder / "find_best.json"
+    with contextlib.ExitStack() as locks:  # taken before the check that the output is new, held to the end
+        # one find_best per dataset (it writes each model's postprocessing.json and review.json) and per output file
+        locks.enter_context(folder_lock(dataset_folder, name=f".find_best{LOCK_NAME}", create=False))
+        locks.enter_context(folder_lock(target.parent, name=f".{target.name}{LOCK_NAME}"))
+        return _find_best(dataset_folder, ensure_new_output(target, overwrite), folds, repredict, overwrite,
+                          raw_folder, device)
+
+
+def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | None, repredict: bool,
+               overwrite: bool, raw_folder, device: str) -> FindBestResult:
     from spinediff.inference.find_best_ensemble import evaluate_ensemble
 
-    dataset_folder = find_dataset_results(dataset, results_folder)
-    target = ensure_new_output(Path(output) if output else dataset_folder / "find_best.json", overwrite)
     task = None
     for dataset_json in sorted(dataset_folder.glob("*__*__*/dataset.json")):
         task = task_spec(read_json(dataset_json), dataset_json).task
@@ -181,6 +193,11 @@ def find_best(dataset: str | int, *, folds: Sequence[int | str] | None = None, r
                                                        [str(f) for f in folds] if folds is not None else None)
     if not candidates:
         raise SpineDiffError(f"No candidate has all of folds {used_folds} finished: " + " ".join(notes))
+    if task.writes_labels:  # the review rules it completes are read through their schema before any work
+        from spinediff.inference.review import ReviewRule
+
+        for candidate in candidates:
+            ReviewRule.read(candidate.folder)
     metric = primary_metric(task, candidates)
     decisions: dict[str, dict] = {}
     for c in candidates:

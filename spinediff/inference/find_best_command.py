@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.find_best import find_best
+from spinediff.utilities.argtypes import file_or_new, fold
 from spinediff.utilities.device import add_device_argument
 
 
@@ -49,12 +50,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or DatasetXXX_Name")
-    parser.add_argument("-f", "--folds", nargs="+", help="folds to compare (default: those all candidates finished)")
+    parser.add_argument("-f", "--folds", nargs="+", type=fold,
+                        help="folds to compare (default: those all candidates finished)")
     parser.add_argument("--repredict", action="store_true",
                         help="segmentation: re-predict the validation cases with probabilities to try the ensemble "
                              "when the final validations kept none (costs one cross-validation prediction per "
                              "candidate)")
-    parser.add_argument("-o", "--output", help="JSON to write (default: $nnUNet_results/DatasetXXX/find_best.json)")
+    parser.add_argument("-o", "--output", type=file_or_new,
+                        help="JSON to write (default: $nnUNet_results/DatasetXXX/find_best.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing JSON")
     add_device_argument(parser, "device for --repredict")
     parser.add_argument("--results", help="nnU-Net results folder (default: $nnUNet_results)")

@@ -18,12 +18,59 @@ import numpy as np
 
 from spinediff.datasets.validate import Problem, read_channel_image
 from spinediff.errors import SpineDiffError
-from spinediff.io import IMAGE_SUFFIXES
-from spinediff.tasks import Task
+from spinediff.io import IMAGE_SUFFIXES, read_json
+from spinediff.tasks import TASKS, Task
 from spinediff.utilities.geometry import same_geometry
 
 # Written beside every prediction folder: settings, task and per-case status (`spinediff ensemble` reads the task).
 RUN_SUMMARY = "prediction.json"
+#: The keys of a prediction.json: written by `spinediff predict` (its settings, sampling and cases), by `spinediff
+#: ensemble` (ensemble_of, written, problems) and beside reused validation exports (source); older files named the
+#: solver ``sampler`` and the steps ``steps``.
+RUN_SUMMARY_KEYS = frozenset({
+    "model", "task", "trainer", "configuration", "plans", "folds", "checkpoint", "device", "solver",
+    "num_inference_steps", "num_samples", "eta", "warm_start", "precision", "tta", "sampling_from", "seed",
+    "denoising", "input_folder", "postprocessing", "part", "refinement", "num_cases", "num_failed",
+    "review_flagged", "cases", "ensemble_of", "written", "problems", "source", "sampler", "steps"})
+#: key → the JSON types it may hold (None allowed where a run may leave it unset).
+_RUN_SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
+    "task": (str,), "folds": (list,), "num_inference_steps": (int, type(None)), "num_samples": (int, type(None)),
+    "cases": (dict,), "ensemble_of": (list,), "written": (list,), "problems": (list,), "review_flagged": (list,),
+    "part": (dict, type(None)), "postprocessing": (dict, type(None)), "refinement": (dict, type(None)),
+    "num_cases": (int,), "num_failed": (int,)}
+
+_KIND_NAMES = {str: "a string", list: "a list", dict: "an object", int: "a whole number", type(None): "null"}
+
+
+def read_run_summary(path: str | Path) -> dict:
+    """A prediction folder's ``prediction.json`` read through its schema: an object with :data:`RUN_SUMMARY_KEYS`
+    only, ``task`` a known task, counts whole numbers >= 0 (samples and steps >= 1), lists and objects where they
+    belong; anything else is a SpineDiffError naming the file and the fix."""
+    path = Path(path)
+    data = read_json(path)  # missing, a folder, not JSON: named there
+    fix = ("predict into this folder again (spinediff predict --overwrite, or spinediff ensemble) or restore the "
+           "file spinediff wrote.")
+    if not isinstance(data, dict):
+        raise SpineDiffError(f"{path} holds a JSON {type(data).__name__}, not a prediction summary object; {fix}")
+    unknown = sorted(set(data) - RUN_SUMMARY_KEYS)
+    if unknown:
+        raise SpineDiffError(f"{path} has unknown key(s) {unknown}; it was not written by spinediff or was edited "
+                             f"(known: {sorted(RUN_SUMMARY_KEYS)}); {fix}")
+    if "task" not in data:
+        raise SpineDiffError(f"{path} lacks 'task' (segmentation, translation or generation); {fix}")
+    for key, kinds in _RUN_SUMMARY_TYPES.items():
+        if key in data and (not isinstance(data[key], kinds) or isinstance(data[key], bool)):
+            names = " or ".join(_KIND_NAMES[k] for k in kinds)
+            raise SpineDiffError(f"{path}: '{key}' must be {names}, got {data[key]!r}; {fix}")
+    for key in ("num_samples", "num_inference_steps", "num_cases", "num_failed"):
+        least = 1 if key in ("num_samples", "num_inference_steps") else 0
+        if isinstance(data.get(key), int) and data[key] < least:
+            raise SpineDiffError(f"{path}: '{key}' must be at least {least}, got {data[key]}; {fix}")
+    if any(not isinstance(case, dict) for case in data.get("cases", {}).values()):
+        raise SpineDiffError(f"{path}: 'cases' must map each case to an object; {fix}")
+    if data["task"] not in TASKS:
+        raise SpineDiffError(f"{path}: 'task' is {data['task']!r}; expected one of {', '.join(TASKS)}; {fix}")
+    return data
 
 
 def part_name(name: str, num_parts: int, part_id: int) -> str:

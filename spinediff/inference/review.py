@@ -2,7 +2,7 @@
 
 ``MODEL_FOLDER/review.json`` holds the rule. The cross-validation writes it with every model
 (:func:`write_cross_validation_rule`, called where ``spinediff find_best`` and ``spinediff benchmark`` decide the
-post-processing), and an uncertainty analysis (``benchmarks/uncertainty_cv501.py``) may calibrate its score on the
+post-processing), and an uncertainty analysis (``studies/uncertainty_cv501.py``) may calibrate its score on the
 cross-validation's failures. ``spinediff predict`` reads it for every segmentation (no flag to turn on), adds each
 case's flag and reasons to ``prediction.json`` (and ``CASE_uncertainty.json``), writes ``review.csv`` (most
 doubtful first) and names the flagged cases at the end of the run. A case is flagged when any of these holds:
@@ -81,6 +81,43 @@ def intensity_reference(signatures: Sequence[Sequence[Sequence[float]]]) -> dict
             "leave_one_out_max": round(float(max(loo)), 4), "cases": int(data.shape[0])}
 
 
+#: The keys of a review.json.
+REVIEW_KEYS = frozenset({"score", "threshold", "expected_volumes_ml", "chosen", "intensity", "numbering_threshold"})
+#: The keys of its intensity reference (:func:`intensity_reference`).
+INTENSITY_KEYS = frozenset({"quantiles", "mean", "spread", "threshold", "leave_one_out_max", "cases"})
+
+
+def _finite(value: object, path, key: str, fix: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and value <= 0):
+        kind = "a finite number > 0" if positive else "a finite number"
+        raise SpineDiffError(f"{path}: '{key}' must be {kind}, got {value!r}; {fix}")
+    return float(value)
+
+
+def _check_intensity(intensity: object, path, fix: str) -> None:
+    """The intensity reference: known keys, ``mean`` and ``spread`` channels x quantiles of finite numbers."""
+    if not isinstance(intensity, dict):
+        raise SpineDiffError(f"{path}: 'intensity' must be an object (or null); {fix}")
+    unknown = sorted(set(intensity) - INTENSITY_KEYS)
+    missing = sorted({"mean", "spread", "threshold"} - set(intensity))
+    if unknown or missing:
+        raise SpineDiffError(f"{path}: 'intensity' has unknown key(s) {unknown} or lacks {missing}; {fix}")
+    _finite(intensity["threshold"], path, "intensity/threshold", fix)
+    shapes = []
+    for key in ("mean", "spread"):
+        try:
+            array = np.asarray(intensity[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            array = np.full(0, np.nan)
+        if array.ndim != 2 or array.shape[1] != len(QUANTILES) or not np.all(np.isfinite(array)):
+            raise SpineDiffError(f"{path}: 'intensity/{key}' must be one list of {len(QUANTILES)} finite numbers "
+                                 f"per channel; {fix}")
+        shapes.append(array.shape)
+    if shapes[0] != shapes[1]:
+        raise SpineDiffError(f"{path}: 'intensity/mean' and 'intensity/spread' differ in shape; {fix}")
+
+
 @dataclass(frozen=True)
 class ReviewRule:
     score: str
@@ -96,20 +133,50 @@ class ReviewRule:
 
     @classmethod
     def read(cls, model_folder: str | Path) -> ReviewRule | None:
-        """The model's rule, or None when it has none (no flag is then given)."""
+        """The model's rule, or None when it has none (no flag is then given). The file is read through a schema:
+        an object with :data:`REVIEW_KEYS` only, ``score`` and ``threshold`` given, every value of its type."""
         path = Path(model_folder) / REVIEW_FILE
-        if not path.is_file():
+        if not path.exists():
             return None
-        data = read_json(path)
-        try:
-            numbering = data.get("numbering_threshold")
-            return cls(str(data["score"]), float(data["threshold"]),
-                       {int(k): float(v) for k, v in data.get("expected_volumes_ml", {}).items()},
-                       dict(data.get("chosen", {})), data.get("intensity"),
-                       None if numbering is None else float(numbering))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SpineDiffError(f"{path} is not a review rule ({type(exc).__name__}: {exc}); write it again or "
-                                 "move it aside to predict without review flags.") from None
+        data = read_json(path)  # a folder in its place is refused there
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: object, path: str | Path = REVIEW_FILE) -> ReviewRule:
+        fix = ("write it again (`spinediff find_best` writes it from the cross-validation) or move it aside to "
+               "predict without review flags.")
+        if not isinstance(data, dict):
+            raise SpineDiffError(f"{path} holds a JSON {type(data).__name__}, not a review rule object; {fix}")
+        unknown = sorted(set(data) - REVIEW_KEYS)
+        if unknown:
+            raise SpineDiffError(f"{path} has unknown key(s) {unknown} (known: {sorted(REVIEW_KEYS)}); {fix}")
+        missing = [key for key in ("score", "threshold") if key not in data]
+        if missing:
+            raise SpineDiffError(f"{path} lacks {missing}: a review rule needs a 'score' (one of "
+                                 f"{', '.join(SCORES)}) and its 'threshold'; {fix}")
+        if data["score"] not in SCORES:
+            raise SpineDiffError(f"{path}: 'score' {data['score']!r} is not one of {', '.join(SCORES)}; {fix}")
+        threshold = _finite(data["threshold"], path, "threshold", fix)
+        volumes = data.get("expected_volumes_ml", {})
+        if not isinstance(volumes, dict):
+            raise SpineDiffError(f"{path}: 'expected_volumes_ml' must map labels to volumes in ml; {fix}")
+        expected = {}
+        for key, value in volumes.items():
+            if not str(key).isdigit() or int(key) < 1:
+                raise SpineDiffError(f"{path}: 'expected_volumes_ml' key {key!r} is not a label >= 1; {fix}")
+            expected[int(key)] = _finite(value, path, f"expected_volumes_ml/{key}", fix, positive=True)
+        chosen = data.get("chosen", {})
+        if not isinstance(chosen, dict):
+            raise SpineDiffError(f"{path}: 'chosen' must be an object; {fix}")
+        intensity = data.get("intensity")
+        if intensity is not None:
+            _check_intensity(intensity, path, fix)
+        numbering = data.get("numbering_threshold")
+        if numbering is not None:
+            numbering = _finite(numbering, path, "numbering_threshold", fix)
+            if not 0 <= numbering <= 1:
+                raise SpineDiffError(f"{path}: 'numbering_threshold' must be from 0 to 1, got {numbering}; {fix}")
+        return cls(str(data["score"]), threshold, expected, dict(chosen), intensity, numbering)
 
     def write(self, model_folder: str | Path) -> Path:
         path = Path(model_folder) / REVIEW_FILE

@@ -87,6 +87,8 @@ class SamplingChoice:
         except (KeyError, TypeError, ValueError) as exc:
             raise SpineDiffError(f"{path} is not a sampling choice ({type(exc).__name__}: {exc}); run `spinediff "
                                  "tune_sampling` again or move it aside to sample as the plans say.") from None
+        except SpineDiffError as exc:  # a known solver, steps >= 1, a warm start in (0, 1)
+            raise SpineDiffError(f"{path}: {exc} {fix[0].upper()}{fix[1:]}") from None
         return cls(setting, dict(data.get("chosen", {})))
 
     def write(self, model_folder: str | Path) -> Path:

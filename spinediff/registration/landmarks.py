@@ -51,6 +51,8 @@ MIN_VOXELS_PER_VERTEBRA = 10
 MIN_DIRECTION_CONFIDENCE = 0.03
 
 LANDMARK_NAMES_BY_COUNT = {1: ("centroid",), 2: ("body", "posterior")}
+#: The keys of a landmark JSON file ("space" and "units" may be left out: LPS and mm).
+LANDMARK_FILE_KEYS = frozenset({"space", "units", "vertebrae"})
 
 
 @dataclass
@@ -102,6 +104,19 @@ class LandmarkSet:
                 f"{source}: expected an object with a 'vertebrae' entry "
                 f"(see documentation/dataset_format.md, 'Landmark JSON')."
             )
+        unknown = sorted(set(data) - LANDMARK_FILE_KEYS)
+        if unknown:
+            raise SpineDiffError(
+                f"{source}: unknown key(s) {unknown}; a landmark file holds only {sorted(LANDMARK_FILE_KEYS)} "
+                f"(see documentation/dataset_format.md, 'Landmark JSON')."
+            )
+        if not isinstance(data.get("space", "LPS"), str) or not isinstance(data.get("units", "mm"), str):
+            raise SpineDiffError(f"{source}: 'space' and 'units' must be text, e.g. \"LPS\" and \"mm\".")
+        if data.get("units", "mm").strip().lower() != "mm":
+            raise SpineDiffError(
+                f"{source}: landmarks are in {data['units']!r}; spinediff expects millimetres (\"units\": \"mm\"). "
+                f"Convert the points to mm."
+            )
         space = str(data.get("space", "LPS")).upper()
         if space != "LPS":
             raise SpineDiffError(
@@ -114,6 +129,11 @@ class LandmarkSet:
                 label = int(key)
             except ValueError:
                 raise SpineDiffError(f"{source}: vertebra key {key!r} is not an integer label.") from None
+            if not 1 <= label <= MAX_VERTEBRA_LABEL:
+                raise SpineDiffError(
+                    f"{source}: vertebra key {key!r} is not a vertebra label (1-{MAX_VERTEBRA_LABEL}; discs and "
+                    f"endplates, 100+ and 200+, are not landmarks)."
+                )
             if not isinstance(named, dict):
                 raise SpineDiffError(f"{source}: vertebra {key} must map landmark names to [x, y, z].")
             for name, point in named.items():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from spinediff.errors import SpineDiffError
-from spinediff.utilities.argtypes import existing_file, existing_folder
+from spinediff.utilities.argtypes import case_identifier, existing_file, existing_folder
 
 DESCRIPTION = """\
 Align CT to MR with landmarks from vertebra masks and write a paired translation dataset
@@ -92,7 +92,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     options.add_argument("--no-overlay", action="store_true", help="skip the PNG overlays")
     explicit = parser.add_argument_group("one case from explicit files (instead of an unaligned/ folder)")
-    explicit.add_argument("--case-id", default="case_000", help="case identifier (default: case_000)")
+    explicit.add_argument("--case-id", default="case_000", type=case_identifier,
+                          help="case identifier (default: case_000)")
     explicit.add_argument(
         "--mr",
         nargs="+",

@@ -24,7 +24,7 @@ def run_distill(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from spinediff.utilities.argtypes import duration, non_negative_int, positive_float, positive_int
+    from spinediff.utilities.argtypes import duration, fold, non_negative_int, positive_float, positive_int
     from spinediff.utilities.device import add_device_argument
 
     parser = subparsers.add_parser(
@@ -42,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("-d", "--dataset", required=True, help="dataset ID or name")
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
-    parser.add_argument("-f", "--fold", required=True, help="the trained fold to distil (0-4 or all)")
+    parser.add_argument("-f", "--fold", required=True, type=fold, help="the trained fold to distil (0-4 or all)")
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name of the teacher")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("--steps", type=int, default=1, choices=(1, 2), help="the student's DDIM steps")

@@ -21,6 +21,7 @@ x0 (``sample``) and ``v_prediction`` models distil as they are.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -174,8 +175,19 @@ def distill(dataset: str | int, configuration: str, fold: int | str, trainer: st
     from spinediff.training.api import build_trainer
 
     rounds = distillation_rounds(steps, teacher_steps)
-    instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier, device=device,
-                             preprocessed_folder=preprocessed_folder, results_folder=results_folder)
+    # the fold's lock (as spinediff train takes it), before the checks below and held to the end: no training
+    # replaces the teacher and no second distillation writes the student meanwhile
+    with contextlib.ExitStack() as locks:
+        instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier,
+                                 device=device, preprocessed_folder=preprocessed_folder,
+                                 results_folder=results_folder, locks=locks)
+        return _distill_fold(instance, fold, trainer, rounds, steps, teacher_steps, iterations, budget_minutes,
+                             learning_rate, seed, overwrite, progress)
+
+
+def _distill_fold(instance, fold, trainer: str, rounds: list[int], steps: int, teacher_steps: int, iterations: int,
+                  budget_minutes: float | None, learning_rate: float | None, seed: int, overwrite: bool,
+                  progress: bool) -> Path:
     if not getattr(instance, "denoising", False):
         raise SpineDiffError(f"{trainer} is not a diffusion trainer: there are no steps to distil.")
     fold_folder = Path(instance.output_folder)

@@ -180,3 +180,38 @@ def folder_or_new(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{str(path)!r} is a file, not a folder: choose a folder name")
     return path
+
+
+def file_or_new(text: str) -> Path:
+    """An output file: it may not exist yet, but a folder of that name is refused (it could not be written)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(path)!r} is a folder, not a file: give the file name to write")
+    return path
+
+
+def fold(text: str) -> str:
+    """A fold of a cross-validation: a whole number >= 0, or ``all`` (whether the split has it is checked before
+    any work, where the split is known)."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fold: give 0, 1, 2, ... or 'all'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fold: folds are numbered from 0 (or 'all')")
+    return str(value)
+
+
+_CASE_IDENTIFIER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*(_[A-Za-z0-9.-]+)*$")
+
+
+def case_identifier(text: str) -> str:
+    """A case identifier nnU-Net can name files by: letters, digits, '.', '-' and single '_' between them, not
+    ending in a 4-digit channel suffix (``_0000``) and no path separators."""
+    if not _CASE_IDENTIFIER.match(text) or re.search(r"_\d{4}$", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a case identifier: use letters, digits, '.', '-' and '_' (no '/', no leading '.', "
+            "not ending in _NNNN, which nnU-Net reads as a channel)")
+    return text
