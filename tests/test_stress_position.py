@@ -1,0 +1,199 @@
+"""Issue 34 end to end on a phantom with numbered levels (L1-L5 from the phantom's vertebra instances), on tiny
+models trained once for the module: a T1w scan predicted by a T2w-only model trained without contrast augmentation
+is flagged in review.csv and named by the run, and benchmarks/stress_position.py runs for nnU-Net's trainer and for
+diffusion segmentation (crops, pads and shifts along the spine, and another dataset's T1w scans)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import TINY_SETTINGS, nnunet_folders, requires_shared_data
+
+from spinediff.cli import main
+
+LEVELS_ID, OTHER_ID = 911, 912
+LEVELS = f"Dataset{LEVELS_ID}_SpinePhantomLevels"
+OTHER = f"Dataset{OTHER_ID}_SpinePhantomLevelsT1"
+NUM_CASES = 5
+#: VerSe numbering of the phantom's vertebra instances: 20..24 = L1..L5 (T11/T12 are background, as in Dataset504)
+LUMBAR = {20 + i: i + 1 for i in range(5)}
+FOLDS = ("0", "1")
+SEG_CONFIG, CPU_CONFIG = "2d_diffusion", "2d_cpu"
+COMMON = ["--val-iters-per-epoch", "1", "--steps", "2", "--val-samples", "1", "--device", "cpu"]
+TRAIN = ["--epochs", "1", "--iters-per-epoch", "10", *COMMON]  # the commands' run, not the models' quality
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def level_labels(instances: sitk.Image) -> sitk.Image:
+    """The phantom's vertebra instances as levels L1..L5 = 1..5 (other vertebrae background)."""
+    array = sitk.GetArrayFromImage(instances)
+    levels = np.zeros_like(array, dtype=np.uint8)
+    for verse, level in LUMBAR.items():
+        levels[array == verse] = level
+    image = sitk.GetImageFromArray(levels)
+    image.CopyInformation(instances)
+    return image
+
+
+def write_dataset(folder: Path, seed: int, num_cases: int, channel: str, name: str, levels: bool = True) -> list:
+    """A raw nnU-Net dataset of phantom MR (one channel: ``t2`` or ``t1``) labelled with the lumbar levels
+    (``levels``) or the phantom's vertebra/disc/spinal canal."""
+    from spinediff.datasets.anatomy import SEMANTIC_LABELS
+    from spinediff.datasets.phantom import generate_case
+
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir()
+    cases = []
+    for index in range(num_cases):
+        case = generate_case(seed, index, TINY_SETTINGS)
+        sitk.WriteImage(getattr(case, channel), str(folder / "imagesTr" / f"{case.case_id}_0000.nii.gz"), True)
+        label = level_labels(case.mr_instances) if levels else case.mr_labels
+        sitk.WriteImage(label, str(folder / "labelsTr" / f"{case.case_id}.nii.gz"), True)
+        cases.append(case)
+    labels = {"background": 0, **{f"L{level}": level for level in range(1, 6)}} if levels else dict(SEMANTIC_LABELS)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T2w" if channel == "t2" else "T1w"}, "labels": labels, "numTraining": num_cases,
+        "file_ending": ".nii.gz", "name": name}))
+    return cases
+
+
+def plan_without_contrast_augmentation(dataset_id: int, preprocessed: Path, configurations: list[str]) -> None:
+    """``spinediff plan``, then augmentation.contrast.enabled false in the plans (what the planner's note says to
+    do to train without it)."""
+    assert main(["plan", "-d", str(dataset_id), "-c", *configurations, "--device", "cpu", "-np", "1"]) == 0
+    plans_file = next(preprocessed.glob(f"Dataset{dataset_id}_*")) / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    for name in configurations:
+        block = plans["configurations"][name]["augmentation"]
+        assert block["contrast"]["enabled"]  # planned for MR segmentation by default
+        block["contrast"]["enabled"] = False
+    plans_file.write_text(json.dumps(plans, indent=2))
+
+
+@pytest.fixture(scope="module")
+def levels(tmp_path_factory):
+    """The level phantom (L1-L5, T2w) with contrast augmentation off in the plans: diffusion segmentation
+    (2d_diffusion) and nnU-Net's trainer (2d_cpu) trained briefly on folds 0 and 1, find_best deciding their
+    post-processing (the level numbering); and a T1w level phantom as the other dataset."""
+    raw = tmp_path_factory.mktemp("levels_raw")
+    base = tmp_path_factory.mktemp("levels_nnunet")
+    write_dataset(raw / LEVELS, 3, NUM_CASES, "t2", "SpinePhantomLevels")
+    write_dataset(raw / OTHER, 4, 2, "t1", "SpinePhantomLevelsT1")
+    with nnunet_folders(raw, base) as env:
+        plan_without_contrast_augmentation(LEVELS_ID, base / "preprocessed", [SEG_CONFIG, CPU_CONFIG])
+        for fold in FOLDS:
+            for trainer, configuration in (("DiffusionSegmentationTrainer", SEG_CONFIG), ("nnUNetTrainer", CPU_CONFIG)):
+                assert main(["train", "-d", str(LEVELS_ID), "-c", configuration, "-f", fold, "-tr", trainer,
+                             *TRAIN]) == 0
+        assert main(["find_best", "-d", str(LEVELS_ID)]) == 0
+        yield {**env, "raw": raw, "base": base}
+
+
+# ---------------------------------------------------------------------- acceptance 3 of issue 34
+@pytest.mark.slow
+def test_a_t1w_scan_is_flagged_by_a_t2w_model_without_contrast_augmentation(levels, tmp_path, capsys):
+    """spinediff predict with the T2w-only model trained without contrast augmentation (review rule written by
+    find_best) on its T2w scans and on the phantom's T1w scan of an unseen subject (CSF and discs dark, marrow
+    bright: a non-monotone remapping of the tissues): the T1w scan lies furthest from the training intensities, is
+    flagged in review.csv and named by the run; no T2w scan is flagged for its intensities. (This 10-step model
+    also misses levels on the T2w scans, so level volumes flag those too; a trained model does not.)"""
+    from spinediff.datasets.phantom import generate_case
+
+    folder = levels["base"] / "results" / LEVELS / f"DiffusionSegmentationTrainer__nnUNetPlans__{SEG_CONFIG}"
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"][SEG_CONFIG]["augmentation"]["contrast"]["enabled"] is False
+    log = next((folder / "fold_0").glob("training_log*.txt")).read_text()
+    assert not [line for line in log.splitlines() if "Planned augmentation: " in line and "contrast" in line]
+    assert "field_of_view" in log  # the rest of the planned augmentation still ran
+    rule = json.loads((folder / "review.json").read_text())  # written by find_best's cross-validation
+    assert rule["intensity"]["threshold"] >= 4.0
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    normal = [f"phantom_{i:03d}" for i in range(NUM_CASES)]
+    for case in normal:
+        (inputs / f"{case}_0000.nii.gz").write_bytes(
+            (levels["raw"] / LEVELS / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
+    sitk.WriteImage(generate_case(4, 0, TINY_SETTINGS).t1, str(inputs / "t1w_0000.nii.gz"), True)
+    assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", str(LEVELS_ID), "-c", SEG_CONFIG,
+                 "-tr", "DiffusionSegmentationTrainer", "-f", *FOLDS, "--samples", "2", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["case"]: row for row in csv.DictReader((tmp_path / "out" / "review.csv").open())}
+    assert set(rows) == {*normal, "t1w"}
+    distance = {case: float(row["intensity_distance"]) for case, row in rows.items()}
+    assert distance["t1w"] > max(distance[case] for case in normal), distance
+    assert rows["t1w"]["review"] == "yes"
+    for case in normal:
+        assert distance[case] <= rule["intensity"]["threshold"]
+        assert "intensities" not in rows[case]["reasons"]
+    summary = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert "t1w" in summary["review_flagged"]
+    assert "t1w" in printed.split("review:")[-1]  # the run's closing summary names it
+
+
+def test_real_t1w_scans_lie_outside_the_t2w_training_intensities():
+    """The review rule's intensity reference of Dataset501's 14 T2w scans (every case within the threshold,
+    leave-one-out) puts each of Dataset504's 5 T1w scans beyond it."""
+    from spinediff.inference.review import intensity_distance, intensity_reference, intensity_signature
+
+    t2 = sorted(requires_shared_data("Dataset501_LumbarVB3dev", "imagesTr").glob("*_0000.nii.gz"))
+    t1 = sorted(requires_shared_data("Dataset504_LumbarVB2T1dev", "imagesTr").glob("*_0000.nii.gz"))
+    signatures = [[intensity_signature(sitk.GetArrayFromImage(sitk.ReadImage(str(f))))] for f in t2]
+    reference = intensity_reference(signatures)
+    assert reference["leave_one_out_max"] < reference["threshold"]
+    for path in t1:
+        signature = intensity_signature(sitk.GetArrayFromImage(sitk.ReadImage(str(path))))
+        distance = intensity_distance(signature, reference["mean"][0], reference["spread"][0])
+        assert distance > reference["threshold"], (path.name, distance, reference["threshold"])
+
+
+# ---------------------------------------------------------------------- benchmarks/stress_position.py
+def run_stress(levels, output: Path, *args: str) -> dict:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stress_position
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert stress_position.main([*args, "-o", str(output), "--device", "cpu"]) == 0
+    result = json.loads((output / "stress_position.json").read_text())
+    table = (output / "stress_position.md").read_text()
+    return result, table
+
+
+SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_35", "pad_top_30", "shift_down_20"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer,configuration,extra", [
+    ("nnUNetTrainer", CPU_CONFIG, ["--variants", *SOME_VARIANTS]),  # nnU-Net's predictor + spinediff postprocess
+    ("DiffusionSegmentationTrainer", SEG_CONFIG, ["--steps", "1", "--samples", "1"]),  # spinediff predict, all
+])
+def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, trainer, configuration, extra):
+    result, table = run_stress(levels, tmp_path / "stress", "-d", str(LEVELS_ID), "-c", configuration, "-tr",
+                               trainer, *extra, "--other-dataset", str(OTHER_ID))
+    from stress_position import VARIANTS  # noqa: E402  (imported by run_stress)
+
+    wanted = SOME_VARIANTS if "--variants" in extra else list(VARIANTS)
+    assert result["folds"] == list(FOLDS) and result["labels"] == [1, 2, 3, 4, 5]
+    sources = {row["source"] for row in result["summary"]}
+    assert sources == {LEVELS, OTHER}
+    for source in sources:
+        variants = [row["variant"] for row in result["summary"] if row["source"] == source]
+        assert variants == wanted
+    for row in result["summary"]:
+        assert math.isfinite(row["mean_level_dice"]) and 0.0 <= row["mean_level_dice"] <= 1.0
+        assert math.isfinite(row["mean_merged_dice"]) and 0.0 <= row["mean_merged_dice"] <= 1.0
+        assert f"| {row['source']} | {row['variant']} |" in table
+    cases = [row for row in result["cases"] if row["source"] == LEVELS]
+    assert len(cases) == len(FOLDS) * len(wanted)  # one validation case per fold of the 5-case split
+    assert len([row for row in result["cases"] if row["source"] == OTHER]) == 2 * len(wanted)
+    for row in result["cases"]:  # every level scored (NaN: absent from both the cropped reference and the output)
+        assert set(row["per_label"]) == {"1", "2", "3", "4", "5"}
+        assert math.isfinite(row["merged_dice"]) and row["seconds_per_case"] > 0
+    assert "Mean level Dice over the stressed variants" in table
