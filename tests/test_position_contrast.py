@@ -75,6 +75,8 @@ def test_shift_moves_labels_with_the_image_and_cut_keeps_the_visible_labels():
     zoomed = SpineShiftZoomTransform(axis=0, max_shift=0.0, zoom=(0.6, 0.6))(image=marker.clone(),
                                                                              segmentation=seg.clone())
     assert (zoomed["segmentation"] > 0).sum() < 0.5 * (seg > 0).sum()  # zoomed out: smaller vertebrae
+    image_fg, label_fg = zoomed["image"][0] > 0.5, zoomed["segmentation"][0] > 0
+    assert (image_fg & label_fg).sum() >= 0.9 * (image_fg | label_fg).sum()  # the labels still cover the image's
     assert set(torch.unique(zoomed["segmentation"]).tolist()) == {0, 1, 2, 3, 4, 5}
     for seed in range(20):
         np.random.seed(seed)
