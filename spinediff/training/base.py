@@ -108,8 +108,9 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.final_validation_samples = self.settings.num_samples
         self.seed = 12345
         self.precision = "auto"  # autocast type: spinediff.utilities.precision (TrainingOptions.precision)
-        # per fold (as prediction samples) and per rank under DDP
-        self.generator = torch.Generator(device=self.device).manual_seed(self.rank_seed(fold_seed(self.seed, fold)))
+        # the diffusion noise's generator, seeded once in initialize() from the run's seed (TrainingOptions.seed may
+        # change self.seed before), per fold (as prediction samples) and per rank under DDP
+        self.generator = torch.Generator(device=self.device)
         self.ema: WeightAverage | None = None
         self._add_logging_keys()
         # a budget plan's epochs and iterations, also under `nnUNetv2_train -tr NAME` (which has no schedule flags)
@@ -161,6 +162,7 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
 
     def initialize(self) -> None:
         super().initialize()
+        self.generator.manual_seed(self.rank_seed(fold_seed(self.seed, self.fold)))
         # float16 needs loss scaling, bfloat16 and float32 do not (nnU-Net made a scaler for any CUDA device)
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         # Deep supervision is the network's and the loss's business only: nnU-Net's own flag stays off, so its
