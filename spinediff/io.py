@@ -204,21 +204,33 @@ def atomic_path(target: str | os.PathLike, *, expected_size: int | None = None,
     _fsync_folder(target.parent)
 
 
+def to_builtin(value: Any) -> Any:
+    """Plain Python of ``value`` for JSON files and checkpoints loaded with ``weights_only=True``: numpy scalars and
+    arrays (also as dict keys), paths and torch devices converted, dicts, lists and tuples recursed (tuples become
+    lists). The one converter (nnunetv2's ``recursive_fix_for_json_export`` converts only some numpy types, in place):
+    ``write_json`` and the trainers' checkpoints use it."""
+    if isinstance(value, dict):
+        return {to_builtin(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if type(value).__module__ == "torch" and type(value).__name__ == "device":  # e.g. TrainingOptions.device
+        return str(value)
+    return value
+
+
 def write_json(data: Any, target: str | os.PathLike, indent: int = 2) -> None:
-    """Write JSON atomically (numpy scalars and arrays are converted)."""
+    """Write JSON atomically (numpy scalars and arrays, paths and devices converted by :func:`to_builtin`)."""
 
     def default(obj: Any) -> Any:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        if isinstance(obj, Path):
-            return str(obj)
-        if type(obj).__module__ == "torch" and type(obj).__name__ == "device":  # e.g. TrainingOptions.device
-            return str(obj)
         raise TypeError(f"cannot serialise {type(obj).__name__}")
 
-    payload = (json.dumps(data, indent=indent, default=default) + "\n").encode()
+    payload = (json.dumps(to_builtin(data), indent=indent, default=default) + "\n").encode()
     with atomic_path(target, expected_size=len(payload)) as tmp:
         tmp.write_bytes(payload)
 

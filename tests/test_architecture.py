@@ -167,6 +167,7 @@ FACT_HOMES = {
     "plans identifier literal": "spinediff/paths.py",
     "dataset ID pattern": "spinediff/paths.py",
     "model folder name": "spinediff/paths.py",
+    "numpy-to-builtin conversion": "spinediff/io.py",
 }
 METRIC_NAMES = {"dice", "dice_pp", "psnr", "ssim", "mae", "mae_body", "mae_bone", "hd95"}
 NNUNET_NAMES = {"2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"}
@@ -200,6 +201,9 @@ def _fact(node: ast.AST) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("nnUNetPlans") \
             and not any(c.isspace() for c in node.value):
         return "plans identifier literal"  # "nnUNetPlans", "nnUNetPlans.json", "nnUNetPlans_" (not prose)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" and \
+            "np.generic" in ast.unparse(node):
+        return "numpy-to-builtin conversion"  # a hand-written to_builtin (io.to_builtin is the one)
     if isinstance(node, ast.JoinedStr):
         parts = node.values
         for before, after in zip(parts, parts[1:], strict=False):
@@ -249,7 +253,9 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
                                             "    dice = 2 * tp / (2 * tp + fp + fn)\n"
                                             "    plans = 'nnUNetPlans'\n"
                                             "    name = f'Dataset{i:03d}_X'\n"
-                                            "    return f'{trainer}__{plans}__{configuration}'\n")
+                                            "    return f'{trainer}__{plans}__{configuration}'\n"
+                                            "def plain(value):\n"
+                                            "    return value.item() if isinstance(value, np.generic) else value\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
     graph = imports()
     assert ("spinediff.training.b", "_hidden") in graph["spinediff.datasets.a"]
@@ -257,7 +263,7 @@ def test_the_checks_catch_what_they_look_for(tmp_path, monkeypatch):
     assert fold_seed_formulas() == ["spinediff/training/b.py:5"]
     assert sorted(f.split(": ", 1)[1].split(" (")[0] for f in second_homes()) == sorted(
         ["metric direction"] * 3 + ["nnU-Net configuration list", "Dice formula", "plans identifier literal",
-                                    "dataset ID pattern", "model folder name"])
+                                    "dataset ID pattern", "model folder name", "numpy-to-builtin conversion"])
     for check in (test_imports_point_down_the_pipeline, test_no_module_imports_itself_back,
                   test_no_private_name_crosses_a_package_and_no_relative_imports,
                   test_tasks_are_classes_not_compared_names, test_one_fold_seed_formula, test_one_home_per_fact):

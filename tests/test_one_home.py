@@ -69,3 +69,19 @@ def test_model_folder_name_and_dataset_ids(tmp_path):
     (tmp_path / "Dataset007_B").mkdir()
     with pytest.raises(SpineDiffError, match="ambiguous"):
         dataset_in(tmp_path, "7")
+
+
+def test_to_builtin_gives_plain_values_for_json_and_checkpoints(tmp_path):
+    import json
+    from pathlib import Path
+
+    from spinediff.io import to_builtin, write_json
+
+    value = {np.int64(2): (np.float32(0.5), np.arange(2)), "device": torch.device("cpu"), "path": Path("a/b"),
+             "nested": [{"x": np.bool_(True)}]}
+    plain = to_builtin(value)
+    assert plain == {2: [0.5, [0, 1]], "device": "cpu", "path": "a/b", "nested": [{"x": True}]}
+    assert type(next(iter(plain))) is int and type(plain[2][0]) is float
+    write_json(value, tmp_path / "v.json")
+    assert json.loads((tmp_path / "v.json").read_text()) == {"2": [0.5, [0, 1]], "device": "cpu", "path": "a/b",
+                                                              "nested": [{"x": True}]}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from os.path import join
-from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +25,7 @@ from torch import nn
 from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
-from spinediff.io import atomic_path
+from spinediff.io import atomic_path, to_builtin
 from spinediff.metrics.segmentation_metrics import dice_from_counts
 from spinediff.planning.plans import PlannedConfiguration
 from spinediff.prediction.core import FoldModel
@@ -43,21 +42,6 @@ from spinediff.utilities.precision import AutocastNetwork, as_float32, autocast,
 from spinediff.utilities.seeds import fold_seed
 
 CUDA = torch.device("cuda")  # nnU-Net's default device argument
-
-
-def to_builtin(value: Any) -> Any:
-    """Numpy scalars/arrays and devices → plain Python, so checkpoints load with ``weights_only=True``."""
-    if isinstance(value, dict):
-        return {to_builtin(k): to_builtin(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_builtin(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, torch.device):
-        return str(value)
-    return value
 
 
 class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
