@@ -24,6 +24,7 @@ from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summa
 from spinediff.evaluation.report import csv_text, schedule_cell
 from spinediff.experiments.folds import Method, MethodResult, collect_result, train_folds
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.tasks import Task
 from spinediff.utilities.lock import folder_lock
 
@@ -160,11 +161,11 @@ def merged_foreground_dice(reference: Path, prediction: Path) -> float:
     tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
     import SimpleITK as sitk
 
+    from spinediff.metrics.segmentation_metrics import case_dice
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
     predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
-    total = int(truth.sum()) + int(predicted.sum())
-    return float(2 * np.logical_and(truth, predicted).sum() / total) if total else float("nan")
+    return case_dice(predicted.astype(np.uint8), truth.astype(np.uint8), [1])["1"]
 
 
 def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[float, int]:
@@ -266,7 +267,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
 
     preprocessed, results = setup_environment(None, None)
     name = resolve_preprocessed_dataset(dataset, preprocessed)
-    plans = SpineDiffPlans.read(preprocessed / name / "nnUNetPlans.json")
+    plans = SpineDiffPlans.read(preprocessed / name / f"{DEFAULT_PLANS}.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
     offered = methods_for(spec.task, plans.planned_names, dims)

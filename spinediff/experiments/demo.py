@@ -28,7 +28,7 @@ from spinediff.evaluation.report import write_report
 from spinediff.experiments.demo_report import BASELINE_GLOBAL, BASELINE_ORACLE, build_sections
 from spinediff.inference.inputs import RUN_SUMMARY, read_run_summary
 from spinediff.io import ensure_new_output, ensure_writable_folder, read_json, write_json
-from spinediff.paths import model_folder_name
+from spinediff.paths import DEFAULT_PLANS, model_folder_name
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.tasks import get_task
 from spinediff.utilities.argtypes import non_negative_int
@@ -372,7 +372,7 @@ def _summarise(folders, benchmarks, registration_reports, predictions) -> dict:
     }
     raw = folders["raw"] / f"Dataset{REGISTERED_ID}_SpinePhantomRegistered"
     cases = list(next(iter(trans["per_case"].values())).keys())
-    plans = SpineDiffPlans.read(folders["preprocessed"] / raw.name / "nnUNetPlans.json")
+    plans = SpineDiffPlans.read(folders["preprocessed"] / raw.name / f"{DEFAULT_PLANS}.json")
     clip = plans.configuration("2d_diffusion").target_intensity.mappings[0].clip_range
     training = read_json(folders["preprocessed"] / raw.name / "splits_final.json")[0]["train"]
     for name, scores in _linear_mr_baselines(raw, training, cases, clip).items():

@@ -32,9 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.candidates import METRIC_DIRECTION, Candidate, better, primary_metric, score
+from spinediff.inference.candidates import Candidate, better, primary_metric, score
 from spinediff.inference.models import find_dataset_results
 from spinediff.io import ensure_new_output, read_json, write_json
+from spinediff.metrics.direction import direction as metric_direction
+from spinediff.metrics.direction import higher_is_better
 from spinediff.paths import split_model_folder_name
 from spinediff.tasks import Task, task_spec
 from spinediff.utilities.lock import LOCK_NAME, folder_lock
@@ -148,7 +150,7 @@ class FindBestResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"task": self.task.name, "metric": self.metric, "direction": METRIC_DIRECTION[self.metric],
+        return {"task": self.task.name, "metric": self.metric, "direction": metric_direction(self.metric),
                 "folds": self.folds, "winner": self.winner, "commands": self.commands, "notes": self.notes,
                 "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
                              "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
@@ -207,7 +209,7 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
             c.scores["dice_pp"] = decisions[c.name]["dice_after"]
     rank_on = "dice_pp" if task.writes_labels else metric
     ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[rank_on]),
-                                                -c.scores[rank_on] if METRIC_DIRECTION[metric] == "higher"
+                                                -c.scores[rank_on] if higher_is_better(metric)
                                                 else c.scores[rank_on]))
     dataset_id = dataset_folder.name[len("Dataset"):len("Dataset") + 3]
     best = ranking[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinediff.inference.find_best import find_best
+from spinediff.metrics.direction import direction
 from spinediff.utilities.argtypes import file_or_new, fold
 from spinediff.utilities.device import add_device_argument
 
@@ -12,9 +13,8 @@ from spinediff.utilities.device import add_device_argument
 def run_find_best(args: argparse.Namespace) -> int:
     result = find_best(args.dataset, folds=args.folds, repredict=args.repredict, output=args.output,
                        overwrite=args.overwrite, results_folder=args.results, raw_folder=args.raw, device=args.device)
-    direction = "higher" if result.metric in ("dice", "psnr") else "lower"
-    print(f"{result.task.name}: ranked on {result.metric} ({direction} is better), pooled over the validation cases of "
-          f"fold(s) {' '.join(result.folds)}\n")
+    print(f"{result.task.name}: ranked on {result.metric} ({direction(result.metric)} is better), pooled over the "
+          f"validation cases of fold(s) {' '.join(result.folds)}\n")
     print(result.table())
     if result.ensemble and "skipped" in result.ensemble:
         print(f"\nensemble of ranks 1+2 not tried: {result.ensemble['skipped']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spinediff.paths import DEFAULT_PLANS
 from spinediff.training.distillation import distill
 
 
@@ -44,7 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--configuration", required=True, help="plans configuration, e.g. 2d_diffusion")
     parser.add_argument("-f", "--fold", required=True, type=fold, help="the trained fold to distil (0-4 or all)")
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class name of the teacher")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-p", "--plans", default=DEFAULT_PLANS, help="plans identifier")
     parser.add_argument("--steps", type=int, default=1, choices=(1, 2), help="the student's DDIM steps")
     parser.add_argument("--teacher-steps", type=positive_int, default=8,
                         help="the teacher's DDIM steps in the first round (--steps times a power of two)")

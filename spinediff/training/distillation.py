@@ -37,6 +37,7 @@ from spinediff.diffusion.sampler import trailing_timesteps
 from spinediff.diffusion.settings import LEGACY_SOLVER_KEY
 from spinediff.errors import SpineDiffError
 from spinediff.io import atomic_path, write_json
+from spinediff.paths import DEFAULT_PLANS
 
 DISTILLED_CHECKPOINT = "checkpoint_distilled.pth"
 DISTILLATION_LOG = "distillation.json"
@@ -164,7 +165,7 @@ class ProgressiveDistiller:
 
 def distill(dataset: str | int, configuration: str, fold: int | str, trainer: str, *, steps: int = 1,
             teacher_steps: int = 8, iterations: int = 200, budget_minutes: float | None = None,
-            learning_rate: float | None = None, plans_identifier: str = "nnUNetPlans", device: str = "auto",
+            learning_rate: float | None = None, plans_identifier: str = DEFAULT_PLANS, device: str = "auto",
             seed: int = 0, overwrite: bool = False, progress: bool = True, preprocessed_folder: str | None = None,
             results_folder: str | None = None) -> Path:
     """Distil a trained fold into a ``steps``-step student (see the module docstring); returns the checkpoint.
