@@ -10,7 +10,7 @@ import torch
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
-from spinediff.paths import model_folder_name, nnunet_folder
+from spinediff.paths import DEFAULT_PLANS, dataset_in, model_folder_name, nnunet_folder
 from spinediff.planning.completion import verify_for_training
 from spinediff.planning.plans import SpineDiffPlans
 from spinediff.training.base import SpineDiffTrainer
@@ -32,12 +32,9 @@ def setup_environment(preprocessed_folder: str | None, results_folder: str | Non
 
 def resolve_preprocessed_dataset(dataset: str | int, preprocessed: Path) -> str:
     text = str(dataset)
-    if text.startswith("Dataset") and (preprocessed / text).is_dir():
-        return text
-    if text.isdigit():
-        matches = sorted(p.name for p in preprocessed.glob(f"Dataset{int(text):03d}_*") if p.is_dir())
-        if len(matches) == 1:
-            return matches[0]
+    found = dataset_in(preprocessed, text) if text.startswith("Dataset") or text.isdigit() else None
+    if found is not None:
+        return found.name
     raise SpineDiffError(f"No preprocessed dataset {text!r} in {preprocessed}. Run `spinediff plan -d {text}` first.")
 
 
@@ -57,7 +54,7 @@ def ensure_splits(preprocessed_dataset: Path, seed: int = 12345, write_five_fold
 
 
 def build_trainer(dataset: str | int, configuration: str, fold: int | str, trainer: str, *,
-                  plans_identifier: str = "nnUNetPlans", device: str | torch.device = "auto",
+                  plans_identifier: str = DEFAULT_PLANS, device: str | torch.device = "auto",
                   continue_training: bool = False,
                   prediction_type: str | None = None, preprocessed_folder: str | None = None,
                   results_folder: str | None = None, refuse_existing: bool = False,
@@ -154,8 +151,7 @@ def seed_run(trainer, seed: int) -> None:
 
     seed_global_generators(fold_seed(seed, trainer.fold))
     if isinstance(trainer, SpineDiffTrainer):
-        trainer.seed = seed
-        trainer.generator.manual_seed(trainer.rank_seed(fold_seed(seed, trainer.fold)))
+        trainer.seed = seed  # its diffusion-noise generator is seeded from it once, in initialize()
 
 
 def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None, bool]:
@@ -173,7 +169,8 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
     schedule = schedule_of(trainer)
     budget = None
     if schedule is not None:
-        apply_schedule(trainer, schedule)
+        if not isinstance(trainer, SpineDiffTrainer):  # a spinediff trainer applied it in its __init__
+            apply_schedule(trainer, schedule)
         budget = float(schedule["budget_seconds"])
     if options.budget_minutes is not None:
         wanted = float(options.budget_minutes) * 60.0
@@ -187,7 +184,7 @@ def configure_schedule(trainer, options: TrainingOptions) -> tuple[float | None,
 
 
 def train(dataset: str | int, configuration: str, fold: int | str, trainer: str = "DiffusionTranslationTrainer",
-          options: TrainingOptions | None = None, *, plans_identifier: str = "nnUNetPlans",
+          options: TrainingOptions | None = None, *, plans_identifier: str = DEFAULT_PLANS,
           device: str | torch.device | None = None,
           continue_training: bool = False, validation_only: bool = False, prediction_type: str | None = None,
           preprocessed_folder: str | None = None, results_folder: str | None = None, overwrite: bool = False,
@@ -205,6 +202,14 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
         if not (is_spinediff_trainer(trainer) and getattr(find_trainer(trainer), "refines_initial_answers", False)):
             raise SpineDiffError(f"--combine {options.combine}: only a refinement model (DiffusionRefinementTrainer) "
                                  f"combines its samples otherwise than by their mean; {trainer} does not.")
+        from spinediff.tasks import task_spec
+
+        preprocessed = nnunet_folder("preprocessed", preprocessed_folder)
+        name = resolve_preprocessed_dataset(dataset, preprocessed)
+        task = task_spec(read_json(preprocessed / name / "dataset.json")).task
+        if not task.writes_labels:
+            raise SpineDiffError(f"--combine {options.combine} combines class probabilities: segmentation only; "
+                                 f"{name} is a {task.name} dataset.")
     with contextlib.ExitStack() as locks:  # the fold folder's lock, held to the end
         instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier,
                                  device=device, continue_training=continue_training, prediction_type=prediction_type,
