@@ -403,5 +403,61 @@ def test_combine_spinesegdiff_is_refused_where_it_does_not_apply(translation_ben
         assert main(["train", "-d", "902", "-c", "2d_diffusion", "-f", "2", "-tr", "RegressionTrainer",
                      "--combine", "spinesegdiff", "--epochs", "1"]) == 2
         assert not (translation_benchmark["results"] / REGRESSION / "fold_2").exists()
+        assert main(["train", "-d", "902", "-c", "2d_diffusion", "-f", "2", "-tr", "DiffusionRefinementTrainer",
+                     "--combine", "spinesegdiff", "--epochs", "1"]) == 2
+        assert not (translation_benchmark["results"] / REFINER / "fold_2").exists()
     with pytest.raises(SpineDiffError, match="--combine must be one of"):
         TrainingOptions(combine="median")
+
+
+def test_refining_predictor_honours_precision(refined, tmp_path):
+    """--precision reaches the refining network: bf16 autocast (also on the CPU) changes the refined class
+    probabilities a little against fp32, the same seed and start; fp32 twice gives the same probabilities."""
+    from spinediff.cli import main
+
+    validation = refined["nnunet"] / "validation"
+    key = sorted(p.name[:-4] for p in validation.glob("*.npz"))[0]
+    inputs = _inputs(refined, tmp_path, key)
+    common = ["predict", "-i", str(inputs), "-d", "901", "-c", "2d_diffusion", "-tr", "DiffusionRefinementTrainer",
+              "-f", "0", "--init-from", str(validation), "--init-noise", "0.5", "--steps", "2", "--samples", "1",
+              "--no-postprocessing", "--save-probabilities"]
+    probabilities = {}
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        for name, precision in (("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")):
+            assert main([*common, "-o", str(tmp_path / name), "--precision", precision]) == 0
+            probabilities[name] = np.load(tmp_path / name / f"{key}.npz")["probabilities"]
+    assert np.array_equal(probabilities["fp32"], probabilities["again"])
+    difference = np.abs(probabilities["bf16"] - probabilities["fp32"])
+    assert difference.max() > 0 and difference.mean() < 0.05
+
+
+def test_cross_validation_combines_the_samples_as_spinesegdiff_on_request(refined, tmp_path):
+    """benchmark --combine spinesegdiff validates the refiner's reused fold again with SpineSegDiff's combination
+    (other class probabilities than the mean of the same K samples, recorded in its timing and metrics), keeps its
+    training record and leaves nnU-Net's fold as it was."""
+    import json
+
+    from spinediff.experiments.benchmark import run_benchmark
+
+    options = {**TINY.__dict__, "device": "cpu", "validation_samples": 3}
+    methods = ["nnUNetTrainer", "DiffusionRefinementTrainer"]
+    key = sorted(p.name[:-4] for p in (refined["nnunet"] / "validation").glob("*.npz"))[0]
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        mean = run_benchmark(901, folds=[0], options=TrainingOptions(**options), output=tmp_path / "mean",
+                             method_names=methods)
+        averaged = np.load(refined["refiner"] / "validation" / f"{key}.npz")["probabilities"]
+        combined = run_benchmark(901, folds=[0], options=TrainingOptions(**{**options, "combine": "spinesegdiff"}),
+                                 output=tmp_path / "spinesegdiff", method_names=methods)
+    weighted = np.load(refined["refiner"] / "validation" / f"{key}.npz")["probabilities"]
+    assert averaged.shape == weighted.shape and not np.allclose(averaged, weighted)
+    np.testing.assert_allclose(weighted.sum(0), 1, atol=1e-3)
+    for name in ("benchmark_timing.json", "validation_metrics.json"):
+        assert json.loads((refined["refiner"] / name).read_text())["combine"] == "spinesegdiff"
+    rows = [{row["method"]: row for row in run["methods"]} for run in (mean, combined)]
+    for method in rows[0]:
+        assert rows[0][method]["train_minutes"] == rows[1][method]["train_minutes"]
+    nnunet = "nnU-Net 2D"
+    assert rows[0][nnunet]["dice"] == rows[1][nnunet]["dice"]
+    assert "combined as SpineSegDiff does" in (tmp_path / "spinesegdiff" / "benchmark.md").read_text()
+    with nnunet_folders(refined["base"] / "raw", refined["base"]), pytest.raises(SpineDiffError, match="--combine"):
+        train(901, "2d_cpu", 1, "nnUNetTrainer", TrainingOptions(epochs=1, combine="spinesegdiff"))
