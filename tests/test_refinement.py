@@ -203,7 +203,11 @@ def test_predict_refuses_bad_initial_answers_with_exit_2_and_writes_nothing(refi
     with nnunet_folders(refined["base"] / "raw", refined["base"]):
         for name, folder in (("missing", empty), ("classes", wrong), ("absent", tmp_path / "absent")):
             out = tmp_path / f"out_{name}"
-            assert main([*common, "-o", str(out), "--init-from", str(folder)]) == 2
+            try:
+                status = main([*common, "-o", str(out), "--init-from", str(folder)])
+            except SystemExit as refused:  # a folder that does not exist is refused while parsing (argparse)
+                status = refused.code
+            assert status == 2, name
             assert not out.exists() or not any(out.iterdir())
         out = tmp_path / "out_model"
         assert main([*common, "-o", str(out), "--init-model", "nnUNetTrainer__nnUNetPlans__3d_fullres"]) == 2
