@@ -210,12 +210,16 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
         if not task.writes_labels:
             raise SpineDiffError(f"--combine {options.combine} combines class probabilities: segmentation only; "
                                  f"{name} is a {task.name} dataset.")
+    from spinediff.training.distributed import LaunchEnvironment
+
+    launch = LaunchEnvironment.read()
+    writer = launch is None or launch.rank == 0  # in a torchrun job only rank 0 writes, so only it takes the lock
     with contextlib.ExitStack() as locks:  # the fold folder's lock, held to the end
         instance = build_trainer(dataset, configuration, fold, trainer, plans_identifier=plans_identifier,
                                  device=device, continue_training=continue_training, prediction_type=prediction_type,
                                  preprocessed_folder=preprocessed_folder, results_folder=results_folder,
                                  refuse_existing=not (continue_training or validation_only or overwrite),
-                                 locks=locks)
+                                 locks=locks if writer else None)
         budget, grow = configure_schedule(instance, options or TrainingOptions())
         report = None
         if not verbose:
