@@ -71,15 +71,15 @@ class DemoResult:
     report_html: Path | None = None
 
 
-#: Seconds per stage measured on an idle 2-core machine (full: run 5 of documentation/results.md; quick: the
-#: test suite's runs), for the remaining-time estimate printed after each stage.
+#: Seconds per stage measured on an idle 2-core machine (full: the run of 2026-12-05 in documentation/results.md,
+#: 11:53 in all; quick: the test suite's runs), for the remaining-time estimate printed after each stage.
 EXPECTED_STAGE_SECONDS = {
     "quick": {"phantom": 2, "register": 2, "validate": 1, "plan + preprocess": 10,
               "train + validate (segmentation)": 25, "train + validate (translation)": 45,
               "predict with uncertainty": 5, "evaluate + report": 10},
-    "full": {"phantom": 5, "register": 5, "validate": 2, "plan + preprocess": 20,
-             "train + validate (segmentation)": 320, "train + validate (translation)": 460,
-             "predict with uncertainty": 30, "evaluate + report": 20},
+    "full": {"phantom": 7, "register": 3, "validate": 1, "plan + preprocess": 10,
+             "train + validate (segmentation)": 285, "train + validate (translation)": 395,
+             "predict with uncertainty": 10, "evaluate + report": 3},
 }
 
 
@@ -114,10 +114,11 @@ class ConsoleFilter(io.TextIOBase):
         self.console.flush()
 
 
-#: Stages whose time scales with the machine's compute speed (network steps, sampling, preprocessing). The others
-#: (writing the phantom, registration, validation) are I/O-bound and short: their speed says nothing about the rest.
-COMPUTE_STAGES = ("plan + preprocess", "train + validate (segmentation)", "train + validate (translation)",
-                  "predict with uncertainty", "evaluate + report")
+#: Stages whose time scales with the machine's compute speed (network steps and sampling). The others (writing the
+#: phantom, registration, validation, planning and preprocessing: seconds, mostly I/O) say nothing about the rest;
+#: scaling by them made the ETA after planning half the time actually left (issue 36).
+COMPUTE_STAGES = ("train + validate (segmentation)", "train + validate (translation)", "predict with uncertainty",
+                  "evaluate + report")
 #: Trainings per stage (the budget per model caps their time on a slow machine).
 TRAININGS_PER_STAGE = {"train + validate (segmentation)": 2, "train + validate (translation)": 3}
 
