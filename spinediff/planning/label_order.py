@@ -27,25 +27,35 @@ MIN_SEPARATED = 0.5
 ORDERED_MAX_ROTATION_DEGREES = 15.0
 
 
-def case_centroids_mm(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict[int, np.ndarray]]:
-    """Per training case: label value -> centroid in mm per array axis (nnU-Net's (z, y, x) order)."""
+def label_geometry(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """Per training case (sorted): None when its label map is empty, else the centroid of each label, the labels'
+    extent (low/high) and the image's extent, in mm per array axis (nnU-Net's (z, y, x) order)."""
     import SimpleITK as sitk
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
     from scipy import ndimage
 
     cases = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json)
-    result = []
+    result: list[dict[str, Any] | None] = []
     for _, files in sorted(cases.items()):
         image = sitk.ReadImage(str(files["label"]))
         array = sitk.GetArrayFromImage(image)
         spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]
         values = [int(v) for v in np.unique(array) if v > 0]
         if not values:
-            result.append({})
+            result.append(None)
             continue
         centres = ndimage.center_of_mass(np.ones_like(array, dtype=np.uint8), array, values)
-        result.append({v: np.asarray(c, dtype=float) * spacing for v, c in zip(values, centres, strict=True)})
+        where = np.argwhere(array > 0)
+        result.append({"centroids": {v: np.asarray(c, dtype=float) * spacing
+                                     for v, c in zip(values, centres, strict=True)},
+                       "low": where.min(0) * spacing, "high": (where.max(0) + 1) * spacing,
+                       "size": np.asarray(array.shape) * spacing})
     return result
+
+
+def case_centroids_mm(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict[int, np.ndarray]]:
+    """Per training case: label value -> centroid in mm per array axis (nnU-Net's (z, y, x) order)."""
+    return [case["centroids"] if case else {} for case in label_geometry(raw_dataset, dataset_json)]
 
 
 def ordered_axes(centroids: list[dict[int, np.ndarray]], n_axes: int) -> list[int]:
@@ -100,28 +110,9 @@ ZOOM_LEVELS = 1.0
 
 
 def case_extents_mm(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per training case: the centroid of each label, the labels' extent (low/high, mm per array axis in (z, y, x))
-    and the image's extent (mm)."""
-    import SimpleITK as sitk
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-    from scipy import ndimage
-
-    cases = get_filenames_of_train_images_and_targets(str(raw_dataset), dataset_json)
-    result = []
-    for _, files in sorted(cases.items()):
-        image = sitk.ReadImage(str(files["label"]))
-        array = sitk.GetArrayFromImage(image)
-        spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]
-        values = [int(v) for v in np.unique(array) if v > 0]
-        if not values:
-            continue
-        centres = ndimage.center_of_mass(np.ones_like(array, dtype=np.uint8), array, values)
-        where = np.argwhere(array > 0)
-        result.append({"centroids": {v: np.asarray(c, dtype=float) * spacing
-                                     for v, c in zip(values, centres, strict=True)},
-                       "low": where.min(0) * spacing, "high": (where.max(0) + 1) * spacing,
-                       "size": np.asarray(array.shape) * spacing})
-    return result
+    """Per training case with labels: the centroid of each label, the labels' extent (low/high, mm per array axis in
+    (z, y, x)) and the image's extent (mm)."""
+    return [case for case in label_geometry(raw_dataset, dataset_json) if case]
 
 
 def spine_axis(extents: list[dict[str, Any]], ordered: list[int]) -> int | None:
