@@ -18,7 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from spinediff.errors import SpineDiffError
-from spinediff.utilities.lock import LOCK_NAME
+
+#: The lock file of a folder in use (spinediff.utilities.lock); an output folder holding only it counts as empty.
+LOCK_NAME = ".spinediff.lock"
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from spinediff.errors import SpineDiffError
+from spinediff.io import LOCK_NAME
 
-LOCK_NAME = ".spinediff.lock"
 PART_LOCK_PREFIX = ".spinediff.part"  # `predict --num-parts N --part-id I` runs share a folder, one lock per part
 
 _held: dict[Path, FolderLock] = {}  # lock files this process holds (re-entrant per path)
