@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from spinediff.errors import SpineDiffError
 
@@ -68,18 +69,22 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def float_range(low: float, high: float) -> Callable[[str], float]:
-    """A finite number in ``[low, high]``."""
-    need = f"a number from {low:g} to {high:g}"
+def _bounded(kind: type, low, high, need: str, name: str) -> Callable[[str], Any]:
+    """A number of ``kind`` in ``[low, high]``, refused with "must be ``need``"."""
 
-    def parse(text: str) -> float:
-        value = _number(text, float, need)
+    def parse(text: str):
+        value = _number(text, kind, need)
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
         return value
 
-    parse.__name__ = f"float_from_{low:g}_to_{high:g}"
+    parse.__name__ = name
     return parse
+
+
+def float_range(low: float, high: float) -> Callable[[str], float]:
+    """A finite number in ``[low, high]``."""
+    return _bounded(float, low, high, f"a number from {low:g} to {high:g}", f"float_from_{low:g}_to_{high:g}")
 
 
 def fraction(text: str) -> float:
@@ -89,16 +94,7 @@ def fraction(text: str) -> float:
 
 def int_range(low: int, high: int) -> Callable[[str], int]:
     """A whole number in ``[low, high]``."""
-    need = f"a whole number from {low} to {high}"
-
-    def parse(text: str) -> int:
-        value = _number(text, int, need)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
-        return value
-
-    parse.__name__ = f"int_from_{low}_to_{high}"
-    return parse
+    return _bounded(int, low, high, f"a whole number from {low} to {high}", f"int_from_{low}_to_{high}")
 
 
 # ---------------------------------------------------------------------------------------------- durations
