@@ -140,6 +140,26 @@ def test_report_of_an_evaluation_folder_shows_the_cases_with_uncertainty(quick_d
     assert total >= 2 and loaded == total
 
 
+def test_report_of_a_translation_benchmark_draws_each_methods_error_map(quick_demo, tmp_path):
+    """Issue 36: the translation panel has a second figure, |synthetic - real CT| per method on the same slices."""
+    from spinediff.evaluation.folder_report import ERROR_MAP_HU, _error_map
+
+    bench = _benchmark_folder(quick_demo, "SpinePhantomRegistered")
+    out = tmp_path / "report"
+    assert main(["report", "-i", str(bench), "-o", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "Absolute error per method" in html and f"0 to {ERROR_MAP_HU} HU" in html
+    assert (out / "figures" / "case_errors.png").stat().st_size > 1000
+    # the map is the absolute difference, voxel by voxel; other grids give none
+    import numpy as np
+    import SimpleITK as sitk
+
+    reference = sitk.GetImageFromArray(np.zeros((2, 3, 4), np.float32))
+    prediction = sitk.GetImageFromArray(np.full((2, 3, 4), -40.0, np.float32))
+    assert float(sitk.GetArrayFromImage(_error_map(prediction, reference)).max()) == 40.0
+    assert _error_map(sitk.GetImageFromArray(np.zeros((2, 3, 5), np.float32)), reference) is None
+
+
 def test_report_names_a_folder_that_is_no_benchmark_or_evaluation(tmp_path, capsys):
     assert main(["report", "-i", str(tmp_path)]) == 2
     err = capsys.readouterr().err

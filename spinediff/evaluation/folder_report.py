@@ -39,7 +39,10 @@ from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
 SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
-                   "mae_bone", "fid")
+                   "mae_bone", "synthrad_mae", "synthrad_psnr", "synthrad_ms_ssim", "frechet", "adjacent_ratio_z",
+                   "fid")
+#: Colour range (HU) of the translation error maps: errors beyond it saturate.
+ERROR_MAP_HU = 500
 CASE_COUNT = 3
 
 
@@ -211,6 +214,17 @@ def _entropy_map(probabilities_file: Path, like: sitk.Image | None) -> sitk.Imag
     return image
 
 
+def _error_map(prediction: sitk.Image | None, reference: sitk.Image | None) -> sitk.Image | None:
+    """Voxel-wise absolute error |prediction - reference| (HU), where both exist on the same grid."""
+    if prediction is None or reference is None or prediction.GetSize() != reference.GetSize():
+        return None
+    error = np.abs(sitk.GetArrayFromImage(prediction).astype(np.float32)
+                   - sitk.GetArrayFromImage(reference).astype(np.float32))
+    image = sitk.GetImageFromArray(error)
+    image.CopyInformation(reference)
+    return image
+
+
 def _find_validation(results_root: Path, name: str, model: str, case: str, ending: str) -> Path | None:
     for path in sorted((results_root / name / model).glob(f"fold_*/validation/{case}{ending}")):
         return path
@@ -264,7 +278,21 @@ def _benchmark_panel(bench: dict, model_folders: dict, results_root: Path, raw_r
         text = "Mid-sagittal slices of the worst, median and best case (mean over methods of the MAE in the body)."
     target = figures / "cases.png"
     qualitative_panel(rows, columns, target, f"{name}: held-out cases")
-    return Section("Cases", [text], figures=[(target, "Worst, median and best case")])
+    shown = [(target, "Worst, median and best case")]
+    if not segmentation:
+        for row in rows:
+            for i in range(len(model_folders)):
+                row[f"e{i}"] = _error_map(row.get(f"m{i}"), row.get("reference"))
+        if any(row.get(f"e{i}") is not None for row in rows for i in range(len(model_folders))):
+            errors = [("reference", "reference", window)]
+            errors += [(f"{method}: |error|", f"e{i}", {"cmap": "magma", "vmin": 0, "vmax": ERROR_MAP_HU})
+                       for i, method in enumerate(model_folders)]
+            target = figures / "case_errors.png"
+            qualitative_panel(rows, errors, target, f"{name}: absolute error of each method (HU)")
+            shown.append((target, "Absolute error per method"))
+            text += (f" The second figure shows each method's absolute error against the real CT on the same slices "
+                     f"(0 to {ERROR_MAP_HU} HU; larger errors saturate).")
+    return Section("Cases", [text], figures=shown)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
