@@ -175,7 +175,9 @@ class Translation(Task):
                 MethodSpec(f"CUT, unpaired {tag}", "CUTTrainer"),
                 MethodSpec(f"Unpaired diffusion (SDEdit) {tag}", "UnpairedDiffusionTrainer"),
                 # refines the same fold's regression output (issue 35); its row counts the regression's training too
-                MethodSpec(f"Regression + diffusion refinement {tag}", "DiffusionRefinementTrainer")]
+                MethodSpec(f"Regression + diffusion refinement {tag}", "DiffusionRefinementTrainer"),
+                # diffusion of the regression's residual, reading the regression's answer (CorrDiff-like)
+                MethodSpec(f"Regression + residual diffusion {tag}", "ResidualRefinementTrainer")]
 
 
 class Generation(Task):

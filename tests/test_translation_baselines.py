@@ -110,15 +110,16 @@ def test_cut_trains_unpaired(env_with_segmenter):
 
 def test_benchmark_offers_every_translation_baseline_and_selects_by_trainer():
     """Translation's benchmark rows: regression, masked regression + perception, diffusion x0/eps/v, Pix2Pix, CUT,
-    SDEdit and the diffusion refinement of the regression, in 2D and 3D (9 methods x 2); `--methods` picks a subset by
-    trainer (and prediction type), and names what exists otherwise."""
+    SDEdit, the diffusion refinement of the regression and the residual diffusion on it, in 2D and 3D (10 methods x 2);
+    `--methods` picks a subset by trainer (and prediction type), and names what exists otherwise."""
     from spinediff.experiments.benchmark import methods_for, select_methods
     from spinediff.tasks import get_task
 
     methods = methods_for(get_task("translation"), ["2d_diffusion", "3d_diffusion"], ("2d", "3d"))
-    assert len(methods) == 18 and {m.configuration for m in methods} == {"2d_diffusion", "3d_diffusion"}
+    assert len(methods) == 20 and {m.configuration for m in methods} == {"2d_diffusion", "3d_diffusion"}
     assert {m.trainer for m in methods} >= {"PerceptionRegressionTrainer", "CUTTrainer", "Pix2PixTrainer",
-                                            "UnpairedDiffusionTrainer", "DiffusionRefinementTrainer"}
+                                            "UnpairedDiffusionTrainer", "DiffusionRefinementTrainer",
+                                            "ResidualRefinementTrainer"}
     assert [m.name for m in methods if m.trainer == "DiffusionRefinementTrainer"] == [
         "Regression + diffusion refinement 2D", "Regression + diffusion refinement 3D"]
     assert sorted({m.prediction_type for m in methods if m.trainer == "DiffusionTranslationTrainer"},

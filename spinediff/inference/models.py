@@ -10,8 +10,6 @@ checkpoint file can never run code (spinediff's trainers save nothing else; see
 
 from __future__ import annotations
 
-import copy
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +17,11 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from spinediff.diffusion.process import DiffusionProcess
-from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json
 from spinediff.paths import DEFAULT_PLANS, dataset_in, model_folder_name, nnunet_folder, split_model_folder_name
 from spinediff.planning.plans import PlannedConfiguration, SpineDiffPlans
+from spinediff.prediction.checkpoints import load_checkpoint, network_from_checkpoint
 from spinediff.prediction.core import FoldModel
 
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth",
@@ -94,21 +92,6 @@ def model_folder(dataset: str | int, configuration: str, trainer: str, plans_ide
     return ModelFolder.open(path)
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Unpickle only tensors and plain values (``weights_only=True``); refuse anything else clearly."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpineDiffError(f"{path} does not exist. Train this fold first, or choose other folds with -f.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise SpineDiffError(f"{path} holds objects other than tensors and plain values, so it is not loaded (a "
-                             f"checkpoint must never run code on load). Was it written by spinediff? ({exc})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise SpineDiffError(f"{path} could not be read as a checkpoint ({exc}); it is corrupt or "
-                             "incomplete.") from None
-
-
 def load_fold_model(folder: ModelFolder, fold: int | str, checkpoint: str = "final",
                     device: torch.device | str = "cpu") -> FoldModel:
     """One trained fold of ``folder`` from its checkpoint (EMA weights; see the module docstring)."""
@@ -122,21 +105,10 @@ def load_fold_model(folder: ModelFolder, fold: int | str, checkpoint: str = "fin
         raise SpineDiffError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}.")
     path = folder.fold_folder(fold) / CHECKPOINTS[checkpoint]
     state = load_checkpoint(path)
-    block = state.get("spinediff")
-    if state.get("trainer_name") != folder.trainer or not isinstance(block, dict):
-        raise SpineDiffError(f"{path} was written by {state.get('trainer_name')!r}, not by spinediff's "
-                             f"{folder.trainer}; it does not belong in this folder.")
-    settings = DiffusionSettings.from_dict(block["diffusion"], source=str(path))
     trainer_class = find_trainer(folder.trainer)
-    # The plans' architecture with the checkpoint's diffusion block: the settings the weights were trained with.
-    configuration = copy.deepcopy(folder.configuration_manager.configuration)
-    configuration["diffusion"] = settings.to_dict()
-    network = trainer_class.build_network_architecture(folder.plans_manager, ConfigurationManager(configuration),
-                                                       0, 0, False)
-    try:
-        network.load_state_dict(state["network_weights"])
-    except RuntimeError as exc:
-        raise SpineDiffError(f"{path} does not fit the network of {folder.path / 'plans.json'} ({exc}).") from None
+    network, settings = network_from_checkpoint(state, path, trainer_class, folder.plans_manager,
+                                                folder.configuration_manager, folder.path / "plans.json")
+    block = state["spinediff"]
     network.to(device).eval()
     axes = state.get("inference_allowed_mirroring_axes") or ()
     return FoldModel(str(fold), network, settings, DiffusionProcess.from_settings(settings),

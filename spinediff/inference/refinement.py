@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from spinediff.diffusion.refinement import COMBINATIONS, check_fraction, refine_volume
+from spinediff.diffusion.refinement import COMBINATIONS, check_fraction
 from spinediff.errors import SpineDiffError
 from spinediff.inference.predictor import SpineDiffPredictor
 from spinediff.paths import split_model_folder_name
 from spinediff.prediction.core import CaseOutputs, add_members, new_statistics
 from spinediff.prediction.statistics import EnsembleStatistics, masked_mean
-from spinediff.training.refinement import DEFAULT_REFINE_FROM, initial_estimate, read_refinement
+from spinediff.training.refinement import DEFAULT_REFINE_FROM, initial_estimate, read_refinement, refine_answer
 from spinediff.utilities.export import write_image_like_raw
 from spinediff.utilities.initial_answer import InitialAnswerFolder
 from spinediff.utilities.seeds import fold_seed
@@ -55,6 +55,8 @@ class RefiningPredictor(SpineDiffPredictor):
             self.set_answers(answers)
         self.init_noise = check_fraction(init_noise)
         self.combine = combine
+        #: a residual refiner's scale (ResidualRefinementTrainer, from its refinement.json); None: it denoises answers
+        self.residual_scale = (read_refinement(folder.path) or {}).get("residual_scale")
         self._case: tuple[str, dict] | None = None
         self._entropy: torch.Tensor | None = None
 
@@ -91,10 +93,10 @@ class RefiningPredictor(SpineDiffPredictor):
             estimate = initial_estimate(self.answers[model.fold], identifier, properties, self.task,
                                         self.plans_manager, self.configuration_manager, condition.shape[1:])
             sampler = model.volume_predictor(sampling).sampler
-            members, entropy = refine_volume(sampler, condition.to(self.device), estimate.to(self.device),
+            members, entropy = refine_answer(sampler, condition.to(self.device), estimate.to(self.device),
                                              fraction=self.init_noise, num_inference_steps=sampling.num_inference_steps,
                                              num_samples=sampling.num_samples, seed=fold_seed(options.seed, model.fold),
-                                             combination=self.combine)
+                                             combination=self.combine, residual_scale=self.residual_scale)
             if entropy is not None:
                 entropies.append(entropy)
             add_members(statistics, members, self.task)

@@ -50,6 +50,9 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     #: True: the network denoises ``cat([condition, x_t])`` at a timestep. False: it maps the condition
     #: straight to the target (regression and Pix2Pix baselines; timestep fixed at 0).
     denoising: bool = True
+    #: True: the condition also holds another model's answer (target channels) after the image channels
+    #: (``ResidualRefinementTrainer``), so the network reads those channels too.
+    reads_initial_answer: bool = False
     #: Tasks a trainer accepts (a dataset's ``spinediff.task``).
     supported_tasks: tuple[type[Task], ...] = (Segmentation, Translation, Generation)
     #: training needs a segmenter of the target modality (``TrainingOptions.perception_model``)
@@ -138,7 +141,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         channels, and outputs the target, not labels.
         """
         settings = PlannedConfiguration("", configuration_manager, "plans").diffusion
-        inputs = settings.condition_channels + (settings.target_channels if cls.denoising else 0)
+        inputs = (settings.condition_channels + (settings.target_channels if cls.reads_initial_answer else 0)
+                  + (settings.target_channels if cls.denoising else 0))
         return get_network_from_plans(
             configuration_manager.network_arch_class_name, configuration_manager.network_arch_init_kwargs,
             configuration_manager.network_arch_init_kwargs_req_import, inputs, settings.target_channels,

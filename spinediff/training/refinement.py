@@ -43,9 +43,14 @@ from spinediff.prediction.sampling import SamplingSettings
 from spinediff.tasks import Segmentation, Translation
 from spinediff.training.base import CUDA, SpineDiffTrainer
 from spinediff.training.task_adapter import TaskAdapter
+from spinediff.training.validation import batch_image_scores
 from spinediff.utilities.initial_answer import InitialAnswerFolder, raw_shape, to_preprocessed_grid
+from spinediff.utilities.precision import as_float32, autocast
 
 REFINEMENT_FILE = "refinement.json"
+#: Residual refinement: the residual (target - initial answer, network units) is divided by this so that it fits the
+#: x0 range [-1, 1] that the solvers clip to (0.25 units = 1/8 of the target's range: larger residuals saturate).
+RESIDUAL_SCALE = 0.25
 #: The highest start level trained (fraction of T - 1); refinements start at or below it.
 REFINE_TRAIN_FRACTION = 0.5
 #: The start level when neither the command line, sampling.json nor the plans' warm_start give one.
@@ -161,8 +166,12 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         self.check_initial_answers()  # before training: its validation could not run otherwise
         super().on_train_start()
         write_json({"init_model": self.init_model, "refine_from": self.refine_from,
-                    "train_fraction": self.train_fraction,
+                    "train_fraction": self.train_fraction, **self.refinement_record(),
                     "made_by": type(self).__name__}, Path(self.output_folder_base) / REFINEMENT_FILE)
+
+    def refinement_record(self) -> dict:
+        """What ``refinement.json`` holds beyond the initial model and the start level."""
+        return {}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.local_rank != 0:
@@ -177,7 +186,31 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         """This fold, starting from the case's initial answer (the same fold's export of the initial model)."""
         estimate = initial_estimate(self.answers, key, properties, self.task, self.plans_manager,
                                     self.configuration_manager, shape)
-        return [RefiningFold(self.fold_model(), estimate, check_fraction(self.refine_from), self.combine)]
+        return [RefiningFold(self.fold_model(), estimate, check_fraction(self.refine_from), self.combine,
+                             self.residual_scale)]
+
+    #: None: the model denoises the answer itself; a number: a residual refiner (ResidualRefinementTrainer)
+    residual_scale: float | None = None
+
+
+def refine_answer(sampler, condition: torch.Tensor, estimate: torch.Tensor, *, fraction: float,
+                  num_inference_steps: int, num_samples: int, seed: int, combination: str = "mean",
+                  residual_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The members ``(K, C, *spatial)`` (and SpineSegDiff's entropy map) refining ``estimate`` for one preprocessed
+    volume (:func:`~spinediff.diffusion.refinement.refine_volume`).
+
+    ``residual_scale`` (a :class:`ResidualRefinementTrainer`): the model reads the estimate as extra condition channels
+    and denoises the residual ``(target - estimate) / residual_scale`` from zero (the estimate taken as right),
+    noised to ``fraction``; the members are ``estimate + residual_scale x residual``, clipped to [-1, 1]. At fraction
+    0 they are the estimate itself."""
+    if residual_scale is None:
+        return refine_volume(sampler, condition, estimate, fraction=fraction, num_inference_steps=num_inference_steps,
+                             num_samples=num_samples, seed=seed, combination=combination)
+    residuals, entropy = refine_volume(sampler, torch.cat([condition, estimate.to(condition.dtype)]),
+                                       torch.zeros_like(estimate), fraction=fraction,
+                                       num_inference_steps=num_inference_steps, num_samples=num_samples, seed=seed,
+                                       combination=combination)
+    return (estimate.float().cpu()[None] + residual_scale * residuals.float().cpu()).clamp(-1, 1), entropy
 
 
 @dataclass
@@ -188,6 +221,7 @@ class RefiningFold:
     estimate: torch.Tensor
     fraction: float
     combination: str = "mean"  # or "spinesegdiff": one combined member (spinediff.diffusion.refinement)
+    residual_scale: float | None = None  # a residual refiner's (refine_answer)
 
     @property
     def fold(self) -> str:
@@ -195,9 +229,10 @@ class RefiningFold:
 
     def predict(self, condition: torch.Tensor, seed: int, sampling: SamplingSettings, on_slice=None) -> torch.Tensor:
         sampler = self.model.volume_predictor(sampling).sampler
-        members, _ = refine_volume(sampler, condition, self.estimate.to(condition.device), fraction=self.fraction,
+        members, _ = refine_answer(sampler, condition, self.estimate.to(condition.device), fraction=self.fraction,
                                    num_inference_steps=sampling.num_inference_steps,
-                                   num_samples=sampling.num_samples, seed=seed, combination=self.combination)
+                                   num_samples=sampling.num_samples, seed=seed, combination=self.combination,
+                                   residual_scale=self.residual_scale)
         return members
 
 
@@ -210,3 +245,78 @@ def read_refinement(model_folder: str | Path) -> dict | None:
     if not isinstance(record, dict) or "init_model" not in record:
         raise SpineDiffError(f"{path} is not a refinement record (no init_model); train the fold again.")
     return record
+
+
+class ResidualRefinementTrainer(DiffusionRefinementTrainer):
+    """Residual diffusion on a regression's answer (translation): the network reads the image *and* the regression's
+    synthetic image, and denoises the residual ``(target - regression) / RESIDUAL_SCALE`` (CorrDiff's split of a
+    regression mean and a diffusion residual; "regression sampling"). Refinement starts from a zero residual (the
+    regression taken as right) noised to ``refine_from``, so the answer keeps the regression's mean where the model is
+    unsure, and the samples add texture and spread where it is not.
+
+    The residuals it trains on come from the same fold's regression, run on each training patch (frozen, EMA
+    weights, after augmentation) - answers of a model that saw those cases. At the CPU budgets of this project the
+    regression's error on its training cases is close to its validation error; with long budgets it is smaller, and
+    the refiner then learns residuals smaller than it meets (nested folds would fix that at k times the cost).
+    The final validation refines the regression's export of the validation cases, as the parent class does."""
+
+    supported_tasks = (Translation,)
+    reads_initial_answer = True
+    residual_scale = RESIDUAL_SCALE
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_network: torch.nn.Module | None = None
+
+    def refinement_record(self) -> dict:
+        return {"residual_scale": self.residual_scale}
+
+    def load_initial_network(self) -> torch.nn.Module:
+        """The same fold's initial model (frozen EMA network) from its final checkpoint."""
+        from spinediff.prediction.checkpoints import load_checkpoint, network_from_checkpoint
+        from spinediff.training.registry import find_trainer
+
+        trainer, _, configuration = split_model_folder_name(self.init_model)
+        folder = Path(self.output_folder_base).parent / self.init_model
+        path = folder / f"fold_{self.fold}" / "checkpoint_final.pth"
+        if not path.is_file():
+            raise SpineDiffError(f"{type(self).__name__} fold {self.fold} learns the residuals of {self.init_model} "
+                                 f"fold {self.fold}, but {path} does not exist. Train that fold first (spinediff train "
+                                 f"-d {self.plans_manager.dataset_name} -c {configuration} -f {self.fold} -tr "
+                                 f"{trainer}).")
+        network, _ = network_from_checkpoint(load_checkpoint(path), path, find_trainer(trainer), self.plans_manager,
+                                             self.plans_manager.get_configuration(configuration),
+                                             folder / "plans.json")
+        for parameter in network.parameters():
+            parameter.requires_grad_(False)
+        return network.to(self.device)
+
+    def on_train_start(self) -> None:
+        self.initial_network = self.load_initial_network()  # before training, as the answers' check
+        super().on_train_start()
+
+    @torch.no_grad()
+    def initial_patches(self, condition: torch.Tensor) -> torch.Tensor:
+        """The initial model's answer for a batch of condition patches, in [-1, 1]."""
+        if self.initial_network is None:
+            self.initial_network = self.load_initial_network()
+        timesteps = torch.zeros(condition.shape[0], dtype=torch.long, device=condition.device)
+        with autocast(self.device, self.amp_dtype):
+            return as_float32(self.initial_network(condition, timesteps)).clamp(-1, 1)
+
+    def split_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition = image + the initial answer; target = the scaled residual."""
+        condition, target = super().split_batch(batch)
+        initial = self.initial_patches(condition)
+        return torch.cat([condition, initial], dim=1), (target - initial) / self.residual_scale
+
+    def validation_step(self, batch: dict) -> dict:
+        """Loss on the residual; PSNR/SSIM of the refined image (initial answer + residual) against the target."""
+        condition, residual = self.split_batch(batch)
+        loss = self.compute_loss(self.inference_network, condition, residual)
+        estimate = self.predict_patches(condition, self.epoch_validation_num_inference_steps, seed=self.current_epoch)
+        initial = condition[:, -residual.shape[1]:]
+        refined = initial + self.residual_scale * estimate
+        return {"loss": loss.detach().cpu().numpy(),
+                **batch_image_scores(refined, initial + self.residual_scale * residual)}
