@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from conftest import TINY_SETTINGS, nnunet_folders, requires_shared_data
 
 from spinediff.cli import main
+from spinediff.errors import SpineDiffError
 
 LEVELS_ID, OTHER_ID = 911, 912
 LEVELS = f"Dataset{LEVELS_ID}_SpinePhantomLevels"
@@ -197,3 +198,59 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
         assert set(row["per_label"]) == {"1", "2", "3", "4", "5"}
         assert math.isfinite(row["merged_dice"]) and row["seconds_per_case"] > 0
     assert "Mean level Dice over the stressed variants" in table
+
+
+# ---------------------------------------------------------------------- spinediff benchmark --stress and find_best
+@pytest.mark.slow
+def test_benchmark_stress_tests_every_method_and_find_best_ranks_on_it(levels, tmp_path):
+    """`spinediff benchmark --stress` (the module's folds, reused): each model folder gets stress_position.json over
+    the benchmark's folds, the table dice_stress (the mean over the variants, plain included) and its worst variant;
+    find_best then ranks on dice_stress and says so, and on the plain cross-validation when a candidate has none."""
+    out = tmp_path / "bench"
+    assert main(["benchmark", "-d", str(LEVELS_ID), "-f", *FOLDS, "--methods", "nnUNetTrainer",
+                 "DiffusionSegmentationTrainer", "--stress", *COMMON, "-o", str(out)]) == 0
+    summary = json.loads((out / "benchmark.json").read_text())
+    results = levels["base"] / "results" / LEVELS
+    for row in summary["methods"]:
+        record = json.loads((results / summary["model_folders"][row["method"]] / "stress_position.json").read_text())
+        assert record["folds"] == list(FOLDS)
+        own = [r["mean_level_dice"] for r in record["summary"] if r["source"] == LEVELS]
+        assert len(own) == 8 and row["dice_stress"] == pytest.approx(float(np.mean(own)))
+        assert row["dice_stress_worst"] == pytest.approx(min(r["mean_level_dice"] for r in record["summary"]
+                                                             if r["variant"] != "plain"))
+    assert "dice_stress" in (out / "benchmark.md").read_text()
+    assert main(["find_best", "-d", str(LEVELS_ID), "--overwrite", "-o", str(tmp_path / "find_best.json")]) == 0
+    best = json.loads((tmp_path / "find_best.json").read_text())
+    assert best["ranked_on"] == "dice_stress"
+    ranked = [entry["scores"]["dice_stress"] for entry in best["ranking"]]
+    assert ranked == sorted(ranked, reverse=True) and len(ranked) == 2
+    assert any("Ranked on the stress test" in note for note in best["notes"])
+    # one candidate without a stress test: the plain cross-validation decides, and the note names it
+    (results / summary["model_folders"][summary["methods"][0]["method"]] / "stress_position.json").unlink()
+    assert main(["find_best", "-d", str(LEVELS_ID), "--overwrite", "-o", str(tmp_path / "find_best2.json")]) == 0
+    plain = json.loads((tmp_path / "find_best2.json").read_text())
+    assert plain["ranked_on"] == "dice_pp" and any("has no stress test" in note for note in plain["notes"])
+
+
+def test_level_order_refuses_labels_that_keep_no_order(tmp_path):
+    """The stress test's precondition (checked by `benchmark --stress` before any training): three labels whose
+    places change from case to case keep no order along any direction; the same labels in one order do."""
+    from spinediff.experiments.stress import level_order
+
+    def write(case: str, rows: tuple[int, int, int]) -> None:
+        array = np.zeros((24, 16, 16), np.uint8)
+        for label, row in enumerate(rows, 1):
+            array[row:row + 2, 6:9, 6:9] = label
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((3.0, 3.0, 3.0))
+        sitk.WriteImage(image, str(tmp_path / "labelsTr" / f"{case}.nii.gz"))
+
+    (tmp_path / "labelsTr").mkdir()
+    write("c0", (2, 10, 18))
+    write("c1", (18, 2, 10))
+    write("c2", (10, 18, 2))
+    with pytest.raises(SpineDiffError, match="keep no order"):
+        level_order(tmp_path, [1, 2, 3])
+    for case in ("c1", "c2"):
+        write(case, (2, 10, 18))
+    assert list(level_order(tmp_path, [1, 2, 3]).labels) == [1, 2, 3]

@@ -156,6 +156,24 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
                 result.per_case[case][f"dice_pp_{label}"] = value
 
 
+def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, options) -> None:
+    """The stress test of every method's folds (``spinediff benchmark --stress``), with the validation's sampling
+    settings; adds ``dice_stress`` and ``dice_stress_worst`` to its row."""
+    from spinediff.experiments.stress import StressSettings, stress_test
+    from spinediff.inference.models import ModelFolder
+
+    settings = StressSettings(folds=tuple(str(f) for f in folds), steps=options.num_inference_steps,
+                              samples=options.validation_samples, device=str(options.device or "auto"),
+                              command="spinediff benchmark --stress")
+    for result in outcomes:
+        print(f"[benchmark] stress test of position and field of view: {result.method.name}", flush=True)
+        record = stress_test(ModelFolder.open(results / result.method.folder_name), settings)
+        stressed = [row["mean_level_dice"] for row in record["summary"]
+                    if row["source"] == record["dataset"] and row["variant"] != "plain"]
+        result.set_metrics["dice_stress"] = record["stress_dice"]
+        result.set_metrics["dice_stress_worst"] = float(min(stressed)) if stressed else float("nan")
+
+
 def merged_foreground_dice(reference: Path, prediction: Path) -> float:
     """Dice of all foreground labels merged into one (e.g. the vertebral bodies regardless of level number):
     tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
@@ -201,12 +219,13 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
                          "psnr", "ssim", "mae", "mae_body", "mae_bone", "synthrad_mae", "synthrad_psnr",
                          "synthrad_ms_ssim", "dice_downstream", "adjacent_ratio_z",
                          "adjacent_ratio_y", "adjacent_ratio_x") if m in names]
-    shown += [m for m in ("frechet",) if any(m in r.set_metrics for r in results)]
+    shown += [m for m in ("frechet", "dice_stress", "dice_stress_worst") if any(m in r.set_metrics for r in results)]
     header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         p = row[f"wilcoxon_p_vs_{baseline.method.name}"]
-        cells = [row["method"], *[f"{row.get(m, float('nan')):.3g}" if m == "frechet" else f"{row[m]:.3f}"
+        cells = [row["method"], *[f"{row.get(m, float('nan')):.3g}" if m == "frechet" else
+                                  f"{row.get(m, float('nan')):.3f}"
                                   for m in shown], f"{row['train_minutes']:.1f}", str(row["epochs"]),
                  f"{row['inference_s_per_case']:.1f}", str(row["network_evals_per_window"]),
                  "baseline" if math.isnan(p) and row["method"] == baseline.method.name else f"{p:.3g}"]
@@ -240,6 +259,10 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     if "frechet" in shown:
         lines.append("frechet: Fréchet distance between the synthetic and the real CT of the validation cases in the "
                      "downstream segmenter's encoder features (per fold, averaged over the folds; lower is better).")
+    if "dice_stress" in shown:
+        lines.append("dice_stress: mean level Dice of the validation scans cropped, padded and shifted along the spine "
+                     "and as they are (the stress test of position and field of view, each model's "
+                     "stress_position.json; spinediff find_best ranks on it); dice_stress_worst: its worst variant.")
     if "dice_pp" in shown:
         lines.append("dice_pp: mean Dice after the level-numbering post-processing where the method's cross-validation "
                      "keeps it (spinediff find_best's rule), else the plain Dice; dice_1.. are before it.")
@@ -249,7 +272,7 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
 def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minutes: float | None = None,
                   dims: tuple[str, ...] = ("2d",), options=None, output: str | os.PathLike | None = None,
                   reuse: bool = True, methods: list[Method] | None = None, downstream: bool = False,
-                  workers: int = 1, method_names: list[str] | None = None) -> dict:
+                  workers: int = 1, method_names: list[str] | None = None, stress: bool = False) -> dict:
     """Train/reuse every method of the dataset's task and write benchmark.md/.csv/.json and a figure.
 
     ``downstream`` (translation): also train nnU-Net on the real CT of the same folds and budget and score
@@ -259,6 +282,11 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     ``budget_minutes``: training time per method and fold; None uses the plans' schedule (``spinediff plan
     --budget``), or 10 minutes for plans made without one. ``workers``: folds trained side by side, each in
     its own process with one torch thread. ``method_names``: a subset of the task's methods (:func:`select_methods`).
+
+    ``stress`` (segmentation of ordered levels): after the cross-validation, each method's folds also predict their
+    validation scans cropped, padded and shifted along the spine (:mod:`spinediff.experiments.stress`); the table gains
+    ``dice_stress`` (mean level Dice over the variants, plain included) and ``dice_stress_worst``, and each model
+    folder a ``stress_position.json``, on which ``spinediff find_best`` then ranks.
     """
     from spinediff.paths import nnunet_folder
     from spinediff.planning.plans import SpineDiffPlans
@@ -307,6 +335,15 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         where = splits_file if splits_file.is_file() else "nnU-Net's default split"
         raise SpineDiffError(f"Fold(s) {', '.join(beyond)} do not exist: {where} has folds 0-{count - 1}. Choose "
                              "among them with -f (or 'all').")
+    if stress:  # checked before any training: a task with ordered levels
+        if not spec.task.writes_labels:
+            raise SpineDiffError(f"--stress moves the labelled levels of a segmentation dataset; {name} is a "
+                                 f"{spec.task.name} dataset.")
+        from spinediff.experiments.stress import level_order
+
+        level_order(nnunet_folder("raw") / name, sorted(int(v) for v in dataset_json["labels"].values()
+                                                       if isinstance(v, int) and v > 0),
+                    dataset_json.get("file_ending", ".nii.gz"))
     out = ensure_writable_folder(Path(output) if output else results / name / "spinediff_benchmark")
     with folder_lock(out):  # one benchmark per output folder, held to the end
         raw = nnunet_folder("raw") / name
@@ -349,6 +386,8 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                 labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
                 score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
             outcomes.append(result)
+        if stress:
+            stress_methods(outcomes, results / name, folds, options)
         extra = {}
         if downstream and spec.task.has_downstream_dice:
             from spinediff.experiments.downstream import score_downstream

@@ -24,7 +24,8 @@ def run(args: argparse.Namespace) -> int:
         budget = parse_budget(args.budget) / 60.0
     summary = run_benchmark(args.dataset, folds=folds, budget_minutes=budget,
                             dims=tuple(args.dims), options=options, output=args.output, reuse=not args.retrain,
-                            downstream=args.downstream, workers=args.workers, method_names=args.methods)
+                            downstream=args.downstream, workers=args.workers, method_names=args.methods,
+                            stress=args.stress)
     print(summary["table"])
     print(f"\nwritten: {summary['output']}/benchmark.md, benchmark.csv, benchmark.json, benchmark.png")
     return 0
@@ -76,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "validation combined otherwise (the training is reused). Run the benchmark once with "
                              "each into two -o folders to compare them")
     parser.add_argument("-o", "--output", help="output folder (default: $nnUNet_results/DATASET/spinediff_benchmark)")
+    parser.add_argument("--stress", action="store_true",
+                        help="segmentation of ordered levels (e.g. L1-L5): after the cross-validation, predict each "
+                             "fold's validation scans also cropped, padded and shifted along the spine and report "
+                             "dice_stress (mean level Dice over the variants, plain included) and its worst variant; "
+                             "each model folder gets stress_position.json, on which spinediff find_best then ranks")
     parser.add_argument("--downstream", action="store_true",
                         help="translation: also train nnU-Net on the real CT (same folds and budget) and report its "
                              "Dice on each method's synthetic CT (downstream Dice) next to its Dice on the real CT")

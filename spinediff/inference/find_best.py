@@ -132,10 +132,12 @@ class FindBestResult:
     notes: list[str]
     postprocessing: dict | None = None
     fused: dict | None = None  # the 2.5D fusion of one model in the slice directions (segmentation: probabilities)
+    ranked_on: str = ""  # the score the ranking sorts by (dice_pp, dice_stress, or the primary metric)
 
     def table(self) -> str:
         metrics = [m for m in self.task.ranking_metrics if self.task.writes_labels
                    or any(m in c.scores for c in self.ranking)]
+        metrics += [m for m in ("dice_stress",) if any(m in c.scores for c in self.ranking)]
         header = f"{'rank':<5} {'candidate':<60} {'cases':>5} " + " ".join(f"{m:>9}" for m in metrics)
         lines = [header, "-" * len(header)]
         for rank, c in enumerate(self.ranking, 1):
@@ -151,7 +153,8 @@ class FindBestResult:
 
     def to_dict(self) -> dict:
         return {"task": self.task.name, "metric": self.metric, "direction": metric_direction(self.metric),
-                "folds": self.folds, "winner": self.winner, "commands": self.commands, "notes": self.notes,
+                "ranked_on": self.ranked_on or self.metric, "folds": self.folds, "winner": self.winner,
+                "commands": self.commands, "notes": self.notes,
                 "ranking": [{"candidate": c.name, "trainer": c.trainer, "plans": c.plans,
                              "configuration": c.configuration, "num_cases": len(c.per_case), "scores": c.scores}
                             for c in self.ranking],
@@ -207,7 +210,13 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
         if task.writes_labels:  # each candidate with the post-processing its own cross-validation keeps
             decisions[c.name] = decide_postprocessing(c, dataset_folder, raw_folder, overwrite)
             c.scores["dice_pp"] = decisions[c.name]["dice_after"]
-    rank_on = "dice_pp" if task.writes_labels else metric
+    rank_on = compare_on = "dice_pp" if task.writes_labels else metric
+    if task.writes_labels:
+        stress = stress_scores(candidates, used_folds, notes)
+        if stress:  # every candidate was stress-tested on these folds: rank on it (issue 34)
+            for c in candidates:
+                c.scores["dice_stress"] = stress[c.name]
+            rank_on = "dice_stress"
     ranking = sorted(candidates, key=lambda c: (math.isnan(c.scores[rank_on]),
                                                 -c.scores[rank_on] if higher_is_better(metric)
                                                 else c.scores[rank_on]))
@@ -219,12 +228,12 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
         ensemble = evaluate_ensemble(ranking[:2], task, metric, dataset_folder, repredict, raw_folder, device)
         # the ensemble is not post-processed: it must beat the best single as that one will be predicted
         if "scores" in ensemble and task.writes_labels:
-            ensemble["best_single_postprocessed"] = best.scores[rank_on]
+            ensemble["best_single_postprocessed"] = best.scores[compare_on]
         # re-predicted singles (segmentation without kept probabilities): the ensemble must also beat the best of
         # them, predicted alike; the cross-validation score alone may differ from them by the sampling settings
         beats_singles = "best_single" not in ensemble or better(ensemble["scores"][metric], ensemble["best_single"],
                                                                 metric)
-        if "scores" in ensemble and beats_singles and better(ensemble["scores"][metric], best.scores[rank_on],
+        if "scores" in ensemble and beats_singles and better(ensemble["scores"][metric], best.scores[compare_on],
                                                              metric):
             winner = f"ensemble of {ranking[0].name} and {ranking[1].name}"
             probabilities = task.writes_labels
@@ -235,7 +244,7 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
     group = slice_direction_group(ranking)
     if group:  # one model trained in several slice directions: their fusion (2.5D) is a candidate too
         fused = evaluate_ensemble(group, task, metric, dataset_folder, repredict, raw_folder, device)
-        current = (ensemble["scores"][metric] if winner != best.name else best.scores[rank_on])
+        current = (ensemble["scores"][metric] if winner != best.name else best.scores[compare_on])
         beats_singles = "best_single" not in fused or better(fused.get("scores", {}).get(metric, math.nan),
                                                              fused["best_single"], metric)
         if "scores" in fused and beats_singles and better(fused["scores"][metric], current, metric):
@@ -251,9 +260,41 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
         commands = [predict_command(dataset_id, best, probabilities=needs),
                     f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
     result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing,
-                            fused)
+                            fused, rank_on)
     write_json(result.to_dict(), target)
     return result
+
+
+#: The stress test of position and field of view of a model (``spinediff benchmark --stress``), in its folder.
+STRESS_FILE = "stress_position.json"
+
+
+def stress_scores(candidates: list[Candidate], folds: list[str], notes: list[str]) -> dict[str, float]:
+    """Each candidate's ``stress_dice`` from its ``stress_position.json`` (the mean level Dice over the stress
+    variants of its validation scans, plain included) when every candidate has one made on ``folds``; else {} (and
+    a note when some have one)."""
+    found = {}
+    for c in candidates:
+        path = c.folder / STRESS_FILE
+        if not path.is_file():
+            continue
+        record = read_json(path)
+        value = record.get("stress_dice") if isinstance(record, dict) else None
+        if not isinstance(value, (int, float)) or [str(f) for f in record.get("folds", [])] != [str(f) for f in folds]:
+            notes.append(f"{path} is not a stress test of folds {', '.join(folds)}; rerun spinediff benchmark "
+                         "--stress on them.")
+            continue
+        found[c.name] = float(value)
+    if found and len(found) < len(candidates):
+        missing = [c.name for c in candidates if c.name not in found]
+        notes.append(f"Ranked on the plain cross-validation: {', '.join(missing)} has no stress test "
+                     f"({STRESS_FILE}; spinediff benchmark --stress).")
+        return {}
+    if found:
+        notes.append("Ranked on the stress test of position and field of view (dice_stress: the mean level Dice "
+                     f"over the cropped, padded and shifted validation scans, plain included; {STRESS_FILE}); "
+                     "ensembles are judged on the plain cross-validation.")
+    return found
 
 
 def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder, overwrite: bool) -> dict:

@@ -1,0 +1,309 @@
+"""Stress test of position and field of view (issue 34): a model's cross-validation on its validation scans cropped,
+padded and shifted along the spine, beside the plain cross-validation.
+
+Each validation case of each fold is predicted by the fold that did not see it, as it is and in fixed variants along
+the spine axis (the array axis closest to the direction the labels' levels follow, learnt from the references):
+cropped by 20 % / 35 % of its length from the top (the first level's side) or the bottom, padded by 30 % at either
+end (the vertebrae move inside the field of view), and shifted (20 % cut at the top and padded at the bottom).
+Images and labels change together; a level cut off entirely counts as absent from the reference. Prediction goes
+through ``spinediff predict`` (the model's post-processing applied), or nnU-Net's own predictor for nnU-Net's
+trainers followed by the model's ``postprocessing.json``. Reported per variant: the mean over cases of the mean
+level Dice over the ordered labels present in the reference or the prediction, and the merged foreground Dice.
+``stress_dice``, the mean level Dice over all variants (plain included), is what ``spinediff find_best`` ranks
+segmentation models on when every candidate has a ``stress_position.json`` (``spinediff benchmark --stress``
+writes one per model).
+
+``other_dataset`` also predicts another dataset's training scans (e.g. T1w scans with the same labels) with the
+ensemble of all folds, plain and in the same variants.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from spinediff.errors import SpineDiffError
+from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
+
+
+@dataclass(frozen=True)
+class StressSettings:
+    """What the stress test predicts and how (``None``: the model's own settings / every trained fold / all
+    variants)."""
+
+    folds: tuple[str, ...] | None = None
+    variants: tuple[str, ...] | None = None
+    other_dataset: str | None = None
+    steps: int | None = None
+    samples: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    command: str = ""
+
+
+VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the top, pad at the bottom)
+    "plain": (0.0, 0.0, 0.0, 0.0),
+    "crop_top_20": (0.20, 0.0, 0.0, 0.0),
+    "crop_top_35": (0.35, 0.0, 0.0, 0.0),
+    "crop_bottom_20": (0.0, 0.20, 0.0, 0.0),
+    "crop_bottom_35": (0.0, 0.35, 0.0, 0.0),
+    "pad_top_30": (0.0, 0.0, 0.30, 0.0),
+    "pad_bottom_30": (0.0, 0.0, 0.0, 0.30),
+    "shift_down_20": (0.20, 0.0, 0.0, 0.20),
+}
+
+
+def spine_array_axis(image, direction) -> tuple[int, int]:
+    """The array axis (numpy order) most aligned with the world ``direction`` and the sign (+1: increasing index
+    runs along the direction, towards the last level)."""
+    matrix = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: world vector of index axis i
+    along = matrix.T @ np.asarray(direction, dtype=float)  # per SimpleITK index axis (x, y, z)
+    index_axis = int(np.argmax(np.abs(along)))
+    return 2 - index_axis, int(np.sign(along[index_axis]) or 1)
+
+
+def make_variant(image, label, axis: int, sign: int, fractions: tuple[float, float, float, float]):
+    """``image`` and ``label`` (SimpleITK) cropped/padded along numpy ``axis``; 'top' is the first level's side."""
+    import SimpleITK as sitk
+
+    crop_top, crop_bottom, pad_top, pad_bottom = fractions
+    if sign < 0:  # the first level lies at the high-index end
+        crop_top, crop_bottom, pad_top, pad_bottom = crop_bottom, crop_top, pad_bottom, pad_top
+    index_axis = 2 - axis
+    length = image.GetSize()[index_axis]
+    start, stop = int(round(crop_top * length)), length - int(round(crop_bottom * length))
+    slices = [slice(None)] * 3
+    slices[index_axis] = slice(start, stop)
+    image, label = image[tuple(slices)], label[tuple(slices)]
+    low, high = [0, 0, 0], [0, 0, 0]
+    low[index_axis], high[index_axis] = int(round(pad_top * length)), int(round(pad_bottom * length))
+    if any(low) or any(high):
+        background = float(sitk.GetArrayViewFromImage(image).min())
+        image = sitk.ConstantPad(image, low, high, background)
+        label = sitk.ConstantPad(label, low, high, 0)
+    return image, label
+
+
+def level_scores(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict:
+    from spinediff.metrics.segmentation_metrics import case_dice
+
+    per_label = case_dice(prediction, reference, labels)
+    values = [v for v in per_label.values() if not math.isnan(v)]
+    p, r = np.isin(prediction, labels), np.isin(reference, labels)
+    total = int(p.sum()) + int(r.sum())
+    return {"level_dice": float(np.mean(values)) if values else float("nan"), "per_label": per_label,
+            "merged_dice": 2.0 * int((p & r).sum()) / total if total else float("nan")}
+
+
+def _cases_of_fold(preprocessed: Path, fold: str) -> list[str]:
+    from spinediff.io import read_json
+
+    splits = read_json(preprocessed / "splits_final.json")
+    return list(splits[int(fold)]["val"])
+
+
+def _predict(settings: StressSettings, model, folds: list[str], inputs: Path, output: Path) -> None:
+    """Predict ``inputs`` with ``folds`` of the model (a :class:`~spinediff.inference.models.ModelFolder`) into
+    ``output``, its post-processing applied."""
+    from spinediff.training.registry import is_spinediff_trainer
+
+    folder = model.path
+    if is_spinediff_trainer(model.trainer):
+        from spinediff.inference.api import predict
+
+        report = predict(inputs, output, model.dataset_name, model.configuration, model.trainer, folds=folds,
+                         plans_identifier=model.plans_identifier, device=settings.device,
+                         num_samples=settings.samples, num_inference_steps=settings.steps, seed=settings.seed,
+                         progress=False, overwrite=True)
+        if report.failed:
+            raise SpineDiffError("the stress test's prediction failed: "
+                                 + "; ".join(f"{c.identifier}: {c.message}" for c in report.failed))
+        return
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from spinediff.inference.postprocessing import Postprocessing
+    from spinediff.utilities.device import parse_device
+
+    decision = Postprocessing.load(folder)
+    raw_output = output / "nnunet_raw_output" if decision.active else output
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                device=parse_device(settings.device), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(int(f) if f.isdigit() else f
+                                                                                for f in folds))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    predictor.predict_from_files(str(inputs), str(raw_output), save_probabilities=decision.needs_probabilities,
+                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    if decision.active:
+        from spinediff.inference.postprocess_command import postprocess_folder
+
+        postprocess_folder(raw_output, output, folder, overwrite=True, progress=False)
+
+
+def find_raw_dataset(name: str) -> Path:
+    """The raw dataset folder of an ID (``504``) or a name (``Dataset504_...``)."""
+    from spinediff.paths import nnunet_folder
+
+    wanted = f"Dataset{int(name):03d}" if str(name).isdigit() else str(name).split("_")[0]
+    matches = sorted(p for p in nnunet_folder("raw").glob("Dataset*") if p.name.split("_")[0] == wanted)
+    if not matches:
+        raise SpineDiffError(f"No raw dataset {name} in {nnunet_folder('raw')}.")
+    return matches[0]
+
+
+def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
+    """The order the labels keep along the spine in every reference of the raw dataset ``raw``
+    (:func:`~spinediff.inference.level_order.learn_order`); refuses a dataset whose labels keep none (nothing to
+    stress)."""
+    import SimpleITK as sitk
+
+    from spinediff.inference.level_order import label_centroids, learn_order
+
+    centroids = []
+    for reference in sorted((raw / "labelsTr").glob(f"*{ending}")):
+        image = sitk.ReadImage(str(reference))
+        centroids.append(label_centroids(image, sitk.GetArrayFromImage(image), labels))
+    order = learn_order(centroids) if centroids else None
+    if order is None:
+        raise SpineDiffError(f"The labels of {raw.name} keep no order along any direction in {raw / 'labelsTr'}: "
+                             "there is nothing to stress (the stress test moves ordered levels, e.g. vertebrae).")
+    return order
+
+
+def stress_test(model, settings: StressSettings | None = None, output: str | os.PathLike | None = None) -> dict:
+    """The stress test of ``model`` (a :class:`~spinediff.inference.models.ModelFolder`): every validation case of
+    each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json`` and
+    ``.md`` to ``output`` (default: the model folder, where ``spinediff find_best`` reads it) and returns the
+    result."""
+    import SimpleITK as sitk
+
+    from spinediff.io import read_json, write_json, write_text
+    from spinediff.paths import nnunet_folder
+
+    settings = settings or StressSettings()
+    folder = model.path
+    dataset = folder.parent.name
+    raw = nnunet_folder("raw") / dataset
+    preprocessed = nnunet_folder("preprocessed") / dataset
+    dataset_json = read_json(raw / "dataset.json")
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    channels = sorted(dataset_json["channel_names"], key=int)
+    labels = sorted(int(v) for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
+    folds = [str(f) for f in settings.folds] if settings.folds else sorted(
+        p.name[5:] for p in folder.glob("fold_*") if (p / "checkpoint_final.pth").is_file())
+    if not folds:
+        raise SpineDiffError(f"{folder} has no trained fold (fold_*/checkpoint_final.pth).")
+    unknown = [name for name in settings.variants or () if name not in VARIANTS]
+    if unknown:
+        raise SpineDiffError(f"Unknown stress variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
+    variants = {name: VARIANTS[name] for name in (settings.variants or VARIANTS)}
+    order = level_order(raw, labels, ending)
+    jobs = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
+    if settings.other_dataset:
+        other = find_raw_dataset(settings.other_dataset)
+        other_cases = sorted(p.name[: -len(ending)] for p in (other / "labelsTr").glob(f"*{ending}"))
+        jobs.append((other.name, other, folds, other_cases))
+    work = Path(tempfile.mkdtemp(prefix="stress_position_"))
+    rows = []
+    try:
+        for source, source_raw, use_folds, cases in jobs:
+            inputs, predicted = (work / f"in_{source}_{'_'.join(use_folds)}",
+                                 work / f"out_{source}_{'_'.join(use_folds)}")
+            inputs.mkdir()
+            truth = {}
+            for case in cases:
+                label = sitk.ReadImage(str(source_raw / "labelsTr" / f"{case}{ending}"))
+                images = [sitk.ReadImage(str(source_raw / "imagesTr" / f"{case}_{int(c):04d}{ending}"))
+                          for c in channels]
+                axis, sign = spine_array_axis(label, order.direction)
+                for name, fractions in variants.items():
+                    stem = f"{case}__{name}"
+                    cut = None
+                    for c, image in zip(channels, images, strict=True):
+                        varied, cut = make_variant(image, label, axis, sign, fractions)
+                        sitk.WriteImage(varied, str(inputs / f"{stem}_{int(c):04d}{ending}"), True)
+                    truth[stem] = (case, name, sitk.GetArrayFromImage(cut))
+            start = time.perf_counter()
+            _predict(settings, model, use_folds, inputs, predicted)
+            seconds = time.perf_counter() - start
+            numbering = {}
+            summary = predicted / "prediction.json"
+            if summary.is_file():
+                for identifier, entry in read_json(summary).get("cases", {}).items():
+                    numbering[identifier] = ((entry.get("uncertainty") or {}).get("level_numbering") or {})
+            elif (predicted / "level_numbering.json").is_file():
+                reports = read_json(predicted / "level_numbering.json")["cases"]
+                numbering = {k[: -len(ending)]: v for k, v in reports.items()}
+            for stem, (case, name, reference) in truth.items():
+                answer = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{stem}{ending}")))
+                scores = level_scores(answer, reference, list(order.labels))
+                rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
+                             "numbering_confidence": numbering.get(stem, {}).get("confidence"),
+                             "seconds_per_case": seconds / max(1, len(truth))})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = summarise(rows, variants)
+    result = {"model": str(folder), "dataset": dataset, "other_dataset": settings.other_dataset, "folds": folds,
+              "variants": {k: list(v) for k, v in variants.items()}, "labels": list(order.labels),
+              "level_direction": list(order.direction), "summary": table, "cases": rows,
+              "stress_dice": stress_dice(table, dataset), "command": settings.command,
+              "made_by": "spinediff stress test (spinediff.experiments.stress)"}
+    out = Path(output) if output is not None else folder
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / STRESS_FILE)
+    write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
+    return result
+
+
+def stress_dice(table: list[dict], dataset: str) -> float:
+    """The model's score under the stress test: the mean level Dice over every variant of its own dataset's
+    validation scans, the plain one included (what ``spinediff find_best`` ranks on when every candidate has one)."""
+    values = [row["mean_level_dice"] for row in table if row["source"] == dataset]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarise(rows: list[dict], variants: dict) -> list[dict]:
+    table = []
+    for source in dict.fromkeys(r["source"] for r in rows):
+        plain = [r["level_dice"] for r in rows if r["source"] == source and r["variant"] == "plain"]
+        for name in variants:
+            mine = [r for r in rows if r["source"] == source and r["variant"] == name]
+            if not mine:
+                continue
+            level = float(np.nanmean([r["level_dice"] for r in mine]))
+            confidences = [r["numbering_confidence"] for r in mine if r["numbering_confidence"] is not None]
+            table.append({"source": source, "variant": name, "cases": len(mine), "mean_level_dice": level,
+                          "mean_merged_dice": float(np.nanmean([r["merged_dice"] for r in mine])),
+                          "cases_below_0.5": sum(1 for r in mine if not r["level_dice"] >= 0.5),
+                          "minus_plain": level - float(np.nanmean(plain)) if plain else float("nan"),
+                          "mean_numbering_confidence": float(np.mean(confidences)) if confidences else None})
+    return table
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Position and field-of-view stress test: {Path(result['model']).name} on {result['dataset']}", "",
+             f"Folds {', '.join(result['folds'])}; levels {result['labels']}; command: `{result['command']}`", "",
+             "| scans | variant | cases | mean level Dice | − plain | merged Dice | cases < 0.5 "
+             "| numbering confidence |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["summary"]:
+        confidence = "" if row["mean_numbering_confidence"] is None else f"{row['mean_numbering_confidence']:.2f}"
+        lines.append(f"| {row['source']} | {row['variant']} | {row['cases']} | {row['mean_level_dice']:.3f} | "
+                     f"{row['minus_plain']:+.3f} | {row['mean_merged_dice']:.3f} | {row['cases_below_0.5']} | "
+                     f"{confidence} |")
+    stressed = [r for r in result["summary"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
+    if stressed:
+        worst = min(stressed, key=lambda r: r["mean_level_dice"])
+        mean = float(np.mean([r["mean_level_dice"] for r in stressed]))
+        lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst['variant']} "
+                      f"({worst['mean_level_dice']:.3f})."]
+    return "\n".join(lines) + "\n"
+
+
