@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from spinediff.diffusion.refinement import check_fraction, refine_volume
+from spinediff.diffusion.refinement import check_fraction, refine, refine_volume
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import DEFAULT_PLANS, model_folder_name, split_model_folder_name
@@ -312,10 +312,16 @@ class ResidualRefinementTrainer(DiffusionRefinementTrainer):
         return torch.cat([condition, initial], dim=1), (target - initial) / self.residual_scale
 
     def validation_step(self, batch: dict) -> dict:
-        """Loss on the residual; PSNR/SSIM of the refined image (initial answer + residual) against the target."""
+        """Loss on the residual; PSNR/SSIM of the refined patches (initial answer + residual, refined from
+        ``refine_from``) against the target."""
         condition, residual = self.split_batch(batch)
         loss = self.compute_loss(self.inference_network, condition, residual)
-        estimate = self.predict_patches(condition, self.epoch_validation_num_inference_steps, seed=self.current_epoch)
+        # refined as the final validation refines: from a zero residual noised to refine_from (the levels it trained)
+        sampler = self.make_predictor().sampler
+        estimate = torch.cat([refine(sampler, c, torch.zeros_like(r), fraction=self.refine_from,
+                                     num_inference_steps=self.epoch_validation_num_inference_steps, num_samples=1,
+                                     seed=self.current_epoch + i).to(r.device)
+                              for i, (c, r) in enumerate(zip(condition, residual, strict=True))])
         initial = condition[:, -residual.shape[1]:]
         refined = initial + self.residual_scale * estimate
         return {"loss": loss.detach().cpu().numpy(),
