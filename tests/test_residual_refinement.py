@@ -147,3 +147,17 @@ def test_predict_runs_the_regression_itself_and_refuses_a_missing_one(residual, 
         trainer.init_model = "RegressionTrainer__nnUNetPlans__3d_diffusion"
         with pytest.raises(SpineDiffError, match="does not exist. Train that fold first"):
             trainer.load_initial_network()
+
+
+def test_tune_sampling_scores_the_residual_refiner_from_its_regressions_answers(residual):
+    """tune_sampling refines the fold's regression export with the residual model: a start level that rounds to
+    timestep 0 scores the regression's own answer (its validation MAE), one of 0.4 x T another."""
+    from spinediff.experiments.sampling import tune_sampling
+
+    with nnunet_folders(residual["base"] / "raw", residual["base"]):
+        record = tune_sampling(902, "2d_diffusion", "ResidualRefinementTrainer", folds=[0], write=False,
+                               candidates=["ddim:1@0.0004", "ddim:2@0.4"], device="cpu", progress=False)
+    quality = {c["setting"]: c["quality"] for c in record["candidates"]}
+    regression = json.loads((residual["regression"] / "validation_metrics.json").read_text())["mean"]["mae"]
+    assert quality["ddim:1@0.0004"] == pytest.approx(regression, rel=1e-4)
+    assert quality["ddim:2@0.4"] != pytest.approx(regression, rel=1e-3)
