@@ -38,9 +38,9 @@ from spinediff.tasks import SEGMENTATION_KIND, Task, get_task
 from spinediff.utilities.lock import LOCK_NAME, folder_lock
 
 #: Summary columns of a benchmark table (in this order, where present); per-level columns go to their own table.
-SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "hd95", "dice_downstream", "psnr", "ssim", "mae_body",
-                   "mae_bone", "synthrad_mae", "synthrad_psnr", "synthrad_ms_ssim", "frechet", "adjacent_ratio_z",
-                   "fid")
+SUMMARY_METRICS = ("dice", "dice_pp", "dice_merged", "dice_stress", "dice_stress_worst", "hd95", "dice_downstream",
+                   "psnr", "ssim", "mae_body", "mae_bone", "synthrad_mae", "synthrad_psnr", "synthrad_ms_ssim",
+                   "frechet", "adjacent_ratio_z", "fid")
 #: Colour range (HU) of the translation error maps: errors beyond it saturate.
 ERROR_MAP_HU = 500
 CASE_COUNT = 3
