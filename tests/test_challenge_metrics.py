@@ -179,3 +179,29 @@ def test_benchmark_scores_translation_inside_the_dataset_masks_and_shows_the_col
     without = MethodResult(method, [0])
     score_method(without, results, reference, translation, (-1024.0, 3071.0))  # no masks: reference > -500 HU
     assert without.per_case["case1"]["synthrad_mae"] == pytest.approx(50.0)
+
+
+def test_benchmark_table_tests_the_post_processed_dice_pairwise_too():
+    """Segmentation rows get a second paired Wilcoxon test on dice_pp (each method after its own post-processing),
+    beside the one on the Dice as trained; it follows the per-case values, not the method order."""
+    from scipy import stats
+
+    from spinediff.experiments.benchmark import benchmark_table
+    from spinediff.experiments.folds import Method, MethodResult
+    from spinediff.tasks import TASKS
+
+    segmentation = TASKS["segmentation"]
+    base = MethodResult(Method("nnU-Net 2D", "nnUNetTrainer", "2d_cpu", baseline=True), [0])
+    other = MethodResult(Method("Refinement 2D", "DiffusionRefinementTrainer", "2d_diffusion"), [0])
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        dice, dice_pp = rng.uniform(0.5, 0.9), rng.uniform(0.7, 0.9)
+        base.per_case[f"c{i}"] = {"dice": dice, "dice_pp": dice_pp}
+        other.per_case[f"c{i}"] = {"dice": dice + (0.01 if i % 3 else -0.02) * (i + 1),
+                                   "dice_pp": dice_pp - 0.02 - 0.001 * i}
+    rows, table = benchmark_table([base, other], segmentation)
+    expected = stats.wilcoxon([other.per_case[f"c{i}"]["dice_pp"] for i in range(12)],
+                              [base.per_case[f"c{i}"]["dice_pp"] for i in range(12)]).pvalue
+    assert rows[1]["wilcoxon_p_pp_vs_nnU-Net 2D"] == pytest.approx(expected)
+    assert rows[1]["wilcoxon_p_vs_nnU-Net 2D"] != pytest.approx(expected)
+    assert "Wilcoxon p (dice_pp)" in table and f"{expected:.3g}" in table.splitlines()[3]

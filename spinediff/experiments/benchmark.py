@@ -214,13 +214,19 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
         p, n = paired_test({c: v[metric] for c, v in r.per_case.items()},
                            {c: v[metric] for c, v in baseline.per_case.items()})
         row[f"wilcoxon_p_vs_{baseline.method.name}"] = float("nan") if r is baseline else p
+        if any("dice_pp" in case for case in r.per_case.values()):  # the same test after each one's post-processing
+            p_pp, _ = paired_test({c: v["dice_pp"] for c, v in r.per_case.items() if "dice_pp" in v},
+                                  {c: v["dice_pp"] for c, v in baseline.per_case.items() if "dice_pp" in v})
+            row[f"wilcoxon_p_pp_vs_{baseline.method.name}"] = float("nan") if r is baseline else p_pp
         rows.append(row)
     shown = [m for m in ("dice", "dice_pp", "dice_1", "dice_2", "dice_3", "dice_4", "dice_5", "dice_merged", "hd95",
                          "psnr", "ssim", "mae", "mae_body", "mae_bone", "synthrad_mae", "synthrad_psnr",
                          "synthrad_ms_ssim", "dice_downstream", "adjacent_ratio_z",
                          "adjacent_ratio_y", "adjacent_ratio_x") if m in names]
     shown += [m for m in ("frechet", "dice_stress", "dice_stress_worst") if any(m in r.set_metrics for r in results)]
-    header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p"]
+    post_processed = any(f"wilcoxon_p_pp_vs_{baseline.method.name}" in row for row in rows)
+    header = ["method", *shown, "train min", "epochs", "s/case", "NFE/window", "Wilcoxon p",
+              *(["Wilcoxon p (dice_pp)"] if post_processed else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         p = row[f"wilcoxon_p_vs_{baseline.method.name}"]
@@ -229,6 +235,9 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
                                   for m in shown], f"{row['train_minutes']:.1f}", str(row["epochs"]),
                  f"{row['inference_s_per_case']:.1f}", str(row["network_evals_per_window"]),
                  "baseline" if math.isnan(p) and row["method"] == baseline.method.name else f"{p:.3g}"]
+        if post_processed:
+            p_pp = row.get(f"wilcoxon_p_pp_vs_{baseline.method.name}", float("nan"))
+            cells.append("baseline" if row["method"] == baseline.method.name else f"{p_pp:.3g}")
         lines.append("| " + " | ".join(cells) + " |")
     folds = sorted({f for r in results for f in r.per_fold}, key=str)
     if folds and any(r.per_fold for r in results):
@@ -247,7 +256,9 @@ def benchmark_table(results: list[MethodResult], task: Task) -> tuple[list[dict]
     direction = "higher" if higher_is_better else "lower"
     lines.append("")
     lines.append(f"Primary metric: {metric} ({direction} is better); Wilcoxon signed-rank test over cases against "
-                 f"{baseline.method.name}. NFE/window: network evaluations per window position at inference.")
+                 f"{baseline.method.name}" + (" (and on dice_pp, each method after its own post-processing)"
+                                              if post_processed else "")
+                 + ". NFE/window: network evaluations per window position at inference.")
     if "adjacent_ratio_z" in shown:
         lines.append("adjacent_ratio_z|y|x: through-plane consistency, the mean absolute difference between "
                      "neighbouring voxels along that array axis in the body, synthetic / real (1: as smooth as the "
