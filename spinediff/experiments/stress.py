@@ -149,13 +149,9 @@ def _predict(settings: StressSettings, model, folds: list[str], inputs: Path, ou
 
 def find_raw_dataset(name: str) -> Path:
     """The raw dataset folder of an ID (``504``) or a name (``Dataset504_...``)."""
-    from spinediff.paths import nnunet_folder
+    from spinediff.paths import resolve_raw_dataset
 
-    wanted = f"Dataset{int(name):03d}" if str(name).isdigit() else str(name).split("_")[0]
-    matches = sorted(p for p in nnunet_folder("raw").glob("Dataset*") if p.name.split("_")[0] == wanted)
-    if not matches:
-        raise SpineDiffError(f"No raw dataset {name} in {nnunet_folder('raw')}.")
-    return matches[0]
+    return resolve_raw_dataset(name)
 
 
 def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
@@ -224,7 +220,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                           for c in channels]
                 axis, sign = spine_array_axis(label, order.direction)
                 for name, fractions in variants.items():
-                    stem = f"{case}__{name}"
+                    stem = f"{case}-{name}"  # the variant's case identifier
                     cut = None
                     for c, image in zip(channels, images, strict=True):
                         varied, cut = make_variant(image, label, axis, sign, fractions)
