@@ -209,6 +209,24 @@ def test_the_lock_is_released_and_reentrant(tmp_path):
     assert not (tmp_path / "gone").exists()  # the folders it made for nothing are removed again
 
 
+def test_a_folder_made_by_another_run_between_check_and_mkdir_is_locked_not_refused(tmp_path, monkeypatch):
+    """Two runs started together both see no output folder; the one whose mkdir finds it made already takes the lock
+    (or is refused by it naming the holder), never "Cannot create the output folder"; it does not remove the other's
+    folder on the way out."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == folder else real_exists(self))
+    with folder_lock(folder):
+        assert (folder / LOCK_NAME).is_file()
+    monkeypatch.undo()
+    assert folder.is_dir()  # not removed: this call did not make it
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == tmp_path / "file" else real_exists(self))
+    with pytest.raises(SpineDiffError, match="is not a folder"), folder_lock(tmp_path / "file"):
+        pass
+
+
 # ---------------------------------------------------------------------- (c) preprocessing complete or absent
 TRAIN = ["train", "-d", "996", "-c", "2d_diffusion", "-f", "0", "-tr", "DiffusionSegmentationTrainer", "--epochs",
          "1", "--iters-per-epoch", "1", "--val-iters-per-epoch", "1", "--steps", "1", "--val-samples", "1"]

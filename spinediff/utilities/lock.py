@@ -51,6 +51,24 @@ def _read_holder(path: Path) -> dict:
     return {}
 
 
+def _holder_of_live_lock(path: Path, seconds: float = 1.0) -> dict:
+    """The record of a lock another process holds. It writes its record just after taking the lock, so a reader that
+    comes in between finds the file empty (or the stale record it replaces): wait briefly for the holder's own."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        holder = _read_holder(path)
+        if (holder.get("pid") is not None and not _stale_record(holder)) or time.monotonic() > deadline:
+            return holder
+        time.sleep(0.02)
+
+
+def _stale_record(holder: dict) -> bool:
+    """A record whose process no longer runs on this host (a lock file left by a killed run)."""
+    return holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))
+
+
 def _pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -85,7 +103,7 @@ class FolderLock:
                 os.close(fd)
                 if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise SpineDiffError(f"Cannot lock {self.path} ({error.strerror}).") from error
-                holder = _read_holder(self.path)
+                holder = _holder_of_live_lock(self.path)
                 raise SpineDiffError(
                     f"{self.folder} is in use by another spinediff run ({_describe(holder)}; lock file {self.path}). "
                     "Wait for it to finish, or choose another output folder; two runs into one folder would "
@@ -169,6 +187,11 @@ def folder_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, command: st
             raise SpineDiffError(f"{folder} does not exist.")
         try:
             folder.mkdir(parents=True)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise SpineDiffError(f"{folder} exists and is not a folder. Choose another output folder.") from None
+            created = False  # another process made it between the check and mkdir: the lock below decides
+            made = []
         except OSError as error:
             raise SpineDiffError(f"Cannot create the output folder {folder} ({error.strerror}). Choose a folder you "
                                  "can write to.") from error
