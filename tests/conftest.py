@@ -82,3 +82,23 @@ def nnunet_folders(raw: Path, base: Path) -> Iterator[dict[str, str]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def planned_phantom(phantom_root: Path, tmp_path_factory, name: str, dataset_id: int, prefix: str,
+                    configurations: tuple[str, ...] = ("2d_diffusion",)) -> Iterator[dict]:
+    """A fresh folder whose ``raw/`` links the phantom's dataset ``name``, planned (``configurations``) with its
+    splits, nnU-Net's variables pointed at it while the block runs; yields them with ``base`` and ``raw`` (the
+    dataset's raw folder)."""
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import ensure_splits
+
+    base = tmp_path_factory.mktemp(prefix)
+    raw = base / "raw"
+    raw.mkdir()
+    (raw / name).symlink_to(phantom_root / name, target_is_directory=True)
+    with nnunet_folders(raw, base) as env:
+        plan_dataset(dataset_id, configurations=list(configurations), device="cpu", num_processes=1,
+                     show_progress_bar=False)
+        ensure_splits(base / "preprocessed" / name)
+        yield {**env, "base": base, "raw": raw / name}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import nnunet_folders
+from conftest import nnunet_folders, planned_phantom
 
 from spinediff.errors import SpineDiffError
 from spinediff.training.api import TrainingOptions, ensure_splits, train
@@ -306,20 +306,13 @@ def translation_benchmark(phantom_root, tmp_path_factory):
     """The benchmark of the translation refinement row alone on folds 0 and 1 of the tiny phantom (3 cases, one
     validation case per fold), one epoch of two steps per fold: the regression is added and trained first."""
     from spinediff.experiments.benchmark import run_benchmark
-    from spinediff.planning.api import plan_dataset
 
-    base = tmp_path_factory.mktemp("refine_benchmark")
-    raw = base / "raw"
-    raw.mkdir()
-    (raw / TRANSLATION).symlink_to(phantom_root / TRANSLATION, target_is_directory=True)
-    with nnunet_folders(raw, base) as env:
-        plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
-        ensure_splits(base / "preprocessed" / TRANSLATION)
+    with planned_phantom(phantom_root, tmp_path_factory, TRANSLATION, 902, "refine_benchmark") as env:
+        base = env["base"]
         options = TrainingOptions(**{**TINY.__dict__, "device": "cpu"})
         summary = run_benchmark(902, folds=[0, 1], options=options, output=base / "bench",
                                 method_names=["DiffusionRefinementTrainer"])
-        yield {**env, "base": base, "raw": raw / TRANSLATION, "summary": summary,
-               "results": base / "results" / TRANSLATION}
+        yield {**env, "summary": summary, "results": base / "results" / TRANSLATION}
 
 
 def test_benchmark_refines_each_folds_regression_after_it_and_counts_its_time(translation_benchmark):

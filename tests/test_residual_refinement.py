@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import nnunet_folders
+from conftest import nnunet_folders, planned_phantom
 
 from spinediff.errors import SpineDiffError
-from spinediff.training.api import TrainingOptions, ensure_splits, train
+from spinediff.training.api import TrainingOptions, train
 
 TRANSLATION = "Dataset902_SpinePhantomTranslation"
 TINY = TrainingOptions(epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
@@ -26,18 +26,10 @@ RESIDUAL = "ResidualRefinementTrainer__nnUNetPlans__2d_diffusion"
 @pytest.fixture(scope="module")
 def residual(phantom_root, tmp_path_factory):
     """Phantom 902 planned (2d_diffusion); fold 0 of the regression, then of the residual refiner."""
-    from spinediff.planning.api import plan_dataset
-
-    base = tmp_path_factory.mktemp("residual")
-    raw = base / "raw"
-    raw.mkdir()
-    (raw / TRANSLATION).symlink_to(phantom_root / TRANSLATION, target_is_directory=True)
-    with nnunet_folders(raw, base) as env:
-        plan_dataset(902, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
-        ensure_splits(base / "preprocessed" / TRANSLATION)
+    with planned_phantom(phantom_root, tmp_path_factory, TRANSLATION, 902, "residual") as env:
         regression = train(902, "2d_diffusion", 0, "RegressionTrainer", TINY)
         refiner = train(902, "2d_diffusion", 0, "ResidualRefinementTrainer", TINY)
-        yield {**env, "base": base, "raw": raw / TRANSLATION, "regression": regression, "refiner": refiner}
+        yield {**env, "regression": regression, "refiner": refiner}
 
 
 def _trainer(residual, fold=0):

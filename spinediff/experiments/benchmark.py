@@ -168,10 +168,8 @@ def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, opt
     for result in outcomes:
         print(f"[benchmark] stress test of position and field of view: {result.method.name}", flush=True)
         record = stress_test(ModelFolder.open(results / result.method.folder_name), settings)
-        stressed = [row["mean_level_dice"] for row in record["summary"]
-                    if row["source"] == record["dataset"] and row["variant"] != "plain"]
         result.set_metrics["dice_stress"] = record["stress_dice"]
-        result.set_metrics["dice_stress_worst"] = float(min(stressed)) if stressed else float("nan")
+        result.set_metrics["dice_stress_worst"] = record["stress_dice_worst"]
 
 
 def merged_foreground_dice(reference: Path, prediction: Path) -> float:
@@ -350,11 +348,9 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         if not spec.task.writes_labels:
             raise SpineDiffError(f"--stress moves the labelled levels of a segmentation dataset; {name} is a "
                                  f"{spec.task.name} dataset.")
-        from spinediff.experiments.stress import level_order
+        from spinediff.experiments.stress import dataset_level_order
 
-        level_order(nnunet_folder("raw") / name, sorted(int(v) for v in dataset_json["labels"].values()
-                                                       if isinstance(v, int) and v > 0),
-                    dataset_json.get("file_ending", ".nii.gz"))
+        dataset_level_order(nnunet_folder("raw") / name)
     out = ensure_writable_folder(Path(output) if output else results / name / "spinediff_benchmark")
     with folder_lock(out):  # one benchmark per output folder, held to the end
         raw = nnunet_folder("raw") / name

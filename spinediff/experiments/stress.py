@@ -154,6 +154,16 @@ def find_raw_dataset(name: str) -> Path:
     return resolve_raw_dataset(name)
 
 
+def dataset_level_order(raw: Path):
+    """:func:`level_order` of the raw dataset ``raw`` with its own foreground labels and file ending (its
+    ``dataset.json``): what ``spinediff benchmark --stress`` checks before any training and the test itself uses."""
+    from spinediff.io import read_json
+
+    dataset_json = read_json(raw / "dataset.json")
+    labels = sorted(int(v) for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
+    return level_order(raw, labels, dataset_json.get("file_ending", ".nii.gz"))
+
+
 def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
     """The order the labels keep along the spine in every reference of the raw dataset ``raw``
     (:func:`~spinediff.inference.level_order.learn_order`); refuses a dataset whose labels keep none (nothing to
@@ -191,7 +201,6 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     dataset_json = read_json(raw / "dataset.json")
     ending = dataset_json.get("file_ending", ".nii.gz")
     channels = sorted(dataset_json["channel_names"], key=int)
-    labels = sorted(int(v) for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
     folds = [str(f) for f in settings.folds] if settings.folds else sorted(
         p.name[5:] for p in folder.glob("fold_*") if (p / "checkpoint_final.pth").is_file())
     if not folds:
@@ -200,7 +209,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     if unknown:
         raise SpineDiffError(f"Unknown stress variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     variants = {name: VARIANTS[name] for name in (settings.variants or VARIANTS)}
-    order = level_order(raw, labels, ending)
+    order = dataset_level_order(raw)
     jobs = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
     if settings.other_dataset:
         other = find_raw_dataset(settings.other_dataset)
@@ -249,7 +258,8 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     result = {"model": str(folder), "dataset": dataset, "other_dataset": settings.other_dataset, "folds": folds,
               "variants": {k: list(v) for k, v in variants.items()}, "labels": list(order.labels),
               "level_direction": list(order.direction), "summary": table, "cases": rows,
-              "stress_dice": stress_dice(table, dataset), "command": settings.command,
+              "stress_dice": stress_dice(table, dataset), "stress_dice_worst": worst_stressed(table, dataset)[1],
+              "command": settings.command,
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
     out = Path(output) if output is not None else folder
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +273,16 @@ def stress_dice(table: list[dict], dataset: str) -> float:
     validation scans, the plain one included (what ``spinediff find_best`` ranks on when every candidate has one)."""
     values = [row["mean_level_dice"] for row in table if row["source"] == dataset]
     return float(np.mean(values)) if values else float("nan")
+
+
+def worst_stressed(table: list[dict], dataset: str) -> tuple[str | None, float]:
+    """The stressed variant (plain excluded) of the dataset's own scans with the lowest mean level Dice, and that
+    Dice (None and NaN without one)."""
+    stressed = [row for row in table if row["source"] == dataset and row["variant"] != "plain"]
+    if not stressed:
+        return None, float("nan")
+    worst = min(stressed, key=lambda row: row["mean_level_dice"])
+    return worst["variant"], float(worst["mean_level_dice"])
 
 
 def summarise(rows: list[dict], variants: dict) -> list[dict]:
@@ -294,12 +314,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {row['source']} | {row['variant']} | {row['cases']} | {row['mean_level_dice']:.3f} | "
                      f"{row['minus_plain']:+.3f} | {row['mean_merged_dice']:.3f} | {row['cases_below_0.5']} | "
                      f"{confidence} |")
-    stressed = [r for r in result["summary"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
-    if stressed:
-        worst = min(stressed, key=lambda r: r["mean_level_dice"])
-        mean = float(np.mean([r["mean_level_dice"] for r in stressed]))
-        lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst['variant']} "
-                      f"({worst['mean_level_dice']:.3f})."]
+    worst, worst_dice = worst_stressed(result["summary"], result["dataset"])
+    if worst is not None:
+        mean = float(np.mean([r["mean_level_dice"] for r in result["summary"]
+                              if r["source"] == result["dataset"] and r["variant"] != "plain"]))
+        lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst} ({worst_dice:.3f})."]
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,8 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
     supported_tasks = (Segmentation, Translation)
     #: its final validation needs the initial model's fold exports (the benchmark trains that model first)
     refines_initial_answers = True
+    #: None: the model denoises the answer itself; a number: a residual refiner (ResidualRefinementTrainer)
+    residual_scale: float | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA) -> None:
@@ -188,9 +190,6 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
                                     self.configuration_manager, shape)
         return [RefiningFold(self.fold_model(), estimate, check_fraction(self.refine_from), self.combine,
                              self.residual_scale)]
-
-    #: None: the model denoises the answer itself; a number: a residual refiner (ResidualRefinementTrainer)
-    residual_scale: float | None = None
 
 
 def refine_answer(sampler, condition: torch.Tensor, estimate: torch.Tensor, *, fraction: float,
