@@ -29,6 +29,7 @@ class MethodSpec:
     prediction_type: str | None = None  # a variant of the planned prediction type ("eps", "v")
     baseline: bool = False
     nnunet: bool = False
+    needs_level_order: bool = False  # offered only where the plans found labels ordered along the spine
 
 
 class Task:
@@ -136,6 +137,9 @@ class Segmentation(Task):
 
     def benchmark_methods(self, tag):
         return [MethodSpec(f"nnU-Net {tag}", "nnUNetTrainer", baseline=True, nnunet=True),
+                # nnU-Net with the bodies beyond the first and last level as auxiliary classes (issue 34)
+                MethodSpec(f"nnU-Net + level context {tag}", "nnUNetTrainerLevelContext", nnunet=True,
+                           needs_level_order=True),
                 MethodSpec(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer"),
                 # refines the same fold's nnU-Net answers (issue 35); its row counts nnU-Net's training time too
                 MethodSpec(f"nnU-Net + diffusion refinement {tag}", "DiffusionRefinementTrainer")]

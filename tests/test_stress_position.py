@@ -254,3 +254,27 @@ def test_level_order_refuses_labels_that_keep_no_order(tmp_path):
     for case in ("c1", "c2"):
         write(case, (2, 10, 18))
     assert list(level_order(tmp_path, [1, 2, 3]).labels) == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------- nnU-Net + level context (issue 34, point 2)
+@pytest.mark.slow
+def test_level_context_trainer_trains_predicts_and_is_stress_tested_with_the_datasets_own_labels(levels, tmp_path):
+    """nnUNetTrainerLevelContext through `spinediff train` and the stress test (nnU-Net's predictor finds the class by
+    name): its auxiliary classes never leave the network, so the validation exports and the model folder's
+    dataset.json hold the dataset's labels only, and the stress test scores all five levels."""
+    for fold in FOLDS:
+        assert main(["train", "-d", str(LEVELS_ID), "-c", CPU_CONFIG, "-f", fold, "-tr", "nnUNetTrainerLevelContext",
+                     *TRAIN]) == 0
+    folder = levels["base"] / "results" / LEVELS / f"nnUNetTrainerLevelContext__nnUNetPlans__{CPU_CONFIG}"
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {
+        "background": 0, **{f"L{level}": level for level in range(1, 6)}}
+    for fold in FOLDS:
+        exports = sorted((folder / f"fold_{fold}" / "validation").glob("*.nii.gz"))
+        assert exports
+        for export in exports:
+            assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(export))))) <= {0, 1, 2, 3, 4, 5}
+    result, _ = run_stress(levels, tmp_path / "stress", "-d", str(LEVELS_ID), "-c", CPU_CONFIG, "-tr",
+                           "nnUNetTrainerLevelContext", "--variants", "plain", "crop_top_35")
+    assert [row["variant"] for row in result["summary"]] == ["plain", "crop_top_35"]
+    for row in result["cases"]:
+        assert set(row["per_label"]) == {"1", "2", "3", "4", "5"}

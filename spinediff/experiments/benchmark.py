@@ -29,9 +29,12 @@ from spinediff.tasks import Task
 from spinediff.utilities.lock import folder_lock
 
 
-def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = ("2d",)) -> list[Method]:
+def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = ("2d",),
+                ordered: tuple[str, ...] = ()) -> list[Method]:
     """The competing methods of ``task`` for the planned configurations (2D and/or 3D): the task's methods on the
-    diffusion configuration, nnU-Net's own on its CPU (else its default) configuration of the same dimension."""
+    diffusion configuration, nnU-Net's own on its CPU (else its default) configuration of the same dimension.
+    ``ordered``: the configurations whose plans know the labels' order along the spine (methods that need it are
+    offered on those only)."""
     methods: list[Method] = []
     for dim in dims:
         diffusion = f"{dim}_diffusion"
@@ -41,6 +44,8 @@ def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = (
                       None)
         for spec in task.benchmark_methods(dim.upper()):
             if spec.nnunet and nnunet is None:
+                continue
+            if spec.needs_level_order and (nnunet if spec.nnunet else diffusion) not in ordered:
                 continue
             methods.append(Method(spec.label, spec.trainer, nnunet if spec.nnunet else diffusion, spec.prediction_type,
                                   spec.baseline))
@@ -307,7 +312,10 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     plans = SpineDiffPlans.read(preprocessed / name / f"{DEFAULT_PLANS}.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
-    offered = methods_for(spec.task, plans.planned_names, dims)
+    from spinediff.training.level_context import levels_axis
+
+    ordered = tuple(c for c in plans.planned_names if levels_axis(plans.configuration(c).configuration) is not None)
+    offered = methods_for(spec.task, plans.planned_names, dims, ordered)
     methods = methods or select_methods(offered, method_names)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")

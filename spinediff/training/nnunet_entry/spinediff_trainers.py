@@ -10,6 +10,8 @@ nnU-Net imports the files of that folder and looks the name up in each; this one
 uses, and a new trainer needs no entry here.
 """
 
+from spinediff.training.level_context import nnUNetTrainerLevelContext
 from spinediff.training.registry import trainer_classes
 
 globals().update(trainer_classes())
+globals()["nnUNetTrainerLevelContext"] = nnUNetTrainerLevelContext  # nnU-Net's trainer with two auxiliary classes

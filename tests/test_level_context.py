@@ -1,0 +1,100 @@
+"""nnUNetTrainerLevelContext's pieces (issue 34): the auxiliary labels beyond the first and last level, derived from
+the labels alone; the folding of their output channels into background; the network wrapper's two modes; and the
+benchmark offering the trainer only where the plans know the labels' order. Its run through `spinediff train` and
+the stress test is in test_stress_position.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spinediff.tasks import get_task
+from spinediff.training.level_context import (
+    LevelContextNetwork,
+    LevelContextTransform,
+    context_labels,
+    fold_context,
+)
+
+LEVELS = [1, 2, 3, 4, 5]
+
+
+def ladder(rows: int = 60, pitch: int = 8, start: int = 12, drift: int = 1) -> np.ndarray:
+    """Five 4-row bodies ``pitch`` rows apart down the rows, each ``drift`` columns further right (a tilted spine)."""
+    seg = np.zeros((rows, 30), dtype=np.int16)
+    for i, level in enumerate(LEVELS):
+        seg[start + pitch * i: start + pitch * i + 4, 8 + drift * i: 16 + drift * i] = level
+    return seg
+
+
+def test_context_labels_sit_one_pitch_beyond_the_first_and_last_level():
+    seg = ladder()
+    out = context_labels(seg, LEVELS, 6, 7)
+    below, above = np.argwhere(out == 6), np.argwhere(out == 7)
+    # L5 rows 44-47, cols 12-19 moved by (8, 1): rows 52-55, cols 13-20; L1 rows 12-15, cols 8-15 moved by (-8, -1)
+    assert (below.min(0).tolist(), below.max(0).tolist()) == ([52, 13], [55, 20])
+    assert (above.min(0).tolist(), above.max(0).tolist()) == ([4, 7], [7, 14])
+    assert np.array_equal(out[np.isin(seg, LEVELS)], seg[np.isin(seg, LEVELS)])  # the levels untouched
+    assert np.array_equal(seg, ladder())  # the input is not modified
+
+
+def test_context_labels_paint_background_only_and_skip_a_side_without_its_pitch():
+    seg = ladder()
+    seg[:9] = -1  # outside the image (nnU-Net's padding): no label there
+    seg[seg == 2] = 0  # no L2: the body above L1 has no pitch to go by
+    out = context_labels(seg, LEVELS, 6, 7)
+    assert not (out == 7).any()
+    assert (out[:9] == -1).all()
+    assert (out == 6).sum() == 32
+    moved_off = ladder(start=30)  # L5 at rows 62+ of a 60-row patch: below would leave the patch
+    assert not (context_labels(moved_off[:50], LEVELS, 6, 7) == 6).any()
+
+
+def test_the_transform_changes_the_labels_and_not_the_image():
+    seg = torch.as_tensor(ladder()[None])
+    image = torch.randn(1, *seg.shape[1:])
+    out = LevelContextTransform(LEVELS, 6, 7)(image=image.clone(), segmentation=seg.clone())
+    assert torch.equal(out["image"], image)
+    assert set(torch.unique(out["segmentation"]).tolist()) == {0, 1, 2, 3, 4, 5, 6, 7}
+    assert out["segmentation"].dtype == seg.dtype
+
+
+def test_folding_gives_background_the_probability_of_the_auxiliary_classes():
+    logits = torch.randn(2, 8, 5, 5)
+    folded = fold_context(logits, 6)
+    p, q = logits.softmax(1), folded.softmax(1)
+    assert folded.shape == (2, 6, 5, 5)
+    assert torch.allclose(q[:, 0], p[:, 0] + p[:, 6] + p[:, 7], atol=1e-6)
+    assert torch.allclose(q[:, 1:], p[:, 1:6], atol=1e-6)
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, channels, 1)
+        self.decoder = torch.nn.Module()
+        self.decoder.deep_supervision = True
+
+    def forward(self, x):
+        out = self.conv(x)
+        return [out, out[..., ::2, ::2]] if self.decoder.deep_supervision else out
+
+
+def test_the_network_shows_every_class_in_training_and_the_datasets_in_evaluation():
+    network = LevelContextNetwork(TinyNet(8), 6)
+    x = torch.randn(1, 1, 4, 4)
+    assert [o.shape[1] for o in network.train()(x)] == [8, 8]
+    assert [o.shape[1] for o in network.eval()(x)] == [6, 6]
+    network.decoder.deep_supervision = False  # as nnU-Net switches it, through network.decoder
+    assert network.eval()(x).shape == (1, 6, 4, 4)
+    assert network.train()(x).shape == (1, 8, 4, 4)
+
+
+@pytest.mark.parametrize("ordered,offered", [(("2d_cpu",), True), ((), False)])
+def test_the_benchmark_offers_the_trainer_only_with_ordered_labels(ordered, offered):
+    from spinediff.experiments.benchmark import methods_for
+
+    methods = methods_for(get_task("segmentation"), ["2d_diffusion", "2d_cpu"], ("2d",), ordered)
+    assert ("nnUNetTrainerLevelContext" in [m.trainer for m in methods]) is offered
+    assert "nnUNetTrainer" in [m.trainer for m in methods]
