@@ -98,3 +98,24 @@ def test_the_benchmark_offers_the_trainer_only_with_ordered_labels(ordered, offe
     methods = methods_for(get_task("segmentation"), ["2d_diffusion", "2d_cpu"], ("2d",), ordered)
     assert ("nnUNetTrainerLevelContext" in [m.trainer for m in methods]) is offered
     assert "nnUNetTrainer" in [m.trainer for m in methods]
+
+
+@pytest.mark.parametrize("trainer,found_through_ext", [("nnUNetTrainerLevelContext", True), ("nnUNetTrainer", False)])
+def test_find_bests_command_points_nnunet_at_the_trainer(trainer, found_through_ext, tmp_path):
+    """find_best's nnUNetv2_predict command for the level-context model sets nnUNet_extTrainer to the folder that
+    holds it (a shell's nnUNetv2_predict does not import spinediff); nnU-Net's own trainer needs nothing."""
+    from pathlib import Path
+
+    from spinediff.inference.candidates import Candidate
+    from spinediff.inference.find_best import predict_command
+
+    folder = tmp_path / f"{trainer}__nnUNetPlans__2d_cpu"
+    command = predict_command("501", Candidate(folder, trainer, "nnUNetPlans", "2d_cpu", ["0", "1"]))
+    assert command.split("nnUNetv2_predict ")[1].startswith("-i INPUT_FOLDER")
+    assert f"-tr {trainer} " in command
+    if found_through_ext:
+        entry = Path(command.split("nnUNet_extTrainer=")[1].split()[0])
+        assert (entry / "spinediff_trainers.py").is_file()
+        assert "nnUNetTrainerLevelContext" in (entry / "spinediff_trainers.py").read_text()
+    else:
+        assert command.startswith("nnUNetv2_predict ")
