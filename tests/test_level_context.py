@@ -92,12 +92,17 @@ def test_the_network_shows_every_class_in_training_and_the_datasets_in_evaluatio
 
 
 @pytest.mark.parametrize("ordered,offered", [(("2d_cpu",), True), ((), False)])
-def test_the_benchmark_offers_the_trainer_only_with_ordered_labels(ordered, offered):
-    from spinediff.experiments.benchmark import methods_for
+def test_the_benchmark_offers_the_trainer_only_with_ordered_labels_and_on_request(ordered, offered):
+    from spinediff.experiments.benchmark import methods_for, select_methods
 
     methods = methods_for(get_task("segmentation"), ["2d_diffusion", "2d_cpu"], ("2d",), ordered)
     assert ("nnUNetTrainerLevelContext" in [m.trainer for m in methods]) is offered
     assert "nnUNetTrainer" in [m.trainer for m in methods]
+    # opt-in: not in the default set (it collapsed at CPU budgets), trained when --methods names it
+    assert "nnUNetTrainerLevelContext" not in [m.trainer for m in select_methods(methods, None)]
+    if offered:
+        assert [m.trainer for m in select_methods(methods, ["nnUNetTrainerLevelContext"])] == [
+            "nnUNetTrainerLevelContext"]
 
 
 @pytest.mark.parametrize("trainer,found_through_ext", [("nnUNetTrainerLevelContext", True), ("nnUNetTrainer", False)])

@@ -48,15 +48,15 @@ def methods_for(task: Task, configurations: list[str], dims: tuple[str, ...] = (
             if spec.needs_level_order and (nnunet if spec.nnunet else diffusion) not in ordered:
                 continue
             methods.append(Method(spec.label, spec.trainer, nnunet if spec.nnunet else diffusion, spec.prediction_type,
-                                  spec.baseline))
+                                  spec.baseline, spec.opt_in))
     return methods
 
 
 def select_methods(methods: list[Method], names: list[str] | None) -> list[Method]:
     """The methods named in ``names`` (a trainer class, ``TRAINER:eps|v`` for a prediction-type variant, or a
-    configuration-qualified ``TRAINER@CONFIG``); all of them when ``names`` is empty."""
+    configuration-qualified ``TRAINER@CONFIG``); all but the opt-in ones when ``names`` is empty."""
     if not names:
-        return methods
+        return [m for m in methods if not m.opt_in]
 
     def keys(method: Method) -> set[str]:
         base = method.trainer + (f":{method.prediction_type}" if method.prediction_type else "")

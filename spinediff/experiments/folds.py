@@ -19,6 +19,7 @@ class Method:
     configuration: str
     prediction_type: str | None = None
     baseline: bool = False
+    opt_in: bool = False  # trained only when --methods names it
 
     @property
     def folder_name(self) -> str:

@@ -1,0 +1,94 @@
+"""Look at the levels T2w-trained models give real T1w scans (issue 34), where no Dice can be computed.
+
+Dataset504's labels sit on the wrong vertebrae (documentation/results.md), so the T1w targets cannot be scored. What
+can be checked is where each model puts L1-L5 on those scans: this study predicts Dataset504's T1w images with every
+fold of each model folder (``spinediff predict`` for spinediff's trainers, nnU-Net's predictor otherwise, each with
+its post-processing), and draws for each scan the sagittal slice with the most predicted vertebra, the levels
+outlined and numbered, one row per model. Reading the figure: L5 should sit directly on the sacrum, and the levels
+should run L1..L5 downwards without gaps. It also writes ``t1w_levels.json`` (per model and scan: the levels found,
+their centroid rows and volumes in ml) so that a reader can check the figure's numbers.
+
+    python -m studies.t1w_levels501 -m $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainer__nnUNetPlans__2d_cpu \\
+        $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu -o OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-m", "--models", nargs="+", required=True, help="model folders (TRAINER__PLANS__CONFIG)")
+    parser.add_argument("-i", "--images", default="../shared/data/Dataset504_LumbarVB2T1dev/imagesTr",
+                        help="the T1w images (nnU-Net naming)")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    from spinediff.experiments.stress import StressSettings, _predict
+    from spinediff.inference.models import ModelFolder
+
+    images = Path(args.images)
+    if not images.is_dir():
+        print(f"{images} does not exist: pass the T1w images with -i.", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    record: dict = {"images": str(images), "models": {}}
+    fig, axes = plt.subplots(len(args.models), len(cases), figsize=(2.6 * len(cases), 3.2 * len(args.models)),
+                             squeeze=False)
+    for row, path in enumerate(args.models):
+        model = ModelFolder.open(Path(path))
+        folds = sorted(p.name.split("_", 1)[1] for p in model.path.glob("fold_*")
+                       if (p / "checkpoint_final.pth").is_file())
+        predicted = output / model.path.name
+        if predicted.exists():
+            shutil.rmtree(predicted)
+        _predict(StressSettings(device=args.device), model, folds, images, predicted)
+        found = record["models"][model.path.name] = {}
+        for column, case in enumerate(cases):
+            image = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))
+            array = sitk.GetArrayFromImage(image)
+            labels = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{case}.nii.gz")))
+            voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+            levels = {int(v): {"row": round(float(np.argwhere(labels == v)[:, 1].mean()), 1),
+                               "volume_ml": round(float((labels == v).sum()) * voxel_ml, 1)}
+                      for v in np.unique(labels) if v > 0}
+            found[case] = levels
+            index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
+            ax = axes[row][column]
+            ax.imshow(array[index], cmap="gray")
+            for value in levels:
+                mask = labels[index] == value
+                if mask.any():
+                    ax.contour(mask, levels=[0.5], colors=[plt.cm.tab10(value % 10)], linewidths=1)
+                    y, x = np.argwhere(mask).mean(0)
+                    ax.text(x + 25, y, f"L{value}", color="yellow", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{case}" if row == 0 else "", fontsize=8)
+        axes[row][0].set_ylabel(model.trainer, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(output / "t1w_levels.png", dpi=90)
+    (output / "t1w_levels.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {output / 't1w_levels.png'} and t1w_levels.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
