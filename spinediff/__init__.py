@@ -15,17 +15,17 @@ Each takes the same settings as its command (``spinediff COMMAND --help``), as k
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spinediff.paths import NNUNET_TRAINER_ENTRY
 from spinediff.version import __version__
 
 # nnU-Net finds trainers outside its own package through nnUNet_extTrainer (its predictor loads a model folder's
 # trainer class by name): point it at spinediff's entry folder too, so that a model of a spinediff trainer based on
 # nnU-Net's (nnUNetTrainerLevelContext) loads wherever nnU-Net's predictor runs in this process.
-_ENTRY = str(Path(__file__).resolve().parent / "training" / "nnunet_entry")
-if _ENTRY not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
-    os.environ["nnUNet_extTrainer"] = os.pathsep.join(p for p in (os.environ.get("nnUNet_extTrainer"), _ENTRY) if p)
+if NNUNET_TRAINER_ENTRY not in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep):
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(
+        p for p in (os.environ.get("nnUNet_extTrainer"), NNUNET_TRAINER_ENTRY) if p)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from spinediff.datasets.phantom_writer import write_phantom_datasets

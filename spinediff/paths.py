@@ -12,6 +12,10 @@ from pathlib import Path
 
 from spinediff.errors import SpineDiffError
 
+#: The folder nnU-Net's ``nnUNet_extTrainer`` must name for nnU-Net to find spinediff's trainers by class name (its
+#: predictor loads a model folder's trainer class so); ``import spinediff`` adds it to the variable.
+NNUNET_TRAINER_ENTRY = str(Path(__file__).resolve().parent / "training" / "nnunet_entry")
+
 _VARIABLES = {
     "raw": "nnUNet_raw",
     "preprocessed": "nnUNet_preprocessed",

@@ -102,10 +102,10 @@ def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT
                 f"-tr {candidate.trainer} -p {candidate.plans} -f {folds}"
                 + (" --save-probabilities" if probabilities else ""))
     # a spinediff trainer based on nnU-Net's (nnUNetTrainerLevelContext): nnU-Net finds it through nnUNet_extTrainer
-    from spinediff import _ENTRY
+    from spinediff.paths import NNUNET_TRAINER_ENTRY
     from spinediff.training.nnunet_entry import spinediff_trainers
 
-    prefix = f"nnUNet_extTrainer={_ENTRY} " if hasattr(spinediff_trainers, candidate.trainer) else ""
+    prefix = f"nnUNet_extTrainer={NNUNET_TRAINER_ENTRY} " if hasattr(spinediff_trainers, candidate.trainer) else ""
     return (f"{prefix}nnUNetv2_predict -i INPUT_FOLDER -o {output} -d {dataset_id} -c {candidate.configuration} "
             f"-tr {candidate.trainer} -p {candidate.plans} -f {folds}" + (" --save_probabilities" if probabilities
                                                                            else ""))
