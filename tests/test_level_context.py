@@ -124,3 +124,24 @@ def test_find_bests_command_points_nnunet_at_the_trainer(trainer, found_through_
         assert "nnUNetTrainerLevelContext" in (entry / "spinediff_trainers.py").read_text()
     else:
         assert command.startswith("nnUNetv2_predict ")
+
+
+def test_the_loss_is_nnunets_on_the_folded_classes_plus_the_auxiliary_cross_entropy():
+    """LevelContextLoss: nnU-Net's loss on the dataset's classes (auxiliary labels as background, output folded),
+    plus weight x the cross-entropy of all classes; in evaluation mode (an output already folded) nnU-Net's loss
+    alone."""
+    from spinediff.training.level_context import LevelContextLoss
+
+    def base(output, target):  # any loss of (logits, label map) lists, as nnU-Net's deep-supervision wrapper
+        return sum(torch.nn.functional.cross_entropy(o, t[:, 0].long()) for o, t in zip(output, target, strict=True))
+
+    torch.manual_seed(0)
+    outputs = [torch.randn(2, 8, 8, 6), torch.randn(2, 8, 4, 3)]
+    targets = [torch.randint(0, 8, (2, 1, 8, 6)), torch.randint(0, 8, (2, 1, 4, 3))]
+    plain = [torch.where(t >= 6, torch.zeros_like(t), t) for t in targets]
+    folded = [fold_context(o, 6) for o in outputs]
+    loss = LevelContextLoss(base, 6, 0.5)
+    auxiliary = torch.nn.functional.cross_entropy(outputs[0], targets[0][:, 0].long())
+    assert torch.allclose(loss(outputs, targets), base(folded, plain) + 0.5 * auxiliary)
+    assert torch.allclose(LevelContextLoss(base, 6, 0.0)(outputs, targets), base(folded, plain))
+    assert torch.allclose(loss(folded, plain), base(folded, plain))  # evaluation: no auxiliary term
