@@ -139,7 +139,7 @@ class Segmentation(Task):
     def benchmark_methods(self, tag):
         return [MethodSpec(f"nnU-Net {tag}", "nnUNetTrainer", baseline=True, nnunet=True),
                 # nnU-Net with the bodies beyond the first and last level as auxiliary classes (issue 34); opt-in:
-                # it collapsed at CPU budgets (documentation/results.md)
+                # no better than nnU-Net's trainer under the stress test at CPU budgets (documentation/results.md)
                 MethodSpec(f"nnU-Net + level context {tag}", "nnUNetTrainerLevelContext", nnunet=True,
                            needs_level_order=True, opt_in=True),
                 MethodSpec(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer"),

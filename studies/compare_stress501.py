@@ -2,7 +2,7 @@
 folds only (a model trained on fewer folds is compared on its own cases), from each model's
 ``stress_position.json`` (``spinediff benchmark --stress``).
 
-    python -m studies.compare_stress501 --folds 1 2 3 4 \\
+    python -m studies.compare_stress501 --folds 1,2,3,4 \\
         p0.2=OLD/nnUNetTrainer__nnUNetPlans__2d_cpu/stress_position.json \\
         context=$nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu/stress_position.json
 
@@ -29,13 +29,13 @@ def variant_means(record: dict, folds: set[str]) -> dict[str, list[float]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folds", nargs="+", required=True, help="folds whose validation cases are compared")
+    parser.add_argument("--folds", required=True, help="folds whose validation cases are compared, e.g. 1,2,3,4")
     parser.add_argument("records", nargs="+", metavar="NAME=stress_position.json")
     args = parser.parse_args(argv)
     models = {}
     for item in args.records:
         name, _, path = item.partition("=")
-        models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds))
+        models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds.split(",")))
     names = list(models)
     variants = list(models[names[0]])
     print("| variant | " + " | ".join(names) + " |")

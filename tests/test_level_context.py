@@ -98,7 +98,7 @@ def test_the_benchmark_offers_the_trainer_only_with_ordered_labels_and_on_reques
     methods = methods_for(get_task("segmentation"), ["2d_diffusion", "2d_cpu"], ("2d",), ordered)
     assert ("nnUNetTrainerLevelContext" in [m.trainer for m in methods]) is offered
     assert "nnUNetTrainer" in [m.trainer for m in methods]
-    # opt-in: not in the default set (it collapsed at CPU budgets), trained when --methods names it
+    # opt-in: not in the default set (no better under stress at CPU budgets), trained when --methods names it
     assert "nnUNetTrainerLevelContext" not in [m.trainer for m in select_methods(methods, None)]
     if offered:
         assert [m.trainer for m in select_methods(methods, ["nnUNetTrainerLevelContext"])] == [
