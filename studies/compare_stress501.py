@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     for item in args.records:
         name, _, path = item.partition("=")
+        if not Path(path).is_file():
+            print(f"{item}: no stress_position.json at {path!r} (give NAME=PATH).", file=sys.stderr)
+            return 2
         models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds.split(",")))
     names = list(models)
     variants = list(models[names[0]])

@@ -39,12 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
-    from spinediff.experiments.stress import StressSettings, _predict
+    from spinediff.experiments.stress import StressSettings, predict_postprocessed
     from spinediff.inference.models import ModelFolder
 
     images = Path(args.images)
     if not images.is_dir():
         print(f"{images} does not exist: pass the T1w images with -i.", file=sys.stderr)
+        return 2
+    from spinediff.errors import SpineDiffError
+
+    try:
+        models = [ModelFolder.open(Path(path)) for path in args.models]
+    except SpineDiffError as exc:
+        print(f"-m: {exc}", file=sys.stderr)
         return 2
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -52,14 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {"images": str(images), "models": {}}
     fig, axes = plt.subplots(len(args.models), len(cases), figsize=(2.6 * len(cases), 3.2 * len(args.models)),
                              squeeze=False)
-    for row, path in enumerate(args.models):
-        model = ModelFolder.open(Path(path))
+    for row, model in enumerate(models):
         folds = sorted(p.name.split("_", 1)[1] for p in model.path.glob("fold_*")
                        if (p / "checkpoint_final.pth").is_file())
         predicted = output / model.path.name
         if predicted.exists():
             shutil.rmtree(predicted)
-        _predict(StressSettings(device=args.device), model, folds, images, predicted)
+        predict_postprocessed(StressSettings(device=args.device), model, folds, images, predicted)
         found = record["models"][model.path.name] = {}
         for column, case in enumerate(cases):
             image = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))

@@ -312,9 +312,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     plans = SpineDiffPlans.read(preprocessed / name / f"{DEFAULT_PLANS}.json")
     dataset_json = read_json(preprocessed / name / "dataset.json")
     spec = task_spec(dataset_json)
-    from spinediff.training.level_context import levels_axis
-
-    ordered = tuple(c for c in plans.planned_names if levels_axis(plans.configuration(c).configuration) is not None)
+    ordered = tuple(c for c in plans.planned_names if plans.configuration(c).levels_axis is not None)
     offered = methods_for(spec.task, plans.planned_names, dims, ordered)
     methods = methods or select_methods(offered, method_names)
     if not methods:

@@ -109,7 +109,7 @@ def _cases_of_fold(preprocessed: Path, fold: str) -> list[str]:
     return list(splits[int(fold)]["val"])
 
 
-def _predict(settings: StressSettings, model, folds: list[str], inputs: Path, output: Path) -> None:
+def predict_postprocessed(settings: StressSettings, model, folds: list[str], inputs: Path, output: Path) -> None:
     """Predict ``inputs`` with ``folds`` of the model (a :class:`~spinediff.inference.models.ModelFolder`) into
     ``output``, its post-processing applied."""
     from spinediff.training.registry import is_spinediff_trainer
@@ -236,7 +236,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                         sitk.WriteImage(varied, str(inputs / f"{stem}_{int(c):04d}{ending}"), True)
                     truth[stem] = (case, name, sitk.GetArrayFromImage(cut))
             start = time.perf_counter()
-            _predict(settings, model, use_folds, inputs, predicted)
+            predict_postprocessed(settings, model, use_folds, inputs, predicted)
             seconds = time.perf_counter() - start
             numbering = {}
             summary = predicted / "prediction.json"

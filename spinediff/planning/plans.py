@@ -123,6 +123,12 @@ class PlannedConfiguration:
         return "diffusion" in self.configuration
 
     @property
+    def levels_axis(self) -> int | None:
+        """The patch axis the labels' levels follow (``augmentation.field_of_view.axis``, planned where the labels
+        keep an order along the spine), None without one."""
+        return ((self.configuration.get("augmentation") or {}).get("field_of_view") or {}).get("axis")
+
+    @property
     def is_derived(self) -> bool:
         """Made by :func:`derived_configurations` (another prediction type of a planned configuration)."""
         return DERIVED in self.configuration

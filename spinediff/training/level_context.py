@@ -30,6 +30,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from spinediff.errors import SpineDiffError
+from spinediff.planning.plans import PlannedConfiguration
 
 CUDA = torch.device("cuda")  # nnU-Net's default device argument
 #: The auxiliary classes, in the order of the network's extra output channels.
@@ -78,7 +79,7 @@ class LevelContextTransform(BasicTransform):
         return img
 
     def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> torch.Tensor:
-        seg = segmentation.numpy() if isinstance(segmentation, torch.Tensor) else np.asarray(segmentation)
+        seg = segmentation.numpy()
         out = seg.copy()
         out[0] = context_labels(seg[0], self.levels, self.below, self.above)
         return torch.as_tensor(out, dtype=segmentation.dtype)
@@ -140,15 +141,10 @@ class LevelContextLoss(nn.Module):
         return main + self.weight * self.cross_entropy(outputs[0], targets[0][:, 0].long())
 
 
-def levels_axis(configuration: dict) -> int | None:
-    """The patch axis the levels follow (the plans' ``augmentation.field_of_view.axis``), None without one."""
-    block = (configuration.get("augmentation") or {}).get("field_of_view") or {}
-    return block.get("axis")
-
-
 class nnUNetTrainerLevelContext(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of its trainer variants)
     """nnU-Net's trainer, its network learning the body below the last level and above the first as two auxiliary
-    classes (see the module docstring). Everything else (plans, schedule, augmentation, loss, exports) is
+    classes (see the module docstring). Its loss is nnU-Net's on the dataset's classes plus an auxiliary
+    cross-entropy (:class:`LevelContextLoss`); everything else (plans, schedule, augmentation, exports) is
     nnU-Net's."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -157,7 +153,8 @@ class nnUNetTrainerLevelContext(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming 
         if self.label_manager.has_regions:
             raise SpineDiffError(f"{type(self).__name__} trains labels, not regions (dataset.json).")
         self.levels = sorted(int(v) for v in self.label_manager.foreground_labels)
-        if len(self.levels) < 2 or levels_axis(self.configuration_manager.configuration) is None:
+        planned = PlannedConfiguration(configuration, self.configuration_manager, "plans")
+        if len(self.levels) < 2 or planned.levels_axis is None:
             raise SpineDiffError(
                 f"{type(self).__name__} needs labels with an order along the spine (at least two, and the plans' "
                 f"augmentation.field_of_view block from `spinediff plan`); configuration {configuration!r} has none. "
