@@ -303,6 +303,15 @@ def read_voxels_verified(path: str | os.PathLike, image: sitk.Image) -> np.ndarr
                              "Re-export or re-copy it.") from exc
 
 
+def write_probabilities(probabilities, target: str | os.PathLike) -> None:
+    """Class probabilities ``(C, *shape)`` as ``CASE.npz`` (array ``probabilities``, float32: the layout of nnU-Net's
+    ``--save_probabilities``), written atomically."""
+    import numpy as np
+
+    with atomic_path(target) as tmp:
+        np.savez_compressed(tmp, probabilities=np.asarray(probabilities, dtype=np.float32))
+
+
 def write_image(image: sitk.Image, target: str | os.PathLike, compress: bool = True) -> None:
     """Write an image atomically; it is read back before it takes its name (SimpleITK misses short writes)."""
     with atomic_path(target) as tmp:

@@ -92,6 +92,8 @@ def dataset_name_from_id(dataset_id: int, name: str) -> str:
 
 #: nnU-Net's default plans identifier.
 DEFAULT_PLANS = "nnUNetPlans"
+#: A model folder's post-processing decision, kept by its cross-validation (spinediff find_best / benchmark).
+POSTPROCESSING_FILE = "postprocessing.json"
 
 
 def model_folder_name(trainer: str, configuration: str, plans: str = DEFAULT_PLANS) -> str:

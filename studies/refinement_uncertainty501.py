@@ -10,8 +10,10 @@ inference seconds per case from the benchmark's timing (the refiner's includes n
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...   # after spinediff benchmark -d 501 --methods
     python -m studies.refinement_uncertainty501 -o OUT                 #   nnUNetTrainer DiffusionRefinementTrainer
 
-Writes OUT/results.json and OUT/results.md. The 3-model nnU-Net ensemble the issue names is
-``python -m studies.uncertainty_cv501 --members 3`` (it trains two more nnU-Net models per fold).
+Writes OUT/results.json and OUT/results.md. ``--members 3`` adds the issue's comparison, an ensemble of three nnU-Net
+models per fold (the benchmark's and two more trained with other seeds at the same plans' budget: ``python -m
+studies.uncertainty_cv501 --train-member M`` with ``nnUNet_results`` at ``ensemble_members/memberM``, or
+``--members 3`` of that study, which trains them side by side); its time per case is the sum of its members'.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from studies.uncertainty_cv501 import NAME, dataset_folders, markdown, method_summary, read_array
+from studies.uncertainty_cv501 import (
+    NAME,
+    dataset_folders,
+    ensemble_fold,
+    markdown,
+    member_root,
+    method_summary,
+    read_array,
+)
 
 MODELS = {"nnU-Net": "nnUNetTrainer__nnUNetPlans__2d_cpu",
           "nnU-Net + diffusion refinement": "DiffusionRefinementTrainer__nnUNetPlans__2d_diffusion"}
@@ -31,6 +41,8 @@ MODELS = {"nnU-Net": "nnUNetTrainer__nnUNetPlans__2d_cpu",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", required=True, help="folder for results.json and results.md")
+    parser.add_argument("--members", type=int, default=1,
+                        help="also score the ensemble of this many nnU-Net models per fold (already trained)")
     args = parser.parse_args(argv)
     from spinediff.io import read_json, write_json, write_text
 
@@ -38,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if folders is None:
         return 0
     raw, results_root, splits = folders
+    if args.members > 1:
+        missing = [str(member_root(results_root, m)) for m in range(1, args.members)
+                   if not all((member_root(results_root, m) / NAME / MODELS["nnU-Net"] / f"fold_{f}" / "validation"
+                               ).is_dir() for f in range(len(splits)))]
+        if missing:
+            print(f"--members {args.members}: no finished members in {', '.join(missing)}; train them first "
+                  "(python -m studies.uncertainty_cv501 --members N)", file=sys.stderr)
+            return 2
     labels = {case: read_array(raw / "labelsTr" / f"{case}.nii.gz") for split in splits for case in split["val"]}
     methods = {}
     for method, model in MODELS.items():
@@ -55,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         methods[method] = dict(method_summary(lambda fold, folder=folder: folder / f"fold_{fold}" / "validation",
                                               splits, labels),
                                seconds_per_case=float(np.mean(seconds)) if seconds else None)
+    if args.members > 1:
+        ensembles = [ensemble_fold(fold, args.members, results_root) for fold in range(len(splits))]
+        seconds = [s for _, s in ensembles if s is not None]
+        methods[f"nnU-Net, {args.members} models"] = dict(
+            method_summary(lambda fold: ensembles[fold][0], splits, labels),
+            seconds_per_case=float(np.mean(seconds)) if seconds else None)
     results = {"dataset": NAME, "methods": methods, "command": "python -m studies.refinement_uncertainty501 "
                                                                 + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.output)

@@ -156,3 +156,69 @@ def test_determine_prefers_the_probability_foreground_when_it_recovers_voxels(tm
     assert restored.needs_probabilities and restored.channel_labels == (0, 1, 2, 3, 4, 5)
     with pytest.raises(Exception, match="probabilities"):
         restored.apply(spine(), image_of(spine()))  # without them it says what to do
+
+
+def _answer(truth: np.ndarray, shift: int) -> np.ndarray:
+    """Probabilities of a network that numbered every vertebra ``shift`` levels too high (L2 called L1, ...), with
+    0.8 on its level, 0.1 on the level below it and 0.1 background inside the vertebrae, and a faint 0.3 of its
+    level in a one-voxel rim around each of them."""
+    probabilities = np.zeros((6, *truth.shape), np.float32)
+    probabilities[0] = 1.0
+    for level in range(1, 6):
+        inside = truth == level
+        called = level - shift
+        if not 1 <= called <= 5:  # a level outside L1..L5: left as background
+            continue
+        rim = (np.roll(inside, 1, axis=2) | np.roll(inside, -1, axis=2)) & ~inside & (truth == 0)
+        probabilities[:, rim] = 0.0
+        probabilities[0, rim], probabilities[called, rim] = 0.7, 0.3
+        probabilities[:, inside] = 0.0
+        probabilities[0, inside], probabilities[called, inside] = 0.1, 0.8
+        probabilities[min(called + 1, 5), inside] += 0.1
+    return probabilities
+
+
+def test_renumbered_probabilities_follow_the_numbering_and_keep_the_vertebra_probability(order):
+    """The numbering moves each vertebra's level (L1 called on L2 → L2); the probabilities follow it: the summed
+    level probability stays the network's in every voxel, all of it on the new label (inside and on the rim beside
+    it), and an argmax of the result gives the numbered map."""
+    from spinediff.inference.postprocessing import grouped_argmax, renumbered_probabilities
+
+    truth = spine()
+    truth[truth == 1] = 0  # L1 outside the field of view: the network calls L2..L5 "L1..L4"
+    probabilities = _answer(truth, shift=1)
+    numbered = truth.copy()  # what a correct numbering returns
+    result = renumbered_probabilities(probabilities, numbered, (1, 2, 3, 4, 5), spacing=(3.0, 2.0, 1.0))
+    assert np.allclose(result[1:].sum(0), probabilities[1:].sum(0), atol=1e-6)
+    assert np.allclose(result[0], probabilities[0])
+    assert np.allclose(result.sum(0), 1.0, atol=1e-6)
+    for level in range(2, 6):
+        assert np.allclose(result[level][truth == level], 0.9)  # 0.8 + 0.1, on the level the numbering chose
+        rim = (np.roll(truth == level, 1, axis=2) & (truth == 0))
+        assert np.allclose(result[level][rim], 0.3)
+    assert grouped_argmax(result, (1, 2, 3, 4, 5)).tolist() == numbered.tolist()
+    # a vertebra the numbering removed gives its level probability to background
+    removed = numbered.copy()
+    removed[truth == 5] = 0
+    dropped = renumbered_probabilities(probabilities, removed, (1, 2, 3, 4, 5))
+    assert np.allclose(dropped[0][truth == 5], 1.0) and np.allclose(dropped[1:, truth == 5], 0.0)
+    with pytest.raises(Exception, match="different grids"):
+        renumbered_probabilities(probabilities, numbered[:, :10], (1, 2, 3, 4, 5))
+
+
+def test_apply_to_answer_renumbers_a_shifted_answer_and_leaves_a_right_one_untouched(order):
+    from spinediff.inference.postprocessing import grouped_argmax
+
+    decision = Postprocessing(order, foreground="probabilities")
+    truth = spine()
+    right = _answer(truth, shift=0)
+    labels, probabilities, report = decision.apply_to_answer(truth, image_of(truth), right)
+    assert probabilities is right and labels.tolist() == truth.tolist() and report is not None
+    # a scan cut through L1 (top open) with room below L5 (bottom closed), L2..L5 called "L1..L4": the numbering
+    # moves them back, and the probabilities with them
+    cut = spine(shape=(10, 80, 20))[:, 12:]
+    shifted = _answer(cut, shift=1)
+    labels, probabilities, _ = decision.apply_to_answer(grouped_argmax(shifted, order.labels), image_of(cut), shifted)
+    assert labels.tolist() == cut.tolist()
+    assert probabilities is not shifted
+    assert grouped_argmax(probabilities, order.labels).tolist() == cut.tolist()

@@ -458,3 +458,50 @@ def test_cross_validation_combines_the_samples_as_spinesegdiff_on_request(refine
     assert "combined as SpineSegDiff does" in (tmp_path / "spinesegdiff" / "benchmark.md").read_text()
     with nnunet_folders(refined["base"] / "raw", refined["base"]), pytest.raises(SpineDiffError, match="--combine"):
         train(901, "2d_cpu", 1, "nnUNetTrainer", TrainingOptions(epochs=1, combine="spinesegdiff"))
+
+
+def test_refiner_starts_from_nnunets_numbered_answers_when_its_postprocessing_keeps_the_numbering(refined, tmp_path):
+    """When nnU-Net's postprocessing.json keeps a level numbering, the refiner's cross-validation starts from nnU-Net's
+    answers after it (fold_0/validation_postprocessed), which it refuses to guess when absent; the benchmark writes
+    them (labels and probabilities that agree, nnU-Net's .pkl beside them), keeping the decision that is there;
+    ``spinediff postprocess --save-probabilities`` refuses inputs without probabilities (exit 2, nothing written)."""
+    import json
+
+    from spinediff.cli import main
+    from spinediff.experiments.benchmark import postprocessed_answers
+    from spinediff.experiments.folds import Method
+    from spinediff.inference.postprocessing import grouped_argmax
+    from spinediff.training.api import build_trainer
+
+    folder = refined["nnunet"].parent
+    labels = sorted(v for v in json.loads((refined["raw"] / "dataset.json").read_text())["labels"].values() if v)
+    decision = {"level_order": {"labels": labels, "direction": [0.0, 0.0, 1.0]}, "foreground": "probabilities",
+                "channel_labels": [0, *labels]}
+    (folder / "postprocessing.json").write_text(json.dumps(decision))
+    numbered = refined["nnunet"] / "validation_postprocessed"
+    try:
+        with nnunet_folders(refined["base"] / "raw", refined["base"]):
+            trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionRefinementTrainer", device="cpu")
+            assert trainer.initial_answers_folder() == numbered
+            with pytest.raises(SpineDiffError, match="spinediff postprocess"):
+                trainer.check_initial_answers()
+            postprocessed_answers(Method("nnU-Net 2D", "nnUNetTrainer", "2d_cpu", baseline=True), [0],
+                                  refined["base"] / "results" / SEG, refined["raw"], labels)
+            assert json.loads((folder / "postprocessing.json").read_text()) == decision  # kept, not re-decided
+            cases = sorted(p.name[:-4] for p in (refined["nnunet"] / "validation").glob("*.npz"))
+            assert cases and sorted(p.name[:-4] for p in numbered.glob("*.npz")) == cases
+            for case in cases:
+                assert (numbered / f"{case}.pkl").is_file()
+                written = sitk.GetArrayFromImage(sitk.ReadImage(str(numbered / f"{case}.nii.gz")))
+                probabilities = np.load(numbered / f"{case}.npz")["probabilities"]
+                assert grouped_argmax(probabilities, labels).tolist() == written.tolist()
+            assert trainer.check_initial_answers().path == numbered
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        shutil.copy(refined["nnunet"] / "validation" / f"{cases[0]}.nii.gz", bare)
+        assert main(["postprocess", "-i", str(bare), "-o", str(tmp_path / "out"), "-m", str(folder),
+                     "--save-probabilities"]) == 2
+        assert not (tmp_path / "out").exists()
+    finally:
+        (folder / "postprocessing.json").unlink()
+        shutil.rmtree(numbered, ignore_errors=True)

@@ -161,6 +161,33 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
                 result.per_case[case][f"dice_pp_{label}"] = value
 
 
+def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw: Path, labels: list[int]) -> None:
+    """Before its refiners validate: the initial model's post-processing decided on its cross-validation (as
+    :func:`score_postprocessing` and ``find_best`` decide it) and, when one is kept, each fold's validation answers
+    post-processed with probabilities that agree with it, into ``fold_F/validation_postprocessed``: a refiner starts
+    from the answers a user of the initial model gets (``DiffusionRefinementTrainer.initial_answers_folder``)."""
+    from spinediff.inference.postprocess_command import postprocess_folder
+    from spinediff.inference.postprocessing import (
+        Postprocessing,
+        determine_postprocessing,
+        validation_pairs,
+        write_decision,
+    )
+    from spinediff.training.refinement import POSTPROCESSED_ANSWERS
+
+    folder = results_root / initial.folder_name
+    decision, _ = determine_postprocessing(validation_pairs(folder, [str(f) for f in folds], raw), labels)
+    write_decision(decision.to_dict(), folder)  # an existing decision is kept, and used below
+    if not Postprocessing.load(folder).active:
+        return
+    print(f"[benchmark] {initial.name}: its cross-validation keeps the level numbering; its refiners start from its "
+          "answers numbered", flush=True)
+    for fold in folds:
+        fold_folder = folder / f"fold_{fold}"
+        postprocess_folder(fold_folder / "validation", fold_folder / POSTPROCESSED_ANSWERS, folder, overwrite=True,
+                           progress=False, save_probabilities=True)
+
+
 def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, options) -> None:
     """The stress test of every method's folds (``spinediff benchmark --stress``), with the validation's sampling
     settings; adds ``dice_stress`` and ``dice_stress_worst`` to its row."""
@@ -381,8 +408,12 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         # a refiner validates from its initial model's fold exports (nnU-Net's, the regression's): refiners run in a
         # second wave, after every fold of the initial model is trained and validated
         refiners = [m for m in methods if m.name in initials]
+        labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
         timings = {}
         for wave in ([m for m in methods if m not in refiners], refiners):
+            if wave is refiners and refiners and spec.task.writes_labels:  # refiners start after its post-processing
+                for initial in {m.name: m for m in initials.values()}.values():
+                    postprocessed_answers(initial, folds, results / name, raw, labels)
             jobs = [(method, fold) for fold in folds for method in wave]
             timings.update(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers)
                                if jobs else [], strict=True))
@@ -396,7 +427,6 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                     "inference_seconds_per_case"]
             score_method(result, results / name, reference, spec.task, data_range, masks)
             if spec.task.writes_labels:
-                labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
                 score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
             outcomes.append(result)
         if stress:

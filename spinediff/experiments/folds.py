@@ -88,18 +88,21 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
     timing_file = folder / "benchmark_timing.json"
     # segmentation keeps the class probabilities: the post-processing may form its foreground from them
     task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
-    combine = getattr(trainer, "combine", None)  # a refinement model's combination of its samples (--combine)
+    # a refinement model's validation settings (how it combines its samples, which answers it starts from)
+    settings = trainer.validation_settings() if hasattr(trainer, "validation_settings") else None
     if reuse and done and timing_file.is_file():
         timing = read_json(timing_file)
-        if combine is None or timing.get("combine", "mean") == combine:
+        before = {k: timing.get(k, trainer.validation_setting_defaults.get(k)) for k in settings or {}}
+        if settings is None or before == settings:
             return timing
-        # validated with the other combination of the samples: validate again, keep the training's record
+        # validated with other settings: validate again, keep the training's record
         maybe_load_checkpoint(trainer, False, True)
-        report(f"validating again, samples combined by {combine} (was {timing.get('combine', 'mean')})")
+        changed = ", ".join(f"{k} {settings[k]} (was {before[k]})" for k in settings if before[k] != settings[k])
+        report(f"validating again: {changed}")
         start = time.perf_counter()
         trainer.perform_actual_validation(task.writes_labels)
         timing.update(inference_seconds_per_case=(time.perf_counter() - start) / max(1, len(trainer.do_split()[1])),
-                      network_evaluations_per_window=_network_evaluations(trainer), combine=combine)
+                      network_evaluations_per_window=_network_evaluations(trainer), **settings)
         write_json(timing, timing_file)
         return timing
     schedule = {}
@@ -127,8 +130,8 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
               "budget_seconds": budget, "refits": schedule.get("refits", []),
               "inference_seconds_per_case": (time.perf_counter() - start) / n_val,
               "network_evaluations_per_window": _network_evaluations(trainer)}
-    if combine is not None:
-        timing["combine"] = combine
+    if settings is not None:
+        timing.update(settings)
     write_json(timing, timing_file)
     return timing
 

@@ -125,10 +125,12 @@ def _tune(folder, configuration: str, trainer: str, folds: Sequence[int | str] |
         predictor = SpineDiffPredictor(folder, [fold], device=device)
         if refinement:  # the same fold's initial answers: its initial model never saw these cases
             from spinediff.inference.refinement import RefiningPredictor
+            from spinediff.training.refinement import initial_exports
             from spinediff.utilities.initial_answer import InitialAnswerFolder
 
-            answers = InitialAnswerFolder.open(folder.path.parent / refinement["init_model"] / f"fold_{fold}"
-                                               / "validation", folder.dataset_json["file_ending"])
+            # numbered where the initial model's cross-validation keeps its level numbering, as the trainer's
+            answers = InitialAnswerFolder.open(initial_exports(folder.path.parent / refinement["init_model"], fold),
+                                               folder.dataset_json["file_ending"])
             answers.check_cases(list(splits[int(fold)]["val"])[:max_cases])
             predictor = RefiningPredictor(folder, [fold], {fold: answers}, refinement.get("refine_from", 0.3),
                                           device=device)

@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, read_run_summary, split_ending
-from spinediff.io import atomic_path, ensure_writable_folder, read_image, write_image, write_json
+from spinediff.io import ensure_writable_folder, read_image, write_image, write_json, write_probabilities
 from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.tasks import SEGMENTATION, Task, get_task
 from spinediff.utilities.geometry import same_geometry
@@ -187,8 +187,7 @@ def _ensemble_probabilities(paths: list[Path], target: Path, save_probabilities:
     result.CopyInformation(references[0])
     write_image(result, target)
     if save_probabilities:
-        with atomic_path(target.with_name(f"{split_ending(target.name)[0]}.npz")) as tmp:
-            np.savez_compressed(tmp, probabilities=mean.astype(np.float32))
+        write_probabilities(mean, target.with_name(f"{split_ending(target.name)[0]}.npz"))
     if save_uncertainty:
         stem, ending = split_ending(target.name)
         disagreement = np.clip(_entropy(mean) - entropy_sum / len(paths), 0, None).astype(np.float32)

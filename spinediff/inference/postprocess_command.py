@@ -12,7 +12,16 @@ from tqdm import tqdm
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
 from spinediff.inference.review import NUMBERING_THRESHOLD
-from spinediff.io import ensure_writable_folder, read_image, read_json, read_voxels_verified, write_image, write_json
+from spinediff.io import (
+    copy_file,
+    ensure_writable_folder,
+    read_image,
+    read_json,
+    read_voxels_verified,
+    write_image,
+    write_json,
+    write_probabilities,
+)
 from spinediff.utilities.argtypes import existing_folder
 from spinediff.utilities.lock import folder_lock
 
@@ -21,8 +30,11 @@ NUMBERING_FILE = "level_numbering.json"
 
 
 def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Path, overwrite: bool = False,
-                       progress: bool = True) -> int:
-    """Write every segmentation of ``input_folder`` post-processed into ``output_folder``; returns the count."""
+                       progress: bool = True, save_probabilities: bool = False) -> int:
+    """Write every segmentation of ``input_folder`` post-processed into ``output_folder``; returns the count.
+    ``save_probabilities``: each case's ``CASE.npz`` too, its probabilities made to agree with the new numbering
+    (:meth:`Postprocessing.apply_to_answer`), and nnU-Net's ``CASE.pkl`` copied beside it: an answer that a
+    refinement model (``spinediff predict --init-from``) can start from."""
     import SimpleITK as sitk
 
     decision_file = model_folder / POSTPROCESSING_FILE
@@ -39,9 +51,12 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
         raise SpineDiffError(f"No segmentation ({', '.join(ENDINGS)}) in {input_folder}.")
     for path in files:  # every input checked before anything is written
         read_voxels_verified(path, read_image(path))
-        if decision.needs_probabilities and not _probabilities_of(path).is_file():
+        if (decision.needs_probabilities or save_probabilities) and not _probabilities_of(path).is_file():
             raise SpineDiffError(f"{_probabilities_of(path)} is missing: this model's post-processing forms the "
                                  "foreground from class probabilities. Predict with probabilities (nnUNetv2_predict "
+                                 "--save_probabilities or spinediff predict --save-probabilities)."
+                                 if not save_probabilities else "--save-probabilities writes each case's "
+                                 "probabilities post-processed, so it needs them beside every input (nnUNetv2_predict "
                                  "--save_probabilities or spinediff predict --save-probabilities).")
     ensure_writable_folder(output_folder, create=False)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
@@ -53,14 +68,25 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
         for path in tqdm(files, desc="postprocess", unit="case", disable=not progress):
             image = read_image(path)
             array = sitk.GetArrayFromImage(image)
-            probabilities = load_probabilities(_probabilities_of(path)) if decision.needs_probabilities else None
-            changed, report = decision.apply_with_report(array, image, probabilities) \
-                if image.GetDimension() == 3 else (array, None)
+            needed = decision.needs_probabilities or save_probabilities
+            probabilities = load_probabilities(_probabilities_of(path)) if needed else None
+            report = None
+            if image.GetDimension() != 3:
+                changed = array
+            elif save_probabilities:
+                changed, probabilities, report = decision.apply_to_answer(array, image, probabilities)
+            else:
+                changed, report = decision.apply_with_report(array, image, probabilities)
             if report is not None:
                 reports[path.name] = report
             out = sitk.GetImageFromArray(np.asarray(changed).astype(array.dtype))
             out.CopyInformation(image)
             write_image(out, output_folder / path.name)
+            if save_probabilities:
+                write_probabilities(probabilities, _probabilities_of(output_folder / path.name))
+                properties = _probabilities_of(path).with_suffix(".pkl")
+                if properties.is_file():
+                    copy_file(properties, _probabilities_of(output_folder / path.name).with_suffix(".pkl"))
         if reports:  # each case's level numbering: levels found and missing, the field of view, the confidence
             low = sorted(c for c, r in reports.items() if r.get("confidence", 1.0) < NUMBERING_THRESHOLD)
             write_json({"cases": reports, "low_confidence": low}, output_folder / NUMBERING_FILE)
@@ -73,7 +99,8 @@ def _probabilities_of(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    count = postprocess_folder(Path(args.input), Path(args.output), Path(args.model), args.overwrite)
+    count = postprocess_folder(Path(args.input), Path(args.output), Path(args.model), args.overwrite,
+                               save_probabilities=args.save_probabilities)
     decision = Postprocessing.load(Path(args.model))
     what = "level numbering by anatomical order" if decision.active else "nothing (it did not improve the " \
                                                                           "cross-validation; files copied)"
@@ -99,5 +126,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder (created; inputs are never replaced)")
     parser.add_argument("-m", "--model", required=True, type=existing_folder,
                         help="the model folder TRAINER__PLANS__CONFIG that holds postprocessing.json")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write each case's class probabilities (CASE.npz, and nnU-Net's CASE.pkl copied), "
+                             "made to agree with the new level numbering: the answer a refinement model starts from "
+                             "(spinediff predict --init-from OUTPUT). Needs CASE.npz beside every input")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=run)

@@ -24,9 +24,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.level_order import LevelOrder, label_centroids, learn_order, renumber_with_report
 from spinediff.io import read_json, write_json
 from spinediff.metrics.segmentation_metrics import case_dice, pooled_foreground_dice
-
-POSTPROCESSING_FILE = "postprocessing.json"
-
+from spinediff.paths import POSTPROCESSING_FILE
 
 #: How the foreground is formed before the numbering: each voxel's most likely label, or (with class
 #: probabilities) the ordered labels taken together, so that a vertebra whose level the network is unsure of
@@ -73,6 +71,22 @@ class Postprocessing:
                                      "predict with probabilities (nnUNetv2_predict --save_probabilities).")
             segmentation = grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
         return renumber_with_report(np.asarray(segmentation), geometry, self.level_order)
+
+    def apply_to_answer(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+        """:meth:`apply_with_report` for an answer with its class probabilities ``(C, *shape)``, and probabilities
+        that agree with the post-processed labels (:func:`renumbered_probabilities`; unchanged where the numbering
+        changed no voxel), so that a model that refines the answer (``DiffusionRefinementTrainer``) starts from the
+        numbering the post-processing chose rather than the network's."""
+        numbered, report = self.apply_with_report(segmentation, geometry, probabilities)
+        if self.level_order is None:
+            return numbered, probabilities, report
+        before = (grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
+                  if self.needs_probabilities else np.asarray(segmentation))
+        if np.array_equal(np.asarray(numbered), before):
+            return numbered, probabilities, report
+        return numbered, renumbered_probabilities(probabilities, numbered, self.level_order.labels,
+                                                  self.channel_labels, geometry.GetSpacing()[::-1]), report
 
     def to_dict(self) -> dict[str, Any]:
         return {"level_order": self.level_order.to_dict() if self.level_order else None,
@@ -136,6 +150,46 @@ def grouped_argmax(probabilities: np.ndarray, group: Sequence[int], channel_labe
     best_in_group = channel_labels[inside][np.argmax(probabilities[inside], axis=0)]
     won = summed > np.max(probabilities[~inside], axis=0)
     return np.where(won, best_in_group, best_other).astype(np.int32)
+
+
+def renumbered_probabilities(probabilities: np.ndarray, numbered: np.ndarray, group: Sequence[int],
+                             channel_labels: Sequence[int] | None = None, spacing: Sequence[float] | None = None
+                             ) -> np.ndarray:
+    """Class probabilities ``(C, *shape)`` made to agree with the label map ``numbered`` (the level numbering's
+    output): in every voxel the summed probability of the ``group`` labels (L1..L5 taken together) is kept and given
+    to one of them, the voxel's label in ``numbered`` where it has one of the group, else the label of the nearest
+    voxel that has (distances in mm with ``spacing``, the array's axis order); a vertebra the numbering removed
+    (its label set to background) gives its share to background. The other channels are left as they are, so the
+    probability of "a vertebra here" is the network's and only its level is the numbering's."""
+    from scipy import ndimage
+
+    values = np.array(probabilities, dtype=np.float32, copy=True)
+    channel_labels = np.asarray(channel_labels if channel_labels is not None else range(values.shape[0]))
+    if len(channel_labels) != values.shape[0]:
+        raise SpineDiffError(f"The probabilities have {values.shape[0]} channels, the model {len(channel_labels)} "
+                             "labels: they belong to another model.")
+    numbered = np.asarray(numbered)
+    if numbered.shape != values.shape[1:]:
+        raise SpineDiffError(f"The label map {numbered.shape} and the probabilities {values.shape[1:]} lie on "
+                             "different grids.")
+    inside = np.isin(channel_labels, list(group))
+    summed = values[inside].sum(axis=0)
+    values[inside] = 0.0
+    level = np.isin(numbered, list(group))
+    if not level.any():  # every vertebra removed: their share goes to background
+        values[int(np.flatnonzero(channel_labels == 0)[0]) if (channel_labels == 0).any() else 0] += summed
+        return values
+    _, nearest = ndimage.distance_transform_edt(~level, sampling=spacing, return_indices=True)
+    target = numbered[tuple(nearest)]  # each voxel's label of the group: its own, else the nearest numbered one's
+    removed = (~level) & np.isin(numbered, [0]) & (summed > 0.5)  # a voxel the numbering set to background
+    channel_of = {int(label): index for index, label in enumerate(channel_labels)}
+    for label in group:
+        where = (target == label) & ~removed
+        if int(label) in channel_of:
+            values[channel_of[int(label)]][where] = summed[where]
+    if removed.any() and 0 in channel_of:
+        values[channel_of[0]][removed] += summed[removed]
+    return values
 
 
 def load_probabilities(path: Path) -> np.ndarray:

@@ -82,10 +82,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     refine.add_argument("--init-from", metavar="FOLDER", type=existing_folder,
                         help="start every fold from these predictions instead of pure noise: CASE.npz class "
                              "probabilities (nnUNetv2_predict --save_probabilities, spinediff predict "
-                             "--save-probabilities) or CASE label maps / target images")
+                             "--save-probabilities) or CASE label maps / target images, used as they are (to start "
+                             "from an nnU-Net answer after its level numbering, as --init-model does, write it with "
+                             "spinediff postprocess --save-probabilities)")
     refine.add_argument("--init-model", metavar="TRAINER__PLANS__CONFIG",
                         help="predict this model of the same dataset first, fold by fold (fold f starts from its fold "
-                             "f), then refine; default for a DiffusionRefinementTrainer model: its refinement.json")
+                             "f), after that model's post-processing where its postprocessing.json keeps one, then "
+                             "refine; default for a DiffusionRefinementTrainer model: its refinement.json")
     refine.add_argument("--init-noise", type=float, metavar="F",
                         help="noise the initial answer to F x T before denoising (0: the answer itself; default: the "
                              "model's tuned sampling.json, its refinement.json, the plans' warm_start, else 0.3)")

@@ -28,7 +28,13 @@ from spinediff.inference.predictor import SpineDiffPredictor
 from spinediff.paths import split_model_folder_name
 from spinediff.prediction.core import CaseOutputs, add_members, new_statistics
 from spinediff.prediction.statistics import EnsembleStatistics, masked_mean
-from spinediff.training.refinement import DEFAULT_REFINE_FROM, initial_estimate, read_refinement, refine_answer
+from spinediff.training.refinement import (
+    DEFAULT_REFINE_FROM,
+    answers_after_postprocessing,
+    initial_estimate,
+    read_refinement,
+    refine_answer,
+)
 from spinediff.utilities.export import write_image_like_raw
 from spinediff.utilities.initial_answer import InitialAnswerFolder
 from spinediff.utilities.seeds import fold_seed
@@ -169,7 +175,9 @@ def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str
                             work: Path, device: torch.device, spinediff_predict=None) -> dict[str, InitialAnswerFolder]:
     """Predict every case with each fold of the initial model into ``work/fold_F`` (probabilities kept): nnU-Net's
     trainers with nnunetv2's predictor, spinediff's with ``spinediff_predict`` (:func:`spinediff.inference.api.predict`,
-    given by the caller)."""
+    given by the caller). When the initial model's cross-validation kept a post-processing (its
+    ``postprocessing.json``), its answers are post-processed into ``work/fold_F_postprocessed`` with probabilities
+    that agree with it, and refined from there (as its cross-validation refines them)."""
     from spinediff.training.registry import is_spinediff_trainer
 
     trainer, plans, configuration = split_model_folder_name(init_folder.name)
@@ -196,6 +204,12 @@ def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str
                                                            checkpoint_name="checkpoint_final.pth")
             predictor.predict_from_files(str(input_folder), str(out), save_probabilities=True, overwrite=True,
                                          num_processes_preprocessing=1, num_processes_segmentation_export=1)
+        if answers_after_postprocessing(init_folder):  # the numbering a user of the initial model gets
+            from spinediff.inference.postprocess_command import postprocess_folder
+
+            numbered = work / f"fold_{fold}_postprocessed"
+            postprocess_folder(out, numbered, init_folder, overwrite=True, progress=False, save_probabilities=True)
+            out = numbered
         answers[str(fold)] = InitialAnswerFolder.open(out, predictor_ending(init_folder))
     return answers
 

@@ -31,7 +31,7 @@ from torch import nn
 from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.diffusion.volume import VolumePredictor
-from spinediff.io import atomic_path
+from spinediff.io import atomic_path, write_probabilities
 from spinediff.metrics.case_uncertainty import case_scores
 from spinediff.metrics.image_metrics import BODY_THRESHOLD_HU
 from spinediff.prediction.sampling import SamplingSettings
@@ -215,8 +215,7 @@ class CaseExporter:
         with atomic_path(outputs.predictions[0]) as tmp:
             writer.write_seg(np.asarray(segmentation), str(tmp), properties)
         if outputs.probabilities is not None:
-            with atomic_path(outputs.probabilities) as tmp:
-                np.savez_compressed(tmp, probabilities=np.asarray(probabilities, dtype=np.float32))
+            write_probabilities(probabilities, outputs.probabilities)
         if outputs.properties is not None:
             with atomic_path(outputs.properties) as tmp, open(tmp, "wb") as handle:
                 pickle.dump(properties, handle)

@@ -37,7 +37,7 @@ import torch
 from spinediff.diffusion.refinement import check_fraction, refine, refine_volume
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
-from spinediff.paths import DEFAULT_PLANS, model_folder_name, split_model_folder_name
+from spinediff.paths import DEFAULT_PLANS, POSTPROCESSING_FILE, model_folder_name, split_model_folder_name
 from spinediff.prediction.core import FoldModel
 from spinediff.prediction.sampling import SamplingSettings
 from spinediff.tasks import Segmentation, Translation
@@ -48,6 +48,9 @@ from spinediff.utilities.initial_answer import InitialAnswerFolder, raw_shape, t
 from spinediff.utilities.precision import as_float32, autocast
 
 REFINEMENT_FILE = "refinement.json"
+#: A fold's validation answers after its model's post-processing, with probabilities that agree with it (written by
+#: ``spinediff postprocess --save-probabilities``): what a refiner of that model's answers starts from.
+POSTPROCESSED_ANSWERS = "validation_postprocessed"
 #: Residual refinement: the residual (target - initial answer, network units) is divided by this so that it fits the
 #: x0 range [-1, 1] that the solvers clip to (0.25 units = 1/8 of the target's range: larger residuals saturate).
 RESIDUAL_SCALE = 0.25
@@ -144,14 +147,22 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
 
     # ------------------------------------------------------------------ initial answers
     def initial_answers_folder(self) -> Path:
-        """The same fold's validation export of the initial model (it never saw these cases)."""
+        """The same fold's validation export of the initial model (it never saw these cases): after the initial
+        model's post-processing (``validation_postprocessed``, :func:`answers_after_postprocessing`) when its
+        cross-validation kept one, as a user of that model gets its answers; else as exported."""
         if split_model_folder_name(self.init_model) is None:
             raise SpineDiffError(f"init model {self.init_model!r} is not TRAINER__PLANS__CONFIG")
-        return Path(self.output_folder_base).parent / self.init_model / f"fold_{self.fold}" / "validation"
+        return initial_exports(Path(self.output_folder_base).parent / self.init_model, self.fold)
 
     def check_initial_answers(self) -> InitialAnswerFolder:
         folder = self.initial_answers_folder()
         trainer, plans, configuration = split_model_folder_name(self.init_model)
+        if not folder.is_dir() and folder.name == POSTPROCESSED_ANSWERS:
+            raise SpineDiffError(
+                f"{type(self).__name__} fold {self.fold} refines the answers of {self.init_model} fold {self.fold} "
+                f"after that model's post-processing ({folder.parent.parent / POSTPROCESSING_FILE} keeps one), but "
+                f"{folder} does not exist. Write it with `spinediff postprocess -i {folder.parent / 'validation'} -o "
+                f"{folder} -m {folder.parent.parent} --save-probabilities` (spinediff benchmark does this itself).")
         if not folder.is_dir():
             how = (f"nnUNetv2_train {self.plans_manager.dataset_name} {configuration} {self.fold} -tr {trainer} "
                    f"-p {plans} --npz" if trainer.startswith("nnUNet") else
@@ -175,6 +186,15 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         """What ``refinement.json`` holds beyond the initial model and the start level."""
         return {}
 
+    #: the validation settings of a fold validated before they were recorded (spinediff.experiments.folds)
+    validation_setting_defaults = {"combine": "mean", "initial_answers": "validation"}
+
+    def validation_settings(self) -> dict:
+        """What the final validation depends on beyond the checkpoint: how the samples are combined and which of the
+        initial model's exports it starts from (a benchmark that reuses the fold validates it again when they
+        changed)."""
+        return {"combine": self.combine, "initial_answers": self.initial_answers_folder().name}
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.local_rank != 0:
             return
@@ -182,7 +202,7 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         super().perform_actual_validation(save_probabilities)
         metrics = Path(self.output_folder) / "validation_metrics.json"
         if metrics.is_file():  # how the samples were combined, beside the sampling settings
-            write_json({**read_json(metrics), "combine": self.combine}, metrics)
+            write_json({**read_json(metrics), **self.validation_settings()}, metrics)
 
     def validation_models(self, key: str, properties: dict, shape) -> list:
         """This fold, starting from the case's initial answer (the same fold's export of the initial model)."""
@@ -190,6 +210,24 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
                                     self.configuration_manager, shape)
         return [RefiningFold(self.fold_model(), estimate, check_fraction(self.refine_from), self.combine,
                              self.residual_scale)]
+
+
+def answers_after_postprocessing(initial_model_folder: Path) -> bool:
+    """Whether a refiner starts from the initial model's answers post-processed: its ``postprocessing.json`` (the
+    decision of its cross-validation, ``spinediff find_best`` / ``benchmark``) keeps a level numbering."""
+    path = Path(initial_model_folder) / POSTPROCESSING_FILE
+    if not path.is_file():
+        return False
+    decision = read_json(path)
+    return isinstance(decision, dict) and bool(decision.get("level_order"))
+
+
+def initial_exports(initial_model_folder: Path, fold) -> Path:
+    """Fold ``fold``'s validation answers of the initial model that a refiner starts from: numbered
+    (``validation_postprocessed``) where :func:`answers_after_postprocessing`, else ``validation``."""
+    folder = Path(initial_model_folder)
+    exports = POSTPROCESSED_ANSWERS if answers_after_postprocessing(folder) else "validation"
+    return folder / f"fold_{fold}" / exports
 
 
 def refine_answer(sampler, condition: torch.Tensor, estimate: torch.Tensor, *, fraction: float,
