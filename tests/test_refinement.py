@@ -449,7 +449,15 @@ def test_cross_validation_combines_the_samples_as_spinesegdiff_on_request(refine
     assert averaged.shape == weighted.shape and not np.allclose(averaged, weighted)
     np.testing.assert_allclose(weighted.sum(0), 1, atol=1e-3)
     for name in ("benchmark_timing.json", "validation_metrics.json"):
-        assert json.loads((refined["refiner"] / name).read_text())["combine"] == "spinesegdiff"
+        record = json.loads((refined["refiner"] / name).read_text())
+        assert (record["combine"], record["samples"], record["initial_answers"]) == ("spinesegdiff", 3, "validation")
+    # fewer steps: validated again (other probabilities), recorded
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        run_benchmark(901, folds=[0], options=TrainingOptions(**{**options, "combine": "spinesegdiff",
+                                                                 "num_inference_steps": 1}),
+                      output=tmp_path / "one_step", method_names=methods)
+    assert json.loads((refined["refiner"] / "benchmark_timing.json").read_text())["steps"] == 1
+    assert not np.allclose(weighted, np.load(refined["refiner"] / "validation" / f"{key}.npz")["probabilities"])
     rows = [{row["method"]: row for row in run["methods"]} for run in (mean, combined)]
     for method in rows[0]:
         assert rows[0][method]["train_minutes"] == rows[1][method]["train_minutes"]
