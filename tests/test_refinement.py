@@ -450,13 +450,16 @@ def test_cross_validation_combines_the_samples_as_spinesegdiff_on_request(refine
     np.testing.assert_allclose(weighted.sum(0), 1, atol=1e-3)
     for name in ("benchmark_timing.json", "validation_metrics.json"):
         record = json.loads((refined["refiner"] / name).read_text())
-        assert (record["combine"], record["samples"], record["initial_answers"]) == ("spinesegdiff", 3, "validation")
+        assert (record["combine"], record["validation_samples"], record["initial_answers"]) == ("spinesegdiff", 3,
+                                                                                                 "validation")
+    trained_steps = json.loads((refined["refiner"] / "benchmark_timing.json").read_text())["steps"]
     # fewer steps: validated again (other probabilities), recorded
     with nnunet_folders(refined["base"] / "raw", refined["base"]):
         run_benchmark(901, folds=[0], options=TrainingOptions(**{**options, "combine": "spinesegdiff",
                                                                  "num_inference_steps": 1}),
                       output=tmp_path / "one_step", method_names=methods)
-    assert json.loads((refined["refiner"] / "benchmark_timing.json").read_text())["steps"] == 1
+    timing = json.loads((refined["refiner"] / "benchmark_timing.json").read_text())
+    assert (timing["validation_steps"], timing["steps"]) == (1, trained_steps)  # the training's record is kept
     assert not np.allclose(weighted, np.load(refined["refiner"] / "validation" / f"{key}.npz")["probabilities"])
     rows = [{row["method"]: row for row in run["methods"]} for run in (mean, combined)]
     for method in rows[0]:

@@ -190,15 +190,16 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
     def validation_setting_defaults(self) -> dict:
         """The validation settings of a fold validated before they were recorded (spinediff.experiments.folds): the
         mean of the plans' samples and steps, from the initial model's plain exports."""
-        return {"combine": "mean", "initial_answers": "validation", "steps": self.settings.num_inference_steps,
-                "samples": self.settings.num_samples}
+        return {"combine": "mean", "initial_answers": "validation",
+                "validation_steps": self.settings.num_inference_steps, "validation_samples": self.settings.num_samples}
 
     def validation_settings(self) -> dict:
         """What the final validation depends on beyond the checkpoint: how the samples are combined, which of the
         initial model's exports it starts from, the DDIM steps and the sample count (a benchmark that reuses the fold
         validates it again when they changed)."""
         return {"combine": self.combine, "initial_answers": self.initial_answers_folder().name,
-                "steps": int(self.num_inference_steps), "samples": int(self.final_validation_samples)}
+                "validation_steps": int(self.num_inference_steps),
+                "validation_samples": int(self.final_validation_samples)}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.local_rank != 0:
