@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="folds trained side by side")
     parser.add_argument("--val-samples", type=int, default=None,
                         help="samples averaged per validation case by the diffusion methods (default: the plans' K)")
+    parser.add_argument("--init-noise", type=float, default=None,
+                        help="the refinement rows' start level (default: the plans' warm_start, else 0.3)")
     parser.add_argument("--steps", type=int, default=None,
                         help="solver steps at validation for the diffusion methods (default: the plans' steps)")
     parser.add_argument("--downstream", action="store_true",
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     options = TrainingOptions(epochs=1000, iterations_per_epoch=args.iterations_per_epoch, val_iterations_per_epoch=1,
-                              validation_samples=args.val_samples, num_inference_steps=args.steps)
+                              validation_samples=args.val_samples, num_inference_steps=args.steps,
+                              init_noise=args.init_noise)
     summary = run_benchmark(args.dataset_id, folds=list(range(args.slab_folds)), budget_minutes=args.budget_minutes,
                             dims=tuple(args.dims), options=options, output=out, downstream=args.downstream,
                             method_names=args.methods, workers=args.workers)

@@ -460,6 +460,17 @@ def test_cross_validation_combines_the_samples_as_spinesegdiff_on_request(refine
                       output=tmp_path / "one_step", method_names=methods)
     timing = json.loads((refined["refiner"] / "benchmark_timing.json").read_text())
     assert (timing["validation_steps"], timing["steps"]) == (1, trained_steps)  # the training's record is kept
+    # another start level: validated again, recorded; refused for a model that refines nothing, before any work
+    with nnunet_folders(refined["base"] / "raw", refined["base"]):
+        run_benchmark(901, folds=[0], options=TrainingOptions(**{**options, "combine": "spinesegdiff",
+                                                                 "num_inference_steps": 1, "init_noise": 0.05}),
+                      output=tmp_path / "low_start", method_names=methods)
+        with pytest.raises(SpineDiffError, match="--init-noise"):
+            train(901, "2d_cpu", 2, "nnUNetTrainer", TrainingOptions(epochs=1, init_noise=0.1))
+        with pytest.raises(SpineDiffError, match="--init-noise"):
+            TrainingOptions(init_noise=1.0)
+    assert json.loads((refined["refiner"] / "benchmark_timing.json").read_text())["refine_from"] == 0.05
+    assert not (refined["base"] / "results" / SEG / NNUNET.replace("fold_0", "") / "fold_2").exists()
     assert not np.allclose(weighted, np.load(refined["refiner"] / "validation" / f"{key}.npz")["probabilities"])
     rows = [{row["method"]: row for row in run["methods"]} for run in (mean, combined)]
     for method in rows[0]:

@@ -16,7 +16,8 @@ def run(args: argparse.Namespace) -> int:
     options = TrainingOptions(epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                               val_iterations_per_epoch=args.val_iters_per_epoch,
                               num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples,
-                              device=args.device, precision=args.precision, combine=args.combine)
+                              device=args.device, precision=args.precision, combine=args.combine,
+                              init_noise=args.init_noise)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -70,6 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per validation case (default: the plans' num_samples, as "
                              "`spinediff predict` does; 1 scores a single sample, K times faster)")
+    parser.add_argument("--init-noise", type=float, default=None, metavar="F",
+                        help="a refinement model (DiffusionRefinementTrainer, ResidualRefinementTrainer): the start "
+                             "level of its final validation, a fraction of the schedule in [0, 1) (default: the "
+                             "plans' warm_start, else 0.3); a reused fold is validated again when it changed")
     parser.add_argument("--combine", choices=COMBINATIONS, default=None,
                         help="segmentation, the refinement row (DiffusionRefinementTrainer): combine its validation "
                              "samples as SpineSegDiff does (spinesegdiff: the last 10 steps' estimates weighted "

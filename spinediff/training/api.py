@@ -196,6 +196,12 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
 
     options = options or TrainingOptions()
     device = options.device if device is None else device  # one source: --device fills TrainingOptions.device
+    if options.init_noise is not None:  # refused before the fold folder is made
+        from spinediff.training.registry import find_trainer, is_spinediff_trainer
+
+        if not (is_spinediff_trainer(trainer) and getattr(find_trainer(trainer), "refines_initial_answers", False)):
+            raise SpineDiffError(f"--init-noise: only a refinement model (DiffusionRefinementTrainer, "
+                                 f"ResidualRefinementTrainer) starts from another model's answer; {trainer} does not.")
     if options.combine not in (None, "mean"):  # refused before the fold folder is made
         from spinediff.training.registry import find_trainer, is_spinediff_trainer
 

@@ -30,6 +30,9 @@ class TrainingOptions:
     #: a refinement model's final validation: ``mean`` of the K samples (None: mean) or ``spinesegdiff`` (the last
     #: steps' weighted estimates; segmentation only; spinediff.diffusion.refinement.StepCombination)
     combine: str | None = None
+    #: a refinement model's final validation: the start level, a fraction of T - 1 in [0, 1) (None: the plans'
+    #: warm_start, else 0.3)
+    init_noise: float | None = None
 
     def __post_init__(self) -> None:
         # checked when the options are made, before a trainer creates its fold folder
@@ -39,3 +42,6 @@ class TrainingOptions:
 
         if self.combine is not None and self.combine not in COMBINATIONS:
             raise SpineDiffError(f"--combine must be one of {', '.join(COMBINATIONS)}, got {self.combine!r}.")
+        if self.init_noise is not None and not 0.0 <= float(self.init_noise) < 1.0:
+            raise SpineDiffError(f"--init-noise must lie in [0, 1) (a fraction of the schedule), got "
+                                 f"{self.init_noise}.")

@@ -127,6 +127,8 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
                 raise SpineDiffError(f"--combine {options.combine} combines class probabilities: segmentation "
                                      f"refiners only (this dataset's task is {self.task.task.name}).")
             self.combine = options.combine
+        if options.init_noise is not None:
+            self.refine_from = check_fraction(float(options.init_noise))
 
     # ------------------------------------------------------------------ training
     def max_timestep(self) -> int:
@@ -191,15 +193,16 @@ class DiffusionRefinementTrainer(SpineDiffTrainer):
         """The validation settings of a fold validated before they were recorded (spinediff.experiments.folds): the
         mean of the plans' samples and steps, from the initial model's plain exports."""
         return {"combine": "mean", "initial_answers": "validation",
-                "validation_steps": self.settings.num_inference_steps, "validation_samples": self.settings.num_samples}
+                "validation_steps": self.settings.num_inference_steps, "validation_samples": self.settings.num_samples,
+                "refine_from": self.settings.warm_start or DEFAULT_REFINE_FROM}
 
     def validation_settings(self) -> dict:
         """What the final validation depends on beyond the checkpoint: how the samples are combined, which of the
-        initial model's exports it starts from, the DDIM steps and the sample count (a benchmark that reuses the fold
-        validates it again when they changed)."""
+        initial model's exports it starts from, the DDIM steps, the sample count and the start level (a benchmark that
+        reuses the fold validates it again when they changed)."""
         return {"combine": self.combine, "initial_answers": self.initial_answers_folder().name,
                 "validation_steps": int(self.num_inference_steps),
-                "validation_samples": int(self.final_validation_samples)}
+                "validation_samples": int(self.final_validation_samples), "refine_from": float(self.refine_from)}
 
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if self.local_rank != 0:

@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace) -> int:
                               mask_ablation_probability=args.mask_ablation, perception_model=args.perception_model,
                               budget_minutes=args.budget_minutes, seed=None if args.seed < 0 else args.seed,
                               save_probabilities=args.npz, validation_samples=args.val_samples,
-                              precision=args.precision, device=args.device, combine=args.combine)
+                              precision=args.precision, device=args.device, combine=args.combine,
+                              init_noise=args.init_noise)
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
 
@@ -105,6 +106,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-samples", type=positive_int,
                         help="diffusion: samples averaged per case in the final validation (default: the plans' "
                              "num_samples, as `spinediff predict`; 1 is K times faster and scores a single sample)")
+    parser.add_argument("--init-noise", type=float, default=None, metavar="F",
+                        help="a refinement model (DiffusionRefinementTrainer, ResidualRefinementTrainer): the start "
+                             "level of its final validation, a fraction of the schedule in [0, 1) (default: the "
+                             "plans' warm_start, else 0.3); a reused fold is validated again when it changed")
     parser.add_argument("--combine", choices=COMBINATIONS, default=None,
                         help="DiffusionRefinementTrainer (segmentation): how the final validation combines the "
                              "samples: mean (the default: mean class probabilities of the K samples, as `spinediff "
