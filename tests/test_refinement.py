@@ -524,6 +524,14 @@ def test_refiner_starts_from_nnunets_numbered_answers_when_its_postprocessing_ke
         assert main(["postprocess", "-i", str(bare), "-o", str(tmp_path / "out"), "-m", str(folder),
                      "--save-probabilities"]) == 2
         assert not (tmp_path / "out").exists()
+        # an existing probability file in the output is not replaced without --overwrite
+        shutil.copy(refined["nnunet"] / "validation" / f"{cases[0]}.npz", bare)
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / f"{cases[0]}.npz").write_bytes(b"keep")
+        assert main(["postprocess", "-i", str(bare), "-o", str(tmp_path / "out"), "-m", str(folder),
+                     "--save-probabilities"]) == 2
+        assert (tmp_path / "out" / f"{cases[0]}.npz").read_bytes() == b"keep"
+        assert not (tmp_path / "out" / f"{cases[0]}.nii.gz").exists()
     finally:
         (folder / "postprocessing.json").unlink()
         shutil.rmtree(numbered, ignore_errors=True)

@@ -60,7 +60,10 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
                                  "--save_probabilities or spinediff predict --save-probabilities).")
     ensure_writable_folder(output_folder, create=False)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
-        existing = [output_folder / p.name for p in files if (output_folder / p.name).exists()]
+        written = [output_folder / p.name for p in files]
+        if save_probabilities:  # and each case's probabilities (its .pkl is nnU-Net's, copied)
+            written += [_probabilities_of(target) for target in list(written)]
+        existing = [target for target in written if target.exists()]
         if existing and not overwrite:
             raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
                                  "output folder or pass --overwrite.")
