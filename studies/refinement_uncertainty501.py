@@ -27,7 +27,7 @@ import numpy as np
 from studies.uncertainty_cv501 import (
     NAME,
     dataset_folders,
-    ensemble_fold,
+    ensemble_summary,
     markdown,
     member_root,
     method_summary,
@@ -76,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                               splits, labels),
                                seconds_per_case=float(np.mean(seconds)) if seconds else None)
     if args.members > 1:
-        ensembles = [ensemble_fold(fold, args.members, results_root) for fold in range(len(splits))]
-        seconds = [s for _, s in ensembles if s is not None]
-        methods[f"nnU-Net, {args.members} models"] = dict(
-            method_summary(lambda fold: ensembles[fold][0], splits, labels),
-            seconds_per_case=float(np.mean(seconds)) if seconds else None)
+        methods[f"nnU-Net, {args.members} models"] = ensemble_summary(args.members, results_root, splits, labels)
     results = {"dataset": NAME, "methods": methods, "command": "python -m studies.refinement_uncertainty501 "
                                                                 + " ".join(sys.argv[1:] if argv is None else argv)}
     out = Path(args.output)

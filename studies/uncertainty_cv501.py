@@ -182,6 +182,15 @@ def ensemble_fold(fold: int, members: int, results_root: Path) -> tuple[Path, fl
     return out, sum(timings) if all(t is not None for t in timings) else None
 
 
+def ensemble_summary(members: int, results_root: Path, splits: list[dict], labels: dict) -> dict:
+    """The scores of the ``members``-model nnU-Net ensemble of every fold (:func:`ensemble_fold`), with its seconds per
+    case (the sum of its members')."""
+    ensembles = [ensemble_fold(fold, members, results_root) for fold in range(len(splits))]
+    seconds = [s for _, s in ensembles if s is not None]
+    return dict(method_summary(lambda fold: ensembles[fold][0], splits, labels),
+                seconds_per_case=float(np.mean(seconds)) if seconds else None)
+
+
 def markdown(results: dict) -> str:
     def f(value, digits=3):
         return "-" if value is None else f"{value:.{digits}f}"
@@ -341,11 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         methods[method] = dict(method_summary(folder_of, splits, labels),
                                seconds_per_case=float(np.mean(seconds)) if seconds else None)
     if args.members > 1:  # the fold models' disagreement (Zenk et al. 2025's best detector): M seeds per fold
-        ensembles = [ensemble_fold(fold, args.members, results_root) for fold in range(len(splits))]
-        seconds = [s for _, s in ensembles if s is not None]
-        methods[f"nnU-Net, {args.members} models"] = dict(
-            method_summary(lambda fold: ensembles[fold][0], splits, labels),
-            seconds_per_case=float(np.mean(seconds)) if seconds else None)
+        methods[f"nnU-Net, {args.members} models"] = ensemble_summary(args.members, results_root, splits, labels)
     results = {"dataset": NAME, "samples": args.samples, "members": args.members, "methods": methods}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -75,12 +75,11 @@ def refinement_initials(methods: list[Method], offered: list[Method], plans, tas
     folder is the refiner's initial model (nnU-Net's for segmentation, the regression of the same configuration for
     translation). Its folds are trained first and its training time counts in the refiner's row."""
     from spinediff.training.refinement import initial_model_for
-    from spinediff.training.registry import find_trainer, is_spinediff_trainer
+    from spinediff.training.registry import is_refiner
 
     initials = {}
     for method in methods:
-        if not (is_spinediff_trainer(method.trainer)
-                and getattr(find_trainer(method.trainer), "refines_initial_answers", False)):
+        if not is_refiner(method.trainer):
             continue
         patch_dims = len(plans.configuration(method.configuration).manager.patch_size)
         name = initial_model_for(plans.planned_names, method.configuration, task, patch_dims)

@@ -52,12 +52,11 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     for path in files:  # every input checked before anything is written
         read_voxels_verified(path, read_image(path))
         if (decision.needs_probabilities or save_probabilities) and not _probabilities_of(path).is_file():
-            raise SpineDiffError(f"{_probabilities_of(path)} is missing: this model's post-processing forms the "
-                                 "foreground from class probabilities. Predict with probabilities (nnUNetv2_predict "
-                                 "--save_probabilities or spinediff predict --save-probabilities)."
-                                 if not save_probabilities else "--save-probabilities writes each case's "
-                                 "probabilities post-processed, so it needs them beside every input (nnUNetv2_predict "
-                                 "--save_probabilities or spinediff predict --save-probabilities).")
+            why = ("--save-probabilities writes each case's probabilities post-processed, so it needs them beside "
+                   "every input" if save_probabilities else
+                   "this model's post-processing forms the foreground from class probabilities")
+            raise SpineDiffError(f"{_probabilities_of(path)} is missing: {why}. Predict with probabilities "
+                                 "(nnUNetv2_predict --save_probabilities or spinediff predict --save-probabilities).")
     ensure_writable_folder(output_folder, create=False)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
         written = [output_folder / p.name for p in files]

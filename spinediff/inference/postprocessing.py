@@ -172,23 +172,24 @@ def renumbered_probabilities(probabilities: np.ndarray, numbered: np.ndarray, gr
     if numbered.shape != values.shape[1:]:
         raise SpineDiffError(f"The label map {numbered.shape} and the probabilities {values.shape[1:]} lie on "
                              "different grids.")
+    channel_of = {int(label): index for index, label in enumerate(channel_labels)}
+    background = channel_of.get(0, 0)
     inside = np.isin(channel_labels, list(group))
     summed = values[inside].sum(axis=0)
     values[inside] = 0.0
     level = np.isin(numbered, list(group))
     if not level.any():  # every vertebra removed: their share goes to background
-        values[int(np.flatnonzero(channel_labels == 0)[0]) if (channel_labels == 0).any() else 0] += summed
+        values[background] += summed
         return values
     _, nearest = ndimage.distance_transform_edt(~level, sampling=spacing, return_indices=True)
     target = numbered[tuple(nearest)]  # each voxel's label of the group: its own, else the nearest numbered one's
-    removed = (~level) & np.isin(numbered, [0]) & (summed > 0.5)  # a voxel the numbering set to background
-    channel_of = {int(label): index for index, label in enumerate(channel_labels)}
+    removed = (numbered == 0) & (summed > 0.5)  # a vertebra voxel the numbering set to background
+    target[removed] = 0
     for label in group:
-        where = (target == label) & ~removed
         if int(label) in channel_of:
+            where = target == label
             values[channel_of[int(label)]][where] = summed[where]
-    if removed.any() and 0 in channel_of:
-        values[channel_of[0]][removed] += summed[removed]
+    values[background][removed] += summed[removed]
     return values
 
 

@@ -196,16 +196,13 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
 
     options = options or TrainingOptions()
     device = options.device if device is None else device  # one source: --device fills TrainingOptions.device
-    if options.init_noise is not None:  # refused before the fold folder is made
-        from spinediff.training.registry import find_trainer, is_spinediff_trainer
+    from spinediff.training.registry import is_refiner
 
-        if not (is_spinediff_trainer(trainer) and getattr(find_trainer(trainer), "refines_initial_answers", False)):
-            raise SpineDiffError(f"--init-noise: only a refinement model (DiffusionRefinementTrainer, "
-                                 f"ResidualRefinementTrainer) starts from another model's answer; {trainer} does not.")
+    if options.init_noise is not None and not is_refiner(trainer):  # refused before the fold folder is made
+        raise SpineDiffError(f"--init-noise: only a refinement model (DiffusionRefinementTrainer, "
+                             f"ResidualRefinementTrainer) starts from another model's answer; {trainer} does not.")
     if options.combine not in (None, "mean"):  # refused before the fold folder is made
-        from spinediff.training.registry import find_trainer, is_spinediff_trainer
-
-        if not (is_spinediff_trainer(trainer) and getattr(find_trainer(trainer), "refines_initial_answers", False)):
+        if not is_refiner(trainer):
             raise SpineDiffError(f"--combine {options.combine}: only a refinement model (DiffusionRefinementTrainer) "
                                  f"combines its samples otherwise than by their mean; {trainer} does not.")
         from spinediff.tasks import task_spec

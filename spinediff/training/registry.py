@@ -35,6 +35,12 @@ def is_spinediff_trainer(name: str) -> bool:
     return name in trainer_classes()
 
 
+def is_refiner(name: str) -> bool:
+    """Whether trainer ``name`` refines another model's answers (``DiffusionRefinementTrainer`` and its subclasses):
+    its validation starts from the initial model's exports, and ``--combine``/``--init-noise`` apply to it."""
+    return is_spinediff_trainer(name) and getattr(find_trainer(name), "refines_initial_answers", False)
+
+
 def find_trainer(name: str) -> type[SpineDiffTrainer]:
     """The spinediff trainer called ``name``."""
     classes = trainer_classes()
