@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="902")
     parser.add_argument("-c", "--configuration", default="2d_diffusion")
+    parser.add_argument("-tr", "--trainer", default=REFINER,
+                        help="the refiner (DiffusionRefinementTrainer, or ResidualRefinementTrainer)")
     parser.add_argument("-f", "--folds", nargs="+", default=["0", "1", "2"])
     parser.add_argument("--levels", nargs="+", type=float, default=[0.05, 0.1, 0.2])
     parser.add_argument("--samples", type=int, default=5, help="K samples averaged per case (the benchmark: 5)")
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                             link.symlink_to(raw / "imagesTr" / link.name)
                 folder = merged.parent / f"fold_{fold}"
                 start = time.perf_counter()
-                report = predict(inputs, folder, name, args.configuration, REFINER, folds=[fold], init_from=exports,
-                                 init_noise=level, num_samples=args.samples, num_inference_steps=args.steps,
-                                 overwrite=True, progress=False, postprocessing=False)
+                report = predict(inputs, folder, name, args.configuration, args.trainer, folds=[fold],
+                                 init_from=exports, init_noise=level, num_samples=args.samples,
+                                 num_inference_steps=args.steps, overwrite=True, progress=False, postprocessing=False)
                 if report.failed:
                     raise SystemExit(f"{label} fold {fold}: {report.failed[0].message}")
                 seconds.append((time.perf_counter() - start) / len(cases))
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row['frechet']:.4f} | {row['seconds_per_case']:.1f} |")
     table = "\n".join(lines)
     command = "python benchmarks/refinement_levels.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_json({"dataset": name, "folds": args.folds, "samples": args.samples, "steps": args.steps, "rows": rows,
-                "command": command}, out / "levels.json")
+    write_json({"dataset": name, "trainer": args.trainer, "folds": args.folds, "samples": args.samples,
+                "steps": args.steps, "rows": rows, "command": command}, out / "levels.json")
     write_text(f"{table}\n\nCommand: `{command}`; K = {args.samples} samples averaged per case.\n", out / "levels.md")
     print(table)
     return 0

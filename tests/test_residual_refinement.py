@@ -64,6 +64,50 @@ def test_residual_refiner_reads_the_regression_and_learns_its_scaled_residual(re
         assert float(scaled.abs().mean()) > 0  # an untrained regression leaves a residual
 
 
+def test_residual_refiner_predicts_v_where_the_plans_say_image_mode_and_its_model_says_so(residual):
+    """2d_diffusion is planned in image mode (x0); the residual refiner trains v-prediction on it (a zero residual at a
+    low noise level is kept by construction), its process samples v, and the checkpoint that prediction reads says so.
+    Another prediction type asked for (eps) is kept, and that configuration still refines the planned one's
+    regression."""
+    from spinediff.inference.models import ModelFolder, load_fold_model
+    from spinediff.training.api import build_trainer
+
+    with nnunet_folders(residual["base"] / "raw", residual["base"]):
+        trainer = _trainer(residual)
+        assert trainer.configuration_manager.configuration["diffusion"]["prediction_type"] == "sample"
+        assert trainer.settings.prediction_type == "v_prediction"
+        assert trainer.process.prediction_type == "v_prediction"
+        assert trainer.max_timestep() < trainer.process.num_train_timesteps - 1  # still the refinement range
+        drawn = trainer.process.sample_timesteps(64, torch.Generator().manual_seed(0))
+        assert int(drawn.max()) <= trainer.max_timestep()
+        model = load_fold_model(ModelFolder.open(residual["refiner"].parent), 0)
+        assert model.settings.prediction_type == "v_prediction"
+        eps = build_trainer(902, "2d_diffusion", 0, "ResidualRefinementTrainer", prediction_type="eps", device="cpu")
+        assert eps.configuration_manager.configuration["diffusion"]["prediction_type"] == "epsilon"
+        assert eps.settings.prediction_type == "epsilon"
+        assert eps.init_model == REGRESSION
+
+
+def test_a_fold_trained_as_another_prediction_type_is_not_reused(residual, tmp_path):
+    """The harness refuses to reuse a residual fold trained in image mode (before the residual refiner predicted v),
+    naming the folder, and changes nothing; the fold as trained now passes the same check."""
+    from spinediff.experiments.folds import check_trained_as
+
+    with nnunet_folders(residual["base"] / "raw", residual["base"]):
+        trainer = _trainer(residual)
+    checkpoint = residual["refiner"] / "checkpoint_final.pth"
+    check_trained_as(trainer, checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["spinediff"]["diffusion"]["prediction_type"] = "sample"
+    old = tmp_path / "fold_0" / "checkpoint_final.pth"
+    old.parent.mkdir()
+    torch.save(state, old)
+    before = old.read_bytes()
+    with pytest.raises(SpineDiffError, match="prediction_type 'sample'.*trains 'v_prediction'.*Move or delete"):
+        check_trained_as(trainer, old)
+    assert old.read_bytes() == before
+
+
 def test_at_start_level_zero_the_answer_is_the_regressions_and_above_it_the_samples_differ(residual):
     """The same validation case: refine_from 0 reproduces the regression's export (every voxel); 0.3 changes it."""
     with nnunet_folders(residual["base"] / "raw", residual["base"]):
