@@ -44,10 +44,11 @@ def _trainer(residual, fold=0):
 def test_residual_refiner_reads_the_regression_and_learns_its_scaled_residual(residual):
     """The network reads image + regression answer + noisy residual; a training batch's condition holds the same
     fold's regression output on that very patch, and initial answer + scale x residual gives back the target."""
-    from spinediff.training.refinement import RESIDUAL_SCALE
+    from spinediff.training.refinement import RESIDUAL_REFINE_FROM, RESIDUAL_SCALE
 
     record = json.loads((residual["refiner"].parent / "refinement.json").read_text())
     assert record["init_model"] == REGRESSION and record["residual_scale"] == RESIDUAL_SCALE
+    assert record["refine_from"] == RESIDUAL_REFINE_FROM != 0.3  # its own start level, which prediction reads
     with nnunet_folders(residual["base"] / "raw", residual["base"]):
         trainer = _trainer(residual)
         settings = trainer.settings
