@@ -198,3 +198,28 @@ def test_tune_sampling_scores_the_residual_refiner_from_its_regressions_answers(
     regression = json.loads((residual["regression"] / "validation_metrics.json").read_text())["mean"]["mae"]
     assert quality["ddim:1@0.0004"] == pytest.approx(regression, rel=1e-4)
     assert quality["ddim:2@0.4"] != pytest.approx(regression, rel=1e-3)
+
+
+def test_residual_figure_draws_the_difference_and_refuses_other_grids(tmp_path, capsys):
+    """studies.residual_figure: a PNG from images on one grid; an image on another grid, or a missing one, is refused
+    with exit 2 before anything is drawn."""
+    from studies.residual_figure import main
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(0, 100, (6, 16, 16)).astype(np.float32)
+    paths = {}
+    for name, image in {"ct": reference, "reg": reference + 20, "ref": reference + 10,
+                        "small": reference[:, :8]}.items():
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(image), str(paths[name]))
+    out = tmp_path / "figure.png"
+    assert main(["--reference", str(paths["ct"]), "--regression", str(paths["reg"]),
+                 "--refined", f"v=K 1={paths['ref']}", "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    other = tmp_path / "other.png"
+    assert main(["--reference", str(paths["ct"]), "--regression", str(paths["reg"]),
+                 "--refined", f"v={paths['small']}", "-o", str(other)]) == 2
+    assert "not the reference's" in capsys.readouterr().err and not other.exists()
+    assert main(["--reference", str(paths["ct"]), "--regression", str(tmp_path / "gone.nii.gz"),
+                 "--refined", f"v={paths['ref']}", "-o", str(other)]) == 2
+    assert "gone.nii.gz does not exist" in capsys.readouterr().err and not other.exists()
