@@ -89,6 +89,19 @@ def test_residual_refiner_predicts_v_where_the_plans_say_image_mode_and_its_mode
         assert eps.init_model == REGRESSION
 
 
+def test_image_mode_asked_for_explicitly_is_refused_before_anything_is_written(residual, capsys):
+    """`spinediff train -tr ResidualRefinementTrainer --prediction-type x0`: exit 2, the reason named, no fold folder."""
+    from spinediff.cli import main
+
+    with nnunet_folders(residual["base"] / "raw", residual["base"]):
+        code = main(["train", "-d", "902", "-c", "2d_diffusion", "-f", "1", "-tr", "ResidualRefinementTrainer",
+                     "--prediction-type", "x0", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--prediction-type x0 is not offered for ResidualRefinementTrainer" in err and "Traceback" not in err
+    assert not (residual["refiner"].parent / "fold_1").exists()
+
+
 def test_a_fold_trained_as_another_prediction_type_is_not_reused(residual, tmp_path):
     """The harness refuses to reuse a residual fold trained in image mode (before the residual refiner predicted v),
     naming the folder, and changes nothing; the fold as trained now passes the same check."""

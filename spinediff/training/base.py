@@ -57,6 +57,9 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     supported_tasks: tuple[type[Task], ...] = (Segmentation, Translation, Generation)
     #: training needs a segmenter of the target modality (``TrainingOptions.perception_model``)
     needs_target_segmenter: bool = False
+    #: prediction types ``--prediction-type`` may not ask for (monai's names), and why (spinediff.training.api)
+    refused_prediction_types: tuple[str, ...] = ()
+    refused_prediction_types_reason: str = ""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):

@@ -324,6 +324,10 @@ class ResidualRefinementTrainer(DiffusionRefinementTrainer):
     reads_initial_answer = True
     residual_scale = RESIDUAL_SCALE
     default_refine_from = RESIDUAL_REFINE_FROM
+    refused_prediction_types = ("sample",)
+    refused_prediction_types_reason = ("its refinement starts from a zero residual at a low noise level, which an "
+                                       "image-mode (x0) network must learn to give back, and after hundreds of steps "
+                                       "does not (documentation/results.md); it predicts v where the plans say x0.")
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA) -> None:
