@@ -90,7 +90,8 @@ def test_residual_refiner_predicts_v_where_the_plans_say_image_mode_and_its_mode
 
 
 def test_image_mode_asked_for_explicitly_is_refused_before_anything_is_written(residual, capsys):
-    """`spinediff train -tr ResidualRefinementTrainer --prediction-type x0`: exit 2, the reason named, no fold folder."""
+    """`spinediff train -tr ResidualRefinementTrainer --prediction-type x0`: exit 2, the reason named, no fold
+    folder."""
     from spinediff.cli import main
 
     with nnunet_folders(residual["base"] / "raw", residual["base"]):

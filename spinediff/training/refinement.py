@@ -29,8 +29,7 @@ start level in ``refinement.json``, which ``spinediff predict`` reads to run the
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -333,13 +332,11 @@ class ResidualRefinementTrainer(DiffusionRefinementTrainer):
                  device: torch.device = CUDA) -> None:
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_network: torch.nn.Module | None = None
-        if self.settings.prediction_type == "sample":
-            # Image mode (x0) is not offered: refinement starts from a zero residual at a low noise level, where the
-            # x0 network has to learn to give back what it reads, and after hundreds of steps it does not (it added
-            # a residual of its own: +59 % body MAE on phantom fold 0, from 0.3 T and from 0.02 T alike). v-prediction
-            # gives x0 = sqrt(abar) x_t - sqrt(1 - abar) v, which keeps x_t at low noise by construction (the same
-            # network and steps: +4.7 % from 0.3 T, +1.3 % from 0.05 T; documentation/results.md).
-            self.settings = dataclasses.replace(self.settings, prediction_type=RESIDUAL_PREDICTION_TYPE)
+        if self.settings.prediction_type in self.refused_prediction_types:
+            # see refused_prediction_types_reason: v gives x0 = sqrt(abar) x_t - sqrt(1 - abar) v, which keeps x_t at
+            # low noise by construction (phantom fold 0, 320 steps: +59 % body MAE in x0 from 0.02 T and 0.3 T alike,
+            # +1.3 % in v from 0.05 T; documentation/results.md)
+            self.settings = replace(self.settings, prediction_type=RESIDUAL_PREDICTION_TYPE)
             self.process = DiffusionProcess.from_settings(self.settings)
             self.limit_training_timesteps()
 
