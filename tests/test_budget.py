@@ -52,9 +52,12 @@ def test_refit_keeps_plan_within_tolerance_and_refits_outside():
     assert refit_epochs(2, 10, 40.0, 20.0, 100.0) == 5
     # twice as fast: 5 s per epoch -> 18 more epochs
     assert refit_epochs(2, 10, 10.0, 5.0, 100.0) == 20
-    # a cap never grows, and no refit goes below the epochs already done
+    # a cap never grows
     assert refit_epochs(2, 10, 10.0, 5.0, 100.0, grow=False) == 10
-    assert refit_epochs(6, 10, 150.0, 20.0, 100.0) == 6
+    # past the budget with epochs left: one more, which runs at the end of the rescaled learning-rate schedule
+    assert refit_epochs(6, 10, 150.0, 20.0, 100.0) == 7
+    assert refit_epochs(6, 10, 95.0, 20.0, 100.0) == 7  # a quarter epoch left rounds to none: still one more
+    assert refit_epochs(6, 6, 150.0, 20.0, 100.0) == 6  # the plan is done: nothing is added
 
 
 def test_field_of_view_and_lowres_rule():

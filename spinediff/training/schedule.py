@@ -71,13 +71,17 @@ def seconds_already_trained(trainer) -> float:
 def refit_epochs(current_epoch: int, planned_epochs: int, elapsed: float, epoch_seconds: float,
                  budget_seconds: float, grow: bool = True) -> int:
     """Total epochs so that the remaining ones end at the budget at ``epoch_seconds`` each; unchanged while the
-    plan's end is within :data:`REFIT_TOLERANCE` of the budget. Never fewer than the epochs done; never more
-    than planned when ``grow`` is False (the budget is a cap)."""
+    plan's end is within :data:`REFIT_TOLERANCE` of the budget. Never more than planned when ``grow`` is False
+    (the budget is a cap). While planned epochs remain, at least one more: the learning rate is set at the start of an
+    epoch, so only an epoch run after the refit ends the rescaled schedule (stopping at once would leave the last
+    epoch at the learning rate of a longer schedule; the budget is then overrun by at most about half an epoch)."""
     predicted = elapsed + (planned_epochs - current_epoch) * epoch_seconds
     if abs(predicted - budget_seconds) <= REFIT_TOLERANCE * budget_seconds:
         return planned_epochs
     remaining = max(0.0, budget_seconds - elapsed)
     total = int(current_epoch + max(0, math.floor(remaining / max(epoch_seconds, 1e-9) + 0.5)))
+    if planned_epochs > current_epoch:
+        total = max(total, current_epoch + 1)
     return total if grow else min(total, planned_epochs)
 
 
