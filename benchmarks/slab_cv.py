@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-samples", type=int, default=None,
                         help="samples averaged per validation case by the diffusion methods (default: the plans' K)")
     parser.add_argument("--init-noise", type=float, default=None,
-                        help="the refinement rows' start level (default: the plans' warm_start, else 0.3)")
+                        help="the refinement rows' start level (default: the plans' warm_start, else 0.3, 0.1 for "
+                             "ResidualRefinementTrainer)")
     parser.add_argument("--steps", type=int, default=None,
                         help="solver steps at validation for the diffusion methods (default: the plans' steps)")
     parser.add_argument("--downstream", action="store_true",

@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     index = reference.shape[args.axis] // 2
-    cut = lambda a: np.take(a, index, axis=args.axis)  # noqa: E731 (a one-line slicer)
+
+    def cut(volume: np.ndarray) -> np.ndarray:  # the middle slice along --axis
+        return np.take(volume, index, axis=args.axis)
+
     body = cut(reference) > -500
     rows = [("real CT", reference, None), ("regression", regression, None),
             *((label, image, regression) for label, image in images)]

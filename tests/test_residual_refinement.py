@@ -104,14 +104,13 @@ def test_image_mode_asked_for_explicitly_is_refused_before_anything_is_written(r
 
 
 def test_a_fold_trained_as_another_prediction_type_is_not_reused(residual, tmp_path):
-    """The harness refuses to reuse a residual fold trained in image mode (before the residual refiner predicted v),
-    naming the folder, and changes nothing; the fold as trained now passes the same check."""
-    from spinediff.experiments.folds import check_trained_as
-
+    """A residual fold trained in image mode (before the residual refiner predicted v) is refused, naming the folder,
+    whether the harness reuses it from its file or the trainer loads it (resume, --val-only); nothing is changed. The
+    fold as trained now passes the same check."""
     with nnunet_folders(residual["base"] / "raw", residual["base"]):
         trainer = _trainer(residual)
     checkpoint = residual["refiner"] / "checkpoint_final.pth"
-    check_trained_as(trainer, checkpoint)
+    trainer.check_trained_as(checkpoint)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     state["spinediff"]["diffusion"]["prediction_type"] = "sample"
     old = tmp_path / "fold_0" / "checkpoint_final.pth"
@@ -119,7 +118,9 @@ def test_a_fold_trained_as_another_prediction_type_is_not_reused(residual, tmp_p
     torch.save(state, old)
     before = old.read_bytes()
     with pytest.raises(SpineDiffError, match="prediction_type 'sample'.*trains 'v_prediction'.*Move or delete"):
-        check_trained_as(trainer, old)
+        trainer.check_trained_as(old)
+    with pytest.raises(SpineDiffError, match=f"{old}.*prediction_type 'sample'"):
+        trainer.load_checkpoint(str(old))
     assert old.read_bytes() == before
 
 

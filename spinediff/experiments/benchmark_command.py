@@ -74,7 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--init-noise", type=float, default=None, metavar="F",
                         help="a refinement model (DiffusionRefinementTrainer, ResidualRefinementTrainer): the start "
                              "level of its final validation, a fraction of the schedule in [0, 1) (default: the "
-                             "plans' warm_start, else 0.3); a reused fold is validated again when it changed")
+                             "plans' warm_start, else 0.3, 0.1 for ResidualRefinementTrainer); a reused fold is "
+                             "validated again when it changed")
     parser.add_argument("--combine", choices=COMBINATIONS, default=None,
                         help="segmentation, the refinement row (DiffusionRefinementTrainer): combine its validation "
                              "samples as SpineSegDiff does (spinesegdiff: the last 10 steps' estimates weighted "

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name
 from spinediff.tasks import SEGMENTATION
@@ -86,8 +85,8 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
 
     folder = Path(trainer.output_folder)
     done = (folder / "checkpoint_final.pth").is_file() and (folder / "validation").is_dir()
-    if (folder / "checkpoint_final.pth").is_file():
-        check_trained_as(trainer, folder / "checkpoint_final.pth")
+    if (folder / "checkpoint_final.pth").is_file() and hasattr(trainer, "check_trained_as"):  # spinediff's trainers
+        trainer.check_trained_as(folder / "checkpoint_final.pth")  # also when the fold is reused without loading it
     timing_file = folder / "benchmark_timing.json"
     # segmentation keeps the class probabilities: the post-processing may form its foreground from them
     task = getattr(getattr(trainer, "task", None), "task", SEGMENTATION)  # nnU-Net's trainer: segmentation
@@ -137,23 +136,6 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
         timing.update(settings)
     write_json(timing, timing_file)
     return timing
-
-
-def check_trained_as(trainer, checkpoint: Path) -> None:
-    """Refuse to reuse a fold whose network predicts something other than what the trainer trains now (e.g. a
-    ``ResidualRefinementTrainer`` fold trained in image mode, before the residual refiner predicted v): its scores
-    would be reported under a model it no longer is."""
-    settings = getattr(trainer, "settings", None)
-    if settings is None:  # nnU-Net's own trainers
-        return
-    from spinediff.prediction.checkpoints import load_checkpoint
-
-    trained = ((load_checkpoint(checkpoint).get("spinediff") or {}).get("diffusion") or {}).get("prediction_type")
-    if trained is not None and trained != settings.prediction_type:
-        raise SpineDiffError(f"{checkpoint} was trained with prediction_type {trained!r}; "
-                             f"{type(trainer).__name__} trains {settings.prediction_type!r} on this configuration "
-                             f"now. Move or delete {checkpoint.parent} to train this fold again (nothing was "
-                             "changed).")
 
 
 def _fold_in_worker(method: Method, dataset: str, fold, options, reuse: bool) -> dict:

@@ -81,10 +81,10 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     if prediction_type is not None and is_spinediff_trainer(trainer):
         from spinediff.planning.plans import prediction_type_of
 
-        if prediction_type_of(prediction_type) in find_trainer(trainer).refused_prediction_types:
+        trainer_class = find_trainer(trainer)
+        if prediction_type_of(prediction_type) in trainer_class.refused_prediction_types:
             raise SpineDiffError(f"--prediction-type {prediction_type} is not offered for {trainer}: "
-                                 f"{find_trainer(trainer).refused_prediction_types_reason} Leave it out, or ask "
-                                 "for v or eps.")
+                                 f"{trainer_class.refused_prediction_types_reason} Leave it out, or ask for v or eps.")
     configuration = plans.for_prediction_type(configuration, prediction_type)
     if fold != "all":
         try:

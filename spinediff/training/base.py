@@ -364,12 +364,30 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         with atomic_path(filename) as tmp:
             torch.save(checkpoint, tmp)
 
+    def check_trained_as(self, checkpoint: dict | str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+        """Refuse a checkpoint whose network predicts something other than this trainer trains now (e.g. a
+        ``ResidualRefinementTrainer`` fold trained in image mode, before the residual refiner predicted v): resumed,
+        validated or reused, it would be scored as a model it is not."""
+        if isinstance(checkpoint, (str, os.PathLike)):
+            from spinediff.prediction.checkpoints import load_checkpoint
+
+            source, checkpoint = checkpoint, load_checkpoint(checkpoint)
+        trained = ((checkpoint.get("spinediff") or {}).get("diffusion") or {}).get("prediction_type")
+        if trained is not None and trained != self.settings.prediction_type:
+            folder = os.path.dirname(os.fspath(source)) if source is not None else self.output_folder
+            raise SpineDiffError(f"{source or 'The checkpoint of ' + folder} was trained with prediction_type "
+                                 f"{trained!r}; {type(self).__name__} trains {self.settings.prediction_type!r} on this "
+                                 f"configuration now. Move or delete {folder} to train this fold again (nothing was "
+                                 "changed).")
+
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
         if isinstance(filename_or_checkpoint, (str, os.PathLike)):
             checkpoint = torch.load(filename_or_checkpoint, map_location=self.device, weights_only=True)
+        self.check_trained_as(checkpoint, filename_or_checkpoint if isinstance(filename_or_checkpoint,
+                                                                               (str, os.PathLike)) else None)
         self.plain_network.load_state_dict(checkpoint.get("training_weights", checkpoint["network_weights"]))
         self.ema.module.load_state_dict(checkpoint["network_weights"])
         self.ema.num_updates = int(checkpoint.get("ema_updates", 0))

@@ -31,7 +31,7 @@ class TrainingOptions:
     #: steps' weighted estimates; segmentation only; spinediff.diffusion.refinement.StepCombination)
     combine: str | None = None
     #: a refinement model's final validation: the start level, a fraction of T - 1 in [0, 1) (None: the plans'
-    #: warm_start, else 0.3)
+    #: warm_start, else the trainer's default_refine_from: 0.3, 0.1 for ResidualRefinementTrainer)
     init_noise: float | None = None
 
     def __post_init__(self) -> None:
