@@ -90,6 +90,25 @@ def test_shift_moves_labels_with_the_image_and_cut_keeps_the_visible_labels():
             assert lost_rows.min() == 10 or lost_rows.max() == 66  # the first or last labelled row
 
 
+def test_cut_side_follows_its_planned_probability():
+    image, seg = patch()
+    sides = {}
+    for p_top in (1.0, 0.0, 0.8):
+        np.random.seed(5)
+        tops = cuts = 0
+        for _ in range(200):
+            out = FieldOfViewCutTransform(axis=0, max_fraction=0.6, p_top=p_top)(image=image.clone(),
+                                                                                 segmentation=seg.clone())
+            lost = torch.nonzero(((seg[0] > 0) & (out["segmentation"][0] == 0)).any(1)).flatten()
+            if len(lost):  # a plane at the very edge of the labelled extent removes no label
+                cuts += 1
+                tops += int(lost.min() == 10)  # the first labelled row is gone: a cut from the top
+        assert cuts > 150
+        sides[p_top] = tops / cuts
+    assert sides[1.0] == 1.0 and sides[0.0] == 0.0
+    assert 0.7 < sides[0.8] < 0.9
+
+
 def test_planned_transforms_join_nnunets_pipeline_in_order():
     from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

@@ -211,19 +211,19 @@ class SpineShiftZoomTransform(BasicTransform):
 
 class FieldOfViewCutTransform(BasicTransform):
     """End the field of view at a random height: everything beyond a plane across the spine axis becomes
-    zeros (image) and background (labels), on one side (``top``: towards lower array indices) chosen at random.
-    The plane lies inside the labelled extent of the patch (so it may cut a vertebra partially, L1 or L5 as
-    well as a middle one), or anywhere in the patch when it holds no label; what stays visible keeps its true
-    labels."""
+    zeros (image) and background (labels), on one side: the top (towards lower array indices, the first level's
+    side) with probability ``p_top``, else the bottom. The plane lies inside the labelled extent of the patch (so
+    it may cut a vertebra partially, L1 or L5 as well as a middle one), or anywhere in the patch when it holds no
+    label; what stays visible keeps its true labels."""
 
-    def __init__(self, axis: int, max_fraction: float = 0.5) -> None:
+    def __init__(self, axis: int, max_fraction: float = 0.5, p_top: float = 0.5) -> None:
         super().__init__()
-        self.axis, self.max_fraction = int(axis), float(max_fraction)
+        self.axis, self.max_fraction, self.p_top = int(axis), float(max_fraction), float(p_top)
 
     def get_parameters(self, **data_dict) -> dict:
         image, seg = data_dict["image"], data_dict.get("segmentation")
         length = image.shape[1 + self.axis]
-        top = bool(np.random.uniform() < 0.5)
+        top = bool(np.random.uniform() < self.p_top)
         low, high = 0, length
         if seg is not None:
             other = tuple(a for a in range(seg.ndim) if a != 1 + self.axis)
@@ -262,7 +262,8 @@ def field_of_view_transforms(block: dict) -> list[BasicTransform]:
                                                                   tuple(block.get("zoom_range", (0.75, 1.0)))),
                                           block["p_shift"]))
     if block.get("p_cut", 0) > 0:
-        transforms.append(RandomTransform(FieldOfViewCutTransform(axis, block.get("max_cut_fraction", 0.5)),
+        transforms.append(RandomTransform(FieldOfViewCutTransform(axis, block.get("max_cut_fraction", 0.5),
+                                                                  block.get("p_cut_top", 0.5)),
                                           block["p_cut"]))
     return transforms
 
