@@ -356,6 +356,39 @@ def test_postprocess_corrupt_prediction(world, capsys):
     assert "case000.nii.gz" in outcome.message
 
 
+def _review_rule(model: Path, score: str = "level_anomaly") -> None:
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "labels": {"background": 0,
+                                                                                             "vertebra": 1},
+                                                    "file_ending": ".nii.gz"}))
+    (model / "review.json").write_text(json.dumps({"score": score, "threshold": 0.7,
+                                                   "expected_volumes_ml": {"1": 2.3}}))
+
+
+def test_postprocess_review_with_an_image_missing(world, capsys):
+    model, predictions = _model_and_predictions(world)
+    _review_rule(model)
+    images = world / "images"
+    images.mkdir()
+    outcome = run_cli(["postprocess", "-i", str(predictions), "-o", str(world / "pp"), "-m", str(model),
+                       "--images", str(images)], world, capsys)
+    assert "case000_0000.nii.gz" in outcome.message and "--images" in outcome.message
+
+
+def test_postprocess_review_by_a_score_the_predictions_cannot_give(world, capsys):
+    model, predictions = _model_and_predictions(world)
+    _review_rule(model, "entropy")
+    outcome = run_cli(["postprocess", "-i", str(predictions), "-o", str(world / "pp"), "-m", str(model)], world,
+                      capsys)
+    assert "review.json" in outcome.message and "--save_probabilities" in outcome.message
+
+
+def test_postprocess_images_without_a_review_rule(world, capsys):
+    model, predictions = _model_and_predictions(world)
+    outcome = run_cli(["postprocess", "-i", str(predictions), "-o", str(world / "pp"), "-m", str(model),
+                       "--images", str(predictions)], world, capsys)
+    assert "--images" in outcome.message and "review.json" in outcome.message
+
+
 # ---------------------------------------------------------------------- train and predict without a model
 def test_train_unplanned_dataset(world, capsys):
     outcome = run_cli(["train", "-d", "996", "-c", "2d_diffusion", "-f", "0", "-tr", "DiffusionSegmentationTrainer"],

@@ -167,6 +167,56 @@ def run_stress(levels, output: Path, *args: str) -> dict:
     return result, table
 
 
+@pytest.mark.slow
+def test_nnunets_trainer_flags_the_t1w_scan_through_find_bests_commands(levels, tmp_path, capsys):
+    """The other prediction path: the module's nnU-Net trainer (T2w only, no contrast augmentation) run as find_best
+    prints it for nnU-Net's trainers, nnUNetv2_predict (the shell command) then `spinediff postprocess --images`:
+    the T1w scan lies furthest from the training intensities, is flagged in review.csv and named by the run; no T2w
+    scan is flagged for its intensities (as for diffusion above: the phantom's T1w is flagged by its level volumes,
+    its intensities lying under the threshold of a two-case reference; Dataset504's real T1w scans lie beyond it,
+    test_real_t1w_scans_lie_outside_the_t2w_training_intensities)."""
+    import os
+    import shlex
+    import subprocess
+
+    from spinediff.datasets.phantom import generate_case
+    from spinediff.inference.candidates import Candidate
+    from spinediff.inference.find_best import nnunet_commands
+
+    folder = levels["base"] / "results" / LEVELS / f"nnUNetTrainer__nnUNetPlans__{CPU_CONFIG}"
+    decision = json.loads((folder / "postprocessing.json").read_text())
+    commands = nnunet_commands(str(LEVELS_ID), Candidate(folder, "nnUNetTrainer", "nnUNetPlans", CPU_CONFIG,
+                                                         list(FOLDS)), decision)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    normal = [f"phantom_{i:03d}" for i in range(NUM_CASES)]
+    for case in normal:
+        (inputs / f"{case}_0000.nii.gz").write_bytes(
+            (levels["raw"] / LEVELS / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
+    sitk.WriteImage(generate_case(4, 0, TINY_SETTINGS).t1, str(inputs / "t1w_0000.nii.gz"), True)
+    fill = {"OUTPUT_FOLDER_PP": str(tmp_path / "pp"), "OUTPUT_FOLDER": str(tmp_path / "out"),
+            "INPUT_FOLDER": str(inputs)}
+    argv = []
+    for command in commands:
+        for key, value in fill.items():
+            command = command.replace(key, value)
+        argv.append(shlex.split(command))
+    assert argv[0][0] == "nnUNetv2_predict" and argv[1][:2] == ["spinediff", "postprocess"]
+    executable = Path(sys.executable).parent / "nnUNetv2_predict"
+    subprocess.run([str(executable), *argv[0][1:], "-device", "cpu", "-npp", "1", "-nps", "1"], check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert main(argv[1][1:]) == 0
+    printed = capsys.readouterr().out
+    rows = {row["case"]: row for row in csv.DictReader((tmp_path / "pp" / "review.csv").open())}
+    assert set(rows) == {*normal, "t1w"}
+    distance = {case: float(row["intensity_distance"]) for case, row in rows.items()}  # checked for every case
+    assert distance["t1w"] > max(distance[case] for case in normal), distance
+    assert rows["t1w"]["review"] == "yes"
+    for case in normal:
+        assert "intensities" not in rows[case]["reasons"]
+    assert "t1w" in printed.split("review:")[-1] and "intensities not checked" not in printed
+
+
 SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_35", "pad_top_30", "shift_down_20"]
 
 
@@ -198,6 +248,9 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
         assert set(row["per_label"]) == {"1", "2", "3", "4", "5"}
         assert math.isfinite(row["merged_dice"]) and row["seconds_per_case"] > 0
     assert "Mean level Dice over the stressed variants" in table
+    # the review flags as the user's prediction gives them (find_best wrote the model's review.json)
+    assert all(isinstance(row["flagged"], bool) for row in result["cases"])
+    assert "Review flags" in table
 
 
 # ---------------------------------------------------------------------- spinediff benchmark --stress and find_best

@@ -111,7 +111,8 @@ def _cases_of_fold(preprocessed: Path, fold: str) -> list[str]:
 
 def predict_postprocessed(settings: StressSettings, model, folds: list[str], inputs: Path, output: Path) -> None:
     """Predict ``inputs`` with ``folds`` of the model (a :class:`~spinediff.inference.models.ModelFolder`) into
-    ``output``, its post-processing applied."""
+    ``output``, its post-processing applied and its cases flagged by its review rule, as a user gets them
+    (``spinediff predict``, or ``nnUNetv2_predict`` + ``spinediff postprocess --images``)."""
     from spinediff.training.registry import is_spinediff_trainer
 
     folder = model.path
@@ -129,11 +130,12 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from spinediff.inference.postprocessing import Postprocessing
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
     from spinediff.utilities.device import parse_device
 
     decision = Postprocessing.load(folder)
-    raw_output = output / "nnunet_raw_output" if decision.active else output
+    decided = (folder / POSTPROCESSING_FILE).is_file()  # `spinediff postprocess` then runs, as for a user
+    raw_output = output / "nnunet_raw_output" if decided else output
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 device=parse_device(settings.device), verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(int(f) if f.isdigit() else f
@@ -141,10 +143,10 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     torch.set_num_threads(max(1, torch.get_num_threads()))
     predictor.predict_from_files(str(inputs), str(raw_output), save_probabilities=decision.needs_probabilities,
                                  overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-    if decision.active:
+    if decided:  # the numbering it kept (files copied when it kept none) and the review flags
         from spinediff.inference.postprocess_command import postprocess_folder
 
-        postprocess_folder(raw_output, output, folder, overwrite=True, progress=False)
+        postprocess_folder(raw_output, output, folder, overwrite=True, progress=False, review=True, images=inputs)
 
 
 def find_raw_dataset(name: str) -> Path:
@@ -238,7 +240,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
             start = time.perf_counter()
             predict_postprocessed(settings, model, use_folds, inputs, predicted)
             seconds = time.perf_counter() - start
-            numbering = {}
+            numbering, flags = {}, review_flags(predicted)
             summary = predicted / "prediction.json"
             if summary.is_file():
                 for identifier, entry in read_json(summary).get("cases", {}).items():
@@ -251,6 +253,8 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                 scores = level_scores(answer, reference, list(order.labels))
                 rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
                              "numbering_confidence": numbering.get(stem, {}).get("confidence"),
+                             "flagged": flags[stem]["review"] if stem in flags else None,
+                             "flag_reasons": flags[stem]["reasons"] if stem in flags else None,
                              "seconds_per_case": seconds / max(1, len(truth))})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -266,6 +270,20 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
     return result
+
+
+def review_flags(predicted: Path) -> dict[str, dict]:
+    """Each case's review flag (``review``: bool, ``reasons``) as the prediction wrote it: ``review.csv`` of
+    ``spinediff postprocess`` or ``spinediff predict`` (both write it when the model has a review rule)."""
+    import csv
+
+    table = predicted / "review.csv"
+    if not table.is_file():
+        return {}
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {row["case"]: {"review": row["review"] == "yes", "reasons": [r for r in row["reasons"].split("; ") if r]}
+            for row in rows}
 
 
 def stress_dice(table: list[dict], dataset: str) -> float:
@@ -299,26 +317,46 @@ def summarise(rows: list[dict], variants: dict) -> list[dict]:
                           "mean_merged_dice": float(np.nanmean([r["merged_dice"] for r in mine])),
                           "cases_below_0.5": sum(1 for r in mine if not r["level_dice"] >= 0.5),
                           "minus_plain": level - float(np.nanmean(plain)) if plain else float("nan"),
-                          "mean_numbering_confidence": float(np.mean(confidences)) if confidences else None})
+                          "mean_numbering_confidence": float(np.mean(confidences)) if confidences else None,
+                          **flag_counts(mine)})
     return table
+
+
+def flag_counts(rows: list[dict]) -> dict:
+    """How many of ``rows`` the review rule flagged, and how many of those below 0.5 level Dice (the failures) it
+    flagged (None where the prediction gave no review flags)."""
+    judged = [r for r in rows if r.get("flagged") is not None]
+    if not judged:
+        return {"flagged": None, "failures_flagged": None}
+    failures = [r for r in judged if not r["level_dice"] >= 0.5]
+    return {"flagged": sum(1 for r in judged if r["flagged"]),
+            "failures_flagged": sum(1 for r in failures if r["flagged"])}
 
 
 def markdown(result: dict) -> str:
     lines = [f"# Position and field-of-view stress test: {Path(result['model']).name} on {result['dataset']}", "",
              f"Folds {', '.join(result['folds'])}; levels {result['labels']}; command: `{result['command']}`", "",
              "| scans | variant | cases | mean level Dice | − plain | merged Dice | cases < 0.5 "
-             "| numbering confidence |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| of them flagged | cases flagged | numbering confidence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["summary"]:
         confidence = "" if row["mean_numbering_confidence"] is None else f"{row['mean_numbering_confidence']:.2f}"
+        flagged = ("", "") if row.get("flagged") is None else (row["failures_flagged"], row["flagged"])
         lines.append(f"| {row['source']} | {row['variant']} | {row['cases']} | {row['mean_level_dice']:.3f} | "
                      f"{row['minus_plain']:+.3f} | {row['mean_merged_dice']:.3f} | {row['cases_below_0.5']} | "
-                     f"{confidence} |")
+                     f"{flagged[0]} | {flagged[1]} | {confidence} |")
     worst, worst_dice = worst_stressed(result["summary"], result["dataset"])
     if worst is not None:
         mean = float(np.mean([r["mean_level_dice"] for r in result["summary"]
                               if r["source"] == result["dataset"] and r["variant"] != "plain"]))
         lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst} ({worst_dice:.3f})."]
+    counts = flag_counts([r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"])
+    if counts["flagged"] is not None:
+        stressed = [r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
+        failures = sum(1 for r in stressed if not r["level_dice"] >= 0.5)
+        lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
+                  f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "
+                  f"level Dice below 0.5 flagged; {counts['flagged']} of {len(stressed)} flagged in all."]
     return "\n".join(lines) + "\n"
 
 

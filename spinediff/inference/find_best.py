@@ -111,6 +111,16 @@ def predict_command(dataset_id: str, candidate: Candidate, output: str = "OUTPUT
                                                                            else ""))
 
 
+def nnunet_commands(dataset_id: str, candidate: Candidate, postprocessing: dict) -> list[str]:
+    """How a segmentation model of nnU-Net's trainers predicts held-out scans: ``nnUNetv2_predict`` (with
+    probabilities when its post-processing reads them), then ``spinediff postprocess``, which numbers the levels when
+    the cross-validation kept that (``postprocessing``; the files are copied otherwise) and flags the cases to
+    review by the model's review rule, their intensities read from the inputs (``review.csv``)."""
+    needs = bool(postprocessing.get("applied")) and postprocessing.get("foreground") == "probabilities"
+    return [predict_command(dataset_id, candidate, probabilities=needs),
+            f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {candidate.folder} --images INPUT_FOLDER"]
+
+
 SLICE_DIRECTIONS = ("axial", "coronal", "sagittal")
 
 
@@ -260,10 +270,8 @@ def _find_best(dataset_folder: Path, target: Path, folds: Sequence[int | str] | 
             commands.append("spinediff ensemble -i " + " ".join(f"OUTPUT_FOLDER_{i}" for i in range(1, len(group) + 1))
                             + " -o OUTPUT_FOLDER")
     postprocessing = decisions.get(best.name) if winner == best.name else None
-    if postprocessing and postprocessing.get("applied") and not best.is_spinediff:
-        needs = postprocessing.get("foreground") == "probabilities"  # postprocess reads CASE.npz then
-        commands = [predict_command(dataset_id, best, probabilities=needs),
-                    f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {best.folder}"]
+    if postprocessing is not None and not best.is_spinediff:
+        commands = nnunet_commands(dataset_id, best, postprocessing)
     result = FindBestResult(task, metric, used_folds, ranking, ensemble, winner, commands, notes, postprocessing,
                             fused, rank_on)
     write_json(result.to_dict(), target)

@@ -1,0 +1,117 @@
+"""`spinediff postprocess` flags the cases to review by the model's review rule (review.json), as `spinediff predict`
+does: the path of nnU-Net's trainers (`nnUNetv2_predict` + `spinediff postprocess --images`) gets review.csv too
+(issue 34, point 5). Synthetic label maps and images: fast."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from spinediff.cli import main
+from spinediff.inference.review import ReviewRule, intensity_reference, intensity_signature
+
+SHAPE = (16, 32, 32)
+
+
+def blob(rows: int = 8) -> np.ndarray:
+    label = np.zeros(SHAPE, np.uint8)
+    label[4:4 + rows, 8:24, 8:24] = 1
+    return label
+
+
+def scan(seed: int, invert: bool = False) -> np.ndarray:
+    """A T2w-like image: dark noisy background, a bright body where the blob lies (inverted: a T1w-like swap)."""
+    rng = np.random.default_rng(seed)
+    image = rng.gamma(1.5, 20.0, size=SHAPE) + 120.0 * blob()
+    return (image.max() - image) if invert else image
+
+
+def write(array: np.ndarray, path: Path) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """A model folder with a kept-nothing post-processing and a review rule (level volumes of the blob, intensities
+    of three training scans), predictions of three cases and the images that were predicted."""
+    model = tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    model.mkdir()
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"},
+                                                    "labels": {"background": 0, "vertebra": 1},
+                                                    "file_ending": ".nii.gz"}))
+    (model / "postprocessing.json").write_text(json.dumps({"level_order": None, "applied": False}))
+    volume_ml = float(blob().sum()) * 2.0 / 1000.0
+    reference = intensity_reference([[intensity_signature(scan(seed))] for seed in range(3)])
+    ReviewRule("level_anomaly", float(np.log(2.0)), {1: volume_ml}, {}, reference, 0.5).write(model)
+    predictions, images = tmp_path / "pred", tmp_path / "images"
+    predictions.mkdir()
+    images.mkdir()
+    for case, rows, invert in (("ok", 8, False), ("small", 2, False), ("t1w", 8, True)):
+        write(blob(rows), predictions / f"{case}.nii.gz")
+        write(scan(10 + rows, invert), images / f"{case}_0000.nii.gz")
+    return model, predictions, images
+
+
+def rows_of(table: Path) -> dict[str, dict]:
+    return {row["case"]: row for row in csv.DictReader(table.open())}
+
+
+def test_postprocess_flags_by_level_volumes_and_with_the_images_by_intensities(folders, tmp_path, capsys):
+    model, predictions, images = folders
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model),
+                 "--images", str(images)]) == 0
+    printed = capsys.readouterr().out
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert set(rows) == {"ok", "small", "t1w"}
+    assert rows["ok"]["review"] == "no" and rows["ok"]["reasons"] == ""
+    assert rows["small"]["review"] == "yes" and "level_anomaly" in rows["small"]["reasons"]  # a quarter the volume
+    assert rows["t1w"]["review"] == "yes" and "intensities out of distribution" in rows["t1w"]["reasons"]
+    assert float(rows["t1w"]["intensity_distance"]) > 4.0 > float(rows["ok"]["intensity_distance"])
+    named = printed.split("review:")[1]
+    assert "small" in named and "t1w" in named and "ok," not in named and "intensities not checked" not in named
+    for case in ("ok", "small", "t1w"):  # the label maps themselves are written as before
+        assert (tmp_path / "out" / f"{case}.nii.gz").is_file()
+
+
+def test_postprocess_without_images_flags_by_volumes_and_says_intensities_were_not_checked(folders, tmp_path,
+                                                                                          capsys):
+    model, predictions, _ = folders
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model)]) == 0
+    printed = capsys.readouterr().out
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert rows["small"]["review"] == "yes" and rows["t1w"]["review"] == "no"  # its volume is the training one
+    assert rows["t1w"]["intensity_distance"] == ""
+    assert "intensities not checked: give --images INPUT_FOLDER" in printed
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "quiet"), "-m", str(model),
+                 "--no-review"]) == 0
+    assert not (tmp_path / "quiet" / "review.csv").exists()
+
+
+def test_find_bests_commands_for_nnunets_trainers_end_with_the_review(folders, tmp_path, capsys):
+    """What find_best prints for a model of nnU-Net's trainers: nnUNetv2_predict, then `spinediff postprocess
+    --images INPUT_FOLDER`; that second command, run as printed, writes review.csv with the intensities checked."""
+    import shlex
+
+    from spinediff.inference.candidates import Candidate
+    from spinediff.inference.find_best import nnunet_commands
+
+    model, predictions, images = folders
+    commands = nnunet_commands("996", Candidate(model, "nnUNetTrainer", "nnUNetPlans", "3d_fullres", ["0"]),
+                               {"applied": True, "foreground": "probabilities"})
+    assert commands[0].startswith("nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER") and "--save_probabilities" \
+        in commands[0]
+    assert "--save_probabilities" not in nnunet_commands("996", Candidate(model, "nnUNetTrainer", "nnUNetPlans",
+                                                                          "3d_fullres", ["0"]), {"applied": False})[0]
+    argv = shlex.split(commands[1].replace("OUTPUT_FOLDER_PP", str(tmp_path / "pp"))
+                       .replace("OUTPUT_FOLDER", str(predictions)).replace("INPUT_FOLDER", str(images)))
+    assert argv[:2] == ["spinediff", "postprocess"]
+    assert main(argv[1:]) == 0
+    rows = rows_of(tmp_path / "pp" / "review.csv")
+    assert rows["t1w"]["review"] == "yes" and "intensities" in rows["t1w"]["reasons"]
