@@ -382,6 +382,14 @@ def test_postprocess_review_by_a_score_the_predictions_cannot_give(world, capsys
     assert "review.json" in outcome.message and "--save_probabilities" in outcome.message
 
 
+def test_postprocess_images_with_no_review(world, capsys):
+    model, predictions = _model_and_predictions(world)
+    _review_rule(model)
+    outcome = run_cli(["postprocess", "-i", str(predictions), "-o", str(world / "pp"), "-m", str(model),
+                       "--images", str(predictions), "--no-review"], world, capsys)
+    assert "--images" in outcome.message and "--no-review" in outcome.message
+
+
 def test_postprocess_images_without_a_review_rule(world, capsys):
     model, predictions = _model_and_predictions(world)
     outcome = run_cli(["postprocess", "-i", str(predictions), "-o", str(world / "pp"), "-m", str(model),

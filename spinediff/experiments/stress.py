@@ -145,8 +145,11 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
                                  overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
     if decided:  # the numbering it kept (files copied when it kept none) and the review flags
         from spinediff.inference.postprocess_command import postprocess_folder
+        from spinediff.inference.review import REVIEW_FILE
 
-        postprocess_folder(raw_output, output, folder, overwrite=True, progress=False, review=True, images=inputs)
+        reviewed = (folder / REVIEW_FILE).is_file()
+        postprocess_folder(raw_output, output, folder, overwrite=True, progress=False, review=reviewed,
+                           images=inputs if reviewed else None)
 
 
 def find_raw_dataset(name: str) -> Path:

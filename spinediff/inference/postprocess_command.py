@@ -148,7 +148,10 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
                    "this model's post-processing forms the foreground from class probabilities")
             raise SpineDiffError(f"{_probabilities_of(path)} is missing: {why}. Predict with probabilities "
                                  "(nnUNetv2_predict --save_probabilities or spinediff predict --save-probabilities).")
-    rule = ReviewRule.read(model_folder) if review or images is not None else None
+    if images is not None and not review:
+        raise SpineDiffError("--images is read only for the review flags, which --no-review turns off: leave out one "
+                             "of the two.")
+    rule = ReviewRule.read(model_folder) if review else None
     with_probabilities = all(_probabilities_of(path).is_file() for path in files)
     image_files = _review_inputs(rule, files, model_folder, images, with_probabilities)
     ensure_writable_folder(output_folder, create=False)
