@@ -232,11 +232,16 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "postprocess",
-        help="apply a model's cross-validated post-processing (postprocessing.json) to a folder of predictions",
+        help="apply a model's cross-validated post-processing (postprocessing.json) and review flags to a folder of "
+             "predictions (e.g. nnUNetv2_predict's)",
         description="Apply the post-processing that `spinediff find_best` kept for a model (TRAINER__PLANS__CONFIG/"
                     "postprocessing.json: the level numbering of ordered labels such as L1..L5, kept only when it "
                     "raised the cross-validation Dice) to segmentations written by another tool, e.g. "
-                    "nnUNetv2_predict. `spinediff predict` applies it by itself.",
+                    "nnUNetv2_predict, and flag the cases a person should check by the model's review rule "
+                    "(review.json: level volumes, numbering confidence and, with --images, intensities out of the "
+                    "training range) into OUTPUT/review.csv. `spinediff predict` does both by itself. Example: "
+                    "spinediff postprocess -i nnunet_out -o out -m $nnUNet_results/Dataset501_X/"
+                    "nnUNetTrainer__nnUNetPlans__2d_cpu --images INPUT_FOLDER",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-i", "--input", required=True, type=existing_folder, help="folder of predicted segmentations")
     parser.add_argument("-o", "--output", required=True, help="output folder (created; inputs are never replaced)")
