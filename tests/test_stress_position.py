@@ -98,6 +98,20 @@ def levels(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------- acceptance 3 of issue 34
+def t2w_scans_and_a_t1w_scan(levels, inputs: Path) -> tuple[Path, list[str]]:
+    """The module's T2w training scans and the phantom's T1w scan of an unseen subject (``t1w``) in ``inputs``;
+    returns it and the T2w case names."""
+    from spinediff.datasets.phantom import generate_case
+
+    inputs.mkdir()
+    normal = [f"phantom_{i:03d}" for i in range(NUM_CASES)]
+    for case in normal:
+        (inputs / f"{case}_0000.nii.gz").write_bytes(
+            (levels["raw"] / LEVELS / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
+    sitk.WriteImage(generate_case(4, 0, TINY_SETTINGS).t1, str(inputs / "t1w_0000.nii.gz"), True)
+    return inputs, normal
+
+
 @pytest.mark.slow
 def test_a_t1w_scan_is_flagged_by_a_t2w_model_without_contrast_augmentation(levels, tmp_path, capsys):
     """spinediff predict with the T2w-only model trained without contrast augmentation (review rule written by
@@ -105,8 +119,6 @@ def test_a_t1w_scan_is_flagged_by_a_t2w_model_without_contrast_augmentation(leve
     bright: a non-monotone remapping of the tissues): the T1w scan lies furthest from the training intensities, is
     flagged in review.csv and named by the run; no T2w scan is flagged for its intensities. (This 10-step model
     also misses levels on the T2w scans, so level volumes flag those too; a trained model does not.)"""
-    from spinediff.datasets.phantom import generate_case
-
     folder = levels["base"] / "results" / LEVELS / f"DiffusionSegmentationTrainer__nnUNetPlans__{SEG_CONFIG}"
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["configurations"][SEG_CONFIG]["augmentation"]["contrast"]["enabled"] is False
@@ -115,13 +127,7 @@ def test_a_t1w_scan_is_flagged_by_a_t2w_model_without_contrast_augmentation(leve
     assert "field_of_view" in log  # the rest of the planned augmentation still ran
     rule = json.loads((folder / "review.json").read_text())  # written by find_best's cross-validation
     assert rule["intensity"]["threshold"] >= 4.0
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    normal = [f"phantom_{i:03d}" for i in range(NUM_CASES)]
-    for case in normal:
-        (inputs / f"{case}_0000.nii.gz").write_bytes(
-            (levels["raw"] / LEVELS / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
-    sitk.WriteImage(generate_case(4, 0, TINY_SETTINGS).t1, str(inputs / "t1w_0000.nii.gz"), True)
+    inputs, normal = t2w_scans_and_a_t1w_scan(levels, tmp_path / "in")
     assert main(["predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", str(LEVELS_ID), "-c", SEG_CONFIG,
                  "-tr", "DiffusionSegmentationTrainer", "-f", *FOLDS, "--samples", "2", "--steps", "1"]) == 0
     printed = capsys.readouterr().out
@@ -179,7 +185,6 @@ def test_nnunets_trainer_flags_the_t1w_scan_through_find_bests_commands(levels, 
     import shlex
     import subprocess
 
-    from spinediff.datasets.phantom import generate_case
     from spinediff.inference.candidates import Candidate
     from spinediff.inference.find_best import nnunet_commands
 
@@ -187,13 +192,7 @@ def test_nnunets_trainer_flags_the_t1w_scan_through_find_bests_commands(levels, 
     decision = json.loads((folder / "postprocessing.json").read_text())
     commands = nnunet_commands(str(LEVELS_ID), Candidate(folder, "nnUNetTrainer", "nnUNetPlans", CPU_CONFIG,
                                                          list(FOLDS)), decision)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    normal = [f"phantom_{i:03d}" for i in range(NUM_CASES)]
-    for case in normal:
-        (inputs / f"{case}_0000.nii.gz").write_bytes(
-            (levels["raw"] / LEVELS / "imagesTr" / f"{case}_0000.nii.gz").read_bytes())
-    sitk.WriteImage(generate_case(4, 0, TINY_SETTINGS).t1, str(inputs / "t1w_0000.nii.gz"), True)
+    inputs, normal = t2w_scans_and_a_t1w_scan(levels, tmp_path / "in")
     fill = {"OUTPUT_FOLDER_PP": str(tmp_path / "pp"), "OUTPUT_FOLDER": str(tmp_path / "out"),
             "INPUT_FOLDER": str(inputs)}
     argv = []
