@@ -115,3 +115,14 @@ def test_find_bests_commands_for_nnunets_trainers_end_with_the_review(folders, t
     assert main(argv[1:]) == 0
     rows = rows_of(tmp_path / "pp" / "review.csv")
     assert rows["t1w"]["review"] == "yes" and "intensities" in rows["t1w"]["reasons"]
+
+
+def test_a_level_volume_flag_names_the_level(folders, tmp_path):
+    """The reason of a level_anomaly flag names the level furthest from its expected volume, missing or at which
+    share of it, so that a person knows where to look."""
+    model, predictions, _ = folders
+    write(np.zeros(SHAPE, np.uint8), predictions / "empty.nii.gz")
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model)]) == 0
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert rows["small"]["reasons"].endswith("(level 1 at 0.25 x its expected volume)")
+    assert rows["empty"]["reasons"].endswith("(level 1 missing)")

@@ -202,7 +202,7 @@ class ReviewRule:
                                  "than one sample, or choose another score.")
         reasons = []
         if value > self.threshold:
-            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}")
+            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}{self._worst_level(scores)}")
         flag = {"score": self.score, "value": float(value), "threshold": self.threshold}
         if self.intensity is not None and intensity is not None:
             reference = self.intensity
@@ -222,6 +222,24 @@ class ReviewRule:
                 reasons.append(f"level numbering confidence {numbering.get('confidence', 0):.2f} < {threshold:.2g} "
                                f"({numbering.get('basis', '')})")
         return {**flag, "review": bool(reasons), "reasons": reasons}
+
+    def _worst_level(self, scores: dict) -> str:
+        """`` (level L missing)`` or `` (level L at 0.4 x its expected volume)`` for a level_anomaly flag: the level
+        furthest from its expected volume, which a person should look at first ('' for other scores)."""
+        levels = scores.get("levels") or {}
+        if self.score != "level_anomaly" or not self.expected_volumes_ml:
+            return ""
+        worst, label = -1.0, None
+        for key, expected in self.expected_volumes_ml.items():
+            volume = float((levels.get(str(key)) or {}).get("volume_ml", 0.0))
+            deviation = math.inf if volume <= 0 else abs(math.log(volume / expected))
+            if deviation > worst:
+                worst, label = deviation, key
+        if label is None:
+            return ""
+        volume = float((levels.get(str(label)) or {}).get("volume_ml", 0.0))
+        ratio = volume / self.expected_volumes_ml[label]
+        return f" (level {label} missing)" if volume <= 0 else f" (level {label} at {ratio:.2g} x its expected volume)"
 
 
 def review_table(flags: dict[str, dict]) -> str:
