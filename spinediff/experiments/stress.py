@@ -195,6 +195,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     result."""
     import SimpleITK as sitk
 
+    from spinediff.inference.review import REVIEW_TABLE, read_review_table
     from spinediff.io import read_json, write_json, write_text
     from spinediff.paths import nnunet_folder
 
@@ -243,7 +244,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
             start = time.perf_counter()
             predict_postprocessed(settings, model, use_folds, inputs, predicted)
             seconds = time.perf_counter() - start
-            numbering, flags = {}, review_flags(predicted)
+            numbering, flags = {}, read_review_table(predicted / REVIEW_TABLE)  # as the user's run wrote them
             summary = predicted / "prediction.json"
             if summary.is_file():
                 for identifier, entry in read_json(summary).get("cases", {}).items():
@@ -273,20 +274,6 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
     return result
-
-
-def review_flags(predicted: Path) -> dict[str, dict]:
-    """Each case's review flag (``review``: bool, ``reasons``) as the prediction wrote it: ``review.csv`` of
-    ``spinediff postprocess`` or ``spinediff predict`` (both write it when the model has a review rule)."""
-    import csv
-
-    table = predicted / "review.csv"
-    if not table.is_file():
-        return {}
-    with table.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return {row["case"]: {"review": row["review"] == "yes", "reasons": [r for r in row["reasons"].split("; ") if r]}
-            for row in rows}
 
 
 def stress_dice(table: list[dict], dataset: str) -> float:
@@ -353,9 +340,9 @@ def markdown(result: dict) -> str:
         mean = float(np.mean([r["mean_level_dice"] for r in result["summary"]
                               if r["source"] == result["dataset"] and r["variant"] != "plain"]))
         lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst} ({worst_dice:.3f})."]
-    counts = flag_counts([r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"])
+    stressed = [r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
+    counts = flag_counts(stressed)
     if counts["flagged"] is not None:
-        stressed = [r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
         failures = sum(1 for r in stressed if not r["level_dice"] >= 0.5)
         lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
                   f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "

@@ -15,7 +15,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, select_part
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
-from spinediff.inference.review import REVIEW_TABLE, ReviewRule, write_review_table
+from spinediff.inference.review import REVIEW_TABLE, ReviewRule, flagged_cases, write_review_table
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
 from spinediff.paths import DEFAULT_PLANS
@@ -208,8 +208,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                  if c.ok and (c.uncertainty or {}).get("review")}
         if flags:
             report.review_table = write_review_table(flags, output / review_table)
-            report.flagged = [case for case, flag in sorted(flags.items(), key=lambda i: -i[1]["value"])
-                              if flag["review"]]
+            report.flagged = flagged_cases(flags)
         report.summary_file = output / run_summary
         write_json(report.to_dict(), report.summary_file)
         if work is not None:

@@ -13,7 +13,13 @@ from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
 from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
-from spinediff.inference.review import NUMBERING_THRESHOLD, REVIEW_TABLE, ReviewRule, write_review_table
+from spinediff.inference.review import (
+    NUMBERING_THRESHOLD,
+    REVIEW_TABLE,
+    ReviewRule,
+    flagged_cases,
+    write_review_table,
+)
 from spinediff.io import (
     copy_file,
     ensure_writable_folder,
@@ -45,7 +51,7 @@ class PostprocessResult:
 
     @property
     def flagged(self) -> list[str]:
-        return [case for case, flag in sorted(self.flags.items(), key=lambda i: -i[1]["value"]) if flag["review"]]
+        return flagged_cases(self.flags)
 
 
 def _case_stem(path: Path) -> str:

@@ -30,7 +30,7 @@ import numpy as np
 
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json, write_text
-from spinediff.metrics.case_uncertainty import SCORES, expected_volumes
+from spinediff.metrics.case_uncertainty import SCORES, expected_volumes, most_anomalous_level
 
 REVIEW_FILE = "review.json"
 REVIEW_TABLE = "review.csv"
@@ -226,20 +226,19 @@ class ReviewRule:
     def _worst_level(self, scores: dict) -> str:
         """`` (level L missing)`` or `` (level L at 0.4 x its expected volume)`` for a level_anomaly flag: the level
         furthest from its expected volume, which a person should look at first ('' for other scores)."""
-        levels = scores.get("levels") or {}
         if self.score != "level_anomaly" or not self.expected_volumes_ml:
             return ""
-        worst, label = -1.0, None
-        for key, expected in self.expected_volumes_ml.items():
-            volume = float((levels.get(str(key)) or {}).get("volume_ml", 0.0))
-            deviation = math.inf if volume <= 0 else abs(math.log(volume / expected))
-            if deviation > worst:
-                worst, label = deviation, key
-        if label is None:
-            return ""
-        volume = float((levels.get(str(label)) or {}).get("volume_ml", 0.0))
-        ratio = volume / self.expected_volumes_ml[label]
-        return f" (level {label} missing)" if volume <= 0 else f" (level {label} at {ratio:.2g} x its expected volume)"
+        stats = {int(k): v for k, v in (scores.get("levels") or {}).items()}
+        label, _ = most_anomalous_level(stats, self.expected_volumes_ml)
+        volume = float(stats.get(label, {}).get("volume_ml", 0.0))
+        if volume <= 0:
+            return f" (level {label} missing)"
+        return f" (level {label} at {volume / self.expected_volumes_ml[label]:.2g} x its expected volume)"
+
+
+def flagged_cases(flags: dict[str, dict]) -> list[str]:
+    """The flagged cases of ``{case: flag}``, most doubtful (highest score) first."""
+    return [case for case, flag in sorted(flags.items(), key=lambda item: -item[1]["value"]) if flag["review"]]
 
 
 def review_table(flags: dict[str, dict]) -> str:
@@ -263,6 +262,18 @@ def write_review_table(flags: dict[str, dict], path: str | Path) -> Path:
     """Write :func:`review_table` to ``path`` (``OUTPUT/review.csv``)."""
     write_text(review_table(flags), path)
     return Path(path)
+
+
+def read_review_table(path: str | Path) -> dict[str, dict]:
+    """Each case's ``review`` (bool) and ``reasons`` from a ``review.csv`` that :func:`write_review_table` wrote;
+    {} when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return {row["case"]: {"review": row["review"] == "yes", "reasons": [r for r in row["reasons"].split("; ") if r]}
+            for row in rows}
 
 
 # ---------------------------------------------------------------------- the rule written by the cross-validation

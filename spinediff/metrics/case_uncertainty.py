@@ -59,14 +59,22 @@ def level_statistics(label_map: np.ndarray, confidence: np.ndarray | None, spaci
     return stats
 
 
-def level_anomaly(stats: Mapping[int, Mapping[str, float]], expected: Mapping[int, float]) -> float:
-    """The largest |log(volume / expected)| over the labels with an expected volume (missing: MISSING_LEVEL)."""
-    worst = 0.0
+def most_anomalous_level(stats: Mapping[int, Mapping[str, float]],
+                         expected: Mapping[int, float]) -> tuple[int | None, float]:
+    """The label with an expected volume whose volume lies furthest from it, and that |log(volume / expected)|
+    (missing: MISSING_LEVEL; the first such label wins a tie); (None, 0.0) without expected volumes."""
+    worst, worst_label = 0.0, None
     for label, volume in expected.items():
         predicted = stats.get(int(label), {}).get("volume_ml", 0.0)
         deviation = MISSING_LEVEL if predicted <= 0 else min(abs(math.log(predicted / volume)), MISSING_LEVEL)
-        worst = max(worst, deviation)
-    return worst
+        if worst_label is None or deviation > worst:
+            worst, worst_label = deviation, int(label)
+    return worst_label, worst
+
+
+def level_anomaly(stats: Mapping[int, Mapping[str, float]], expected: Mapping[int, float]) -> float:
+    """The largest |log(volume / expected)| over the labels with an expected volume (missing: MISSING_LEVEL)."""
+    return most_anomalous_level(stats, expected)[1]
 
 
 def pairwise_dice(member_labels: Sequence[np.ndarray], labels: Sequence[int]) -> float | None:
