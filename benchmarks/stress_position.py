@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, help="spinediff predict --samples (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the varied inputs (in_*), their cut references (ref_*) and the predictions (out_*) "
+                             "in OUTPUT/stress_cases")
     args = parser.parse_args(argv)
     from spinediff.inference.models import model_folder
 
@@ -42,7 +45,8 @@ def main(argv=None) -> int:
     settings = StressSettings(tuple(args.folds) if args.folds else None,
                               tuple(args.variants) if args.variants else None, args.other_dataset, args.steps,
                               args.samples, args.seed, args.device, " ".join(sys.argv if argv is None
-                                                                              else ["stress_position.py", *argv]))
+                                                                              else ["stress_position.py", *argv]),
+                              keep=args.keep)
     result = stress_test(model, settings, args.output)
     print(markdown(result))
     return 0

@@ -221,7 +221,7 @@ SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_35", "pad_top_30", "shift_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("trainer,configuration,extra", [
-    ("nnUNetTrainer", CPU_CONFIG, ["--variants", *SOME_VARIANTS]),  # nnU-Net's predictor + spinediff postprocess
+    ("nnUNetTrainer", CPU_CONFIG, ["--variants", *SOME_VARIANTS, "--keep"]),  # nnU-Net's predictor + postprocess
     ("DiffusionSegmentationTrainer", SEG_CONFIG, ["--steps", "1", "--samples", "1"]),  # spinediff predict, all
 ])
 def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, trainer, configuration, extra):
@@ -250,6 +250,15 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
     # the review flags as the user's prediction gives them (find_best wrote the model's review.json)
     assert all(isinstance(row["flagged"], bool) for row in result["cases"])
     assert "Review flags" in table
+    kept = tmp_path / "stress" / "stress_cases"
+    assert kept.is_dir() == ("--keep" in extra)
+    if kept.is_dir():  # the varied inputs, their cut references and the predictions, one of each per case
+        for row in result["cases"]:
+            stem = f"{row['case']}-{row['variant']}"
+            where = f"{row['source']}_{'_'.join(row['folds'])}"
+            assert (kept / f"in_{where}" / f"{stem}_0000.nii.gz").is_file()
+            assert (kept / f"ref_{where}" / f"{stem}.nii.gz").is_file()
+            assert (kept / f"out_{where}" / f"{stem}.nii.gz").is_file()
 
 
 # ---------------------------------------------------------------------- spinediff benchmark --stress and find_best

@@ -46,6 +46,9 @@ class StressSettings:
     seed: int = 0
     device: str = "auto"
     command: str = ""
+    #: keep the varied inputs, their cut references and the predictions in ``OUTPUT/stress_cases`` (to look at them,
+    #: or to post-process them again with another rule)
+    keep: bool = False
 
 
 VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the top, pad at the bottom)
@@ -241,6 +244,10 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                         varied, cut = make_variant(image, label, axis, sign, fractions)
                         sitk.WriteImage(varied, str(inputs / f"{stem}_{int(c):04d}{ending}"), True)
                     truth[stem] = (case, name, sitk.GetArrayFromImage(cut))
+                    if settings.keep:
+                        references = work / f"ref_{source}_{'_'.join(use_folds)}"
+                        references.mkdir(exist_ok=True)
+                        sitk.WriteImage(cut, str(references / f"{stem}{ending}"), True)
             start = time.perf_counter()
             predict_postprocessed(settings, model, use_folds, inputs, predicted)
             seconds = time.perf_counter() - start
@@ -260,7 +267,16 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                              "flagged": flags[stem]["review"] if stem in flags else None,
                              "flag_reasons": flags[stem]["reasons"] if stem in flags else None,
                              "seconds_per_case": seconds / max(1, len(truth))})
-    finally:
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    out = Path(output) if output is not None else folder
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.keep:
+        kept = out / "stress_cases"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(work), str(kept))
+    else:
         shutil.rmtree(work, ignore_errors=True)
     table = summarise(rows, variants)
     result = {"model": str(folder), "dataset": dataset, "other_dataset": settings.other_dataset, "folds": folds,
@@ -269,8 +285,6 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
               "stress_dice": stress_dice(table, dataset), "stress_dice_worst": worst_stressed(table, dataset)[1],
               "command": settings.command,
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
-    out = Path(output) if output is not None else folder
-    out.mkdir(parents=True, exist_ok=True)
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
     return result
