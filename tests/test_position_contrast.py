@@ -202,6 +202,44 @@ def test_a_shift_without_support_keeps_the_networks_numbering():
     assert values == [2, 3, 4, 5] and report["confidence"] <= 0.5
 
 
+def volumes_of(array: np.ndarray, spacing=(3.0, 2.0, 1.0)) -> dict[str, dict]:
+    """review scores' ``levels`` (ml) of a label map with ``spacing`` (z, y, x mm)."""
+    ml = float(np.prod(spacing)) / 1000.0
+    return {str(v): {"volume_ml": float((array == v).sum()) * ml} for v in range(1, 6)}
+
+
+def test_the_review_flag_counts_no_level_the_field_of_view_explains():
+    whole = stack([1, 2, 3, 4, 5], 10)
+    expected = {int(k): v["volume_ml"] for k, v in volumes_of(whole).items()}
+    rule = ReviewRule("level_anomaly", 0.69, expected, {}, None, 0.5)
+
+    def flag(array):
+        out, report = renumber_with_report(array, _image(array), ORDER)
+        return rule.flag({"level_anomaly": 9.0, "levels": volumes_of(out)}, None, report), report
+
+    # the top of the scan cuts L1 away and L2 in half: both are what the scan shows, not a failure
+    cut = whole[:, 27:].copy()
+    plain, report = flag(cut)
+    assert report["beyond_view"] == [1] and report["at_view_edge"] == [2] and report["top_open"]
+    assert not plain["review"] and plain["value"] < 0.69 and plain["value_whole_scan"] == 9.0
+    # L1 missing with room for it above (a closed top): the network missed a vertebra, the flag stays
+    missed = stack([2, 3, 4, 5], 22)
+    flagged, report = flag(missed)
+    assert report["beyond_view"] == [] and not report["top_open"]
+    assert flagged["review"] and "(level 1 missing)" in flagged["reasons"][0]
+    # a level at the open edge larger than expected is still flagged (the edge explains only a smaller one)
+    big = cut.copy()
+    big[:, 0:7, :] = 2  # 2.6 x its expected volume
+    grown, report = flag(big)
+    assert report["at_view_edge"] == [2] and grown["review"] and "level 2 at" in grown["reasons"][0]
+
+
+def _image(array: np.ndarray):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 2.0, 3.0))
+    return image
+
+
 # ---------------------------------------------------------------------- review of out-of-distribution scans
 def test_an_inverted_contrast_is_out_of_the_training_intensity_distribution():
     rng = np.random.default_rng(0)

@@ -318,6 +318,7 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
                       basis="renumbering would shift most levels and the field of view does not support it: the "
                             "network's numbering is kept")
         report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
+        report.update(view_explained(kept_labels, labels, top_open, bottom_open))
         return prediction, report
     out = prediction.copy().ravel()
     for (where, _, _), label in zip(candidates, chosen, strict=True):
@@ -339,6 +340,7 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
                   applied=True, shifted_levels=shifted, agreement=round(agreement, 4),
                   confidence=round(confidence, 4), basis=basis)
     report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
+    report.update(view_explained(assigned, labels, top_open, bottom_open))
     return out.reshape(prediction.shape), report
 
 
@@ -350,6 +352,19 @@ def _missing_at_open_ends(numbering: list[int | None], k: int, top_open: bool, b
     if used != list(range(used[0], used[-1] + 1)):
         return False
     return (used[0] == 0 or top_open) and (used[-1] == k - 1 or bottom_open)
+
+
+def view_explained(found: list[int], labels: tuple[int, ...], top_open: bool, bottom_open: bool) -> dict[str, list]:
+    """The levels whose absence or small size the field of view explains: ``beyond_view``, the labels missing
+    beyond an open end (before the first level found with an open top, after the last with an open bottom), and
+    ``at_view_edge``, the outermost levels found at an open end (the edge of the scan may cut them)."""
+    present = [v for v in labels if v in found]
+    if not present:
+        return {"beyond_view": [], "at_view_edge": []}
+    first, last = labels.index(present[0]), labels.index(present[-1])
+    beyond = (list(labels[:first]) if top_open else []) + (list(labels[last + 1:]) if bottom_open else [])
+    edge = sorted(({present[0]} if top_open else set()) | ({present[-1]} if bottom_open else set()))
+    return {"beyond_view": [int(v) for v in beyond], "at_view_edge": [int(v) for v in edge]}
 
 
 def _geometry_report(room_top: float, room_bottom: float, top_open: bool, bottom_open: bool,

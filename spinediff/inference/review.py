@@ -8,7 +8,10 @@ case's flag and reasons to ``prediction.json`` (and ``CASE_uncertainty.json``), 
 doubtful first) and names the flagged cases at the end of the run. A case is flagged when any of these holds:
 
 - **uncertain**: its case score (one of :data:`spinediff.metrics.case_uncertainty.SCORES`; by default
-  ``level_anomaly``, the largest |log(volume / expected volume)| of a level) is above the rule's threshold;
+  ``level_anomaly``, the largest |log(volume / expected volume)| of a level) is above the rule's threshold; with a
+  level numbering report, ``level_anomaly`` is scored within the field of view: a level missing beyond an open end
+  of the scan, or smaller because the scan's edge cuts it, does not count (``value_whole_scan`` keeps the score
+  over the whole scan);
 - **intensities out of distribution**: the quantiles of its z-scored intensities (what the network sees after
   nnU-Net's normalisation) lie further from the training cases' than any training case does from the others
   (:func:`intensity_signature`, :func:`intensity_distance`): an inverted contrast (T1w for a model trained on T2w)
@@ -200,10 +203,15 @@ class ReviewRule:
             raise SpineDiffError(f"the review rule asks for {self.score!r}, which this prediction did not give "
                                  f"(it gave {', '.join(k for k in scores if k in SCORES)}); predict with more "
                                  "than one sample, or choose another score.")
+        explained = _view_explained(numbering) if self.score == "level_anomaly" else {}
+        flag = {"score": self.score, "value": float(value), "threshold": self.threshold}
+        if explained and self.expected_volumes_ml and scores.get("levels"):
+            # the levels the scan's field of view explains (missing beyond an open end, cut at its edge) count not
+            value = most_anomalous_level(_level_stats(scores), self.expected_volumes_ml, **explained)[1]
+            flag.update(value=float(value), value_whole_scan=flag["value"], **explained)
         reasons = []
         if value > self.threshold:
-            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}{self._worst_level(scores)}")
-        flag = {"score": self.score, "value": float(value), "threshold": self.threshold}
+            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}{self._worst_level(scores, explained)}")
         if self.intensity is not None and intensity is not None:
             reference = self.intensity
             if len(intensity) != len(reference["mean"]):
@@ -223,17 +231,30 @@ class ReviewRule:
                                f"({numbering.get('basis', '')})")
         return {**flag, "review": bool(reasons), "reasons": reasons}
 
-    def _worst_level(self, scores: dict) -> str:
+    def _worst_level(self, scores: dict, explained: dict) -> str:
         """`` (level L missing)`` or `` (level L at 0.4 x its expected volume)`` for a level_anomaly flag: the level
         furthest from its expected volume, which a person should look at first ('' for other scores)."""
         if self.score != "level_anomaly" or not self.expected_volumes_ml:
             return ""
-        stats = {int(k): v for k, v in (scores.get("levels") or {}).items()}
-        label, _ = most_anomalous_level(stats, self.expected_volumes_ml)
+        stats = _level_stats(scores)
+        label, _ = most_anomalous_level(stats, self.expected_volumes_ml, **explained)
         volume = float(stats.get(label, {}).get("volume_ml", 0.0))
         if volume <= 0:
             return f" (level {label} missing)"
         return f" (level {label} at {volume / self.expected_volumes_ml[label]:.2g} x its expected volume)"
+
+
+def _level_stats(scores: dict) -> dict[int, dict]:
+    return {int(k): v for k, v in (scores.get("levels") or {}).items()}
+
+
+def _view_explained(numbering: dict | None) -> dict[str, list[int]]:
+    """The levels a level numbering report says the field of view explains (reports written before it said so:
+    none)."""
+    if not numbering or ("beyond_view" not in numbering and "at_view_edge" not in numbering):
+        return {}
+    return {"beyond_view": [int(v) for v in numbering.get("beyond_view", [])],
+            "at_view_edge": [int(v) for v in numbering.get("at_view_edge", [])]}
 
 
 def flagged_cases(flags: dict[str, dict]) -> list[str]:

@@ -10,7 +10,9 @@ average it away. Besides the mean voxel uncertainty the scores therefore look at
 - ``level_confidence``: 1 - the lowest mean confidence (probability of the predicted class) of any
   predicted level;
 - ``level_anomaly``: the largest |log(volume / expected volume)| over the labels, a missing label counting
-  as :data:`MISSING_LEVEL` (expected volumes: medians of the training labels, :func:`expected_volumes`).
+  as :data:`MISSING_LEVEL` (expected volumes: medians of the training labels, :func:`expected_volumes`). The review
+  flag scores it within the field of view (:func:`most_anomalous_level`): a level missing beyond an open end of the
+  scan, or smaller because the scan's edge cuts it, is what the scan shows, not a failure.
 """
 
 from __future__ import annotations
@@ -59,14 +61,23 @@ def level_statistics(label_map: np.ndarray, confidence: np.ndarray | None, spaci
     return stats
 
 
-def most_anomalous_level(stats: Mapping[int, Mapping[str, float]],
-                         expected: Mapping[int, float]) -> tuple[int | None, float]:
+def most_anomalous_level(stats: Mapping[int, Mapping[str, float]], expected: Mapping[int, float],
+                         beyond_view: Sequence[int] = (), at_view_edge: Sequence[int] = ()) -> tuple[int | None, float]:
     """The label with an expected volume whose volume lies furthest from it, and that |log(volume / expected)|
-    (missing: MISSING_LEVEL; the first such label wins a tie); (None, 0.0) without expected volumes."""
+    (missing: MISSING_LEVEL; the first such label wins a tie); (None, 0.0) without expected volumes.
+
+    The field of view may explain some levels (:func:`spinediff.inference.level_order.view_explained`): a label in
+    ``beyond_view`` (missing beyond an open end of the scan) is not scored, and one in ``at_view_edge`` (the
+    outermost level at an open end, which the scan's edge may cut) only when it is larger than expected."""
     worst, worst_label = 0.0, None
+    outside, edge = {int(v) for v in beyond_view}, {int(v) for v in at_view_edge}
     for label, volume in expected.items():
         predicted = stats.get(int(label), {}).get("volume_ml", 0.0)
+        if int(label) in outside and predicted <= 0:
+            continue
         deviation = MISSING_LEVEL if predicted <= 0 else min(abs(math.log(predicted / volume)), MISSING_LEVEL)
+        if int(label) in edge and 0 < predicted < volume:
+            deviation = 0.0
         if worst_label is None or deviation > worst:
             worst, worst_label = deviation, int(label)
     return worst_label, worst
