@@ -258,3 +258,19 @@ def test_an_inverted_contrast_is_out_of_the_training_intensity_distribution():
     assert inverted["review"] and "intensities out of distribution" in inverted["reasons"][0]
     low = rule.flag({"level_anomaly": 0.1}, [intensity_signature(new)], {"confidence": 0.2, "basis": "x"})
     assert low["review"] and "numbering" in low["reasons"][0]
+
+
+def test_the_entropy_threshold_flags_an_uncertain_case_and_is_read_through_the_schema(tmp_path):
+    from spinediff.errors import SpineDiffError
+
+    rule = ReviewRule("level_anomaly", 1.0, {1: 1.0}, {}, None, 0.5, 0.2)
+    sure = rule.flag({"level_anomaly": 0.1, "entropy": 0.1})
+    unsure = rule.flag({"level_anomaly": 0.1, "entropy": 0.3})
+    assert not sure["review"] and sure["entropy"] == 0.1
+    assert unsure["review"] and unsure["reasons"] == ["entropy 0.3 > 0.2 (less sure of its labels than any "
+                                                      "cross-validation case)"]
+    assert not rule.flag({"level_anomaly": 0.1})["review"]  # no probabilities: nothing to check
+    rule.write(tmp_path)
+    assert ReviewRule.read(tmp_path) == rule
+    with pytest.raises(SpineDiffError, match="entropy_threshold"):
+        ReviewRule.from_dict({"score": "level_anomaly", "threshold": 1.0, "entropy_threshold": -1}, "x/review.json")

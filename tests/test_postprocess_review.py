@@ -126,3 +126,56 @@ def test_a_level_volume_flag_names_the_level(folders, tmp_path):
     rows = rows_of(tmp_path / "out" / "review.csv")
     assert rows["small"]["reasons"].endswith("(level 1 at 0.25 x its expected volume)")
     assert rows["empty"]["reasons"].endswith("(level 1 missing)")
+
+
+def probabilities(label: np.ndarray, sure: float) -> np.ndarray:
+    """Class probabilities (background, vertebra) whose argmax is ``label``, ``sure`` on the predicted class."""
+    foreground = np.where(label == 1, sure, 1.0 - sure).astype(np.float32)
+    return np.stack([1.0 - foreground, foreground])
+
+
+def test_the_cross_validations_entropy_flags_a_case_less_sure_than_any_of_its_own(folders, tmp_path, capsys):
+    """The rule the cross-validation writes holds 1.5 x the largest mean foreground entropy of its cases (from the
+    CASE.npz nnU-Net's validation saves); `spinediff postprocess` flags a case above it when the probabilities are
+    beside the inputs, says so when they are not, and find_best's nnUNetv2_predict command then saves them."""
+    from spinediff.inference.candidates import Candidate
+    from spinediff.inference.find_best import nnunet_commands
+    from spinediff.inference.review import ENTROPY_MARGIN, rule_from_cross_validation, write_cross_validation_rule
+    from spinediff.metrics.case_uncertainty import case_scores
+
+    model, predictions, _ = folders
+    validation = tmp_path / "cv"
+    validation.mkdir()
+    pairs, entropies = [], []
+    for i, sure in enumerate((0.97, 0.95, 0.9)):
+        write(blob(), validation / f"cv{i}.nii.gz")
+        np.savez_compressed(validation / f"cv{i}.npz", probabilities=probabilities(blob(), sure))
+        entropies.append(case_scores(probabilities(blob(), sure), (1, 1, 1), [1])["entropy"])
+        pairs.append((validation / f"cv{i}.nii.gz", validation / f"cv{i}.nii.gz"))
+    rule = rule_from_cross_validation(pairs, [1], None)
+    assert rule.entropy_threshold == pytest.approx(ENTROPY_MARGIN * max(entropies), abs=1e-4)
+    assert "3 cross-validation case(s)" in rule.chosen["entropy_threshold_from"]
+    assert rule_from_cross_validation(pairs[:1], [1], None).entropy_threshold is None  # one case says nothing
+    # an older rule (no entropy threshold) keeps its score and gains it
+    assert ReviewRule.read(model).entropy_threshold is None
+    assert write_cross_validation_rule(model, pairs, [1], None).entropy_threshold == rule.entropy_threshold
+    assert ReviewRule.read(model).entropy_threshold == rule.entropy_threshold
+    assert ReviewRule.read(model).threshold == pytest.approx(np.log(2.0), abs=1e-4)
+
+    candidate = Candidate(model, "nnUNetTrainer", "nnUNetPlans", "3d_fullres", ["0"])
+    assert "--save_probabilities" in nnunet_commands("996", candidate, {"applied": False})[0]
+    for case, sure in (("ok", 0.95), ("small", 0.95), ("t1w", 0.95), ("unsure", 0.6)):
+        if case == "unsure":
+            write(blob(), predictions / "unsure.nii.gz")
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{case}.nii.gz")))
+        np.savez_compressed(predictions / f"{case}.npz", probabilities=probabilities(label, sure))
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model)]) == 0
+    assert "entropy not checked" not in capsys.readouterr().out
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert rows["unsure"]["review"] == "yes" and rows["unsure"]["reasons"].startswith("entropy ")
+    assert float(rows["unsure"]["entropy"]) > rule.entropy_threshold > float(rows["ok"]["entropy"])
+    assert rows["ok"]["review"] == "no"
+    (predictions / "unsure.npz").unlink()  # probabilities not beside every input: not checked, and said so
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out2"), "-m", str(model)]) == 0
+    assert "entropy not checked: predict with --save_probabilities" in capsys.readouterr().out
+    assert rows_of(tmp_path / "out2" / "review.csv")["unsure"]["review"] == "no"

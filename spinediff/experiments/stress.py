@@ -134,17 +134,22 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
+    from spinediff.inference.review import ReviewRule
     from spinediff.utilities.device import parse_device
 
     decision = Postprocessing.load(folder)
     decided = (folder / POSTPROCESSING_FILE).is_file()  # `spinediff postprocess` then runs, as for a user
+    rule = ReviewRule.read(folder)
+    # with probabilities where find_best's printed command saves them (nnunet_commands)
+    probabilities = decision.needs_probabilities or (decided and rule is not None
+                                                     and rule.entropy_threshold is not None)
     raw_output = output / "nnunet_raw_output" if decided else output
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 device=parse_device(settings.device), verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(int(f) if f.isdigit() else f
                                                                                 for f in folds))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    predictor.predict_from_files(str(inputs), str(raw_output), save_probabilities=decision.needs_probabilities,
+    predictor.predict_from_files(str(inputs), str(raw_output), save_probabilities=probabilities,
                                  overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
     if decided:  # the numbering it kept (files copied when it kept none) and the review flags
         from spinediff.inference.postprocess_command import postprocess_folder

@@ -48,6 +48,7 @@ class PostprocessResult:
     flags: dict[str, dict] = field(default_factory=dict)  # case -> its review flag (empty without a review rule)
     review_table: Path | None = None  # OUTPUT/review.csv
     intensities_checked: bool = False
+    entropy_checked: bool = False  # the rule's entropy threshold applied (class probabilities beside every input)
 
     @property
     def flagged(self) -> list[str]:
@@ -162,7 +163,9 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     image_files = _review_inputs(rule, files, model_folder, images, with_probabilities)
     ensure_writable_folder(output_folder, create=False)
     result = PostprocessResult(len(files), intensities_checked=bool(image_files) and rule is not None
-                               and rule.intensity is not None)
+                               and rule.intensity is not None,
+                               entropy_checked=rule is not None and rule.entropy_threshold is not None
+                               and with_probabilities)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
         written = [output_folder / p.name for p in files]
         if save_probabilities:  # and each case's probabilities (its .pkl is nnU-Net's, copied)
@@ -178,7 +181,7 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             image = read_image(path)
             array = sitk.GetArrayFromImage(image)
             needed = decision.needs_probabilities or save_probabilities or (
-                rule is not None and rule.score in PROBABILITY_SCORES)
+                rule is not None and rule.score in PROBABILITY_SCORES) or result.entropy_checked
             probabilities = load_probabilities(_probabilities_of(path)) if needed else None
             report = None
             if image.GetDimension() != 3:
@@ -230,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
         unchecked = "" if result.intensities_checked else (
             "; intensities not checked: give --images INPUT_FOLDER" if images is None else
             "; intensities not checked: the review rule has no intensity reference")
+        rule = ReviewRule.read(Path(args.model))
+        if rule is not None and rule.entropy_threshold is not None and not result.entropy_checked:
+            unchecked += "; entropy not checked: predict with --save_probabilities (CASE.npz beside every input)"
         print(f"review: {len(result.flagged)} case(s) flagged by the model's review rule, most doubtful first: "
               f"{shown} (all cases ranked in {result.review_table}{unchecked})")
     return 0

@@ -17,7 +17,11 @@ doubtful first) and names the flagged cases at the end of the run. A case is fla
   (:func:`intensity_signature`, :func:`intensity_distance`): an inverted contrast (T1w for a model trained on T2w)
   moves them by many training spreads;
 - **level numbering uncertain**: the level numbering's confidence (:mod:`spinediff.inference.level_order`) is
-  below ``numbering_threshold``.
+  below ``numbering_threshold``;
+- **uncertain probabilities**: the mean entropy of its class probabilities in the predicted foreground is above
+  ``entropy_threshold`` (1.5 x the largest of the cross-validation's cases, when their probabilities were saved;
+  checked wherever the prediction has probabilities). A level shift that every volume and the numbering miss (the
+  network counting from the wrong edge of a cut field of view) still makes the network less sure of its levels.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ VOLUME_MARGIN = 1.5
 MIN_VOLUME_THRESHOLD = math.log(2.0)
 #: Cases whose level numbering confidence is below this are flagged.
 NUMBERING_THRESHOLD = 0.5
+#: Foreground entropy: flagged beyond this factor of the largest cross-validation case's.
+ENTROPY_MARGIN = 1.5
 
 
 def intensity_signature(image: np.ndarray) -> list[float]:
@@ -85,7 +91,8 @@ def intensity_reference(signatures: Sequence[Sequence[Sequence[float]]]) -> dict
 
 
 #: The keys of a review.json.
-REVIEW_KEYS = frozenset({"score", "threshold", "expected_volumes_ml", "chosen", "intensity", "numbering_threshold"})
+REVIEW_KEYS = frozenset({"score", "threshold", "expected_volumes_ml", "chosen", "intensity", "numbering_threshold",
+                         "entropy_threshold"})
 #: The keys of its intensity reference (:func:`intensity_reference`).
 INTENSITY_KEYS = frozenset({"quantiles", "mean", "spread", "threshold", "leave_one_out_max", "cases"})
 
@@ -129,6 +136,7 @@ class ReviewRule:
     chosen: dict = field(default_factory=dict)  # how: rule, cases, failures, the cross-validation it came from
     intensity: dict | None = None  # intensity_reference(...) of the training cases
     numbering_threshold: float | None = None  # flag a level numbering confidence below this
+    entropy_threshold: float | None = None  # flag a mean foreground entropy above this (when probabilities are there)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -179,7 +187,10 @@ class ReviewRule:
             numbering = _finite(numbering, path, "numbering_threshold", fix)
             if not 0 <= numbering <= 1:
                 raise SpineDiffError(f"{path}: 'numbering_threshold' must be from 0 to 1, got {numbering}; {fix}")
-        return cls(str(data["score"]), threshold, expected, dict(chosen), intensity, numbering)
+        entropy = data.get("entropy_threshold")
+        if entropy is not None:
+            entropy = _finite(entropy, path, "entropy_threshold", fix, positive=True)
+        return cls(str(data["score"]), threshold, expected, dict(chosen), intensity, numbering, entropy)
 
     def write(self, model_folder: str | Path) -> Path:
         path = Path(model_folder) / REVIEW_FILE
@@ -190,6 +201,8 @@ class ReviewRule:
             data["intensity"] = self.intensity
         if self.numbering_threshold is not None:
             data["numbering_threshold"] = self.numbering_threshold
+        if self.entropy_threshold is not None:
+            data["entropy_threshold"] = self.entropy_threshold
         write_json(data, path)
         return path
 
@@ -229,6 +242,12 @@ class ReviewRule:
             if numbering.get("confidence", 1.0) < threshold:
                 reasons.append(f"level numbering confidence {numbering.get('confidence', 0):.2f} < {threshold:.2g} "
                                f"({numbering.get('basis', '')})")
+        entropy = scores.get("entropy")
+        if self.entropy_threshold is not None and entropy is not None and self.score != "entropy":
+            flag["entropy"] = round(float(entropy), 4)
+            if entropy > self.entropy_threshold:
+                reasons.append(f"entropy {entropy:.3g} > {self.entropy_threshold:.3g} (less sure of its labels than "
+                               "any cross-validation case)")
         return {**flag, "review": bool(reasons), "reasons": reasons}
 
     def _worst_level(self, scores: dict, explained: dict) -> str:
@@ -267,11 +286,12 @@ def review_table(flags: dict[str, dict]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["case", "score", "value", "threshold", "review", "intensity_distance", "numbering_confidence",
-                     "reasons"])
+                     "entropy", "reasons"])
     for case, flag in sorted(flags.items(), key=lambda item: (not item[1]["review"], -item[1]["value"])):
         writer.writerow([case, flag["score"], f"{flag['value']:.6g}", f"{flag['threshold']:.6g}",
                          "yes" if flag["review"] else "no", _number(flag.get("intensity_distance")),
-                         _number(flag.get("numbering_confidence")), "; ".join(flag.get("reasons", []))])
+                         _number(flag.get("numbering_confidence")), _number(flag.get("entropy")),
+                         "; ".join(flag.get("reasons", []))])
     return buffer.getvalue()
 
 
@@ -309,7 +329,8 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
                                raw_dataset: Path | None) -> ReviewRule:
     """The default rule of a model from its cross-validation ``(prediction, reference)`` files: expected level
     volumes and their threshold from the references, the intensity reference from the cases' raw images (when
-    ``raw_dataset`` is there), the numbering threshold :data:`NUMBERING_THRESHOLD`."""
+    ``raw_dataset`` is there), the numbering threshold :data:`NUMBERING_THRESHOLD`, and the entropy threshold from
+    the cases' class probabilities (``CASE.npz`` beside the predictions, when at least two have one)."""
     import SimpleITK as sitk
 
     labels = [int(v) for v in labels if int(v) > 0]
@@ -331,6 +352,8 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
                   for m, s in zip(maps, spacings, strict=True) for label in volumes if (m == label).any()]
     threshold = max(MIN_VOLUME_THRESHOLD, VOLUME_MARGIN * max(deviations, default=0.0))
     intensity = intensity_reference(signatures) if len(signatures) >= 2 else None
+    entropies = _cross_validation_entropies([prediction for prediction, _ in pairs], labels)
+    entropy_threshold = round(ENTROPY_MARGIN * max(entropies), 4) if len(entropies) >= 2 else None
     chosen = {"rule": "written by the cross-validation: level volumes beyond the training spread (level_anomaly), "
                       "intensities out of the training distribution, or a level numbering of low confidence",
               "cases": len(pairs), "volume_threshold_from": "1.5 x the largest training |log(volume/median)|, "
@@ -339,7 +362,26 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
               f"{len(signatures)} training case(s)"}
     if missing:
         chosen["cases_without_images"] = missing
-    return ReviewRule("level_anomaly", round(float(threshold), 4), volumes, chosen, intensity, NUMBERING_THRESHOLD)
+    chosen["entropy_threshold_from"] = (f"1.5 x the largest mean foreground entropy of {len(entropies)} "
+                                        "cross-validation case(s)" if entropy_threshold is not None else
+                                        "none (the cross-validation saved no class probabilities)")
+    return ReviewRule("level_anomaly", round(float(threshold), 4), volumes, chosen, intensity, NUMBERING_THRESHOLD,
+                      entropy_threshold)
+
+
+def _cross_validation_entropies(predictions: Sequence[Path], labels: Sequence[int]) -> list[float]:
+    """The mean foreground entropy of each cross-validation prediction with its class probabilities beside it
+    (``CASE.npz``, as nnU-Net's validation writes them with ``--npz``)."""
+    from spinediff.inference.postprocessing import load_probabilities
+    from spinediff.metrics.case_uncertainty import case_scores
+
+    values = []
+    for prediction in predictions:
+        npz = Path(prediction).with_name(Path(prediction).name.split(".")[0] + ".npz")
+        if npz.is_file():
+            probabilities = load_probabilities(npz)
+            values.append(float(case_scores(probabilities, (1.0, 1.0, 1.0), labels)["entropy"]))
+    return values
 
 
 def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, Path]], labels: Sequence[int],
@@ -352,6 +394,10 @@ def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, 
         rule = replace(existing, expected_volumes_ml=existing.expected_volumes_ml or rule.expected_volumes_ml,
                        intensity=existing.intensity or rule.intensity,
                        numbering_threshold=existing.numbering_threshold if existing.numbering_threshold is not None
-                       else rule.numbering_threshold)
+                       else rule.numbering_threshold,
+                       entropy_threshold=existing.entropy_threshold if existing.entropy_threshold is not None
+                       else rule.entropy_threshold,
+                       chosen=existing.chosen if existing.entropy_threshold is not None else
+                       {**existing.chosen, "entropy_threshold_from": rule.chosen["entropy_threshold_from"]})
     rule.write(model_folder)
     return rule

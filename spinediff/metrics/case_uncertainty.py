@@ -67,17 +67,16 @@ def most_anomalous_level(stats: Mapping[int, Mapping[str, float]], expected: Map
     (missing: MISSING_LEVEL; the first such label wins a tie); (None, 0.0) without expected volumes.
 
     The field of view may explain some levels (:func:`spinediff.inference.level_order.view_explained`): a label in
-    ``beyond_view`` (missing beyond an open end of the scan) is not scored, and one in ``at_view_edge`` (the
-    outermost level at an open end, which the scan's edge may cut) only when it is larger than expected."""
+    ``beyond_view`` (missing beyond an open end of the scan, or only a sliver of it found there) or in
+    ``at_view_edge`` (the outermost level found at an open end, which the scan's edge may cut) is scored only when
+    it is larger than expected."""
     worst, worst_label = 0.0, None
-    outside, edge = {int(v) for v in beyond_view}, {int(v) for v in at_view_edge}
+    explained = {int(v) for v in beyond_view} | {int(v) for v in at_view_edge}
     for label, volume in expected.items():
         predicted = stats.get(int(label), {}).get("volume_ml", 0.0)
-        if int(label) in outside and predicted <= 0:
+        if int(label) in explained and predicted < volume:
             continue
         deviation = MISSING_LEVEL if predicted <= 0 else min(abs(math.log(predicted / volume)), MISSING_LEVEL)
-        if int(label) in edge and 0 < predicted < volume:
-            deviation = 0.0
         if worst_label is None or deviation > worst:
             worst, worst_label = deviation, int(label)
     return worst_label, worst
