@@ -250,7 +250,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "postprocessing.json: the level numbering of ordered labels such as L1..L5, kept only when it "
                     "raised the cross-validation Dice) to segmentations written by another tool, e.g. "
                     "nnUNetv2_predict, and flag the cases a person should check by the model's review rule "
-                    "(review.json: level volumes, numbering confidence and, with --images, intensities out of the "
+                    "(review.json: level volumes within the scan's field of view, numbering confidence, the "
+                    "entropy of the class probabilities when CASE.npz lies beside every input "
+                    "(nnUNetv2_predict --save_probabilities) and, with --images, intensities out of the "
                     "training range) into OUTPUT/review.csv. `spinediff predict` does both by itself. Example: "
                     "spinediff postprocess -i nnunet_out -o out -m $nnUNet_results/Dataset501_X/"
                     "nnUNetTrainer__nnUNetPlans__2d_cpu --images INPUT_FOLDER",
