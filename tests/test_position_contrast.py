@@ -267,8 +267,7 @@ def test_the_entropy_threshold_flags_an_uncertain_case_and_is_read_through_the_s
     sure = rule.flag({"level_anomaly": 0.1, "entropy": 0.1})
     unsure = rule.flag({"level_anomaly": 0.1, "entropy": 0.3})
     assert not sure["review"] and sure["entropy"] == 0.1
-    assert unsure["review"] and unsure["reasons"] == ["entropy 0.3 > 0.2 (less sure of its labels than any "
-                                                      "cross-validation case)"]
+    assert unsure["review"] and unsure["reasons"] == ["entropy 0.3 > 0.2 (less sure than the cross-validation's cases)"]
     assert not rule.flag({"level_anomaly": 0.1})["review"]  # no probabilities: nothing to check
     rule.write(tmp_path)
     assert ReviewRule.read(tmp_path) == rule

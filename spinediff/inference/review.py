@@ -246,8 +246,8 @@ class ReviewRule:
         if self.entropy_threshold is not None and entropy is not None and self.score != "entropy":
             flag["entropy"] = round(float(entropy), 4)
             if entropy > self.entropy_threshold:
-                reasons.append(f"entropy {entropy:.3g} > {self.entropy_threshold:.3g} (less sure of its labels than "
-                               "any cross-validation case)")
+                reasons.append(f"entropy {entropy:.3g} > {self.entropy_threshold:.3g} (less sure than the "
+                               "cross-validation's cases)")
         return {**flag, "review": bool(reasons), "reasons": reasons}
 
     def _worst_level(self, scores: dict, explained: dict) -> str:
