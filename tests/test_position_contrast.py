@@ -273,3 +273,20 @@ def test_the_entropy_threshold_flags_an_uncertain_case_and_is_read_through_the_s
     assert ReviewRule.read(tmp_path) == rule
     with pytest.raises(SpineDiffError, match="entropy_threshold"):
         ReviewRule.from_dict({"score": "level_anomaly", "threshold": 1.0, "entropy_threshold": -1}, "x/review.json")
+
+
+def test_the_stress_score_of_levels_in_view_leaves_out_a_sliver_at_the_edge():
+    from spinediff.experiments.stress import in_view_shares, level_scores
+
+    whole = stack([1, 2, 3, 4, 5], 10)
+    cut = whole[:, 18:].copy()  # one row of L1 (rows 10-18) left at the top edge
+    shares = in_view_shares(whole, cut, [1, 2, 3, 4, 5])
+    assert 0 < shares[1] < 0.5 and shares[2] == 1.0
+    missed = cut.copy()
+    missed[missed == 1] = 0  # the network leaves the sliver out, every other level right
+    scores = level_scores(missed, cut, [1, 2, 3, 4, 5], shares)
+    assert scores["level_dice"] == pytest.approx(0.8) and scores["level_dice_in_view"] == 1.0
+    shifted = np.where(cut > 1, cut - 1, 0)  # every whole level moved by one: both scores see it
+    scores = level_scores(shifted, cut, [1, 2, 3, 4, 5], shares)
+    assert scores["level_dice_in_view"] < 0.2 and scores["level_dice"] < 0.2
+    assert "level_dice_in_view" not in level_scores(missed, cut, [1, 2, 3, 4, 5])

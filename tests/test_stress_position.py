@@ -247,6 +247,9 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
         assert set(row["per_label"]) == {"1", "2", "3", "4", "5"}
         assert math.isfinite(row["merged_dice"]) and row["seconds_per_case"] > 0
     assert "Mean level Dice over the stressed variants" in table
+    for row in result["cases"]:  # levels at least half in view: never below the score over every level by a sliver
+        assert 0.0 <= row["level_dice_in_view"] <= 1.0 or math.isnan(row["level_dice_in_view"])
+    assert "levels ≥ half in view" in table
     # the review flags as the user's prediction gives them (find_best wrote the model's review.json)
     assert all(isinstance(row["flagged"], bool) for row in result["cases"])
     assert "Review flags" in table
