@@ -114,8 +114,9 @@ def level_scores(prediction: np.ndarray, reference: np.ndarray, labels: list[int
     scores = {"level_dice": float(np.mean(values)) if values else float("nan"), "per_label": per_label,
               "merged_dice": 2.0 * int((p & r).sum()) / total if total else float("nan")}
     if in_view is not None:
+        shares = {label: in_view.get(int(label), 0.0) for label in per_label}
         kept = [v for label, v in per_label.items() if not math.isnan(v)
-                and (in_view.get(int(label), 0.0) >= IN_VIEW_SHARE or in_view.get(int(label), 0.0) == 0.0)]
+                and (shares[label] >= IN_VIEW_SHARE or shares[label] == 0.0)]
         scores["level_dice_in_view"] = float(np.mean(kept)) if kept else float("nan")
     return scores
 
@@ -154,15 +155,13 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
-    from spinediff.inference.review import ReviewRule
+    from spinediff.inference.review import reads_probabilities
     from spinediff.utilities.device import parse_device
 
     decision = Postprocessing.load(folder)
     decided = (folder / POSTPROCESSING_FILE).is_file()  # `spinediff postprocess` then runs, as for a user
-    rule = ReviewRule.read(folder)
     # with probabilities where find_best's printed command saves them (nnunet_commands)
-    probabilities = decision.needs_probabilities or (decided and rule is not None
-                                                     and rule.entropy_threshold is not None)
+    probabilities = decision.needs_probabilities or (decided and reads_probabilities(folder))
     raw_output = output / "nnunet_raw_output" if decided else output
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 device=parse_device(settings.device), verbose=False, allow_tqdm=False)

@@ -117,11 +117,10 @@ def nnunet_commands(dataset_id: str, candidate: Candidate, postprocessing: dict)
     the cross-validation kept that (``postprocessing``; the files are copied otherwise) and flags the cases to
     review by the model's review rule, their intensities read from the inputs (``review.csv``) and their class
     probabilities when the rule has an entropy threshold."""
-    from spinediff.inference.review import ReviewRule
+    from spinediff.inference.review import reads_probabilities
 
-    rule = ReviewRule.read(candidate.folder)
-    needs = (bool(postprocessing.get("applied")) and postprocessing.get("foreground") == "probabilities") or (
-        rule is not None and rule.entropy_threshold is not None)
+    needs = (bool(postprocessing.get("applied")) and postprocessing.get("foreground") == "probabilities") or \
+        reads_probabilities(candidate.folder)
     return [predict_command(dataset_id, candidate, probabilities=needs),
             f"spinediff postprocess -i OUTPUT_FOLDER -o OUTPUT_FOLDER_PP -m {candidate.folder} --images INPUT_FOLDER"]
 

@@ -48,7 +48,8 @@ class PostprocessResult:
     flags: dict[str, dict] = field(default_factory=dict)  # case -> its review flag (empty without a review rule)
     review_table: Path | None = None  # OUTPUT/review.csv
     intensities_checked: bool = False
-    entropy_checked: bool = False  # the rule's entropy threshold applied (class probabilities beside every input)
+    #: the rule's entropy threshold applied (class probabilities beside every input); None: the rule has none
+    entropy_checked: bool | None = None
 
     @property
     def flagged(self) -> list[str]:
@@ -164,8 +165,8 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
     ensure_writable_folder(output_folder, create=False)
     result = PostprocessResult(len(files), intensities_checked=bool(image_files) and rule is not None
                                and rule.intensity is not None,
-                               entropy_checked=rule is not None and rule.entropy_threshold is not None
-                               and with_probabilities)
+                               entropy_checked=None if rule is None or rule.entropy_threshold is None
+                               else with_probabilities)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
         written = [output_folder / p.name for p in files]
         if save_probabilities:  # and each case's probabilities (its .pkl is nnU-Net's, copied)
@@ -233,8 +234,7 @@ def run(args: argparse.Namespace) -> int:
         unchecked = "" if result.intensities_checked else (
             "; intensities not checked: give --images INPUT_FOLDER" if images is None else
             "; intensities not checked: the review rule has no intensity reference")
-        rule = ReviewRule.read(Path(args.model))
-        if rule is not None and rule.entropy_threshold is not None and not result.entropy_checked:
+        if result.entropy_checked is False:
             unchecked += "; entropy not checked: predict with --save_probabilities (CASE.npz beside every input)"
         print(f"review: {len(result.flagged)} case(s) flagged by the model's review rule, most doubtful first: "
               f"{shown} (all cases ranked in {result.review_table}{unchecked})")

@@ -216,15 +216,20 @@ class ReviewRule:
             raise SpineDiffError(f"the review rule asks for {self.score!r}, which this prediction did not give "
                                  f"(it gave {', '.join(k for k in scores if k in SCORES)}); predict with more "
                                  "than one sample, or choose another score.")
-        explained = _view_explained(numbering) if self.score == "level_anomaly" else {}
         flag = {"score": self.score, "value": float(value), "threshold": self.threshold}
-        if explained and self.expected_volumes_ml and scores.get("levels"):
-            # the levels the scan's field of view explains (missing beyond an open end, cut at its edge) count not
-            value = most_anomalous_level(_level_stats(scores), self.expected_volumes_ml, **explained)[1]
-            flag.update(value=float(value), value_whole_scan=flag["value"], **explained)
+        note = ""
+        if self.score == "level_anomaly" and self.expected_volumes_ml:
+            # the level furthest from its expected volume; the levels the scan's field of view explains (missing
+            # beyond an open end, cut at its edge) count only when they are larger than expected
+            explained, stats = _view_explained(numbering), _level_stats(scores)
+            worst, within = most_anomalous_level(stats, self.expected_volumes_ml, **explained)
+            if explained and stats:
+                value = within
+                flag.update(value=float(value), value_whole_scan=flag["value"], **explained)
+            note = self._level_note(stats, worst)
         reasons = []
         if value > self.threshold:
-            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}{self._worst_level(scores, explained)}")
+            reasons.append(f"{self.score} {value:.3g} > {self.threshold:.3g}{note}")
         if self.intensity is not None and intensity is not None:
             reference = self.intensity
             if len(intensity) != len(reference["mean"]):
@@ -250,17 +255,20 @@ class ReviewRule:
                                "cross-validation's cases)")
         return {**flag, "review": bool(reasons), "reasons": reasons}
 
-    def _worst_level(self, scores: dict, explained: dict) -> str:
+    def _level_note(self, stats: dict[int, dict], label: int) -> str:
         """`` (level L missing)`` or `` (level L at 0.4 x its expected volume)`` for a level_anomaly flag: the level
-        furthest from its expected volume, which a person should look at first ('' for other scores)."""
-        if self.score != "level_anomaly" or not self.expected_volumes_ml:
-            return ""
-        stats = _level_stats(scores)
-        label, _ = most_anomalous_level(stats, self.expected_volumes_ml, **explained)
+        furthest from its expected volume, which a person should look at first."""
         volume = float(stats.get(label, {}).get("volume_ml", 0.0))
         if volume <= 0:
             return f" (level {label} missing)"
         return f" (level {label} at {volume / self.expected_volumes_ml[label]:.2g} x its expected volume)"
+
+
+def reads_probabilities(model_folder: str | Path) -> bool:
+    """Does the model's review rule flag by the class probabilities' entropy (so that its predictions should be
+    saved with them: ``nnUNetv2_predict --save_probabilities``)?"""
+    rule = ReviewRule.read(model_folder)
+    return rule is not None and rule.entropy_threshold is not None
 
 
 def _level_stats(scores: dict) -> dict[int, dict]:
