@@ -290,3 +290,27 @@ def test_the_stress_score_of_levels_in_view_leaves_out_a_sliver_at_the_edge():
     scores = level_scores(shifted, cut, [1, 2, 3, 4, 5], shares)
     assert scores["level_dice_in_view"] < 0.2 and scores["level_dice"] < 0.2
     assert "level_dice_in_view" not in level_scores(missed, cut, [1, 2, 3, 4, 5])
+
+
+def test_vertebra_slots_count_pitches_and_share_a_place_for_parts_of_one_vertebra():
+    from spinediff.inference.level_order import vertebra_slots
+
+    # neighbours a pitch apart, a gap of two pitches (a vertebra not found), two parts of one vertebra
+    assert vertebra_slots([0.0, 12.0, 25.0, 48.0, 53.0], 12.0) == [0, 1, 2, 4, 4]
+
+
+def test_a_longer_field_of_view_is_numbered_as_a_consecutive_column():
+    # seven vertebrae (a T1w scan from T11 to the sacrum), the network counting L1/L2 twice at the top: the column
+    # keeps L3-L5 and numbers upwards from them; the two above L1 become background. A free assignment would skip
+    # the second vertebra called L1 and the second called L2 (levels 1, -, 2, -, 3, 4, 5), which no spine has.
+    values, report = numbered(stack([1, 1, 2, 2, 3, 4, 5], 10, length=110))
+    assert values == [0, 0, 1, 2, 3, 4, 5]
+    assert report["applied"] and report["labels"] == [1, 2, 3, 4, 5]
+
+
+def test_the_free_assignment_is_what_the_consecutive_numbering_replaces(monkeypatch):
+    from spinediff.inference import level_order
+
+    monkeypatch.setattr(level_order, "CONSECUTIVE", False)
+    values, _ = numbered(stack([1, 1, 2, 2, 3, 4, 5], 10, length=110))
+    assert values != [0, 0, 1, 2, 3, 4, 5]  # the test above asserts what the old numbering got wrong

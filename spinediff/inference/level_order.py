@@ -13,9 +13,13 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    by a few voxels) is split by label; one whose labels lie side by side (one vertebra numbered
    differently in different slices) stays whole. Components smaller than :data:`MIN_COMPONENT_SHARE`
    of the largest are left as they are.
-3. The candidates, sorted along the direction, get strictly increasing labels that agree with as many
-   of their predicted voxels as possible (dynamic programming); when there are more candidates than
-   labels, the surplus ones with the least support become background.
+3. The candidates, sorted along the direction, take places in a column of vertebrae (:func:`vertebra_slots`: one
+   level pitch apart, one place further; two pitches apart, a place left empty for a vertebra the network did not
+   find; parts of one vertebra, one place). The levels follow the places, L1 at one of them and the rest counted
+   from it, and the numbering chosen is the one that agrees with most of their predicted voxels; candidates placed
+   above L1 or below L5 (a T12 or an S1 in a longer field of view) become background. A numbering can thus neither
+   skip a vertebra that is there nor give two neighbours one level. (With :data:`CONSECUTIVE` off: strictly
+   increasing labels by dynamic programming, the surplus candidates with the least support becoming background.)
 4. The field of view decides which numberings the anatomy allows (:func:`renumber_with_report`). An end of the
    scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge along the
    direction (a level beyond it may be outside the scan); it is *closed* when there is room for another vertebra
@@ -231,6 +235,9 @@ SHIFT_SHARE = 0.5
 DROP_COST = 0.5
 #: Confidence factor when levels are missing inside the field of view (a vertebra the network did not find).
 UNSUPPORTED_FACTOR = 0.5
+#: Number the vertebrae found as a consecutive column (:func:`vertebra_slots`): the levels follow the places of the
+#: vertebrae, so a numbering cannot skip a vertebra that is there, nor give two vertebrae a pitch apart one level.
+CONSECUTIVE = True
 
 
 def _grid_corners(shape) -> np.ndarray:
@@ -240,14 +247,47 @@ def _grid_corners(shape) -> np.ndarray:
     return corners
 
 
-def _numberings(votes: np.ndarray, top_open: bool, bottom_open: bool) -> list[tuple[list[int | None], bool]]:
+def vertebra_slots(centres: list[float], pitch: float) -> list[int]:
+    """The place of each candidate (sorted by height along the direction) in the column of vertebrae, in whole
+    level pitches from the first: neighbours one pitch apart take consecutive places, a gap of two pitches leaves a
+    place empty (a vertebra the network did not find), and parts of one vertebra less than half a pitch apart share
+    a place."""
+    slots = [0]
+    for before, after in zip(centres[:-1], centres[1:], strict=True):
+        slots.append(slots[-1] + max(0, int(np.floor((after - before) / max(pitch, 1e-6) + 0.5))))
+    return slots
+
+
+def _consecutive_numberings(slots: list[int], k: int) -> list[list[int | None]]:
+    """Every numbering that gives the candidates the levels of their places (level = place + offset): the
+    vertebrae stay consecutive, and candidates whose place lies beyond L1 or L5 (a T12, an S1) become background."""
+    options = []
+    for offset in range(-max(slots), k):
+        numbering = [s + offset if 0 <= s + offset < k else None for s in slots]
+        if any(j is not None for j in numbering):
+            options.append(numbering)
+    return options
+
+
+def _numberings(votes: np.ndarray, top_open: bool, bottom_open: bool, slots: list[int] | None = None
+                ) -> list[tuple[list[int | None], bool]]:
     """Candidate numberings (label index or None per candidate) and whether the field of view supports them: the
-    free assignment of :func:`assign` (all levels it can place), and assignments to contiguous blocks of labels whose
-    missing labels lie at open ends (with all labels placeable, down to two levels fewer, the surplus vertebrae
-    becoming background: an S1 or T12 that carries a lumbar label)."""
+    free assignment of :func:`assign` (all levels it can place), then the numberings the field of view allows.
+
+    With ``slots`` (:func:`vertebra_slots`) these are the consecutive numberings (:func:`_consecutive_numberings`)
+    whose missing labels lie at open ends; without, assignments to contiguous blocks of labels whose missing labels
+    lie at open ends (with all labels placeable, down to two levels fewer, the surplus vertebrae becoming background:
+    an S1 or T12 that carries a lumbar label)."""
     n, k = votes.shape
     full = min(n, k)
     options = [(assign(votes), None)]
+    if slots is not None:
+        for numbering in _consecutive_numberings(slots, k):
+            used = sorted({j for j in numbering if j is not None})
+            if (used[0] > 0 and not top_open) or (used[-1] < k - 1 and not bottom_open):
+                continue
+            options.append((numbering, (used[0], used[-1] + 1)))
+        return options
     for m in range(full, (full if n < k else max(1, full - 2)) - 1, -1):
         for start in range(0, k - m + 1):
             if (start > 0 and not top_open) or (start + m < k and not bottom_open):
@@ -291,7 +331,8 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
         pitch = 1.4 * float(np.median(np.asarray(bottoms) - np.asarray(tops)))
     room_top, room_bottom = tops[0] - low_edge, high_edge - bottoms[-1]
     top_open, bottom_open = room_top < OPEN_END_PITCHES * pitch, room_bottom < OPEN_END_PITCHES * pitch
-    options = _numberings(weighted, top_open, bottom_open)
+    slots = vertebra_slots([c[1] for c in candidates], pitch) if CONSECUTIVE else None
+    options = _numberings(weighted, top_open, bottom_open, slots)
 
     def score(numbering):  # agreeing votes; a vertebra set to background costs half its voxels
         return sum(weighted[i, j] if j is not None else -DROP_COST * sizes[i] for i, j in enumerate(numbering))
