@@ -216,50 +216,6 @@ def test_nnunets_trainer_flags_the_t1w_scan_through_find_bests_commands(levels, 
     assert "t1w" in printed.split("review:")[-1] and "intensities not checked" not in printed
 
 
-@pytest.mark.slow
-def test_postprocess_fits_the_field_of_view_of_a_scan_longer_than_the_training_scans(levels, tmp_path, capsys):
-    """find_best records the training scans' length along the spine with the level order; `spinediff postprocess
-    --images` predicts a scan 1.7 x as long again in windows of that length with the module's nnU-Net model (each
-    numbered on its own, every voxel taking the label most windows give it) and says so; without --images it tells
-    the user to give them, and --no-fit-view leaves the prediction as it was."""
-    from spinediff.inference.view_fit import scan_extent, spine_axis
-
-    folder = levels["base"] / "results" / LEVELS / f"nnUNetTrainer__nnUNetPlans__{CPU_CONFIG}"
-    order = json.loads((folder / "postprocessing.json").read_text())["level_order"]
-    scan = sitk.ReadImage(str(levels["raw"] / LEVELS / "imagesTr" / "phantom_000_0000.nii.gz"))
-    assert order["view_mm"] == pytest.approx(scan_extent(scan, order["direction"]), abs=0.1)
-    axis = spine_axis(scan, order["direction"])
-    array = sitk.GetArrayFromImage(scan)
-    pad = [(0, 0)] * 3
-    pad[axis] = (0, int(0.7 * array.shape[axis]))  # more of the body beyond the training scans' view (background)
-    long = sitk.GetImageFromArray(np.pad(array, pad, constant_values=float(array.min())))
-    long.SetSpacing(scan.GetSpacing())
-    long.SetOrigin(scan.GetOrigin())  # padded at the far end: the first voxel stays where it was
-    long.SetDirection(scan.GetDirection())
-    (tmp_path / "in").mkdir()
-    (tmp_path / "raw").mkdir()
-    sitk.WriteImage(long, str(tmp_path / "in" / "long_0000.nii.gz"))
-    blank = sitk.Image(long.GetSize(), sitk.sitkUInt8)  # the first prediction: whatever the sliding window said
-    blank.CopyInformation(long)
-    sitk.WriteImage(blank, str(tmp_path / "raw" / "long.nii.gz"))
-    assert main(["postprocess", "-i", str(tmp_path / "raw"), "-o", str(tmp_path / "nofit"), "-m", str(folder)]) == 0
-    assert "give --images" in capsys.readouterr().out
-    assert main(["postprocess", "-i", str(tmp_path / "raw"), "-o", str(tmp_path / "pp"), "-m", str(folder),
-                 "--images", str(tmp_path / "in"), "--device", "cpu"]) == 0
-    assert "field of view: 1 scan(s) longer" in capsys.readouterr().out
-    view = json.loads((tmp_path / "pp" / "level_numbering.json").read_text())["cases"]["long.nii.gz"]["view"]
-    spacing = scan.GetSpacing()[::-1][axis]
-    assert view["fitted"] and view["windows"] == len(view["tried"]) > 2
-    for window in view["tried"]:  # windows of the training scans' length, the last ending at the scan's far edge
-        assert window["window_mm"][1] - window["window_mm"][0] == pytest.approx(order["view_mm"], abs=spacing)
-    assert view["tried"][-1]["window_mm"][1] == pytest.approx(long.GetSize()[::-1][axis] * spacing)
-    out = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pp" / "long.nii.gz")))
-    assert out.shape == sitk.GetArrayFromImage(long).shape and out.any()  # the windows' vote, not the blank answer
-    assert main(["postprocess", "-i", str(tmp_path / "raw"), "-o", str(tmp_path / "off"), "-m", str(folder),
-                 "--images", str(tmp_path / "in"), "--no-fit-view"]) == 0
-    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "off" / "long.nii.gz"))).any()
-
-
 SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_35", "pad_top_30", "shift_down_20"]
 
 

@@ -66,21 +66,13 @@ class LevelOrder:
 
     labels: tuple[int, ...]
     direction: tuple[float, float, float]
-    #: the longest training scan's extent (mm) along the direction: the field of view the network learnt to number
-    #: in (:mod:`spinediff.inference.view_fit`); None in decisions written before it was recorded
-    view_mm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"labels": list(self.labels), "direction": [round(float(d), 6) for d in self.direction]}
-        if self.view_mm is not None:
-            data["view_mm"] = round(float(self.view_mm), 1)
-        return data
+        return {"labels": list(self.labels), "direction": [round(float(d), 6) for d in self.direction]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LevelOrder:
-        view = data.get("view_mm")
-        return cls(tuple(int(v) for v in data["labels"]), tuple(float(d) for d in data["direction"]),
-                   None if view is None else float(view))
+        return cls(tuple(int(v) for v in data["labels"]), tuple(float(d) for d in data["direction"]))
 
 
 def label_centroids(image, array: np.ndarray, labels: list[int]) -> dict[int, np.ndarray]:

@@ -20,8 +20,6 @@ from spinediff.inference.review import (
     flagged_cases,
     write_review_table,
 )
-from spinediff.inference.view_fit import VIEW_MARGIN, NnUNetWindows, needs_fitting
-from spinediff.inference.view_fit import fit_view as fit_window
 from spinediff.io import (
     copy_file,
     ensure_writable_folder,
@@ -52,10 +50,6 @@ class PostprocessResult:
     intensities_checked: bool = False
     #: the rule's entropy threshold applied (class probabilities beside every input); None: the rule has none
     entropy_checked: bool | None = None
-    #: cases longer along the spine than the training scans (VIEW_MARGIN x view_mm), and those whose view was fitted
-    long_scans: list[str] = field(default_factory=list)
-    view_mm: float | None = None
-    fitted: dict[str, dict] = field(default_factory=dict)
 
     @property
     def flagged(self) -> list[str]:
@@ -67,17 +61,15 @@ def _case_stem(path: Path) -> str:
 
 
 def _review_inputs(rule: ReviewRule | None, files: list[Path], model_folder: Path, images: Path | None,
-                   probabilities_everywhere: bool, fits_view: bool = False) -> dict[str, list[Path]]:
+                   probabilities_everywhere: bool) -> dict[str, list[Path]]:
     """Checks, before anything is written, that the review rule can be applied to these predictions; returns each
-    case's image files (empty without ``images``). ``fits_view``: the images are read to fit the field of view
-    (:mod:`spinediff.inference.view_fit`) even without a review rule."""
+    case's image files (empty without ``images``)."""
     if rule is None:
-        if images is not None and not fits_view:
-            raise SpineDiffError(f"--images is read only for the review flags and the field of view's fitting, and "
-                                 f"{model_folder} has no review rule (review.json) nor a training field of view in "
-                                 "postprocessing.json. Run `spinediff find_best -d DATASET` (it writes both from the "
+        if images is not None:
+            raise SpineDiffError(f"--images is read only for the review flags, and {model_folder} has no review rule "
+                                 f"(review.json). Run `spinediff find_best -d DATASET` (it writes one from the "
                                  "cross-validation) or leave --images out.")
-        return _input_images(files, model_folder, images)
+        return {}
     available = set(LABEL_MAP_SCORES if rule.expected_volumes_ml else ()) | set(
         PROBABILITY_SCORES if probabilities_everywhere else ())
     if rule.score not in available:
@@ -88,11 +80,6 @@ def _review_inputs(rule: ReviewRule | None, files: list[Path], model_folder: Pat
                 "`spinediff ensemble --save-uncertainty`, whose CASE_uncertainty.json has it")
         raise SpineDiffError(f"{model_folder / 'review.json'} flags cases by {rule.score!r}, which needs {need}. "
                              "Give what it needs or move review.json aside to post-process without review flags.")
-    return _input_images(files, model_folder, images)
-
-
-def _input_images(files: list[Path], model_folder: Path, images: Path | None) -> dict[str, list[Path]]:
-    """Each prediction's input image files in ``images`` (one per channel of the model's dataset.json)."""
     if images is None:
         return {}
     if not images.is_dir():
@@ -140,16 +127,13 @@ def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: 
 
 def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Path, overwrite: bool = False,
                        progress: bool = True, save_probabilities: bool = False, review: bool = False,
-                       images: Path | None = None, fit_view: bool = True, device: str = "auto") -> PostprocessResult:
+                       images: Path | None = None) -> PostprocessResult:
     """Write every segmentation of ``input_folder`` post-processed into ``output_folder``.
     ``save_probabilities``: each case's ``CASE.npz`` too, its probabilities made to agree with the new numbering
     (:meth:`Postprocessing.apply_to_answer`), and nnU-Net's ``CASE.pkl`` copied beside it: an answer that a
     refinement model (``spinediff predict --init-from``) can start from. ``review``: flag the cases by the model's
     review rule (``review.json``, when it has one) into ``OUTPUT/review.csv``, their intensities too when ``images``
-    (the folder that was predicted) is given. ``fit_view`` (with ``images``, for a model of nnU-Net's trainers whose
-    decision records the training field of view): a scan much longer along the spine than the training scans is
-    predicted again in windows of their length with every trained fold on ``device``, each window numbered on its
-    own, and every voxel takes the label most windows give it (:mod:`spinediff.inference.view_fit`)."""
+    (the folder that was predicted) is given."""
     import SimpleITK as sitk
 
     decision_file = model_folder / POSTPROCESSING_FILE
@@ -172,33 +156,17 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
                    "this model's post-processing forms the foreground from class probabilities")
             raise SpineDiffError(f"{_probabilities_of(path)} is missing: {why}. Predict with probabilities "
                                  "(nnUNetv2_predict --save_probabilities or spinediff predict --save-probabilities).")
-    order = decision.level_order
-    view = order.view_mm if fit_view and order is not None else None
-    long_scans = [_case_stem(path) for path in files if view is not None and needs_fitting(read_image(path),
-                                                                                             order.direction, view)]
-    windows = None
-    if long_scans and images is not None:
-        from spinediff.inference.api import trained_folds
-        from spinediff.training.registry import is_spinediff_trainer
-
-        if is_spinediff_trainer(model_folder.name.split("__")[0]):
-            raise SpineDiffError(f"{', '.join(long_scans[:3])}: longer along the spine than {VIEW_MARGIN:g} x the "
-                                 f"training scans ({view:.0f} mm), and fitting the field of view here predicts with "
-                                 f"nnU-Net's trainers only; {model_folder.name} is spinediff's. Predict with "
-                                 "`spinediff predict`, or pass --no-fit-view.")
-        windows = NnUNetWindows(model_folder, trained_folds(model_folder), device)
-    if images is not None and not review and windows is None:
-        raise SpineDiffError("--images is read only for the review flags, which --no-review turns off, and for fitting "
-                             "the field of view of scans longer than the training scans (none here): leave out one "
+    if images is not None and not review:
+        raise SpineDiffError("--images is read only for the review flags, which --no-review turns off: leave out one "
                              "of the two.")
     rule = ReviewRule.read(model_folder) if review else None
     with_probabilities = all(_probabilities_of(path).is_file() for path in files)
-    image_files = _review_inputs(rule, files, model_folder, images, with_probabilities, windows is not None)
+    image_files = _review_inputs(rule, files, model_folder, images, with_probabilities)
     ensure_writable_folder(output_folder, create=False)
     result = PostprocessResult(len(files), intensities_checked=bool(image_files) and rule is not None
                                and rule.intensity is not None,
                                entropy_checked=None if rule is None or rule.entropy_threshold is None
-                               else with_probabilities, long_scans=long_scans, view_mm=view)
+                               else with_probabilities)
     with folder_lock(output_folder):  # held to the end; outputs are checked under it (no other run adds any now)
         written = [output_folder / p.name for p in files]
         if save_probabilities:  # and each case's probabilities (its .pkl is nnU-Net's, copied)
@@ -216,13 +184,6 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             needed = decision.needs_probabilities or save_probabilities or (
                 rule is not None and rule.score in PROBABILITY_SCORES) or result.entropy_checked
             probabilities = load_probabilities(_probabilities_of(path)) if needed else None
-            fitted = None
-            if windows is not None and _case_stem(path) in long_scans:  # windows of the training view, fused
-                data, properties = windows.read(image_files[_case_stem(path)])
-                fitted = fit_window(image, data, properties, windows, order)
-                array = fitted.segmentation.astype(array.dtype)
-                probabilities = fitted.probabilities if needed else None
-                result.fitted[_case_stem(path)] = fitted.report
             report = None
             if image.GetDimension() != 3:
                 changed = array
@@ -231,7 +192,7 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             else:
                 changed, report = decision.apply_with_report(array, image, probabilities)
             if report is not None:
-                reports[path.name] = report if fitted is None else {**report, "view": fitted.report}
+                reports[path.name] = report
             if rule is not None:
                 result.flags[_case_stem(path)] = _review_flag(rule, np.asarray(changed), image, probabilities,
                                                               image_files.get(_case_stem(path), []), report)
@@ -258,22 +219,11 @@ def _probabilities_of(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     images = Path(args.images) if args.images else None
     result = postprocess_folder(Path(args.input), Path(args.output), Path(args.model), args.overwrite,
-                                save_probabilities=args.save_probabilities, review=not args.no_review, images=images,
-                                fit_view=not args.no_fit_view, device=args.device)
+                                save_probabilities=args.save_probabilities, review=not args.no_review, images=images)
     decision = Postprocessing.load(Path(args.model))
     what = "level numbering by anatomical order" if decision.active else "nothing (it did not improve the " \
                                                                           "cross-validation; files copied)"
     print(f"post-processed {result.count} case(s) into {args.output}: {what}")
-    if result.fitted:
-        print(f"field of view: {len(result.fitted)} scan(s) longer along the spine than the training scans "
-              f"({result.view_mm:.0f} mm) predicted again in windows of that length, each numbered on its own; every "
-              f"voxel took the label most windows gave it ({', '.join(result.fitted)}; windows in "
-              f"{Path(args.output) / NUMBERING_FILE})")
-    elif result.long_scans:
-        print(f"field of view: {len(result.long_scans)} scan(s) longer along the spine than {VIEW_MARGIN:g} x the "
-              f"training scans ({result.view_mm:.0f} mm): {', '.join(result.long_scans[:5])}; give --images "
-              "INPUT_FOLDER to predict them again in windows of the training length (their levels may be numbered "
-              "wrongly otherwise)")
     numbering = Path(args.output) / NUMBERING_FILE
     if decision.active and numbering.is_file():
         low = read_json(numbering)["low_confidence"]
@@ -319,17 +269,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="the folder of input images that was predicted (CASE_0000.nii.gz, ...): the review flag "
                              "then also checks each scan's intensities against the training scans' (e.g. a T1w scan "
                              "for a model trained on T2w)")
-    parser.add_argument("--no-fit-view", action="store_true",
-                        help="do not fit the field of view. By default, with --images and a model of nnU-Net's "
-                             "trainers, a scan longer along the spine than 1.2 x the longest training scan (e.g. a "
-                             "T1w protocol from T11 to the pelvis for a model trained on lumbar scans) is predicted "
-                             "again in windows of the training length with every trained fold; each window's "
-                             "vertebrae are numbered on their own and every voxel takes the label most windows give "
-                             "it: the network numbers the levels in the field of view it learnt. "
-                             "level_numbering.json lists the windows")
-    parser.add_argument("--device", default="auto",
-                        help="device for fitting the field of view: auto (cuda when torch sees a GPU), cpu, cuda, "
-                             "cuda:N")
     parser.add_argument("--no-review", action="store_true",
                         help="do not flag cases by the model's review rule (review.json); by default every case is "
                              "flagged or not in OUTPUT/review.csv, as `spinediff predict` does")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,10 +237,6 @@ def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequenc
     channels = tuple([0, *sorted(labels)])
     references = [_read(reference) for _, reference in pairs]
     order = learn_order([label_centroids(image, array, labels) for image, array in references])
-    if order is not None:  # and the field of view the network learnt to number in (the longest reference scan)
-        from spinediff.inference.view_fit import scan_extent
-
-        order = replace(order, view_mm=max(scan_extent(image, order.direction) for image, _ in references))
     with_probabilities = all(_probabilities_file(prediction).is_file() for prediction, _ in pairs)
     variants = ["argmax", "probabilities"] if with_probabilities else ["argmax"]
     dice: dict[str, dict] = {"before": {}, **{v: {} for v in variants}}
@@ -286,21 +282,10 @@ def write_decision(evidence: dict[str, Any], model_folder: Path, overwrite: bool
 
     target = model_folder / POSTPROCESSING_FILE
     if target.is_file() and not overwrite:
-        # a decision written before the training field of view was recorded is the same decision, completed
-        if json.dumps(_without_view(read_json(target)), sort_keys=True) != json.dumps(_without_view(evidence),
-                                                                                      sort_keys=True):
+        if json.dumps(read_json(target), sort_keys=True) != json.dumps(evidence, sort_keys=True):
             return False
     write_json(evidence, target)
     return True
-
-
-def _without_view(decision: Any) -> Any:
-    """``decision`` without the level order's ``view_mm`` (in ``level_order`` and ``learnt_order``)."""
-    if not isinstance(decision, dict):
-        return decision
-    return {key: ({k: v for k, v in value.items() if k != "view_mm"}
-                  if key in ("level_order", "learnt_order") and isinstance(value, dict) else value)
-            for key, value in decision.items()}
 
 
 def validation_pairs(model_folder: Path, folds: Sequence[str], raw_dataset: Path | None = None
