@@ -221,6 +221,37 @@ def separate(mask: np.ndarray, spacing_zyx, expected: int) -> np.ndarray:
     return components
 
 
+#: A component longer along the direction than this many times the median one holds several vertebrae.
+LONG_COMPONENT = 1.6
+
+
+def split_long(components: np.ndarray, foreground: np.ndarray, heights: np.ndarray, spacing_zyx) -> np.ndarray:
+    """``components`` with each component much longer along the direction (5-95 % of its voxels' ``heights``, given
+    for the ``foreground`` voxels in flat order) than the median component parted by :func:`separate` into as many
+    vertebrae as its length holds: two vertebrae that one label bridges through their disc."""
+    flat = components.ravel()[foreground]
+    sizes = np.bincount(flat)
+    major = [c for c in range(1, len(sizes)) if sizes[c] >= MIN_COMPONENT_SHARE * sizes.max()]
+    if len(major) < 2:
+        return components
+    lengths = {c: float(np.subtract(*np.percentile(heights[flat == c], [95, 5]))) for c in major}
+    typical = float(np.median(list(lengths.values())))
+    out, next_id = components, int(components.max()) + 1
+    for c in major:
+        count = int(np.floor(lengths[c] / max(typical, 1e-6) + 0.5))
+        if lengths[c] <= LONG_COMPONENT * typical or count < 2:
+            continue
+        parts = separate(components == c, spacing_zyx, count)
+        found = [p for p in np.unique(parts) if p]
+        if len(found) < 2:
+            continue
+        out = out.copy() if out is components else out
+        for part in found:
+            out[parts == part] = next_id
+            next_id += 1
+    return out
+
+
 def renumber(prediction: np.ndarray, image, order: LevelOrder) -> np.ndarray:
     """``prediction`` (3D array on the SimpleITK ``image``'s grid) with its ordered labels numbered again."""
     return renumber_with_report(prediction, image, order)[0]
@@ -310,6 +341,8 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     foreground = np.flatnonzero(mask)
     direction = np.asarray(order.direction)
     heights = index_to_physical(image, np.unravel_index(foreground, prediction.shape)) @ direction
+    if CONSECUTIVE:  # a component as long as two vertebrae takes two places in the column
+        components = split_long(components, foreground, heights, image.GetSpacing()[::-1])
     candidates = _candidates(components.ravel()[foreground], prediction.ravel()[foreground], heights, labels)
     if not candidates:
         return prediction, report
