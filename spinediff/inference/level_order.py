@@ -11,8 +11,10 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
 2. Per predicted case (:func:`renumber`): the connected components of the ordered labels are the
    candidate vertebrae. A component whose labels are stacked along the direction (two vertebrae bridged
    by a few voxels) is split by label; one whose labels lie side by side (one vertebra numbered
-   differently in different slices) stays whole. Components smaller than :data:`MIN_COMPONENT_SHARE`
-   of the largest are left as they are.
+   differently in different slices) stays whole. A component longer along the direction than
+   :data:`LONG_COMPONENT` times the median one is parted by erosion into as many vertebrae as its length holds
+   (:func:`split_long`: two vertebrae one label bridges through their disc). Components smaller than
+   :data:`MIN_COMPONENT_SHARE` of the largest are left as they are.
 3. The candidates, sorted along the direction, take places in a column of vertebrae (:func:`vertebra_slots`: one
    level pitch apart, one place further; two pitches apart, a place left empty for a vertebra the network did not
    find; parts of one vertebra, one place). The levels follow the places, L1 at one of them and the rest counted
