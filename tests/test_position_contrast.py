@@ -332,25 +332,3 @@ def test_a_component_as_long_as_two_vertebrae_is_parted_in_two():
     sizes = np.bincount(parted.ravel())[1:]
     assert np.count_nonzero(sizes > 100) == 6  # the joined pair is two vertebrae again
     assert (split_long(parted, foreground, heights, (3.0, 2.0, 1.0)) == parted).all()  # nothing longer is left
-
-
-def test_spine_context_shows_a_vertebra_above_the_first_level_labelled_background():
-    from spinediff.training.augmentation import SpineContextTransform
-
-    image, seg = patch()  # five levels at rows 10-67 of 80: a pitch of about 11 rows, 13 rows below the last
-    np.random.seed(0)
-    transform = SpineContextTransform(axis=0)
-    params = transform.get_parameters(image=image, segmentation=seg)
-    shift = params["shift"]
-    assert 6 <= shift <= 10 and params["source"] == 10  # half a pitch at least; a quarter pitch left below L5
-    np.random.seed(0)  # the same draw
-    out = transform(image=image.clone(), segmentation=seg.clone())
-    assert torch.equal(out["segmentation"][0, shift:], seg[0, :-shift])  # everything moved down
-    assert not out["segmentation"][0, :shift].any()  # the new vertebra above L1 is background...
-    assert torch.equal(out["image"][0, :shift], image[0, 10:10 + shift])  # ...and looks like L1
-    assert set(torch.unique(out["segmentation"]).tolist()) == {0, 1, 2, 3, 4, 5}  # every level still in view
-    empty = torch.zeros_like(seg)
-    assert transform.get_parameters(image=image, segmentation=empty)["shift"] == 0  # nothing to count: no-op
-    tight = seg.clone()
-    tight[0, 70:78] = 5  # no room below the last level: the anatomy below it would be lost, so no-op
-    assert transform.get_parameters(image=image, segmentation=tight)["shift"] == 0

@@ -251,54 +251,6 @@ class FieldOfViewCutTransform(BasicTransform):
         return self._cut(segmentation, params["region"])
 
 
-class SpineContextTransform(BasicTransform):
-    """Show vertebrae beyond the first level, as a longer field of view does: the patch moves down the spine axis by
-    ``shift`` rows (half a level pitch to two pitches, estimated as the labelled extent over ``levels``; at most what
-    leaves a quarter pitch below the last level in view, so the anatomy right below it, e.g. the sacrum, stays) and
-    the rows that come into view at the top show a copy of the first level's rows, labelled background: a vertebra above
-    the first level that looks like one. A network that numbers the levels from the top edge of its view is then
-    wrong; one that counts from the other end is not. No-op for a patch without labels or without room below."""
-
-    def __init__(self, axis: int, levels: int = 5) -> None:
-        super().__init__()
-        self.axis, self.levels = int(axis), int(levels)
-
-    def get_parameters(self, **data_dict) -> dict:
-        seg = data_dict.get("segmentation")
-        if seg is None:
-            return {"shift": 0, "source": 0}
-        length = seg.shape[1 + self.axis]
-        other = tuple(a for a in range(seg.ndim) if a != 1 + self.axis)
-        present = torch.nonzero(torch.amax((seg > 0).to(torch.uint8), dim=other)).flatten()
-        if not present.numel():
-            return {"shift": 0, "source": 0}
-        low, high = int(present.min()), int(present.max()) + 1
-        pitch = (high - low) / max(self.levels, 1)
-        fewest = max(int(np.ceil(0.5 * pitch)), 1)
-        most = int(np.floor(min(2.0 * pitch, length - high - 0.25 * pitch, high - low)))
-        if most < fewest:
-            return {"shift": 0, "source": low}
-        return {"shift": int(np.random.randint(fewest, most + 1)), "source": low}
-
-    def _move(self, tensor: torch.Tensor, params: dict, fill_from_source: bool) -> torch.Tensor:
-        shift = params["shift"]
-        if shift <= 0:
-            return tensor
-        dim = 1 + self.axis
-        out = torch.zeros_like(tensor)
-        length = tensor.shape[dim]
-        out.narrow(dim, shift, length - shift).copy_(tensor.narrow(dim, 0, length - shift))
-        if fill_from_source:
-            out.narrow(dim, 0, shift).copy_(tensor.narrow(dim, params["source"], shift))
-        return out
-
-    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
-        return self._move(img, params, True)
-
-    def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> torch.Tensor:
-        return self._move(segmentation, params, False)
-
-
 def field_of_view_transforms(block: dict) -> list[BasicTransform]:
     """The position and field-of-view augmentation of a plans ``augmentation.field_of_view`` block."""
     if not block or not block.get("enabled", True) or block.get("axis") is None:
@@ -309,9 +261,6 @@ def field_of_view_transforms(block: dict) -> list[BasicTransform]:
         transforms.append(RandomTransform(SpineShiftZoomTransform(axis, block.get("max_shift_fraction", 0.25),
                                                                   tuple(block.get("zoom_range", (0.75, 1.0)))),
                                           block["p_shift"]))
-    if block.get("p_context", 0) > 0:  # experimental: not planned (planning.md)
-        transforms.append(RandomTransform(SpineContextTransform(axis, int(block.get("levels", 5))),
-                                          block["p_context"]))
     if block.get("p_cut", 0) > 0:
         transforms.append(RandomTransform(FieldOfViewCutTransform(axis, block.get("max_cut_fraction", 0.5),
                                                                   block.get("p_cut_top", 0.5)),
