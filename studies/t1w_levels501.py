@@ -6,7 +6,9 @@ fold of each model folder (``spinediff predict`` for spinediff's trainers, nnU-N
 its post-processing), and draws for each scan the sagittal slice with the most predicted vertebra, the levels
 outlined and numbered, one row per model. Reading the figure: L5 should sit directly on the sacrum, and the levels
 should run L1..L5 downwards without gaps. It also writes ``t1w_levels.json`` (per model and scan: the levels found,
-their centroid rows and volumes in ml) so that a reader can check the figure's numbers.
+their centroid rows and volumes in ml, and ``right_of_5``: the levels whose centroid lies within 19 mm of the centre
+placed by hand, :data:`HAND_PLACED_CENTRES_MM`) so that a reader can check the figure's numbers, and prints each
+model's levels right.
 
     python -m studies.t1w_levels501 -m $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu -o OUT
@@ -21,6 +23,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+#: Where L1-L5 lie on Dataset504's T1w scans, placed by hand (2026-12-06): the L5/S1 disc found on the mid-sagittal
+#: slice, L5..L1 counted upwards from it; the centre of each level along y (mm, the images' row axis).
+HAND_PLACED_CENTRES_MM = {"vb2_002": (110, 145, 182, 222, 260), "vb2_004": (117, 152, 192, 232, 268),
+                          "vb2_005": (95, 135, 170, 210, 250), "vb2_006": (101, 137, 175, 215, 253),
+                          "vb2_007": (127, 162, 197, 237, 267)}
+#: A level is right when its predicted centroid lies within this distance (half a level pitch) of the hand-placed one.
+RIGHT_WITHIN_MM = 19.0
+
+
+def levels_right(labels: np.ndarray, image, centres) -> int:
+    """How many of L1..L5 in ``labels`` (on ``image``'s grid) have their centroid within :data:`RIGHT_WITHIN_MM`
+    of the hand-placed ``centres`` along y."""
+    right = 0
+    for level, centre in enumerate(centres, start=1):
+        rows = np.argwhere(labels == level)[:, 1]
+        y = image.GetOrigin()[1] + image.GetSpacing()[1] * rows.mean() if len(rows) else None
+        right += int(y is not None and abs(y - centre) < RIGHT_WITHIN_MM)
+    return right
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             levels = {int(v): {"row": round(float(np.argwhere(labels == v)[:, 1].mean()), 1),
                                "volume_ml": round(float((labels == v).sum()) * voxel_ml, 1)}
                       for v in np.unique(labels) if v > 0}
+            if case in HAND_PLACED_CENTRES_MM:  # the levels right, where the centres were placed by hand
+                levels["right_of_5"] = levels_right(labels, image, HAND_PLACED_CENTRES_MM[case])
             found[case] = levels
             index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
             ax = axes[row][column]
@@ -89,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             ax.set_yticks([])
             ax.set_title(f"{case}" if row == 0 else "", fontsize=8)
         axes[row][0].set_ylabel(model.trainer, fontsize=7)
+        scored = [levels["right_of_5"] for levels in found.values() if "right_of_5" in levels]
+        if scored:
+            print(f"{model.path.name}: {sum(scored)} of {5 * len(scored)} levels right at the hand-placed centres")
     fig.tight_layout()
     fig.savefig(output / "t1w_levels.png", dpi=90)
     (output / "t1w_levels.json").write_text(json.dumps(record, indent=2))

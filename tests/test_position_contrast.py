@@ -332,3 +332,19 @@ def test_a_component_as_long_as_two_vertebrae_is_parted_in_two():
     sizes = np.bincount(parted.ravel())[1:]
     assert np.count_nonzero(sizes > 100) == 6  # the joined pair is two vertebrae again
     assert (split_long(parted, foreground, heights, (3.0, 2.0, 1.0)) == parted).all()  # nothing longer is left
+
+
+def test_levels_right_at_hand_placed_centres_sees_a_shift_by_one_level():
+    from studies.t1w_levels501 import levels_right
+
+    centres = (40, 80, 120, 160, 200)  # mm along y, 1 mm rows
+    labels = np.zeros((4, 240, 10), np.uint8)
+    for level, centre in enumerate(centres, start=1):
+        labels[:, centre - 12:centre + 12] = level
+    image = sitk.GetImageFromArray(labels)
+    assert levels_right(labels, image, centres) == 5
+    shifted = np.zeros_like(labels)
+    shifted[:, 40:] = labels[:, :-40]  # every level on the vertebra below
+    assert levels_right(shifted, image, centres) == 0
+    image.SetOrigin((0.0, -40.0, 0.0))  # the same shift undone by the geometry: the study reads world y
+    assert levels_right(shifted, image, centres) == 5
