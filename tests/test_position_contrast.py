@@ -317,13 +317,13 @@ def test_the_free_assignment_is_what_the_consecutive_numbering_replaces(monkeypa
 
 
 def test_a_component_as_long_as_two_vertebrae_is_parted_in_two():
+    from scipy import ndimage
+
     from spinediff.inference.level_order import split_long
 
     # six vertebrae of a long scan (18 mm every 24 mm), the 3rd and 4th joined by a thin bridge through their disc
     array = stack([1, 2, 3, 3, 4, 5], 5, length=90)
     array[2:8, 5 + 2 * 12 + 9:5 + 3 * 12, 9:11] = 3
-    from scipy import ndimage
-
     components, count = ndimage.label(array > 0)
     assert count == 5  # five components for six vertebrae: separate() leaves them (not fewer than five levels)
     foreground = np.flatnonzero(array > 0)
