@@ -238,7 +238,7 @@ def split_long(components: np.ndarray, foreground: np.ndarray, heights: np.ndarr
         return components
     lengths = {c: float(np.subtract(*np.percentile(heights[flat == c], [95, 5]))) for c in major}
     typical = float(np.median(list(lengths.values())))
-    out, next_id = components, int(components.max()) + 1
+    out, next_id = components.copy(), int(components.max()) + 1
     for c in major:
         count = int(np.floor(lengths[c] / max(typical, 1e-6) + 0.5))
         if lengths[c] <= LONG_COMPONENT * typical or count < 2:
@@ -247,7 +247,6 @@ def split_long(components: np.ndarray, foreground: np.ndarray, heights: np.ndarr
         found = [p for p in np.unique(parts) if p]
         if len(found) < 2:
             continue
-        out = out.copy() if out is components else out
         for part in found:
             out[parts == part] = next_id
             next_id += 1
@@ -303,9 +302,10 @@ def _consecutive_numberings(slots: list[int], k: int) -> list[list[int | None]]:
 
 
 def _numberings(votes: np.ndarray, top_open: bool, bottom_open: bool, slots: list[int] | None = None
-                ) -> list[tuple[list[int | None], bool]]:
-    """Candidate numberings (label index or None per candidate) and whether the field of view supports them: the
-    free assignment of :func:`assign` (all levels it can place), then the numberings the field of view allows.
+                ) -> list[tuple[list[int | None], tuple[int, int] | None]]:
+    """Candidate numberings (label index or None per candidate), each with the block of labels it uses (None for
+    the first, the free assignment of :func:`assign`, which the field of view does not check), then the numberings
+    the field of view allows.
 
     With ``slots`` (:func:`vertebra_slots`) these are the consecutive numberings (:func:`_consecutive_numberings`)
     whose missing labels lie at open ends; without, assignments to contiguous blocks of labels whose missing labels
