@@ -59,6 +59,33 @@ def phantom_root(tmp_path_factory) -> Path:
     return root
 
 
+#: folders of session-scoped fixtures under pytest's base temporary folder: kept for the whole run
+SESSION_FOLDERS = ("phantom_raw",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch_removed(request, tmp_path_factory) -> Iterator[None]:
+    """Removes what a module's tests and fixtures wrote under pytest's base temporary folder once the module is
+    done, unless one of its tests failed (then it stays there to look at). pytest alone keeps every test's folder to
+    the end of the run: the suite's trained folds, plans and predictions came to 1.7 GB, and a CI machine short of
+    disk failed every later test that saved a checkpoint. Autouse at module scope: set up before, and torn down
+    after, the module's own fixtures."""
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return
+    for path in base.iterdir():
+        if path.name not in before and not path.name.startswith(SESSION_FOLDERS):
+            if path.is_symlink():  # pytest's "<name>current" link to the newest numbered folder
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def requires_shared_data(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
