@@ -1,14 +1,16 @@
-"""Look at the levels T2w-trained models give real T1w scans (issue 34), where no Dice can be computed.
+"""Look at the levels T2w-trained models give real T1w scans (issue 34), and score them where a reference exists.
 
-Dataset504's labels sit on the wrong vertebrae (documentation/results.md), so the T1w targets cannot be scored. What
-can be checked is where each model puts L1-L5 on those scans: this study predicts Dataset504's T1w images with every
-fold of each model folder (``spinediff predict`` for spinediff's trainers, nnU-Net's predictor otherwise, each with
-its post-processing), and draws for each scan the sagittal slice with the most predicted vertebra, the levels
-outlined and numbered, one row per model. Reading the figure: L5 should sit directly on the sacrum, and the levels
-should run L1..L5 downwards without gaps. It also writes ``t1w_levels.json`` (per model and scan: the levels found,
-their centroid rows and volumes in ml, and ``right_of_5``: the levels whose centroid lies within 19 mm of the centre
-placed by hand, :data:`HAND_PLACED_CENTRES_MM`) so that a reader can check the figure's numbers, and prints each
-model's levels right.
+Dataset504's labels sit on the wrong vertebrae (documentation/results.md), so its masks cannot be scored as they
+are. What can be checked is where each model puts L1-L5 on those scans: this study predicts Dataset504's T1w images
+with every fold of each model folder (``spinediff predict`` for spinediff's trainers, nnU-Net's predictor otherwise,
+each with its post-processing), and draws for each scan the sagittal slice with the most predicted vertebra, the
+levels outlined and numbered, one row per model. Reading the figure: L5 should sit directly on the sacrum, and the
+levels should run L1..L5 downwards without gaps. It also writes ``t1w_levels.json`` (per model and scan: the levels
+found, their centroid rows and volumes in ml, and ``right_of_5``: the levels whose centroid lies within 19 mm of the
+centre placed by hand, :data:`HAND_PLACED_CENTRES_MM`) so that a reader can check the figure's numbers, and prints
+each model's levels right. With the manual masks at hand (``-l``), it also scores the Dice of the levels they hold
+once renumbered by the hand-placed centres (:func:`reference_from_hand_placed`; 13 of the 25 levels), per scan in
+``dice`` and over all of them in ``mean_dice``.
 
     python -m studies.t1w_levels501 -m $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu -o OUT
@@ -44,12 +46,41 @@ def levels_right(labels: np.ndarray, image, centres) -> int:
     return right
 
 
+def reference_from_hand_placed(source: np.ndarray, image, centres) -> np.ndarray:
+    """Dataset504's manual bodies with the level numbers the hand-placed ``centres`` give them.
+
+    The source masks outline seven bodies per scan (T11-L5) and keep five of them under the labels 1-5, in an order
+    that is not L1-L5 (results.md). Each kept body takes the level whose hand-placed centre lies within
+    :data:`RIGHT_WITHIN_MM` of its centroid along y; a body near none (T11, T12) becomes background. The levels
+    whose body the source dropped are absent from the result, so they cannot be scored."""
+    reference = np.zeros(source.shape, np.uint8)
+    for value in np.unique(source[source > 0]):
+        rows = np.argwhere(source == value)[:, 1]
+        y = image.GetOrigin()[1] + image.GetSpacing()[1] * rows.mean()
+        distances = np.abs(np.asarray(centres, float) - y)
+        if distances.min() < RIGHT_WITHIN_MM:
+            reference[source == value] = int(np.argmin(distances)) + 1
+    return reference
+
+
+def dice_at_reference_levels(labels: np.ndarray, reference: np.ndarray) -> dict[int, float]:
+    """Dice of each level that ``reference`` holds (the others cannot be scored)."""
+    scores = {}
+    for level in (int(v) for v in np.unique(reference) if v > 0):
+        predicted, true = labels == level, reference == level
+        scores[level] = round(float(2.0 * (predicted & true).sum() / (predicted.sum() + true.sum())), 4)
+    return scores
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-m", "--models", nargs="+", required=True, help="model folders (TRAINER__PLANS__CONFIG)")
     parser.add_argument("-i", "--images", default="../shared/data/Dataset504_LumbarVB2T1dev/imagesTr",
                         help="the T1w images (nnU-Net naming)")
+    parser.add_argument("-l", "--labels", default="../shared/data/Dataset504_LumbarVB2T1dev/labelsTr",
+                        help="the manual masks, renumbered by the hand-placed centres before scoring "
+                             "(reference_from_hand_placed); skipped when absent")
     parser.add_argument("-o", "--output", required=True, help="output folder (created)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -98,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                       for v in np.unique(labels) if v > 0}
             if case in HAND_PLACED_CENTRES_MM:  # the levels right, where the centres were placed by hand
                 levels["right_of_5"] = levels_right(labels, image, HAND_PLACED_CENTRES_MM[case])
+                source = Path(args.labels) / f"{case}.nii.gz"
+                if source.is_file():
+                    reference = reference_from_hand_placed(sitk.GetArrayFromImage(sitk.ReadImage(str(source))),
+                                                           image, HAND_PLACED_CENTRES_MM[case])
+                    levels["dice"] = dice_at_reference_levels(labels, reference)
             found[case] = levels
             index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
             ax = axes[row][column]
@@ -115,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         scored = [levels["right_of_5"] for levels in found.values() if "right_of_5" in levels]
         if scored:
             print(f"{model.path.name}: {sum(scored)} of {5 * len(scored)} levels right at the hand-placed centres")
+        dice = [value for levels in found.values() for value in levels.get("dice", {}).values()]
+        if dice:
+            found["mean_dice"] = round(float(np.mean(dice)), 4)
+            print(f"{model.path.name}: mean Dice {np.mean(dice):.3f} over the {len(dice)} levels the renumbered "
+                  f"manual masks hold")
     fig.tight_layout()
     fig.savefig(output / "t1w_levels.png", dpi=90)
     (output / "t1w_levels.json").write_text(json.dumps(record, indent=2))

@@ -348,3 +348,21 @@ def test_levels_right_at_hand_placed_centres_sees_a_shift_by_one_level():
     assert levels_right(shifted, image, centres) == 0
     image.SetOrigin((0.0, -40.0, 0.0))  # the same shift undone by the geometry: the study reads world y
     assert levels_right(shifted, image, centres) == 5
+
+
+def test_manual_bodies_renumbered_by_hand_placed_centres_and_scored():
+    from studies.t1w_levels501 import dice_at_reference_levels, reference_from_hand_placed
+
+    centres = (80, 120, 160, 200, 240)  # L1..L5, mm along y (1 mm rows)
+    source = np.zeros((4, 280, 10), np.uint8)
+    # as in Dataset504: seven bodies T11..L5 outlined, five kept under labels 1-5 out of order (T11, T12, L2, L3, L5)
+    for value, centre in ((3, 0 + 12), (5, 40), (1, 120), (4, 160), (2, 240)):
+        source[:, centre - 12:centre + 12] = value
+    image = sitk.GetImageFromArray(source)
+    reference = reference_from_hand_placed(source, image, centres)
+    assert sorted(np.unique(reference)) == [0, 2, 3, 5]  # T11, T12 -> background; L1 and L4 were dropped at source
+    assert (reference[:, 110:130] == 2).all() and (reference[:, 230:250] == 5).all()
+    assert dice_at_reference_levels(reference, reference) == {2: 1.0, 3: 1.0, 5: 1.0}
+    shifted = np.zeros_like(reference)
+    shifted[:, :-40] = reference[:, 40:]  # every level on the vertebra above
+    assert dice_at_reference_levels(shifted, reference) == {2: 0.0, 3: 0.0, 5: 0.0}
