@@ -366,3 +366,26 @@ def test_manual_bodies_renumbered_by_hand_placed_centres_and_scored():
     shifted = np.zeros_like(reference)
     shifted[:, :-40] = reference[:, 40:]  # every level on the vertebra above
     assert dice_at_reference_levels(shifted, reference) == {2: 0.0, 3: 0.0, 5: 0.0}
+
+
+def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
+    from spinediff.inference import level_order
+
+    # five bodies down a gently curved column (mm: 1 mm voxels), and a bright blob 70 mm behind L3
+    prediction = np.zeros((20, 240, 160), np.uint8)
+    for level, y in enumerate((40, 75, 110, 145, 180), start=1):
+        x = 60 + int(0.001 * (y - 110) ** 2)  # lordosis: a few mm off a straight line
+        prediction[6:14, y - 12:y + 12, x - 18:x + 18] = level
+    blob = (slice(6, 14), slice(100, 120), slice(120, 140))  # half a body: it takes part in the first fit
+    centres = np.array([[10.0, y, 60 + 0.001 * (y - 110) ** 2] for y in (40, 75, 110, 145, 180)] +
+                       [[10.0, 110.0, 130.0]])
+    sizes = np.array([8 * 24 * 36] * 5 + [8 * 20 * 20], float)
+    assert level_order.off_column(centres, centres[:, 1], sizes, 24.0) == [5]
+    assert level_order.off_column(centres[:5], centres[:5, 1], sizes[:5], 24.0) == []  # the column itself stays
+    prediction[blob] = 2
+    image = sitk.GetImageFromArray(prediction)
+    order = level_order.LevelOrder(labels=(1, 2, 3, 4, 5), direction=(0.0, 1.0, 0.0))
+    out, report = level_order.renumber_with_report(prediction, image, order)
+    column = prediction.copy()
+    column[blob] = 0
+    assert report["off_column"] == 1 and (out == column).all()  # the blob is gone, the column keeps its labels

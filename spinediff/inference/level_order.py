@@ -14,7 +14,10 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    differently in different slices) stays whole. A component longer along the direction than
    :data:`LONG_COMPONENT` times the median one is parted by erosion into as many vertebrae as its length holds
    (:func:`split_long`: two vertebrae one label bridges through their disc). Components smaller than
-   :data:`MIN_COMPONENT_SHARE` of the largest are left as they are.
+   :data:`MIN_COMPONENT_SHARE` of the largest are left as they are. Candidates off the column of bodies
+   (:func:`off_column`: further than :data:`OFF_COLUMN_HEIGHTS` body heights from a line fitted through the larger
+   candidates, e.g. bright fat behind the spine on a T1w scan) become background before the numbering, so that
+   they neither take a level nor a place in the column.
 3. The candidates, sorted along the direction, take places in a column of vertebrae (:func:`vertebra_slots`: one
    level pitch apart, one place further; two pitches apart, a place left empty for a vertebra the network did not
    find; parts of one vertebra, one place). The levels follow the places, L1 at one of them and the rest counted
@@ -270,6 +273,37 @@ UNSUPPORTED_FACTOR = 0.5
 #: Number the vertebrae found as a consecutive column (:func:`vertebra_slots`): the levels follow the places of the
 #: vertebrae, so a numbering cannot skip a vertebra that is there, nor give two vertebrae a pitch apart one level.
 CONSECUTIVE = True
+#: Set candidates off the column of vertebral bodies (:func:`off_column`) to background before the numbering.
+OFF_COLUMN = True
+
+
+#: A candidate whose centre lies further than this many body heights from the column (a line through the larger
+#: candidates' centres along the direction) is not a vertebral body: bright fat behind the spine, a loop of bowel.
+OFF_COLUMN_HEIGHTS = 1.5
+
+
+def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float) -> list[int]:
+    """The candidates that lie off the column of vertebral bodies: a straight line of the position across the
+    direction against the height is fitted to the larger candidates (at least a third of the largest; the worst
+    outlier dropped and the line fitted again while one lies further than ``OFF_COLUMN_HEIGHTS`` body heights),
+    and every candidate further than that from it is returned (indices). ``centres``: (n, 3) physical centres,
+    ``heights``: their heights along the direction. Fewer than three larger candidates: none is off."""
+    limit = OFF_COLUMN_HEIGHTS * body_height
+    fit = [i for i in range(len(sizes)) if sizes[i] >= sizes.max() / 3.0]
+
+    def distances(members: list[int]) -> np.ndarray:
+        design = np.stack([np.ones(len(members)), heights[members]], axis=1)
+        coefficients = np.linalg.lstsq(design, centres[members], rcond=None)[0]
+        line = np.stack([np.ones(len(heights)), heights], axis=1) @ coefficients
+        return np.linalg.norm(centres - line, axis=1)
+
+    while len(fit) >= 3:
+        far = distances(fit)
+        worst = max(fit, key=lambda i: far[i])
+        if far[worst] <= limit:
+            return [i for i in range(len(sizes)) if far[i] > limit]
+        fit.remove(worst)
+    return []
 
 
 def _grid_corners(shape) -> np.ndarray:
@@ -350,6 +384,19 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
         return prediction, report
     candidates.sort(key=lambda c: c[1])
     sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
+    if OFF_COLUMN:  # what lies off the column of vertebral bodies is set to background before the numbering
+        points = index_to_physical(image, np.unravel_index(foreground, prediction.shape))
+        centres = np.stack([points[c[0]].mean(axis=0) for c in candidates])
+        lengths = [np.ptp(heights[c[0]]) for i, c in enumerate(candidates) if sizes[i] >= sizes.max() / 3.0]
+        off = off_column(centres, centres @ direction, sizes, float(np.median(lengths)))
+        if off and len(off) < len(candidates):
+            prediction = prediction.copy()
+            flat = prediction.reshape(-1)
+            for i in off:
+                flat[foreground[candidates[i][0]]] = 0
+            report["off_column"] = len(off)
+            candidates = [c for i, c in enumerate(candidates) if i not in off]
+            sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     votes = np.stack([c[2] for c in candidates])
     # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
