@@ -9,8 +9,8 @@ levels should run L1..L5 downwards without gaps. It also writes ``t1w_levels.jso
 found, their centroid rows and volumes in ml, and ``right_of_5``: the levels whose centroid lies within 19 mm of the
 centre placed by hand, :data:`HAND_PLACED_CENTRES_MM`) so that a reader can check the figure's numbers, and prints
 each model's levels right. With the manual masks at hand (``-l``), it also scores the Dice of the levels they hold
-once renumbered by the hand-placed centres (:func:`reference_from_hand_placed`; 15 of the 25 levels, three per scan), per scan in
-``dice`` and over all of them in ``mean_dice``.
+once renumbered by the hand-placed centres (:func:`reference_from_hand_placed`; 15 of the 25 levels, three per
+scan), per scan in ``dice`` and over all of them in ``mean_dice``.
 
     python -m studies.t1w_levels501 -m $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu -o OUT

@@ -389,3 +389,18 @@ def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
     column = prediction.copy()
     column[blob] = 0
     assert report["off_column"] == 1 and (out == column).all()  # the blob is gone, the column keeps its labels
+
+
+def test_several_large_blobs_beside_the_spine_do_not_pull_the_column_off_the_bodies():
+    from spinediff.inference.level_order import off_column
+
+    # as on a T1w scan: six bodies down the column (x 190-220 mm), and six large blobs of fat 130 mm behind its upper
+    # half, each half the size of a body; one fit through all twelve would run obliquely from the blobs to the
+    # lower bodies and call the upper bodies off
+    bodies = [(31, 218, 29e3), (63, 212, 29e3), (98, 205, 35e3), (135, 198, 36e3), (174, 193, 43e3), (214, 188, 44e3)]
+    blobs = [(43, 352, 20e3), (44, 350, 15e3), (78, 336, 13e3), (79, 334, 13e3), (111, 327, 20e3), (113, 329, 24e3)]
+    rows = bodies + blobs
+    centres = np.array([[20.0, y, x] for y, x, _ in rows])
+    sizes = np.array([size for _, _, size in rows])
+    assert off_column(centres, centres[:, 1], sizes, 33.0) == list(range(6, 12))
+    assert off_column(centres[:6], centres[:6, 1], sizes[:6], 33.0) == []

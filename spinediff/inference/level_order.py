@@ -280,30 +280,44 @@ OFF_COLUMN = True
 #: A candidate whose centre lies further than this many body heights from the column (a line through the larger
 #: candidates' centres along the direction) is not a vertebral body: bright fat behind the spine, a loop of bowel.
 OFF_COLUMN_HEIGHTS = 1.5
+#: The column's largest slope across the direction (mm across per mm along it; 0.5: 27 degrees).
+COLUMN_MAX_SLOPE = 0.5
 
 
 def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float) -> list[int]:
-    """The candidates that lie off the column of vertebral bodies: a straight line of the position across the
-    direction against the height is fitted to the larger candidates (at least a third of the largest; the worst
-    outlier dropped and the line fitted again while one lies further than ``OFF_COLUMN_HEIGHTS`` body heights),
-    and every candidate further than that from it is returned (indices). ``centres``: (n, 3) physical centres,
-    ``heights``: their heights along the direction. Fewer than three larger candidates: none is off."""
+    """The candidates that lie off the column of vertebral bodies (indices).
+
+    The column is the line through two of the larger candidates (at least a third of the largest) that runs within
+    :data:`COLUMN_MAX_SLOPE` of the direction and has the most voxels within :data:`OFF_COLUMN_HEIGHTS` body heights
+    of it; it is then fitted to the larger candidates on it, and every candidate further than that from the fit is
+    off. A consensus rather than one fit to all: several large blobs beside the spine would pull a fit through all
+    of them off the bodies. Nothing is off when the column holds less than half of the voxels, or when fewer than
+    three candidates are large. ``centres``: (n, 3) physical centres; ``heights``: theirs along the direction."""
     limit = OFF_COLUMN_HEIGHTS * body_height
-    fit = [i for i in range(len(sizes)) if sizes[i] >= sizes.max() / 3.0]
+    large = [i for i in range(len(sizes)) if sizes[i] >= sizes.max() / 3.0]
+    if len(large) < 3:
+        return []
 
     def distances(members: list[int]) -> np.ndarray:
         design = np.stack([np.ones(len(members)), heights[members]], axis=1)
         coefficients = np.linalg.lstsq(design, centres[members], rcond=None)[0]
-        line = np.stack([np.ones(len(heights)), heights], axis=1) @ coefficients
-        return np.linalg.norm(centres - line, axis=1)
+        return np.linalg.norm(centres - np.stack([np.ones(len(heights)), heights], axis=1) @ coefficients, axis=1)
 
-    while len(fit) >= 3:
-        far = distances(fit)
-        worst = max(fit, key=lambda i: far[i])
-        if far[worst] <= limit:
-            return [i for i in range(len(sizes)) if far[i] > limit]
-        fit.remove(worst)
-    return []
+    best, best_size = None, 0.0
+    for a, b in combinations(large, 2):
+        rise = heights[b] - heights[a]
+        if abs(rise) < 0.5 * body_height:  # side by side: no direction to follow
+            continue
+        slope = (centres[b] - centres[a]) / rise  # 1 along the direction, the rest across it
+        if np.sqrt(max(float(slope @ slope) - 1.0, 0.0)) > COLUMN_MAX_SLOPE:
+            continue
+        near = distances([a, b]) <= limit
+        if sizes[near].sum() > best_size:
+            best, best_size = near, float(sizes[near].sum())
+    if best is None or best_size < 0.5 * sizes.sum():
+        return []
+    far = distances([i for i in large if best[i]]) > limit
+    return [int(i) for i in np.flatnonzero(far)]
 
 
 def _grid_corners(shape) -> np.ndarray:
