@@ -383,12 +383,15 @@ def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
     assert level_order.off_column(centres, centres[:, 1], sizes, 24.0) == [5]
     assert level_order.off_column(centres[:5], centres[:5, 1], sizes[:5], 24.0) == []  # the column itself stays
     prediction[blob] = 2
+    speck = (slice(8, 12), slice(150, 156), slice(130, 136))  # too small to be a candidate, off the column too
+    prediction[speck] = 4
     image = sitk.GetImageFromArray(prediction)
     order = level_order.LevelOrder(labels=(1, 2, 3, 4, 5), direction=(0.0, 1.0, 0.0))
     out, report = level_order.renumber_with_report(prediction, image, order)
     column = prediction.copy()
-    column[blob] = 0
-    assert report["off_column"] == 1 and (out == column).all()  # the blob is gone, the column keeps its labels
+    column[blob] = column[speck] = 0
+    assert report["off_column"] == 1 and report["off_column_small"] == 1
+    assert (out == column).all()  # the blob and the speck are gone, the column keeps its labels
 
 
 def test_several_large_blobs_beside_the_spine_do_not_pull_the_column_off_the_bodies():

@@ -284,24 +284,25 @@ OFF_COLUMN_HEIGHTS = 1.5
 COLUMN_MAX_SLOPE = 0.5
 
 
-def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float) -> list[int]:
-    """The candidates that lie off the column of vertebral bodies (indices).
+def column_line(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float
+                ) -> np.ndarray | None:
+    """The column of vertebral bodies: coefficients (2 x 3) of the centre as a straight function of the height
+    (``[1, h] @ line``), or None when no column can be told.
 
     The column is the line through two of the larger candidates (at least a third of the largest) that runs within
     :data:`COLUMN_MAX_SLOPE` of the direction and has the most voxels within :data:`OFF_COLUMN_HEIGHTS` body heights
-    of it; it is then fitted to the larger candidates on it, and every candidate further than that from the fit is
-    off. A consensus rather than one fit to all: several large blobs beside the spine would pull a fit through all
-    of them off the bodies. Nothing is off when the column holds less than half of the voxels, or when fewer than
-    three candidates are large. ``centres``: (n, 3) physical centres; ``heights``: theirs along the direction."""
+    of it, fitted again to the larger candidates on it. A consensus rather than one fit to all: several large blobs
+    beside the spine would pull a fit through all of them off the bodies. None when the column holds less than half
+    of the voxels, or when fewer than three candidates are large. ``centres``: (n, 3) physical centres;
+    ``heights``: theirs along the direction."""
     limit = OFF_COLUMN_HEIGHTS * body_height
     large = [i for i in range(len(sizes)) if sizes[i] >= sizes.max() / 3.0]
     if len(large) < 3:
-        return []
+        return None
 
-    def distances(members: list[int]) -> np.ndarray:
+    def fit(members: list[int]) -> np.ndarray:
         design = np.stack([np.ones(len(members)), heights[members]], axis=1)
-        coefficients = np.linalg.lstsq(design, centres[members], rcond=None)[0]
-        return np.linalg.norm(centres - np.stack([np.ones(len(heights)), heights], axis=1) @ coefficients, axis=1)
+        return np.linalg.lstsq(design, centres[members], rcond=None)[0]
 
     best, best_size = None, 0.0
     for a, b in combinations(large, 2):
@@ -311,13 +312,26 @@ def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body
         slope = (centres[b] - centres[a]) / rise  # 1 along the direction, the rest across it
         if np.sqrt(max(float(slope @ slope) - 1.0, 0.0)) > COLUMN_MAX_SLOPE:
             continue
-        near = distances([a, b]) <= limit
+        near = column_distances(fit([a, b]), centres, heights) <= limit
         if sizes[near].sum() > best_size:
             best, best_size = near, float(sizes[near].sum())
     if best is None or best_size < 0.5 * sizes.sum():
+        return None
+    return fit([i for i in large if best[i]])
+
+
+def column_distances(line: np.ndarray, centres: np.ndarray, heights: np.ndarray) -> np.ndarray:
+    """Distance (mm) of each centre from the column ``line`` (:func:`column_line`) at its height."""
+    return np.linalg.norm(centres - np.stack([np.ones(len(heights)), heights], axis=1) @ line, axis=1)
+
+
+def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float) -> list[int]:
+    """The candidates further than :data:`OFF_COLUMN_HEIGHTS` body heights from the column (:func:`column_line`;
+    indices, none when there is no column)."""
+    line = column_line(centres, heights, sizes, body_height)
+    if line is None:
         return []
-    far = distances([i for i in large if best[i]]) > limit
-    return [int(i) for i in np.flatnonzero(far)]
+    return [int(i) for i in np.flatnonzero(column_distances(line, centres, heights) > OFF_COLUMN_HEIGHTS * body_height)]
 
 
 def _grid_corners(shape) -> np.ndarray:
@@ -402,7 +416,11 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
         points = index_to_physical(image, np.unravel_index(foreground, prediction.shape))
         centres = np.stack([points[c[0]].mean(axis=0) for c in candidates])
         lengths = [np.ptp(heights[c[0]]) for i, c in enumerate(candidates) if sizes[i] >= sizes.max() / 3.0]
-        off = off_column(centres, centres @ direction, sizes, float(np.median(lengths)))
+        body = float(np.median(lengths))
+        line = column_line(centres, centres @ direction, sizes, body)
+        limit = OFF_COLUMN_HEIGHTS * body
+        off = [] if line is None else [
+            int(i) for i in np.flatnonzero(column_distances(line, centres, centres @ direction) > limit)]
         if off and len(off) < len(candidates):
             prediction = prediction.copy()
             flat = prediction.reshape(-1)
@@ -411,6 +429,19 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
             report["off_column"] = len(off)
             candidates = [c for i, c in enumerate(candidates) if i not in off]
             sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
+        if line is not None:  # the components too small to be candidates, off the column too
+            ids = components.ravel()[foreground]
+            counts = np.bincount(ids)
+            small = np.flatnonzero((counts > 0) & (counts < MIN_COMPONENT_SHARE * counts[1:].max()))
+            small = small[small > 0]
+            if len(small):
+                middles = np.stack([np.bincount(ids, weights=points[:, k], minlength=len(counts))[small]
+                                    for k in range(3)], axis=1) / counts[small, None]
+                far = small[column_distances(line, middles, middles @ direction) > limit]
+                if len(far):
+                    prediction = prediction.copy()
+                    prediction.reshape(-1)[foreground[np.isin(ids, far)]] = 0
+                    report["off_column_small"] = int(len(far))
     votes = np.stack([c[2] for c in candidates])
     # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
