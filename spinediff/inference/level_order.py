@@ -17,7 +17,8 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    :data:`MIN_COMPONENT_SHARE` of the largest are left as they are. Candidates off the column of bodies
    (:func:`off_column`: further than :data:`OFF_COLUMN_HEIGHTS` body heights from the line along the direction
    that most of the larger candidates' voxels follow, e.g. bright fat behind the spine on a T1w scan) become
-   background before the numbering, so that they neither take a level nor a place in the column.
+   background before the numbering, so that they neither take a level nor a place in the column; so do the smaller
+   components that lie as far off.
 3. The candidates, sorted along the direction, take places in a column of vertebrae (:func:`vertebra_slots`: one
    level pitch apart, one place further; two pitches apart, a place left empty for a vertebra the network did not
    find; parts of one vertebra, one place). The levels follow the places, L1 at one of them and the rest counted
