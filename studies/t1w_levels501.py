@@ -10,7 +10,7 @@ found, their centroid rows and volumes in ml, and ``right_of_5``: the levels who
 centre placed by hand, :data:`HAND_PLACED_CENTRES_MM`) so that a reader can check the figure's numbers, and prints
 each model's levels right. With the manual masks at hand (``-l``), it also scores the Dice of the levels they hold
 once renumbered by the hand-placed centres (:func:`reference_from_hand_placed`; 15 of the 25 levels, three per
-scan), per scan in ``dice`` and over all of them in ``mean_dice``.
+scan), per scan in ``dice`` and over all of them per model in ``mean_dice``.
 
     python -m studies.t1w_levels501 -m $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         $nnUNet_results/Dataset501_LumbarVB3dev/nnUNetTrainerLevelContext__nnUNetPlans__2d_cpu -o OUT
@@ -35,13 +35,18 @@ HAND_PLACED_CENTRES_MM = {"vb2_002": (110, 145, 182, 222, 260), "vb2_004": (117,
 RIGHT_WITHIN_MM = 19.0
 
 
+def centroid_y_mm(mask: np.ndarray, image) -> float | None:
+    """World y (mm) of the centroid of ``mask`` (on ``image``'s grid, rows along y); None when it is empty."""
+    rows = np.argwhere(mask)[:, 1]
+    return image.GetOrigin()[1] + image.GetSpacing()[1] * rows.mean() if len(rows) else None
+
+
 def levels_right(labels: np.ndarray, image, centres) -> int:
     """How many of L1..L5 in ``labels`` (on ``image``'s grid) have their centroid within :data:`RIGHT_WITHIN_MM`
     of the hand-placed ``centres`` along y."""
     right = 0
     for level, centre in enumerate(centres, start=1):
-        rows = np.argwhere(labels == level)[:, 1]
-        y = image.GetOrigin()[1] + image.GetSpacing()[1] * rows.mean() if len(rows) else None
+        y = centroid_y_mm(labels == level, image)
         right += int(y is not None and abs(y - centre) < RIGHT_WITHIN_MM)
     return right
 
@@ -55,9 +60,7 @@ def reference_from_hand_placed(source: np.ndarray, image, centres) -> np.ndarray
     whose body the source dropped are absent from the result, so they cannot be scored."""
     reference = np.zeros(source.shape, np.uint8)
     for value in np.unique(source[source > 0]):
-        rows = np.argwhere(source == value)[:, 1]
-        y = image.GetOrigin()[1] + image.GetSpacing()[1] * rows.mean()
-        distances = np.abs(np.asarray(centres, float) - y)
+        distances = np.abs(np.asarray(centres, float) - centroid_y_mm(source == value, image))
         if distances.min() < RIGHT_WITHIN_MM:
             reference[source == value] = int(np.argmin(distances)) + 1
     return reference
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model.path.name}: {sum(scored)} of {5 * len(scored)} levels right at the hand-placed centres")
         dice = [value for levels in found.values() for value in levels.get("dice", {}).values()]
         if dice:
-            found["mean_dice"] = round(float(np.mean(dice)), 4)
+            record.setdefault("mean_dice", {})[model.path.name] = round(float(np.mean(dice)), 4)
             print(f"{model.path.name}: mean Dice {np.mean(dice):.3f} over the {len(dice)} levels the renumbered "
                   f"manual masks hold")
     fig.tight_layout()

@@ -335,6 +335,44 @@ def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body
     return [int(i) for i in np.flatnonzero(column_distances(line, centres, heights) > OFF_COLUMN_HEIGHTS * body_height)]
 
 
+def _without_off_column(prediction: np.ndarray, image, components: np.ndarray, foreground: np.ndarray,
+                        heights: np.ndarray, direction: np.ndarray, candidates: list, report: dict[str, Any]
+                        ) -> tuple[np.ndarray, list]:
+    """``prediction`` (a copy when there is a column) and ``candidates`` without what lies off the column
+    (:func:`column_line`): the candidates further than :data:`OFF_COLUMN_HEIGHTS` body heights from it (unless that
+    would be all of them), and the components too small to be candidates that lie as far off. Counts them in
+    ``report`` (``off_column``, ``off_column_small``)."""
+    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
+    points = index_to_physical(image, np.unravel_index(foreground, prediction.shape))
+    centres = np.stack([points[c[0]].mean(axis=0) for c in candidates])
+    body = float(np.median([np.ptp(heights[c[0]]) for i, c in enumerate(candidates)
+                            if sizes[i] >= sizes.max() / 3.0]))
+    line = column_line(centres, centres @ direction, sizes, body)
+    if line is None:
+        return prediction, candidates
+    limit = OFF_COLUMN_HEIGHTS * body
+    out = prediction.copy()  # C-contiguous: its flat view writes through
+    flat = out.reshape(-1)
+    off = [int(i) for i in np.flatnonzero(column_distances(line, centres, centres @ direction) > limit)]
+    if off and len(off) < len(candidates):
+        for i in off:
+            flat[foreground[candidates[i][0]]] = 0
+        report["off_column"] = len(off)
+        candidates = [c for i, c in enumerate(candidates) if i not in off]
+    ids = components.ravel()[foreground]
+    counts = np.bincount(ids)
+    small = np.flatnonzero((counts > 0) & (counts < MIN_COMPONENT_SHARE * counts[1:].max()))
+    small = small[small > 0]
+    if len(small):
+        middles = np.stack([np.bincount(ids, weights=points[:, k], minlength=len(counts))[small]
+                            for k in range(3)], axis=1) / counts[small, None]
+        far = small[column_distances(line, middles, middles @ direction) > limit]
+        if len(far):
+            flat[foreground[np.isin(ids, far)]] = 0
+            report["off_column_small"] = int(len(far))
+    return out, candidates
+
+
 def _grid_corners(shape) -> np.ndarray:
     """Index coordinates (3 x 8) of the grid's outer corners."""
     corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
@@ -414,35 +452,9 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     candidates.sort(key=lambda c: c[1])
     sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     if OFF_COLUMN:  # what lies off the column of vertebral bodies is set to background before the numbering
-        points = index_to_physical(image, np.unravel_index(foreground, prediction.shape))
-        centres = np.stack([points[c[0]].mean(axis=0) for c in candidates])
-        lengths = [np.ptp(heights[c[0]]) for i, c in enumerate(candidates) if sizes[i] >= sizes.max() / 3.0]
-        body = float(np.median(lengths))
-        line = column_line(centres, centres @ direction, sizes, body)
-        limit = OFF_COLUMN_HEIGHTS * body
-        off = [] if line is None else [
-            int(i) for i in np.flatnonzero(column_distances(line, centres, centres @ direction) > limit)]
-        if off and len(off) < len(candidates):
-            prediction = prediction.copy()
-            flat = prediction.reshape(-1)
-            for i in off:
-                flat[foreground[candidates[i][0]]] = 0
-            report["off_column"] = len(off)
-            candidates = [c for i, c in enumerate(candidates) if i not in off]
-            sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
-        if line is not None:  # the components too small to be candidates, off the column too
-            ids = components.ravel()[foreground]
-            counts = np.bincount(ids)
-            small = np.flatnonzero((counts > 0) & (counts < MIN_COMPONENT_SHARE * counts[1:].max()))
-            small = small[small > 0]
-            if len(small):
-                middles = np.stack([np.bincount(ids, weights=points[:, k], minlength=len(counts))[small]
-                                    for k in range(3)], axis=1) / counts[small, None]
-                far = small[column_distances(line, middles, middles @ direction) > limit]
-                if len(far):
-                    prediction = prediction.copy()
-                    prediction.reshape(-1)[foreground[np.isin(ids, far)]] = 0
-                    report["off_column_small"] = int(len(far))
+        prediction, candidates = _without_off_column(prediction, image, components, foreground, heights, direction,
+                                                     candidates, report)
+        sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     votes = np.stack([c[2] for c in candidates])
     # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
