@@ -27,3 +27,22 @@ def label_values(dataset_json: dict[str, Any]) -> dict[str, int]:
         else:
             out[name] = int(value)
     return out
+
+
+def ignore_label(dataset_json: dict[str, Any]) -> int | None:
+    """nnU-Net's ignore label (``"ignore"`` in ``labels``, the highest value): voxels of it carry no annotation; the
+    loss, the Dice and every statistic of the labels leave them out. None when the dataset has none."""
+    value = dataset_json.get("labels", {}).get("ignore")
+    return None if value is None else int(value)
+
+
+def foreground_labels(dataset_json: dict[str, Any]) -> list[int]:
+    """The annotated label values above background, sorted: neither 0 nor the :func:`ignore_label`."""
+    ignore = ignore_label(dataset_json)
+    return sorted({v for v in label_values(dataset_json).values() if v > 0 and v != ignore})
+
+
+def annotated(array, dataset_json: dict[str, Any]):
+    """``array > 0`` without the :func:`ignore_label`'s voxels: the labelled foreground of a label map."""
+    ignore = ignore_label(dataset_json)
+    return (array > 0) if ignore is None else (array > 0) & (array != ignore)

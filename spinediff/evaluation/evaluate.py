@@ -31,7 +31,7 @@ from spinediff.io import (
 )
 from spinediff.metrics.challenge_metrics import challenge_metrics
 from spinediff.metrics.image_metrics import body_mask_ct, image_metrics
-from spinediff.metrics.segmentation_metrics import segmentation_metrics
+from spinediff.metrics.segmentation_metrics import segmentation_metrics, without_ignored
 from spinediff.tasks import IMAGE_KIND, SEGMENTATION_KIND
 from spinediff.utilities.geometry import same_geometry
 from spinediff.utilities.lock import folder_lock
@@ -99,7 +99,8 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
                      data_range: tuple[float, float] = (-1024.0, 3071.0),
                      output_folder: str | os.PathLike | None = None,
                      progress: bool = True, challenge: bool = False,
-                     mask_folder: str | os.PathLike | None = None) -> EvaluationResult:
+                     mask_folder: str | os.PathLike | None = None,
+                     ignore_label: int | None = None) -> EvaluationResult:
     """Score every prediction that has a reference of the same name; write CSV + JSON if ``output_folder`` (whose
     lock is held from before the first case is read to the last file written: one run per output folder).
 
@@ -107,10 +108,13 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
     ``synthrad_mae``, ``synthrad_psnr``, ``synthrad_ssim``, ``synthrad_ms_ssim``) inside the body mask: the file of
     the case's name in ``mask_folder`` (voxels > 0; e.g. a converted dataset's labelsTr), else the reference's
     voxels above -500 HU. A ``mask_folder`` implies ``challenge``.
+
+    ``ignore_label`` (segmentation): nnU-Net's ignore label of the references (``"ignore"`` in dataset.json); its
+    voxels count for no label, in the reference nor in the prediction.
     """
     arguments = {"labels": labels, "task": task, "data_range": data_range, "output_folder": output_folder,
                  "progress": progress, "challenge": challenge or mask_folder is not None,
-                 "mask_folder": mask_folder}
+                 "mask_folder": mask_folder, "ignore_label": ignore_label}
     if output_folder is None:
         return _evaluate_folders(reference_folder, prediction_folder, **arguments)
     ensure_writable_folder(output_folder, create=False)
@@ -121,7 +125,7 @@ def evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str
 def _evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: str | os.PathLike, *,
                       labels: Sequence[int] | None, task: str, data_range: tuple[float, float],
                       output_folder: str | os.PathLike | None, progress: bool, challenge: bool,
-                      mask_folder: str | os.PathLike | None) -> EvaluationResult:
+                      mask_folder: str | os.PathLike | None, ignore_label: int | None) -> EvaluationResult:
     ref_dir, pred_dir = Path(reference_folder), Path(prediction_folder)
     for folder in (ref_dir, pred_dir, *([Path(mask_folder)] if mask_folder is not None else [])):
         if not folder.is_dir():
@@ -151,7 +155,8 @@ def _evaluate_folders(reference_folder: str | os.PathLike, prediction_folder: st
         kind = task if task != "auto" else (SEGMENTATION_KIND if _looks_like_labels(ref_image) else IMAGE_KIND)
         ref, pred = sitk.GetArrayFromImage(ref_image), sitk.GetArrayFromImage(pred_image)
         if kind == SEGMENTATION_KIND:
-            classes = list(labels) if labels else sorted(int(v) for v in np.unique(ref) if v != 0)
+            classes = list(labels) if labels else sorted(int(v) for v in np.unique(ref) if v not in (0, ignore_label))
+            pred, ref = without_ignored(pred, ref, ignore_label)
             per_class = segmentation_metrics(pred, ref, classes, ref_image.GetSpacing()[::-1])
             for label, metrics in per_class.items():
                 rows.append({"case": case, "label": label, **metrics})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import evaluate_folders
@@ -16,9 +17,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if not low < high:
         raise SpineDiffError(f"--data-range LOW HIGH needs LOW below HIGH, got {low:g} {high:g}; e.g. --data-range "
                              "-1024 3071 for CT in HU.")
+    ignore = args.ignore_label
+    beside = Path(args.reference).parent / "dataset.json"
+    if ignore is None and beside.is_file():  # a raw dataset's labelsTr: its dataset.json names the ignore label
+        from spinediff.datasets.dataset_json import ignore_label
+        from spinediff.io import read_json
+
+        try:
+            ignore = ignore_label(read_json(beside))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise SpineDiffError(f"{beside}: its 'labels' entry 'ignore' is not an integer ({exc}); fix it, or give "
+                                 "--ignore-label") from None
     result = evaluate_folders(args.reference, args.prediction, labels=args.labels, task=args.task,
                               data_range=tuple(args.data_range), output_folder=args.output or args.prediction,
-                              challenge=args.challenge, mask_folder=args.mask)
+                              challenge=args.challenge, mask_folder=args.mask, ignore_label=ignore)
     summary = result.summary
     if summary["task"] == SEGMENTATION_KIND:
         print(f"{'label':>6} {'Dice':>8} {'HD95 mm':>9} {'ASD mm':>8}")
@@ -65,6 +77,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="folder of predictions (same file names)")
     parser.add_argument("-l", "--labels", type=non_negative_int, nargs="+",
                         help="label values to score (default: all in the reference)")
+    parser.add_argument("--ignore-label", type=non_negative_int, metavar="N",
+                        help="nnU-Net's ignore label of the references: its voxels count for no label (default: the "
+                             "'ignore' label of the dataset.json beside the reference folder, e.g. a raw dataset's "
+                             "labelsTr)")
     parser.add_argument("--task", choices=["auto", SEGMENTATION_KIND, IMAGE_KIND], default="auto",
                         help="auto: integer files with few values are label maps")
     parser.add_argument("--data-range", type=finite_float, nargs=2, default=[-1024.0, 3071.0], metavar=("LOW", "HIGH"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
 from spinediff.evaluation.report import csv_text, schedule_cell
@@ -106,15 +107,16 @@ def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, 
 
 
 def score_method(result: MethodResult, results_root: Path, reference: Path, task: Task,
-                 data_range: tuple[float, float], masks: Path | None = None) -> None:
+                 data_range: tuple[float, float], masks: Path | None = None, ignore: int | None = None) -> None:
     """Per-case metrics of a method's fold validation exports (a translation's also the SynthRAD challenges' metrics,
-    inside the body masks of ``masks``, else inside the reference > -500 HU)."""
+    inside the body masks of ``masks``, else inside the reference > -500 HU); a segmentation's without the voxels of
+    the references' ``ignore`` label (nnU-Net's)."""
     for fold in result.folds:
         folder = (results_root / result.method.folder_name
                   / f"fold_{fold}" / "validation")
         evaluation = evaluate_folders(reference, folder, task=task.evaluation_kind,
                                       data_range=data_range, progress=False, challenge=task.challenge_metrics,
-                                      mask_folder=masks if task.challenge_metrics else None)
+                                      mask_folder=masks if task.challenge_metrics else None, ignore_label=ignore)
         if task.writes_labels:
             for case, dices in dice_per_case(evaluation.rows).items():
                 result.per_case.setdefault(case, {}).update(dices)
@@ -126,14 +128,14 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                 prediction = next(iter(sorted(folder.glob(f"{case}.*"))), None)
                 reference_file = next(iter(sorted(reference.glob(f"{case}.*"))), None)
                 if prediction is not None and reference_file is not None:
-                    scores["dice_merged"] = merged_foreground_dice(reference_file, prediction)
+                    scores["dice_merged"] = merged_foreground_dice(reference_file, prediction, ignore)
         else:
             for row in evaluation.rows:
                 result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
 
 
 def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, labels: list[int], out: Path,
-                         ending: str = ".nii.gz") -> None:
+                         ending: str = ".nii.gz", ignore: int | None = None) -> None:
     """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does), write
     it next to the model (unless another decision is there) and add each case's Dice after it (``dice_pp``, and
     per label ``dice_pp_L``; the plain Dice where it is not kept)."""
@@ -142,7 +144,7 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
     folder = results_root / result.method.folder_name
     pairs = validation_pairs(folder, [str(f) for f in result.folds], raw)
     slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
-    decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json")
+    decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json", ignore)
     result.postprocessing = decision.to_dict()
     if not write_decision(result.postprocessing, folder):
         result.postprocessing["note"] = (f"{folder} holds another postprocessing.json and was kept; this run's "
@@ -160,7 +162,8 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
                 result.per_case[case][f"dice_pp_{label}"] = value
 
 
-def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw: Path, labels: list[int]) -> None:
+def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw: Path, labels: list[int],
+                          ignore: int | None = None) -> None:
     """Before its refiners validate: the initial model's post-processing decided on its cross-validation (as
     :func:`score_postprocessing` and ``find_best`` decide it) and, when one is kept, each fold's validation answers
     post-processed with probabilities that agree with it, into ``fold_F/validation_postprocessed``: a refiner starts
@@ -175,7 +178,8 @@ def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw:
     from spinediff.training.refinement import POSTPROCESSED_ANSWERS
 
     folder = results_root / initial.folder_name
-    decision, _ = determine_postprocessing(validation_pairs(folder, [str(f) for f in folds], raw), labels)
+    decision, _ = determine_postprocessing(validation_pairs(folder, [str(f) for f in folds], raw), labels,
+                                           ignore=ignore)
     write_decision(decision.to_dict(), folder)  # an existing decision is kept, and used below
     if not Postprocessing.load(folder).active:
         return
@@ -203,16 +207,18 @@ def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, opt
         result.set_metrics["dice_stress_worst"] = record["stress_dice_worst"]
 
 
-def merged_foreground_dice(reference: Path, prediction: Path) -> float:
+def merged_foreground_dice(reference: Path, prediction: Path, ignore: int | None = None) -> float:
     """Dice of all foreground labels merged into one (e.g. the vertebral bodies regardless of level number):
-    tells a wrong level number (high merged, low per-level Dice) from a missed structure."""
+    tells a wrong level number (high merged, low per-level Dice) from a missed structure. The reference's voxels
+    of the ``ignore`` label (nnU-Net's) are left out."""
     import SimpleITK as sitk
 
-    from spinediff.metrics.segmentation_metrics import case_dice
+    from spinediff.metrics.segmentation_metrics import case_dice, without_ignored
 
-    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference))) > 0
-    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))) > 0
-    return case_dice(predicted.astype(np.uint8), truth.astype(np.uint8), [1])["1"]
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
+    predicted = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))
+    predicted, truth = without_ignored(predicted, truth, ignore)
+    return case_dice((predicted > 0).astype(np.uint8), (truth > 0).astype(np.uint8), [1])["1"]
 
 
 def paired_test(values: dict[str, float], baseline: dict[str, float]) -> tuple[float, int]:
@@ -341,6 +347,18 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     ordered = tuple(c for c in plans.planned_names if plans.configuration(c).levels_axis is not None)
     offered = methods_for(spec.task, plans.planned_names, dims, ordered)
     methods = methods or select_methods(offered, method_names)
+    if ignore_label(dataset_json) is not None:  # nnU-Net's trainer leaves the ignore label out of its loss; ours not
+        from spinediff.training.registry import is_spinediff_trainer
+
+        unable = [m.name for m in methods if is_spinediff_trainer(m.trainer)]
+        if unable and method_names:
+            raise SpineDiffError(f"{name} has nnU-Net's ignore label (dataset.json labels 'ignore'); spinediff's "
+                                 f"trainers ({', '.join(unable)}) cannot train on it. Benchmark nnU-Net's trainer "
+                                 "(--methods nnUNetTrainer).")
+        if unable:
+            print(f"[benchmark] {name} has nnU-Net's ignore label: only nnU-Net's trainer trains on it "
+                  f"({', '.join(unable)} left out)", flush=True)
+            methods = [m for m in methods if not is_spinediff_trainer(m.trainer)]
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     # a refiner's initial model is trained first (and shown) even when --methods names the refiner alone
@@ -407,12 +425,12 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
         # a refiner validates from its initial model's fold exports (nnU-Net's, the regression's): refiners run in a
         # second wave, after every fold of the initial model is trained and validated
         refiners = [m for m in methods if m.name in initials]
-        labels = [int(v) for v in dataset_json["labels"].values() if isinstance(v, int)]
+        labels, ignore = foreground_labels(dataset_json), ignore_label(dataset_json)
         timings = {}
         for wave in ([m for m in methods if m not in refiners], refiners):
             if wave is refiners and refiners and spec.task.writes_labels:  # refiners start after its post-processing
                 for initial in {m.name: m for m in initials.values()}.values():
-                    postprocessed_answers(initial, folds, results / name, raw, labels)
+                    postprocessed_answers(initial, folds, results / name, raw, labels, ignore)
             jobs = [(method, fold) for fold in folds for method in wave]
             timings.update(zip([(m.name, str(f)) for m, f in jobs], train_folds(jobs, name, options, reuse, workers)
                                if jobs else [], strict=True))
@@ -424,9 +442,9 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                 result.train_seconds += sum(timings[(initial.name, str(f))]["train_seconds"] for f in folds)
                 result.inference_seconds_per_case += timings[(initial.name, str(folds[-1]))][
                     "inference_seconds_per_case"]
-            score_method(result, results / name, reference, spec.task, data_range, masks)
+            score_method(result, results / name, reference, spec.task, data_range, masks, ignore)
             if spec.task.writes_labels:
-                score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"])
+                score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"], ignore)
             outcomes.append(result)
         if stress:
             stress_methods(outcomes, results / name, folds, options)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
 
@@ -99,14 +100,16 @@ IN_VIEW_SHARE = 0.5
 
 
 def level_scores(prediction: np.ndarray, reference: np.ndarray, labels: list[int],
-                 in_view: dict[int, float] | None = None) -> dict:
+                 in_view: dict[int, float] | None = None, ignore: int | None = None) -> dict:
     """Per-level Dice, their mean (``level_dice``) and the merged foreground Dice; with ``in_view`` (the share of
     each level of the unvaried reference that the varied one keeps) also ``level_dice_in_view``: the mean over the
     levels at least :data:`IN_VIEW_SHARE` in view, and those only the prediction has. A sliver of a level the cut
     leaves at the edge counts 0 in ``level_dice`` whenever the network leaves it out; the second score shows how much
-    of a drop is that, and how much is numbering."""
-    from spinediff.metrics.segmentation_metrics import case_dice
+    of a drop is that, and how much is numbering. The reference's voxels of the ``ignore`` label (nnU-Net's) count
+    for no level."""
+    from spinediff.metrics.segmentation_metrics import case_dice, without_ignored
 
+    prediction, reference = without_ignored(prediction, reference, ignore)
     per_label = case_dice(prediction, reference, labels)
     values = [v for v in per_label.values() if not math.isnan(v)]
     p, r = np.isin(prediction, labels), np.isin(reference, labels)
@@ -192,7 +195,7 @@ def dataset_level_order(raw: Path):
     from spinediff.io import read_json
 
     dataset_json = read_json(raw / "dataset.json")
-    labels = sorted(int(v) for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
+    labels = foreground_labels(dataset_json)
     return level_order(raw, labels, dataset_json.get("file_ending", ".nii.gz"))
 
 
@@ -255,6 +258,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
             inputs, predicted = (work / f"in_{source}_{'_'.join(use_folds)}",
                                  work / f"out_{source}_{'_'.join(use_folds)}")
             inputs.mkdir()
+            ignore = ignore_label(read_json(source_raw / "dataset.json"))
             truth = {}
             for case in cases:
                 label = sitk.ReadImage(str(source_raw / "labelsTr" / f"{case}{ending}"))
@@ -287,7 +291,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
                 numbering = {k[: -len(ending)]: v for k, v in reports.items()}
             for stem, (case, name, reference, shares) in truth.items():
                 answer = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{stem}{ending}")))
-                scores = level_scores(answer, reference, list(order.labels), shares)
+                scores = level_scores(answer, reference, list(order.labels), shares, ignore)
                 rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
                              "numbering_confidence": numbering.get(stem, {}).get("confidence"),
                              "flagged": flags[stem]["review"] if stem in flags else None,

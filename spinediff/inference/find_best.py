@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.candidates import Candidate, better, primary_metric, score
 from spinediff.inference.models import find_dataset_results
@@ -330,9 +331,10 @@ def decide_postprocessing(candidate: Candidate, dataset_folder: Path, raw_folder
         raw = nnunet_folder("raw", raw_folder) / dataset_folder.name
     except SpineDiffError:
         raw = None
-    labels = [int(v) for v in read_json(candidate.folder / "dataset.json")["labels"].values() if isinstance(v, int)]
+    dataset_json = read_json(candidate.folder / "dataset.json")
+    labels = foreground_labels(dataset_json)
     pairs = validation_pairs(candidate.folder, candidate.folds, raw)
-    decision, _ = determine_postprocessing(pairs, labels)
+    decision, _ = determine_postprocessing(pairs, labels, ignore=ignore_label(dataset_json))
     evidence = decision.to_dict()
     if not write_decision(evidence, candidate.folder, overwrite):
         raise SpineDiffError(f"{candidate.folder / POSTPROCESSING_FILE} holds another decision (made on other folds "

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.candidates import Candidate, score
 from spinediff.inference.inputs import split_ending
@@ -136,8 +137,8 @@ def _repredict(candidate: Candidate, dataset_folder: Path, raw: Path, work: Path
 def _score_probabilities(members: list[Candidate], roots: dict[str, Path], raw: Path, ending: str,
                          method: str) -> dict:
     first = members[0]
-    labels = sorted(v for k, v in read_json(first.folder / "dataset.json")["labels"].items()
-                    if isinstance(v, int) and v > 0)
+    dataset_json = read_json(first.folder / "dataset.json")
+    labels, ignore = foreground_labels(dataset_json), ignore_label(dataset_json)
     per_case: dict[str, list[dict]] = {"ensemble": [], **{c.name: [] for c in members}}
     for fold, name, reference in _cases(first, raw, ending):
         reference_labels = sitk.GetArrayFromImage(read_image(reference))
@@ -146,7 +147,7 @@ def _score_probabilities(members: list[Candidate], roots: dict[str, Path], raw: 
         for key, p in (*zip([c.name for c in members], probabilities, strict=True),
                        ("ensemble", sum(probabilities) / len(probabilities))):
             labels_of = np.argmax(p, axis=0).reshape(reference_labels.shape)
-            per_case[key].append(case_dice(labels_of, reference_labels, labels))
+            per_case[key].append(case_dice(labels_of, reference_labels, labels, ignore))
     singles = {c.name: pooled_foreground_dice(per_case[c.name]) for c in members}
     return {"method": method, "cases": len(per_case["ensemble"]),
             "scores": {"dice": pooled_foreground_dice(per_case["ensemble"])}, "singles": singles,

@@ -224,13 +224,14 @@ def _read(path: Path):
     return image, sitk.GetArrayFromImage(image)
 
 
-def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequence[int], output: Path | None = None
-                             ) -> tuple[Postprocessing, dict[str, dict[str, dict]]]:
+def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequence[int], output: Path | None = None,
+                             ignore: int | None = None) -> tuple[Postprocessing, dict[str, dict[str, dict]]]:
     """Learn the level order from the references of (prediction, reference) file pairs (the cross-validation)
     and try the numbering on the predictions: on their label maps, and, where every prediction has its class
     probabilities beside it (``CASE.npz``), on the foreground of the ordered labels taken together. The best
     variant is kept if it raises the pooled Dice. Returns the decision and the per-case Dice
-    ``{"before"|"argmax"|"probabilities": case → label → Dice}``; writes ``output`` (JSON) when given."""
+    ``{"before"|"argmax"|"probabilities": case → label → Dice}``; writes ``output`` (JSON) when given. ``ignore``:
+    nnU-Net's ignore label of the references (not among ``labels``), left out of every Dice."""
     if not pairs:
         raise SpineDiffError("No cross-validation predictions to decide the post-processing on.")
     labels = [int(v) for v in labels if int(v) > 0]
@@ -244,14 +245,14 @@ def determine_postprocessing(pairs: Sequence[tuple[Path, Path]], labels: Sequenc
         image, predicted = _read(prediction)
         if predicted.shape != truth.shape:
             raise SpineDiffError(f"{prediction} has shape {predicted.shape}, its reference {truth.shape}.")
-        dice["before"][prediction.name] = case_dice(predicted, truth, labels)
+        dice["before"][prediction.name] = case_dice(predicted, truth, labels, ignore)
         for variant in variants:
             changed = predicted
             if order is not None:
                 probabilities = load_probabilities(_probabilities_file(prediction)) \
                     if variant == "probabilities" else None
                 changed = Postprocessing(order, variant, channels).apply(predicted, image, probabilities)
-            dice[variant][prediction.name] = case_dice(changed, truth, labels)
+            dice[variant][prediction.name] = case_dice(changed, truth, labels, ignore)
     scores = {name: pooled_foreground_dice(list(per_case.values())) for name, per_case in dice.items()}
     best = max(variants, key=lambda v: -np.inf if math.isnan(scores[v]) else scores[v])
     keep = order is not None and not math.isnan(scores[best]) and scores[best] > scores["before"]

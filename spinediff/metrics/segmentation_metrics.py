@@ -71,8 +71,23 @@ def dice_from_counts(tp, fp, fn) -> np.ndarray:
     return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
 
 
-def case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> dict[str, float]:
-    """nnU-Net's Dice per label (NaN when the label is absent from both)."""
+def without_ignored(prediction: np.ndarray, reference: np.ndarray, ignore: int | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``prediction`` and ``reference`` with background where the reference holds nnU-Net's ignore label
+    (``ignore``; unchanged when None): those voxels count for no label, as in nnU-Net's evaluation."""
+    if ignore is None:
+        return prediction, reference
+    unlabelled = np.asarray(reference) == ignore
+    if not unlabelled.any():
+        return prediction, reference
+    return np.where(unlabelled, 0, prediction), np.where(unlabelled, 0, reference)
+
+
+def case_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int], ignore: int | None = None
+              ) -> dict[str, float]:
+    """nnU-Net's Dice per label (NaN when the label is absent from both); voxels of the ``ignore`` label in the
+    reference are left out."""
+    prediction, reference = without_ignored(prediction, reference, ignore)
     out = {}
     for label in labels:
         p = torch.from_numpy(np.asarray(prediction == label))[None, None]

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from spinediff.datasets.dataset_json import annotated
 from spinediff.errors import SpineDiffError
 from spinediff.tasks import Task
 from spinediff.utilities.argtypes import parse_duration
@@ -72,7 +73,8 @@ def format_duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- extent
 def case_extents_mm(raw_dataset: Path, dataset_json: dict[str, Any], use_labels: bool) -> list[np.ndarray]:
-    """Per training case, the extent (mm) of the labelled foreground (``use_labels``) or of the image's
+    """Per training case, the extent (mm) of the labelled foreground (``use_labels``; nnU-Net's ignore label is not
+    foreground) or of the image's
     nonzero region, per array axis in nnU-Net's (z, y, x) order (before transpose)."""
     import SimpleITK as sitk
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
@@ -86,7 +88,7 @@ def case_extents_mm(raw_dataset: Path, dataset_json: dict[str, Any], use_labels:
         except RuntimeError as exc:
             raise SpineDiffError(f"{path} (case {case}) cannot be read ({exc}); run `spinediff validate`.") from None
         array = sitk.GetArrayViewFromImage(image)
-        mask = array > 0
+        mask = annotated(array, dataset_json) if use_labels else array > 0
         spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]  # numpy (z, y, x) order
         if not mask.any():
             continue

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from spinediff.datasets.dataset_json import annotated
+
 #: Centroids closer than this along an axis (mm) say nothing about the order along it.
 MIN_SEPARATION_MM = 5.0
 #: Share of separated label pairs that must agree on the order (robust to one mislabelled case).
@@ -40,12 +42,13 @@ def label_geometry(raw_dataset: Path, dataset_json: dict[str, Any]) -> list[dict
         image = sitk.ReadImage(str(files["label"]))
         array = sitk.GetArrayFromImage(image)
         spacing = np.asarray(image.GetSpacing(), dtype=float)[::-1]
-        values = [int(v) for v in np.unique(array) if v > 0]
+        foreground = annotated(array, dataset_json)  # nnU-Net's ignore label is no level
+        values = [int(v) for v in np.unique(array[foreground])]
         if not values:
             result.append(None)
             continue
         centres = ndimage.center_of_mass(np.ones_like(array, dtype=np.uint8), array, values)
-        where = np.argwhere(array > 0)
+        where = np.argwhere(foreground)
         result.append({"centroids": {v: np.asarray(c, dtype=float) * spacing
                                      for v, c in zip(values, centres, strict=True)},
                        "low": where.min(0) * spacing, "high": (where.max(0) + 1) * spacing,
@@ -149,7 +152,7 @@ def field_of_view_block(extents: list[dict[str, Any]], ordered: list[int], trans
     for case in extents:
         c = case["centroids"]
         if len(c) >= 2:
-            pitches.append(abs(c[max(c)][axis] - c[min(c)][axis]) / (len(c) - 1))
+            pitches.append(abs(c[max(c)][axis] - c[min(c)][axis]) / (max(c) - min(c)))  # levels may be missing
         labelled.append(case["high"][axis] - case["low"][axis])
         image.append(case["size"][axis])
     pitch, extent = float(np.median(pitches)) if pitches else float(np.median(labelled)), float(np.median(labelled))

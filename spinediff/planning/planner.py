@@ -26,6 +26,7 @@ from nnunetv2.preprocessing.resampling.default_resampling import compute_new_sha
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from spinediff.datasets.dataset_json import ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json
 from spinediff.paths import DEFAULT_PLANS
@@ -423,6 +424,8 @@ class SpineDiffPlanner(ExperimentPlanner):
                 fov = field_of_view_block(self._extents, ordered, list(transpose_forward),
                                           list(merged["patch_size"]), list(merged["spacing"])[-dim:])
                 if fov:
+                    if ignore_label(self.dataset_json) is not None:  # the cuts' labelled extent leaves it out
+                        fov["ignore_label"] = ignore_label(self.dataset_json)
                     block["field_of_view"] = fov
                     configuration.setdefault("notes", []).append(
                         f"Position and field of view along the spine (patch axis {fov['axis']}, levels "

@@ -214,11 +214,13 @@ class FieldOfViewCutTransform(BasicTransform):
     zeros (image) and background (labels), on one side: the top (towards lower array indices, the first level's
     side) with probability ``p_top``, else the bottom. The plane lies inside the labelled extent of the patch (so
     it may cut a vertebra partially, L1 or L5 as well as a middle one), or anywhere in the patch when it holds no
-    label; what stays visible keeps its true labels."""
+    label; what stays visible keeps its true labels. ``ignore``: nnU-Net's ignore label, not part of the labelled
+    extent."""
 
-    def __init__(self, axis: int, max_fraction: float = 0.5, p_top: float = 0.5) -> None:
+    def __init__(self, axis: int, max_fraction: float = 0.5, p_top: float = 0.5, ignore: int | None = None) -> None:
         super().__init__()
         self.axis, self.max_fraction, self.p_top = int(axis), float(max_fraction), float(p_top)
+        self.ignore = None if ignore is None else int(ignore)
 
     def get_parameters(self, **data_dict) -> dict:
         image, seg = data_dict["image"], data_dict.get("segmentation")
@@ -227,7 +229,8 @@ class FieldOfViewCutTransform(BasicTransform):
         low, high = 0, length
         if seg is not None:
             other = tuple(a for a in range(seg.ndim) if a != 1 + self.axis)
-            present = torch.nonzero(torch.amax((seg > 0).to(torch.uint8), dim=other)).flatten()
+            labelled = (seg > 0) if self.ignore is None else (seg > 0) & (seg != self.ignore)
+            present = torch.nonzero(torch.amax(labelled.to(torch.uint8), dim=other)).flatten()
             if present.numel():
                 low, high = int(present.min()), int(present.max()) + 1
         limit = int(round(self.max_fraction * length))
@@ -263,7 +266,8 @@ def field_of_view_transforms(block: dict) -> list[BasicTransform]:
                                           block["p_shift"]))
     if block.get("p_cut", 0) > 0:
         transforms.append(RandomTransform(FieldOfViewCutTransform(axis, block.get("max_cut_fraction", 0.5),
-                                                                  block.get("p_cut_top", 0.5)),
+                                                                  block.get("p_cut_top", 0.5),
+                                                                  block.get("ignore_label")),
                                           block["p_cut"]))
     return transforms
 

@@ -72,6 +72,11 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.planned = PlannedConfiguration(configuration, self.configuration_manager, "plans")
         self.settings = self.planned.diffusion
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
+        if self.label_manager.has_ignore_label:
+            raise SpineDiffError(
+                f"{type(self).__name__} cannot train on a dataset with nnU-Net's ignore label (label "
+                f"{self.label_manager.ignore_label} in dataset.json): its targets have no unlabelled class. Train "
+                "nnU-Net's trainer on it (`spinediff benchmark --methods nnUNetTrainer`, or nnUNetv2_train).")
         if not isinstance(self.task.task, self.supported_tasks):
             supported = ", ".join(task.name for task in self.supported_tasks)
             raise SpineDiffError(f"{type(self).__name__} trains {supported} datasets; this "
