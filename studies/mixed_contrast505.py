@@ -17,6 +17,11 @@ a model trained on the other four and about eleven T2w scans::
     python -m studies.mixed_contrast505            # writes $nnUNet_raw/Dataset505_* and the splits
     spinediff plan -d 505 --budget 8m --device cpu
     spinediff benchmark -d 505 --methods nnUNetTrainer -j 2
+    python -m studies.mixed_contrast505 --score $nnUNet_results/Dataset505_LumbarVB3VB2mixed/MODEL -o OUT
+
+``--score`` post-processes each fold's validation answers of the T1w scans as a user's answers are (``spinediff
+postprocess`` with the model's decision and review rule) and scores them as ``studies.t1w_levels501`` does: levels
+right at the hand-placed centres, and the Dice of the levels Dataset504's masks hold (``OUT/loo.json``).
 """
 
 from __future__ import annotations
@@ -71,6 +76,43 @@ def folds(t2w: list[str], t1w: list[str], count: int = 5) -> list[dict]:
     return splits
 
 
+def score_leave_one_out(model: Path, t1w_root: Path, out: Path) -> dict:
+    """Each T1w scan as its validation fold answered it, numbered by the model's post-processing: levels right and
+    the Dice of the levels its mask holds, before (``*_network``) and after the numbering."""
+    import SimpleITK as sitk
+
+    from spinediff.inference.postprocess_command import postprocess_folder
+    from studies.t1w_levels501 import dice_at_reference_levels, levels_right
+
+    cases = {}
+    for fold_folder in sorted(model.glob("fold_*")):
+        validation = fold_folder / "validation"
+        here = [c for c in HAND_PLACED_CENTRES_MM if (validation / f"{c}.nii.gz").is_file()]
+        if not here:
+            continue
+        target = out / fold_folder.name
+        postprocess_folder(validation, target, model, overwrite=True, progress=False, review=True)
+        for case in here:
+            centres = HAND_PLACED_CENTRES_MM[case]
+            image = sitk.ReadImage(str(t1w_root / "imagesTr" / f"{case}_0000.nii.gz"))
+            source = sitk.GetArrayFromImage(sitk.ReadImage(str(t1w_root / "labelsTr" / f"{case}.nii.gz")))
+            reference = reference_from_hand_placed(source, image, centres)
+            network = sitk.GetArrayFromImage(sitk.ReadImage(str(validation / f"{case}.nii.gz")))
+            numbered = sitk.GetArrayFromImage(sitk.ReadImage(str(target / f"{case}.nii.gz")))
+            cases[case] = {"fold": fold_folder.name, "right_network": levels_right(network, image, centres),
+                           "right": levels_right(numbered, image, centres),
+                           "dice_network": dice_at_reference_levels(network, reference),
+                           "dice": dice_at_reference_levels(numbered, reference)}
+    dice = [v for c in cases.values() for v in c["dice"].values()]
+    network = [v for c in cases.values() for v in c["dice_network"].values()]
+    record = {"model": str(model), "cases": cases, "levels_right": sum(c["right"] for c in cases.values()),
+              "levels_right_network": sum(c["right_network"] for c in cases.values()), "levels_scored": len(dice),
+              "mean_dice": float(np.mean(dice)) if dice else float("nan"),
+              "mean_dice_network": float(np.mean(network)) if network else float("nan")}
+    (out / "loo.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +121,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", default=os.environ.get("nnUNet_raw"), help="nnUNet_raw (default: the variable)")
     parser.add_argument("--preprocessed", default=os.environ.get("nnUNet_preprocessed"),
                         help="nnUNet_preprocessed, where the splits go (default: the variable)")
+    parser.add_argument("--score", metavar="MODEL", help="score the leave-one-out of this trained model folder "
+                                                         "(TRAINER__PLANS__CONFIG) instead of building the dataset")
+    parser.add_argument("-o", "--output", help="with --score: output folder (created)")
     args = parser.parse_args(argv)
     import SimpleITK as sitk
+
+    if args.score:
+        model = Path(args.score)
+        if not (model / "dataset.json").is_file() or not args.output:
+            print(f"error: --score needs a trained model folder (with dataset.json; got {model}) and -o OUT",
+                  file=sys.stderr)
+            return 2
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        record = score_leave_one_out(model, Path(args.t1w), out)
+        for case, row in record["cases"].items():
+            print(f"  {case} ({row['fold']}): levels right {row['right']}/5 (network {row['right_network']}/5), "
+                  f"Dice {row['dice']}")
+        print(f"levels right {record['levels_right']}/{5 * len(record['cases'])} (network "
+              f"{record['levels_right_network']}); mean Dice over {record['levels_scored']} levels "
+              f"{record['mean_dice']:.3f} (network {record['mean_dice_network']:.3f}); {out / 'loo.json'}")
+        return 0
 
     t2w_root, t1w_root = Path(args.t2w), Path(args.t1w)
     for root in (t2w_root, t1w_root):
