@@ -107,14 +107,16 @@ def reference_folder(raw_dataset: Path, task: Task, target_channel: int | None, 
 
 
 def score_method(result: MethodResult, results_root: Path, reference: Path, task: Task,
-                 data_range: tuple[float, float], masks: Path | None = None, ignore: int | None = None) -> None:
+                 data_range: tuple[float, float], masks: Path | None = None, ignore: int | None = None,
+                 labels: list[int] | None = None) -> None:
     """Per-case metrics of a method's fold validation exports (a translation's also the SynthRAD challenges' metrics,
     inside the body masks of ``masks``, else inside the reference > -500 HU); a segmentation's without the voxels of
-    the references' ``ignore`` label (nnU-Net's)."""
+    the references' ``ignore`` label (nnU-Net's), over ``labels`` (default: those in each reference; a level the
+    reference lacks but the prediction has then counts, as in nnU-Net's summary)."""
     for fold in result.folds:
         folder = (results_root / result.method.folder_name
                   / f"fold_{fold}" / "validation")
-        evaluation = evaluate_folders(reference, folder, task=task.evaluation_kind,
+        evaluation = evaluate_folders(reference, folder, task=task.evaluation_kind, labels=labels,
                                       data_range=data_range, progress=False, challenge=task.challenge_metrics,
                                       mask_folder=masks if task.challenge_metrics else None, ignore_label=ignore)
         if task.writes_labels:
@@ -442,7 +444,8 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                 result.train_seconds += sum(timings[(initial.name, str(f))]["train_seconds"] for f in folds)
                 result.inference_seconds_per_case += timings[(initial.name, str(folds[-1]))][
                     "inference_seconds_per_case"]
-            score_method(result, results / name, reference, spec.task, data_range, masks, ignore)
+            score_method(result, results / name, reference, spec.task, data_range, masks, ignore,
+                         labels if spec.task.writes_labels else None)
             if spec.task.writes_labels:
                 score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"], ignore)
             outcomes.append(result)
