@@ -103,6 +103,7 @@ def score_leave_one_out(model: Path, t1w_root: Path, out: Path) -> dict:
                            "right": levels_right(numbered, image, centres),
                            "dice_network": dice_at_reference_levels(network, reference),
                            "dice": dice_at_reference_levels(numbered, reference)}
+    draw_leave_one_out(out, t1w_root, cases)
     dice = [v for c in cases.values() for v in c["dice"].values()]
     network = [v for c in cases.values() for v in c["dice_network"].values()]
     record = {"model": str(model), "cases": cases, "levels_right": sum(c["right"] for c in cases.values()),
@@ -111,6 +112,42 @@ def score_leave_one_out(model: Path, t1w_root: Path, out: Path) -> dict:
               "mean_dice_network": float(np.mean(network)) if network else float("nan")}
     (out / "loo.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+def draw_leave_one_out(out: Path, t1w_root: Path, cases: dict) -> None:
+    """``OUT/t1w_loo.png``: per T1w scan, the sagittal slice with the most vertebra, the numbered levels outlined and
+    named, and the hand-placed centres of L1-L5 as ticks on the left edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    if not cases:
+        return
+    fig, axes = plt.subplots(1, len(cases), figsize=(2.6 * len(cases), 3.0), squeeze=False)
+    for ax, (case, row) in zip(axes[0], sorted(cases.items()), strict=True):
+        image = sitk.ReadImage(str(t1w_root / "imagesTr" / f"{case}_0000.nii.gz"))
+        array = sitk.GetArrayFromImage(image)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["fold"] / f"{case}.nii.gz")))
+        index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
+        ax.imshow(array[index], cmap="gray")
+        for value in (int(v) for v in np.unique(labels[index]) if v > 0):
+            mask = labels[index] == value
+            ax.contour(mask, levels=[0.5], colors=[plt.cm.tab10(value % 10)], linewidths=1)
+            y, x = np.argwhere(mask).mean(0)
+            ax.text(x + 25, y, f"L{value}", color="yellow", fontsize=7)
+        for level, centre in enumerate(HAND_PLACED_CENTRES_MM[case], start=1):
+            y = (centre - image.GetOrigin()[1]) / image.GetSpacing()[1]
+            ax.plot([0, 12], [y, y], color="cyan", linewidth=2)
+            ax.text(14, y + 4, f"L{level}", color="cyan", fontsize=6)
+        mean = np.mean(list(row["dice"].values())) if row["dice"] else float("nan")
+        ax.set_title(f"{case} ({row['fold']}): {row['right']}/5, Dice {mean:.2f}", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out / "t1w_loo.png", dpi=90)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
