@@ -146,3 +146,20 @@ def test_the_mixed_dataset_marks_the_levels_its_masks_lack_and_puts_one_t1w_scan
     assert [sum(c.startswith("t1") for c in s["val"]) for s in splits] == [1] * 5
     assert sorted(c for s in splits for c in s["val"]) == sorted(t2w + t1w)
     assert all(not set(s["val"]) & set(s["train"]) for s in splits)
+
+
+def test_the_benchmark_trains_only_nnunets_trainer_on_an_ignore_label(capsys):
+    from spinediff.errors import SpineDiffError
+    from spinediff.experiments.benchmark import methods_for, methods_for_ignore_label
+    from spinediff.tasks import task_spec
+
+    offered = methods_for(task_spec({"labels": LABELS}).task, ["2d_diffusion", "2d_cpu"])
+    trainers = {m.trainer for m in offered}
+    assert "nnUNetTrainer" in trainers and len(trainers) > 1  # diffusion is offered beside it
+    kept = methods_for_ignore_label(offered, named=False, dataset="Dataset777_X")
+    assert [m.trainer for m in kept] == ["nnUNetTrainer"]
+    assert "left out" in capsys.readouterr().out
+    with pytest.raises(SpineDiffError, match="ignore label.*--methods nnUNetTrainer"):
+        methods_for_ignore_label(offered, named=True, dataset="Dataset777_X")
+    nnunet = [m for m in offered if m.trainer == "nnUNetTrainer"]
+    assert methods_for_ignore_label(nnunet, named=True, dataset="Dataset777_X") == nnunet
