@@ -123,6 +123,8 @@ def draw_leave_one_out(out: Path, t1w_root: Path, cases: dict) -> None:
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
+    from studies.t1w_levels501 import draw_levels
+
     if not cases:
         return
     fig, axes = plt.subplots(1, len(cases), figsize=(2.6 * len(cases), 3.0), squeeze=False)
@@ -131,12 +133,7 @@ def draw_leave_one_out(out: Path, t1w_root: Path, cases: dict) -> None:
         array = sitk.GetArrayFromImage(image)
         labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / row["fold"] / f"{case}.nii.gz")))
         index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
-        ax.imshow(array[index], cmap="gray")
-        for value in (int(v) for v in np.unique(labels[index]) if v > 0):
-            mask = labels[index] == value
-            ax.contour(mask, levels=[0.5], colors=[plt.cm.tab10(value % 10)], linewidths=1)
-            y, x = np.argwhere(mask).mean(0)
-            ax.text(x + 25, y, f"L{value}", color="yellow", fontsize=7)
+        draw_levels(ax, array[index], labels[index])
         for level, centre in enumerate(HAND_PLACED_CENTRES_MM[case], start=1):
             y = (centre - image.GetOrigin()[1]) / image.GetSpacing()[1]
             ax.plot([0, 12], [y, y], color="cyan", linewidth=2)

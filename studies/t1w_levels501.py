@@ -75,6 +75,18 @@ def dice_at_reference_levels(labels: np.ndarray, reference: np.ndarray) -> dict[
     return scores
 
 
+def draw_levels(ax, image_slice: np.ndarray, labels_slice: np.ndarray) -> None:
+    """One sagittal slice in grey with each level on it outlined in its colour and named ("L3") beside it."""
+    import matplotlib.pyplot as plt
+
+    ax.imshow(image_slice, cmap="gray")
+    for value in (int(v) for v in np.unique(labels_slice) if v > 0):
+        mask = labels_slice == value
+        ax.contour(mask, levels=[0.5], colors=[plt.cm.tab10(value % 10)], linewidths=1)
+        y, x = np.argwhere(mask).mean(0)
+        ax.text(x + 25, y, f"L{value}", color="yellow", fontsize=7)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,13 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             found[case] = levels
             index = int(np.argmax((labels > 0).sum(axis=(1, 2)))) if labels.any() else array.shape[0] // 2
             ax = axes[row][column]
-            ax.imshow(array[index], cmap="gray")
-            for value in levels:
-                mask = labels[index] == value
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors=[plt.cm.tab10(value % 10)], linewidths=1)
-                    y, x = np.argwhere(mask).mean(0)
-                    ax.text(x + 25, y, f"L{value}", color="yellow", fontsize=7)
+            draw_levels(ax, array[index], labels[index])
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{case}" if row == 0 else "", fontsize=8)

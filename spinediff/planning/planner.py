@@ -424,8 +424,9 @@ class SpineDiffPlanner(ExperimentPlanner):
                 fov = field_of_view_block(self._extents, ordered, list(transpose_forward),
                                           list(merged["patch_size"]), list(merged["spacing"])[-dim:])
                 if fov:
-                    if ignore_label(self.dataset_json) is not None:  # the cuts' labelled extent leaves it out
-                        fov["ignore_label"] = ignore_label(self.dataset_json)
+                    ignore = ignore_label(self.dataset_json)
+                    if ignore is not None:  # the cuts' labelled extent leaves it out
+                        fov["ignore_label"] = ignore
                     block["field_of_view"] = fov
                     configuration.setdefault("notes", []).append(
                         f"Position and field of view along the spine (patch axis {fov['axis']}, levels "
