@@ -407,3 +407,15 @@ def test_several_large_blobs_beside_the_spine_do_not_pull_the_column_off_the_bod
     sizes = np.array([size for _, _, size in rows])
     assert off_column(centres, centres[:, 1], sizes, 33.0) == list(range(6, 12))
     assert off_column(centres[:6], centres[:6, 1], sizes[:6], 33.0) == []
+
+
+def test_crop_consistency_matches_levels_along_the_spine_and_names_a_shift():
+    from studies.crop_consistency import match_levels, verdict
+
+    reference = {1: 0.0, 2: 35.0, 3: 70.0, 4: 105.0, 5: 140.0}
+    right = match_levels({2: 36.0, 3: 69.0, 4: 104.0}, reference, 35.0)
+    assert right == {2: 2, 3: 3, 4: 4} and verdict(right) == "right"
+    shifted = match_levels({1: 34.0, 2: 71.0, 3: 106.0, 4: 139.0, 5: 175.0}, reference, 35.0)  # L2..S1 called L1..L5
+    assert shifted == {1: 2, 2: 3, 3: 4, 4: 5, 5: None} and verdict(shifted) == "shifted"
+    assert verdict(match_levels({1: 1.0, 2: 70.0}, reference, 35.0)) == "mixed"
+    assert verdict({}) == "none"
