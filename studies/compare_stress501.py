@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 
-def variant_means(record: dict, folds: set[str]) -> dict[str, list[float]]:
-    """Variant → the level Dice of the dataset's own cases held out by one of ``folds``."""
+def variant_means(record: dict, folds: set[str], prefix: str = "") -> dict[str, list[float]]:
+    """Variant → the level Dice of the dataset's own cases held out by one of ``folds`` (and whose name starts with
+    ``prefix``)."""
     means: dict[str, list[float]] = {}
     for case in record["cases"]:
-        if case["source"] == record["dataset"] and set(case["folds"]) <= folds:
+        if case["source"] == record["dataset"] and set(case["folds"]) <= folds and case["case"].startswith(prefix):
             means.setdefault(case["variant"], []).append(case["level_dice"])
     return means
 
@@ -31,6 +32,8 @@ def variant_means(record: dict, folds: set[str]) -> dict[str, list[float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", required=True, help="folds whose validation cases are compared, e.g. 1,2,3,4")
+    parser.add_argument("--cases", default="", metavar="PREFIX",
+                        help="only the cases whose name starts with PREFIX (e.g. vb3_ for the T2w scans of Dataset505)")
     parser.add_argument("records", nargs="+", metavar="NAME=stress_position.json")
     args = parser.parse_args(argv)
     models = {}
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(path).is_file():
             print(f"{item}: no stress_position.json at {path!r} (give NAME=PATH).", file=sys.stderr)
             return 2
-        models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds.split(",")))
+        models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds.split(",")), args.cases)
     names = list(models)
     variants = list(models[names[0]])
     print("| variant | " + " | ".join(names) + " |")

@@ -419,3 +419,13 @@ def test_crop_consistency_matches_levels_along_the_spine_and_names_a_shift():
     assert shifted == {1: 2, 2: 3, 3: 4, 4: 5, 5: None} and verdict(shifted) == "shifted"
     assert verdict(match_levels({1: 1.0, 2: 70.0}, reference, 35.0)) == "mixed"
     assert verdict({}) == "none"
+
+
+def test_the_stress_comparison_keeps_the_folds_and_case_names_asked_for():
+    from studies.compare_stress501 import variant_means
+
+    rows = [{"source": "D", "folds": [f], "case": c, "variant": "plain", "level_dice": d}
+            for f, c, d in [("0", "vb3_001", 0.9), ("0", "vb2_002", 0.5), ("1", "vb3_003", 0.1)]]
+    record = {"dataset": "D", "cases": rows + [{**rows[0], "source": "other"}]}
+    assert variant_means(record, {"0"}) == {"plain": [0.9, 0.5]}
+    assert variant_means(record, {"0", "1"}, "vb3_") == {"plain": [0.9, 0.1]}
