@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{item}: no stress_position.json at {path!r} (give NAME=PATH).", file=sys.stderr)
             return 2
         models[name] = variant_means(json.loads(Path(path).read_text()), set(args.folds.split(",")), args.cases)
+    empty = [name for name, means in models.items() if not means.get("plain")]
+    if empty:
+        print(f"{', '.join(empty)}: no plain case of folds {args.folds}"
+              + (f" named {args.cases}*" if args.cases else "") + ".", file=sys.stderr)
+        return 2
     names = list(models)
     variants = list(models[names[0]])
     print("| variant | " + " | ".join(names) + " |")

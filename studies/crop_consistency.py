@@ -73,8 +73,12 @@ def find_case(stress_cases: Path, stem: str, ending: str) -> tuple[Path, Path, l
             while tokens and tokens[-1].isdigit():  # in_<dataset>_<fold>[_<fold>...]
                 folds.insert(0, tokens.pop())
             reference = stress_cases / f"ref_{suffix}" / f"{stem}{ending}"
+            if not reference.is_file() or not folds:
+                raise LookupError(f"{stem}: {reference} or the fold in {inputs.name} is missing; keep the stress "
+                                  "cases whole (benchmarks/stress_position.py --keep).")
             return image, reference, folds
-    raise SystemExit(f"{stem}: no kept input in {stress_cases}/in_* (run benchmarks/stress_position.py --keep).")
+    raise LookupError(f"{stem}: no kept input in {stress_cases}/in_* (run benchmarks/stress_position.py --keep, "
+                      "and name the cases as CASE:VARIANT).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     model = ModelFolder.open(Path(args.model))
     raw = nnunet_folder("raw") / model.path.parent.name
     ending = model.dataset_json.get("file_ending", ".nii.gz")
+    try:  # every case found before any prediction
+        kept = {item: find_case(args.stress_cases, item.replace(":", "-"), ending) for item in args.cases}
+    except LookupError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     order = dataset_level_order(raw)
     labels = [int(v) for v in order.labels if v in foreground_labels(model.dataset_json)]
     direction = np.asarray(order.direction, dtype=float)
@@ -111,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for item in args.cases:
             stem = item.replace(":", "-")
-            image_path, reference_path, folds = find_case(args.stress_cases, stem, ending)
+            image_path, reference_path, folds = kept[item]
             image, reference = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(reference_path))
             truth = positions(reference_path, labels, direction)
             pitch = float(np.median(np.diff(sorted(truth.values())))) if len(truth) > 1 else 35.0

@@ -429,3 +429,18 @@ def test_the_stress_comparison_keeps_the_folds_and_case_names_asked_for():
     record = {"dataset": "D", "cases": rows + [{**rows[0], "source": "other"}]}
     assert variant_means(record, {"0"}) == {"plain": [0.9, 0.5]}
     assert variant_means(record, {"0", "1"}, "vb3_") == {"plain": [0.9, 0.1]}
+
+
+def test_crop_consistency_refuses_a_case_the_stress_test_did_not_keep(tmp_path):
+    from studies.crop_consistency import find_case
+
+    kept = tmp_path / "in_Dataset9_X_0"
+    kept.mkdir()
+    (kept / "a-plain_0000.nii.gz").touch()
+    with pytest.raises(LookupError, match="b-plain"):
+        find_case(tmp_path, "b-plain", ".nii.gz")
+    with pytest.raises(LookupError, match="ref_Dataset9_X_0"):  # the input kept, its reference not
+        find_case(tmp_path, "a-plain", ".nii.gz")
+    (tmp_path / "ref_Dataset9_X_0").mkdir()
+    (tmp_path / "ref_Dataset9_X_0" / "a-plain.nii.gz").touch()
+    assert find_case(tmp_path, "a-plain", ".nii.gz")[2] == ["0"]
