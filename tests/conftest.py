@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("nnUNet_n_proc_DA", "0")  # augmentation in the main process: no workers to hang
+# nnU-Net's other pools (validation export and metrics, prediction) in this process: one worker each, not spawned
+# (spinediff.utilities.in_process; each spawned worker re-imports torch, seconds per pool)
+os.environ.setdefault("nnUNet_def_n_proc", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # One thread: with two OpenMP threads, any other busy process on this 2-core machine makes torch's
 # thread barriers spin and a training step ~10x slower (measured: 0.10 s vs 0.98 s per step).

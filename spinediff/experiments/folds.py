@@ -10,6 +10,7 @@ from pathlib import Path
 from spinediff.io import read_json, write_json
 from spinediff.paths import model_folder_name
 from spinediff.tasks import SEGMENTATION
+from spinediff.utilities.in_process import nnunet_validation
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
         changed = ", ".join(f"{k} {settings[k]} (was {before[k]})" for k in settings if before[k] != settings[k])
         report(f"validating again: {changed}")
         start = time.perf_counter()
-        trainer.perform_actual_validation(task.writes_labels)
+        nnunet_validation(trainer, task.writes_labels)
         timing.update(inference_seconds_per_case=(time.perf_counter() - start) / max(1, len(trainer.do_split()[1])),
                       network_evaluations_per_window=_network_evaluations(trainer), **settings)
         write_json(timing, timing_file)
@@ -123,7 +124,7 @@ def _train_and_validate_fold(method: Method, dataset: str, fold, options, reuse:
         lrs = logging.get("lrs", [])
         schedule = {"final_learning_rate": float(lrs[-1]) if lrs else float("nan")}
     start = time.perf_counter()
-    trainer.perform_actual_validation(task.writes_labels)
+    nnunet_validation(trainer, task.writes_labels)
     n_val = max(1, len(trainer.do_split()[1]))
     timing = {"train_seconds": train_seconds, "epochs": epochs,
               "steps": int(epochs * trainer.num_iterations_per_epoch),

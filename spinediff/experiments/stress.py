@@ -160,6 +160,7 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing
     from spinediff.inference.review import reads_probabilities
     from spinediff.utilities.device import parse_device
+    from spinediff.utilities.in_process import predict_nnunet_files
 
     decision = Postprocessing.load(folder)
     decided = (folder / POSTPROCESSING_FILE).is_file()  # `spinediff postprocess` then runs, as for a user
@@ -171,8 +172,7 @@ def predict_postprocessed(settings: StressSettings, model, folds: list[str], inp
     predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(int(f) if f.isdigit() else f
                                                                                 for f in folds))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    predictor.predict_from_files(str(inputs), str(raw_output), save_probabilities=probabilities,
-                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    predict_nnunet_files(predictor, str(inputs), str(raw_output), save_probabilities=probabilities)
     if decided:  # the numbering it kept (files copied when it kept none) and the review flags
         from spinediff.inference.postprocess_command import postprocess_folder
         from spinediff.inference.review import REVIEW_FILE

@@ -197,13 +197,14 @@ def predict_initial_answers(init_folder: Path, dataset: str, folds: Sequence[str
         else:
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+            from spinediff.utilities.in_process import predict_nnunet_files
+
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=device.type != "cpu",
                                         perform_everything_on_device=device.type != "cpu", device=device,
                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(str(init_folder), use_folds=(int(fold),),
                                                            checkpoint_name="checkpoint_final.pth")
-            predictor.predict_from_files(str(input_folder), str(out), save_probabilities=True, overwrite=True,
-                                         num_processes_preprocessing=1, num_processes_segmentation_export=1)
+            predict_nnunet_files(predictor, str(input_folder), str(out), save_probabilities=True)
         if answers_after_postprocessing(init_folder):  # the numbering a user of the initial model gets
             from spinediff.inference.postprocess_command import postprocess_folder
 

@@ -73,44 +73,19 @@ def nnunet_environment(raw: Path, preprocessed: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class _InProcessContext:
-    """Stands in for ``multiprocessing.get_context("spawn")``: a pool of one thread in this process."""
-
-    @staticmethod
-    def Pool(processes: int | None = None):  # noqa: N802 - multiprocessing's name
-        from multiprocessing.pool import ThreadPool
-
-        return ThreadPool(1)
-
-
-class _InProcessMultiprocessing:
-    @staticmethod
-    def get_context(method: str | None = None) -> type[_InProcessContext]:
-        return _InProcessContext
-
-
 @contextlib.contextmanager
 def _single_process(enabled: bool) -> Iterator[None]:
-    """With one worker, run nnunetv2's fingerprint extraction and preprocessing in this process.
-
-    nnunetv2 always starts a *spawned* pool, and each spawned worker re-imports torch and nnunetv2
-    (5-10 s on a 2-core machine) before doing the same sequential work a single thread does here.
-    """
-    if not enabled:
-        yield
-        return
+    """With one worker, run nnunetv2's fingerprint extraction and preprocessing in this process
+    (:mod:`spinediff.utilities.in_process`: each spawned worker re-imports torch and nnunetv2, 5-10 s on a 2-core
+    machine, before doing the same sequential work a single thread does here); its listings of the dataset's files
+    always."""
     from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
     from nnunetv2.preprocessing.preprocessors import default_preprocessor
 
-    modules = (fingerprint_extractor, default_preprocessor)
-    saved = [module.multiprocessing for module in modules]
-    for module in modules:
-        module.multiprocessing = _InProcessMultiprocessing
-    try:
+    from spinediff.utilities.in_process import file_lists_in_process, pools_in_process
+
+    with pools_in_process(fingerprint_extractor, default_preprocessor, enabled=enabled), file_lists_in_process():
         yield
-    finally:
-        for module, original in zip(modules, saved, strict=True):
-            module.multiprocessing = original
 
 
 def _quiet(enabled: bool):

@@ -16,6 +16,7 @@ from spinediff.planning.plans import SpineDiffPlans
 from spinediff.training.base import SpineDiffTrainer
 from spinediff.training.options import TrainingOptions
 from spinediff.utilities.device import parse_device
+from spinediff.utilities.in_process import nnunet_validation
 from spinediff.utilities.lock import folder_lock
 
 __all__ = ["TrainingOptions", "build_trainer", "train"]
@@ -256,7 +257,7 @@ def train(dataset: str | int, configuration: str, fold: int | str, trainer: str 
             instance.inference_allowed_mirroring_axes = None
         if not validation_only:
             run_and_log_schedule(instance, budget, grow, report)
-        instance.perform_actual_validation(bool(options and options.save_probabilities))
+        nnunet_validation(instance, bool(options and options.save_probabilities))
         return Path(instance.output_folder)
 
 

@@ -24,6 +24,7 @@ from spinediff.io import write_json
 from spinediff.metrics.image_metrics import image_metrics
 from spinediff.metrics.segmentation_metrics import dice_counts
 from spinediff.prediction.core import CaseExporter, output_paths, sample_case
+from spinediff.utilities.in_process import metrics_in_process
 
 
 def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
@@ -92,10 +93,12 @@ class ValidationExporter:
         tr = self.trainer
         if tr.task.task.writes_labels:
             reference = join(tr.preprocessed_dataset_folder_base, "gt_segmentations")
-            summary = compute_metrics_on_folder(
-                reference, str(out_dir), str(out_dir / "summary.json"), tr.plans_manager.image_reader_writer_class(),
-                ending, tr.label_manager.foreground_regions if tr.label_manager.has_regions
-                else tr.label_manager.foreground_labels, tr.label_manager.ignore_label, num_processes=1)
+            with metrics_in_process():  # one process asked for: nnunetv2 would still spawn one
+                summary = compute_metrics_on_folder(
+                    reference, str(out_dir), str(out_dir / "summary.json"),
+                    tr.plans_manager.image_reader_writer_class(), ending,
+                    tr.label_manager.foreground_regions if tr.label_manager.has_regions
+                    else tr.label_manager.foreground_labels, tr.label_manager.ignore_label, num_processes=1)
             per_class = {str(k): v["Dice"] for k, v in summary["mean"].items()}
             return {"task": tr.task.task.name, "dice_per_class": per_class,
                     "mean_dice": float(summary["foreground_mean"]["Dice"]), "num_cases": len(keys)}
