@@ -17,6 +17,7 @@ from spinediff.diffusion.settings import DiffusionSettings
 from spinediff.errors import SpineDiffError
 from spinediff.planning.api import plan_dataset
 from spinediff.planning.budget import (
+    MIN_PLAN_BUDGET_SECONDS,
     TARGET_STEPS,
     coarser_spacing,
     parse_budget,
@@ -24,6 +25,8 @@ from spinediff.planning.budget import (
     schedule_for_budget,
 )
 from spinediff.training.schedule import refit_epochs
+
+BUDGET = MIN_PLAN_BUDGET_SECONDS  # seconds: the training budget of the acceptance test below
 
 
 def test_budget_parsing():
@@ -119,25 +122,27 @@ def test_small_budget_trades_resolution_for_field_of_view(wide_dataset):
 
 
 @pytest.mark.slow
-def test_one_minute_budget_trains_about_a_minute_and_anneals(phantom_root, tmp_path, monkeypatch):
-    """The acceptance test of the budget issue: plan a phantom for 1 minute, train, check time and learning rate."""
+def test_half_minute_budget_trains_about_that_long_and_anneals(phantom_root, tmp_path, monkeypatch):
+    """The acceptance test of the budget issue (there for 1 minute; here for the shortest budget the planner takes,
+    MIN_PLAN_BUDGET_SECONDS, to keep the suite short): plan a phantom for it, train, check time and learning
+    rate."""
     from spinediff.training.api import TrainingOptions, build_trainer, configure_schedule, run_and_log_schedule
 
     for key, value in (("nnUNet_raw", phantom_root), ("nnUNet_preprocessed", tmp_path / "pre"),
                        ("nnUNet_results", tmp_path / "res")):
         monkeypatch.setenv(key, str(value))  # restored after the test
     plans_file = plan_dataset(901, configurations=["2d_diffusion"], device="cpu", num_processes=1,
-                              show_progress_bar=False, budget="1m")
+                              show_progress_bar=False, budget=f"{BUDGET:g}s")
     schedule = json.loads(Path(plans_file).read_text())["configurations"]["2d_diffusion"]["schedule"]
-    assert schedule["step_seconds_source"] == "measured" and schedule["budget_seconds"] == 60
+    assert schedule["step_seconds_source"] == "measured" and schedule["budget_seconds"] == BUDGET
     trainer = build_trainer(901, "2d_diffusion", 0, "DiffusionSegmentationTrainer")
     budget, grow = configure_schedule(trainer, TrainingOptions())
-    assert budget == 60 and grow and trainer.num_epochs == schedule["epochs"]
+    assert budget == BUDGET and grow and trainer.num_epochs == schedule["epochs"]
     lines = []
     start = time.perf_counter()
     log = run_and_log_schedule(trainer, budget, grow, lines.append)
     elapsed = time.perf_counter() - start
-    assert 0.75 * 60 <= elapsed <= 1.25 * 60, (elapsed, log.refits)
+    assert 0.75 * BUDGET <= elapsed <= 1.25 * BUDGET, (elapsed, log.refits)
     assert trainer.current_epoch == trainer.num_epochs  # the schedule ran to its (refitted) end
     lrs = trainer.logger.get_checkpoint()["lrs"]
     assert len(lrs) == trainer.num_epochs

@@ -169,7 +169,7 @@ FIELDS = ("numTraining", "file_ending", "labels", "channel_names", "spinediff.ta
           "spinediff.target_channels")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_corrupted_dataset_json_fields_are_reported(phantom_root, tmp_path_factory, data):
     key = data.draw(st.sampled_from(FIELDS))
