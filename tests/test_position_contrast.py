@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -444,3 +446,39 @@ def test_crop_consistency_refuses_a_case_the_stress_test_did_not_keep(tmp_path):
     (tmp_path / "ref_Dataset9_X_0").mkdir()
     (tmp_path / "ref_Dataset9_X_0" / "a-plain.nii.gz").touch()
     assert find_case(tmp_path, "a-plain", ".nii.gz")[2] == ["0"]
+
+
+def test_slice_numbering_names_right_shifted_and_edge_slices_and_runs_on_kept_cases(tmp_path, capsys):
+    """studies/slice_numbering: per slice, a level Dice that keeps the merged Dice is right, one that keeps none of
+    it is shifted; a slice barely overlapping is an edge; the command scores a kept case (raw answer before the
+    numbering) and refuses a case the stress test did not keep with exit 2."""
+    import SimpleITK as sitk
+
+    from studies.slice_numbering import main, pooled_level_dice, slice_verdicts
+
+    reference = np.zeros((4, 20, 6), np.uint8)
+    for level in (1, 2, 3):
+        reference[:, 6 * level - 5:6 * level - 1, 1:5] = level
+    prediction = reference.copy()
+    prediction[1] = np.where(reference[1] > 0, reference[1] % 3 + 1, 0)  # every level one off on slice 1
+    prediction[2, :, 3:] = 0  # slice 2 half found, numbered right
+    prediction[3] = 0
+    prediction[3, 1:5, 1:2] = 1  # slice 3 barely overlapping
+    rows = slice_verdicts(prediction, reference, [1, 2, 3], axis=0)
+    assert [r["kind"] for r in rows] == ["right", "shifted", "right", "edge"]
+    assert rows[1]["level_dice"] == 0.0 and rows[1]["merged_dice"] == 1.0
+    assert pooled_level_dice(reference, reference, [1, 2, 3]) == 1.0
+    assert pooled_level_dice(prediction, reference, [1, 2, 3]) < pooled_level_dice(reference, reference, [1, 2, 3])
+
+    for folder, array in (("out_Dataset9_X_0/nnunet_raw_output", prediction), ("out_Dataset9_X_0", reference),
+                          ("ref_Dataset9_X_0", reference)):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / folder / "a-plain.nii.gz"))
+    assert main(["--stress-cases", str(tmp_path), "--cases", "a:plain", "--labels", "1", "2", "3",
+                 "-o", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "slice_numbering.json").read_text())
+    case = result["cases"][0]
+    assert case["counts"] == {"right": 2, "mixed": 0, "shifted": 1, "edge": 1}
+    assert case["final_level_dice"] == 1.0  # the post-processed answer: the reference itself here
+    assert main(["--stress-cases", str(tmp_path), "--cases", "b:plain", "-o", str(tmp_path / "out2")]) == 2
+    assert "b-plain" in capsys.readouterr().err and not (tmp_path / "out2").exists()
