@@ -13,6 +13,11 @@ One worker means: ``num_processes == 1`` where spinediff passes it (planning ``-
 metrics), and nnU-Net's ``nnUNet_def_n_proc=1`` for the pools nnunetv2 sizes itself (the export pool and the
 metrics of its trainers' final validation) and for spinediff's calls of nnU-Net's predictor
 (:func:`predict_nnunet_files`).
+
+nnU-Net's export sets torch's thread count to its worker count while it resamples a case (and back after): in this
+process that is torch's global setting, so with one worker the validation's next prediction, beside the export
+thread, may run on one thread for that while. Correctness is unaffected; a machine with many cores keeps nnU-Net's
+default of 8 workers and its spawned pools.
 """
 
 from __future__ import annotations
