@@ -21,6 +21,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,21 @@ def verdict(matched: dict[int, int | None]) -> str:
     return "mixed"
 
 
-def find_case(stress_cases: Path, stem: str, ending: str) -> tuple[Path, Path, list[str]]:
-    """The kept input image (first channel), the cut reference and the fold(s) of the stress variant ``stem``."""
+@dataclass(frozen=True)
+class KeptCase:
+    """Where a stress test kept one varied case (``benchmarks/stress_position.py --keep``: ``in_``, ``ref_`` and
+    ``out_<dataset>_<folds>`` folders)."""
+
+    image: Path  #: the varied input, first channel
+    reference: Path  #: the reference cut as the input
+    folds: list[str]  #: the fold(s) that predicted it
+    answer: Path  #: the answer as a user gets it (post-processed)
+    raw_answer: Path  #: the network's answer before the post-processing (``answer`` when none was kept)
+
+
+def find_case(stress_cases: Path, stem: str, ending: str) -> KeptCase:
+    """The kept input, reference, fold(s) and answers of the stress variant ``stem`` (LookupError naming what is
+    missing: the answers are checked by their users)."""
     for inputs in sorted(stress_cases.glob("in_*")):
         image = inputs / f"{stem}_0000{ending}"
         if image.is_file():
@@ -76,7 +90,9 @@ def find_case(stress_cases: Path, stem: str, ending: str) -> tuple[Path, Path, l
             if not reference.is_file() or not folds:
                 raise LookupError(f"{stem}: {reference} or the fold in {inputs.name} is missing; keep the stress "
                                   "cases whole (benchmarks/stress_position.py --keep).")
-            return image, reference, folds
+            answer = stress_cases / f"out_{suffix}" / f"{stem}{ending}"
+            raw = answer.parent / "nnunet_raw_output" / answer.name
+            return KeptCase(image, reference, folds, answer, raw if raw.is_file() else answer)
     raise LookupError(f"{stem}: no kept input in {stress_cases}/in_* (run benchmarks/stress_position.py --keep, "
                       "and name the cases as CASE:VARIANT).")
 
@@ -120,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for item in args.cases:
             stem = item.replace(":", "-")
-            image_path, reference_path, folds = kept[item]
+            image_path, reference_path, folds = kept[item].image, kept[item].reference, kept[item].folds
             image, reference = sitk.ReadImage(str(image_path)), sitk.ReadImage(str(reference_path))
             truth = positions(reference_path, labels, direction)
             pitch = float(np.median(np.diff(sorted(truth.values())))) if len(truth) > 1 else 35.0

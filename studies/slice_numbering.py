@@ -23,8 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.crop_consistency import find_case
+
 RIGHT_SHARE, SHIFTED_SHARE, EDGE_MERGED = 0.75, 0.25, 0.5
 KINDS = ("right", "mixed", "shifted", "edge")
+
+
+def pooled_level_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> float:
+    """The level Dice over the whole volume, the levels' voxels pooled (a voxel counts when its level is right)."""
+    total = int(np.isin(prediction, labels).sum()) + int(np.isin(reference, labels).sum())
+    return 2.0 * sum(int(((prediction == v) & (reference == v)).sum()) for v in labels) / total if total else 0.0
 
 
 def slice_verdicts(prediction: np.ndarray, reference: np.ndarray, labels: list[int], axis: int = 0) -> list[dict]:
@@ -34,11 +42,10 @@ def slice_verdicts(prediction: np.ndarray, reference: np.ndarray, labels: list[i
     for index in range(reference.shape[axis]):
         p, r = np.take(prediction, index, axis=axis), np.take(reference, index, axis=axis)
         pm, rm = np.isin(p, labels), np.isin(r, labels)
-        total = int(pm.sum()) + int(rm.sum())
-        if total == 0:
+        if not (pm.any() or rm.any()):
             continue
-        merged = 2.0 * int((pm & rm).sum()) / total
-        level = 2.0 * sum(int(((p == v) & (r == v)).sum()) for v in labels) / total
+        merged = pooled_level_dice(pm, rm, [True])  # every level one: the merged vertebral bodies
+        level = pooled_level_dice(p, r, labels)
         if merged < EDGE_MERGED:
             kind = "edge"
         elif level >= RIGHT_SHARE * merged:
@@ -51,26 +58,14 @@ def slice_verdicts(prediction: np.ndarray, reference: np.ndarray, labels: list[i
     return rows
 
 
-def pooled_level_dice(prediction: np.ndarray, reference: np.ndarray, labels: list[int]) -> float:
-    """The level Dice over the whole volume, the levels' voxels pooled (a voxel counts when its level is right)."""
-    total = int(np.isin(prediction, labels).sum()) + int(np.isin(reference, labels).sum())
-    return 2.0 * sum(int(((prediction == v) & (reference == v)).sum()) for v in labels) / total if total else 0.0
-
-
 def find_answer(stress_cases: Path, stem: str, ending: str) -> tuple[Path, Path, Path]:
     """The network's raw answer (else the final one), the final (post-processed) answer and the cut reference of the
-    stress variant ``stem``."""
-    for outputs in sorted(stress_cases.glob("out_*")):
-        final = outputs / f"{stem}{ending}"
-        if final.is_file():
-            raw = outputs / "nnunet_raw_output" / f"{stem}{ending}"
-            reference = stress_cases / f"ref_{outputs.name[len('out_'):]}" / f"{stem}{ending}"
-            if not reference.is_file():
-                raise LookupError(f"{stem}: {reference} is missing; keep the stress cases whole "
-                                  "(benchmarks/stress_position.py --keep).")
-            return (raw if raw.is_file() else final), final, reference
-    raise LookupError(f"{stem}: no kept answer in {stress_cases}/out_* (run benchmarks/stress_position.py --keep, "
-                      "and name the cases as CASE:VARIANT).")
+    stress variant ``stem`` (:func:`studies.crop_consistency.find_case`; LookupError when one is missing)."""
+    kept = find_case(stress_cases, stem, ending)
+    if not kept.answer.is_file():
+        raise LookupError(f"{stem}: {kept.answer} is missing; keep the stress cases whole "
+                          "(benchmarks/stress_position.py --keep).")
+    return kept.raw_answer, kept.answer, kept.reference
 
 
 def markdown(result: dict) -> str:

@@ -445,15 +445,13 @@ def test_crop_consistency_refuses_a_case_the_stress_test_did_not_keep(tmp_path):
         find_case(tmp_path, "a-plain", ".nii.gz")
     (tmp_path / "ref_Dataset9_X_0").mkdir()
     (tmp_path / "ref_Dataset9_X_0" / "a-plain.nii.gz").touch()
-    assert find_case(tmp_path, "a-plain", ".nii.gz")[2] == ["0"]
+    assert find_case(tmp_path, "a-plain", ".nii.gz").folds == ["0"]
 
 
 def test_slice_numbering_names_right_shifted_and_edge_slices_and_runs_on_kept_cases(tmp_path, capsys):
     """studies/slice_numbering: per slice, a level Dice that keeps the merged Dice is right, one that keeps none of
     it is shifted; a slice barely overlapping is an edge; the command scores a kept case (raw answer before the
     numbering) and refuses a case the stress test did not keep with exit 2."""
-    import SimpleITK as sitk
-
     from studies.slice_numbering import main, pooled_level_dice, slice_verdicts
 
     reference = np.zeros((4, 20, 6), np.uint8)
@@ -474,6 +472,8 @@ def test_slice_numbering_names_right_shifted_and_edge_slices_and_runs_on_kept_ca
                           ("ref_Dataset9_X_0", reference)):
         (tmp_path / folder).mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / folder / "a-plain.nii.gz"))
+    (tmp_path / "in_Dataset9_X_0").mkdir()
+    (tmp_path / "in_Dataset9_X_0" / "a-plain_0000.nii.gz").touch()  # the varied input the stress test kept
     assert main(["--stress-cases", str(tmp_path), "--cases", "a:plain", "--labels", "1", "2", "3",
                  "-o", str(tmp_path / "out")]) == 0
     result = json.loads((tmp_path / "out" / "slice_numbering.json").read_text())

@@ -74,7 +74,7 @@ def nnunet_environment(raw: Path, preprocessed: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _single_process(enabled: bool) -> Iterator[None]:
+def _in_process(enabled: bool) -> Iterator[None]:
     """With one worker, run nnunetv2's fingerprint extraction and preprocessing in this process
     (:mod:`spinediff.utilities.in_process`: each spawned worker re-imports torch and nnunetv2, 5-10 s on a 2-core
     machine, before doing the same sequential work a single thread does here); its listings of the dataset's files
@@ -228,7 +228,7 @@ def plan_dataset(dataset: str | int | os.PathLike, configurations: Sequence[str]
                                  "(overwrite=True) to plan again; configurations of other planners in it are kept.")
         completion.start_run(output, plans_identifier, [])  # until finish_run, the folder counts as incomplete
         try:
-            with nnunet_environment(dataset_folder.parent, preprocessed_root), _single_process(num_processes == 1):
+            with nnunet_environment(dataset_folder.parent, preprocessed_root), _in_process(num_processes == 1):
                 say(f"[1/4] Fingerprint of {name} (nnunetv2 extractor, {num_processes} process(es))")
                 extractor = _make_fingerprint_extractor(intensity_samples)(name, num_processes, verbose=verbose)
                 extractor.show_progress_bar = show_progress_bar
