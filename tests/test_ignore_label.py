@@ -148,18 +148,122 @@ def test_the_mixed_dataset_marks_the_levels_its_masks_lack_and_puts_one_t1w_scan
     assert all(not set(s["val"]) & set(s["train"]) for s in splits)
 
 
-def test_the_benchmark_trains_only_nnunets_trainer_on_an_ignore_label(capsys):
+def test_the_benchmark_trains_every_segmentation_method_on_an_ignore_label_and_refuses_other_tasks():
     from spinediff.errors import SpineDiffError
-    from spinediff.experiments.benchmark import methods_for, methods_for_ignore_label
+    from spinediff.experiments.benchmark import check_ignore_label
     from spinediff.tasks import task_spec
 
-    offered = methods_for(task_spec({"labels": LABELS}).task, ["2d_diffusion", "2d_cpu"])
-    trainers = {m.trainer for m in offered}
-    assert "nnUNetTrainer" in trainers and len(trainers) > 1  # diffusion is offered beside it
-    kept = methods_for_ignore_label(offered, named=False, dataset="Dataset777_X")
-    assert [m.trainer for m in kept] == ["nnUNetTrainer"]
-    assert "left out" in capsys.readouterr().out
-    with pytest.raises(SpineDiffError, match="ignore label.*--methods nnUNetTrainer"):
-        methods_for_ignore_label(offered, named=True, dataset="Dataset777_X")
-    nnunet = [m for m in offered if m.trainer == "nnUNetTrainer"]
-    assert methods_for_ignore_label(nnunet, named=True, dataset="Dataset777_X") == nnunet
+    check_ignore_label(task_spec({"labels": LABELS}).task, "Dataset777_X")  # segmentation: every method trains
+    translation = task_spec({"labels": LABELS, "channel_names": {"0": "MR", "1": "CT"},
+                             "spinediff": {"task": "translation", "source_channels": [0], "target_channels": [1]}})
+    with pytest.raises(SpineDiffError, match="Dataset777_X has nnU-Net's ignore label.*translation.*Remove"):
+        check_ignore_label(translation.task, "Dataset777_X")
+
+
+def segmentation_adapter(num_classes: int = 4, ignore: int | None = 4):
+    from spinediff.tasks import Segmentation
+    from spinediff.training.task_adapter import TaskAdapter
+
+    return TaskAdapter(Segmentation(), (0,), (), num_classes, None, ignore)
+
+
+def test_a_segmentation_target_is_unknown_on_the_ignore_label_and_its_loss_mask_leaves_it_out():
+    labels = torch.as_tensor(column()[None, :1].astype(np.int64))  # (1, 1, 120, 10)
+    labels[0, 0, 0, 0] = -1  # nnU-Net's "outside the crop": background, known
+    adapter = segmentation_adapter()
+    target = adapter.target(torch.zeros(1, 1, 120, 10), labels)
+    mask = adapter.loss_mask(labels)
+    assert target.shape == (1, 4, 120, 10) and mask.shape == (1, 1, 120, 10) and mask.dtype == torch.bool
+    assert torch.allclose(target[0, :, 80, 5], torch.full((4,), 2 / 4 - 1))  # unknown: every class at 1/4
+    assert target[0, 2, 50, 5] == 1 and target[0, 0, 50, 5] == -1  # L2 stays one-hot
+    assert target[0, 0, 0, 0] == 1  # -1 → background
+    assert not mask[0, 0, 70:].any() and mask[0, 0, :70].all()
+    assert segmentation_adapter(ignore=None).loss_mask(labels) is None  # no ignore label: no mask
+
+
+@pytest.mark.parametrize("loss,prediction_type", [("dice_ce", "sample"), ("l1", "epsilon"), ("mse", "v_prediction")])
+def test_every_diffusion_loss_leaves_the_unannotated_voxels_out(loss, prediction_type):
+    """With a mask that is True everywhere the loss is the unmasked one (monai's DiceCELoss for dice_ce); what the
+    network says on masked voxels changes nothing; what it says on the others does."""
+    from spinediff.diffusion.process import DiffusionProcess
+
+    process = DiffusionProcess(1000, "cosine", prediction_type, loss)
+    labels = torch.as_tensor(column(40)[None, :1].astype(np.int64)).repeat(2, 1, 1, 1)  # (2, 1, 40, 10)
+    labels[:, :, 30:] = 4
+    adapter = segmentation_adapter()
+    target, mask = adapter.target(torch.zeros(2, 1, 40, 10), labels), adapter.loss_mask(labels)
+    generator = torch.Generator().manual_seed(0)
+    masked = process.prepare_training_batch(torch.randn(2, 1, 40, 10), target, generator, mask)
+    full = type(masked)(**{**masked.__dict__, "mask": torch.ones_like(mask)})
+    plain = type(masked)(**{**masked.__dict__, "mask": None})
+    output = torch.randn(2, 4, 40, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.isclose(process.loss(output, full), process.loss(output, plain), atol=1e-6)
+    changed_unknown, changed_known = output.clone(), output.clone()
+    changed_unknown[:, 1, 30:] += 3.0  # one channel: a shift of every logit would change no probability
+    changed_known[:, 1, :10] += 3.0
+    assert torch.isclose(process.loss(changed_unknown, masked), process.loss(output, masked), atol=1e-6)
+    assert not torch.isclose(process.loss(changed_known, masked), process.loss(output, masked), atol=1e-3)
+    assert not torch.isclose(process.loss(changed_unknown, plain), process.loss(output, plain), atol=1e-3)
+    if loss == "dice_ce":  # deep supervision: every resolution masked alike
+        coarse = [output, torch.nn.functional.avg_pool2d(output, 2)]
+        coarse_changed = [changed_unknown, torch.nn.functional.avg_pool2d(changed_unknown, 2)]
+        assert torch.isclose(process.deep_supervision_loss(coarse, full), process.deep_supervision_loss(coarse, plain),
+                             atol=1e-6)
+        assert torch.isclose(process.deep_supervision_loss(coarse_changed, masked),
+                             process.deep_supervision_loss(coarse, masked), atol=1e-6)
+
+
+def test_the_epoch_validation_counts_leave_the_unannotated_voxels_out():
+    from spinediff.training.validation import batch_segmentation_counts
+
+    labels = torch.as_tensor(column(40)[None, :1].astype(np.int64))
+    labels[:, :, 30:] = 4
+    adapter = segmentation_adapter()
+    target, mask = adapter.target(torch.zeros(1, 1, 40, 10), labels), adapter.loss_mask(labels)
+    estimate = adapter.target(torch.zeros(1, 1, 40, 10), torch.where(labels == 4, 3, labels))  # L3 on the unknown rows
+    with_mask = batch_segmentation_counts(estimate, target, mask)
+    assert with_mask["fp_hard"].sum() == 0 and with_mask["fn_hard"].sum() == 0
+    assert batch_segmentation_counts(estimate, target)["fp_hard"][2] > 0  # counted, without the mask
+
+
+def test_diffusion_segmentation_trains_and_validates_on_a_dataset_with_an_ignore_label(phantom_root, tmp_path_factory):
+    """The phantom's segmentation with its top level unannotated (ignore) in one case: spinediff's diffusion trainer
+    trains (the batches of that case masked there), validates and scores without the ignored voxels."""
+    from conftest import nnunet_folders
+
+    from spinediff.planning.api import plan_dataset
+    from spinediff.training.api import TrainingOptions, build_trainer, ensure_splits, train
+
+    source = phantom_root / "Dataset901_SpinePhantomSeg"
+    base = tmp_path_factory.mktemp("ignore_seg")
+    raw = base / "raw" / "Dataset931_SpinePhantomSegIgnore"
+    (raw / "labelsTr").mkdir(parents=True)
+    (raw / "imagesTr").symlink_to(source / "imagesTr", target_is_directory=True)
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    top = max(dataset_json["labels"].values())
+    dataset_json["labels"]["ignore"] = top + 1
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    cases = sorted(source.glob("labelsTr/*.nii.gz"))
+    for i, label_file in enumerate(cases):
+        image = sitk.ReadImage(str(label_file))
+        array = sitk.GetArrayFromImage(image)
+        if i == 0:
+            array[array == top] = top + 1
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(raw / "labelsTr" / label_file.name))
+    with nnunet_folders(base / "raw", base):
+        plan_dataset(931, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
+        ensure_splits(base / "preprocessed" / raw.name)
+        trainer = build_trainer(931, "2d_diffusion", 0, "DiffusionSegmentationTrainer",
+                                results_folder=str(base / "probe"))
+        assert trainer.task.ignore_label == top + 1 and trainer.label_manager.num_segmentation_heads == top + 1
+        batch = {"data": torch.zeros(1, 1, 8, 8), "target": torch.full((1, 1, 8, 8), top + 1)}
+        assert not trainer.loss_mask(batch).any()
+        options = TrainingOptions(epochs=2, iterations_per_epoch=2, val_iterations_per_epoch=1, num_inference_steps=2,
+                                  validation_samples=1)
+        folder = train(931, "2d_diffusion", 0, "DiffusionSegmentationTrainer", options,
+                       results_folder=str(base / "results"))
+    summary = json.loads((folder / "validation" / "summary.json").read_text())
+    assert np.isfinite(summary["foreground_mean"]["Dice"])
+    assert str(top + 1) not in {str(k) for k in summary["mean"]}  # no score for the ignore label

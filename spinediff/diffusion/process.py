@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from monai.losses import DiceCELoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from spinediff.diffusion.settings import (
@@ -39,6 +39,8 @@ class TrainingBatch:
         noise: the Gaussian noise that was added.
         noisy_target: x_t.
         condition_kept: ``(B,)`` bool, False where condition dropout replaced the condition by zeros.
+        mask: ``(B, 1, *spatial)`` bool, True where the target is known; None: everywhere. A segmentation with
+            nnU-Net's ignore label leaves its unannotated voxels out of every loss (as nnU-Net's own loss does).
     """
 
     network_input: torch.Tensor
@@ -47,6 +49,7 @@ class TrainingBatch:
     noise: torch.Tensor
     noisy_target: torch.Tensor
     condition_kept: torch.Tensor
+    mask: torch.Tensor | None = None
 
 
 class DiffusionProcess:
@@ -107,6 +110,7 @@ class DiffusionProcess:
             # which would silently lower the precision of the conversions after a float16 call
             self._alphas_cumprod = self.scheduler.alphas_cumprod.clone().double()
         self._dice_ce = DiceCELoss(softmax=True, include_background=True)
+        self._dice = DiceLoss(include_background=True)  # the same soft Dice on probabilities (masked ones)
 
     @classmethod
     def from_settings(cls, settings: DiffusionSettings) -> DiffusionProcess:
@@ -231,7 +235,8 @@ class DiffusionProcess:
         return self.scheduler.get_velocity(x0, noise, timesteps)
 
     def prepare_training_batch(
-        self, condition: torch.Tensor, target: torch.Tensor, generator: torch.Generator
+        self, condition: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+        mask: torch.Tensor | None = None,
     ) -> TrainingBatch:
         """Noise ``target`` at random timesteps and build the network input.
 
@@ -240,6 +245,7 @@ class DiffusionProcess:
             target: ``(B, target_channels, *spatial)`` in the diffusion range ([-1, 1]).
             generator: the generator for timesteps, noise and condition dropout; the draws are made on its device
                 (the trainer's lives on the training device, so a GPU draws its own noise).
+            mask: ``(B, 1, *spatial)``, True where the target is known (:attr:`TrainingBatch.mask`); None: everywhere.
         """
         batch = target.shape[0]
         timesteps = self.sample_timesteps(batch, generator, target.device)
@@ -251,23 +257,27 @@ class DiffusionProcess:
             kept = (torch.rand(batch, generator=generator, device=generator.device)
                     >= self.condition_dropout).to(target.device)
             condition = condition * kept.reshape(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
-        return TrainingBatch(torch.cat([condition, noisy], dim=1), timesteps, target, noise, noisy, kept)
+        return TrainingBatch(torch.cat([condition, noisy], dim=1), timesteps, target, noise, noisy, kept,
+                             None if mask is None else mask.to(device=target.device, dtype=torch.bool))
 
     def loss(self, model_output: torch.Tensor, batch: TrainingBatch) -> torch.Tensor:
         """The configured loss between the network output and the batch's training target.
 
         ``l1``/``mse`` compare the output with its own target (x0, noise or velocity). ``dice_ce``
         converts the output to the predicted x0 (one-hot scaled to [-1, 1]) and scores it with
-        soft Dice + cross-entropy against the one-hot target (monai's ``DiceCELoss``).
+        soft Dice + cross-entropy against the one-hot target (monai's ``DiceCELoss``). With a
+        :attr:`TrainingBatch.mask`, the voxels outside it count in none of them.
         """
         if self.loss_name == "dice_ce":
             return self.dice_ce_loss(
-                self.to_x0(model_output, batch.noisy_target, batch.timesteps), batch.target
+                self.to_x0(model_output, batch.noisy_target, batch.timesteps), batch.target, batch.mask
             )
         expected = self.training_target(batch.target, batch.noise, batch.timesteps)
-        if self.loss_name == "l1":
-            return torch.nn.functional.l1_loss(model_output, expected)
-        return torch.nn.functional.mse_loss(model_output, expected)
+        error = (model_output - expected).abs() if self.loss_name == "l1" else (model_output - expected) ** 2
+        if batch.mask is None:
+            return error.mean()
+        weight = batch.mask.to(error.dtype).expand_as(error)
+        return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
     def deep_supervision_loss(self, outputs: list[torch.Tensor], batch: TrainingBatch) -> torch.Tensor:
         """Dice + CE of every resolution of a deep-supervised x0 prediction (full resolution first).
@@ -288,16 +298,36 @@ class DiffusionProcess:
             torch.nn.functional.adaptive_avg_pool3d)
         targets = [batch.target if output.shape[2:] == batch.target.shape[2:]
                    else pool((batch.target + 1) / 2, output.shape[2:]) * 2 - 1 for output in outputs]
-        return DeepSupervisionWrapper(self.dice_ce_loss, weights)(outputs, targets)
+        if batch.mask is None:
+            return DeepSupervisionWrapper(self.dice_ce_loss, weights)(outputs, targets)
+        # a coarse voxel counts where every full-resolution voxel it covers is known (its pooled target is then
+        # made of known voxels only)
+        masks = [batch.mask if output.shape[2:] == batch.mask.shape[2:]
+                 else pool(batch.mask.float(), output.shape[2:]) > 1 - 1e-6 for output in outputs]
+        return sum(w * self.dice_ce_loss(o, t, m)
+                   for w, o, t, m in zip(weights, outputs, targets, masks, strict=True) if w)
 
-    def dice_ce_loss(self, predicted_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.Tensor:
+    def dice_ce_loss(self, predicted_x0: torch.Tensor, target_x0: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
         """Soft Dice + cross-entropy of ``predicted_x0 / temperature`` as logits vs the one-hot target.
 
         Args:
             predicted_x0: ``(B, C, *spatial)`` predicted one-hot in [-1, 1] scale.
             target_x0: ``(B, C, *spatial)`` one-hot scaled to [-1, 1] (``2 * onehot - 1``).
+            mask: ``(B, 1, *spatial)``, True where the target is known; None: everywhere. Outside it, the
+                probabilities and the target are zero in the Dice (as nnU-Net masks its soft Dice) and the
+                cross-entropy averages over the known voxels only; with a mask that is True everywhere, the loss
+                is monai's ``DiceCELoss`` exactly.
         """
-        return self._dice_ce(predicted_x0 / self.segmentation_temperature, (target_x0 + 1) / 2)
+        logits = predicted_x0 / self.segmentation_temperature
+        target = (target_x0 + 1) / 2
+        if mask is None:
+            return self._dice_ce(logits, target)
+        known = mask.to(logits.dtype)
+        dice = self._dice(torch.softmax(logits, 1) * known, target * known)
+        cross_entropy = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        cross_entropy = (cross_entropy * known[:, 0]).sum() / known.sum().clamp_min(1.0)
+        return self._dice_ce.lambda_dice * dice + self._dice_ce.lambda_ce * cross_entropy
 
     @property
     def projects_x0(self) -> bool:

@@ -70,21 +70,14 @@ def select_methods(methods: list[Method], names: list[str] | None) -> list[Metho
     return [m for m in methods if keys(m) & set(names)]
 
 
-def methods_for_ignore_label(methods: list[Method], named: bool, dataset: str) -> list[Method]:
-    """The methods that can train on a dataset with nnU-Net's ignore label: nnU-Net's trainer leaves it out of its
-    loss, spinediff's trainers cannot (their one-hot targets have no unlabelled class). Those are left out with a
-    note, or refused when ``named`` (``--methods`` asked for them)."""
-    from spinediff.training.registry import is_spinediff_trainer
-
-    unable = [m.name for m in methods if is_spinediff_trainer(m.trainer)]
-    if unable and named:
-        raise SpineDiffError(f"{dataset} has nnU-Net's ignore label (dataset.json labels 'ignore'); spinediff's "
-                             f"trainers ({', '.join(unable)}) cannot train on it. Benchmark nnU-Net's trainer "
-                             "(--methods nnUNetTrainer).")
-    if unable:
-        print(f"[benchmark] {dataset} has nnU-Net's ignore label: only nnU-Net's trainer trains on it "
-              f"({', '.join(unable)} left out)", flush=True)
-    return [m for m in methods if not is_spinediff_trainer(m.trainer)]
+def check_ignore_label(task: Task, dataset: str) -> None:
+    """A dataset with nnU-Net's ignore label trains segmentation only (every segmentation trainer leaves the
+    unannotated voxels out of its loss); a translation or generation dataset with one is refused before any
+    training."""
+    if not task.writes_labels:
+        raise SpineDiffError(f"{dataset} has nnU-Net's ignore label (dataset.json labels 'ignore') but is a "
+                             f"{task.name} dataset: only segmentation leaves unannotated voxels out of its loss. "
+                             "Remove the ignore label from dataset.json (and its voxels from the labels).")
 
 
 def refinement_initials(methods: list[Method], offered: list[Method], plans, task: Task) -> dict[str, Method]:
@@ -367,7 +360,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
     offered = methods_for(spec.task, plans.planned_names, dims, ordered)
     methods = methods or select_methods(offered, method_names)
     if ignore_label(dataset_json) is not None:
-        methods = methods_for_ignore_label(methods, bool(method_names), name)
+        check_ignore_label(spec.task, name)
     if not methods:
         raise SpineDiffError(f"No method to benchmark for {name}: plan 2d_diffusion/3d_diffusion first.")
     # a refiner's initial model is trained first (and shown) even when --methods names the refiner alone

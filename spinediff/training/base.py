@@ -72,11 +72,11 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.planned = PlannedConfiguration(configuration, self.configuration_manager, "plans")
         self.settings = self.planned.diffusion
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
-        if self.label_manager.has_ignore_label:
+        if self.label_manager.has_ignore_label and not self.task.task.writes_labels:
             raise SpineDiffError(
-                f"{type(self).__name__} cannot train on a dataset with nnU-Net's ignore label (label "
-                f"{self.label_manager.ignore_label} in dataset.json): its targets have no unlabelled class. Train "
-                "nnU-Net's trainer on it (`spinediff benchmark --methods nnUNetTrainer`, or nnUNetv2_train).")
+                f"This dataset has nnU-Net's ignore label (label {self.label_manager.ignore_label} in dataset.json) "
+                f"but is a {self.task.task.name} dataset: only segmentation leaves unannotated voxels out of its "
+                "loss. Remove the ignore label from dataset.json (and its voxels from the labels).")
         if not isinstance(self.task.task, self.supported_tasks):
             supported = ", ".join(task.name for task in self.supported_tasks)
             raise SpineDiffError(f"{type(self).__name__} trains {supported} datasets; this "
@@ -206,26 +206,45 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         return self.ema.module if self.ema is not None else self.plain_network
 
     # ------------------------------------------------------------------ training
-    def split_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        data = batch["data"].to(self.device, non_blocking=True)
+    def _labels(self, batch: dict) -> torch.Tensor:
         labels = batch["target"]
         labels = labels[0] if isinstance(labels, list) else labels
-        labels = labels.to(self.device, non_blocking=True)
+        return labels.to(self.device, non_blocking=True)
+
+    def split_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        data = batch["data"].to(self.device, non_blocking=True)
+        labels = self._labels(batch)
         return self.task.condition(data, labels), self.task.target(data, labels)
 
-    def compute_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Noise the target at random timesteps and score the network's prediction (diffusion)."""
-        batch = self.process.prepare_training_batch(condition, target, self.generator)
+    def loss_mask(self, batch: dict) -> torch.Tensor | None:
+        """Where the batch's target is known: None everywhere, except for a segmentation with nnU-Net's ignore label
+        (its unannotated voxels count in no loss and no validation count)."""
+        return self.task.loss_mask(self._labels(batch)) if self.label_manager.has_ignore_label else None
+
+    def compute_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise the target at random timesteps and score the network's prediction (diffusion); ``mask``
+        (:meth:`loss_mask`): the voxels the loss counts (None: all)."""
+        batch = self.process.prepare_training_batch(condition, target, self.generator, mask)
         with autocast(self.device, self.amp_dtype):  # the network only: schedule arithmetic and loss in float32
             output = as_float32(network(batch.network_input, batch.timesteps))
         if isinstance(output, (list, tuple)):
             return self.process.deep_supervision_loss(list(output), batch)
         return self.process.loss(output, batch)
 
+    def masked_loss(self, network: nn.Module, condition: torch.Tensor, target: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`compute_loss`, given the mask only where there is one: the trainers of tasks that cannot have an
+        ignore label (translation, generation) keep a ``compute_loss`` of three arguments."""
+        if mask is None:
+            return self.compute_loss(network, condition, target)
+        return self.compute_loss(network, condition, target, mask=mask)
+
     def train_step(self, batch: dict) -> dict:
         condition, target = self.split_batch(batch)
+        mask = self.loss_mask(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_loss(self.network, condition, target)
+        loss = self.masked_loss(self.network, condition, target, mask)
         self.backward_and_step(loss, self.optimizer, self.network.parameters())
         self.ema.update(self.plain_network)
         return {"loss": loss.detach().cpu().numpy()}
@@ -298,10 +317,11 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict) -> dict:
         condition, target = self.split_batch(batch)
-        loss = self.compute_loss(self.inference_network, condition, target)
+        mask = self.loss_mask(batch)
+        loss = self.masked_loss(self.inference_network, condition, target, mask)
         estimate = self.predict_patches(condition, self.epoch_validation_num_inference_steps, seed=self.current_epoch)
         if self.task.task.writes_labels:
-            return {"loss": loss.detach().cpu().numpy(), **batch_segmentation_counts(estimate, target)}
+            return {"loss": loss.detach().cpu().numpy(), **batch_segmentation_counts(estimate, target, mask)}
         return {"loss": loss.detach().cpu().numpy(), **batch_image_scores(estimate, target)}
 
     def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:

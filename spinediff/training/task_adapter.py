@@ -12,6 +12,10 @@ nnU-Net's data loader yields ``data`` (all image channels, in ``channel_names`` 
 
 Labels are always given one-hot (one channel per class), never as one channel with scaled class
 values, which fails on multi-class masks (Konz et al.).
+
+A segmentation dataset with nnU-Net's ignore label (unannotated voxels, ``"ignore"`` in dataset.json) gets a
+target that says "unknown" there (every class at 1 / C) and a loss mask (:meth:`TaskAdapter.loss_mask`) that leaves
+those voxels out of the loss, as nnU-Net's own loss does.
 """
 
 from __future__ import annotations
@@ -26,14 +30,20 @@ from spinediff.planning.target_intensity import TargetIntensity
 from spinediff.tasks import Task, task_spec
 
 
-def one_hot_scaled(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def one_hot_scaled(labels: torch.Tensor, num_classes: int, ignore: int | None = None) -> torch.Tensor:
     """``(B, 1, *spatial)`` integer labels → ``(B, num_classes, *spatial)`` one-hot in {-1, 1}.
 
-    Negative values (nnU-Net's "outside the crop" marker -1) count as background.
+    Negative values (nnU-Net's "outside the crop" marker -1) count as background. ``ignore``: nnU-Net's ignore
+    label; its voxels get every class at probability 1 / num_classes (``2 / num_classes - 1``): unknown.
     """
     labels = labels[:, 0].long().clamp(min=0)
-    one_hot = torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1)
-    return one_hot.to(torch.float32) * 2 - 1
+    unknown = None if ignore is None else labels == ignore
+    if unknown is not None:
+        labels = labels.masked_fill(unknown, 0)
+    one_hot = torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1).to(torch.float32)
+    if unknown is not None:
+        one_hot = torch.where(unknown[:, None], torch.full_like(one_hot, 1.0 / num_classes), one_hot)
+    return one_hot * 2 - 1
 
 
 @dataclass(frozen=True)
@@ -43,17 +53,22 @@ class TaskAdapter:
     target_channels: tuple[int, ...]
     num_classes: int
     target_intensity: TargetIntensity | None
+    #: nnU-Net's ignore label of a segmentation's labels (None: every voxel annotated)
+    ignore_label: int | None = None
 
     @classmethod
     def from_configuration(cls, configuration: dict[str, Any], dataset_json: dict[str, Any],
                            num_classes: int) -> TaskAdapter:
-        """Build from a plans configuration (with its ``diffusion`` block) and the dataset.json."""
+        """Build from a plans configuration (with its ``diffusion`` block) and the dataset.json (its ignore label
+        is kept for a task that writes labels; the trainer refuses it for the others)."""
+        from spinediff.datasets.dataset_json import ignore_label
+
         settings = DiffusionSettings.from_dict(configuration["diffusion"])
         task = settings.task_type
         spec = task_spec(dataset_json)
         n_channels = len(dataset_json["channel_names"])
         if task.writes_labels:  # condition: every image channel, as nnU-Net
-            return cls(task, tuple(range(n_channels)), (), num_classes, None)
+            return cls(task, tuple(range(n_channels)), (), num_classes, None, ignore_label(dataset_json))
         intensity = TargetIntensity.from_dict(settings.target_intensity or {})
         source = () if task.labels_are_condition else tuple(spec.source_channels)
         target = tuple(spec.target_channels) or tuple(range(n_channels))
@@ -80,9 +95,16 @@ class TaskAdapter:
     def target(self, data: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """The clean target in the network range ``(B, output_channels, *spatial)``."""
         if self.task.writes_labels:
-            return one_hot_scaled(labels, self.num_classes).to(data.device)
+            return one_hot_scaled(labels, self.num_classes, self.ignore_label).to(data.device)
         target = data[:, list(self.target_channels)].float()
         return self.target_intensity.to_network(target, channel_axis=1)
+
+    def loss_mask(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """``(B, 1, *spatial)`` bool, True where the target is known (the voxels not of the ignore label); None when
+        every voxel is (no ignore label, or a task whose target is not the labels)."""
+        if self.ignore_label is None or labels is None or not self.task.writes_labels:
+            return None
+        return labels[:, :1] != self.ignore_label
 
     # ------------------------------------------------------------------ outputs
     def probabilities(self, x0: torch.Tensor, channel_axis: int = 1) -> torch.Tensor:

@@ -27,12 +27,17 @@ from spinediff.prediction.core import CaseExporter, output_paths, sample_case
 from spinediff.utilities.in_process import metrics_in_process
 
 
-def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor) -> dict[str, np.ndarray]:
+def batch_segmentation_counts(estimate: torch.Tensor, target: torch.Tensor,
+                              mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Hard TP/FP/FN per foreground class of a batch (nnU-Net's pseudo-Dice bookkeeping, through
-    :func:`spinediff.metrics.segmentation_metrics.dice_counts`)."""
+    :func:`spinediff.metrics.segmentation_metrics.dice_counts`); ``mask`` ``(B, 1, *spatial)``: the voxels that
+    count (None: all; nnU-Net's ignore label leaves its voxels out)."""
     classes = estimate.shape[1]
     predicted = torch.nn.functional.one_hot(estimate.argmax(1), classes).movedim(-1, 1)
     truth = torch.nn.functional.one_hot(target.argmax(1), classes).movedim(-1, 1)
+    if mask is not None:
+        known = mask.to(device=predicted.device, dtype=predicted.dtype)
+        predicted, truth = predicted * known, truth * known
     tp, fp, fn = dice_counts(predicted[:, 1:], truth[:, 1:])
     return {"tp_hard": tp, "fp_hard": fp, "fn_hard": fn}
 
