@@ -44,11 +44,13 @@ def use_per_sample_noise(trainer, first_index: int, step: list[int]) -> None:
 
     prepare = trainer.process.prepare_training_batch
 
-    def per_sample(condition: torch.Tensor, target: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
+    def per_sample(condition: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+                   mask: torch.Tensor | None = None) -> TrainingBatch:
         parts = [prepare(condition[j:j + 1], target[j:j + 1],
-                         torch.Generator().manual_seed(1000 * step[0] + first_index + j)) for j in range(len(target))]
-        return TrainingBatch(*[torch.cat([getattr(p, f.name) for p in parts])
-                               for f in dataclasses.fields(TrainingBatch)])
+                         torch.Generator().manual_seed(1000 * step[0] + first_index + j),
+                         None if mask is None else mask[j:j + 1]) for j in range(len(target))]
+        fields = [[getattr(p, f.name) for p in parts] for f in dataclasses.fields(TrainingBatch)]
+        return TrainingBatch(*[None if values[0] is None else torch.cat(values) for values in fields])
 
     trainer.process.prepare_training_batch = per_sample
 
