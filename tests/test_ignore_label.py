@@ -4,6 +4,7 @@ dataset of issue 34 that needs it (studies/mixed_contrast505.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,39 @@ def test_diffusion_segmentation_trains_and_validates_on_a_dataset_with_an_ignore
     summary = json.loads((folder / "validation" / "summary.json").read_text())
     assert np.isfinite(summary["foreground_mean"]["Dice"])
     assert str(top + 1) not in {str(k) for k in summary["mean"]}  # no score for the ignore label
+
+
+def test_a_generation_dataset_with_an_ignore_label_is_refused_before_training(phantom_root, tmp_path_factory, capsys):
+    """The labels are a generation model's condition: an unannotated voxel means nothing there. `spinediff train`
+    exits 2 with a message that names the ignore label and the fix, and writes no fold."""
+    from conftest import nnunet_folders
+
+    from spinediff.cli import main
+    from spinediff.planning.api import plan_dataset
+
+    source = phantom_root / "Dataset903_SpinePhantomGeneration"
+    base = tmp_path_factory.mktemp("ignore_gen")
+    raw = base / "raw" / "Dataset933_SpinePhantomGenIgnore"
+    (raw / "labelsTr").mkdir(parents=True)
+    (raw / "imagesTr").symlink_to(source / "imagesTr", target_is_directory=True)
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    ignore = max(dataset_json["labels"].values()) + 1
+    dataset_json["labels"]["ignore"] = ignore
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    for label_file in sorted(source.glob("labelsTr/*.nii.gz")):
+        image = sitk.ReadImage(str(label_file))
+        array = sitk.GetArrayFromImage(image)
+        array[:1] = ignore
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(raw / "labelsTr" / label_file.name))
+    with nnunet_folders(base / "raw", base) as env:
+        plan_dataset(933, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
+        capsys.readouterr()
+        status = main(["train", "-d", "933", "-c", "2d_diffusion", "-f", "0", "-tr", "SegGuidedGenerationTrainer",
+                       "--device", "cpu"])
+        captured = capsys.readouterr()
+        results = Path(env["nnUNet_results"])
+    assert status == 2 and "Traceback" not in captured.err
+    assert "ignore label" in captured.err and "generation" in captured.err and "Remove" in captured.err
+    assert not list(results.rglob("fold_0"))

@@ -117,8 +117,15 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
     if is_spinediff_trainer(trainer):
         plans_dict = dict(plans.plans, continue_training=continue_training)  # nnU-Net's constructor pops it
         dataset_json = read_json(preprocessed / name / "dataset.json")
-        instance = find_trainer(trainer)(plans=plans_dict, configuration=configuration, fold=fold,
-                                         dataset_json=dataset_json, device=torch_device)
+        # nnU-Net's constructor writes the fold's log before a spinediff trainer checks the dataset: a refusal there
+        # takes back what it wrote (and the fold's lock, the folders it made)
+        before = set(fold_folder.iterdir()) if fold_folder.is_dir() else set()
+        try:
+            instance = find_trainer(trainer)(plans=plans_dict, configuration=configuration, fold=fold,
+                                             dataset_json=dataset_json, device=torch_device)
+        except SpineDiffError:
+            _remove_written(fold_folder, before, locks is None)
+            raise
     else:
         from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -131,6 +138,20 @@ def build_trainer(dataset: str | int, configuration: str, fold: int | str, train
                                  f"and not found by nnU-Net ({exc}).") from None
     apply_planned_augmentation(instance)
     return instance
+
+
+def _remove_written(fold_folder: Path, before: set[Path], remove_folders: bool) -> None:
+    """Remove what a refused trainer's construction wrote into ``fold_folder`` (nnU-Net's log), and, when no lock
+    does it (``remove_folders``), the fold and model folders it left empty."""
+    if not fold_folder.is_dir():
+        return
+    for path in set(fold_folder.iterdir()) - before:
+        if path.is_file() and path.name.startswith("training_log_"):
+            path.unlink()
+    if remove_folders:
+        for folder in (fold_folder, fold_folder.parent):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def apply_options(trainer, options: TrainingOptions) -> None:
