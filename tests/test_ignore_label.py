@@ -227,6 +227,26 @@ def test_the_epoch_validation_counts_leave_the_unannotated_voxels_out():
     assert batch_segmentation_counts(estimate, target)["fp_hard"][2] > 0  # counted, without the mask
 
 
+def phantom_with_ignore(source: Path, raw: Path, unannotated) -> int:
+    """``raw``: the phantom dataset ``source`` (images linked) with an ignore label added to its dataset.json (one
+    above its labels, returned) and written into the label maps where ``unannotated(index, array, ignore)`` puts it
+    (it edits the array of the index-th case in place)."""
+    (raw / "labelsTr").mkdir(parents=True)
+    (raw / "imagesTr").symlink_to(source / "imagesTr", target_is_directory=True)
+    dataset_json = json.loads((source / "dataset.json").read_text())
+    ignore = max(dataset_json["labels"].values()) + 1
+    dataset_json["labels"]["ignore"] = ignore
+    (raw / "dataset.json").write_text(json.dumps(dataset_json))
+    for index, label_file in enumerate(sorted(source.glob("labelsTr/*.nii.gz"))):
+        image = sitk.ReadImage(str(label_file))
+        array = sitk.GetArrayFromImage(image)
+        unannotated(index, array, ignore)
+        out = sitk.GetImageFromArray(array)
+        out.CopyInformation(image)
+        sitk.WriteImage(out, str(raw / "labelsTr" / label_file.name))
+    return ignore
+
+
 def test_diffusion_segmentation_trains_and_validates_on_a_dataset_with_an_ignore_label(phantom_root, tmp_path_factory):
     """The phantom's segmentation with its top level unannotated (ignore) in one case: spinediff's diffusion trainer
     trains (the batches of that case masked there), validates and scores without the ignored voxels."""
@@ -235,24 +255,14 @@ def test_diffusion_segmentation_trains_and_validates_on_a_dataset_with_an_ignore
     from spinediff.planning.api import plan_dataset
     from spinediff.training.api import TrainingOptions, build_trainer, ensure_splits, train
 
-    source = phantom_root / "Dataset901_SpinePhantomSeg"
     base = tmp_path_factory.mktemp("ignore_seg")
     raw = base / "raw" / "Dataset931_SpinePhantomSegIgnore"
-    (raw / "labelsTr").mkdir(parents=True)
-    (raw / "imagesTr").symlink_to(source / "imagesTr", target_is_directory=True)
-    dataset_json = json.loads((source / "dataset.json").read_text())
-    top = max(dataset_json["labels"].values())
-    dataset_json["labels"]["ignore"] = top + 1
-    (raw / "dataset.json").write_text(json.dumps(dataset_json))
-    cases = sorted(source.glob("labelsTr/*.nii.gz"))
-    for i, label_file in enumerate(cases):
-        image = sitk.ReadImage(str(label_file))
-        array = sitk.GetArrayFromImage(image)
-        if i == 0:
-            array[array == top] = top + 1
-        out = sitk.GetImageFromArray(array)
-        out.CopyInformation(image)
-        sitk.WriteImage(out, str(raw / "labelsTr" / label_file.name))
+
+    def top_level_of_the_first_case(index, array, ignore):
+        if index == 0:
+            array[array == ignore - 1] = ignore
+
+    top = phantom_with_ignore(phantom_root / "Dataset901_SpinePhantomSeg", raw, top_level_of_the_first_case) - 1
     with nnunet_folders(base / "raw", base):
         plan_dataset(931, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
         ensure_splits(base / "preprocessed" / raw.name)
@@ -278,22 +288,13 @@ def test_a_generation_dataset_with_an_ignore_label_is_refused_before_training(ph
     from spinediff.cli import main
     from spinediff.planning.api import plan_dataset
 
-    source = phantom_root / "Dataset903_SpinePhantomGeneration"
     base = tmp_path_factory.mktemp("ignore_gen")
-    raw = base / "raw" / "Dataset933_SpinePhantomGenIgnore"
-    (raw / "labelsTr").mkdir(parents=True)
-    (raw / "imagesTr").symlink_to(source / "imagesTr", target_is_directory=True)
-    dataset_json = json.loads((source / "dataset.json").read_text())
-    ignore = max(dataset_json["labels"].values()) + 1
-    dataset_json["labels"]["ignore"] = ignore
-    (raw / "dataset.json").write_text(json.dumps(dataset_json))
-    for label_file in sorted(source.glob("labelsTr/*.nii.gz")):
-        image = sitk.ReadImage(str(label_file))
-        array = sitk.GetArrayFromImage(image)
+
+    def first_slice(index, array, ignore):
         array[:1] = ignore
-        out = sitk.GetImageFromArray(array)
-        out.CopyInformation(image)
-        sitk.WriteImage(out, str(raw / "labelsTr" / label_file.name))
+
+    raw = base / "raw" / "Dataset933_SpinePhantomGenIgnore"
+    phantom_with_ignore(phantom_root / "Dataset903_SpinePhantomGeneration", raw, first_slice)
     with nnunet_folders(base / "raw", base) as env:
         plan_dataset(933, configurations=["2d_diffusion"], device="cpu", num_processes=1, show_progress_bar=False)
         capsys.readouterr()
