@@ -150,8 +150,8 @@ def test_the_mixed_dataset_marks_the_levels_its_masks_lack_and_puts_one_t1w_scan
 
 
 def test_the_benchmark_trains_every_segmentation_method_on_an_ignore_label_and_refuses_other_tasks():
+    from spinediff.datasets.dataset_json import check_ignore_label
     from spinediff.errors import SpineDiffError
-    from spinediff.experiments.benchmark import check_ignore_label
     from spinediff.tasks import task_spec
 
     check_ignore_label(task_spec({"labels": LABELS}).task, "Dataset777_X")  # segmentation: every method trains

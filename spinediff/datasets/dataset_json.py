@@ -36,6 +36,18 @@ def ignore_label(dataset_json: dict[str, Any]) -> int | None:
     return None if value is None else int(value)
 
 
+def check_ignore_label(task, dataset: str) -> None:
+    """A dataset with an :func:`ignore_label` trains segmentation only (every segmentation trainer leaves the
+    unannotated voxels out of its loss); a translation or generation ``task`` with one is refused (SpineDiffError
+    naming ``dataset`` and the fix)."""
+    from spinediff.errors import SpineDiffError
+
+    if not task.writes_labels:
+        raise SpineDiffError(f"{dataset} has nnU-Net's ignore label (dataset.json labels 'ignore') but is a "
+                             f"{task.name} dataset: only segmentation leaves unannotated voxels out of its loss. "
+                             "Remove the ignore label from dataset.json (and its voxels from the labels).")
+
+
 def foreground_labels(dataset_json: dict[str, Any]) -> list[int]:
     """The annotated label values above background, sorted: neither 0 nor the :func:`ignore_label`."""
     ignore = ignore_label(dataset_json)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from spinediff.datasets.dataset_json import foreground_labels, ignore_label
+from spinediff.datasets.dataset_json import check_ignore_label, foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.evaluation.evaluate import dice_per_case, evaluate_folders, summarise
 from spinediff.evaluation.report import csv_text, schedule_cell
@@ -68,16 +68,6 @@ def select_methods(methods: list[Method], names: list[str] | None) -> list[Metho
         offered = sorted({k for m in methods for k in keys(m) if "@" not in k})
         raise SpineDiffError(f"--methods: no method {', '.join(unknown)}; this task offers {', '.join(offered)}.")
     return [m for m in methods if keys(m) & set(names)]
-
-
-def check_ignore_label(task: Task, dataset: str) -> None:
-    """A dataset with nnU-Net's ignore label trains segmentation only (every segmentation trainer leaves the
-    unannotated voxels out of its loss); a translation or generation dataset with one is refused before any
-    training."""
-    if not task.writes_labels:
-        raise SpineDiffError(f"{dataset} has nnU-Net's ignore label (dataset.json labels 'ignore') but is a "
-                             f"{task.name} dataset: only segmentation leaves unannotated voxels out of its loss. "
-                             "Remove the ignore label from dataset.json (and its voxels from the labels).")
 
 
 def refinement_initials(methods: list[Method], offered: list[Method], plans, task: Task) -> dict[str, Method]:

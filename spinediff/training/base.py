@@ -22,6 +22,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
+from spinediff.datasets.dataset_json import check_ignore_label
 from spinediff.diffusion.process import DiffusionProcess
 from spinediff.diffusion.volume import VolumePredictor
 from spinediff.errors import SpineDiffError
@@ -72,11 +73,8 @@ class SpineDiffTrainer(DistributedTrainerMixin, nnUNetTrainer):
         self.planned = PlannedConfiguration(configuration, self.configuration_manager, "plans")
         self.settings = self.planned.diffusion
         self.task = TaskAdapter.from_configuration(config, dataset_json, self.label_manager.num_segmentation_heads)
-        if self.label_manager.has_ignore_label and not self.task.task.writes_labels:
-            raise SpineDiffError(
-                f"This dataset has nnU-Net's ignore label (label {self.label_manager.ignore_label} in dataset.json) "
-                f"but is a {self.task.task.name} dataset: only segmentation leaves unannotated voxels out of its "
-                "loss. Remove the ignore label from dataset.json (and its voxels from the labels).")
+        if self.label_manager.has_ignore_label:
+            check_ignore_label(self.task.task, self.plans_manager.dataset_name)
         if not isinstance(self.task.task, self.supported_tasks):
             supported = ", ".join(task.name for task in self.supported_tasks)
             raise SpineDiffError(f"{type(self).__name__} trains {supported} datasets; this "

@@ -23,7 +23,9 @@ default of 8 workers and its spawned pools.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 
@@ -102,9 +104,6 @@ def predict_nnunet_files(predictor, inputs: str, output: str, save_probabilities
     """nnU-Net's prediction of a folder: in this process with one worker (:func:`nnunet_one_worker`,
     ``predict_from_files_sequential``), otherwise with one preprocessing and one export worker beside it."""
     if nnunet_one_worker():
-        import io
-        from pathlib import Path
-
         Path(output).mkdir(parents=True, exist_ok=True)  # the sequential path writes its records there first
         with contextlib.redirect_stdout(io.StringIO()), file_lists_in_process():  # it prints a line per case
             predictor.predict_from_files_sequential(inputs, output, save_probabilities=save_probabilities,
