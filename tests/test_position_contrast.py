@@ -62,6 +62,28 @@ def test_inversion_and_bias_field_change_the_image_not_the_labels():
     assert ratio.std() > 0.01  # a smooth field that varies across the patch
 
 
+@pytest.mark.parametrize("synchronize", [True, False])
+def test_contrast_channels_move_together_only_when_synchronised(synchronize):
+    """``synchronize_channels`` in the contrast block: channels that are views of one image (lateral context) get
+    one remapping, gamma (with its inversion) and bias field; channels of different contrasts get a draw each."""
+    from spinediff.training.augmentation import contrast_transforms
+
+    block = {"p_inversion": 0, "p_remap": 1, "p_gamma": 1, "p_bias_field": 1, "synchronize_channels": synchronize}
+    transforms = contrast_transforms(block)
+    assert len(transforms) == 3
+    base, _ = patch()
+    for transform in transforms:
+        differs = []
+        for seed in range(6):
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            out = transform(image=base.repeat(3, 1, 1).clone())["image"]
+            assert not torch.equal(out[0], base[0])  # each transform changes the image
+            differs.append(max(float((out[0] - out[c]).abs().max()) for c in (1, 2)) > 1e-5)
+        name = type(transform.transform).__name__
+        assert (not any(differs)) if synchronize else any(differs), name
+
+
 def test_shift_moves_labels_with_the_image_and_cut_keeps_the_visible_labels():
     image, seg = patch()
     marker = (seg > 0).float()  # an image that is the foreground itself: labels must follow it exactly

@@ -94,20 +94,27 @@ class RandomRemapTransform(ImageOnlyTransform):
     """A random non-monotone intensity remapping: the channel's intensities between its 0.5 and 99.5
     percentiles are mapped to [0, 1] and through a piecewise-linear curve through ``control_points`` random
     values (drawn uniformly in [0, 1], so the curve goes up and down: a tissue brighter than another may become
-    darker, as CSF does between T2w and T1w); the mean and standard deviation of the channel are kept."""
+    darker, as CSF does between T2w and T1w); the mean and standard deviation of the channel are kept.
+    ``synchronize``: one curve for every channel (channels that are views of one image, such as lateral context
+    slices), else one draw per channel (channels of different contrasts)."""
 
-    def __init__(self, control_points: tuple[int, int] = (3, 4), p_per_channel: float = 1.0) -> None:
+    def __init__(self, control_points: tuple[int, int] = (3, 4), p_per_channel: float = 1.0,
+                 synchronize: bool = False) -> None:
         super().__init__()
         self.control_points = (int(control_points[0]), int(control_points[1]))
         self.p_per_channel = float(p_per_channel)
+        self.synchronize = bool(synchronize)
+
+    def _curve(self) -> torch.Tensor:
+        count = np.random.randint(self.control_points[0], self.control_points[1] + 1)
+        return torch.as_tensor(np.random.uniform(0.0, 1.0, count), dtype=torch.float32)
 
     def get_parameters(self, **data_dict) -> dict:
-        curves = {}
-        for channel in range(data_dict["image"].shape[0]):
-            if np.random.uniform() < self.p_per_channel:
-                count = np.random.randint(self.control_points[0], self.control_points[1] + 1)
-                curves[channel] = torch.as_tensor(np.random.uniform(0.0, 1.0, count), dtype=torch.float32)
-        return {"curves": curves}
+        channels = range(data_dict["image"].shape[0])
+        if self.synchronize:
+            return {"curves": ({c: curve for curve in [self._curve()] for c in channels}
+                               if np.random.uniform() < self.p_per_channel else {})}
+        return {"curves": {c: self._curve() for c in channels if np.random.uniform() < self.p_per_channel}}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         for channel, values in params["curves"].items():
@@ -127,17 +134,24 @@ class RandomRemapTransform(ImageOnlyTransform):
 class BiasFieldTransform(ImageOnlyTransform):
     """A smooth multiplicative bias field (MONAI's ``RandBiasField``: exp of a random polynomial of ``degree``)
     on the channel's intensities shifted to be positive (a bias field multiplies signal, and the normalised
-    intensities are centred at zero), with the channel's mean and standard deviation kept."""
+    intensities are centred at zero), with the channel's mean and standard deviation kept. ``synchronize``: one
+    field for every channel (views of one image), else one per channel."""
 
-    def __init__(self, degree: int = 3, coefficients: tuple[float, float] = (0.0, 0.2), p_per_channel: float = 1.0):
+    def __init__(self, degree: int = 3, coefficients: tuple[float, float] = (0.0, 0.2), p_per_channel: float = 1.0,
+                 synchronize: bool = False):
         super().__init__()
         from monai.transforms import RandBiasField
 
         self.field = RandBiasField(degree=int(degree), coeff_range=tuple(coefficients), prob=1.0)
         self.p_per_channel = float(p_per_channel)
+        self.synchronize = bool(synchronize)
 
     def get_parameters(self, **data_dict) -> dict:
-        channels = [c for c in range(data_dict["image"].shape[0]) if np.random.uniform() < self.p_per_channel]
+        count = data_dict["image"].shape[0]
+        if self.synchronize:
+            channels = list(range(count)) if np.random.uniform() < self.p_per_channel else []
+        else:
+            channels = [c for c in range(count) if np.random.uniform() < self.p_per_channel]
         # MONAI keeps its own random state: seed it from numpy's, so that a seeded run stays reproducible
         return {"channels": channels, "seed": int(np.random.randint(0, 2**31 - 1))}
 
@@ -146,6 +160,8 @@ class BiasFieldTransform(ImageOnlyTransform):
             return img
         self.field.set_random_state(seed=params["seed"])
         for channel in params["channels"]:
+            if self.synchronize:  # the same draw for every channel
+                self.field.set_random_state(seed=params["seed"])
             x = img[channel]
             mean, std = x.mean(), x.std()
             positive = (x - x.min() + 0.1 * std.clamp_min(1e-6))[None]
@@ -154,25 +170,40 @@ class BiasFieldTransform(ImageOnlyTransform):
         return img
 
 
+class SynchronizedGammaTransform(GammaTransform):
+    """batchgeneratorsv2's ``GammaTransform`` with one draw for every channel: its ``synchronize_channels`` shares
+    the gamma but still inverts each channel at random; here the inversion and the kept statistics are shared too."""
+
+    def get_parameters(self, **data_dict) -> dict:
+        params = super().get_parameters(**data_dict)
+        for key in ("retain_stats", "invert_image"):
+            if params[key] is not None and params[key].numel():
+                params[key] = params[key][:1].expand_as(params[key]).clone()
+        return params
+
+
 def contrast_transforms(block: dict) -> list[BasicTransform]:
     """The contrast augmentation of a plans ``augmentation.contrast`` block (probabilities per transform)."""
     from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
 
     if not block or not block.get("enabled", True):
         return []
+    sync = bool(block.get("synchronize_channels", False))
     transforms: list[BasicTransform] = []
-    if block.get("p_inversion", 0) > 0:
+    if block.get("p_inversion", 0) > 0:  # batchgeneratorsv2 inverts every channel together by default
         transforms.append(RandomTransform(InvertImageTransform(p_invert_image=1.0), block["p_inversion"]))
     if block.get("p_remap", 0) > 0:
-        transforms.append(RandomTransform(RandomRemapTransform(tuple(block.get("remap_control_points", (3, 4)))),
-                                          block["p_remap"]))
+        transforms.append(RandomTransform(RandomRemapTransform(tuple(block.get("remap_control_points", (3, 4))),
+                                                               synchronize=sync), block["p_remap"]))
     if block.get("p_gamma", 0) > 0:
-        transforms.append(RandomTransform(GammaTransform(
+        gamma = SynchronizedGammaTransform if sync else GammaTransform
+        transforms.append(RandomTransform(gamma(
             gamma=BGContrast(tuple(block.get("gamma_range", (0.5, 2.0)))), p_invert_image=0.5,
-            synchronize_channels=False, p_per_channel=1, p_retain_stats=1), block["p_gamma"]))
+            synchronize_channels=sync, p_per_channel=1, p_retain_stats=1), block["p_gamma"]))
     if block.get("p_bias_field", 0) > 0:
         transforms.append(RandomTransform(BiasFieldTransform(int(block.get("bias_field_degree", 3)),
-                                                             tuple(block.get("bias_field_coefficients", (0.0, 0.2)))),
+                                                             tuple(block.get("bias_field_coefficients", (0.0, 0.2))),
+                                                             synchronize=sync),
                                           block["p_bias_field"]))
     return transforms
 
