@@ -54,3 +54,19 @@ def test_precision_is_one_flag_with_the_same_values(command, capsys):
     assert parser.parse_args([*command, "--precision", "bf16"]).precision == "bf16"
     with pytest.raises(SystemExit):
         parser.parse_args([*command, "--precision", "half"])
+
+
+@pytest.mark.parametrize(("flag", "seed"), [([], 0), (["--seed", "7"], 7), (["--seed", "-1"], None)])
+def test_benchmark_passes_its_seed_to_every_fold(flag, seed, monkeypatch):
+    """``spinediff benchmark --seed`` reaches the training options of every fold (-1: unseeded)."""
+    import spinediff.experiments.benchmark_command as command
+
+    seen = {}
+
+    def fake_benchmark(dataset, **kwargs):
+        seen["options"] = kwargs["options"]
+        return {"table": "", "output": "out"}
+
+    monkeypatch.setattr(command, "run_benchmark", fake_benchmark)
+    assert command.run(build_parser().parse_args(["benchmark", "-d", "1", "--device", "cpu", *flag])) == 0
+    assert seen["options"].seed == seed

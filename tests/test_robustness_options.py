@@ -53,6 +53,7 @@ OPTION_CASES: dict[str, tuple[list[str], str, str]] = {
     "benchmark_budget_negative": ([*BENCHMARK, "--budget=-5m"], "--budget", "90s"),
     "benchmark_steps_zero": ([*BENCHMARK, "--steps", "0"], "--steps", "at least 1"),
     "benchmark_val_samples_zero": ([*BENCHMARK, "--val-samples", "0"], "--val-samples", "at least 1"),
+    "benchmark_seed_below_minus_one": ([*BENCHMARK, "--seed", "-2"], "--seed", "from -1"),
     "plan_budget_too_short": ([*PLAN, "--budget", "10s"], "--budget", "at least 30 s"),
     "plan_budget_zero": ([*PLAN, "--budget", "0"], "--budget", "positive"),
     "plan_memory_negative": ([*PLAN, "--memory-target-gb", "-1"], "--memory-target-gb", "greater than 0"),

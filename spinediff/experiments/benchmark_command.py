@@ -7,7 +7,7 @@ import argparse
 from spinediff.diffusion.refinement import COMBINATIONS
 from spinediff.experiments.benchmark import run_benchmark
 from spinediff.training.api import TrainingOptions
-from spinediff.utilities.argtypes import duration, fold, minutes, positive_int
+from spinediff.utilities.argtypes import duration, fold, int_range, minutes, positive_int
 from spinediff.utilities.device import add_device_argument, add_precision_argument
 
 
@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
                               val_iterations_per_epoch=args.val_iters_per_epoch,
                               num_inference_steps=args.num_inference_steps, validation_samples=args.val_samples,
                               device=args.device, precision=args.precision, combine=args.combine,
-                              init_noise=args.init_noise)
+                              init_noise=args.init_noise, seed=None if args.seed < 0 else args.seed)
     budget = args.budget_minutes
     if args.budget is not None:
         from spinediff.planning.budget import parse_budget
@@ -92,4 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="translation: also train nnU-Net on the real CT (same folds and budget) and report its "
                              "Dice on each method's synthetic CT (downstream Dice) next to its Dice on the real CT")
     parser.add_argument("--retrain", action="store_true", help="do not reuse timing/validation of finished folds")
+    parser.add_argument("--seed", type=int_range(-1, 2**32 - 1), default=0,
+                        help="seeds each fold's network initialisation and augmentation (as `spinediff train --seed`): "
+                             "another seed repeats the benchmark with another draw, to see how much of a difference "
+                             "the seed alone makes; a finished fold is reused whatever its seed, so give --retrain or "
+                             "another nnUNet_results; -1 leaves them unseeded")
     parser.set_defaults(func=run)
