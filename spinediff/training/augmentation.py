@@ -112,8 +112,10 @@ class RandomRemapTransform(ImageOnlyTransform):
     def get_parameters(self, **data_dict) -> dict:
         channels = range(data_dict["image"].shape[0])
         if self.synchronize:
-            return {"curves": ({c: curve for curve in [self._curve()] for c in channels}
-                               if np.random.uniform() < self.p_per_channel else {})}
+            if np.random.uniform() >= self.p_per_channel:
+                return {"curves": {}}
+            curve = self._curve()
+            return {"curves": {c: curve for c in channels}}
         return {"curves": {c: self._curve() for c in channels if np.random.uniform() < self.p_per_channel}}
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
