@@ -14,7 +14,12 @@ The block is read by :func:`spinediff.tasks.task_spec`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from spinediff.errors import SpineDiffError
+
+if TYPE_CHECKING:
+    from spinediff.tasks import Task
 
 
 def label_values(dataset_json: dict[str, Any]) -> dict[str, int]:
@@ -36,12 +41,10 @@ def ignore_label(dataset_json: dict[str, Any]) -> int | None:
     return None if value is None else int(value)
 
 
-def check_ignore_label(task, dataset: str) -> None:
+def check_ignore_label(task: Task, dataset: str) -> None:
     """A dataset with an :func:`ignore_label` trains segmentation only (every segmentation trainer leaves the
     unannotated voxels out of its loss); a translation or generation ``task`` with one is refused (SpineDiffError
     naming ``dataset`` and the fix)."""
-    from spinediff.errors import SpineDiffError
-
     if not task.writes_labels:
         raise SpineDiffError(f"{dataset} has nnU-Net's ignore label (dataset.json labels 'ignore') but is a "
                              f"{task.name} dataset: only segmentation leaves unannotated voxels out of its loss. "
