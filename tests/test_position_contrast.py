@@ -226,6 +226,66 @@ def test_a_shift_without_support_keeps_the_networks_numbering():
     assert values == [2, 3, 4, 5] and report["confidence"] <= 0.5
 
 
+def cut_sliver_above_l2(room: int = 0) -> np.ndarray:
+    """L1 cut by the top edge of the scan to a 4 mm sliver (``room`` rows of background above it), fused to L2 by a
+    thin bridge of "L2" through the disc; L2..L5 below, room for another vertebra under L5."""
+    array = np.zeros((10, 80 + room, 20), np.uint8)
+    array[2:8, room:room + 2, 5:15] = 1  # the sliver: 16 % of the component it forms with L2
+    array[3:7, room + 2:room + 5, 6:14] = 2  # the bridge: thicker than the sliver, so erosion cannot part them
+    for i, value in enumerate((2, 3, 4, 5)):
+        array[2:8, room + 5 + 12 * i:room + 14 + 12 * i, 5:15] = value
+    return array
+
+
+@pytest.mark.parametrize("edge_parts", [True, False])
+@pytest.mark.parametrize("end", ["top", "bottom"])
+def test_a_sliver_the_edge_cuts_keeps_its_level_though_fused_to_its_neighbour(monkeypatch, edge_parts, end):
+    from spinediff.inference import level_order
+
+    monkeypatch.setattr(level_order, "EDGE_PARTS", edge_parts)
+    array, sliver_level, neighbour = cut_sliver_above_l2(), 1, 2
+    if end == "bottom":  # upside down and renumbered: an L5 sliver at the bottom edge fused to L4
+        array = np.where(array > 0, 6 - array, 0).astype(np.uint8)[:, ::-1].copy()
+        sliver_level, neighbour = 5, 4
+    out, report = renumber_with_report(array, _spaced(array), ORDER)
+    assert report[f"{end}_open"] and not report[f"{'bottom' if end == 'top' else 'top'}_open"]
+    for level in {1, 2, 3, 4, 5} - {sliver_level}:
+        assert np.unique(out[array == level]).tolist() == [level]
+    sliver = np.unique(out[array == sliver_level])
+    if edge_parts:  # numbered on its own: a place in the column beyond its neighbour
+        assert sliver.tolist() == [sliver_level] and report["edge_parts"] == 1
+        assert report["labels"] == [1, 2, 3, 4, 5]
+    else:  # as one component with its neighbour it takes the neighbour's level (what the stress test's cuts showed)
+        assert sliver.tolist() == [neighbour] and "edge_parts" not in report
+
+
+def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
+    from studies.rescore_stress import markdown, summary
+
+    rows = [{"fold": "1", "case": "a", "variant": "plain", "kept": 0.9, "now": 0.9},
+            {"fold": "1", "case": "a", "variant": "crop_top_20", "kept": 0.6, "now": 0.8},
+            {"fold": "2", "case": "b", "variant": "crop_top_20", "kept": 0.8, "now": 0.8}]
+    table = summary(rows)
+    assert [t["variant"] for t in table] == ["plain", "crop_top_20"]
+    assert table[1]["cases"] == 2 and table[1]["kept"] == pytest.approx(0.7) and table[1]["now"] == pytest.approx(0.8)
+    text = markdown(rows, table, "cmd")
+    assert "| crop_top_20 | 2 | 0.700 | 0.800 | +0.100 |" in text
+    assert "(1 of 3)" in text and "- a crop_top_20 (fold 1): 0.600 -> 0.800" in text
+
+
+def test_a_part_with_room_above_it_is_not_an_edge_part():
+    # the same sliver 20 mm below the top edge: not a cut, so it stays with the vertebra it touches
+    array = cut_sliver_above_l2(room=10)
+    out, report = renumber_with_report(array, _spaced(array), ORDER)
+    assert "edge_parts" not in report and np.unique(out[array == 1]).tolist() == [2]
+
+
+def _spaced(array: np.ndarray):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 2.0, 3.0))
+    return image
+
+
 def volumes_of(array: np.ndarray, spacing=(3.0, 2.0, 1.0)) -> dict[str, dict]:
     """review scores' ``levels`` (ml) of a label map with ``spacing`` (z, y, x mm)."""
     ml = float(np.prod(spacing)) / 1000.0

@@ -32,6 +32,7 @@ import numpy as np
 from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
+from spinediff.inference.level_order import spine_array_axis
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,6 @@ VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the 
     "pad_bottom_30": (0.0, 0.0, 0.0, 0.30),
     "shift_down_20": (0.20, 0.0, 0.0, 0.20),
 }
-
-
-def spine_array_axis(image, direction) -> tuple[int, int]:
-    """The array axis (numpy order) most aligned with the world ``direction`` and the sign (+1: increasing index
-    runs along the direction, towards the last level)."""
-    matrix = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: world vector of index axis i
-    along = matrix.T @ np.asarray(direction, dtype=float)  # per SimpleITK index axis (x, y, z)
-    index_axis = int(np.argmax(np.abs(along)))
-    return 2 - index_axis, int(np.sign(along[index_axis]) or 1)
 
 
 def make_variant(image, label, axis: int, sign: int, fractions: tuple[float, float, float, float]):

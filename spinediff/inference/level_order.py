@@ -18,7 +18,8 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    (:func:`off_column`: further than :data:`OFF_COLUMN_HEIGHTS` body heights from the line along the direction
    that most of the larger candidates' voxels follow, e.g. bright fat behind the spine on a T1w scan) become
    background before the numbering, so that they neither take a level nor a place in the column; so do the smaller
-   components that lie as far off.
+   components that lie as far off. A level the edge of the scan cuts to a sliver, fused to the outermost vertebra
+   (:func:`_with_edge_parts`), becomes a candidate of its own instead of taking that vertebra's level.
 3. The candidates, sorted along the direction, take places in a column of vertebrae (:func:`vertebra_slots`: one
    level pitch apart, one place further; two pitches apart, a place left empty for a vertebra the network did not
    find; parts of one vertebra, one place). The levels follow the places, L1 at one of them and the rest counted
@@ -90,6 +91,15 @@ def label_centroids(image, array: np.ndarray, labels: list[int]) -> dict[int, np
         return {}
     centres = np.asarray(ndimage.center_of_mass(np.ones(array.shape, np.uint8), array, present), dtype=float)
     return dict(zip(present, index_to_physical(image, centres.reshape(-1, 3).T), strict=True))
+
+
+def spine_array_axis(image, direction) -> tuple[int, int]:
+    """The array axis (numpy order) of the SimpleITK ``image`` most aligned with the world ``direction`` and the sign
+    (+1: increasing index runs along the direction, towards the last level)."""
+    matrix = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: world vector of index axis i
+    along = matrix.T @ np.asarray(direction, dtype=float)  # per SimpleITK index axis (x, y, z)
+    index_axis = int(np.argmax(np.abs(along)))
+    return 2 - index_axis, int(np.sign(along[index_axis]) or 1)
 
 
 def learn_order(cases: list[dict[int, np.ndarray]]) -> LevelOrder | None:
@@ -276,6 +286,13 @@ UNSUPPORTED_FACTOR = 0.5
 CONSECUTIVE = True
 #: Set candidates off the column of vertebral bodies (:func:`off_column`) to background before the numbering.
 OFF_COLUMN = True
+#: Number a sliver of a level that the edge of the scan cuts, fused to its neighbour, on its own
+#: (:func:`_with_edge_parts`).
+EDGE_PARTS = True
+#: An edge part reaches to within this many level pitches of the image edge (a cut: the sliver ends at the edge).
+EDGE_PART_PITCHES = 0.15
+#: An edge part holds at least this share of its component's voxels (fewer: a few voxels of noise).
+EDGE_PART_MIN_SHARE = 0.02
 
 
 #: A candidate whose centre lies further than this many body heights from the column (a line through the larger
@@ -450,25 +467,27 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     if not candidates:
         return prediction, report
     candidates.sort(key=lambda c: c[1])
-    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     if OFF_COLUMN:  # what lies off the column of vertebral bodies is set to background before the numbering
         prediction, candidates = _without_off_column(prediction, image, components, foreground, heights, direction,
                                                      candidates, report)
-        sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
+    # the field of view along the direction: room between the outermost vertebrae found and the image edges
+    edge = index_to_physical(image, _grid_corners(prediction.shape)) @ direction
+    low_edge, high_edge = float(edge.min()), float(edge.max())
+    if EDGE_PARTS:  # a level cut by the edge of the scan, fused to its neighbour, is numbered on its own
+        split = _with_edge_parts(candidates, prediction.ravel()[foreground], heights, labels,
+                                 _face_distances(image, prediction.shape, foreground, direction),
+                                 level_pitch(candidates, heights))
+        if len(split) > len(candidates):
+            report["edge_parts"] = len(split) - len(candidates)
+        candidates = split
+    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
     votes = np.stack([c[2] for c in candidates])
     # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
     weighted = votes + TIE_BREAK * sizes[:, None] + TIE_BREAK * sizes.max() * inner[:, None]
-    # the field of view along the direction: room between the outermost vertebrae found and the image edges
-    edge = index_to_physical(image, _grid_corners(prediction.shape)) @ direction
-    low_edge, high_edge = float(edge.min()), float(edge.max())
     tops = [float(heights[c[0]].min()) for c in candidates]
     bottoms = [float(heights[c[0]].max()) for c in candidates]
-    majors = [candidates[i] for i in range(len(candidates)) if sizes[i] >= 0.3 * sizes.max()]
-    if len(majors) >= 2:
-        pitch = float(np.median(np.diff(sorted(c[1] for c in majors))))
-    else:
-        pitch = 1.4 * float(np.median(np.asarray(bottoms) - np.asarray(tops)))
+    pitch = level_pitch(candidates, heights)
     room_top, room_bottom = tops[0] - low_edge, high_edge - bottoms[-1]
     top_open, bottom_open = room_top < OPEN_END_PITCHES * pitch, room_bottom < OPEN_END_PITCHES * pitch
     slots = vertebra_slots([c[1] for c in candidates], pitch) if CONSECUTIVE else None
@@ -523,6 +542,69 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
     report.update(view_explained(assigned, labels, top_open, bottom_open))
     return out.reshape(prediction.shape), report
+
+
+def level_pitch(candidates: list, heights: np.ndarray) -> float:
+    """The distance between neighbouring vertebrae along the direction (mm): the median step between the centres of
+    the larger candidates (at least 0.3 of the largest), or 1.4 times the median candidate length when fewer than two
+    are large."""
+    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
+    majors = [candidates[i] for i in range(len(candidates)) if sizes[i] >= 0.3 * sizes.max()]
+    if len(majors) >= 2:
+        return float(np.median(np.diff(sorted(c[1] for c in majors))))
+    return 1.4 * float(np.median([np.ptp(heights[c[0]]) for c in candidates]))
+
+
+def _face_distances(image, shape, foreground: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each ``foreground`` voxel (flat index into an array of ``shape`` on the grid of ``image``), its distance
+    (mm) to the first and to the last face of the grid across the array axis most aligned with ``direction``: the
+    edges of the scan where the spine leaves it (the top, the first level's side, and the bottom)."""
+    axis, sign = spine_array_axis(image, direction)
+    index = np.unravel_index(foreground, shape)[axis].astype(float)
+    spacing = float(image.GetSpacing()[2 - axis])
+    low, high = index * spacing, (shape[axis] - 1 - index) * spacing
+    return (low, high) if sign > 0 else (high, low)
+
+
+def _with_edge_parts(candidates: list, values: np.ndarray, heights: np.ndarray, labels: tuple[int, ...],
+                     to_faces: tuple[np.ndarray, np.ndarray], pitch: float) -> list:
+    """``candidates`` (sorted along the direction) with the part of the outermost one that the network labels as a
+    level beyond its own, lying beyond its own label's voxels (one above the other, :func:`_stacked`) and reaching to
+    within :data:`EDGE_PART_PITCHES` level pitches of the image edge, made a candidate of its own: a level the edge
+    of the scan cuts to a sliver, fused to its neighbour through the disc. As one component the pair takes its
+    majority's label (the sliver is below :data:`MIXED_SHARE`), so that the sliver would lose its level; on its own it
+    takes a place in the column beyond the neighbour's (its centre lies more than half a pitch beyond the neighbour's
+    centre), and keeps its level when the numbering agrees. A part nearer the neighbour's centre shares its place and
+    its level, as before. ``values``: the predicted label of each foreground voxel; ``to_faces``: its distances to
+    the top and bottom edges of the scan (:func:`_face_distances`)."""
+    if len(candidates) < 2:
+        return candidates
+    out = list(candidates)
+    for end in (0, -1):
+        where, _, votes = out[end]
+        major = int(np.argmax(votes))
+        beyond = labels[:major] if end == 0 else labels[major + 1:]
+        own, h = values[where], heights[where]
+        part = np.isin(own, beyond)
+        count = int(part.sum())
+        if not beyond or count < EDGE_PART_MIN_SHARE * len(where):
+            continue
+        body = own == labels[major]
+        if not _stacked([h[part], h[body]]):
+            continue  # side by side: one vertebra labelled differently in different slices
+        outside = h[part].mean() < h[body].mean() if end == 0 else h[part].mean() > h[body].mean()
+        reach = float(to_faces[0 if end == 0 else 1][where[part]].min())
+        if not outside or reach > EDGE_PART_PITCHES * pitch:
+            continue
+        pieces = []
+        for positions in (where[part], where[~part]):
+            piece_votes = np.array([np.count_nonzero(values[positions] == v) for v in labels], dtype=float)
+            pieces.append((positions, float(np.mean(heights[positions])), piece_votes))
+        if end == 0:
+            out[:1] = pieces  # the sliver lies above
+        else:
+            out[-1:] = pieces[::-1]
+    return out
 
 
 def _missing_at_open_ends(numbering: list[int | None], k: int, top_open: bool, bottom_open: bool) -> bool:

@@ -1,0 +1,117 @@
+"""The stress test's kept cases post-processed again by the code as it is now, and scored beside what the stress test
+wrote: how much a change of the level numbering moves the stress numbers without predicting again (issue 34).
+
+A stress test run with ``--keep`` (``benchmarks/stress_position.py --keep``) leaves, per fold, the varied inputs
+(``in_*``), their cut references (``ref_*``) and the predictions (``out_*``), nnU-Net's raw answers among them
+(``out_*/nnunet_raw_output``, for nnU-Net's trainers). Each raw answer is numbered again by the model's
+``postprocessing.json`` (:func:`spinediff.inference.postprocess_command.postprocess_folder`, as ``spinediff
+postprocess`` numbers a user's answers) and scored as the stress test scores (:func:`spinediff.experiments.stress.
+level_scores`, the levels' shares in view from the raw dataset's whole reference).
+
+    python -m studies.rescore_stress \\
+        -m $nnUNet_results/Dataset505_LumbarVB3VB2mixed/nnUNetTrainer__nnUNetPlans__2d_cpu \\
+        --stress-cases KEEP/stress_cases -o OUT
+
+Writes ``OUT/rescore_stress.json`` and ``.md``: per variant the mean level Dice as kept and as numbered now, and
+every case-variant whose score changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def rescore(model: Path, stress_cases: Path) -> list[dict]:
+    """One row per kept case-variant: ``kept`` (the stress test's level Dice) and ``now`` (numbered again)."""
+    import SimpleITK as sitk
+
+    from spinediff.datasets.dataset_json import ignore_label
+    from spinediff.experiments.stress import dataset_level_order, in_view_shares, level_scores
+    from spinediff.inference.postprocess_command import postprocess_folder
+    from spinediff.io import read_json
+    from spinediff.paths import resolve_raw_dataset
+
+    rows = []
+    for predicted in sorted(stress_cases.glob("out_*")):
+        raw_output = predicted / "nnunet_raw_output"
+        references = stress_cases / ("ref_" + predicted.name[4:])
+        if not raw_output.is_dir() or not references.is_dir():
+            raise SystemExit(f"{predicted} has no nnunet_raw_output or no {references.name} beside it: keep the "
+                             "stress cases of an nnU-Net trainer's model (--keep)")
+        source = predicted.name[4:].rsplit("_", 1)[0]  # out_<dataset>_<folds>
+        raw = resolve_raw_dataset(source)
+        dataset_json = read_json(raw / "dataset.json")
+        ending, ignore = dataset_json.get("file_ending", ".nii.gz"), ignore_label(dataset_json)
+        labels = list(dataset_level_order(raw).labels)
+        work = Path(tempfile.mkdtemp(prefix="rescore_"))
+        try:
+            postprocess_folder(raw_output, work / "now", model, overwrite=True, progress=False)
+            for reference_file in sorted(references.glob(f"*{ending}")):
+                stem = reference_file.name[: -len(ending)]
+                case, variant = stem.split("-", 1)
+                reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_file)))
+                whole = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{case}{ending}")))
+                shares = in_view_shares(whole, reference, labels)
+                scores = {}
+                for name, folder in (("kept", predicted), ("now", work / "now")):
+                    answer = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}{ending}")))
+                    scores[name] = level_scores(answer, reference, labels, shares, ignore)
+                rows.append({"fold": predicted.name.rsplit("_", 1)[1], "case": case, "variant": variant,
+                             "kept": scores["kept"]["level_dice"], "now": scores["now"]["level_dice"],
+                             "kept_per_label": scores["kept"]["per_label"],
+                             "now_per_label": scores["now"]["per_label"]})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per variant: cases, mean level Dice as kept and now."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        chosen = [r for r in rows if r["variant"] == variant]
+        out.append({"variant": variant, "cases": len(chosen), "kept": float(np.nanmean([r["kept"] for r in chosen])),
+                    "now": float(np.nanmean([r["now"] for r in chosen]))})
+    return out
+
+
+def markdown(rows: list[dict], table: list[dict], command: str) -> str:
+    lines = ["# Stress cases numbered again", "", f"`{command}`", "",
+             "| variant | cases | level Dice as kept | numbered now | change |", "|---|---|---|---|---|"]
+    lines += [f"| {t['variant']} | {t['cases']} | {t['kept']:.3f} | {t['now']:.3f} | {t['now'] - t['kept']:+.3f} |"
+              for t in table]
+    changed = [r for r in rows if not (math.isclose(r["kept"], r["now"], abs_tol=1e-6)
+                                       or (math.isnan(r["kept"]) and math.isnan(r["now"])))]
+    lines += ["", f"## Case-variants whose score changed ({len(changed)} of {len(rows)})", ""]
+    lines += [f"- {r['case']} {r['variant']} (fold {r['fold']}): {r['kept']:.3f} -> {r['now']:.3f}" for r in changed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", required=True, type=Path, help="the model folder (its postprocessing.json)")
+    parser.add_argument("--stress-cases", required=True, type=Path, help="the stress test's kept stress_cases folder")
+    parser.add_argument("-o", "--output", required=True, type=Path)
+    args = parser.parse_args(argv)
+    from spinediff.io import write_json, write_text
+
+    rows = rescore(args.model, args.stress_cases)
+    table = summary(rows)
+    command = "python -m studies.rescore_stress " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json({"model": str(args.model), "summary": table, "cases": rows, "command": command},
+               args.output / "rescore_stress.json")
+    write_text(markdown(rows, table, command), args.output / "rescore_stress.md")
+    print(markdown(rows, table, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
