@@ -273,6 +273,21 @@ def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
     assert "(1 of 3)" in text and "- a crop_top_20 (fold 1): 0.600 -> 0.800" in text
 
 
+def test_the_room_at_an_end_is_measured_across_the_scan_not_from_its_far_corner():
+    # a wide scan (240 mm) whose level direction is tilted 8.4 degrees from its rows, L1 cut off at the top: L2 starts
+    # at the top edge. From the grid's corners along the tilted direction, the top would have 35 mm of room (closed:
+    # L1 would then be missing inside the field of view); across the rows it has none
+    array = np.zeros((4, 80, 240), np.uint8)
+    for i, value in enumerate((2, 3, 4, 5)):
+        array[:, 12 * i:12 * i + 9, 100:120] = value
+    image = _spaced(array)
+    direction = np.array([-0.146, 0.989, 0.0])
+    order = LevelOrder((1, 2, 3, 4, 5), tuple(direction / np.linalg.norm(direction)))
+    out, report = renumber_with_report(array, image, order)
+    assert report["top_open"] and not report["bottom_open"] and report["room_above_mm"] < 1.0
+    assert report["labels"] == [2, 3, 4, 5] and report["confidence"] >= 0.9 and (out == array).all()
+
+
 def test_a_part_with_room_above_it_is_not_an_edge_part():
     # the same sliver 20 mm below the top edge: not a cut, so it stays with the vertebra it touches
     array = cut_sliver_above_l2(room=10)

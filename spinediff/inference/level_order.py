@@ -28,11 +28,12 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    skip a vertebra that is there nor give two neighbours one level. (With :data:`CONSECUTIVE` off: strictly
    increasing labels by dynamic programming, the surplus candidates with the least support becoming background.)
 4. The field of view decides which numberings the anatomy allows (:func:`renumber_with_report`). An end of the
-   scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge along the
-   direction (a level beyond it may be outside the scan); it is *closed* when there is room for another vertebra
-   between them (a level beyond it would have been seen). Levels may be missing only at an open end, so a
-   numbering that leaves out L1 needs an open top and one that leaves out L5 an open bottom; numberings with
-   fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar level) are tried at open ends too.
+   scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge, across the
+   scan's axis nearest the direction (a level beyond it may be outside the scan); it is *closed* when there is
+   room for another vertebra between them (a level beyond it would have been seen). Levels may be missing only at
+   an open end, so a numbering that leaves out L1 needs an open top and one that leaves out L5 an open bottom;
+   numberings with fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar level) are tried at
+   open ends too.
    A renumbering that changes the level of most vertebrae is applied only when the anatomy supports it (all
    levels found with both ends closed, or the missing levels at an open end); otherwise the network's numbering
    is kept. Every case gets a report with a confidence: the share of the found vertebrae's voxels whose label
@@ -390,13 +391,6 @@ def _without_off_column(prediction: np.ndarray, image, components: np.ndarray, f
     return out, candidates
 
 
-def _grid_corners(shape) -> np.ndarray:
-    """Index coordinates (3 x 8) of the grid's outer corners."""
-    corners = np.array([[a, b, c] for a in (-0.5, shape[0] - 0.5) for b in (-0.5, shape[1] - 0.5)
-                        for c in (-0.5, shape[2] - 0.5)]).T
-    return corners
-
-
 def vertebra_slots(centres: list[float], pitch: float) -> list[int]:
     """The place of each candidate (sorted by height along the direction) in the column of vertebrae, in whole
     level pitches from the first: neighbours one pitch apart take consecutive places, a gap of two pitches leaves a
@@ -470,12 +464,10 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     if OFF_COLUMN:  # what lies off the column of vertebral bodies is set to background before the numbering
         prediction, candidates = _without_off_column(prediction, image, components, foreground, heights, direction,
                                                      candidates, report)
-    # the field of view along the direction: room between the outermost vertebrae found and the image edges
-    edge = index_to_physical(image, _grid_corners(prediction.shape)) @ direction
-    low_edge, high_edge = float(edge.min()), float(edge.max())
+    # the field of view: each vertebra voxel's distance to the edges of the scan where the spine leaves it
+    to_faces = _face_distances(image, prediction.shape, foreground, direction)
     if EDGE_PARTS:  # a level cut by the edge of the scan, fused to its neighbour, is numbered on its own
-        split = _with_edge_parts(candidates, prediction.ravel()[foreground], heights, labels,
-                                 _face_distances(image, prediction.shape, foreground, direction),
+        split = _with_edge_parts(candidates, prediction.ravel()[foreground], heights, labels, to_faces,
                                  level_pitch(candidates, heights))
         if len(split) > len(candidates):
             report["edge_parts"] = len(split) - len(candidates)
@@ -485,10 +477,11 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     # ties: keep the larger vertebrae, and set the outermost ones to background first (an S1 or T12 lies outside)
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
     weighted = votes + TIE_BREAK * sizes[:, None] + TIE_BREAK * sizes.max() * inner[:, None]
-    tops = [float(heights[c[0]].min()) for c in candidates]
-    bottoms = [float(heights[c[0]].max()) for c in candidates]
     pitch = level_pitch(candidates, heights)
-    room_top, room_bottom = tops[0] - low_edge, high_edge - bottoms[-1]
+    # room between the outermost vertebrae found and the edges, across the scan's own axis along the spine (measured
+    # along a tilted direction from the grid's corners, it counted up to width x tilt of room that is not there)
+    found = np.concatenate([c[0] for c in candidates])
+    room_top, room_bottom = float(to_faces[0][found].min()), float(to_faces[1][found].min())
     top_open, bottom_open = room_top < OPEN_END_PITCHES * pitch, room_bottom < OPEN_END_PITCHES * pitch
     slots = vertebra_slots([c[1] for c in candidates], pitch) if CONSECUTIVE else None
     options = _numberings(weighted, top_open, bottom_open, slots)
