@@ -12,8 +12,9 @@ level_scores`, the levels' shares in view from the raw dataset's whole reference
         -m $nnUNet_results/Dataset505_LumbarVB3VB2mixed/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         --stress-cases KEEP/stress_cases -o OUT
 
-Writes ``OUT/rescore_stress.json`` and ``.md``: per variant the mean level Dice as kept and as numbered now, and
-every case-variant whose score changed.
+Writes ``OUT/rescore_stress.json`` and ``.md``: per variant the mean level Dice as kept and as numbered now, how many
+cases a numbering confidence under the review rule's threshold flags either way, and every case-variant whose score
+changed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
         work = Path(tempfile.mkdtemp(prefix="rescore_"))
         try:
             postprocess_folder(raw_output, work / "now", model, overwrite=True, progress=False)
+            confidence = {name: _confidences(folder / "level_numbering.json", ending)
+                          for name, folder in (("kept", predicted), ("now", work / "now"))}
             for reference_file in sorted(references.glob(f"*{ending}")):
                 stem = reference_file.name[: -len(ending)]
                 case, variant = stem.split("-", 1)
@@ -66,27 +69,48 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
                 rows.append({"fold": predicted.name.rsplit("_", 1)[1], "case": case, "variant": variant,
                              "kept": scores["kept"]["level_dice"], "now": scores["now"]["level_dice"],
                              "kept_per_label": scores["kept"]["per_label"],
-                             "now_per_label": scores["now"]["per_label"]})
+                             "now_per_label": scores["now"]["per_label"],
+                             "kept_confidence": confidence["kept"].get(stem),
+                             "now_confidence": confidence["now"].get(stem)})
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
+def _confidences(report: Path, ending: str) -> dict[str, float]:
+    """Each case's level numbering confidence from a ``level_numbering.json`` (none when the file is missing)."""
+    from spinediff.io import read_json
+
+    if not report.is_file():
+        return {}
+    return {name[: -len(ending)] if name.endswith(ending) else name: entry.get("confidence")
+            for name, entry in read_json(report).get("cases", {}).items()}
+
+
 def summary(rows: list[dict]) -> list[dict]:
-    """Per variant: cases, mean level Dice as kept and now."""
+    """Per variant: cases, mean level Dice as kept and now, and how many cases the review rule's numbering criterion
+    flags (confidence below :data:`spinediff.inference.review.NUMBERING_THRESHOLD`) as kept and now."""
+    from spinediff.inference.review import NUMBERING_THRESHOLD
+
+    def flagged(chosen, key):
+        return sum(1 for r in chosen if r.get(key) is not None and r[key] < NUMBERING_THRESHOLD)
+
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         chosen = [r for r in rows if r["variant"] == variant]
         out.append({"variant": variant, "cases": len(chosen), "kept": float(np.nanmean([r["kept"] for r in chosen])),
-                    "now": float(np.nanmean([r["now"] for r in chosen]))})
+                    "now": float(np.nanmean([r["now"] for r in chosen])),
+                    "kept_low_confidence": flagged(chosen, "kept_confidence"),
+                    "now_low_confidence": flagged(chosen, "now_confidence")})
     return out
 
 
 def markdown(rows: list[dict], table: list[dict], command: str) -> str:
     lines = ["# Stress cases numbered again", "", f"`{command}`", "",
-             "| variant | cases | level Dice as kept | numbered now | change |", "|---|---|---|---|---|"]
-    lines += [f"| {t['variant']} | {t['cases']} | {t['kept']:.3f} | {t['now']:.3f} | {t['now'] - t['kept']:+.3f} |"
-              for t in table]
+             "| variant | cases | level Dice as kept | numbered now | change | numbering confidence < 0.5: kept, now |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {t['variant']} | {t['cases']} | {t['kept']:.3f} | {t['now']:.3f} | {t['now'] - t['kept']:+.3f} | "
+              f"{t.get('kept_low_confidence', 0)}, {t.get('now_low_confidence', 0)} |" for t in table]
     changed = [r for r in rows if not (math.isclose(r["kept"], r["now"], abs_tol=1e-6)
                                        or (math.isnan(r["kept"]) and math.isnan(r["now"])))]
     lines += ["", f"## Case-variants whose score changed ({len(changed)} of {len(rows)})", ""]

@@ -263,13 +263,16 @@ def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
     from studies.rescore_stress import markdown, summary
 
     rows = [{"fold": "1", "case": "a", "variant": "plain", "kept": 0.9, "now": 0.9},
-            {"fold": "1", "case": "a", "variant": "crop_top_20", "kept": 0.6, "now": 0.8},
-            {"fold": "2", "case": "b", "variant": "crop_top_20", "kept": 0.8, "now": 0.8}]
+            {"fold": "1", "case": "a", "variant": "crop_top_20", "kept": 0.6, "now": 0.8, "kept_confidence": 0.4,
+             "now_confidence": 0.9},
+            {"fold": "2", "case": "b", "variant": "crop_top_20", "kept": 0.8, "now": 0.8, "kept_confidence": 0.3,
+             "now_confidence": 0.45}]
     table = summary(rows)
     assert [t["variant"] for t in table] == ["plain", "crop_top_20"]
     assert table[1]["cases"] == 2 and table[1]["kept"] == pytest.approx(0.7) and table[1]["now"] == pytest.approx(0.8)
+    assert (table[1]["kept_low_confidence"], table[1]["now_low_confidence"]) == (2, 1)
     text = markdown(rows, table, "cmd")
-    assert "| crop_top_20 | 2 | 0.700 | 0.800 | +0.100 |" in text
+    assert "| crop_top_20 | 2 | 0.700 | 0.800 | +0.100 | 2, 1 |" in text
     assert "(1 of 3)" in text and "- a crop_top_20 (fold 1): 0.600 -> 0.800" in text
 
 
