@@ -478,8 +478,8 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     inner = np.minimum(np.arange(len(candidates)), np.arange(len(candidates))[::-1])
     weighted = votes + TIE_BREAK * sizes[:, None] + TIE_BREAK * sizes.max() * inner[:, None]
     pitch = level_pitch(candidates, heights)
-    # room between the outermost vertebrae found and the edges, across the scan's own axis along the spine (measured
-    # along a tilted direction from the grid's corners, it counted up to width x tilt of room that is not there)
+    # room between the outermost vertebrae found and the edges, across the scan's own axis along the spine (not along
+    # the tilted direction from the grid's far corners, which would count room beside the spine that is not there)
     found = np.concatenate([c[0] for c in candidates])
     room_top, room_bottom = float(to_faces[0][found].min()), float(to_faces[1][found].min())
     top_open, bottom_open = room_top < OPEN_END_PITCHES * pitch, room_bottom < OPEN_END_PITCHES * pitch
