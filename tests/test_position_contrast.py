@@ -278,8 +278,8 @@ def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
 
 def test_the_room_at_an_end_is_measured_across_the_scan_not_from_its_far_corner():
     # a wide scan (240 mm) whose level direction is tilted 8.4 degrees from its rows, L1 cut off at the top: L2 starts
-    # at the top edge. From the grid's corners along the tilted direction, the top would have 35 mm of room (closed:
-    # L1 would then be missing inside the field of view); across the rows it has none
+    # at the top edge. From the grid's far corner along the tilted direction, the top had 18.6 mm of room (closed, at
+    # a 24 mm pitch: L1 was then "missing inside the field of view", confidence 0.5); across the rows it has none
     array = np.zeros((4, 80, 240), np.uint8)
     for i, value in enumerate((2, 3, 4, 5)):
         array[:, 12 * i:12 * i + 9, 100:120] = value
