@@ -471,7 +471,7 @@ def test_manual_bodies_renumbered_by_hand_placed_centres_and_scored():
 
 
 def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
-    from spinediff.inference import level_order
+    from spinediff.inference import level_geometry, level_order
 
     # five bodies down a gently curved column (mm: 1 mm voxels), and a bright blob 70 mm behind L3
     prediction = np.zeros((20, 240, 160), np.uint8)
@@ -482,8 +482,8 @@ def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
     centres = np.array([[10.0, y, 60 + 0.001 * (y - 110) ** 2] for y in (40, 75, 110, 145, 180)] +
                        [[10.0, 110.0, 130.0]])
     sizes = np.array([8 * 24 * 36] * 5 + [8 * 20 * 20], float)
-    assert level_order.off_column(centres, centres[:, 1], sizes, 24.0) == [5]
-    assert level_order.off_column(centres[:5], centres[:5, 1], sizes[:5], 24.0) == []  # the column itself stays
+    assert level_geometry.off_column(centres, centres[:, 1], sizes, 24.0) == [5]
+    assert level_geometry.off_column(centres[:5], centres[:5, 1], sizes[:5], 24.0) == []  # the column itself stays
     prediction[blob] = 2
     speck = (slice(8, 12), slice(150, 156), slice(130, 136))  # too small to be a candidate, off the column too
     prediction[speck] = 4
@@ -497,7 +497,7 @@ def test_a_blob_off_the_column_of_bodies_is_background_before_the_numbering():
 
 
 def test_several_large_blobs_beside_the_spine_do_not_pull_the_column_off_the_bodies():
-    from spinediff.inference.level_order import off_column
+    from spinediff.inference.level_geometry import off_column
 
     # as on a T1w scan: six bodies down the column (x 190-220 mm), and six large blobs of fat 130 mm behind its upper
     # half, each half the size of a body; one fit through all twelve would run obliquely from the blobs to the

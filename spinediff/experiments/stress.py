@@ -32,7 +32,7 @@ import numpy as np
 from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
-from spinediff.inference.level_order import spine_array_axis
+from spinediff.inference.level_geometry import spine_array_axis
 
 
 @dataclass(frozen=True)

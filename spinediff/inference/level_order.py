@@ -42,6 +42,9 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
 
 :func:`spinediff.inference.postprocessing.determine_postprocessing` keeps this step only when it
 improves the cross-validation Dice (as nnU-Net decides its own post-processing).
+
+Where the vertebrae lie (the column of bodies, :func:`off_column`; the scan's edges; the level pitch) is computed in
+:mod:`spinediff.inference.level_geometry`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ from typing import Any
 
 import numpy as np
 
+from spinediff.inference.level_geometry import (
+    OFF_COLUMN_HEIGHTS,
+    column_distances,
+    column_line,
+    face_distances,
+    level_pitch,
+)
 from spinediff.io import index_to_physical
 
 #: Components smaller than this share of the largest ordered component are left untouched (specks).
@@ -92,15 +102,6 @@ def label_centroids(image, array: np.ndarray, labels: list[int]) -> dict[int, np
         return {}
     centres = np.asarray(ndimage.center_of_mass(np.ones(array.shape, np.uint8), array, present), dtype=float)
     return dict(zip(present, index_to_physical(image, centres.reshape(-1, 3).T), strict=True))
-
-
-def spine_array_axis(image, direction) -> tuple[int, int]:
-    """The array axis (numpy order) of the SimpleITK ``image`` most aligned with the world ``direction`` and the sign
-    (+1: increasing index runs along the direction, towards the last level)."""
-    matrix = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)  # columns: world vector of index axis i
-    along = matrix.T @ np.asarray(direction, dtype=float)  # per SimpleITK index axis (x, y, z)
-    index_axis = int(np.argmax(np.abs(along)))
-    return 2 - index_axis, int(np.sign(along[index_axis]) or 1)
 
 
 def learn_order(cases: list[dict[int, np.ndarray]]) -> LevelOrder | None:
@@ -296,63 +297,6 @@ EDGE_PART_PITCHES = 0.15
 EDGE_PART_MIN_SHARE = 0.02
 
 
-#: A candidate whose centre lies further than this many body heights from the column (a line through the larger
-#: candidates' centres along the direction) is not a vertebral body: bright fat behind the spine, a loop of bowel.
-OFF_COLUMN_HEIGHTS = 1.5
-#: The column's largest slope across the direction (mm across per mm along it; 0.5: 27 degrees).
-COLUMN_MAX_SLOPE = 0.5
-
-
-def column_line(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float
-                ) -> np.ndarray | None:
-    """The column of vertebral bodies: coefficients (2 x 3) of the centre as a straight function of the height
-    (``[1, h] @ line``), or None when no column can be told.
-
-    The column is the line through two of the larger candidates (at least a third of the largest) that runs within
-    :data:`COLUMN_MAX_SLOPE` of the direction and has the most voxels within :data:`OFF_COLUMN_HEIGHTS` body heights
-    of it, fitted again to the larger candidates on it. A consensus rather than one fit to all: several large blobs
-    beside the spine would pull a fit through all of them off the bodies. None when the column holds less than half
-    of the voxels, or when fewer than three candidates are large. ``centres``: (n, 3) physical centres;
-    ``heights``: theirs along the direction."""
-    limit = OFF_COLUMN_HEIGHTS * body_height
-    large = [i for i in range(len(sizes)) if sizes[i] >= sizes.max() / 3.0]
-    if len(large) < 3:
-        return None
-
-    def fit(members: list[int]) -> np.ndarray:
-        design = np.stack([np.ones(len(members)), heights[members]], axis=1)
-        return np.linalg.lstsq(design, centres[members], rcond=None)[0]
-
-    best, best_size = None, 0.0
-    for a, b in combinations(large, 2):
-        rise = heights[b] - heights[a]
-        if abs(rise) < 0.5 * body_height:  # side by side: no direction to follow
-            continue
-        slope = (centres[b] - centres[a]) / rise  # 1 along the direction, the rest across it
-        if np.sqrt(max(float(slope @ slope) - 1.0, 0.0)) > COLUMN_MAX_SLOPE:
-            continue
-        near = column_distances(fit([a, b]), centres, heights) <= limit
-        if sizes[near].sum() > best_size:
-            best, best_size = near, float(sizes[near].sum())
-    if best is None or best_size < 0.5 * sizes.sum():
-        return None
-    return fit([i for i in large if best[i]])
-
-
-def column_distances(line: np.ndarray, centres: np.ndarray, heights: np.ndarray) -> np.ndarray:
-    """Distance (mm) of each centre from the column ``line`` (:func:`column_line`) at its height."""
-    return np.linalg.norm(centres - np.stack([np.ones(len(heights)), heights], axis=1) @ line, axis=1)
-
-
-def off_column(centres: np.ndarray, heights: np.ndarray, sizes: np.ndarray, body_height: float) -> list[int]:
-    """The candidates further than :data:`OFF_COLUMN_HEIGHTS` body heights from the column (:func:`column_line`;
-    indices, none when there is no column)."""
-    line = column_line(centres, heights, sizes, body_height)
-    if line is None:
-        return []
-    return [int(i) for i in np.flatnonzero(column_distances(line, centres, heights) > OFF_COLUMN_HEIGHTS * body_height)]
-
-
 def _without_off_column(prediction: np.ndarray, image, components: np.ndarray, foreground: np.ndarray,
                         heights: np.ndarray, direction: np.ndarray, candidates: list, report: dict[str, Any]
                         ) -> tuple[np.ndarray, list]:
@@ -465,7 +409,7 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
         prediction, candidates = _without_off_column(prediction, image, components, foreground, heights, direction,
                                                      candidates, report)
     # the field of view: each vertebra voxel's distance to the edges of the scan where the spine leaves it
-    to_faces = _face_distances(image, prediction.shape, foreground, direction)
+    to_faces = face_distances(image, prediction.shape, foreground, direction)
     if EDGE_PARTS:  # a level cut by the edge of the scan, fused to its neighbour, is numbered on its own
         split = _with_edge_parts(candidates, prediction.ravel()[foreground], heights, labels, to_faces,
                                  level_pitch(candidates, heights))
@@ -535,28 +479,6 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     report.update(_geometry_report(room_top, room_bottom, top_open, bottom_open, pitch))
     report.update(view_explained(assigned, labels, top_open, bottom_open))
     return out.reshape(prediction.shape), report
-
-
-def level_pitch(candidates: list, heights: np.ndarray) -> float:
-    """The distance between neighbouring vertebrae along the direction (mm): the median step between the centres of
-    the larger candidates (at least 0.3 of the largest), or 1.4 times the median candidate length when fewer than two
-    are large."""
-    sizes = np.asarray([len(c[0]) for c in candidates], dtype=float)
-    majors = [candidates[i] for i in range(len(candidates)) if sizes[i] >= 0.3 * sizes.max()]
-    if len(majors) >= 2:
-        return float(np.median(np.diff(sorted(c[1] for c in majors))))
-    return 1.4 * float(np.median([np.ptp(heights[c[0]]) for c in candidates]))
-
-
-def _face_distances(image, shape, foreground: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each ``foreground`` voxel (flat index into an array of ``shape`` on the grid of ``image``), its distance
-    (mm) to the first and to the last face of the grid across the array axis most aligned with ``direction``: the
-    edges of the scan where the spine leaves it (the top, the first level's side, and the bottom)."""
-    axis, sign = spine_array_axis(image, direction)
-    index = np.unravel_index(foreground, shape)[axis].astype(float)
-    spacing = float(image.GetSpacing()[2 - axis])
-    low, high = index * spacing, (shape[axis] - 1 - index) * spacing
-    return (low, high) if sign > 0 else (high, low)
 
 
 def _with_edge_parts(candidates: list, values: np.ndarray, heights: np.ndarray, labels: tuple[int, ...],
