@@ -21,12 +21,22 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+def kept_folder_parts(name: str) -> tuple[str, str]:
+    """The dataset and the folds (``"0"``, or ``"0_1_2_3_4"`` for another dataset's scans predicted by every fold) of
+    a kept prediction folder ``out_<dataset>_<folds>``."""
+    match = re.fullmatch(r"out_(Dataset\d+_.+?)_(\d+(?:_\d+)*)", name)
+    if match is None:
+        raise SystemExit(f"{name} is not a stress test's prediction folder (out_<dataset>_<folds>)")
+    return match.group(1), match.group(2)
 
 
 def rescore(model: Path, stress_cases: Path) -> list[dict]:
@@ -46,7 +56,7 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
         if not raw_output.is_dir() or not references.is_dir():
             raise SystemExit(f"{predicted} has no nnunet_raw_output or no {references.name} beside it: keep the "
                              "stress cases of an nnU-Net trainer's model (--keep)")
-        source = predicted.name[4:].rsplit("_", 1)[0]  # out_<dataset>_<folds>
+        source, folds = kept_folder_parts(predicted.name)
         raw = resolve_raw_dataset(source)
         dataset_json = read_json(raw / "dataset.json")
         ending, ignore = dataset_json.get("file_ending", ".nii.gz"), ignore_label(dataset_json)
@@ -66,7 +76,7 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
                 for name, folder in (("kept", predicted), ("now", work / "now")):
                     answer = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{stem}{ending}")))
                     scores[name] = level_scores(answer, reference, labels, shares, ignore)
-                rows.append({"fold": predicted.name.rsplit("_", 1)[1], "case": case, "variant": variant,
+                rows.append({"fold": folds, "case": case, "variant": variant,
                              "kept": scores["kept"]["level_dice"], "now": scores["now"]["level_dice"],
                              "kept_per_label": scores["kept"]["per_label"],
                              "now_per_label": scores["now"]["per_label"],

@@ -260,7 +260,10 @@ def test_a_sliver_the_edge_cuts_keeps_its_level_though_fused_to_its_neighbour(mo
 
 
 def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
-    from studies.rescore_stress import markdown, summary
+    from studies.rescore_stress import kept_folder_parts, markdown, summary
+
+    assert kept_folder_parts("out_Dataset505_LumbarVB3VB2mixed_2") == ("Dataset505_LumbarVB3VB2mixed", "2")
+    assert kept_folder_parts("out_Dataset504_Lumbar_T1_0_1_2_3_4") == ("Dataset504_Lumbar_T1", "0_1_2_3_4")
 
     rows = [{"fold": "1", "case": "a", "variant": "plain", "kept": 0.9, "now": 0.9},
             {"fold": "1", "case": "a", "variant": "crop_top_20", "kept": 0.6, "now": 0.8, "kept_confidence": 0.4,
