@@ -13,8 +13,8 @@ level_scores`, the levels' shares in view from the raw dataset's whole reference
         --stress-cases KEEP/stress_cases -o OUT
 
 Writes ``OUT/rescore_stress.json`` and ``.md``: per variant the mean level Dice as kept and as numbered now, how many
-cases a numbering confidence under the review rule's threshold flags either way, and every case-variant whose score
-changed.
+cases a numbering confidence under the review rule's threshold flags either way, how many of the stressed failures
+(level Dice under 0.5) it flags, and every case-variant whose score changed.
 """
 
 from __future__ import annotations
@@ -115,12 +115,30 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def caught(rows: list[dict]) -> str:
+    """How many stressed case-variants (all but ``plain``) fail (level Dice under 0.5) and how many of those, and of
+    all, the numbering confidence flags as kept and now: does the review catch the failures, and at what cost."""
+    from spinediff.inference.review import NUMBERING_THRESHOLD
+
+    stressed = [r for r in rows if r["variant"] != "plain"]
+    failed = [r for r in stressed if r["now"] < 0.5]
+
+    def low(chosen, key):
+        return sum(1 for r in chosen if r.get(key) is not None and r[key] < NUMBERING_THRESHOLD)
+
+    return (f"Stressed case-variants: {len(stressed)}; flagged by the numbering confidence: "
+            f"{low(stressed, 'kept_confidence')} as kept, {low(stressed, 'now_confidence')} now. Under 0.5 level Dice "
+            f"now: {len(failed)}; of them flagged: {low(failed, 'kept_confidence')} as kept, "
+            f"{low(failed, 'now_confidence')} now.")
+
+
 def markdown(rows: list[dict], table: list[dict], command: str) -> str:
     lines = ["# Stress cases numbered again", "", f"`{command}`", "",
              "| variant | cases | level Dice as kept | numbered now | change | numbering confidence < 0.5: kept, now |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {t['variant']} | {t['cases']} | {t['kept']:.3f} | {t['now']:.3f} | {t['now'] - t['kept']:+.3f} | "
               f"{t.get('kept_low_confidence', 0)}, {t.get('now_low_confidence', 0)} |" for t in table]
+    lines += ["", caught(rows)]
     changed = [r for r in rows if not (math.isclose(r["kept"], r["now"], abs_tol=1e-6)
                                        or (math.isnan(r["kept"]) and math.isnan(r["now"])))]
     lines += ["", f"## Case-variants whose score changed ({len(changed)} of {len(rows)})", ""]

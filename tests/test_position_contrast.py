@@ -201,6 +201,26 @@ def test_numbering_follows_the_open_end_of_the_field_of_view(labels, start, expe
     assert report["applied"]
     assert (report["confidence"] >= 0.9) == confident
     assert report["confidence"] >= 0.5  # the field of view leaves one numbering: not a blind shift
+    assert report["anchored"]  # the closed end anchors it
+
+
+@pytest.mark.parametrize("factor", [0.45, 1.0])
+@pytest.mark.parametrize("labels", [[1, 2, 3, 4, 5], [2, 3, 4, 5]])
+def test_a_numbering_with_both_ends_open_is_flagged_however_sure_the_network(monkeypatch, factor, labels):
+    # the scan cuts the spine just above the first vertebra found and just below the last: a T12 called L1 (or an S1
+    # called L5) would fit this field of view as well, so nothing anchors the numbering but the network's labels
+    # (the stress test's whole-scan shifts: every level one off, both ends open, the network sure of it)
+    from spinediff.inference import level_order
+
+    monkeypatch.setattr(level_order, "UNANCHORED_FACTOR", factor)
+    values, report = numbered(stack(labels, 0, length=12 * (len(labels) - 1) + 9))
+    assert values == labels and report["applied"]
+    assert report["top_open"] and report["bottom_open"] and not report["anchored"]
+    assert "both ends" in report["basis"]
+    if factor < 1.0:
+        assert report["confidence"] < 0.5  # under the review rule's numbering threshold
+    else:  # the switch off: as before, the network's agreement (raised when only one full numbering fits)
+        assert report["confidence"] >= 0.9
 
 
 def test_a_level_missing_inside_the_field_of_view_is_not_renumbered_and_has_low_confidence():
@@ -277,6 +297,9 @@ def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
     text = markdown(rows, table, "cmd")
     assert "| crop_top_20 | 2 | 0.700 | 0.800 | +0.100 | 2, 1 |" in text
     assert "(1 of 3)" in text and "- a crop_top_20 (fold 1): 0.600 -> 0.800" in text
+    assert "Stressed case-variants: 2; flagged by the numbering confidence: 2 as kept, 1 now." in text
+    rows[2]["now"] = 0.1  # b fails now, and its confidence 0.45 flags it
+    assert "Under 0.5 level Dice now: 1; of them flagged: 1 as kept, 1 now." in markdown(rows, summary(rows), "c")
 
 
 def test_the_room_at_an_end_is_measured_across_the_scan_not_from_its_far_corner():

@@ -38,7 +38,9 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    levels found with both ends closed, or the missing levels at an open end); otherwise the network's numbering
    is kept. Every case gets a report with a confidence: the share of the found vertebrae's voxels whose label
    the numbering keeps (raised to 0.5 + half of it when the field of view leaves only one numbering of the
-   vertebrae found), halved when levels are missing inside the field of view.
+   vertebrae found), halved when levels are missing inside the field of view, and at most 0.45 (under the review
+   threshold) when both ends are open: no end of the levels found is anchored in the scan, and a numbering one
+   level off (a T12 called L1, an S1 called L5) fits the field of view as well as the network's.
 
 :func:`spinediff.inference.postprocessing.determine_postprocessing` keeps this step only when it
 improves the cross-validation Dice (as nnU-Net decides its own post-processing).
@@ -283,6 +285,10 @@ SHIFT_SHARE = 0.5
 DROP_COST = 0.5
 #: Confidence factor when levels are missing inside the field of view (a vertebra the network did not find).
 UNSUPPORTED_FACTOR = 0.5
+#: Confidence factor when both ends are open: the scan cuts the spine above and below the vertebrae found, so no end
+#: of the labelled levels anchors the numbering (a T12 called L1 or an S1 called L5 fits the field of view as well).
+#: Under 0.5, so that such a numbering is flagged for review however sure the network is (1.0 turns the flag off).
+UNANCHORED_FACTOR = 0.45
 #: Number the vertebrae found as a consecutive column (:func:`vertebra_slots`): the levels follow the places of the
 #: vertebrae, so a numbering cannot skip a vertebra that is there, nor give two vertebrae a pitch apart one level.
 CONSECUTIVE = True
@@ -465,7 +471,9 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     agreement = float(sum(votes[i, j] for i, j in enumerate(chosen) if j is not None)) / float(votes.sum())
     inside_gap = bool(missing) and not _missing_at_open_ends(chosen, len(labels), top_open, bottom_open)
     # the field of view leaves one numbering of the vertebrae found: it counts beside the network's votes
-    confidence = (0.5 + 0.5 * agreement if determined else agreement) * (UNSUPPORTED_FACTOR if inside_gap else 1.0)
+    anchored = not (top_open and bottom_open)
+    confidence = (0.5 + 0.5 * agreement if determined and anchored else agreement) * \
+        (UNSUPPORTED_FACTOR if inside_gap else 1.0) * (1.0 if anchored else UNANCHORED_FACTOR)
     basis = "all levels found" if not missing else (
         f"levels {', '.join(map(str, missing))} missing " +
         ("inside the field of view (a vertebra the network did not find?)" if inside_gap
@@ -473,6 +481,8 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
     dropped = [i for i, j in enumerate(chosen) if j is None]
     if dropped:
         basis += f"; {len(dropped)} surplus vertebra(e) set to background"
+    if not anchored:
+        basis += "; the scan cuts the spine at both ends: the numbering rests on the network's labels alone"
     report.update(levels_found=len(kept), candidates=len(candidates), labels=assigned, missing_labels=missing,
                   applied=True, shifted_levels=shifted, agreement=round(agreement, 4),
                   confidence=round(confidence, 4), basis=basis)
@@ -548,4 +558,5 @@ def view_explained(found: list[int], labels: tuple[int, ...], top_open: bool, bo
 def _geometry_report(room_top: float, room_bottom: float, top_open: bool, bottom_open: bool,
                      pitch: float) -> dict[str, Any]:
     return {"room_above_mm": round(room_top, 1), "room_below_mm": round(room_bottom, 1), "top_open": bool(top_open),
-            "bottom_open": bool(bottom_open), "level_pitch_mm": round(pitch, 1)}
+            "bottom_open": bool(bottom_open), "anchored": not (top_open and bottom_open),
+            "level_pitch_mm": round(pitch, 1)}
