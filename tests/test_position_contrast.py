@@ -133,6 +133,29 @@ def test_cut_side_follows_its_planned_probability():
     assert 0.7 < sides[0.8] < 0.9
 
 
+def test_cuts_near_the_ends_fall_around_the_first_or_last_level():
+    # the patch's labelled extent: rows 10-66, a level every 12 rows (80-row patch: a pitch is 0.15 of it)
+    from spinediff.training.augmentation import _end_range, field_of_view_transforms
+
+    block = {"axis": 0, "p_cut": 1.0, "max_cut_fraction": 0.6, "level_pitch_mm": 30.0, "patch_extent_mm": 200.0,
+             "cut_near_ends": [0.5, 1.5]}
+    assert _end_range(block) == pytest.approx((0.075, 0.225))
+    assert _end_range({**block, "cut_near_ends": None}) is None  # the plans' default: anywhere in the extent
+    image, seg = patch()
+    planes = {True: [], False: []}
+    for seed in range(300):
+        np.random.seed(seed)
+        transform = FieldOfViewCutTransform(axis=0, max_fraction=0.6, end_range=_end_range(block))
+        region = transform.get_parameters(image=image, segmentation=seg)["region"]
+        top = region[0] == 0
+        planes[top].append(region[1] if top else region[0])
+    assert min(planes[True]) >= 10 - 6 and max(planes[True]) <= 10 + 18  # 0.5 pitch above L1 to 1.5 inside
+    assert min(planes[False]) >= 67 - 18 and max(planes[False]) <= 67 + 6
+    assert max(planes[True]) > 20 and min(planes[True]) < 10  # both sides of the end are reached
+    assert min(planes[False]) < 57 and max(planes[False]) > 67
+    assert len(field_of_view_transforms(block)) == 1  # the plans key reaches the transform
+
+
 def test_planned_transforms_join_nnunets_pipeline_in_order():
     from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

@@ -248,12 +248,17 @@ class FieldOfViewCutTransform(BasicTransform):
     side) with probability ``p_top``, else the bottom. The plane lies inside the labelled extent of the patch (so
     it may cut a vertebra partially, L1 or L5 as well as a middle one), or anywhere in the patch when it holds no
     label; what stays visible keeps its true labels. ``ignore``: nnU-Net's ignore label, not part of the labelled
-    extent."""
+    extent. ``end_range`` (beyond, inside; fractions of the patch's length along the axis; optional): the plane lies
+    near the end of the labelled extent on the cut's side instead, from ``end_range[0]`` beyond it (the T12 or the
+    sacrum cut away, every level kept) to ``end_range[1]`` inside it (the first or last levels cut): the cuts remove
+    the end a network might count from, not the middle of the spine."""
 
-    def __init__(self, axis: int, max_fraction: float = 0.5, p_top: float = 0.5, ignore: int | None = None) -> None:
+    def __init__(self, axis: int, max_fraction: float = 0.5, p_top: float = 0.5, ignore: int | None = None,
+                 end_range: tuple[float, float] | None = None) -> None:
         super().__init__()
         self.axis, self.max_fraction, self.p_top = int(axis), float(max_fraction), float(p_top)
         self.ignore = None if ignore is None else int(ignore)
+        self.end_range = None if end_range is None else (float(end_range[0]), float(end_range[1]))
 
     def get_parameters(self, **data_dict) -> dict:
         image, seg = data_dict["image"], data_dict.get("segmentation")
@@ -267,6 +272,12 @@ class FieldOfViewCutTransform(BasicTransform):
             if present.numel():
                 low, high = int(present.min()), int(present.max()) + 1
         limit = int(round(self.max_fraction * length))
+        if self.end_range is not None and (low, high) != (0, length):
+            beyond, inside = (int(round(f * length)) for f in self.end_range)
+            if top:  # near the first level (the top end)
+                low, high = max(0, low - beyond), min(high, low + inside)
+            else:
+                low, high = max(low, high - inside), min(length, high + beyond)
         # the cut removes at most max_fraction of the patch
         if top:
             cut = int(np.random.randint(low, max(low, min(high, limit)) + 1))
@@ -287,6 +298,16 @@ class FieldOfViewCutTransform(BasicTransform):
         return self._cut(segmentation, params["region"])
 
 
+def _end_range(block: dict) -> tuple[float, float] | None:
+    """``cut_near_ends`` ([level pitches beyond, inside] the labelled extent's end) as fractions of the patch, from
+    the block's level pitch and patch extent; None (cuts anywhere in the labelled extent) without it."""
+    near = block.get("cut_near_ends")
+    if not near:
+        return None
+    pitch = float(block["level_pitch_mm"]) / float(block["patch_extent_mm"])
+    return float(near[0]) * pitch, float(near[1]) * pitch
+
+
 def field_of_view_transforms(block: dict) -> list[BasicTransform]:
     """The position and field-of-view augmentation of a plans ``augmentation.field_of_view`` block."""
     if not block or not block.get("enabled", True) or block.get("axis") is None:
@@ -300,7 +321,7 @@ def field_of_view_transforms(block: dict) -> list[BasicTransform]:
     if block.get("p_cut", 0) > 0:
         transforms.append(RandomTransform(FieldOfViewCutTransform(axis, block.get("max_cut_fraction", 0.5),
                                                                   block.get("p_cut_top", 0.5),
-                                                                  block.get("ignore_label")),
+                                                                  block.get("ignore_label"), _end_range(block)),
                                           block["p_cut"]))
     return transforms
 
