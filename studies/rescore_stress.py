@@ -46,6 +46,7 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
     from spinediff.datasets.dataset_json import ignore_label
     from spinediff.experiments.stress import dataset_level_order, in_view_shares, level_scores
     from spinediff.inference.postprocess_command import postprocess_folder
+    from spinediff.inference.review import REVIEW_FILE
     from spinediff.io import read_json
     from spinediff.paths import resolve_raw_dataset
 
@@ -63,7 +64,12 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
         labels = list(dataset_level_order(raw).labels)
         work = Path(tempfile.mkdtemp(prefix="rescore_"))
         try:
-            postprocess_folder(raw_output, work / "now", model, overwrite=True, progress=False)
+            # as the stress test post-processes: with the review rule and the varied inputs beside the answers (the
+            # numbering then measures the room at the ends to the edges of the image data)
+            inputs = stress_cases / ("in_" + predicted.name[4:])
+            reviewed = (model / REVIEW_FILE).is_file() and inputs.is_dir()
+            postprocess_folder(raw_output, work / "now", model, overwrite=True, progress=False, review=reviewed,
+                               images=inputs if reviewed else None)
             confidence = {name: _confidences(folder / "level_numbering.json", ending)
                           for name, folder in (("kept", predicted), ("now", work / "now"))}
             for reference_file in sorted(references.glob(f"*{ending}")):

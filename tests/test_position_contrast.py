@@ -246,6 +246,44 @@ def test_a_numbering_with_both_ends_open_is_flagged_however_sure_the_network(mon
         assert report["confidence"] >= 0.9
 
 
+def test_zeros_padded_around_a_scan_are_not_room_at_its_ends(tmp_path):
+    # five vertebrae from the top edge of the scan to its bottom edge, the scan placed in a grid 60 mm longer (zeros
+    # below it, as a scan shifted inside a larger grid): the zeros are no field of view in which an S1 was seen
+    import json
+
+    from spinediff.inference.postprocess_command import postprocess_folder
+    from spinediff.inference.postprocessing import Postprocessing, image_content_box
+    from spinediff.inference.review import ReviewRule
+
+    scan = stack([1, 2, 3, 4, 5], 0, length=57)
+    labels = np.pad(scan, ((0, 0), (0, 30), (0, 0)))
+    image = np.pad(np.where(scan > 0, 200.0, 50.0), ((0, 0), (0, 30), (0, 0)))
+    box = image_content_box([image])
+    assert box == [[0, 10], [0, 57], [0, 20]]  # nnU-Net's nonzero crop
+    assert image_content_box([np.zeros_like(image)]) is None
+    _, grid = renumber_with_report(labels, _spaced(labels), ORDER)
+    _, content = renumber_with_report(labels, _spaced(labels), ORDER, box)
+    assert not grid["bottom_open"] and grid["anchored"] and grid["confidence"] >= 0.9  # the zeros read as room
+    assert content["bottom_open"] and not content["anchored"] and content["confidence"] < 0.5
+    # through `spinediff postprocess --images` (nnU-Net's trainers, the stress test): the inputs give the box
+    model, predictions, images = tmp_path / "model", tmp_path / "pred", tmp_path / "images"
+    for folder in (model, predictions, images):
+        folder.mkdir()
+    (model / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "file_ending": ".nii.gz",
+                                                    "labels": {"background": 0, **{f"L{v}": v for v in range(1, 6)}}}))
+    (model / "postprocessing.json").write_text(json.dumps(Postprocessing(ORDER).to_dict()))
+    ReviewRule("level_anomaly", 10.0, {v: 1.0 for v in range(1, 6)}, numbering_threshold=0.5).write(model)
+    sitk.WriteImage(_spaced(labels), str(predictions / "case.nii.gz"))
+    padded = sitk.GetImageFromArray(image)
+    padded.CopyInformation(_spaced(labels))
+    sitk.WriteImage(padded, str(images / "case_0000.nii.gz"))
+    result = postprocess_folder(predictions, tmp_path / "out", model, progress=False, review=True, images=images)
+    report = json.loads((tmp_path / "out" / "level_numbering.json").read_text())["cases"]["case.nii.gz"]
+    assert not report["anchored"] and result.flags["case"]["review"]
+    postprocess_folder(predictions, tmp_path / "plain", model, progress=False, review=True)  # no inputs: the grid
+    assert json.loads((tmp_path / "plain" / "level_numbering.json").read_text())["cases"]["case.nii.gz"]["anchored"]
+
+
 def test_a_level_missing_inside_the_field_of_view_is_not_renumbered_and_has_low_confidence():
     # four vertebrae, room for a fifth at both ends, numbered 1..4 by the network: the gap is not explained
     values, report = numbered(stack([1, 2, 3, 4], 15))

@@ -85,12 +85,20 @@ def level_pitch(candidates: list, heights: np.ndarray) -> float:
     return 1.4 * float(np.median([np.ptp(heights[c[0]]) for c in candidates]))
 
 
-def face_distances(image, shape, foreground: np.ndarray, direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def face_distances(image, shape, foreground: np.ndarray, direction: np.ndarray,
+                   content_box: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each ``foreground`` voxel (flat index into an array of ``shape`` on the grid of ``image``), its distance
     (mm) to the first and to the last face of the grid across the array axis most aligned with ``direction``: the
-    edges of the scan where the spine leaves it (the top, the first level's side, and the bottom)."""
+    edges of the scan where the spine leaves it (the top, the first level's side, and the bottom).
+    ``content_box``: the part of the grid that holds image data, ``[[start, end), ...]`` per array axis (nnU-Net's
+    ``bbox_used_for_cropping``, the bounding box of the nonzero voxels): the edges are then those of the image data,
+    and planes of zeros padded beyond them (a scan placed in a larger grid) are not room in which a vertebra would
+    have been seen."""
     axis, sign = spine_array_axis(image, direction)
     index = np.unravel_index(foreground, shape)[axis].astype(float)
     spacing = float(image.GetSpacing()[2 - axis])
-    low, high = index * spacing, (shape[axis] - 1 - index) * spacing
+    first, last = 0, shape[axis] - 1
+    if content_box is not None:
+        first, last = int(content_box[axis][0]), int(content_box[axis][1]) - 1
+    low, high = np.maximum(index - first, 0.0) * spacing, np.maximum(last - index, 0.0) * spacing
     return (low, high) if sign > 0 else (high, low)

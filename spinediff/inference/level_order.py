@@ -30,7 +30,8 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
 4. The field of view decides which numberings the anatomy allows (:func:`renumber_with_report`). An end of the
    scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge, across the
    scan's axis nearest the direction (a level beyond it may be outside the scan); it is *closed* when there is
-   room for another vertebra between them (a level beyond it would have been seen). Levels may be missing only at
+   room for another vertebra between them (a level beyond it would have been seen). Given the part of the grid that
+   holds image data (``content_box``), its edges are the image's: zeros padded around a scan are not room. Levels may be missing only at
    an open end, so a numbering that leaves out L1 needs an open top and one that leaves out L5 an open bottom;
    numberings with fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar level) are tried at
    open ends too.
@@ -392,9 +393,11 @@ def _numberings(votes: np.ndarray, top_open: bool, bottom_open: bool, slots: lis
     return options
 
 
-def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tuple[np.ndarray, dict[str, Any]]:
+def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder, content_box: list | None = None
+                         ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`renumber` and its report: the vertebrae found, the numbering chosen and why, and a confidence in
-    [0, 1] (see the module docstring, point 4)."""
+    [0, 1] (see the module docstring, point 4). ``content_box``: where the grid holds image data
+    (:func:`spinediff.inference.level_geometry.face_distances`); the room at each end is measured to its edges."""
     labels = order.labels
     report: dict[str, Any] = {"levels_found": 0, "labels": [], "missing_labels": list(labels), "applied": False,
                               "confidence": 0.0, "basis": "no vertebra found"}
@@ -415,7 +418,7 @@ def renumber_with_report(prediction: np.ndarray, image, order: LevelOrder) -> tu
         prediction, candidates = _without_off_column(prediction, image, components, foreground, heights, direction,
                                                      candidates, report)
     # the field of view: each vertebra voxel's distance to the edges of the scan where the spine leaves it
-    to_faces = face_distances(image, prediction.shape, foreground, direction)
+    to_faces = face_distances(image, prediction.shape, foreground, direction, content_box)
     if EDGE_PARTS:  # a level cut by the edge of the scan, fused to its neighbour, is numbered on its own
         split = _with_edge_parts(candidates, prediction.ravel()[foreground], heights, labels, to_faces,
                                  level_pitch(candidates, heights))

@@ -12,7 +12,12 @@ import numpy as np
 from tqdm import tqdm
 
 from spinediff.errors import SpineDiffError
-from spinediff.inference.postprocessing import POSTPROCESSING_FILE, Postprocessing, load_probabilities
+from spinediff.inference.postprocessing import (
+    POSTPROCESSING_FILE,
+    Postprocessing,
+    image_content_box,
+    load_probabilities,
+)
 from spinediff.inference.review import (
     NUMBERING_THRESHOLD,
     REVIEW_TABLE,
@@ -102,9 +107,9 @@ def _review_inputs(rule: ReviewRule | None, files: list[Path], model_folder: Pat
 
 
 def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: np.ndarray | None,
-                 image_files: list[Path], numbering: dict | None) -> dict:
+                 channels: list[np.ndarray], numbering: dict | None) -> dict:
     """One case's review flag from its post-processed label map (level volumes), its probabilities (entropy,
-    level confidence), its input images (intensities) and its level numbering report."""
+    level confidence), its input images' arrays (intensities) and its level numbering report."""
     from spinediff.inference.review import intensity_signature
     from spinediff.metrics.case_uncertainty import case_scores, level_anomaly, level_statistics
 
@@ -117,11 +122,7 @@ def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: 
     if rule.expected_volumes_ml:
         scores["level_anomaly"] = level_anomaly(stats, rule.expected_volumes_ml)
     scores.setdefault("levels", {str(k): v for k, v in stats.items()})
-    intensity = None
-    if image_files:
-        import SimpleITK as sitk
-
-        intensity = [intensity_signature(sitk.GetArrayFromImage(read_image(f))) for f in image_files]
+    intensity = [intensity_signature(c) for c in channels] if channels else None
     return rule.flag(scores, intensity, numbering)
 
 
@@ -184,18 +185,22 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             needed = decision.needs_probabilities or save_probabilities or (
                 rule is not None and rule.score in PROBABILITY_SCORES) or result.entropy_checked
             probabilities = load_probabilities(_probabilities_of(path)) if needed else None
+            channels = [sitk.GetArrayFromImage(read_image(f)) for f in image_files.get(_case_stem(path), [])]
+            # with the inputs, the room at the scan's ends is measured to the edges of their image data (nnU-Net's
+            # nonzero crop), not to planes of zeros padded around it
+            box = image_content_box(channels) if channels and channels[0].shape == array.shape else None
             report = None
             if image.GetDimension() != 3:
                 changed = array
             elif save_probabilities:
-                changed, probabilities, report = decision.apply_to_answer(array, image, probabilities)
+                changed, probabilities, report = decision.apply_to_answer(array, image, probabilities, box)
             else:
-                changed, report = decision.apply_with_report(array, image, probabilities)
+                changed, report = decision.apply_with_report(array, image, probabilities, box)
             if report is not None:
                 reports[path.name] = report
             if rule is not None:
                 result.flags[_case_stem(path)] = _review_flag(rule, np.asarray(changed), image, probabilities,
-                                                              image_files.get(_case_stem(path), []), report)
+                                                              channels, report)
             out = sitk.GetImageFromArray(np.asarray(changed).astype(array.dtype))
             out.CopyInformation(image)
             write_image(out, output_folder / path.name)

@@ -59,10 +59,12 @@ class Postprocessing:
         ``probabilities`` (classes first, channel i = label i) when the decision needs them."""
         return self.apply_with_report(segmentation, geometry, probabilities)[0]
 
-    def apply_with_report(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray | None = None
-                          ) -> tuple[np.ndarray, dict[str, Any] | None]:
+    def apply_with_report(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray | None = None,
+                          content_box: list | None = None) -> tuple[np.ndarray, dict[str, Any] | None]:
         """:meth:`apply` and the level numbering's report (vertebrae found, levels missing and at which end of the
-        field of view, whether the numbering was changed, its ``confidence``; None without a level order)."""
+        field of view, whether the numbering was changed, its ``confidence``; None without a level order).
+        ``content_box``: the part of the grid that holds image data (:func:`image_content_box`), so that planes of
+        zeros padded around the scan do not count as field of view."""
         if self.level_order is None:
             return segmentation, None
         if self.needs_probabilities:
@@ -70,15 +72,15 @@ class Postprocessing:
                 raise SpineDiffError("This model's post-processing forms the foreground from class probabilities; "
                                      "predict with probabilities (nnUNetv2_predict --save_probabilities).")
             segmentation = grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
-        return renumber_with_report(np.asarray(segmentation), geometry, self.level_order)
+        return renumber_with_report(np.asarray(segmentation), geometry, self.level_order, content_box)
 
-    def apply_to_answer(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray
-                        ) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
+    def apply_to_answer(self, segmentation: np.ndarray, geometry, probabilities: np.ndarray,
+                        content_box: list | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any] | None]:
         """:meth:`apply_with_report` for an answer with its class probabilities ``(C, *shape)``, and probabilities
         that agree with the post-processed labels (:func:`renumbered_probabilities`; unchanged where the numbering
         changed no voxel), so that a model that refines the answer (``DiffusionRefinementTrainer``) starts from the
         numbering the post-processing chose rather than the network's."""
-        numbered, report = self.apply_with_report(segmentation, geometry, probabilities)
+        numbered, report = self.apply_with_report(segmentation, geometry, probabilities, content_box)
         if self.level_order is None:
             return numbered, probabilities, report
         before = (grouped_argmax(probabilities, self.level_order.labels, self.channel_labels)
@@ -201,6 +203,19 @@ def load_probabilities(path: Path) -> np.ndarray:
     except (OSError, ValueError, KeyError) as error:
         raise SpineDiffError(f"{path} is not a readable probabilities file ({error}). Predict again with "
                              "probabilities.") from error
+
+
+def image_content_box(channels: Sequence[np.ndarray]) -> list[list[int]] | None:
+    """The part of the grid that holds image data: nnU-Net's bounding box of the nonzero voxels of all channels
+    (``create_nonzero_mask``, ``get_bbox_from_mask``: the crop its preprocessing makes, ``bbox_used_for_cropping``),
+    ``[[start, end), ...]`` per array axis; None for an empty image."""
+    from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+    from nnunetv2.preprocessing.cropping.cropping import create_nonzero_mask
+
+    mask = create_nonzero_mask(np.stack([np.asarray(c) for c in channels]))
+    if not mask.any():
+        return None
+    return [[int(a), int(b)] for a, b in get_bbox_from_mask(mask)]
 
 
 def geometry_like(spacing, origin, direction):

@@ -183,7 +183,12 @@ class SpineDiffPredictor:
         if len(stuff["spacing"]) != 3:
             return segmentation, None
         geometry = geometry_like(stuff["spacing"], stuff["origin"], stuff["direction"])
-        changed, numbering = self.postprocessing.apply_with_report(segmentation, geometry, probabilities)
+        # the room at the scan's ends is measured to the edges of its image data (nnU-Net's nonzero crop, made on
+        # the transposed axes), not to planes of zeros padded around it
+        box = properties.get("bbox_used_for_cropping")
+        if box is not None and len(box) == segmentation.ndim:
+            box = [box[i] for i in self.plans_manager.transpose_backward]
+        changed, numbering = self.postprocessing.apply_with_report(segmentation, geometry, probabilities, box)
         return changed.astype(segmentation.dtype), numbering
 
     def _revert_map(self, values: torch.Tensor, properties: dict) -> np.ndarray:
