@@ -31,10 +31,10 @@ extra vertebra (T12, S1) may carry a lumbar label. The foreground is then right 
    scan is *open* when the outermost vertebra found lies within half a level pitch of the image edge, across the
    scan's axis nearest the direction (a level beyond it may be outside the scan); it is *closed* when there is
    room for another vertebra between them (a level beyond it would have been seen). Given the part of the grid that
-   holds image data (``content_box``), its edges are the image's: zeros padded around a scan are not room. Levels may be missing only at
-   an open end, so a numbering that leaves out L1 needs an open top and one that leaves out L5 an open bottom;
-   numberings with fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar level) are tried at
-   open ends too.
+   holds image data (``content_box``), its edges are the image's: zeros padded around a scan are not room. Levels
+   may be missing only at an open end, so a numbering that leaves out L1 needs an open top and one that leaves out
+   L5 an open bottom; numberings with fewer levels than found vertebrae (an extra S1 or T12 labelled as a lumbar
+   level) are tried at open ends too.
    A renumbering that changes the level of most vertebrae is applied only when the anatomy supports it (all
    levels found with both ends closed, or the missing levels at an open end); otherwise the network's numbering
    is kept. Every case gets a report with a confidence: the share of the found vertebrae's voxels whose label
