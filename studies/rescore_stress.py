@@ -103,35 +103,33 @@ def _confidences(report: Path, ending: str) -> dict[str, float]:
             for name, entry in read_json(report).get("cases", {}).items()}
 
 
-def summary(rows: list[dict]) -> list[dict]:
-    """Per variant: cases, mean level Dice as kept and now, and how many cases the review rule's numbering criterion
-    flags (confidence below :data:`spinediff.inference.review.NUMBERING_THRESHOLD`) as kept and now."""
+def _low_confidence(rows: list[dict], key: str) -> int:
+    """How many of ``rows`` the review rule's numbering criterion flags by their ``key`` (``kept_confidence`` or
+    ``now_confidence``): a confidence below :data:`spinediff.inference.review.NUMBERING_THRESHOLD`."""
     from spinediff.inference.review import NUMBERING_THRESHOLD
 
-    def flagged(chosen, key):
-        return sum(1 for r in chosen if r.get(key) is not None and r[key] < NUMBERING_THRESHOLD)
+    return sum(1 for r in rows if r.get(key) is not None and r[key] < NUMBERING_THRESHOLD)
 
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per variant: cases, mean level Dice as kept and now, and how many cases the review rule's numbering criterion
+    flags (:func:`_low_confidence`) as kept and now."""
     out = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         chosen = [r for r in rows if r["variant"] == variant]
         out.append({"variant": variant, "cases": len(chosen), "kept": float(np.nanmean([r["kept"] for r in chosen])),
                     "now": float(np.nanmean([r["now"] for r in chosen])),
-                    "kept_low_confidence": flagged(chosen, "kept_confidence"),
-                    "now_low_confidence": flagged(chosen, "now_confidence")})
+                    "kept_low_confidence": _low_confidence(chosen, "kept_confidence"),
+                    "now_low_confidence": _low_confidence(chosen, "now_confidence")})
     return out
 
 
 def caught(rows: list[dict]) -> str:
     """How many stressed case-variants (all but ``plain``) fail (level Dice under 0.5) and how many of those, and of
     all, the numbering confidence flags as kept and now: does the review catch the failures, and at what cost."""
-    from spinediff.inference.review import NUMBERING_THRESHOLD
-
     stressed = [r for r in rows if r["variant"] != "plain"]
     failed = [r for r in stressed if r["now"] < 0.5]
-
-    def low(chosen, key):
-        return sum(1 for r in chosen if r.get(key) is not None and r[key] < NUMBERING_THRESHOLD)
-
+    low = _low_confidence
     return (f"Stressed case-variants: {len(stressed)}; flagged by the numbering confidence: "
             f"{low(stressed, 'kept_confidence')} as kept, {low(stressed, 'now_confidence')} now. Under 0.5 level Dice "
             f"now: {len(failed)}; of them flagged: {low(failed, 'kept_confidence')} as kept, "
