@@ -145,3 +145,36 @@ def test_the_loss_is_nnunets_on_the_folded_classes_plus_the_auxiliary_cross_entr
     assert torch.allclose(loss(outputs, targets), base(folded, plain) + 0.5 * auxiliary)
     assert torch.allclose(LevelContextLoss(base, 6, 0.0)(outputs, targets), base(folded, plain))
     assert torch.allclose(loss(folded, plain), base(folded, plain))  # evaluation: no auxiliary term
+
+
+def test_the_loss_leaves_nnunets_ignore_label_ignored_and_learns_the_auxiliary_classes_above_it():
+    """On a dataset with an ignore label (Dataset505: L1-L5, ignore 6) the auxiliary labels are 7 and 8 and the
+    network's extra channels 6 and 7: nnU-Net's loss gets the ignore label untouched, the auxiliary cross-entropy
+    maps 7/8 to channels 6/7 and leaves the ignored voxels out (before, it read label 8 as a ninth class)."""
+    from spinediff.training.level_context import LevelContextLoss
+
+    seen = {}
+
+    def base(output, target):  # nnU-Net's loss, recording what it is given
+        seen["target"] = target[0].clone()
+        ce = torch.nn.functional.cross_entropy
+        return sum(ce(o, t[:, 0].long(), ignore_index=6) for o, t in zip(output, target, strict=True))
+
+    torch.manual_seed(1)
+    outputs = [torch.randn(2, 8, 8, 6), torch.randn(2, 8, 4, 3)]
+    targets = [torch.randint(0, 9, (2, 1, 8, 6)), torch.randint(0, 9, (2, 1, 4, 3))]
+    targets[0][0, 0, 0, 0] = 6
+    loss = LevelContextLoss(base, 6, 0.5, context_values=(7, 8), ignore_label=6)
+    value = loss(outputs, targets)
+    assert torch.equal(seen["target"] == 6, targets[0] == 6)  # ignored voxels reach nnU-Net's loss as ignored
+    assert not ((seen["target"] == 7) | (seen["target"] == 8)).any()  # auxiliary labels are background there
+    channels = targets[0][:, 0].long().clone()
+    channels[targets[0][:, 0] == 7], channels[targets[0][:, 0] == 8] = 6, 7
+    keep = targets[0][:, 0] != 6
+    logp = torch.log_softmax(outputs[0], 1).permute(0, 2, 3, 1)[keep]
+    expected = -logp.gather(1, channels[keep][:, None]).mean()
+    folded = [fold_context(o, 6) for o in outputs]
+    plain = [torch.where((t == 7) | (t == 8), torch.zeros_like(t), t) for t in targets]
+    assert torch.allclose(value, base(folded, plain) + 0.5 * expected)
+    outputs[0][0, :, 0, 0] = torch.tensor([9.0, -9, 4, 0, 2, -3, 7, 1])  # an ignored voxel's output moves nothing
+    assert torch.allclose(loss(outputs, targets), value)

@@ -118,27 +118,52 @@ class LevelContextLoss(nn.Module):
     background there (the folded output: exactly nnU-Net's objective), plus ``weight`` x the cross-entropy of all
     classes at full resolution, which teaches the auxiliary ones.
 
+    ``context_values`` are the label values the auxiliary classes carry in the targets (:class:`LevelContextTransform`;
+    default ``visible`` and ``visible + 1``), learnt by the output channels ``visible`` and ``visible + 1``. On a
+    dataset with nnU-Net's ignore label the values lie above it; the ignored voxels stay ignored in nnU-Net's loss
+    (which ``base`` knows the ignore label of) and are left out of the auxiliary cross-entropy.
+
     Training the auxiliary classes inside nnU-Net's Dice + CE instead (8 outputs) learnt the levels far slower: on
     Dataset501 two output channels that no target ever used were enough to leave L1 and L5 unlearnt after 2 300 steps
     (training loss -0.22 against -0.74), with or without the auxiliary labels (documentation/results.md)."""
 
-    def __init__(self, base: nn.Module, visible: int, weight: float) -> None:
+    def __init__(self, base: nn.Module, visible: int, weight: float,
+                 context_values: tuple[int, ...] | None = None, ignore_label: int | None = None) -> None:
         super().__init__()
         self.base, self.visible, self.weight = base, int(visible), float(weight)
-        self.cross_entropy = nn.CrossEntropyLoss()
+        values = context_values or tuple(range(self.visible, self.visible + len(CONTEXT_CLASSES)))
+        self.context_values = tuple(int(v) for v in values)
+        self.ignore_label = None if ignore_label is None else int(ignore_label)
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100)
+
+    def _without_context(self, target: torch.Tensor) -> torch.Tensor:
+        """The target with the auxiliary labels as background (the ignore label kept for nnU-Net's loss)."""
+        out = target.clone()
+        for value in self.context_values:
+            out[target == value] = 0
+        return out
+
+    def _channels(self, target: torch.Tensor) -> torch.Tensor:
+        """Class indices of the output channels for the auxiliary cross-entropy; ignored voxels -100."""
+        out = target.long().clone()
+        for channel, value in enumerate(self.context_values, start=self.visible):
+            out[target == value] = channel
+        if self.ignore_label is not None:
+            out[target == self.ignore_label] = -100
+        return out
 
     def forward(self, output, target):
         outputs = list(output) if isinstance(output, (list, tuple)) else [output]
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         folded = [fold_context(o, self.visible) for o in outputs]
-        plain = [torch.where(t >= self.visible, torch.zeros_like(t), t) for t in targets]
+        plain = [self._without_context(t) for t in targets]
         if isinstance(output, (list, tuple)):
             main = self.base(folded, plain)
         else:
             main = self.base(folded[0], plain[0])
         if self.weight <= 0 or outputs[0].shape[1] <= self.visible:  # evaluation mode: already folded
             return main
-        return main + self.weight * self.cross_entropy(outputs[0], targets[0][:, 0].long())
+        return main + self.weight * self.cross_entropy(outputs[0], self._channels(targets[0][:, 0]))
 
 
 class nnUNetTrainerLevelContext(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming of its trainer variants)
@@ -173,7 +198,8 @@ class nnUNetTrainerLevelContext(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming 
         return LevelContextNetwork(network, num_output_channels)
 
     def _build_loss(self):
-        return LevelContextLoss(super()._build_loss(), self.label_manager.num_segmentation_heads, AUXILIARY_WEIGHT)
+        return LevelContextLoss(super()._build_loss(), self.label_manager.num_segmentation_heads, AUXILIARY_WEIGHT,
+                                self.context_values, self.label_manager.ignore_label)
 
     def get_training_transforms(self, *args, **kwargs):
         transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
