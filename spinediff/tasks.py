@@ -142,6 +142,8 @@ class Segmentation(Task):
                 # no better than nnU-Net's trainer under the stress test at CPU budgets (documentation/results.md)
                 MethodSpec(f"nnU-Net + level context {tag}", "nnUNetTrainerLevelContext", nnunet=True,
                            needs_level_order=True, opt_in=True),
+                # nnU-Net with self-attention at the bottleneck (issue 34); opt-in, measured in documentation/results.md
+                MethodSpec(f"nnU-Net + global context {tag}", "nnUNetTrainerGlobalContext", nnunet=True, opt_in=True),
                 MethodSpec(f"Diffusion segmentation {tag}", "DiffusionSegmentationTrainer"),
                 # refines the same fold's nnU-Net answers (issue 35); its row counts nnU-Net's training time too
                 MethodSpec(f"nnU-Net + diffusion refinement {tag}", "DiffusionRefinementTrainer")]
