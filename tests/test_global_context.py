@@ -63,16 +63,12 @@ def test_the_benchmark_offers_the_trainer_on_request_only():
         "nnUNetTrainerGlobalContext"]
 
 
-def test_nnunets_predictor_finds_the_trainer_through_spinediffs_entry(tmp_path):
+def test_nnunets_predictor_finds_the_trainer_through_spinediffs_entry():
+    """nnU-Net's predictor loads the trainer by name through spinediff's entry (find_best's command for the model:
+    tests/test_level_context.py::test_find_bests_command_points_nnunet_at_the_trainer)."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     import spinediff  # noqa: F401 (sets nnUNet_extTrainer)
-    from spinediff.inference.candidates import Candidate
-    from spinediff.inference.find_best import predict_command
-    from spinediff.paths import NNUNET_TRAINER_ENTRY
     from spinediff.training.global_context import nnUNetTrainerGlobalContext
 
     assert recursive_find_trainer_class_by_name("nnUNetTrainerGlobalContext") is nnUNetTrainerGlobalContext
-    folder = tmp_path / "nnUNetTrainerGlobalContext__nnUNetPlans__2d_cpu"
-    command = predict_command("505", Candidate(folder, "nnUNetTrainerGlobalContext", "nnUNetPlans", "2d_cpu", ["0"]))
-    assert command.startswith(f"nnUNet_extTrainer={NNUNET_TRAINER_ENTRY} nnUNetv2_predict")

@@ -105,10 +105,11 @@ def test_the_benchmark_offers_the_trainer_only_with_ordered_labels_and_on_reques
             "nnUNetTrainerLevelContext"]
 
 
-@pytest.mark.parametrize("trainer,found_through_ext", [("nnUNetTrainerLevelContext", True), ("nnUNetTrainer", False)])
+@pytest.mark.parametrize("trainer,found_through_ext", [("nnUNetTrainerLevelContext", True),
+                                                     ("nnUNetTrainerGlobalContext", True), ("nnUNetTrainer", False)])
 def test_find_bests_command_points_nnunet_at_the_trainer(trainer, found_through_ext, tmp_path):
-    """find_best's nnUNetv2_predict command for the level-context model sets nnUNet_extTrainer to the folder that
-    holds it (a shell's nnUNetv2_predict does not import spinediff); nnU-Net's own trainer needs nothing."""
+    """find_best's nnUNetv2_predict command for a spinediff variant of nnU-Net's trainer sets nnUNet_extTrainer to the
+    folder that holds it (a shell's nnUNetv2_predict does not import spinediff); nnU-Net's own trainer needs nothing."""
     from pathlib import Path
 
     from spinediff.inference.candidates import Candidate
@@ -121,7 +122,7 @@ def test_find_bests_command_points_nnunet_at_the_trainer(trainer, found_through_
     if found_through_ext:
         entry = Path(command.split("nnUNet_extTrainer=")[1].split()[0])
         assert (entry / "spinediff_trainers.py").is_file()
-        assert "nnUNetTrainerLevelContext" in (entry / "spinediff_trainers.py").read_text()
+        assert trainer in (entry / "spinediff_trainers.py").read_text()
     else:
         assert command.startswith("nnUNetv2_predict ")
 

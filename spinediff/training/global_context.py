@@ -3,9 +3,10 @@
 To number a vertebra the network has to know what lies at the ends of the spine: whether the sacrum is in view,
 and whether the body at the top edge is the one above L1. nnU-Net's plain U-Net mixes its features only through
 3 x 3 convolutions; at the bottleneck of ``2d_cpu`` (stride 16) the theoretical receptive field covers the patch,
-the effective one far less. :class:`nnUNetTrainerGlobalContext` adds one **self-attention block at the bottleneck**
-(as the diffusion networks of this package have, ``TimeConditionedUNet``): every bottleneck position reads every
-other, so the features at L1 can depend on the presence or absence of a sacrum 180 mm away.
+but a convolution's influence decays from the centre of that field (not measured here).
+:class:`nnUNetTrainerGlobalContext` adds one **self-attention block at the bottleneck** (as the diffusion networks
+of this package have, ``TimeConditionedUNet``): every bottleneck position reads every other, so the features at L1
+can depend on the presence or absence of a sacrum 180 mm away.
 
 - The block is pre-norm multi-head attention over the bottleneck positions with a residual connection, no
   positional encoding (what it adds depends on what is in view, not where), and its output projection starts at
