@@ -484,8 +484,13 @@ def test_review_rule_flags_and_ranks_cases_from_the_model_folder(trained, tmp_pa
         assert (row["review"] == "yes") == (summary["scores"]["level_anomaly"] > 0.5)
         assert 0.0 <= summary["scores"]["sample_disagreement"] <= 1.0
     flagged = [row["case"] for row in rows if row["review"] == "yes"]
-    assert json.loads((tmp_path / "out" / "prediction.json").read_text())["review_flagged"] == flagged
-    assert f"review: {len(flagged)} case(s) above the model's review threshold" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "prediction.json").read_text())
+    assert summary["review_flagged"] == flagged
+    printed = capsys.readouterr().out
+    assert f"review: {len(flagged)} case(s) above the model's review threshold" in printed
+    # the flagged cases drawn beside the table (a sheet only when a case is flagged)
+    assert (tmp_path / "out" / "review.png").is_file() == bool(flagged)
+    assert (summary["review_sheet"] is not None) == bool(flagged) == ("drawn in" in printed)
     with pytest.raises(SpineDiffError, match="not one of"):
         ReviewRule("dice", 0.5)
 

@@ -9,25 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from spinediff.io import atomic_path
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # nnU-Net's progress plot changes matplotlib's global state (font size 50, then seaborn's
-    # set(font_scale=2.5) with its grey grid style); start every figure of ours from the defaults.
-    matplotlib.rcdefaults()
-    matplotlib.rcParams.update({"font.size": 9, "font.weight": "normal"})
-    return plt
-
-
-def _save(fig, target: str | os.PathLike, dpi: int = 100) -> None:
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+from spinediff.utilities.figures import pyplot, save_figure
 
 
 def metric_boxplot(values: dict[str, Sequence[float]], metric: str, target: str | os.PathLike,
@@ -44,7 +26,7 @@ def metric_boxplot(values: dict[str, Sequence[float]], metric: str, target: str 
     ax.set_title(title or metric)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, target)
+    save_figure(fig, target)
     plt.close(fig)
 
 
@@ -94,7 +76,7 @@ def training_curves(curves: dict[str, dict[str, list[float]]], target: str | os.
     ax_score.legend(fontsize=7)
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
-    _save(fig, target)
+    save_figure(fig, target)
     plt.close(fig)
 
 
@@ -143,5 +125,5 @@ def qualitative_panel(rows: list[dict[str, sitk.Image | None]], columns: list[tu
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    _save(fig, target, dpi=90)
+    save_figure(fig, target, dpi=90)
     plt.close(fig)

@@ -16,6 +16,7 @@ from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, s
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, flagged_cases, write_review_table
+from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, label_names, write_review_sheet
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
 from spinediff.paths import DEFAULT_PLANS
@@ -31,6 +32,7 @@ class PredictionReport:
     settings: dict
     cases: list[CaseResult] = field(default_factory=list)
     review_table: Path | None = None  # review.csv, when the model has a review rule (review.json)
+    review_sheet: Path | None = None  # review.png: the flagged cases drawn (None: none flagged)
     summary_file: Path | None = None  # prediction.json (prediction_partIofN.json for one part of a split run)
     flagged: list[str] = field(default_factory=list)  # cases above the model's review threshold, most doubtful first
 
@@ -45,7 +47,7 @@ class PredictionReport:
 
     def to_dict(self) -> dict:
         return {**self.settings, "num_cases": len(self.cases), "num_failed": len(self.failed),
-                "review_flagged": self.flagged,
+                "review_flagged": self.flagged, "review_sheet": str(self.review_sheet) if self.review_sheet else None,
                 "cases": {c.identifier: asdict(c) for c in self.cases}}
 
 
@@ -159,12 +161,13 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     cases, problems = [c for c in cases if c.identifier in part], [p for p in problems if p.identifier in part]
     if refinement is not None and "init_from" in refinement:  # every answer there, with the model's classes
         predictor.check_answers([c.identifier for c in cases])
-    run_summary, review_table = (part_name(name, num_parts, part_id) for name in (RUN_SUMMARY, REVIEW_TABLE))
+    run_summary, review_table, review_sheet = (part_name(name, num_parts, part_id)
+                                               for name in (RUN_SUMMARY, REVIEW_TABLE, REVIEW_SHEET))
     output = Path(output_folder)
     with _output_lock(output, num_parts, part_id):  # held to the end: no other run writes here meanwhile
         planned = {case.identifier: predictor.output_paths(case, output, options) for case in cases}
         existing = [p for paths in planned.values() for p in paths.all() if p.exists()]
-        existing += [output / name for name in (run_summary, review_table) if (output / name).exists()]
+        existing += [output / name for name in (run_summary, review_table, review_sheet) if (output / name).exists()]
         if existing and not overwrite:  # checked under the lock: no other run can add outputs now
             shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
             raise SpineDiffError(f"{len(existing)} output file(s) already exist ({shown}). Choose another output "
@@ -209,6 +212,13 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         if flags:
             report.review_table = write_review_table(flags, output / review_table)
             report.flagged = flagged_cases(flags)
+        if report.flagged:  # the flagged cases drawn on their images
+            inputs = {c.identifier: c for c in cases}
+            report.review_sheet = write_review_sheet(
+                [SheetCase(case, planned[case].predictions[0], inputs[case].files[0], tuple(flags[case]["reasons"]))
+                 for case in report.flagged], label_names(predictor.dataset_json), output / review_sheet)
+        else:
+            (output / review_sheet).unlink(missing_ok=True)  # an overwritten run's sheet names cases not flagged now
         report.summary_file = output / run_summary
         write_json(report.to_dict(), report.summary_file)
         if work is not None:

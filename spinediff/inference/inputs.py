@@ -31,11 +31,12 @@ RUN_SUMMARY_KEYS = frozenset({
     "model", "task", "trainer", "configuration", "plans", "folds", "checkpoint", "device", "solver",
     "num_inference_steps", "num_samples", "eta", "warm_start", "precision", "tta", "sampling_from", "seed",
     "denoising", "input_folder", "postprocessing", "part", "refinement", "num_cases", "num_failed",
-    "review_flagged", "cases", "ensemble_of", "written", "problems", "source", "sampler", "steps"})
+    "review_flagged", "review_sheet", "cases", "ensemble_of", "written", "problems", "source", "sampler", "steps"})
 #: key → the JSON types it may hold (None allowed where a run may leave it unset).
 _RUN_SUMMARY_TYPES: dict[str, tuple[type, ...]] = {
     "task": (str,), "folds": (list,), "num_inference_steps": (int, type(None)), "num_samples": (int, type(None)),
     "cases": (dict,), "ensemble_of": (list,), "written": (list,), "problems": (list,), "review_flagged": (list,),
+    "review_sheet": (str, type(None)),
     "part": (dict, type(None)), "postprocessing": (dict, type(None)), "refinement": (dict, type(None)),
     "num_cases": (int,), "num_failed": (int,)}
 

@@ -1,6 +1,7 @@
 """``spinediff postprocess``: apply a model's cross-validated post-processing to finished predictions
 (e.g. those of ``nnUNetv2_predict``; ``spinediff predict`` applies it itself), and flag the cases to review by the
-model's review rule (``review.json``) as ``spinediff predict`` does: ``review.csv``."""
+model's review rule (``review.json``) as ``spinediff predict`` does: ``review.csv``, and ``review.png`` with the
+flagged cases drawn."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from spinediff.inference.review import (
     flagged_cases,
     write_review_table,
 )
+from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, label_names, write_review_sheet
 from spinediff.io import (
     copy_file,
     ensure_writable_folder,
@@ -52,6 +54,7 @@ class PostprocessResult:
     count: int  # segmentations written
     flags: dict[str, dict] = field(default_factory=dict)  # case -> its review flag (empty without a review rule)
     review_table: Path | None = None  # OUTPUT/review.csv
+    review_sheet: Path | None = None  # OUTPUT/review.png: the flagged cases drawn (None: none flagged)
     intensities_checked: bool = False
     #: the rule's entropy threshold applied (class probabilities beside every input); None: the rule has none
     entropy_checked: bool | None = None
@@ -173,7 +176,7 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
         if save_probabilities:  # and each case's probabilities (its .pkl is nnU-Net's, copied)
             written += [_probabilities_of(target) for target in list(written)]
         if rule is not None:
-            written.append(output_folder / REVIEW_TABLE)
+            written += [output_folder / REVIEW_TABLE, output_folder / REVIEW_SHEET]
         existing = [target for target in written if target.exists()]
         if existing and not overwrite:
             raise SpineDiffError(f"{len(existing)} output file(s) already exist (e.g. {existing[0]}). Choose another "
@@ -214,7 +217,24 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             write_json({"cases": reports, "low_confidence": low}, output_folder / NUMBERING_FILE)
         if rule is not None:
             result.review_table = write_review_table(result.flags, output_folder / REVIEW_TABLE)
+            result.review_sheet = _write_sheet(result, files, image_files, model_folder, output_folder)
     return result
+
+
+def _write_sheet(result: PostprocessResult, files: list[Path], image_files: dict[str, list[Path]],
+                 model_folder: Path, output_folder: Path) -> Path | None:
+    """``OUTPUT/review.png``, the flagged cases drawn on their images (when --images gave them); None, and a sheet
+    of the run this one overwrites removed, when no case is flagged."""
+    sheet = output_folder / REVIEW_SHEET
+    if not result.flagged:
+        sheet.unlink(missing_ok=True)  # an earlier run's sheet would name cases this run did not flag
+        return None
+    written = {_case_stem(p): output_folder / p.name for p in files}
+    dataset = model_folder / "dataset.json"
+    names = label_names(read_json(dataset)) if dataset.is_file() else {}
+    cases = [SheetCase(case, written[case], (image_files.get(case) or [None])[0],
+                       tuple(result.flags[case].get("reasons", []))) for case in result.flagged]
+    return write_review_sheet(cases, names, sheet)
 
 
 def _probabilities_of(path: Path) -> Path:
@@ -241,8 +261,9 @@ def run(args: argparse.Namespace) -> int:
             "; intensities not checked: the review rule has no intensity reference")
         if result.entropy_checked is False:
             unchecked += "; entropy not checked: predict with --save_probabilities (CASE.npz beside every input)"
+        drawn = f"; the flagged ones drawn in {result.review_sheet}" if result.review_sheet else ""
         print(f"review: {len(result.flagged)} case(s) flagged by the model's review rule, most doubtful first: "
-              f"{shown} (all cases ranked in {result.review_table}{unchecked})")
+              f"{shown} (all cases ranked in {result.review_table}{drawn}{unchecked})")
     return 0
 
 
@@ -276,6 +297,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                              "for a model trained on T2w)")
     parser.add_argument("--no-review", action="store_true",
                         help="do not flag cases by the model's review rule (review.json); by default every case is "
-                             "flagged or not in OUTPUT/review.csv, as `spinediff predict` does")
+                             "flagged or not in OUTPUT/review.csv, and the flagged ones are drawn in "
+                             "OUTPUT/review.png (the sagittal slice with most of the segmentation, on its image "
+                             "with --images), as `spinediff predict` does")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(func=run)

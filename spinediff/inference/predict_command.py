@@ -32,8 +32,9 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"  FAILED {case.identifier}: {case.message}")
     if report.review_table is not None:
         shown = ", ".join(report.flagged) if report.flagged else "none"
+        drawn = f"; the flagged ones drawn in {report.review_sheet}" if report.review_sheet else ""
         print(f"review: {len(report.flagged)} case(s) above the model's review threshold, most doubtful first: "
-              f"{shown} (all cases ranked in {report.review_table})")
+              f"{shown} (all cases ranked in {report.review_table}{drawn})")
     return report.exit_code
 
 
@@ -46,6 +47,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "source channels, a generation model one label map CASE.nii.gz), run nnU-Net's preprocessing from the "
             "plans, draw --samples DDIM samples with every fold, average them (class probabilities for "
             "segmentation, HU for translation/generation) and write the result with the input's exact geometry. "
+            "A segmentation model with a review rule (review.json, written by its cross-validation) flags the "
+            "cases a person should check in review.csv and draws them in review.png. "
             "A bad case is reported and skipped; the exit status is 2 if any case failed. Checkpoints are loaded "
             "with torch.load(weights_only=True): they cannot run code."
         ),
