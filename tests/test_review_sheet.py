@@ -62,6 +62,16 @@ def test_one_label_is_drawn_head_up_by_the_header():
     assert np.nonzero(case_view(down)[0])[0].mean() < 20
 
 
+def test_nnunets_ignore_label_is_background_in_the_view():
+    """A reference mask's unannotated band runs across the whole scan: counted as foreground it would lay the spine
+    on its side."""
+    banded = spine(shape=(40, 80, 8))  # y 80 mm across the scan, longer than the spine's 52 mm along z
+    banded[10:14, :, :] = 6  # a band across y and x, 4 rows along the spine
+    view = case_view(image_of(banded), ignore=6)[0]
+    assert view.shape == (40, 80) and 6 not in view
+    assert case_view(image_of(banded))[0].shape == (80, 40)  # without it, the band decides the axes
+
+
 def test_the_image_is_drawn_only_on_the_segmentations_grid():
     labels = image_of(spine())
     intensities = image_of(np.arange(spine().size, dtype=np.float32).reshape(spine().shape))

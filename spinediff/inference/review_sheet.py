@@ -42,7 +42,7 @@ def label_names(dataset_json: dict) -> dict[int, str]:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0}
 
 
-def case_view(segmentation, image=None) -> tuple[np.ndarray, np.ndarray | None, float]:
+def case_view(segmentation, image=None, ignore: int | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
     """The slice to draw of a case: ``(labels, image or None, pixel height / width)``, the spine upright.
 
     Read from the data, not from the header (the spine datasets here hold sagittal stacks under an identity
@@ -50,12 +50,15 @@ def case_view(segmentation, image=None) -> tuple[np.ndarray, np.ndarray | None, 
     segmentation is cut across the axis it was acquired in slices (the coarsest spacing; then the fewest voxels;
     then the header's left-right axis), at the slice with the most labelled voxels. The end that holds the lowest
     label (L1 of L1..L5) is drawn at the top; without two labels apart along the spine, the header's superior end.
-    The image is used when it lies on the segmentation's grid (its first channel), else left out."""
+    The image is used when it lies on the segmentation's grid (its first channel), else left out. ``ignore``:
+    nnU-Net's ignore label (a reference mask's unannotated band across the scan), drawn as background."""
     import SimpleITK as sitk
 
     from spinediff.utilities.geometry import same_geometry
 
     labels = sitk.GetArrayFromImage(segmentation)
+    if ignore is not None:
+        labels = np.where(labels == ignore, 0, labels)
     picture = sitk.GetArrayFromImage(image) if image is not None and same_geometry(segmentation, image) is None \
         else None
     dim = labels.ndim
@@ -107,13 +110,15 @@ def _overlay(labels: np.ndarray) -> np.ndarray:
 
 def write_review_sheet(cases: Sequence[SheetCase], labels: dict[int, str], target: str | Path) -> Path:
     """Draw ``cases`` (the flagged ones, most doubtful first; the first :data:`MAX_PANELS`) into ``target`` (PNG,
-    written atomically). ``labels``: label value → name, written at each label's centre."""
+    written atomically). ``labels``: label value → name, written at each label's centre (one named ``ignore``,
+    nnU-Net's ignore label, is drawn as background)."""
     import matplotlib.patheffects as effects
     import SimpleITK as sitk
 
     from spinediff.io import read_image
     from spinediff.utilities.figures import pyplot, save_figure
 
+    ignore = next((value for value, name in labels.items() if name == "ignore"), None)
     drawn = list(cases)[:MAX_PANELS]
     total = len(cases)
     columns = min(4, len(drawn))
@@ -129,7 +134,7 @@ def write_review_sheet(cases: Sequence[SheetCase], labels: dict[int, str], targe
             image = None
         if image is not None and image.GetNumberOfComponentsPerPixel() > 1:
             image = sitk.VectorIndexSelectionCast(image, 0)
-        slice_labels, picture, aspect = case_view(segmentation, image)
+        slice_labels, picture, aspect = case_view(segmentation, image, ignore)
         if picture is not None:
             low, high = np.percentile(picture, (1, 99))
             ax.imshow(picture, cmap="gray", vmin=low, vmax=max(high, low + 1e-6), aspect=aspect,
