@@ -282,7 +282,10 @@ def test_benchmark_stress_tests_every_method_and_find_best_ranks_on_it(levels, t
         assert len(own) == 8 and row["dice_stress"] == pytest.approx(float(np.mean(own)))
         assert row["dice_stress_worst"] == pytest.approx(min(r["mean_level_dice"] for r in record["summary"]
                                                              if r["variant"] != "plain"))
+        assert record["environment"]["packages"]["nnunetv2"] == summary["environment"]["packages"]["nnunetv2"]
     assert "dice_stress" in (out / "benchmark.md").read_text()
+    # the software of the run beside its numbers: a seeded training repeats only with the same packages
+    assert summary["environment"]["packages"]["torch"] and "Software: Python" in (out / "benchmark.md").read_text()
     assert main(["find_best", "-d", str(LEVELS_ID), "--overwrite", "-o", str(tmp_path / "find_best.json")]) == 0
     best = json.loads((tmp_path / "find_best.json").read_text())
     assert best["ranked_on"] == "dice_stress"

@@ -27,6 +27,7 @@ from spinediff.experiments.folds import Method, MethodResult, collect_result, tr
 from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
 from spinediff.paths import DEFAULT_PLANS
 from spinediff.tasks import Task
+from spinediff.utilities.environment import describe, software_environment
 from spinediff.utilities.lock import folder_lock
 
 
@@ -460,14 +461,15 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                    # where `spinediff report` finds the models, images and references of this benchmark
                    "results_folder": str(results), "raw_folder": str(raw.parent), "reference_folder": str(reference),
                    "model_folders": {r.method.name: r.method.folder_name
-                                     for r in outcomes}}
+                                     for r in outcomes},
+                   "environment": software_environment()}  # what a repeat needs to train the same draw
         write_json(summary, out / "benchmark.json")
         write_text(csv_text(rows), out / "benchmark.csv")
         budget_text = f"{budget_minutes:g} min" if budget_minutes is not None else "the plans' schedule"
         combined = (" The refinement's validation samples are combined as SpineSegDiff does (--combine "
                     "spinesegdiff), not averaged." if options.combine == "spinesegdiff" else "")
         write_text(f"# Benchmark: {name} ({spec.task.name})\n\nFolds {folds}, budget {budget_text} per method and "
-                   f"fold.{combined}\n\n{table}\n", out / "benchmark.md")
+                   f"fold.{combined}\n\n{table}\n\n{describe(summary['environment'])}\n", out / "benchmark.md")
         from spinediff.evaluation.figures import metric_boxplot
 
         metric = spec.task.primary_metric

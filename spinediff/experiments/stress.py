@@ -33,6 +33,7 @@ from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
 from spinediff.inference.level_geometry import spine_array_axis
+from spinediff.utilities.environment import describe, software_environment
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
               "variants": {k: list(v) for k, v in variants.items()}, "labels": list(order.labels),
               "level_direction": list(order.direction), "summary": table, "cases": rows,
               "stress_dice": stress_dice(table, dataset), "stress_dice_worst": worst_stressed(table, dataset)[1],
-              "command": settings.command,
+              "command": settings.command, "environment": software_environment(),
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
@@ -392,6 +393,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
                   f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "
                   f"level Dice below 0.5 flagged; {counts['flagged']} of {len(stressed)} flagged in all."]
+    if result.get("environment"):  # a result written before the environment was recorded has none
+        lines += ["", describe(result["environment"])]
     return "\n".join(lines) + "\n"
 
 
