@@ -10,8 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from spinediff.cli import main
+from spinediff.datasets.dataset_json import label_names
 from spinediff.inference.review import ReviewRule
-from spinediff.inference.review_sheet import MAX_PANELS, SheetCase, case_view, label_names, write_review_sheet
+from spinediff.inference.review_sheet import MAX_PANELS, SheetCase, case_view, write_review_sheet
 
 
 def spine(shape=(40, 16, 8)) -> np.ndarray:
@@ -90,7 +91,7 @@ def test_the_sheet_draws_at_most_max_panels_cases(tmp_path):
     sizes = {}
     for count in (2, MAX_PANELS, MAX_PANELS + 3):
         cases = [SheetCase(f"case{i}", path, None, ("level numbering confidence 0.45 < 0.5",)) for i in range(count)]
-        target = write_review_sheet(cases, {1: "L1", 2: "L2"}, tmp_path / f"sheet{count}.png")
+        target = write_review_sheet(cases, {"labels": {"L1": 1, "L2": 2}}, tmp_path / f"sheet{count}.png")
         sizes[count] = imread(target).shape
     assert sizes[MAX_PANELS + 3] == sizes[MAX_PANELS]  # the rest are only counted in the title
     assert sizes[MAX_PANELS][0] > sizes[2][0]

@@ -34,6 +34,12 @@ def label_values(dataset_json: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+def label_names(dataset_json: dict[str, Any]) -> dict[int, str]:
+    """Label value -> name, for drawing (region-based entries, lists of values, left out)."""
+    return {int(value): str(name) for name, value in dataset_json.get("labels", {}).items()
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0}
+
+
 def ignore_label(dataset_json: dict[str, Any]) -> int | None:
     """nnU-Net's ignore label (``"ignore"`` in ``labels``, the highest value): voxels of it carry no annotation; the
     loss, the Dice and every statistic of the labels leave them out. None when the dataset has none."""

@@ -16,7 +16,7 @@ from spinediff.inference.inputs import RUN_SUMMARY, discover_cases, part_name, s
 from spinediff.inference.models import model_folder
 from spinediff.inference.predictor import CaseResult, PredictionOptions, SpineDiffPredictor
 from spinediff.inference.review import REVIEW_TABLE, ReviewRule, flagged_cases, write_review_table
-from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, label_names, write_review_sheet
+from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, write_review_sheet
 from spinediff.inference.sampling_choice import SAMPLING_FILE, SamplingChoice
 from spinediff.io import ensure_writable_folder, write_json
 from spinediff.paths import DEFAULT_PLANS
@@ -216,7 +216,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             inputs = {c.identifier: c for c in cases}
             report.review_sheet = write_review_sheet(
                 [SheetCase(case, planned[case].predictions[0], inputs[case].files[0], tuple(flags[case]["reasons"]))
-                 for case in report.flagged], label_names(predictor.dataset_json), output / review_sheet)
+                 for case in report.flagged], predictor.dataset_json, output / review_sheet)
         else:
             (output / review_sheet).unlink(missing_ok=True)  # an overwritten run's sheet names cases not flagged now
         report.summary_file = output / run_summary

@@ -26,7 +26,7 @@ from spinediff.inference.review import (
     flagged_cases,
     write_review_table,
 )
-from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, label_names, write_review_sheet
+from spinediff.inference.review_sheet import REVIEW_SHEET, SheetCase, write_review_sheet
 from spinediff.io import (
     copy_file,
     ensure_writable_folder,
@@ -231,10 +231,10 @@ def _write_sheet(result: PostprocessResult, files: list[Path], image_files: dict
         return None
     written = {_case_stem(p): output_folder / p.name for p in files}
     dataset = model_folder / "dataset.json"
-    names = label_names(read_json(dataset)) if dataset.is_file() else {}
+    dataset_json = read_json(dataset) if dataset.is_file() else {}
     cases = [SheetCase(case, written[case], (image_files.get(case) or [None])[0],
                        tuple(result.flags[case].get("reasons", []))) for case in result.flagged]
-    return write_review_sheet(cases, names, sheet)
+    return write_review_sheet(cases, dataset_json, sheet)
 
 
 def _probabilities_of(path: Path) -> Path:

@@ -36,12 +36,6 @@ class SheetCase:
     reasons: tuple[str, ...]
 
 
-def label_names(dataset_json: dict) -> dict[int, str]:
-    """Label value → name from a ``dataset.json``'s ``labels`` (region-based entries, lists of values, left out)."""
-    return {int(value): str(name) for name, value in dataset_json.get("labels", {}).items()
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0}
-
-
 def case_view(segmentation, image=None, ignore: int | None = None) -> tuple[np.ndarray, np.ndarray | None, float]:
     """The slice to draw of a case: ``(labels, image or None, pixel height / width)``, the spine upright.
 
@@ -108,17 +102,18 @@ def _overlay(labels: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def write_review_sheet(cases: Sequence[SheetCase], labels: dict[int, str], target: str | Path) -> Path:
+def write_review_sheet(cases: Sequence[SheetCase], dataset_json: dict, target: str | Path) -> Path:
     """Draw ``cases`` (the flagged ones, most doubtful first; the first :data:`MAX_PANELS`) into ``target`` (PNG,
-    written atomically). ``labels``: label value → name, written at each label's centre (one named ``ignore``,
-    nnU-Net's ignore label, is drawn as background)."""
+    written atomically). ``dataset_json``: the model's, whose label names are written at each label's centre and
+    whose ignore label (nnU-Net's, a reference mask's band across the scan) is drawn as background."""
     import matplotlib.patheffects as effects
     import SimpleITK as sitk
 
+    from spinediff.datasets.dataset_json import ignore_label, label_names
     from spinediff.io import read_image
     from spinediff.utilities.figures import pyplot, save_figure
 
-    ignore = next((value for value, name in labels.items() if name == "ignore"), None)
+    labels, ignore = label_names(dataset_json), ignore_label(dataset_json)
     drawn = list(cases)[:MAX_PANELS]
     total = len(cases)
     columns = min(4, len(drawn))
