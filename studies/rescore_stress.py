@@ -12,6 +12,11 @@ level_scores`, the levels' shares in view from the raw dataset's whole reference
         -m $nnUNet_results/Dataset505_LumbarVB3VB2mixed/nnUNetTrainer__nnUNetPlans__2d_cpu \\
         --stress-cases KEEP/stress_cases -o OUT
 
+``--average-with OTHER/stress_cases [...]`` first averages each raw answer with the same case's raw answer of other
+trainings' kept stress tests (the same folds and cases, e.g. another seed) by nnU-Net's ensembling
+(``nnunetv2.ensembling.ensemble.ensemble_folders``, class probabilities averaged), as a user's fold ensemble is
+made: "now" is then the ensemble's score and "kept" the first training's.
+
 Writes ``OUT/rescore_stress.json`` and ``.md``: per variant the mean level Dice as kept and as numbered now, how many
 cases a numbering confidence under the review rule's threshold flags either way, how many of the stressed failures
 (level Dice under 0.5) it flags, and every case-variant whose score changed.
@@ -39,8 +44,26 @@ def kept_folder_parts(name: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-def rescore(model: Path, stress_cases: Path) -> list[dict]:
-    """One row per kept case-variant: ``kept`` (the stress test's level Dice) and ``now`` (numbered again)."""
+def averaged_raw_folders(stress_cases: Path, average_with: list[Path]) -> dict[str, list[Path]]:
+    """Per kept prediction folder (``out_*``) of ``stress_cases``: the raw answer folders of ``average_with`` to
+    average with its own, checked before any work: each must hold the same folder with the same raw answers."""
+    folders = {}
+    for predicted in sorted(stress_cases.glob("out_*")):
+        own = {p.name for p in (predicted / "nnunet_raw_output").glob("*.npz")}
+        others = [other / predicted.name / "nnunet_raw_output" for other in average_with]
+        for other in others:
+            theirs = {p.name for p in other.glob("*.npz")} if other.is_dir() else set()
+            if not own or theirs != own:
+                raise SystemExit(f"{other} does not hold the same raw answers with probabilities (CASE.npz) as "
+                                 f"{predicted / 'nnunet_raw_output'}: give --average-with the kept stress_cases of "
+                                 "a stress test of the same dataset, folds and cases run with --keep")
+        folders[predicted.name] = others
+    return folders
+
+
+def rescore(model: Path, stress_cases: Path, average_with: list[Path] | None = None) -> list[dict]:
+    """One row per kept case-variant: ``kept`` (the stress test's level Dice) and ``now`` (numbered again, after
+    averaging with the raw answers of ``average_with`` when given)."""
     import SimpleITK as sitk
 
     from spinediff.datasets.dataset_json import ignore_label
@@ -50,6 +73,7 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
     from spinediff.io import read_json
     from spinediff.paths import resolve_raw_dataset
 
+    averaged = averaged_raw_folders(stress_cases, average_with) if average_with else {}
     rows = []
     for predicted in sorted(stress_cases.glob("out_*")):
         raw_output = predicted / "nnunet_raw_output"
@@ -64,6 +88,12 @@ def rescore(model: Path, stress_cases: Path) -> list[dict]:
         labels = list(dataset_level_order(raw).labels)
         work = Path(tempfile.mkdtemp(prefix="rescore_"))
         try:
+            if averaged:  # nnU-Net's ensembling: the class probabilities averaged, its dataset.json and .pkl kept
+                from nnunetv2.ensembling.ensemble import ensemble_folders
+
+                ensemble_folders([str(raw_output), *map(str, averaged[predicted.name])], str(work / "averaged"),
+                                 save_merged_probabilities=True, num_processes=1)
+                raw_output = work / "averaged"
             # as the stress test post-processes: with the review rule and the varied inputs beside the answers (the
             # numbering then measures the room at the ends to the edges of the image data)
             inputs = stress_cases / ("in_" + predicted.name[4:])
@@ -136,10 +166,13 @@ def caught(rows: list[dict]) -> str:
             f"{low(failed, 'now_confidence')} now.")
 
 
-def markdown(rows: list[dict], table: list[dict], command: str) -> str:
-    lines = ["# Stress cases numbered again", "", f"`{command}`", "",
-             "| variant | cases | level Dice as kept | numbered now | change | numbering confidence < 0.5: kept, now |",
-             "|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], table: list[dict], command: str, averaged_with: list[str] | None = None) -> str:
+    lines = ["# Stress cases numbered again", "", f"`{command}`", ""]
+    if averaged_with:
+        lines += [f"'Now': each raw answer averaged with those of {', '.join(averaged_with)} (nnU-Net's ensembling), "
+                  "then numbered; 'kept': the first training's own answer.", ""]
+    lines += ["| variant | cases | level Dice as kept | numbered now | change "
+              "| numbering confidence < 0.5: kept, now |", "|---|---|---|---|---|---|"]
     lines += [f"| {t['variant']} | {t['cases']} | {t['kept']:.3f} | {t['now']:.3f} | {t['now'] - t['kept']:+.3f} | "
               f"{t.get('kept_low_confidence', 0)}, {t.get('now_low_confidence', 0)} |" for t in table]
     lines += ["", caught(rows)]
@@ -155,17 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--model", required=True, type=Path, help="the model folder (its postprocessing.json)")
     parser.add_argument("--stress-cases", required=True, type=Path, help="the stress test's kept stress_cases folder")
     parser.add_argument("-o", "--output", required=True, type=Path)
+    parser.add_argument("--average-with", nargs="+", type=Path, default=[], metavar="STRESS_CASES",
+                        help="other trainings' kept stress_cases folders (same folds and cases): average each raw "
+                             "answer with theirs (nnU-Net's ensembling) before numbering; 'now' is the ensemble")
     args = parser.parse_args(argv)
     from spinediff.io import write_json, write_text
 
-    rows = rescore(args.model, args.stress_cases)
+    rows = rescore(args.model, args.stress_cases, args.average_with)
     table = summary(rows)
     command = "python -m studies.rescore_stress " + " ".join(sys.argv[1:] if argv is None else argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    write_json({"model": str(args.model), "summary": table, "cases": rows, "command": command},
+    write_json({"model": str(args.model), "average_with": [str(p) for p in args.average_with], "summary": table,
+                "cases": rows, "command": command},
                args.output / "rescore_stress.json")
-    write_text(markdown(rows, table, command), args.output / "rescore_stress.md")
-    print(markdown(rows, table, command))
+    text = markdown(rows, table, command, [str(p) for p in args.average_with])
+    write_text(text, args.output / "rescore_stress.md")
+    print(text)
     return 0
 
 

@@ -361,6 +361,30 @@ def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
     assert "Under 0.5 level Dice now: 1; of them flagged: 1 as kept, 1 now." in markdown(rows, summary(rows), "c")
 
 
+def test_rescoring_averaged_with_other_trainings_pairs_the_same_folders_and_refuses_others(tmp_path):
+    from studies.rescore_stress import averaged_raw_folders, markdown, summary
+
+    def kept(root, cases):
+        raw = root / "stress_cases" / "out_Dataset505_X_0" / "nnunet_raw_output"
+        raw.mkdir(parents=True)
+        for case in cases:
+            (raw / f"{case}.npz").write_bytes(b"")
+        return root / "stress_cases"
+
+    first = kept(tmp_path / "seed0", ["a-plain", "a-crop_top_20"])
+    second = kept(tmp_path / "seed1", ["a-plain", "a-crop_top_20"])
+    folders = averaged_raw_folders(first, [second])
+    assert folders == {"out_Dataset505_X_0": [second / "out_Dataset505_X_0" / "nnunet_raw_output"]}
+    short = kept(tmp_path / "other", ["a-plain"])  # a case missing: refused before any work, naming the folder
+    with pytest.raises(SystemExit, match="other/stress_cases/out_Dataset505_X_0/nnunet_raw_output does not hold"):
+        averaged_raw_folders(first, [second, short])
+    with pytest.raises(SystemExit, match="does not hold"):  # a folder of another dataset or fold
+        averaged_raw_folders(first, [tmp_path / "nowhere"])
+    rows = [{"fold": "0", "case": "a", "variant": "plain", "kept": 0.9, "now": 0.8}]
+    assert "averaged with those of S1 (nnU-Net's ensembling)" in markdown(rows, summary(rows), "c", ["S1"])
+    assert "averaged" not in markdown(rows, summary(rows), "c")
+
+
 def test_the_room_at_an_end_is_measured_across_the_scan_not_from_its_far_corner():
     # a wide scan (240 mm) whose level direction is tilted 8.4 degrees from its rows, L1 cut off at the top: L2 starts
     # at the top edge. From the grid's far corner along the tilted direction, the top had 18.6 mm of room (closed, at
