@@ -170,6 +170,7 @@ def run_stress(levels, output: Path, *args: str) -> dict:
     assert stress_position.main([*args, "-o", str(output), "--device", "cpu"]) == 0
     result = json.loads((output / "stress_position.json").read_text())
     table = (output / "stress_position.md").read_text()
+    assert (output / "stress_position.png").read_bytes()[:4] == b"\x89PNG"  # the test drawn beside its table
     return result, table
 
 
@@ -284,6 +285,10 @@ def test_benchmark_stress_tests_every_method_and_find_best_ranks_on_it(levels, t
                                                              if r["variant"] != "plain"))
         assert record["environment"]["packages"]["nnunetv2"] == summary["environment"]["packages"]["nnunetv2"]
     assert "dice_stress" in (out / "benchmark.md").read_text()
+    # the report draws each method's stress test
+    assert main(["report", "-i", str(out), "-o", str(tmp_path / "report")]) == 0
+    assert len(list((tmp_path / "report" / "figures").glob("stress_*.png"))) == 2
+    assert "Stress test" in (tmp_path / "report" / "report.md").read_text()
     # the software of the run beside its numbers: a seeded training repeats only with the same packages
     assert summary["environment"]["packages"]["torch"] and "Software: Python" in (out / "benchmark.md").read_text()
     assert main(["find_best", "-d", str(LEVELS_ID), "--overwrite", "-o", str(tmp_path / "find_best.json")]) == 0

@@ -157,6 +157,9 @@ def benchmark_sections(folder: Path, figures: Path, results=None, raw=None) -> t
     sections.append(Section("Per case", [], [], box_figures))
 
     if results_root is not None:
+        stress = stress_section(name, model_folders, results_root, figures)
+        if stress is not None:
+            sections.append(stress)
         curves = {}
         for method, model in model_folders.items():
             checkpoint = results_root / name / model / f"fold_{folds[0]}" / "checkpoint_final.pth"
@@ -176,6 +179,28 @@ def benchmark_sections(folder: Path, figures: Path, results=None, raw=None) -> t
                                           "nnUNet_results is not set): give --results to draw the cases and the "
                                           "training curves."]))
     return f"Benchmark report: {name}", sections
+
+
+def stress_section(name: str, model_folders: dict, results_root: Path, figures: Path) -> Section | None:
+    """The stress test of each method whose model folder has one (``spinediff benchmark --stress``), drawn
+    (:func:`~spinediff.evaluation.stress_figure.stress_figure`); None when no method has one."""
+    from spinediff.evaluation.stress_figure import stress_figure
+    from spinediff.inference.find_best import STRESS_FILE
+
+    drawn = []
+    for method, model in model_folders.items():
+        record = results_root / name / model / STRESS_FILE
+        if record.is_file():
+            target = figures / f"stress_{re.sub(r'[^A-Za-z0-9_.-]', '_', method)}.png"
+            stress_figure(read_json(record), target)
+            drawn.append((target, f"{method}: the stress test of position and field of view"))
+    if not drawn:
+        return None
+    return Section("Stress test", [
+        "Each validation scan predicted by the fold that held it out, as it is and cropped, padded or shifted along "
+        "the spine: every scan's mean L1-L5 Dice per variant (red crosses: below 0.5, the levels numbered wrong; "
+        "rings: flagged by the model's review rule), the variant's mean (bar), the plain cross-validation (dashed) "
+        "and the target of plain - 0.05 (dotted)."], figures=drawn)
 
 
 def _ranked_cases(per_case: dict, task: Task) -> list[str]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
+from spinediff.evaluation.stress_figure import stress_figure
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
 from spinediff.inference.level_geometry import spine_array_axis
 from spinediff.utilities.environment import describe, software_environment
@@ -213,9 +214,9 @@ def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
 
 def stress_test(model, settings: StressSettings | None = None, output: str | os.PathLike | None = None) -> dict:
     """The stress test of ``model`` (a :class:`~spinediff.inference.models.ModelFolder`): every validation case of
-    each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json`` and
-    ``.md`` to ``output`` (default: the model folder, where ``spinediff find_best`` reads it) and returns the
-    result."""
+    each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json``,
+    ``.md`` and ``.png`` (:func:`~spinediff.evaluation.stress_figure.stress_figure`) to ``output`` (default: the
+    model folder, where ``spinediff find_best`` reads it) and returns the result."""
     import SimpleITK as sitk
 
     from spinediff.inference.review import REVIEW_TABLE, read_review_table
@@ -310,6 +311,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
+    stress_figure(result, out / Path(STRESS_FILE).with_suffix(".png").name)
     return result
 
 
