@@ -304,6 +304,33 @@ def test_benchmark_stress_tests_every_method_and_find_best_ranks_on_it(levels, t
     assert plain["ranked_on"] == "dice_pp" and any("has no stress test" in note for note in plain["notes"])
 
 
+@pytest.mark.slow
+def test_benchmark_replaces_a_decision_made_on_fewer_folds_and_keeps_it_when_run_on_some(levels, tmp_path, capsys):
+    """A benchmark over every trained fold replaces the model folder's postprocessing.json made on fewer folds (an
+    earlier run on some of them), so that its stress test and `spinediff postprocess` use the decision of the whole
+    cross-validation; a run on some of the folds keeps the decision it finds, and says so."""
+    from spinediff.inference.postprocessing import POSTPROCESSING_FILE
+    target = levels["base"] / "results" / LEVELS / "nnUNetTrainer__nnUNetPlans__2d_cpu" / POSTPROCESSING_FILE
+    original = target.read_text()  # find_best's decision on folds 0 and 1 (the module's fixture)
+    stale = {**json.loads(original), "cases": 1, "dice_after": 0.5}  # as if decided on one fold
+    try:
+        target.write_text(json.dumps(stale))
+        one = tmp_path / "one"
+        assert main(["benchmark", "-d", str(LEVELS_ID), "-f", "0", "--methods", "nnUNetTrainer", *COMMON,
+                     "-o", str(one)]) == 0
+        assert json.loads(target.read_text()) == stale
+        assert "postprocessing.json was made on other folds or results and is kept" in capsys.readouterr().out
+        both = tmp_path / "both"
+        assert main(["benchmark", "-d", str(LEVELS_ID), "-f", *FOLDS, "--methods", "nnUNetTrainer", *COMMON,
+                     "-o", str(both)]) == 0
+        decided = json.loads(target.read_text())
+        assert decided == json.loads(next(both.glob("postprocessing_*.json")).read_text())
+        assert decided["cases"] == len(FOLDS)  # one validation case per fold of the 5-case split
+        assert "is kept" not in capsys.readouterr().out
+    finally:
+        target.write_text(original)
+
+
 def test_level_order_refuses_labels_that_keep_no_order(tmp_path):
     """The stress test's precondition (checked by `benchmark --stress` before any training): three labels whose
     places change from case to case keep no order along any direction; the same labels in one order do."""

@@ -137,10 +137,19 @@ def score_method(result: MethodResult, results_root: Path, reference: Path, task
                 result.per_case[row["case"]] = {k: v for k, v in row.items() if k != "case"}
 
 
+def covers_every_fold(folder: Path, folds) -> bool:
+    """Whether ``folds`` hold every fold of the model ``folder`` with a finished validation: a decision made on them
+    then rests on all the cross-validation there is and replaces one made on fewer folds or older results (a run on
+    some of the folds keeps the decision it finds)."""
+    validated = {p.parent.parent.name[len("fold_"):] for p in folder.glob("fold_*/validation/summary.json")}
+    return validated <= {str(f) for f in folds}
+
+
 def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, labels: list[int], out: Path,
                          ending: str = ".nii.gz", ignore: int | None = None) -> None:
     """Decide the level-numbering post-processing on the method's cross-validation (as ``find_best`` does), write
-    it next to the model (unless another decision is there) and add each case's Dice after it (``dice_pp``, and
+    it next to the model (replacing another decision only when this run's folds are all the model's,
+    :func:`covers_every_fold`) and add each case's Dice after it (``dice_pp``, and
     per label ``dice_pp_L``; the plain Dice where it is not kept)."""
     from spinediff.inference.postprocessing import determine_postprocessing, validation_pairs, write_decision
 
@@ -149,9 +158,13 @@ def score_postprocessing(result: MethodResult, results_root: Path, raw: Path, la
     slug = "".join(ch if ch.isalnum() else "_" for ch in result.method.name).strip("_")
     decision, dice = determine_postprocessing(pairs, labels, out / f"postprocessing_{slug}.json", ignore)
     result.postprocessing = decision.to_dict()
-    if not write_decision(result.postprocessing, folder):
+    if not write_decision(result.postprocessing, folder, overwrite=covers_every_fold(folder, result.folds)):
         result.postprocessing["note"] = (f"{folder} holds another postprocessing.json and was kept; this run's "
                                          f"decision is in {out / f'postprocessing_{slug}.json'}")
+        print(f"[benchmark] {result.method.name}: the model folder's postprocessing.json was made on other folds "
+              f"or results and is kept (this run's folds {', '.join(map(str, result.folds))} are not all the "
+              f"folds it has validated); this run's decision: {out / f'postprocessing_{slug}.json'}; `spinediff "
+              "find_best --overwrite` replaces it", flush=True)
     from spinediff.inference.review import write_cross_validation_rule
 
     write_cross_validation_rule(folder, pairs, labels, raw if raw is not None and raw.is_dir() else None)
