@@ -50,10 +50,13 @@ def averaged_raw_folders(stress_cases: Path, average_with: list[Path]) -> dict[s
     folders = {}
     for predicted in sorted(stress_cases.glob("out_*")):
         own = {p.name for p in (predicted / "nnunet_raw_output").glob("*.npz")}
+        if not own:
+            raise SystemExit(f"{predicted / 'nnunet_raw_output'} holds no raw answers with probabilities (CASE.npz): "
+                             "average the kept stress_cases of a stress test of an nnU-Net trainer run with --keep")
         others = [other / predicted.name / "nnunet_raw_output" for other in average_with]
         for other in others:
             theirs = {p.name for p in other.glob("*.npz")} if other.is_dir() else set()
-            if not own or theirs != own:
+            if theirs != own:
                 raise SystemExit(f"{other} does not hold the same raw answers with probabilities (CASE.npz) as "
                                  f"{predicted / 'nnunet_raw_output'}: give --average-with the kept stress_cases of "
                                  "a stress test of the same dataset, folds and cases run with --keep")

@@ -380,6 +380,10 @@ def test_rescoring_averaged_with_other_trainings_pairs_the_same_folders_and_refu
         averaged_raw_folders(first, [second, short])
     with pytest.raises(SystemExit, match="does not hold"):  # a folder of another dataset or fold
         averaged_raw_folders(first, [tmp_path / "nowhere"])
+    for answer in (first / "out_Dataset505_X_0" / "nnunet_raw_output").glob("*.npz"):
+        answer.unlink()  # the first training's own answers without probabilities
+    with pytest.raises(SystemExit, match="seed0/stress_cases/out_Dataset505_X_0/nnunet_raw_output holds no raw"):
+        averaged_raw_folders(first, [second])
     rows = [{"fold": "0", "case": "a", "variant": "plain", "kept": 0.9, "now": 0.8}]
     assert "averaged with those of S1 (nnU-Net's ensembling)" in markdown(rows, summary(rows), "c", ["S1"])
     assert "averaged" not in markdown(rows, summary(rows), "c")
