@@ -10,7 +10,7 @@ import numpy as np
 
 #: the stress test's target: the stressed mean within this of the plain cross-validation (issue 34)
 TARGET_GAP = 0.05
-#: a scan below this level Dice counts as a failure (its levels numbered wrong), as in the stress test's table
+#: a scan below this level Dice counts as a failure (its levels numbered wrong): the stress test's table and figure
 FAILURE = 0.5
 
 
@@ -33,14 +33,13 @@ def stress_figure(result: dict, target: str | os.PathLike) -> list[dict]:
     from spinediff.utilities.figures import pyplot, save_figure
 
     plt = pyplot()
-    sources = list(dict.fromkeys(r["source"] for r in result["summary"]))
-    drawn = []
-    fig, axes = plt.subplots(1, len(sources), figsize=(1.1 * max(len(variant_points(result, s)) for s in sources)
-                                                      * len(sources) + 1.5, 4.2), squeeze=False)
+    drawn = [{"source": source, "variants": variant_points(result, source)}
+             for source in dict.fromkeys(r["source"] for r in result["summary"])]
+    widest = max(len(panel["variants"]) for panel in drawn)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(1.1 * widest * len(drawn) + 1.5, 4.2), squeeze=False)
     rng = np.random.default_rng(0)  # the same jitter every time
-    for ax, source in zip(axes[0], sources, strict=True):
-        points = variant_points(result, source)
-        drawn.append({"source": source, "variants": points})
+    for ax, panel in zip(axes[0], drawn, strict=True):
+        source, points = panel["source"], panel["variants"]
         plain = next((p["mean"] for p in points if p["variant"] == "plain"), None)
         stressed = [p["mean"] for p in points if p["variant"] != "plain"]
         for x, point in enumerate(points):

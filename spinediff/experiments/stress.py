@@ -31,7 +31,7 @@ import numpy as np
 
 from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.stress_figure import stress_figure
+from spinediff.evaluation.stress_figure import FAILURE, stress_figure
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
 from spinediff.inference.level_geometry import spine_array_axis
 from spinediff.utilities.environment import describe, software_environment
@@ -346,7 +346,7 @@ def summarise(rows: list[dict], variants: dict) -> list[dict]:
             table.append({"source": source, "variant": name, "cases": len(mine), "mean_level_dice": level,
                           "mean_level_dice_in_view": float(np.nanmean(in_view)) if in_view else None,
                           "mean_merged_dice": float(np.nanmean([r["merged_dice"] for r in mine])),
-                          "cases_below_0.5": sum(1 for r in mine if not r["level_dice"] >= 0.5),
+                          "cases_below_0.5": sum(1 for r in mine if not r["level_dice"] >= FAILURE),
                           "minus_plain": level - float(np.nanmean(plain)) if plain else float("nan"),
                           "mean_numbering_confidence": float(np.mean(confidences)) if confidences else None,
                           **flag_counts(mine)})
@@ -359,7 +359,7 @@ def flag_counts(rows: list[dict]) -> dict:
     judged = [r for r in rows if r.get("flagged") is not None]
     if not judged:
         return {"flagged": None, "failures_flagged": None}
-    failures = [r for r in judged if not r["level_dice"] >= 0.5]
+    failures = [r for r in judged if not r["level_dice"] >= FAILURE]
     return {"flagged": sum(1 for r in judged if r["flagged"]),
             "failures_flagged": sum(1 for r in failures if r["flagged"])}
 
@@ -391,7 +391,7 @@ def markdown(result: dict) -> str:
     stressed = [r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
     counts = flag_counts(stressed)
     if counts["flagged"] is not None:
-        failures = sum(1 for r in stressed if not r["level_dice"] >= 0.5)
+        failures = sum(1 for r in stressed if not r["level_dice"] >= FAILURE)
         lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
                   f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "
                   f"level Dice below 0.5 flagged; {counts['flagged']} of {len(stressed)} flagged in all."]
