@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from spinediff.experiments.stress import VARIANTS, StressSettings, markdown, stress_test
+from spinediff.utilities.argtypes import positive_int
 
 __all__ = ["VARIANTS", "main"]
 
@@ -35,6 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, help="spinediff predict --samples (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("-j", "--workers", type=positive_int, default=1,
+                        help="folds predicted side by side, one process and one torch thread each (e.g. 2 on two "
+                             "cores)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the varied inputs (in_*), their cut references (ref_*) and the predictions (out_*) "
                              "in OUTPUT/stress_cases")
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
                               tuple(args.variants) if args.variants else None, args.other_dataset, args.steps,
                               args.samples, args.seed, args.device, " ".join(sys.argv if argv is None
                                                                               else ["stress_position.py", *argv]),
-                              keep=args.keep)
+                              keep=args.keep, workers=args.workers)
     result = stress_test(model, settings, args.output)
     print(markdown(result))
     return 0

@@ -265,6 +265,59 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
             assert (kept / f"out_{where}" / f"{stem}.nii.gz").is_file()
 
 
+def test_time_left_counts_what_the_running_folds_have_done_and_queues_the_rest():
+    """The stress test's estimate of the time left (seconds per case-variant from the folds done)."""
+    from spinediff.experiments.stress import time_left
+
+    # two folds side by side, the smaller one done after 132 s (22 s each): the other has 8 x 22 - 132 s left
+    assert time_left([8, 6], {0: 0.0, 1: 0.0}, {1: 132.0}, 132.0, 2) == pytest.approx(44.0)
+    # one process: the second fold has just started
+    assert time_left([8, 6], {0: 0.0, 1: 160.0}, {0: 160.0}, 160.0, 1) == pytest.approx(120.0)
+    # three folds, two workers: the third queued behind whichever ends first
+    assert time_left([4, 4, 4, 4], {0: 0.0, 1: 0.0, 2: 40.0}, {0: 40.0}, 40.0, 2) == pytest.approx(40.0)
+    assert time_left([4, 4], {0: 0.0, 1: 0.0}, {0: 40.0, 1: 40.0}, 40.0, 2) == 0.0
+    assert math.isnan(time_left([4, 4], {0: 0.0, 1: 0.0}, {}, 10.0, 2))
+
+
+def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
+    """benchmarks/stress_workers.py's check that one process and folds side by side scored alike, and its table."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stress_workers
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    row = {"case": "a", "variant": "plain", "folds": ["0"], "flagged": False, "level_dice": 0.8}
+    one = {"cases": [row, {**row, "variant": "crop_top_20", "level_dice": float("nan")}]}
+    assert stress_workers.same_rows(one, {"cases": [dict(r) for r in one["cases"]]})  # NaN matches NaN
+    assert not stress_workers.same_rows(one, {"cases": [{**row, "level_dice": 0.7}, one["cases"][1]]})
+    assert not stress_workers.same_rows(one, {"cases": [{**row, "flagged": True}, one["cases"][1]]})
+    assert not stress_workers.same_rows(one, {"cases": one["cases"][:1]})
+    table = stress_workers.markdown({"command": "c", "case_variants": 2, "folds": ["0"], "variants": ["plain"],
+                                     "cores": 2, "load_average_start": 0.1, "workers": 2, "median_ratio": 1.9,
+                                     "same_rows": True, "pairs": [{"one": 10.0, "side_by_side": 5.3, "ratio": 1.89}]})
+    assert "| 1 | 10.0 | 5.3 | 1.89 |" in table and "**1.90**" in table
+
+
+@pytest.mark.slow
+def test_stress_position_side_by_side_scores_as_one_process(levels, tmp_path, capsys):
+    """-j 2: the folds predicted in two worker processes give the same rows, in the same order, as one process, and
+    each fold's end is printed with the time left."""
+    variants = ["plain", "crop_bottom_35"]
+    common = ["-d", str(LEVELS_ID), "-c", CPU_CONFIG, "-tr", "nnUNetTrainer", "--variants", *variants]
+    serial, _ = run_stress(levels, tmp_path / "one", *common)
+    printed_serial = capsys.readouterr().out
+    parallel, _ = run_stress(levels, tmp_path / "two", *common, "-j", "2")
+    printed = capsys.readouterr().out
+    assert len(parallel["cases"]) == len(serial["cases"]) == len(FOLDS) * len(variants)
+    for one, two in zip(serial["cases"], parallel["cases"], strict=True):
+        assert (one["case"], one["variant"], one["folds"]) == (two["case"], two["variant"], two["folds"])
+        assert two["level_dice"] == pytest.approx(one["level_dice"], abs=1e-9, nan_ok=True)
+        assert two["flagged"] == one["flagged"]
+    assert parallel["stress_dice"] == pytest.approx(serial["stress_dice"], abs=1e-9)
+    assert "2 side by side" in printed and "1 side by side" in printed_serial
+    assert printed.count("min left") == len(FOLDS)  # one line per fold, whichever ends first
+
+
 # ---------------------------------------------------------------------- spinediff benchmark --stress and find_best
 @pytest.mark.slow
 def test_benchmark_stress_tests_every_method_and_find_best_ranks_on_it(levels, tmp_path):

@@ -207,15 +207,16 @@ def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw:
                            progress=False, save_probabilities=True)
 
 
-def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, options) -> None:
+def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, options, workers: int = 1) -> None:
     """The stress test of every method's folds (``spinediff benchmark --stress``), with the validation's sampling
-    settings; adds ``dice_stress`` and ``dice_stress_worst`` to its row."""
+    settings, ``workers`` folds side by side as in the training; adds ``dice_stress`` and ``dice_stress_worst`` to
+    its row."""
     from spinediff.experiments.stress import StressSettings, stress_test
     from spinediff.inference.models import ModelFolder
 
     settings = StressSettings(folds=tuple(str(f) for f in folds), steps=options.num_inference_steps,
                               samples=options.validation_samples, device=str(options.device or "auto"),
-                              command="spinediff benchmark --stress")
+                              command="spinediff benchmark --stress", workers=workers)
     for result in outcomes:
         print(f"[benchmark] stress test of position and field of view: {result.method.name}", flush=True)
         record = stress_test(ModelFolder.open(results / result.method.folder_name), settings)
@@ -454,7 +455,7 @@ def run_benchmark(dataset: str | int, *, folds: list | None = None, budget_minut
                 score_postprocessing(result, results / name, raw, labels, out, dataset_json["file_ending"], ignore)
             outcomes.append(result)
         if stress:
-            stress_methods(outcomes, results / name, folds, options)
+            stress_methods(outcomes, results / name, folds, options, workers)
         extra = {}
         if downstream and spec.task.has_downstream_dice:
             from spinediff.experiments.downstream import score_downstream

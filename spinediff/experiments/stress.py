@@ -53,6 +53,8 @@ class StressSettings:
     #: keep the varied inputs, their cut references and the predictions in ``OUTPUT/stress_cases`` (to look at them,
     #: or to post-process them again with another rule)
     keep: bool = False
+    #: folds predicted side by side, each in its own process with one torch thread (2 on two cores)
+    workers: int = 1
 
 
 VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the top, pad at the bottom)
@@ -212,14 +214,163 @@ def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
     return order
 
 
+@dataclass(frozen=True)
+class _StressContext:
+    """What every fold's share of the stress test needs (sent to a worker process as it is)."""
+
+    folder: Path
+    settings: StressSettings
+    variants: dict
+    order: object
+    channels: list
+    ending: str
+    work: Path
+
+
+def stress_job(context: _StressContext, job: tuple) -> list[dict]:
+    """One share of the stress test: the cases of ``job`` = (source, raw folder, folds, cases) varied, predicted by
+    ``folds`` as a user's run predicts them (:func:`predict_postprocessed`) and scored; one row per case-variant."""
+    import SimpleITK as sitk
+
+    from spinediff.inference.models import ModelFolder
+    from spinediff.inference.review import REVIEW_TABLE, read_review_table
+    from spinediff.io import read_json
+
+    settings, order, ending, work = context.settings, context.order, context.ending, context.work
+    source, source_raw, use_folds, cases = job
+    where = f"{source}_{'_'.join(use_folds)}"
+    inputs, predicted = work / f"in_{where}", work / f"out_{where}"
+    inputs.mkdir()
+    ignore = ignore_label(read_json(source_raw / "dataset.json"))
+    truth = {}
+    for case in cases:
+        label = sitk.ReadImage(str(source_raw / "labelsTr" / f"{case}{ending}"))
+        whole = sitk.GetArrayFromImage(label)
+        images = [sitk.ReadImage(str(source_raw / "imagesTr" / f"{case}_{int(c):04d}{ending}"))
+                  for c in context.channels]
+        axis, sign = spine_array_axis(label, order.direction)
+        for name, fractions in context.variants.items():
+            stem = f"{case}-{name}"  # the variant's case identifier
+            cut = None
+            for c, image in zip(context.channels, images, strict=True):
+                varied, cut = make_variant(image, label, axis, sign, fractions)
+                sitk.WriteImage(varied, str(inputs / f"{stem}_{int(c):04d}{ending}"), True)
+            reference = sitk.GetArrayFromImage(cut)
+            truth[stem] = (case, name, reference, in_view_shares(whole, reference, list(order.labels)))
+            if settings.keep:
+                references = work / f"ref_{where}"
+                references.mkdir(exist_ok=True)
+                sitk.WriteImage(cut, str(references / f"{stem}{ending}"), True)
+    start = time.perf_counter()
+    predict_postprocessed(settings, ModelFolder.open(context.folder), use_folds, inputs, predicted)
+    seconds = time.perf_counter() - start
+    numbering, flags = {}, read_review_table(predicted / REVIEW_TABLE)  # as the user's run wrote them
+    summary = predicted / "prediction.json"
+    if summary.is_file():
+        for identifier, entry in read_json(summary).get("cases", {}).items():
+            numbering[identifier] = ((entry.get("uncertainty") or {}).get("level_numbering") or {})
+    elif (predicted / "level_numbering.json").is_file():
+        reports = read_json(predicted / "level_numbering.json")["cases"]
+        numbering = {k[: -len(ending)]: v for k, v in reports.items()}
+    rows = []
+    for stem, (case, name, reference, shares) in truth.items():
+        answer = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{stem}{ending}")))
+        scores = level_scores(answer, reference, list(order.labels), shares, ignore)
+        rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
+                     "numbering_confidence": numbering.get(stem, {}).get("confidence"),
+                     "flagged": flags[stem]["review"] if stem in flags else None,
+                     "flag_reasons": flags[stem]["reasons"] if stem in flags else None,
+                     "seconds_per_case": seconds / max(1, len(truth))})
+    return rows
+
+
+def _stress_job_in_worker(context: _StressContext, job: tuple) -> list[dict]:
+    """:func:`stress_job` in a worker process with one torch thread (shares side by side split the cores fairly)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return stress_job(context, job)
+
+
+def _job_name(job: tuple) -> str:
+    source, _, use_folds, cases = job
+    return f"{source}, fold{'s' if len(use_folds) > 1 else ''} {' '.join(use_folds)} ({len(cases)} scans)"
+
+
+def time_left(sizes: list[int], started: dict[int, float], finished: dict[int, float], now: float,
+              workers: int) -> float:
+    """Seconds until the last of the jobs (``sizes``: case-variants each) ends, ``workers`` at a time in their order:
+    the seconds per case-variant measured on the ``finished`` ones (index → end time, ``started``: index → start
+    time), what the running ones have left of their share, the queued ones handed to the first worker free."""
+    done = [i for i in finished if sizes[i]]
+    if not done:
+        return float("nan")
+    rate = sum(finished[i] - started[i] for i in done) / sum(sizes[i] for i in done)
+    unfinished = [i for i in range(len(sizes)) if i not in finished]
+    free = [max(0.0, sizes[i] * rate - (now - started[i])) for i in unfinished if i in started]
+    free += [0.0] * max(0, workers - len(free))
+    for i in unfinished:
+        if i not in started:
+            slot = free.index(min(free))
+            free[slot] += sizes[i] * rate
+    return max(free) if unfinished else 0.0
+
+
+def run_stress_jobs(context: _StressContext, jobs: list[tuple]) -> list[list[dict]]:
+    """Every job's rows, in the order of ``jobs`` (the result is the same whatever ``settings.workers``); each job's
+    end is printed with the time left (:func:`time_left`)."""
+    sizes = [len(job[3]) * len(context.variants) for job in jobs]
+    total, workers = sum(sizes), max(1, min(context.settings.workers, len(jobs)))
+    start = time.perf_counter()
+    # jobs start in their order, the first ones at once and each later one as an earlier one ends
+    started = {i: start for i in range(workers)}
+    finished: dict[int, float] = {}
+
+    def report(index: int) -> None:
+        now = time.perf_counter()
+        finished[index] = now
+        if len(finished) + workers - 1 < len(jobs):
+            started[len(finished) + workers - 1] = now
+        done = sum(sizes[i] for i in finished)
+        left = time_left(sizes, started, finished, now, workers)
+        print(f"[stress] {_job_name(jobs[index])}: {sizes[index]} case-variants predicted and scored; {done}/{total} "
+              f"done in {(now - start) / 60:.1f} min, about {left / 60:.0f} min left", flush=True)
+
+    print(f"[stress] {total} case-variants ({len(context.variants)} variants of each scan) in {len(jobs)} "
+          f"share{'s' if len(jobs) > 1 else ''}, {workers} side by side", flush=True)
+    if workers == 1:
+        results = []
+        for index, job in enumerate(jobs):
+            results.append(stress_job(context, job))
+            report(index)
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_stress_job_in_worker, context, job): index for index, job in enumerate(jobs)}
+        results: list = [None] * len(jobs)
+        pending = set(futures)
+        try:
+            while pending:
+                ended, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in ended:
+                    index = futures[future]
+                    results[index] = future.result()
+                    report(index)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return results
+
+
 def stress_test(model, settings: StressSettings | None = None, output: str | os.PathLike | None = None) -> dict:
     """The stress test of ``model`` (a :class:`~spinediff.inference.models.ModelFolder`): every validation case of
     each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json``,
     ``.md`` and ``.png`` (:func:`~spinediff.evaluation.stress_figure.stress_figure`) to ``output`` (default: the
-    model folder, where ``spinediff find_best`` reads it) and returns the result."""
-    import SimpleITK as sitk
-
-    from spinediff.inference.review import REVIEW_TABLE, read_review_table
+    model folder, where ``spinediff find_best`` reads it) and returns the result; ``settings.workers`` shares
+    (a fold's validation scans, the other dataset's scans) are predicted side by side."""
     from spinediff.io import read_json, write_json, write_text
     from spinediff.paths import nnunet_folder
 
@@ -246,51 +397,9 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
         other_cases = sorted(p.name[: -len(ending)] for p in (other / "labelsTr").glob(f"*{ending}"))
         jobs.append((other.name, other, folds, other_cases))
     work = Path(tempfile.mkdtemp(prefix="stress_position_"))
-    rows = []
+    context = _StressContext(folder, settings, variants, order, list(channels), ending, work)
     try:
-        for source, source_raw, use_folds, cases in jobs:
-            inputs, predicted = (work / f"in_{source}_{'_'.join(use_folds)}",
-                                 work / f"out_{source}_{'_'.join(use_folds)}")
-            inputs.mkdir()
-            ignore = ignore_label(read_json(source_raw / "dataset.json"))
-            truth = {}
-            for case in cases:
-                label = sitk.ReadImage(str(source_raw / "labelsTr" / f"{case}{ending}"))
-                whole = sitk.GetArrayFromImage(label)
-                images = [sitk.ReadImage(str(source_raw / "imagesTr" / f"{case}_{int(c):04d}{ending}"))
-                          for c in channels]
-                axis, sign = spine_array_axis(label, order.direction)
-                for name, fractions in variants.items():
-                    stem = f"{case}-{name}"  # the variant's case identifier
-                    cut = None
-                    for c, image in zip(channels, images, strict=True):
-                        varied, cut = make_variant(image, label, axis, sign, fractions)
-                        sitk.WriteImage(varied, str(inputs / f"{stem}_{int(c):04d}{ending}"), True)
-                    reference = sitk.GetArrayFromImage(cut)
-                    truth[stem] = (case, name, reference, in_view_shares(whole, reference, list(order.labels)))
-                    if settings.keep:
-                        references = work / f"ref_{source}_{'_'.join(use_folds)}"
-                        references.mkdir(exist_ok=True)
-                        sitk.WriteImage(cut, str(references / f"{stem}{ending}"), True)
-            start = time.perf_counter()
-            predict_postprocessed(settings, model, use_folds, inputs, predicted)
-            seconds = time.perf_counter() - start
-            numbering, flags = {}, read_review_table(predicted / REVIEW_TABLE)  # as the user's run wrote them
-            summary = predicted / "prediction.json"
-            if summary.is_file():
-                for identifier, entry in read_json(summary).get("cases", {}).items():
-                    numbering[identifier] = ((entry.get("uncertainty") or {}).get("level_numbering") or {})
-            elif (predicted / "level_numbering.json").is_file():
-                reports = read_json(predicted / "level_numbering.json")["cases"]
-                numbering = {k[: -len(ending)]: v for k, v in reports.items()}
-            for stem, (case, name, reference, shares) in truth.items():
-                answer = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{stem}{ending}")))
-                scores = level_scores(answer, reference, list(order.labels), shares, ignore)
-                rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
-                             "numbering_confidence": numbering.get(stem, {}).get("confidence"),
-                             "flagged": flags[stem]["review"] if stem in flags else None,
-                             "flag_reasons": flags[stem]["reasons"] if stem in flags else None,
-                             "seconds_per_case": seconds / max(1, len(truth))})
+        rows = [row for job_rows in run_stress_jobs(context, jobs) for row in job_rows]
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

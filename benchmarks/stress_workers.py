@@ -1,0 +1,100 @@
+"""The stress test in one process against its folds predicted side by side (``spinediff benchmark --stress -j N``,
+``benchmarks/stress_position.py -j N``): the wall time of each, measured in turn in one run (one process, then
+N, then one, ...), their ratio pair by pair, and whether the two give the same rows. Writes JSON + Markdown.
+
+    python benchmarks/stress_workers.py -d 505 -c 2d_cpu -tr nnUNetTrainer -f 3 4 --variants plain crop_bottom_20 \\
+        -j 2 --pairs 2 -o results/stress_workers
+
+Run it on an otherwise idle machine with ``OMP_NUM_THREADS=1`` (the one-process run then uses one core, as the
+workers do each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from spinediff.experiments.stress import VARIANTS, StressSettings, stress_test
+from spinediff.utilities.argtypes import positive_int
+
+
+def same_rows(one: dict, two: dict) -> bool:
+    """Both runs scored the same case-variants in the same order with the same level Dice and review flags."""
+    if len(one["cases"]) != len(two["cases"]):
+        return False
+    for a, b in zip(one["cases"], two["cases"], strict=True):
+        if (a["case"], a["variant"], a["folds"], a["flagged"]) != (b["case"], b["variant"], b["folds"], b["flagged"]):
+            return False
+        x, y = a["level_dice"], b["level_dice"]
+        if not (math.isnan(x) and math.isnan(y)) and abs(x - y) > 1e-9:
+            return False
+    return True
+
+
+def markdown(result: dict) -> str:
+    lines = ["# The stress test: one process against folds side by side", "",
+             f"Command: `{result['command']}`", "",
+             f"{result['case_variants']} case-variants (folds {' '.join(result['folds'])}; variants "
+             f"{', '.join(result['variants'])}); {result['cores']} cores, load average at the start "
+             f"{result['load_average_start']}.", "",
+             "| pair | one process (s) | " + f"{result['workers']} side by side (s) | ratio |", "|---|---|---|---|"]
+    for index, pair in enumerate(result["pairs"], 1):
+        lines.append(f"| {index} | {pair['one']:.1f} | {pair['side_by_side']:.1f} | {pair['ratio']:.2f} |")
+    lines += ["", f"Median ratio (one process / side by side): **{result['median_ratio']:.2f}**; the same rows "
+              f"(level Dice and flags of every case-variant) in every run: **{result['same_rows']}**."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("-d", "--dataset", required=True, help="dataset of the trained model (ID or name)")
+    parser.add_argument("-c", "--configuration", required=True, help="the model's configuration")
+    parser.add_argument("-tr", "--trainer", required=True, help="trainer class (spinediff's or nnU-Net's)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("-f", "--folds", nargs="+", help="folds (default: every trained fold)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="variants (default: all)")
+    parser.add_argument("-j", "--workers", type=positive_int, default=2, help="workers of the side-by-side run")
+    parser.add_argument("--pairs", type=positive_int, default=2, help="pairs (one process, side by side) timed")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("-o", "--output", required=True, help="folder for stress_workers.json and .md")
+    args = parser.parse_args(argv)
+    from spinediff.inference.models import model_folder
+    from spinediff.io import write_json, write_text
+
+    model = model_folder(args.dataset, args.configuration, args.trainer, args.plans)
+    command = " ".join(["python benchmarks/stress_workers.py", *(sys.argv[1:] if argv is None else argv)])
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    pairs, results = [], []
+    with tempfile.TemporaryDirectory(prefix="stress_workers_") as scratch:
+        for index in range(args.pairs):
+            seconds = {}
+            for key, workers in (("one", 1), ("side_by_side", args.workers)):
+                settings = StressSettings(tuple(args.folds) if args.folds else None,
+                                          tuple(args.variants) if args.variants else None, device=args.device,
+                                          command=command, workers=workers)
+                start = time.perf_counter()
+                results.append(stress_test(model, settings, Path(scratch) / f"{key}_{index}"))
+                seconds[key] = time.perf_counter() - start
+            pairs.append({**seconds, "ratio": seconds["one"] / seconds["side_by_side"]})
+    result = {"command": command, "model": str(model.path), "folds": results[0]["folds"],
+              "variants": list(results[0]["variants"]), "case_variants": len(results[0]["cases"]),
+              "workers": args.workers, "pairs": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs),
+              "same_rows": all(same_rows(results[0], other) for other in results[1:]), "cores": os.cpu_count(),
+              "load_average_start": load, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    write_json(result, output / "stress_workers.json")
+    write_text(markdown(result), output / "stress_workers.md")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
