@@ -18,17 +18,22 @@ import sys
 from spinediff.experiments.stress import VARIANTS, StressSettings, markdown, stress_test
 from spinediff.utilities.argtypes import positive_int
 
-__all__ = ["VARIANTS", "main"]
+__all__ = ["VARIANTS", "add_model_arguments", "main"]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trained model and its folds: -d, -c, -tr, -p, -f (as nnU-Net's commands name them)."""
     parser.add_argument("-d", "--dataset", required=True, help="dataset of the trained model (ID or name)")
     parser.add_argument("-c", "--configuration", required=True, help="the model's configuration")
     parser.add_argument("-tr", "--trainer", required=True, help="trainer class (spinediff's or nnU-Net's)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
     parser.add_argument("-f", "--folds", nargs="+", help="folds (default: every trained fold)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="folder for stress_position.json and .md")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="variants (default: all)")
     parser.add_argument("--other-dataset", help="also predict this dataset's labelled scans with all folds")

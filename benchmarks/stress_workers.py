@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stress_position import add_model_arguments
+
 from spinediff.experiments.stress import VARIANTS, StressSettings, stress_test
 from spinediff.utilities.argtypes import positive_int
 
@@ -54,11 +56,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-d", "--dataset", required=True, help="dataset of the trained model (ID or name)")
-    parser.add_argument("-c", "--configuration", required=True, help="the model's configuration")
-    parser.add_argument("-tr", "--trainer", required=True, help="trainer class (spinediff's or nnU-Net's)")
-    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    parser.add_argument("-f", "--folds", nargs="+", help="folds (default: every trained fold)")
+    add_model_arguments(parser)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="variants (default: all)")
     parser.add_argument("-j", "--workers", type=positive_int, default=2, help="workers of the side-by-side run")
     parser.add_argument("--pairs", type=positive_int, default=2, help="pairs (one process, side by side) timed")
