@@ -42,11 +42,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("-j", "--workers", type=positive_int, default=1,
-                        help="folds predicted side by side, one process and one torch thread each (e.g. 2 on two "
-                             "cores)")
+                        help="scans predicted side by side (each by the fold that held it out), one process and one "
+                             "torch thread each (e.g. 2 on two cores); with --keep, whole folds")
     parser.add_argument("--keep", action="store_true",
                         help="keep the varied inputs (in_*), their cut references (ref_*) and the predictions (out_*) "
-                             "in OUTPUT/stress_cases")
+                             "in OUTPUT/stress_cases, one folder of each per fold")
     args = parser.parse_args(argv)
     from spinediff.inference.models import model_folder
 

@@ -279,6 +279,23 @@ def test_time_left_counts_what_the_running_folds_have_done_and_queues_the_rest()
     assert math.isnan(time_left([4, 4], {0: 0.0, 1: 0.0}, {}, 10.0, 2))
 
 
+def test_stress_shares_split_the_folds_into_scans_side_by_side_unless_kept():
+    """One share per fold in one process or with --keep (the kept layout in_/out_/ref_<dataset>_<folds>); a share
+    per scan side by side, in the same order, each with folders of its own."""
+    from spinediff.experiments.stress import stress_shares
+
+    groups = [("D", Path("raw"), ["0"], ["a", "b"]), ("D", Path("raw"), ["1"], ["c"]),
+              ("T1", Path("other"), ["0", "1"], ["x"])]
+    whole = stress_shares(groups, 1, False)
+    assert [(s[2], s[3], s[4]) for s in whole] == [(["0"], ["a", "b"], "D_0"), (["1"], ["c"], "D_1"),
+                                                   (["0", "1"], ["x"], "T1_0_1")]
+    assert stress_shares(groups, 2, True) == whole
+    split = stress_shares(groups, 2, False)
+    assert [case for share in split for case in share[3]] == ["a", "b", "c", "x"]
+    assert [share[4] for share in split] == ["D_0_a", "D_0_b", "D_1_c", "T1_0_1_x"]
+    assert [share[2] for share in split] == [["0"], ["0"], ["1"], ["0", "1"]]
+
+
 def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
     """benchmarks/stress_workers.py's check that one process and folds side by side scored alike, and its table."""
     sys.path.insert(0, str(BENCHMARKS))
@@ -300,8 +317,8 @@ def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
 
 @pytest.mark.slow
 def test_stress_position_side_by_side_scores_as_one_process(levels, tmp_path, capsys):
-    """-j 2: the folds predicted in two worker processes give the same rows, in the same order, as one process, and
-    each fold's end is printed with the time left."""
+    """-j 2: the scans predicted in two worker processes (a share each) give the same rows, in the same order, as one
+    process (a share per fold), and each share's end is printed with the time left."""
     variants = ["plain", "crop_bottom_35"]
     common = ["-d", str(LEVELS_ID), "-c", CPU_CONFIG, "-tr", "nnUNetTrainer", "--variants", *variants]
     serial, _ = run_stress(levels, tmp_path / "one", *common)
@@ -315,7 +332,8 @@ def test_stress_position_side_by_side_scores_as_one_process(levels, tmp_path, ca
         assert two["flagged"] == one["flagged"]
     assert parallel["stress_dice"] == pytest.approx(serial["stress_dice"], abs=1e-9)
     assert "2 side by side" in printed and "1 side by side" in printed_serial
-    assert printed.count("min left") == len(FOLDS)  # one line per fold, whichever ends first
+    scans = len(parallel["cases"]) // len(variants)
+    assert printed.count("min left") == scans and printed_serial.count("min left") == len(FOLDS)  # a line per share
 
 
 # ---------------------------------------------------------------------- spinediff benchmark --stress and find_best

@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_precision_argument(parser)
     parser.add_argument("-j", "--workers", type=positive_int, default=1,
                         help="folds trained side by side, one process and one torch thread each (e.g. 2 on two "
-                             "cores); with --stress, also the folds the stress test predicts")
+                             "cores); with --stress, also the scans the stress test predicts")
     parser.add_argument("--methods", nargs="+", metavar="TRAINER",
                         help="a subset of the task's methods, by trainer class (e.g. RegressionTrainer CUTTrainer "
                              "DiffusionTranslationTrainer DiffusionTranslationTrainer:eps DiffusionTranslationTrainer:v"

@@ -53,7 +53,8 @@ class StressSettings:
     #: keep the varied inputs, their cut references and the predictions in ``OUTPUT/stress_cases`` (to look at them,
     #: or to post-process them again with another rule)
     keep: bool = False
-    #: folds predicted side by side, each in its own process with one torch thread (2 on two cores)
+    #: shares predicted side by side (:func:`stress_shares`: a scan each, a fold each with ``keep``), each in its
+    #: own process with one torch thread (2 on two cores)
     workers: int = 1
 
 
@@ -228,8 +229,9 @@ class _StressContext:
 
 
 def stress_job(context: _StressContext, job: tuple) -> list[dict]:
-    """One share of the stress test: the cases of ``job`` = (source, raw folder, folds, cases) varied, predicted by
-    ``folds`` as a user's run predicts them (:func:`predict_postprocessed`) and scored; one row per case-variant."""
+    """One share of the stress test: the cases of ``job`` = (source, raw folder, folds, cases, name of its folders)
+    varied, predicted by ``folds`` as a user's run predicts them (:func:`predict_postprocessed`) and scored; one row
+    per case-variant."""
     import SimpleITK as sitk
 
     from spinediff.inference.models import ModelFolder
@@ -237,8 +239,7 @@ def stress_job(context: _StressContext, job: tuple) -> list[dict]:
     from spinediff.io import read_json
 
     settings, order, ending, work = context.settings, context.order, context.ending, context.work
-    source, source_raw, use_folds, cases = job
-    where = f"{source}_{'_'.join(use_folds)}"
+    source, source_raw, use_folds, cases, where = job
     inputs, predicted = work / f"in_{where}", work / f"out_{where}"
     inputs.mkdir()
     ignore = ignore_label(read_json(source_raw / "dataset.json"))
@@ -293,8 +294,24 @@ def _stress_job_in_worker(context: _StressContext, job: tuple) -> list[dict]:
 
 
 def _job_name(job: tuple) -> str:
-    source, _, use_folds, cases = job
-    return f"{source}, fold{'s' if len(use_folds) > 1 else ''} {' '.join(use_folds)} ({len(cases)} scans)"
+    source, _, use_folds, cases, _ = job
+    scans = cases[0] if len(cases) == 1 else f"{len(cases)} scans"
+    return f"{source}, fold{'s' if len(use_folds) > 1 else ''} {' '.join(use_folds)} ({scans})"
+
+
+def stress_shares(groups: list[tuple], workers: int, keep: bool) -> list[tuple]:
+    """The stress test's units of work from ``groups`` = (source, raw folder, folds, cases): a group each (its
+    folders ``in_/out_/ref_<source>_<folds>``, the layout ``--keep`` leaves), or, side by side without ``keep``, a
+    scan each, so that the workers share the work evenly (five folds on two workers would leave one idle for the
+    last fold). The shares' rows come out in the same order either way."""
+    shares = []
+    for source, raw, folds, cases in groups:
+        where = f"{source}_{'_'.join(folds)}"
+        if workers > 1 and not keep:
+            shares += [(source, raw, folds, [case], f"{where}_{case}") for case in cases]
+        else:
+            shares.append((source, raw, folds, list(cases), where))
+    return shares
 
 
 def time_left(sizes: list[int], started: dict[int, float], finished: dict[int, float], now: float,
@@ -370,7 +387,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json``,
     ``.md`` and ``.png`` (:func:`~spinediff.evaluation.stress_figure.stress_figure`) to ``output`` (default: the
     model folder, where ``spinediff find_best`` reads it) and returns the result; ``settings.workers`` shares
-    (a fold's validation scans, the other dataset's scans) are predicted side by side."""
+    (:func:`stress_shares`) are predicted side by side."""
     from spinediff.io import read_json, write_json, write_text
     from spinediff.paths import nnunet_folder
 
@@ -398,8 +415,9 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
         jobs.append((other.name, other, folds, other_cases))
     work = Path(tempfile.mkdtemp(prefix="stress_position_"))
     context = _StressContext(folder, settings, variants, order, list(channels), ending, work)
+    shares = stress_shares(jobs, settings.workers, settings.keep)
     try:
-        rows = [row for job_rows in run_stress_jobs(context, jobs) for row in job_rows]
+        rows = [row for job_rows in run_stress_jobs(context, shares) for row in job_rows]
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
