@@ -296,6 +296,19 @@ def test_stress_shares_split_the_folds_into_scans_side_by_side_unless_kept():
     assert [share[2] for share in split] == [["0"], ["0"], ["1"], ["0", "1"]]
 
 
+def test_the_time_left_counts_a_shares_work_in_voxels(tmp_path):
+    """A long scan's share weighs as much more as it has voxels (the T1w scans, 381 mm, against 224 mm T2w ones)."""
+    from spinediff.experiments.stress import _StressContext, share_voxels
+
+    (tmp_path / "imagesTr").mkdir()
+    for case, size in (("short", (10, 20, 4)), ("long", (10, 60, 4))):
+        sitk.WriteImage(sitk.Image(size, sitk.sitkFloat32), str(tmp_path / "imagesTr" / f"{case}_0000.nii.gz"))
+    context = _StressContext(tmp_path, None, {"plain": (0, 0, 0, 0), "crop_top_20": (0.2, 0, 0, 0)}, None, ["0"],
+                             ".nii.gz", tmp_path)
+    assert share_voxels(context, ("D", tmp_path, ["0"], ["short"], "D_0_short")) == 2 * 800
+    assert share_voxels(context, ("D", tmp_path, ["0"], ["short", "long"], "D_0")) == 2 * (800 + 2400)
+
+
 def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
     """benchmarks/stress_workers.py's check that one process and folds side by side scored alike, and its table."""
     sys.path.insert(0, str(BENCHMARKS))
