@@ -217,7 +217,7 @@ def level_order(raw: Path, labels: list[int], ending: str = ".nii.gz"):
 
 @dataclass(frozen=True)
 class _StressContext:
-    """What every fold's share of the stress test needs (sent to a worker process as it is)."""
+    """What every share of the stress test needs (sent to a worker process as it is)."""
 
     folder: Path
     settings: StressSettings
