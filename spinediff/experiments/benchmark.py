@@ -209,8 +209,8 @@ def postprocessed_answers(initial: Method, folds: list, results_root: Path, raw:
 
 def stress_methods(outcomes: list[MethodResult], results: Path, folds: list, options, workers: int = 1) -> None:
     """The stress test of every method's folds (``spinediff benchmark --stress``), with the validation's sampling
-    settings, ``workers`` folds side by side as in the training; adds ``dice_stress`` and ``dice_stress_worst`` to
-    its row."""
+    settings, ``workers`` scans side by side (:func:`~spinediff.experiments.stress.stress_shares`); adds
+    ``dice_stress`` and ``dice_stress_worst`` to its row."""
     from spinediff.experiments.stress import StressSettings, stress_test
     from spinediff.inference.models import ModelFolder
 
