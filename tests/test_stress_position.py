@@ -309,6 +309,43 @@ def test_the_time_left_counts_a_shares_work_in_voxels(tmp_path):
     assert share_voxels(context, ("D", tmp_path, ["0"], ["short", "long"], "D_0")) == 2 * (800 + 2400)
 
 
+def test_share_order_hands_the_largest_shares_out_first_when_side_by_side():
+    """Longest first (ties in their order) with two workers or more and largest_first; as given otherwise."""
+    from spinediff.experiments.stress import share_order
+
+    assert share_order([1.0, 5.0, 3.0, 5.0], 2, True) == [1, 3, 2, 0]
+    assert share_order([1.0, 5.0, 3.0, 5.0], 2, False) == [0, 1, 2, 3]
+    assert share_order([1.0, 5.0, 3.0], 1, True) == [0, 1, 2]
+
+
+def _timed_share(context, share):
+    """A stand-in for a share's work in a worker process: when it started, then a pause."""
+    import time
+
+    started = time.time()
+    time.sleep(0.5)
+    return [{"case": share[3][0], "started": started}]
+
+
+def test_shares_side_by_side_start_largest_first_and_come_back_in_their_order(tmp_path, capsys):
+    """Three shares on two workers: the smallest, handed out last, starts only after a worker is free again; the
+    rows come back in the shares' order all the same."""
+    from spinediff.experiments.stress import StressSettings, _StressContext, run_stress_shares
+
+    (tmp_path / "imagesTr").mkdir()
+    for case, rows in (("small", 10), ("large", 60), ("middle", 30)):
+        sitk.WriteImage(sitk.Image((10, rows, 4), sitk.sitkFloat32), str(tmp_path / "imagesTr" / f"{case}_0000.nii.gz"))
+    context = _StressContext(tmp_path, StressSettings(workers=2), {"plain": (0, 0, 0, 0)}, None, ["0"], ".nii.gz",
+                             tmp_path)
+    shares = [("D", tmp_path, ["0"], [case], f"D_0_{case}") for case in ("small", "large", "middle")]
+    rows = run_stress_shares(context, shares, _timed_share)
+    assert [r[0]["case"] for r in rows] == ["small", "large", "middle"]
+    started = {r[0]["case"]: r[0]["started"] for r in rows}
+    assert started["small"] >= max(started["large"], started["middle"]) + 0.4  # waited for a free worker
+    printed = capsys.readouterr().out
+    assert "2 side by side, the largest first" in printed and printed.count("min left") == 3
+
+
 def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
     """benchmarks/stress_workers.py's check that one process and folds side by side scored alike, and its table."""
     sys.path.insert(0, str(BENCHMARKS))
@@ -325,7 +362,13 @@ def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():
     table = stress_workers.markdown({"command": "c", "case_variants": 2, "folds": ["0"], "variants": ["plain"],
                                      "cores": 2, "load_average_start": 0.1, "workers": 2, "median_ratio": 1.9,
                                      "same_rows": True, "pairs": [{"one": 10.0, "side_by_side": 5.3, "ratio": 1.89}]})
-    assert "| 1 | 10.0 | 5.3 | 1.89 |" in table and "**1.90**" in table
+    assert "| 1 | 10.0 | 5.3 | 1.89 |" in table and "**1.90**" in table and "in their order" not in table
+    table = stress_workers.markdown({"command": "c", "case_variants": 2, "folds": ["0"], "variants": ["plain"],
+                                     "cores": 2, "load_average_start": 0.1, "workers": 2, "median_ratio": 1.9,
+                                     "median_order_ratio": 1.2, "same_rows": True,
+                                     "pairs": [{"one": 10.0, "side_by_side": 5.3, "ratio": 1.89, "in_order": 6.4,
+                                                "order_ratio": 1.21}]})
+    assert "| 1 | 10.0 | 5.3 | 1.89 | 6.4 | 1.21 |" in table and "largest first: **1.20**" in table
 
 
 @pytest.mark.slow

@@ -56,6 +56,9 @@ class StressSettings:
     #: shares predicted side by side (:func:`stress_shares`: a scan each, a fold each with ``keep``), each in its
     #: own process with one torch thread (2 on two cores)
     workers: int = 1
+    #: side by side, hand the shares with the most voxels out first (longest first: the last share to start is then
+    #: a small one, and no worker predicts a large scan alone at the end while the others wait); off: in their order
+    largest_first: bool = True
 
 
 VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the top, pad at the bottom)
@@ -228,8 +231,8 @@ class _StressContext:
     work: Path
 
 
-def stress_job(context: _StressContext, job: tuple) -> list[dict]:
-    """One share of the stress test: the cases of ``job`` = (source, raw folder, folds, cases, name of its folders)
+def stress_share(context: _StressContext, share: tuple) -> list[dict]:
+    """One share of the stress test: the cases of ``share`` = (source, raw folder, folds, cases, name of its folders)
     varied, predicted by ``folds`` as a user's run predicts them (:func:`predict_postprocessed`) and scored; one row
     per case-variant."""
     import SimpleITK as sitk
@@ -239,7 +242,7 @@ def stress_job(context: _StressContext, job: tuple) -> list[dict]:
     from spinediff.io import read_json
 
     settings, order, ending, work = context.settings, context.order, context.ending, context.work
-    source, source_raw, use_folds, cases, where = job
+    source, source_raw, use_folds, cases, where = share
     inputs, predicted = work / f"in_{where}", work / f"out_{where}"
     inputs.mkdir()
     ignore = ignore_label(read_json(source_raw / "dataset.json"))
@@ -274,9 +277,9 @@ def stress_job(context: _StressContext, job: tuple) -> list[dict]:
         reports = read_json(predicted / "level_numbering.json")["cases"]
         numbering = {k[: -len(ending)]: v for k, v in reports.items()}
     rows = []
-    for stem, (case, name, reference, shares) in truth.items():
+    for stem, (case, name, reference, in_view) in truth.items():
         answer = sitk.GetArrayFromImage(sitk.ReadImage(str(predicted / f"{stem}{ending}")))
-        scores = level_scores(answer, reference, list(order.labels), shares, ignore)
+        scores = level_scores(answer, reference, list(order.labels), in_view, ignore)
         rows.append({"source": source, "folds": use_folds, "case": case, "variant": name, **scores,
                      "numbering_confidence": numbering.get(stem, {}).get("confidence"),
                      "flagged": flags[stem]["review"] if stem in flags else None,
@@ -285,16 +288,16 @@ def stress_job(context: _StressContext, job: tuple) -> list[dict]:
     return rows
 
 
-def _stress_job_in_worker(context: _StressContext, job: tuple) -> list[dict]:
-    """:func:`stress_job` in a worker process with one torch thread (shares side by side split the cores fairly)."""
+def _stress_share_in_worker(context: _StressContext, share: tuple) -> list[dict]:
+    """:func:`stress_share` in a worker process with one torch thread (shares side by side split the cores fairly)."""
     import torch
 
     torch.set_num_threads(1)
-    return stress_job(context, job)
+    return stress_share(context, share)
 
 
-def _job_name(job: tuple) -> str:
-    source, _, use_folds, cases, _ = job
+def _share_name(share: tuple) -> str:
+    source, _, use_folds, cases, _ = share
     scans = cases[0] if len(cases) == 1 else f"{len(cases)} scans"
     return f"{source}, fold{'s' if len(use_folds) > 1 else ''} {' '.join(use_folds)} ({scans})"
 
@@ -314,11 +317,11 @@ def stress_shares(groups: list[tuple], workers: int, keep: bool) -> list[tuple]:
     return shares
 
 
-def share_voxels(context: _StressContext, job: tuple) -> float:
+def share_voxels(context: _StressContext, share: tuple) -> float:
     """The voxels a share predicts (its scans' first channel, read from the headers, once per variant)."""
     import SimpleITK as sitk
 
-    source_raw, cases = job[1], job[3]
+    source_raw, cases = share[1], share[3]
     total = 0.0
     for case in cases:
         reader = sitk.ImageFileReader()
@@ -330,7 +333,7 @@ def share_voxels(context: _StressContext, job: tuple) -> float:
 
 def time_left(sizes: list[float], started: dict[int, float], finished: dict[int, float], now: float,
               workers: int) -> float:
-    """Seconds until the last of the jobs (``sizes``: the work of each, e.g. voxels) ends, ``workers`` at a time in
+    """Seconds until the last of the shares (``sizes``: the work of each, e.g. voxels) ends, ``workers`` at a time in
     their order: the seconds per unit of work measured on the ``finished`` ones (index → end time, ``started``: index
     → start time), what the running ones have left of theirs, the queued ones handed to the first worker free."""
     done = [i for i in finished if sizes[i]]
@@ -347,55 +350,74 @@ def time_left(sizes: list[float], started: dict[int, float], finished: dict[int,
     return max(free) if unfinished else 0.0
 
 
-def run_stress_jobs(context: _StressContext, jobs: list[tuple]) -> list[list[dict]]:
-    """Every job's rows, in the order of ``jobs`` (the result is the same whatever ``settings.workers``); each job's
-    end is printed with the time left (:func:`time_left`, the jobs' work counted in voxels: a T1w scan of 381 mm
-    takes three times as long as a T2w one of 224 mm)."""
-    sizes = [len(job[3]) * len(context.variants) for job in jobs]
-    voxels = [share_voxels(context, job) for job in jobs]
-    total, workers = sum(sizes), max(1, min(context.settings.workers, len(jobs)))
+def share_order(voxels: list[float], workers: int, largest_first: bool) -> list[int]:
+    """The order in which the shares (``voxels``: the work of each) are handed out: side by side and
+    ``largest_first``, the most voxels first (ties in their given order); otherwise as given."""
+    order = list(range(len(voxels)))
+    if workers > 1 and largest_first:
+        order.sort(key=lambda i: -voxels[i])
+    return order
+
+
+def run_stress_shares(context: _StressContext, shares: list[tuple], work_in_worker=None) -> list[list[dict]]:
+    """Every share's rows, in the order of ``shares`` (the result is the same whatever ``settings.workers``); side
+    by side, the shares are handed out largest first (:func:`share_order`), each to
+    ``work_in_worker(context, share)`` (default :func:`_stress_share_in_worker`) in a process of its own; each
+    share's end is printed with the time left (:func:`time_left`, the shares' work counted in voxels: a T1w scan of
+    381 mm takes three times as long as a T2w one of 224 mm)."""
+    every_voxels = [share_voxels(context, share) for share in shares]
+    workers = max(1, min(context.settings.workers, len(shares)))
+    order = share_order(every_voxels, workers, context.settings.largest_first)
+    queue = [shares[i] for i in order]  # the shares as they are handed out; queue index k is shares[order[k]]
+    voxels = [every_voxels[i] for i in order]
+    sizes = [len(share[3]) * len(context.variants) for share in queue]
+    total = sum(sizes)
     start = time.perf_counter()
-    # jobs start in their order, the first ones at once and each later one as an earlier one ends
-    started = {i: start for i in range(workers)}
+    # shares start in the queue's order, the first ones at once and each later one as an earlier one ends
+    started = {k: start for k in range(workers)}
     finished: dict[int, float] = {}
 
-    def report(index: int) -> None:
+    def report(k: int) -> None:
         now = time.perf_counter()
-        finished[index] = now
-        if len(finished) + workers - 1 < len(jobs):
+        finished[k] = now
+        if len(finished) + workers - 1 < len(queue):
             started[len(finished) + workers - 1] = now
         done = sum(sizes[i] for i in finished)
         left = time_left(voxels, started, finished, now, workers)
-        print(f"[stress] {_job_name(jobs[index])}: {sizes[index]} case-variants predicted and scored; {done}/{total} "
+        print(f"[stress] {_share_name(queue[k])}: {sizes[k]} case-variants predicted and scored; {done}/{total} "
               f"done in {(now - start) / 60:.1f} min, about {left / 60:.0f} min left", flush=True)
 
-    print(f"[stress] {total} case-variants ({len(context.variants)} variants of each scan) in {len(jobs)} "
-          f"share{'s' if len(jobs) > 1 else ''}, {workers} side by side", flush=True)
+    print(f"[stress] {total} case-variants ({len(context.variants)} variants of each scan) in {len(queue)} "
+          f"share{'s' if len(queue) > 1 else ''}, {workers} side by side"
+          f"{', the largest first' if order != sorted(order) else ''}", flush=True)
+    results: list = [None] * len(queue)
     if workers == 1:
-        results = []
-        for index, job in enumerate(jobs):
-            results.append(stress_job(context, job))
-            report(index)
-        return results
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        for k, share in enumerate(queue):
+            results[k] = stress_share(context, share)
+            report(k)
+    else:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_stress_job_in_worker, context, job): index for index, job in enumerate(jobs)}
-        results: list = [None] * len(jobs)
-        pending = set(futures)
-        try:
-            while pending:
-                ended, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in ended:
-                    index = futures[future]
-                    results[index] = future.result()
-                    report(index)
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
-    return results
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(work_in_worker or _stress_share_in_worker, context, share): k
+                       for k, share in enumerate(queue)}
+            pending = set(futures)
+            try:
+                while pending:
+                    ended, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in ended:
+                        k = futures[future]
+                        results[k] = future.result()
+                        report(k)
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    rows: list = [None] * len(shares)
+    for k, i in enumerate(order):
+        rows[i] = results[k]
+    return rows
 
 
 def stress_test(model, settings: StressSettings | None = None, output: str | os.PathLike | None = None) -> dict:
@@ -403,7 +425,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     each fold predicted by that fold, as it is and in ``settings.variants``; writes ``stress_position.json``,
     ``.md`` and ``.png`` (:func:`~spinediff.evaluation.stress_figure.stress_figure`) to ``output`` (default: the
     model folder, where ``spinediff find_best`` reads it) and returns the result; ``settings.workers`` shares
-    (:func:`stress_shares`) are predicted side by side."""
+    (:func:`stress_shares`) are predicted side by side, the largest first (:func:`run_stress_shares`)."""
     from spinediff.io import read_json, write_json, write_text
     from spinediff.paths import nnunet_folder
 
@@ -424,16 +446,16 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
         raise SpineDiffError(f"Unknown stress variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     variants = {name: VARIANTS[name] for name in (settings.variants or VARIANTS)}
     order = dataset_level_order(raw)
-    jobs = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
+    groups = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
     if settings.other_dataset:
         other = find_raw_dataset(settings.other_dataset)
         other_cases = sorted(p.name[: -len(ending)] for p in (other / "labelsTr").glob(f"*{ending}"))
-        jobs.append((other.name, other, folds, other_cases))
+        groups.append((other.name, other, folds, other_cases))
     work = Path(tempfile.mkdtemp(prefix="stress_position_"))
     context = _StressContext(folder, settings, variants, order, list(channels), ending, work)
-    shares = stress_shares(jobs, settings.workers, settings.keep)
+    shares = stress_shares(groups, settings.workers, settings.keep)
     try:
-        rows = [row for job_rows in run_stress_jobs(context, shares) for row in job_rows]
+        rows = [row for share_rows in run_stress_shares(context, shares) for row in share_rows]
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
