@@ -254,6 +254,11 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
     # the review flags as the user's prediction gives them (find_best wrote the model's review.json)
     assert all(isinstance(row["flagged"], bool) for row in result["cases"])
     assert "Review flags" in table
+    stressed = [row for row in cases if row["variant"] != "plain"]
+    split = result["review_split"]  # the dataset's own stressed scans, not flagged and flagged
+    assert split["unflagged"] + split["flagged"] == len(stressed)
+    assert split["flagged"] == sum(row["flagged"] for row in stressed)
+    assert "What the review lets through" in table
     kept = tmp_path / "stress" / "stress_cases"
     assert kept.is_dir() == ("--keep" in extra)
     if kept.is_dir():  # the varied inputs, their cut references and the predictions, one of each per case
@@ -346,6 +351,32 @@ def test_shares_side_by_side_start_largest_first_and_come_back_in_their_order(tm
     assert started["small"] >= min(started["large"], started["middle"]) + 0.45
     printed = capsys.readouterr().out
     assert "2 side by side, the largest first" in printed and printed.count("min left") == 3
+
+
+def test_review_split_tells_what_the_review_lets_through():
+    """The stressed scans not flagged and those flagged, counted and scored apart (NaN levels left out); none without
+    review flags; the stress test's Markdown says it beside the plain mean."""
+    from spinediff.experiments.stress import markdown, review_split
+
+    rows = [{"level_dice": 0.9, "flagged": False}, {"level_dice": 0.8, "flagged": False},
+            {"level_dice": float("nan"), "flagged": False}, {"level_dice": 0.0, "flagged": True},
+            {"level_dice": 0.6, "flagged": True}]
+    split = review_split(rows)
+    assert (split["unflagged"], split["flagged"]) == (3, 2)
+    assert split["unflagged_mean_level_dice"] == pytest.approx(0.85)
+    assert split["flagged_mean_level_dice"] == pytest.approx(0.3)
+    assert review_split([{"level_dice": 0.9, "flagged": None}]) is None
+    assert math.isnan(review_split([{"level_dice": 0.9, "flagged": False}])["flagged_mean_level_dice"])
+    cases = [{"source": "D", "variant": "crop_top_20", **row} for row in rows]
+    cases.append({"source": "D", "variant": "plain", "level_dice": 0.9, "flagged": False})
+    summary = [{"source": "D", "variant": "plain", "mean_level_dice": 0.9},
+               {"source": "D", "variant": "crop_top_20", "mean_level_dice": 0.575}]
+    text = markdown({"model": "m", "dataset": "D", "folds": ["0"], "labels": [1], "command": "c",
+                     "summary": [{**row, "cases": 1, "mean_level_dice_in_view": None, "mean_merged_dice": 0.9,
+                                  "cases_below_0.5": 0, "minus_plain": 0.0, "mean_numbering_confidence": None}
+                                 for row in summary], "cases": cases})
+    assert "the 3 stressed scans not flagged score a mean level Dice of 0.850 (-0.050 from plain)" in text
+    assert "the 2 flagged 0.300" in text
 
 
 def test_stress_workers_benchmark_tells_the_same_rows_from_different_ones():

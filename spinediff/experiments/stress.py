@@ -472,6 +472,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
               "variants": {k: list(v) for k, v in variants.items()}, "labels": list(order.labels),
               "level_direction": list(order.direction), "summary": table, "cases": rows,
               "stress_dice": stress_dice(table, dataset), "stress_dice_worst": worst_stressed(table, dataset)[1],
+              "review_split": review_split([r for r in rows if r["source"] == dataset and r["variant"] != "plain"]),
               "command": settings.command, "environment": software_environment(),
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
     write_json(result, out / STRESS_FILE)
@@ -529,6 +530,21 @@ def flag_counts(rows: list[dict]) -> dict:
             "failures_flagged": sum(1 for r in failures if r["flagged"])}
 
 
+def review_split(rows: list[dict]) -> dict | None:
+    """The scans the review lets through and those it flags (None where the prediction gave no review flags): how
+    many of ``rows`` each, and their mean level Dice (NaN for none): what a user who checks every flagged scan gets
+    on the others without looking."""
+    judged = [r for r in rows if r.get("flagged") is not None]
+    if not judged:
+        return None
+    split = {}
+    for key, flagged in (("unflagged", False), ("flagged", True)):
+        mine = [r["level_dice"] for r in judged if bool(r["flagged"]) == flagged]
+        mean = float(np.nanmean(mine)) if any(not np.isnan(x) for x in mine) else float("nan")
+        split |= {key: len(mine), f"{key}_mean_level_dice": mean}
+    return split
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Position and field-of-view stress test: {Path(result['model']).name} on {result['dataset']}", "",
              f"Folds {', '.join(result['folds'])}; levels {result['labels']}; command: `{result['command']}`", "",
@@ -560,6 +576,13 @@ def markdown(result: dict) -> str:
         lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
                   f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "
                   f"level Dice below 0.5 flagged; {counts['flagged']} of {len(stressed)} flagged in all."]
+        split = review_split(stressed)
+        plain = [r["mean_level_dice"] for r in result["summary"]
+                 if r["source"] == result["dataset"] and r["variant"] == "plain"]
+        behind = f" ({split['unflagged_mean_level_dice'] - plain[0]:+.3f} from plain)" if plain else ""
+        lines += ["", f"What the review lets through: the {split['unflagged']} stressed scans not flagged score a "
+                  f"mean level Dice of {split['unflagged_mean_level_dice']:.3f}{behind}, the {split['flagged']} "
+                  f"flagged {split['flagged_mean_level_dice']:.3f} (check those)."]
     if result.get("environment"):  # a result written before the environment was recorded has none
         lines += ["", describe(result["environment"])]
     return "\n".join(lines) + "\n"
