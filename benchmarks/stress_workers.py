@@ -1,7 +1,7 @@
 """The stress test in one process against its shares predicted side by side (``spinediff benchmark --stress -j N``,
 ``benchmarks/stress_position.py -j N``): the wall time of each, measured in turn in one run (one process, then
-N, then one, ...), their ratio pair by pair, and whether the two give the same rows. With ``--in-order-too`` each
-pair also times the side-by-side run with the shares handed out in their order instead of the largest first, and
+N, then one, ...), their ratio round by round, and whether the two give the same rows. With ``--in-order-too``
+each round also times the side-by-side run with the shares handed out in their order instead of the largest first, and
 gives that ratio too. Writes JSON + Markdown.
 
     python benchmarks/stress_workers.py -d 505 -c 2d_cpu -tr nnUNetTrainer -f 3 4 --variants plain crop_bottom_20 \\
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
     add_model_arguments(parser)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="variants (default: all)")
     parser.add_argument("-j", "--workers", type=positive_int, default=2, help="workers of the side-by-side run")
-    parser.add_argument("--pairs", type=positive_int, default=2, help="pairs (one process, side by side) timed")
+    parser.add_argument("--pairs", type=positive_int, default=2,
+                        help="rounds timed, each one process then side by side (then in order, --in-order-too)")
     parser.add_argument("--in-order-too", action="store_true",
-                        help="in each pair, also time the side-by-side run with the shares handed out in their order "
+                        help="in each round, also time the side-by-side run with the shares handed out in their order "
                              "(scan by scan, fold by fold) instead of the largest first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("-o", "--output", required=True, help="folder for stress_workers.json and .md")
