@@ -365,11 +365,11 @@ def run_stress_shares(context: _StressContext, shares: list[tuple], work_in_work
     ``work_in_worker(context, share)`` (default :func:`_stress_share_in_worker`) in a process of its own; each
     share's end is printed with the time left (:func:`time_left`, the shares' work counted in voxels: a T1w scan of
     381 mm takes three times as long as a T2w one of 224 mm)."""
-    every_voxels = [share_voxels(context, share) for share in shares]
+    voxels = [share_voxels(context, share) for share in shares]
     workers = max(1, min(context.settings.workers, len(shares)))
-    order = share_order(every_voxels, workers, context.settings.largest_first)
+    order = share_order(voxels, workers, context.settings.largest_first)
     queue = [shares[i] for i in order]  # the shares as they are handed out; queue index k is shares[order[k]]
-    voxels = [every_voxels[i] for i in order]
+    voxels = [voxels[i] for i in order]
     sizes = [len(share[3]) * len(context.variants) for share in queue]
     total = sum(sizes)
     start = time.perf_counter()
@@ -389,7 +389,7 @@ def run_stress_shares(context: _StressContext, shares: list[tuple], work_in_work
 
     print(f"[stress] {total} case-variants ({len(context.variants)} variants of each scan) in {len(queue)} "
           f"share{'s' if len(queue) > 1 else ''}, {workers} side by side"
-          f"{', the largest first' if order != sorted(order) else ''}", flush=True)
+          f"{', the largest first' if order != list(range(len(order))) else ''}", flush=True)
     results: list = [None] * len(queue)
     if workers == 1:
         for k, share in enumerate(queue):
