@@ -179,3 +179,33 @@ def test_the_cross_validations_entropy_flags_a_case_less_sure_than_any_of_its_ow
     assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out2"), "-m", str(model)]) == 0
     assert "entropy not checked: predict with --save_probabilities" in capsys.readouterr().out
     assert rows_of(tmp_path / "out2" / "review.csv")["unsure"]["review"] == "no"
+
+
+def test_review_other_scans_summary(tmp_path):
+    """studies/review_other_scans: each scan's flag and reasons as review.csv wrote them; a scan without a row counts
+    as not flagged (and says so); a missing sample file stops the study before any work, naming it."""
+    from spinediff.inference.review import read_review_table, write_review_table
+    from studies.review_other_scans import SCANS, markdown, scan_files, summarise
+
+    flags = {"lumbar_ct": {"score": "level_anomaly", "value": 3.0, "threshold": 0.69, "review": True,
+                           "reasons": ["level_anomaly 3 > 0.693", "entropy 0.66 > 0.47"]},
+             "cervical_t2w": {"score": "level_anomaly", "value": 0.1, "threshold": 0.69, "review": False,
+                              "reasons": []}}
+    write_review_table(flags, tmp_path / "review.csv")
+    names = ["lumbar_ct", "cervical_t2w", "abdomen_mr"]
+    result = summarise(read_review_table(tmp_path / "review.csv"), names)
+    assert (result["flagged"], result["total"]) == (1, 3)
+    rows = {row["scan"]: row for row in result["scans"]}
+    assert rows["lumbar_ct"]["reasons"] == ["level_anomaly 3 > 0.693", "entropy 0.66 > 0.47"]
+    assert not rows["cervical_t2w"]["flagged"] and rows["cervical_t2w"]["in_review_csv"]
+    assert not rows["abdomen_mr"]["flagged"] and not rows["abdomen_mr"]["in_review_csv"]
+    text = markdown({**result, "model": "M", "folds": ["0"], "command": "C"})
+    assert "**1 of 3 flagged.**" in text and "(no row in review.csv)" in text
+    assert text.count("| **no** |") == 2
+
+    (tmp_path / "samples" / "tptbox").mkdir(parents=True)
+    lumbar_ct = tmp_path / "samples" / SCANS["lumbar_ct"][0]
+    lumbar_ct.write_bytes(b"")
+    assert scan_files(tmp_path / "samples", ["lumbar_ct"]) == {"lumbar_ct": lumbar_ct}
+    with pytest.raises(SystemExit, match="sub-mri_label-6_T2w.nii.gz is missing"):
+        scan_files(tmp_path / "samples", ["lumbar_ct", "cervical_t2w"])
