@@ -495,6 +495,33 @@ def test_review_rule_flags_and_ranks_cases_from_the_model_folder(trained, tmp_pa
         ReviewRule("dice", 0.5)
 
 
+def test_predict_flags_a_scan_oriented_unlike_the_training_scans(trained, tmp_path):
+    """`spinediff predict` checks each scan's orientation code against the rule's (the training scans'): a rule of
+    another code flags every case with the code to reorient to; the scans' own code flags none."""
+    from spinediff.inference.review import ReviewRule, orientation_code
+
+    model = Path(trained["nnUNet_results"]) / SEG / f"DiffusionSegmentationTrainer__nnUNetPlans__{CONFIG}"
+    inputs = tmp_path / "in"
+    _case_inputs(trained["raw"], SEG, "phantom_000", (0, 1), inputs)
+    code = orientation_code(sitk.ReadImage(str(sorted(inputs.iterdir())[0])).GetDirection())
+    other = "RAS" if code != "RAS" else "LPS"
+    first = _read(trained["raw"] / SEG / "labelsTr" / "phantom_000.nii.gz")
+    volumes = {label: float((first == label).sum()) * 1e-3 for label in np.unique(first) if label > 0}
+    for orientation, flagged in ((other, True), (code, False)):
+        rule = ReviewRule("level_anomaly", 100.0, volumes, {"rule": "set by this test"}, orientation=orientation)
+        path = rule.write(model)
+        out = tmp_path / f"out_{orientation}"
+        try:
+            assert main(["predict", "-i", str(inputs), "-o", str(out), "-d", "901", "-c", CONFIG, "-tr",
+                         "DiffusionSegmentationTrainer", "-f", "0", "--samples", "1", "--steps", "1"]) == 0
+        finally:
+            path.unlink()
+        summary = json.loads((out / "prediction.json").read_text())
+        assert summary["review_flagged"] == (["phantom_000"] if flagged else [])
+        reasons = (out / "review.csv").read_text()
+        assert (f"oriented unlike the training scans (its axes {code}, theirs {other}" in reasons) == flagged
+
+
 # ---------------------------------------------------------------------- split prediction
 def test_parts_are_disjoint_cover_the_folder_and_match_an_unsplit_run(trained, tmp_path):
     """--num-parts 2: each part predicts every other case into the same folder, with its own run summary;

@@ -209,3 +209,63 @@ def test_review_other_scans_summary(tmp_path):
     assert scan_files(tmp_path / "samples", ["lumbar_ct"]) == {"lumbar_ct": lumbar_ct}
     with pytest.raises(SystemExit, match="sub-mri_label-6_T2w.nii.gz is missing"):
         scan_files(tmp_path / "samples", ["lumbar_ct", "cervical_t2w"])
+
+
+def test_a_scan_oriented_unlike_the_training_scans_is_flagged_with_the_code_to_reorient_to(folders, tmp_path):
+    """nnU-Net reads voxels as stored: a scan whose grid axes point other ways than the training scans' is seen turned
+    or mirrored by the network. The rule the cross-validation writes keeps the training scans' orientation code (when
+    they share one) and `spinediff postprocess` flags a prediction on a grid of another, naming the code to reorient
+    to; a rule without it (older, or training scans of several orientations) checks nothing."""
+    from dataclasses import replace
+
+    from spinediff.errors import SpineDiffError
+    from spinediff.inference.review import orientation_code, rule_from_cross_validation, write_cross_validation_rule
+
+    model, predictions, images = folders
+    assert orientation_code((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) == "LPS"
+    assert orientation_code((1.0, 0.0, 0.0, 1.0)) is None  # 2D
+    turned = sitk.PermuteAxes(sitk.ReadImage(str(predictions / "ok.nii.gz")), [2, 0, 1])
+    assert orientation_code(turned.GetDirection()) not in (None, "LPS")
+    sitk.WriteImage(turned, str(predictions / "turned.nii.gz"))
+    sitk.WriteImage(sitk.PermuteAxes(sitk.ReadImage(str(images / "ok_0000.nii.gz")), [2, 0, 1]),
+                    str(images / "turned_0000.nii.gz"))
+
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "before"), "-m", str(model)]) == 0
+    assert rows_of(tmp_path / "before" / "review.csv")["turned"]["review"] == "no"  # the fixture's rule has none
+
+    # the cross-validation's rule: the raw training images share LPS
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2w"}, "file_ending": ".nii.gz"}))
+    pairs = []
+    for i in range(3):
+        write(scan(i), raw / "imagesTr" / f"cv{i}_0000.nii.gz")
+        write(blob(), tmp_path / f"cv{i}.nii.gz")
+        pairs.append((tmp_path / f"cv{i}.nii.gz", tmp_path / f"cv{i}.nii.gz"))
+    rule = rule_from_cross_validation(pairs, [1], raw)
+    assert rule.orientation == "LPS" and rule.chosen["orientation_from"] == "3 training case(s), all LPS"
+    assert rule_from_cross_validation(pairs, [1], None).orientation is None
+    # an older rule gains the orientation (and says where it came from), keeping its own score and threshold
+    written = write_cross_validation_rule(model, pairs, [1], raw)
+    assert written.orientation == "LPS" and written.chosen["orientation_from"].endswith("all LPS")
+    assert ReviewRule.read(model) == written
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model),
+                 "--images", str(images)]) == 0
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert rows["ok"]["review"] == "no"
+    assert rows["turned"]["review"] == "yes"
+    code = orientation_code(turned.GetDirection())
+    assert f"oriented unlike the training scans (its axes {code}, theirs LPS" in rows["turned"]["reasons"]
+    assert "DICOMOrient(image, 'LPS')" in rows["turned"]["reasons"]
+    # its volume and intensities are the training ones: the orientation is the only reason
+    assert rows["turned"]["reasons"].count("; ") == 0
+
+    # training scans of two orientations: no code kept, nothing checked
+    sitk.WriteImage(sitk.PermuteAxes(sitk.ReadImage(str(raw / "imagesTr" / "cv0_0000.nii.gz")), [2, 0, 1]),
+                    str(raw / "imagesTr" / "cv0_0000.nii.gz"))
+    mixed = rule_from_cross_validation(pairs, [1], raw)
+    assert mixed.orientation is None and mixed.chosen["orientation_from"].startswith("none (training scans in several")
+    assert not replace(written, orientation=None).flag({"level_anomaly": 0.0}, orientation=code)["review"]
+    for bad in ("LLS", "XYZ", "LP", 3):
+        with pytest.raises(SpineDiffError, match="'orientation' must be a three-letter orientation code"):
+            ReviewRule.from_dict({"score": "level_anomaly", "threshold": 1.0, "orientation": bad}, "x/review.json")

@@ -113,7 +113,7 @@ def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: 
                  channels: list[np.ndarray], numbering: dict | None) -> dict:
     """One case's review flag from its post-processed label map (level volumes), its probabilities (entropy,
     level confidence), its input images' arrays (intensities) and its level numbering report."""
-    from spinediff.inference.review import intensity_signature
+    from spinediff.inference.review import intensity_signature, orientation_code
     from spinediff.metrics.case_uncertainty import case_scores, level_anomaly, level_statistics
 
     labels = sorted(rule.expected_volumes_ml) or sorted(int(v) for v in np.unique(label_map) if v > 0)
@@ -126,7 +126,8 @@ def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: 
         scores["level_anomaly"] = level_anomaly(stats, rule.expected_volumes_ml)
     scores.setdefault("levels", {str(k): v for k, v in stats.items()})
     intensity = [intensity_signature(c) for c in channels] if channels else None
-    return rule.flag(scores, intensity, numbering)
+    # nnU-Net writes each prediction with its input's geometry: the prediction's axes are the scan's
+    return rule.flag(scores, intensity, numbering, orientation_code(image.GetDirection()))
 
 
 def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Path, overwrite: bool = False,

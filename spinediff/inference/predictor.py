@@ -33,7 +33,7 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import ModelFolder, load_fold_model
 from spinediff.inference.postprocessing import Postprocessing, geometry_like
-from spinediff.inference.review import ReviewRule, intensity_signature
+from spinediff.inference.review import ReviewRule, intensity_signature, orientation_code
 from spinediff.io import write_json
 from spinediff.prediction.core import CaseExporter, CaseOutputs, output_paths, sample_case
 from spinediff.prediction.sampling import SamplingRequest, SamplingSettings, resolve_sampling
@@ -175,7 +175,8 @@ class SpineDiffPredictor:
                                        expected_volumes=self.review.expected_volumes_ml if self.review else None,
                                        label_map=case.label_map)
         if self.review is not None and "scores" in summary:
-            summary["review"] = self.review.flag(summary["scores"], case.intensity, summary.get("level_numbering"))
+            summary["review"] = self.review.flag(summary["scores"], case.intensity, summary.get("level_numbering"),
+                                                 orientation_code(case.properties["sitk_stuff"]["direction"]))
         return summary
 
     def _postprocess(self, segmentation: np.ndarray, probabilities, properties: dict):

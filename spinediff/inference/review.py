@@ -16,6 +16,10 @@ doubtful first) and names the flagged cases at the end of the run. A case is fla
   nnU-Net's normalisation) lie further from the training cases' than any training case does from the others
   (:func:`intensity_signature`, :func:`intensity_distance`): an inverted contrast (T1w for a model trained on T2w)
   moves them by many training spreads;
+- **oriented unlike the training scans**: the axes of its image grid point other ways than the training scans' (its
+  orientation code, e.g. ``PIR``, differs from theirs, e.g. ``LPS``; :func:`orientation_code`). nnU-Net reads the
+  voxels as they are stored and does not reorient them, so a 2D network then sees other planes than the ones it
+  learnt; the reason names the code to reorient the scan to;
 - **level numbering uncertain**: the level numbering's confidence (:mod:`spinediff.inference.level_order`) is
   below ``numbering_threshold``;
 - **uncertain probabilities**: the mean entropy of its class probabilities in the predicted foreground is above
@@ -90,9 +94,24 @@ def intensity_reference(signatures: Sequence[Sequence[Sequence[float]]]) -> dict
             "leave_one_out_max": round(float(max(loo)), 4), "cases": int(data.shape[0])}
 
 
+def orientation_code(direction: Sequence[float]) -> str | None:
+    """The three-letter orientation code (ITK's convention, as ``sitk.DICOMOrient`` takes it: ``LPS`` for an identity
+    direction) of a 3D image's direction cosines; None for a 2D image."""
+    if len(direction) != 9:
+        return None
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines([float(d) for d in direction])
+
+
+def _valid_orientation(code: object) -> bool:
+    return (isinstance(code, str) and len(code) == 3
+            and all(sum(letter in pair for letter in code) == 1 for pair in ("LR", "AP", "SI")))
+
+
 #: The keys of a review.json.
 REVIEW_KEYS = frozenset({"score", "threshold", "expected_volumes_ml", "chosen", "intensity", "numbering_threshold",
-                         "entropy_threshold"})
+                         "entropy_threshold", "orientation"})
 #: The keys of its intensity reference (:func:`intensity_reference`).
 INTENSITY_KEYS = frozenset({"quantiles", "mean", "spread", "threshold", "leave_one_out_max", "cases"})
 
@@ -137,6 +156,7 @@ class ReviewRule:
     intensity: dict | None = None  # intensity_reference(...) of the training cases
     numbering_threshold: float | None = None  # flag a level numbering confidence below this
     entropy_threshold: float | None = None  # flag a mean foreground entropy above this (when probabilities are there)
+    orientation: str | None = None  # the training scans' :func:`orientation_code`, when they share one
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -190,7 +210,11 @@ class ReviewRule:
         entropy = data.get("entropy_threshold")
         if entropy is not None:
             entropy = _finite(entropy, path, "entropy_threshold", fix, positive=True)
-        return cls(str(data["score"]), threshold, expected, dict(chosen), intensity, numbering, entropy)
+        orientation = data.get("orientation")
+        if orientation is not None and not _valid_orientation(orientation):
+            raise SpineDiffError(f"{path}: 'orientation' must be a three-letter orientation code with one of R/L, A/P "
+                                 f"and S/I each (e.g. 'LPS'), got {orientation!r}; {fix}")
+        return cls(str(data["score"]), threshold, expected, dict(chosen), intensity, numbering, entropy, orientation)
 
     def write(self, model_folder: str | Path) -> Path:
         path = Path(model_folder) / REVIEW_FILE
@@ -203,14 +227,16 @@ class ReviewRule:
             data["numbering_threshold"] = self.numbering_threshold
         if self.entropy_threshold is not None:
             data["entropy_threshold"] = self.entropy_threshold
+        if self.orientation is not None:
+            data["orientation"] = self.orientation
         write_json(data, path)
         return path
 
     def flag(self, scores: dict, intensity: Sequence[Sequence[float]] | None = None,
-             numbering: dict | None = None) -> dict:
+             numbering: dict | None = None, orientation: str | None = None) -> dict:
         """``{"score", "value", "threshold", "review", "reasons", ...}`` for one case: its case ``scores``, the
-        per-channel :func:`intensity_signature` of its input and its level numbering report (``review`` True: open
-        it; ``reasons`` say why)."""
+        per-channel :func:`intensity_signature` of its input, its level numbering report and the
+        :func:`orientation_code` of its grid (``review`` True: open it; ``reasons`` say why)."""
         value = scores.get(self.score)
         if value is None:
             raise SpineDiffError(f"the review rule asks for {self.score!r}, which this prediction did not give "
@@ -241,6 +267,13 @@ class ReviewRule:
             if distance > reference["threshold"]:
                 reasons.append(f"intensities out of distribution ({distance:.3g} > {reference['threshold']:.3g} "
                                "training spreads)")
+        if orientation is not None:
+            flag["orientation"] = orientation
+            if self.orientation is not None and orientation != self.orientation:
+                reasons.append(f"oriented unlike the training scans (its axes {orientation}, theirs "
+                               f"{self.orientation}: nnU-Net does not reorient, so the network saw it turned or "
+                               f"mirrored): reorient it to {self.orientation}, e.g. SimpleITK's DICOMOrient(image, "
+                               f"'{self.orientation}'), and predict it again")
         if numbering is not None:
             flag["numbering_confidence"] = numbering.get("confidence")
             threshold = NUMBERING_THRESHOLD if self.numbering_threshold is None else self.numbering_threshold
@@ -342,7 +375,7 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
     import SimpleITK as sitk
 
     labels = [int(v) for v in labels if int(v) > 0]
-    maps, spacings, signatures, missing = [], [], [], []
+    maps, spacings, signatures, missing, orientations = [], [], [], [], set()
     for _, reference in pairs:
         image = sitk.ReadImage(str(reference))
         maps.append(sitk.GetArrayFromImage(image))
@@ -351,8 +384,9 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
             case = reference.name.split(".")[0]
             files = _image_files(raw_dataset, case)
             if all(f.is_file() for f in files):
-                signatures.append([intensity_signature(sitk.GetArrayFromImage(sitk.ReadImage(str(f))))
-                                   for f in files])
+                images = [sitk.ReadImage(str(f)) for f in files]
+                signatures.append([intensity_signature(sitk.GetArrayFromImage(image)) for image in images])
+                orientations.add(orientation_code(images[0].GetDirection()))
             else:
                 missing.append(case)
     volumes = expected_volumes(maps, spacings, labels)
@@ -368,13 +402,21 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
                                                             "at least log 2",
               "intensity_reference": "none (raw images not found)" if intensity is None else
               f"{len(signatures)} training case(s)"}
+    orientations.discard(None)  # 2D images have no orientation code
+    orientation = next(iter(orientations)) if len(orientations) == 1 else None
+    if orientation is not None:
+        chosen["orientation_from"] = f"{len(signatures)} training case(s), all {orientation}"
+    elif orientations:
+        chosen["orientation_from"] = f"none (training scans in several orientations: {', '.join(sorted(orientations))})"
+    else:
+        chosen["orientation_from"] = "none (no 3D raw images found)"
     if missing:
         chosen["cases_without_images"] = missing
     chosen["entropy_threshold_from"] = (f"1.5 x the largest mean foreground entropy of {len(entropies)} "
                                         "cross-validation case(s)" if entropy_threshold is not None else
                                         "none (the cross-validation saved no class probabilities)")
     return ReviewRule("level_anomaly", round(float(threshold), 4), volumes, chosen, intensity, NUMBERING_THRESHOLD,
-                      entropy_threshold)
+                      entropy_threshold, orientation)
 
 
 def _cross_validation_entropies(predictions: Sequence[Path], labels: Sequence[int]) -> list[float]:
@@ -396,7 +438,7 @@ def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, 
                                 raw_dataset: Path | None) -> ReviewRule:
     """Write (or complete) ``model_folder/review.json``: a rule calibrated before (e.g. an uncertainty score chosen
     on the failures of the cross-validation) keeps its score and threshold and gains what it lacks."""
-    rule = rule_from_cross_validation(pairs, labels, raw_dataset)
+    rule = fresh = rule_from_cross_validation(pairs, labels, raw_dataset)
     existing = ReviewRule.read(model_folder)
     if existing is not None:
         rule = replace(existing, expected_volumes_ml=existing.expected_volumes_ml or rule.expected_volumes_ml,
@@ -405,7 +447,10 @@ def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, 
                        else rule.numbering_threshold,
                        entropy_threshold=existing.entropy_threshold if existing.entropy_threshold is not None
                        else rule.entropy_threshold,
+                       orientation=existing.orientation or rule.orientation,
                        chosen=existing.chosen if existing.entropy_threshold is not None else
                        {**existing.chosen, "entropy_threshold_from": rule.chosen["entropy_threshold_from"]})
+        if existing.orientation is None and fresh.orientation is not None:
+            rule = replace(rule, chosen={**rule.chosen, "orientation_from": fresh.chosen["orientation_from"]})
     rule.write(model_folder)
     return rule
