@@ -269,3 +269,18 @@ def test_a_scan_oriented_unlike_the_training_scans_is_flagged_with_the_code_to_r
     for bad in ("LLS", "XYZ", "LP", 3):
         with pytest.raises(SpineDiffError, match="'orientation' must be a three-letter orientation code"):
             ReviewRule.from_dict({"score": "level_anomaly", "threshold": 1.0, "orientation": bad}, "x/review.json")
+
+
+def test_postprocess_takes_a_two_dimensional_scan_with_its_image(folders, tmp_path):
+    """A single slice stored as a 2D image (nnUNetv2_predict takes it) is post-processed and flagged with its image
+    given, not stopped by a traceback (the room at the scan's ends is measured on 3D scans only)."""
+    model, predictions, images = folders
+    flat = sitk.GetImageFromArray(blob()[8])
+    sitk.WriteImage(flat, str(predictions / "flat.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(scan(1)[8].astype(np.float32)), str(images / "flat_0000.nii.gz"))
+    assert main(["postprocess", "-i", str(predictions), "-o", str(tmp_path / "out"), "-m", str(model),
+                 "--images", str(images)]) == 0
+    rows = rows_of(tmp_path / "out" / "review.csv")
+    assert set(rows) == {"ok", "small", "t1w", "flat"} and rows["flat"]["intensity_distance"] != ""
+    written = sitk.ReadImage(str(tmp_path / "out" / "flat.nii.gz"))
+    assert written.GetDimension() == 2 and np.array_equal(sitk.GetArrayFromImage(written), blob()[8])

@@ -192,7 +192,8 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
             channels = [sitk.GetArrayFromImage(read_image(f)) for f in image_files.get(_case_stem(path), [])]
             # with the inputs, the room at the scan's ends is measured to the edges of their image data (nnU-Net's
             # nonzero crop), not to planes of zeros padded around it
-            box = image_content_box(channels) if channels and channels[0].shape == array.shape else None
+            box = (image_content_box(channels) if image.GetDimension() == 3 and channels
+                   and channels[0].shape == array.shape else None)
             report = None
             if image.GetDimension() != 3:
                 changed = array
