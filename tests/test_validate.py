@@ -42,6 +42,25 @@ def _rewrite(path: Path, change) -> None:
     sitk.WriteImage(change(image), str(path))
 
 
+def test_images_stored_in_several_orientations_are_noted_not_refused(dataset, capsys):
+    """nnU-Net reads voxels as stored: a case whose files are turned (every channel and its label map, consistently)
+    is no error, but validate notes it with the code to reorient to; the phantom as generated gets no note."""
+    from spinediff.cli import main
+
+    assert validate_dataset(dataset).notes == []
+    turned = "phantom_001"
+    for path in [dataset / "labelsTr" / f"{turned}.nii.gz", *sorted((dataset / "imagesTr").glob(f"{turned}_*"))]:
+        _rewrite(path, lambda image: sitk.PermuteAxes(image, [2, 0, 1]))
+    report = validate_dataset(dataset)
+    common = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(
+        sitk.ReadImage(str(dataset / "imagesTr" / "phantom_000_0000.nii.gz")).GetDirection())
+    assert report.ok, report.summary()
+    assert len(report.notes) == 1 and "stored in 2 orientations (2 case(s) " + common in report.notes[0]
+    assert turned in report.notes[0] and f"DICOMOrient(image, '{common}')" in report.notes[0]
+    assert main(["validate", "-d", str(dataset)]) == 0
+    assert "note: the images are stored in 2 orientations" in capsys.readouterr().out
+
+
 def test_missing_channel_file(dataset):
     path = dataset / "imagesTr" / "phantom_001_0001.nii.gz"
     path.unlink()

@@ -40,6 +40,8 @@ class ValidationReport:
     num_cases: int = 0
     num_channels: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: what is not wrong but worth knowing before training (e.g. images stored in several orientations)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -47,10 +49,12 @@ class ValidationReport:
 
     def summary(self) -> str:
         if self.ok:
-            return (f"{self.dataset.name}: OK ({self.num_cases} cases, {self.num_channels} channels, "
-                    f"task {self.task})")
-        lines = [f"{self.dataset.name}: {len(self.problems)} problem(s) found:"]
-        lines += [f"  - {p}" for p in self.problems]
+            lines = [f"{self.dataset.name}: OK ({self.num_cases} cases, {self.num_channels} channels, "
+                     f"task {self.task})"]
+        else:
+            lines = [f"{self.dataset.name}: {len(self.problems)} problem(s) found:"]
+            lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -182,9 +186,30 @@ def validate_dataset(dataset: str | os.PathLike, progress: bool = False) -> Vali
             problems.append(Problem(str(p), "image without a matching label file or channel outside channel_names "
                                             f"(expected CASE_0000..CASE_{max(n_channels - 1, 0):04d}{ending})."))
     allowed = set(labels.values())
+    orientations: dict[str, str] = {}
     for case in tqdm(cases, desc="validating", disable=not progress, unit="case"):
-        _check_case(case, images_dir, labels_dir, ending, n_channels, allowed, problems)
+        _check_case(case, images_dir, labels_dir, ending, n_channels, allowed, problems, orientations)
+    if (note := orientation_note(orientations)) is not None:
+        report.notes.append(note)
     return report
+
+
+def orientation_note(orientations: dict[str, str]) -> str | None:
+    """A note when the cases' images (``{case: orientation code}``) are stored in more than one orientation: nnU-Net
+    reads voxels as stored and does not reorient them, so a network would learn the anatomy turned or mirrored in
+    some cases; None when they share one."""
+    codes: dict[str, list[str]] = {}
+    for case, code in sorted(orientations.items()):
+        codes.setdefault(code, []).append(case)
+    if len(codes) < 2:
+        return None
+    common = max(codes, key=lambda c: len(codes[c]))
+    others = "; ".join(f"{code}: {', '.join(cases[:5])}{' ...' if len(cases) > 5 else ''}"
+                       for code, cases in sorted(codes.items()) if code != common)
+    return (f"the images are stored in {len(codes)} orientations ({len(codes[common])} case(s) {common}; {others}). "
+            "nnU-Net reads voxels as stored and does not reorient them, so a network learns those cases turned or "
+            f"mirrored: unless their headers are known to be wrong, reorient them to {common} (SimpleITK: "
+            f"DICOMOrient(image, '{common}'), the label maps too) before planning.")
 
 
 def read_channel_image(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.ndarray] | None:
@@ -269,7 +294,8 @@ def read_or_report(path: Path, problems: list[Problem]) -> tuple[sitk.Image, np.
 
 
 def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_channels: int,
-                allowed: set[int], problems: list[Problem]) -> None:
+                allowed: set[int], problems: list[Problem], orientations: dict[str, str] | None = None) -> None:
+    """One case's files; its images' orientation code goes to ``orientations`` (3D images)."""
     reference: sitk.Image | None = None
     for channel in range(n_channels):
         path = images_dir / f"{case}_{channel:04d}{ending}"
@@ -286,6 +312,8 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
         elif (why := same_geometry(reference, image)) is not None:
             problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
                                                "all channels of a case onto one grid."))
+    if orientations is not None and reference is not None and reference.GetDimension() == 3:
+        orientations[case] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(reference.GetDirection())
     label_path = labels_dir / f"{case}{ending}"
     loaded = read_or_report(label_path, problems)
     if loaded is None:

@@ -117,6 +117,8 @@ def _validate_before_planning(folder: Path, progress: bool) -> None:
     if not report.ok:
         raise SpineDiffError(f"{report.summary()}\nNothing was planned or written. Fix the files above (`spinediff "
                              f"validate -d {folder}` lists them again) and run `spinediff plan` once more.")
+    for note in report.notes:
+        print(f"note: {note}", flush=True)
 
 
 def _make_fingerprint_extractor(intensity_samples: int):
