@@ -217,3 +217,35 @@ def test_slice_numbering_names_right_shifted_and_edge_slices_and_runs_on_kept_ca
     assert case["final_level_dice"] == 1.0  # the post-processed answer: the reference itself here
     assert main(["--stress-cases", str(tmp_path), "--cases", "b:plain", "-o", str(tmp_path / "out2")]) == 2
     assert "b-plain" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_wedge_numbering_study_measures_the_wedge_and_picks_the_offset_that_fits():
+    """studies/wedge_numbering: a body twice as tall at one end of its extent across the spine as at the other has a
+    ratio near 0.6 (its reciprocal seen the other way); ratios that follow the profile one level on are fitted with
+    offset +1; the true offset is read from the reference under the answer's levels."""
+    from studies.wedge_numbering import best_offset, clear_of_edges, true_offset, wedge_ratio
+
+    body = np.zeros((5, 60, 40), bool)
+    for x in range(40):  # height 10 rows at column 0, 20 rows at column 39
+        height = 10 + round(10 * x / 39)
+        body[:, 30 - height // 2:30 - height // 2 + height, x] = True
+    ratio = wedge_ratio(body)
+    assert 0.5 < ratio < 0.7
+    assert wedge_ratio(body[:, :, ::-1]) == pytest.approx(1 / ratio, rel=0.05)
+    assert np.isnan(wedge_ratio(np.zeros((3, 8, 8), bool)))
+    assert clear_of_edges(body) and not clear_of_edges(body[:, 25:, :])
+
+    profile = {level: (0.7 + 0.1 * level, 0.05) for level in range(0, 6)}
+    assert best_offset({1: 0.9, 2: 1.0, 3: 1.1, 4: 1.2}, profile) == 1  # numbered L1..L4, they are L2..L5
+    assert best_offset({1: 0.8, 2: 0.9, 3: 1.0}, profile) == 0
+    assert best_offset({2: 0.8, 3: 0.9, 4: 1.0}, profile) == -1
+    assert best_offset({1: 0.8, 2: 0.9}, profile) is None  # fewer than three levels say nothing
+
+    reference = np.zeros((1, 50, 10), np.uint8)
+    answer = np.zeros_like(reference)
+    for level in range(1, 5):
+        reference[0, 10 * level:10 * level + 8] = level + 1  # the answer's level L lies on reference level L + 1
+        answer[0, 10 * level:10 * level + 8] = level
+    assert true_offset(answer, reference, [1, 2, 3, 4, 5]) == 1
+    assert true_offset(reference, reference, [1, 2, 3, 4, 5]) == 0
+    assert true_offset(np.zeros_like(answer), reference, [1, 2, 3, 4, 5]) is None
