@@ -498,7 +498,8 @@ def test_review_rule_flags_and_ranks_cases_from_the_model_folder(trained, tmp_pa
 def test_predict_flags_a_scan_oriented_unlike_the_training_scans(trained, tmp_path):
     """`spinediff predict` checks each scan's orientation code against the rule's (the training scans'): a rule of
     another code flags every case with the code to reorient to; the scans' own code flags none."""
-    from spinediff.inference.review import ReviewRule, orientation_code
+    from spinediff.inference.review import ReviewRule
+    from spinediff.utilities.geometry import orientation_code
 
     model = Path(trained["nnUNet_results"]) / SEG / f"DiffusionSegmentationTrainer__nnUNetPlans__{CONFIG}"
     inputs = tmp_path / "in"

@@ -219,7 +219,8 @@ def test_a_scan_oriented_unlike_the_training_scans_is_flagged_with_the_code_to_r
     from dataclasses import replace
 
     from spinediff.errors import SpineDiffError
-    from spinediff.inference.review import orientation_code, rule_from_cross_validation, write_cross_validation_rule
+    from spinediff.inference.review import rule_from_cross_validation, write_cross_validation_rule
+    from spinediff.utilities.geometry import orientation_code
 
     model, predictions, images = folders
     assert orientation_code((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) == "LPS"

@@ -19,7 +19,7 @@ from spinediff.datasets.dataset_json import label_values
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_image, read_json, read_voxels_verified
 from spinediff.tasks import SEGMENTATION, TASKS
-from spinediff.utilities.geometry import same_geometry
+from spinediff.utilities.geometry import orientation_code, same_geometry
 
 SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")
 
@@ -313,7 +313,7 @@ def _check_case(case: str, images_dir: Path, labels_dir: Path, ending: str, n_ch
             problems.append(Problem(str(path), f"geometry does not match channel 0 of {case}: {why}. Resample "
                                                "all channels of a case onto one grid."))
     if orientations is not None and reference is not None and reference.GetDimension() == 3:
-        orientations[case] = sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines(reference.GetDirection())
+        orientations[case] = orientation_code(reference.GetDirection())
     label_path = labels_dir / f"{case}{ending}"
     loaded = read_or_report(label_path, problems)
     if loaded is None:

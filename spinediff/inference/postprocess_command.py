@@ -113,8 +113,9 @@ def _review_flag(rule: ReviewRule, label_map: np.ndarray, image, probabilities: 
                  channels: list[np.ndarray], numbering: dict | None) -> dict:
     """One case's review flag from its post-processed label map (level volumes), its probabilities (entropy,
     level confidence), its input images' arrays (intensities) and its level numbering report."""
-    from spinediff.inference.review import intensity_signature, orientation_code
+    from spinediff.inference.review import intensity_signature
     from spinediff.metrics.case_uncertainty import case_scores, level_anomaly, level_statistics
+    from spinediff.utilities.geometry import orientation_code
 
     labels = sorted(rule.expected_volumes_ml) or sorted(int(v) for v in np.unique(label_map) if v > 0)
     spacing = image.GetSpacing()

@@ -33,13 +33,14 @@ from spinediff.errors import SpineDiffError
 from spinediff.inference.inputs import InputCase, InputLayout, check_case_files
 from spinediff.inference.models import ModelFolder, load_fold_model
 from spinediff.inference.postprocessing import Postprocessing, geometry_like
-from spinediff.inference.review import ReviewRule, intensity_signature, orientation_code
+from spinediff.inference.review import ReviewRule, intensity_signature
 from spinediff.io import write_json
 from spinediff.prediction.core import CaseExporter, CaseOutputs, output_paths, sample_case
 from spinediff.prediction.sampling import SamplingRequest, SamplingSettings, resolve_sampling
 from spinediff.prediction.statistics import EnsembleStatistics
 from spinediff.training.task_adapter import TaskAdapter
 from spinediff.utilities.device import parse_device
+from spinediff.utilities.geometry import orientation_code
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ doubtful first) and names the flagged cases at the end of the run. A case is fla
   moves them by many training spreads;
 - **oriented unlike the training scans**: the axes of its image grid point other ways than the training scans' (its
   orientation code, e.g. ``PIR``, differs from theirs, e.g. ``LPS``; :func:`orientation_code`). nnU-Net reads the
-  voxels as they are stored and does not reorient them, so a 2D network then sees other planes than the ones it
-  learnt; the reason names the code to reorient the scan to;
+  voxels as they are stored and does not reorient them, so the network sees the scan turned or mirrored; the reason
+  names the code to reorient the scan to;
 - **level numbering uncertain**: the level numbering's confidence (:mod:`spinediff.inference.level_order`) is
   below ``numbering_threshold``;
 - **uncertain probabilities**: the mean entropy of its class probabilities in the predicted foreground is above
@@ -42,6 +42,7 @@ import numpy as np
 from spinediff.errors import SpineDiffError
 from spinediff.io import read_json, write_json, write_text
 from spinediff.metrics.case_uncertainty import SCORES, expected_volumes, most_anomalous_level
+from spinediff.utilities.geometry import orientation_code
 
 REVIEW_FILE = "review.json"
 REVIEW_TABLE = "review.csv"
@@ -92,16 +93,6 @@ def intensity_reference(signatures: Sequence[Sequence[Sequence[float]]]) -> dict
     return {"quantiles": list(QUANTILES), "mean": data.mean(0).round(4).tolist(),
             "spread": data.std(0).round(4).tolist(), "threshold": round(float(threshold), 4),
             "leave_one_out_max": round(float(max(loo)), 4), "cases": int(data.shape[0])}
-
-
-def orientation_code(direction: Sequence[float]) -> str | None:
-    """The three-letter orientation code (ITK's convention, as ``sitk.DICOMOrient`` takes it: ``LPS`` for an identity
-    direction) of a 3D image's direction cosines; None for a 2D image."""
-    if len(direction) != 9:
-        return None
-    import SimpleITK as sitk
-
-    return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines([float(d) for d in direction])
 
 
 def _valid_orientation(code: object) -> bool:

@@ -1,5 +1,6 @@
 """The one comparison of two image grids (size, spacing, origin, direction), with one set of tolerances, used
-by dataset validation, prediction inputs, ensembling, evaluation and registration."""
+by dataset validation, prediction inputs, ensembling, evaluation and registration; and a grid's orientation code,
+used by dataset validation and the review flags."""
 
 from __future__ import annotations
 
@@ -21,3 +22,11 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> str | None:
     if not np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
         return "direction (orientation) differs"
     return None
+
+
+def orientation_code(direction) -> str | None:
+    """The three-letter orientation code of a 3D grid's direction cosines, in ITK's convention (as
+    ``sitk.DICOMOrient`` takes it: ``LPS`` for an identity direction); None for a 2D grid."""
+    if len(direction) != 9:
+        return None
+    return sitk.DICOMOrientImageFilter_GetOrientationFromDirectionCosines([float(d) for d in direction])
