@@ -261,6 +261,13 @@ def test_a_scan_oriented_unlike_the_training_scans_is_flagged_with_the_code_to_r
     # its volume and intensities are the training ones: the orientation is the only reason
     assert rows["turned"]["reasons"].count("; ") == 0
 
+    # the orientation is the data's, taken afresh: a rule that says RAS becomes LPS once the raw images are read again,
+    # and keeps its code when they are not there
+    replace(written, orientation="RAS").write(model)
+    assert write_cross_validation_rule(model, pairs, [1], raw).orientation == "LPS"
+    replace(written, orientation="RAS").write(model)
+    assert write_cross_validation_rule(model, pairs, [1], None).orientation == "RAS"
+    written.write(model)
     # training scans of two orientations: no code kept, nothing checked
     sitk.WriteImage(sitk.PermuteAxes(sitk.ReadImage(str(raw / "imagesTr" / "cv0_0000.nii.gz")), [2, 0, 1]),
                     str(raw / "imagesTr" / "cv0_0000.nii.gz"))

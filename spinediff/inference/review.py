@@ -61,6 +61,8 @@ MIN_VOLUME_THRESHOLD = math.log(2.0)
 NUMBERING_THRESHOLD = 0.5
 #: Foreground entropy: flagged beyond this factor of the largest cross-validation case's.
 ENTROPY_MARGIN = 1.5
+#: How a rule says that no raw 3D training image was read for the orientation.
+NO_RAW_ORIENTATION = "none (no 3D raw images found)"
 
 
 def intensity_signature(image: np.ndarray) -> list[float]:
@@ -400,7 +402,7 @@ def rule_from_cross_validation(pairs: Sequence[tuple[Path, Path]], labels: Seque
     elif orientations:
         chosen["orientation_from"] = f"none (training scans in several orientations: {', '.join(sorted(orientations))})"
     else:
-        chosen["orientation_from"] = "none (no 3D raw images found)"
+        chosen["orientation_from"] = NO_RAW_ORIENTATION
     if missing:
         chosen["cases_without_images"] = missing
     chosen["entropy_threshold_from"] = (f"1.5 x the largest mean foreground entropy of {len(entropies)} "
@@ -428,7 +430,9 @@ def _cross_validation_entropies(predictions: Sequence[Path], labels: Sequence[in
 def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, Path]], labels: Sequence[int],
                                 raw_dataset: Path | None) -> ReviewRule:
     """Write (or complete) ``model_folder/review.json``: a rule calibrated before (e.g. an uncertainty score chosen
-    on the failures of the cross-validation) keeps its score and threshold and gains what it lacks."""
+    on the failures of the cross-validation) keeps its score and threshold and gains what it lacks. The training
+    scans' orientation is a fact of the data, not a calibration: it is taken afresh whenever their raw images were
+    read (a dataset reoriented since is then checked as it is now)."""
     rule = fresh = rule_from_cross_validation(pairs, labels, raw_dataset)
     existing = ReviewRule.read(model_folder)
     if existing is not None:
@@ -438,10 +442,10 @@ def write_cross_validation_rule(model_folder: Path, pairs: Sequence[tuple[Path, 
                        else rule.numbering_threshold,
                        entropy_threshold=existing.entropy_threshold if existing.entropy_threshold is not None
                        else rule.entropy_threshold,
-                       orientation=existing.orientation or rule.orientation,
                        chosen=existing.chosen if existing.entropy_threshold is not None else
                        {**existing.chosen, "entropy_threshold_from": rule.chosen["entropy_threshold_from"]})
-        if existing.orientation is None and fresh.orientation is not None:
-            rule = replace(rule, chosen={**rule.chosen, "orientation_from": fresh.chosen["orientation_from"]})
+        if fresh.chosen["orientation_from"] != NO_RAW_ORIENTATION:  # the raw images were read: their orientation now
+            rule = replace(rule, orientation=fresh.orientation,
+                           chosen={**rule.chosen, "orientation_from": fresh.chosen["orientation_from"]})
     rule.write(model_folder)
     return rule
