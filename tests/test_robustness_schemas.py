@@ -230,6 +230,8 @@ REVIEW_DAMAGES = {
                                    "intensity/mean"),
     "review_numbering_threshold_above_one": ({"score": "level_anomaly", "threshold": 1.0,
                                               "numbering_threshold": 3}, "from 0 to 1"),
+    "review_orientation_not_a_code": ({"score": "level_anomaly", "threshold": 1.0, "orientation": "LLS"},
+                                      "'orientation' must be a three-letter orientation code"),
     "review_is_a_folder": (None, "is a folder, not a file"),
 }
 
