@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from spinediff.experiments.stress import StressSettings, predict_postprocessed
     from spinediff.inference.models import ModelFolder
     from spinediff.inference.review import read_review_table
-    from spinediff.io import ensure_writable_folder, write_json, write_text
+    from spinediff.io import copy_file, ensure_writable_folder, write_json, write_text
 
     try:
         model = ModelFolder.open(Path(args.model))
@@ -107,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         predict_postprocessed(StressSettings(device=args.device), model, folds, inputs, predicted)
         flags = read_review_table(predicted / "review.csv")
         if (predicted / "review.csv").is_file():
-            shutil.copyfile(predicted / "review.csv", output / "review.csv")
+            copy_file(predicted / "review.csv", output / "review.csv")
     result = {"model": str(model.path), "folds": list(folds), **summarise(flags, list(args.scans)),
               "command": "python -m studies.review_other_scans " + " ".join(sys.argv[1:] if argv is None else argv)}
+    text = markdown(result)
     write_json(result, output / "review_other_scans.json")
-    write_text(markdown(result), output / "review_other_scans.md")
-    print(markdown(result))
+    write_text(text, output / "review_other_scans.md")
+    print(text)
     return 0
 
 

@@ -191,17 +191,17 @@ def postprocess_folder(input_folder: Path, output_folder: Path, model_folder: Pa
                 rule is not None and rule.score in PROBABILITY_SCORES) or result.entropy_checked
             probabilities = load_probabilities(_probabilities_of(path)) if needed else None
             channels = [sitk.GetArrayFromImage(read_image(f)) for f in image_files.get(_case_stem(path), [])]
-            # with the inputs, the room at the scan's ends is measured to the edges of their image data (nnU-Net's
-            # nonzero crop), not to planes of zeros padded around it
-            box = (image_content_box(channels) if image.GetDimension() == 3 and channels
-                   and channels[0].shape == array.shape else None)
             report = None
-            if image.GetDimension() != 3:
+            if image.GetDimension() != 3:  # a 2D scan: no numbering along a spine, nothing to measure
                 changed = array
-            elif save_probabilities:
-                changed, probabilities, report = decision.apply_to_answer(array, image, probabilities, box)
             else:
-                changed, report = decision.apply_with_report(array, image, probabilities, box)
+                # with the inputs, the room at the scan's ends is measured to the edges of their image data
+                # (nnU-Net's nonzero crop), not to planes of zeros padded around it
+                box = image_content_box(channels) if channels and channels[0].shape == array.shape else None
+                if save_probabilities:
+                    changed, probabilities, report = decision.apply_to_answer(array, image, probabilities, box)
+                else:
+                    changed, report = decision.apply_with_report(array, image, probabilities, box)
             if report is not None:
                 reports[path.name] = report
             if rule is not None:
