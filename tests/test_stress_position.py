@@ -217,7 +217,7 @@ def test_nnunets_trainer_flags_the_t1w_scan_through_find_bests_commands(levels, 
     assert "t1w" in printed.split("review:")[-1] and "intensities not checked" not in printed
 
 
-SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_35", "pad_top_30", "shift_down_20"]
+SOME_VARIANTS = ["plain", "crop_top_35", "crop_bottom_30", "pad_top_30", "shift_down_20"]  # crop_bottom_30: by amount
 
 
 @pytest.mark.slow
@@ -232,6 +232,9 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
 
     wanted = SOME_VARIANTS if "--variants" in extra else list(VARIANTS)
     assert result["folds"] == list(FOLDS) and result["labels"] == [1, 2, 3, 4, 5]
+    assert list(result["variants"]) == wanted
+    if "crop_bottom_30" in wanted:  # a variant named by its amount
+        assert result["variants"]["crop_bottom_30"] == [0.0, 0.3, 0.0, 0.0]
     sources = {row["source"] for row in result["summary"]}
     assert sources == {LEVELS, OTHER}
     for source in sources:
@@ -268,6 +271,27 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
             assert (kept / f"in_{where}" / f"{stem}_0000.nii.gz").is_file()
             assert (kept / f"ref_{where}" / f"{stem}.nii.gz").is_file()
             assert (kept / f"out_{where}" / f"{stem}.nii.gz").is_file()
+
+
+def test_variants_are_named_by_their_amounts_beside_the_fixed_ones(capsys):
+    from spinediff.experiments.stress import VARIANTS, variant_fractions
+
+    assert variant_fractions("crop_top_20") == VARIANTS["crop_top_20"]
+    assert variant_fractions("crop_top_10") == (0.1, 0.0, 0.0, 0.0)
+    assert variant_fractions("crop_bottom_5") == (0.0, 0.05, 0.0, 0.0)
+    assert variant_fractions("pad_top_150") == (0.0, 0.0, 1.5, 0.0)
+    assert variant_fractions("shift_up_25") == (0.0, 0.25, 0.25, 0.0)
+    assert variant_fractions("shift_down_20") == VARIANTS["shift_down_20"] == (0.2, 0.0, 0.0, 0.2)
+    for bad in ("crop_top_0", "crop_top_95", "crop_down_10", "shift_top_10", "pad_bottom_250", "crop_top", "zoom_10"):
+        with pytest.raises(SpineDiffError, match="crop_top_N"):
+            variant_fractions(bad)
+    sys.path.insert(0, str(BENCHMARKS))
+    from stress_position import main as stress_main  # noqa: E402
+
+    with pytest.raises(SystemExit) as exit_info:  # refused while parsing, before any model is opened
+        stress_main(["-d", "999", "-c", "2d", "-tr", "nnUNetTrainer", "-o", "unused", "--variants", "crop_top_95"])
+    assert exit_info.value.code == 2
+    assert "Unknown stress variant 'crop_top_95'" in capsys.readouterr().err
 
 
 def test_time_left_counts_what_the_running_folds_have_done_and_queues_the_rest():

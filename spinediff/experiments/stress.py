@@ -4,7 +4,9 @@ padded and shifted along the spine, beside the plain cross-validation.
 Each validation case of each fold is predicted by the fold that did not see it, as it is and in fixed variants along
 the spine axis (the array axis closest to the direction the labels' levels follow, learnt from the references):
 cropped by 20 % / 35 % of its length from the top (the first level's side) or the bottom, padded by 30 % at either
-end (the vertebrae move inside the field of view), and shifted (20 % cut at the top and padded at the bottom).
+end (the vertebrae move inside the field of view), and shifted (20 % cut at the top and padded at the bottom); or in
+variants named by their amounts (:func:`variant_fractions`: ``crop_top_10``, ``crop_bottom_5``, ...), e.g. to sweep
+how much of either end a model needs.
 Images and labels change together; a level cut off entirely counts as absent from the reference. Prediction goes
 through ``spinediff predict`` (the model's post-processing applied), or nnU-Net's own predictor for nnU-Net's
 trainers followed by the model's ``postprocessing.json``. Reported per variant: the mean over cases of the mean
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -71,6 +74,41 @@ VARIANTS = {  # name: (crop fraction at the top, crop at the bottom, pad at the 
     "pad_bottom_30": (0.0, 0.0, 0.0, 0.30),
     "shift_down_20": (0.20, 0.0, 0.0, 0.20),
 }
+#: Further variants by name, N in percent of the scan's length along the spine: crop_top_N, crop_bottom_N (1-90),
+#: pad_top_N, pad_bottom_N (1-200), shift_down_N, shift_up_N (1-90: N % cut at one end, N % padded at the other).
+VARIANT_PATTERN = re.compile(r"(crop|pad|shift)_(top|bottom|down|up)_(\d+)")
+
+
+def variant_fractions(name: str) -> tuple[float, float, float, float]:
+    """The (crop top, crop bottom, pad top, pad bottom) fractions of a variant: one of :data:`VARIANTS` or a name of
+    :data:`VARIANT_PATTERN` (e.g. ``crop_top_10``: the top 10 % cut); :class:`SpineDiffError` naming the forms for any
+    other name."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    match = VARIANT_PATTERN.fullmatch(name)
+    kind, side, number = match.groups() if match else (None, None, "0")
+    percent = int(number)
+    limit = 200 if kind == "pad" else 90
+    fits = {"crop": ("top", "bottom"), "pad": ("top", "bottom"), "shift": ("down", "up")}.get(kind, ())
+    if side not in fits or not 1 <= percent <= limit:
+        raise SpineDiffError(f"Unknown stress variant {name!r}: use one of {', '.join(VARIANTS)}, or crop_top_N, "
+                             "crop_bottom_N, shift_down_N, shift_up_N (N = 1-90, percent of the scan's length along "
+                             "the spine), pad_top_N, pad_bottom_N (N = 1-200).")
+    f = percent / 100.0
+    return {("crop", "top"): (f, 0.0, 0.0, 0.0), ("crop", "bottom"): (0.0, f, 0.0, 0.0),
+            ("pad", "top"): (0.0, 0.0, f, 0.0), ("pad", "bottom"): (0.0, 0.0, 0.0, f),
+            ("shift", "down"): (f, 0.0, 0.0, f), ("shift", "up"): (0.0, f, f, 0.0)}[(kind, side)]
+
+
+def variant_argument(text: str) -> str:
+    """``--variants``' argument type: a variant name :func:`variant_fractions` knows (argparse's error otherwise)."""
+    import argparse
+
+    try:
+        variant_fractions(text)
+    except SpineDiffError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def make_variant(image, label, axis: int, sign: int, fractions: tuple[float, float, float, float]):
@@ -441,10 +479,7 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
         p.name[5:] for p in folder.glob("fold_*") if (p / "checkpoint_final.pth").is_file())
     if not folds:
         raise SpineDiffError(f"{folder} has no trained fold (fold_*/checkpoint_final.pth).")
-    unknown = [name for name in settings.variants or () if name not in VARIANTS]
-    if unknown:
-        raise SpineDiffError(f"Unknown stress variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
-    variants = {name: VARIANTS[name] for name in (settings.variants or VARIANTS)}
+    variants = {name: variant_fractions(name) for name in (settings.variants or VARIANTS)}
     order = dataset_level_order(raw)
     groups = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
     if settings.other_dataset:
