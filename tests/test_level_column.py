@@ -249,3 +249,61 @@ def test_wedge_numbering_study_measures_the_wedge_and_picks_the_offset_that_fits
     assert true_offset(answer, reference, [1, 2, 3, 4, 5]) == 1
     assert true_offset(reference, reference, [1, 2, 3, 4, 5]) == 0
     assert true_offset(np.zeros_like(answer), reference, [1, 2, 3, 4, 5]) is None
+
+
+def test_fov_sweep_study_measures_the_room_each_cut_leaves_beyond_l1_and_l5(tmp_path):
+    """studies/fov_sweep: a scan 100 voxels long (2 mm) with L1 at rows 20-29 and L5 at rows 60-69: a 10 % top cut
+    leaves 20 mm above L1, a 25 % one runs 10 mm into it; the same from the bottom, and for a scan stored the other way
+    up; the answers are grouped by that room, failures (level Dice < 0.5) and flags counted, files written."""
+    from spinediff.experiments.stress import variant_fractions
+    from studies.fov_sweep import end_faces, grouped, main, room_group, room_left, sweep_rows
+
+    label = np.zeros((3, 100, 8), np.uint8)
+    for level in range(1, 6):
+        label[:, 10 + 10 * level:20 + 10 * level] = level
+    assert end_faces(label, 1, 1, 1, 5) == (20, 69)
+    assert room_left((20, 69), 100, 1, variant_fractions("plain"), 2.0) == (40.0, 60.0)
+    assert room_left((20, 69), 100, 1, variant_fractions("crop_top_10"), 2.0) == (20.0, 60.0)
+    assert room_left((20, 69), 100, 1, variant_fractions("crop_top_25"), 2.0) == (-10.0, 60.0)
+    assert room_left((20, 69), 100, 1, variant_fractions("crop_bottom_35"), 2.0) == (40.0, -10.0)
+    flipped = label[:, ::-1]  # the first level at the high-index end
+    faces = end_faces(flipped, 1, -1, 1, 5)
+    assert faces == (79, 30)
+    assert room_left(faces, 100, -1, variant_fractions("crop_top_25"), 2.0) == (-10.0, 60.0)
+    assert [room_group(r) for r in (-3.0, 0.0, 9.9, 15.0, 20.0, 80.0)] == [
+        "cut into the level", "0-10 mm", "0-10 mm", "10-20 mm", "≥ 20 mm", "≥ 20 mm"]
+
+    image = sitk.GetImageFromArray(label)
+    image.SetSpacing((1.0, 2.0, 1.0))
+    raw = tmp_path / "Dataset999_Sweep"
+    (raw / "labelsTr").mkdir(parents=True)
+    sitk.WriteImage(image, str(raw / "labelsTr" / "a.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    names = ["plain", "crop_top_10", "crop_top_25", "crop_bottom_35", "shift_down_20"]
+    dice = {"plain": 0.9, "crop_top_10": 0.85, "crop_top_25": 0.1, "crop_bottom_35": 0.2, "shift_down_20": 0.0}
+    result = {"model": "/x/nnUNetTrainer__nnUNetPlans__2d", "dataset": raw.name, "command": "stress",
+              "labels": [1, 2, 3, 4, 5], "level_direction": [0.0, 1.0, 0.0],
+              "variants": {n: list(variant_fractions(n)) for n in names},
+              "cases": [{"source": raw.name, "case": "a", "variant": n, "level_dice": dice[n],
+                         "flagged": n == "crop_top_25"} for n in names]
+              + [{"source": "Other", "case": "a", "variant": "plain", "level_dice": 0.0, "flagged": False}]}
+    geometry = {"a": {"faces": (20, 69), "length": 100, "sign": 1, "spacing": 2.0}}
+    rows = sweep_rows(result, geometry)
+    assert [r["variant"] for r in rows] == ["plain", "crop_top_10", "crop_top_25", "crop_bottom_35"]  # no shift
+    assert [r["failed"] for r in rows] == [False, False, True, True]
+    table = {(g["end"], g["room"]): g for g in grouped(rows)}
+    assert table["top", "cut into the level"] == {
+        "end": "top", "room": "cut into the level", "answers": 1, "failures": 1, "failures_flagged": 1,
+        "cases_failing": ["a"], "mean_level_dice": 0.1}
+    assert table["top", "≥ 20 mm"]["answers"] == 2  # the plain scan and the 10 % cut
+    assert table["bottom", "cut into the level"]["failures_flagged"] == 0
+    assert table["bottom", "≥ 20 mm"]["answers"] == 1  # the plain scan only: top cuts count at the top
+
+    stress = tmp_path / "stress_position.json"
+    stress.write_text(json.dumps(result))
+    assert main(["--stress", str(stress), "--raw", str(raw), "-o", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "fov_sweep.json").read_text())
+    assert written["rows"][2]["room_top_mm"] == -10.0 and written["cases"] == ["a"]
+    text = (tmp_path / "out" / "fov_sweep.md").read_text()
+    assert "| top | cut into L1 | 1 | 1 | 1 | 0.100 | a |" in text
+    assert "**0.10** †" in text and (tmp_path / "out" / "fov_sweep.png").stat().st_size > 0
