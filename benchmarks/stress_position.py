@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spinediff.experiments.stress import VARIANTS, StressSettings, markdown, stress_test, variant_argument
+from spinediff.experiments.stress import (
+    VARIANTS,
+    VARIANTS_HELP,
+    StressSettings,
+    markdown,
+    stress_test,
+    variant_argument,
+)
 from spinediff.utilities.argtypes import positive_int
 
 __all__ = ["VARIANTS", "add_model_arguments", "main"]
@@ -35,10 +42,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="folder for stress_position.json and .md")
-    parser.add_argument("--variants", nargs="+", type=variant_argument, metavar="VARIANT",
-                        help=f"variants (default: all): {', '.join(VARIANTS)}, or by amount: crop_top_N, "
-                             "crop_bottom_N, shift_down_N, shift_up_N, pad_top_N, pad_bottom_N (N: percent of the "
-                             "scan's length along the spine)")
+    parser.add_argument("--variants", nargs="+", type=variant_argument, metavar="VARIANT", help=VARIANTS_HELP)
     parser.add_argument("--other-dataset", help="also predict this dataset's labelled scans with all folds")
     parser.add_argument("--steps", type=int, help="spinediff predict --steps (default: the model's)")
     parser.add_argument("--samples", type=int, help="spinediff predict --samples (default: the model's)")

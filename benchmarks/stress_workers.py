@@ -24,7 +24,7 @@ from pathlib import Path
 
 from stress_position import add_model_arguments
 
-from spinediff.experiments.stress import VARIANTS, StressSettings, stress_test, variant_argument
+from spinediff.experiments.stress import VARIANTS_HELP, StressSettings, stress_test, variant_argument
 from spinediff.utilities.argtypes import positive_int
 
 
@@ -69,10 +69,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--variants", nargs="+", type=variant_argument, metavar="VARIANT",
-                        help=f"variants (default: all): {', '.join(VARIANTS)}, or by amount: crop_top_N, "
-                             "crop_bottom_N, shift_down_N, shift_up_N, pad_top_N, pad_bottom_N (N: percent of the "
-                             "scan's length along the spine)")
+    parser.add_argument("--variants", nargs="+", type=variant_argument, metavar="VARIANT", help=VARIANTS_HELP)
     parser.add_argument("-j", "--workers", type=positive_int, default=2, help="workers of the side-by-side run")
     parser.add_argument("--pairs", type=positive_int, default=2,
                         help="rounds timed, each one process then side by side (then in order, --in-order-too)")

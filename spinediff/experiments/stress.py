@@ -100,6 +100,11 @@ def variant_fractions(name: str) -> tuple[float, float, float, float]:
             ("shift", "down"): (f, 0.0, 0.0, f), ("shift", "up"): (0.0, f, f, 0.0)}[(kind, side)]
 
 
+#: ``--variants``' help, for the scripts that take it.
+VARIANTS_HELP = (f"variants (default: all): {', '.join(VARIANTS)}, or by amount: crop_top_N, crop_bottom_N, "
+                 "shift_down_N, shift_up_N, pad_top_N, pad_bottom_N (N: percent of the scan's length along the spine)")
+
+
 def variant_argument(text: str) -> str:
     """``--variants``' argument type: a variant name :func:`variant_fractions` knows (argparse's error otherwise)."""
     import argparse
