@@ -15,14 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spinediff.experiments.stress import (
-    VARIANTS,
-    VARIANTS_HELP,
-    StressSettings,
-    markdown,
-    stress_test,
-    variant_argument,
-)
+from spinediff.experiments.stress import StressSettings, markdown, stress_test
+from spinediff.experiments.stress_variants import VARIANTS, VARIANTS_HELP, variant_argument
 from spinediff.utilities.argtypes import positive_int
 
 __all__ = ["VARIANTS", "add_model_arguments", "main"]

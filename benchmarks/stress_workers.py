@@ -24,7 +24,8 @@ from pathlib import Path
 
 from stress_position import add_model_arguments
 
-from spinediff.experiments.stress import VARIANTS_HELP, StressSettings, stress_test, variant_argument
+from spinediff.experiments.stress import StressSettings, stress_test
+from spinediff.experiments.stress_variants import VARIANTS_HELP, variant_argument
 from spinediff.utilities.argtypes import positive_int
 
 

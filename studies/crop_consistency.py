@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     from spinediff.experiments.stress import (
         StressSettings,
         dataset_level_order,
-        make_variant,
         predict_postprocessed,
         spine_array_axis,
     )
+    from spinediff.experiments.stress_variants import make_variant
     from spinediff.inference.models import ModelFolder
     from spinediff.io import write_json, write_text
     from spinediff.paths import nnunet_folder

@@ -48,13 +48,16 @@ def end_faces(label: np.ndarray, axis: int, sign: int, first: int, last: int) ->
 
 
 def room_left(faces: tuple[int, int], length: int, sign: int, fractions, spacing: float) -> tuple[float, float]:
-    """The room (mm) between the scan's edges after a variant's crop (``fractions``: crop top, crop bottom, pad top,
-    pad bottom, as the stress test applies them) and the first level's top face / the last level's bottom face;
-    negative when the cut runs into the level."""
-    crop_top, crop_bottom = fractions[0], fractions[1]
-    start, stop = int(round(crop_top * length)), length - int(round(crop_bottom * length))  # in the top-first order
-    top_face, bottom_face = faces if sign > 0 else (length - 1 - faces[0], length - 1 - faces[1])
-    return (top_face - start) * spacing, (stop - 1 - bottom_face) * spacing
+    """The room (mm) between the scan's edges after a variant's crop (``fractions``, as the stress test applies them:
+    :func:`~spinediff.experiments.stress_variants.kept_range`) and the first level's top face / the last level's
+    bottom face (``faces``: :func:`end_faces`); negative when the cut runs into the level."""
+    from spinediff.experiments.stress_variants import kept_range
+
+    start, stop = kept_range(length, fractions, sign)
+    top_face, bottom_face = faces
+    if sign > 0:
+        return (top_face - start) * spacing, (stop - 1 - bottom_face) * spacing
+    return (stop - 1 - top_face) * spacing, (bottom_face - start) * spacing
 
 
 def room_group(room: float) -> str:

@@ -255,7 +255,7 @@ def test_fov_sweep_study_measures_the_room_each_cut_leaves_beyond_l1_and_l5(tmp_
     """studies/fov_sweep: a scan 100 voxels long (2 mm) with L1 at rows 20-29 and L5 at rows 60-69: a 10 % top cut
     leaves 20 mm above L1, a 25 % one runs 10 mm into it; the same from the bottom, and for a scan stored the other way
     up; the answers are grouped by that room, failures (level Dice < 0.5) and flags counted, files written."""
-    from spinediff.experiments.stress import variant_fractions
+    from spinediff.experiments.stress_variants import variant_fractions
     from studies.fov_sweep import end_faces, grouped, main, room_group, room_left, sweep_rows
 
     label = np.zeros((3, 100, 8), np.uint8)

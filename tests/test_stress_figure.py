@@ -7,7 +7,8 @@ import math
 import pytest
 
 from spinediff.evaluation.stress_figure import stress_figure, variant_points
-from spinediff.experiments.stress import VARIANTS, summarise
+from spinediff.experiments.stress import summarise
+from spinediff.experiments.stress_variants import VARIANTS
 
 
 def _case(source, case, variant, dice, flagged):

@@ -274,7 +274,7 @@ def test_stress_position_runs_for_both_prediction_paths(levels, tmp_path, traine
 
 
 def test_variants_are_named_by_their_amounts_beside_the_fixed_ones(capsys):
-    from spinediff.experiments.stress import VARIANTS, variant_fractions
+    from spinediff.experiments.stress_variants import VARIANTS, variant_fractions
 
     assert variant_fractions("crop_top_20") == VARIANTS["crop_top_20"]
     assert variant_fractions("crop_top_10") == (0.1, 0.0, 0.0, 0.0)
