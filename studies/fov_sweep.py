@@ -215,17 +215,19 @@ def main(argv: list[str] | None = None) -> int:
 
     raw, stress = Path(args.raw), Path(args.stress)
     if not stress.is_file() or not (raw / "labelsTr").is_dir():
-        raise SystemExit(f"{stress} is not a file or {raw} holds no labelsTr: see --help")
+        parser.error(f"--stress {stress} is not a file or --raw {raw} holds no labelsTr: give a stress test's "
+                     "stress_position.json and the model's raw dataset folder")
     result = read_json(stress)
     ending = read_json(raw / "dataset.json").get("file_ending", ".nii.gz")
     labels = result["labels"]
     if labels != [1, 2, 3, 4, 5]:
-        raise SystemExit(f"{stress}: levels {labels}, this study reads L1-L5 = 1-5")
+        parser.error(f"--stress {stress}: levels {labels}; this study reads L1-L5 = labels 1-5")
     cases = sorted({c["case"] for c in result["cases"] if c["source"] == result["dataset"]})
     geometry = case_geometry(raw, cases, ending, result["level_direction"])
     rows = sweep_rows(result, geometry)
     if not rows:
-        raise SystemExit(f"{stress} holds no answers on {raw.name}'s scans with a level L1 and L5 in their labels")
+        parser.error(f"--stress {stress} holds no answers on {raw.name}'s scans with L1 and L5 in their labels: "
+                     "give the stress test of a model trained on --raw")
     variants = [v for v in result["variants"] if end_of(result["variants"][v]) != "other"]
     summary = {"model": Path(result["model"]).name, "dataset": result["dataset"], "stress": str(stress),
                "stress_command": result.get("command", ""), "room_edges_mm": list(ROOM_EDGES_MM),

@@ -300,6 +300,9 @@ def test_fov_sweep_study_measures_the_room_each_cut_leaves_beyond_l1_and_l5(tmp_
     assert table["bottom", "≥ 20 mm"]["answers"] == 1  # the plain scan only: top cuts count at the top
 
     stress = tmp_path / "stress_position.json"
+    with pytest.raises(SystemExit) as exit_info:  # bad input: exit 2 naming the option, nothing written
+        main(["--stress", str(stress), "--raw", str(raw), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and not (tmp_path / "out").exists()
     stress.write_text(json.dumps(result))
     assert main(["--stress", str(stress), "--raw", str(raw), "-o", str(tmp_path / "out")]) == 0
     written = json.loads((tmp_path / "out" / "fov_sweep.json").read_text())
