@@ -3,7 +3,8 @@ shifted along the spine, beside the plain cross-validation (issue 34; :mod:`spin
 ``spinediff benchmark --stress`` runs for every segmentation method).
 
 ``--other-dataset`` predicts another dataset's training scans (e.g. T1w scans with the same labels) with the
-ensemble of all folds, plain and in the same variants.
+ensemble of all folds, plain and in the same variants. ``--training-scans`` also predicts each fold's training scans
+with that fold: does the model fail only on the subjects it never saw?
 
     python benchmarks/stress_position.py -d 501 -c 2d_cpu -tr nnUNetTrainer -o results/stress501
     python benchmarks/stress_position.py -d 501 -c 2d_diffusion -tr DiffusionSegmentationTrainer --steps 1 \\
@@ -38,6 +39,10 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", required=True, help="folder for stress_position.json and .md")
     parser.add_argument("--variants", nargs="+", type=variant_argument, metavar="VARIANT", help=VARIANTS_HELP)
     parser.add_argument("--other-dataset", help="also predict this dataset's labelled scans with all folds")
+    parser.add_argument("--training-scans", action="store_true",
+                        help="also predict each fold's training scans with that fold, varied the same way: failures "
+                             "on the scans never seen only (the model learnt its subjects) call for more annotated "
+                             "subjects; failures on the training scans too, for other augmentation or another network")
     parser.add_argument("--steps", type=int, help="spinediff predict --steps (default: the model's)")
     parser.add_argument("--samples", type=int, help="spinediff predict --samples (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -56,7 +61,7 @@ def main(argv=None) -> int:
                               tuple(args.variants) if args.variants else None, args.other_dataset, args.steps,
                               args.samples, args.seed, args.device, " ".join(sys.argv if argv is None
                                                                               else ["stress_position.py", *argv]),
-                              keep=args.keep, workers=args.workers)
+                              keep=args.keep, workers=args.workers, training_scans=args.training_scans)
     result = stress_test(model, settings, args.output)
     print(markdown(result))
     return 0

@@ -444,9 +444,41 @@ def test_stress_position_side_by_side_scores_as_one_process(levels, tmp_path, ca
         assert two["level_dice"] == pytest.approx(one["level_dice"], abs=1e-9, nan_ok=True)
         assert two["flagged"] == one["flagged"]
     assert parallel["stress_dice"] == pytest.approx(serial["stress_dice"], abs=1e-9)
+    assert serial["seen_unseen"] is None  # the training scans only when asked for
     assert "2 side by side" in printed and "1 side by side" in printed_serial
     scans = len(parallel["cases"]) // len(variants)
     assert printed.count("min left") == scans and printed_serial.count("min left") == len(FOLDS)  # a line per share
+
+
+@pytest.mark.slow
+def test_stress_position_on_the_training_scans_too_tells_seen_from_unseen_subjects(levels, tmp_path):
+    """--training-scans: each fold's training scans predicted by that fold, varied the same way, as a source of their
+    own; the score find_best ranks on stays the validation scans' own, and the report puts seen beside unseen."""
+    from spinediff.experiments.stress import stress_dice, training_source
+
+    variants = ["plain", "crop_bottom_35"]
+    result, table = run_stress(levels, tmp_path / "seen", "-d", str(LEVELS_ID), "-c", CPU_CONFIG, "-tr",
+                               "nnUNetTrainer", "-f", "0", "--variants", *variants, "--training-scans", "--keep")
+    seen_source = training_source(LEVELS)
+    assert {row["source"] for row in result["summary"]} == {LEVELS, seen_source}
+    unseen = [row for row in result["cases"] if row["source"] == LEVELS]
+    seen = [row for row in result["cases"] if row["source"] == seen_source]
+    held_out = {row["case"] for row in unseen}
+    assert len(held_out) == 1 and len(unseen) == len(variants)  # fold 0 of the 5-case split holds out one scan
+    assert len({row["case"] for row in seen}) == NUM_CASES - 1 and len(seen) == (NUM_CASES - 1) * len(variants)
+    assert not held_out & {row["case"] for row in seen} and all(row["folds"] == ["0"] for row in seen)
+    own = [row for row in result["summary"] if row["source"] == LEVELS]
+    assert result["stress_dice"] == pytest.approx(stress_dice(own, LEVELS))  # the training scans do not count
+    split = result["seen_unseen"]
+    for key, rows in (("seen", seen), ("unseen", unseen)):
+        stressed = [row["level_dice"] for row in rows if row["variant"] != "plain"]
+        assert split[key]["scans"] == len({row["case"] for row in rows})
+        assert split[key]["stressed_answers"] == len(stressed)
+        assert split[key]["failures"] == sum(1 for d in stressed if not d >= 0.5)
+        assert split[key]["stressed"] == pytest.approx(float(np.nanmean(stressed)), nan_ok=True)
+    assert "Scans the folds were trained on" in table and f"| {seen_source} | crop_bottom_35 |" in table
+    kept = tmp_path / "seen" / "stress_cases"  # folder names without the source's spaces and brackets
+    assert (kept / f"in_{LEVELS}_training_scans_0").is_dir() and (kept / f"in_{LEVELS}_0").is_dir()
 
 
 # ---------------------------------------------------------------------- spinediff benchmark --stress and find_best

@@ -16,13 +16,15 @@ segmentation models on when every candidate has a ``stress_position.json`` (``sp
 writes one per model).
 
 ``other_dataset`` also predicts another dataset's training scans (e.g. T1w scans with the same labels) with the
-ensemble of all folds, plain and in the same variants.
+ensemble of all folds, plain and in the same variants; ``training_scans`` each fold's own training scans with that
+fold (:func:`seen_unseen`: does the model fail only on subjects it never saw?).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,11 +35,20 @@ import numpy as np
 
 from spinediff.datasets.dataset_json import foreground_labels, ignore_label
 from spinediff.errors import SpineDiffError
-from spinediff.evaluation.stress_figure import FAILURE, stress_figure
+from spinediff.evaluation.stress_figure import stress_figure
+from spinediff.experiments.stress_report import (
+    markdown,
+    review_split,
+    seen_unseen,
+    stress_dice,
+    summarise,
+    training_source,
+    worst_stressed,
+)
 from spinediff.experiments.stress_variants import VARIANTS, make_variant, variant_fractions
 from spinediff.inference.find_best import STRESS_FILE  # the stress test's result file, in the model folder
 from spinediff.inference.level_geometry import spine_array_axis
-from spinediff.utilities.environment import describe, software_environment
+from spinediff.utilities.environment import software_environment
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,10 @@ class StressSettings:
     #: side by side, hand the shares with the most voxels out first (longest first: the last share to start is then
     #: a small one, and no worker predicts a large scan alone at the end while the others wait); off: in their order
     largest_first: bool = True
+    #: also predict each fold's training scans with that fold, varied the same way (source ``DATASET (training
+    #: scans)``): a model that numbers the scans it was trained on right under the same cuts, but not those it never
+    #: saw, learnt its subjects and needs more of them, not other augmentation
+    training_scans: bool = False
 
 
 #: A level counts in ``level_dice_in_view`` when at least this share of it lies in the varied scan.
@@ -98,11 +113,12 @@ def in_view_shares(whole: np.ndarray, varied: np.ndarray, labels: list[int]) -> 
     return {int(label): float((varied == label).sum()) / max(1, int((whole == label).sum())) for label in labels}
 
 
-def _cases_of_fold(preprocessed: Path, fold: str) -> list[str]:
+def _cases_of_fold(preprocessed: Path, fold: str, part: str = "val") -> list[str]:
+    """The fold's validation cases (``part`` "val") or training cases ("train") in nnU-Net's splits."""
     from spinediff.io import read_json
 
     splits = read_json(preprocessed / "splits_final.json")
-    return list(splits[int(fold)]["val"])
+    return list(splits[int(fold)][part])
 
 
 def predict_postprocessed(settings: StressSettings, model, folds: list[str], inputs: Path, output: Path) -> None:
@@ -278,7 +294,7 @@ def stress_shares(groups: list[tuple], workers: int, keep: bool) -> list[tuple]:
     last fold). The shares' rows come out in the same order either way."""
     shares = []
     for source, raw, folds, cases in groups:
-        where = f"{source}_{'_'.join(folds)}"
+        where = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', source).strip('_')}_{'_'.join(folds)}"  # a folder name
         if workers > 1 and not keep:
             shares += [(source, raw, folds, [case], f"{where}_{case}") for case in cases]
         else:
@@ -413,6 +429,8 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
     variants = {name: variant_fractions(name) for name in (settings.variants or VARIANTS)}
     order = dataset_level_order(raw)
     groups = [(dataset, raw, [f], _cases_of_fold(preprocessed, f)) for f in folds]
+    if settings.training_scans:
+        groups += [(training_source(dataset), raw, [f], _cases_of_fold(preprocessed, f, "train")) for f in folds]
     if settings.other_dataset:
         other = find_raw_dataset(settings.other_dataset)
         other_cases = sorted(p.name[: -len(ending)] for p in (other / "labelsTr").glob(f"*{ending}"))
@@ -439,118 +457,10 @@ def stress_test(model, settings: StressSettings | None = None, output: str | os.
               "level_direction": list(order.direction), "summary": table, "cases": rows,
               "stress_dice": stress_dice(table, dataset), "stress_dice_worst": worst_stressed(table, dataset)[1],
               "review_split": review_split([r for r in rows if r["source"] == dataset and r["variant"] != "plain"]),
+              "seen_unseen": seen_unseen(rows, dataset) if settings.training_scans else None,
               "command": settings.command, "environment": software_environment(),
               "made_by": "spinediff stress test (spinediff.experiments.stress)"}
     write_json(result, out / STRESS_FILE)
     write_text(markdown(result), out / Path(STRESS_FILE).with_suffix(".md").name)
     stress_figure(result, out / Path(STRESS_FILE).with_suffix(".png").name)
     return result
-
-
-def stress_dice(table: list[dict], dataset: str) -> float:
-    """The model's score under the stress test: the mean level Dice over every variant of its own dataset's
-    validation scans, the plain one included (what ``spinediff find_best`` ranks on when every candidate has one)."""
-    values = [row["mean_level_dice"] for row in table if row["source"] == dataset]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def worst_stressed(table: list[dict], dataset: str) -> tuple[str | None, float]:
-    """The stressed variant (plain excluded) of the dataset's own scans with the lowest mean level Dice, and that
-    Dice (None and NaN without one)."""
-    stressed = [row for row in table if row["source"] == dataset and row["variant"] != "plain"]
-    if not stressed:
-        return None, float("nan")
-    worst = min(stressed, key=lambda row: row["mean_level_dice"])
-    return worst["variant"], float(worst["mean_level_dice"])
-
-
-def summarise(rows: list[dict], variants: dict) -> list[dict]:
-    table = []
-    for source in dict.fromkeys(r["source"] for r in rows):
-        plain = [r["level_dice"] for r in rows if r["source"] == source and r["variant"] == "plain"]
-        for name in variants:
-            mine = [r for r in rows if r["source"] == source and r["variant"] == name]
-            if not mine:
-                continue
-            level = float(np.nanmean([r["level_dice"] for r in mine]))
-            confidences = [r["numbering_confidence"] for r in mine if r["numbering_confidence"] is not None]
-            in_view = [r["level_dice_in_view"] for r in mine if r.get("level_dice_in_view") is not None]
-            table.append({"source": source, "variant": name, "cases": len(mine), "mean_level_dice": level,
-                          "mean_level_dice_in_view": float(np.nanmean(in_view)) if in_view else None,
-                          "mean_merged_dice": float(np.nanmean([r["merged_dice"] for r in mine])),
-                          "cases_below_0.5": sum(1 for r in mine if not r["level_dice"] >= FAILURE),
-                          "minus_plain": level - float(np.nanmean(plain)) if plain else float("nan"),
-                          "mean_numbering_confidence": float(np.mean(confidences)) if confidences else None,
-                          **flag_counts(mine)})
-    return table
-
-
-def flag_counts(rows: list[dict]) -> dict:
-    """How many of ``rows`` the review rule flagged, and how many of those below 0.5 level Dice (the failures) it
-    flagged (None where the prediction gave no review flags)."""
-    judged = [r for r in rows if r.get("flagged") is not None]
-    if not judged:
-        return {"flagged": None, "failures_flagged": None}
-    failures = [r for r in judged if not r["level_dice"] >= FAILURE]
-    return {"flagged": sum(1 for r in judged if r["flagged"]),
-            "failures_flagged": sum(1 for r in failures if r["flagged"])}
-
-
-def review_split(rows: list[dict]) -> dict | None:
-    """The scans the review lets through and those it flags (None where the prediction gave no review flags): how
-    many of ``rows`` each, and their mean level Dice (NaN for none): what a user who checks every flagged scan gets
-    on the others without looking."""
-    judged = [r for r in rows if r.get("flagged") is not None]
-    if not judged:
-        return None
-    split = {}
-    for key, flagged in (("unflagged", False), ("flagged", True)):
-        mine = [r["level_dice"] for r in judged if bool(r["flagged"]) == flagged]
-        mean = float(np.nanmean(mine)) if any(not np.isnan(x) for x in mine) else float("nan")
-        split |= {key: len(mine), f"{key}_mean_level_dice": mean}
-    return split
-
-
-def markdown(result: dict) -> str:
-    lines = [f"# Position and field-of-view stress test: {Path(result['model']).name} on {result['dataset']}", "",
-             f"Folds {', '.join(result['folds'])}; levels {result['labels']}; command: `{result['command']}`", "",
-             "| scans | variant | cases | mean level Dice | − plain | levels ≥ half in view | merged Dice "
-             "| cases < 0.5 | of them flagged | cases flagged | numbering confidence |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in result["summary"]:
-        confidence = "" if row["mean_numbering_confidence"] is None else f"{row['mean_numbering_confidence']:.2f}"
-        flagged = ("", "") if row.get("flagged") is None else (row["failures_flagged"], row["flagged"])
-        in_view = "" if row.get("mean_level_dice_in_view") is None else f"{row['mean_level_dice_in_view']:.3f}"
-        lines.append(f"| {row['source']} | {row['variant']} | {row['cases']} | {row['mean_level_dice']:.3f} | "
-                     f"{row['minus_plain']:+.3f} | {in_view} | {row['mean_merged_dice']:.3f} | "
-                     f"{row['cases_below_0.5']} | {flagged[0]} | {flagged[1]} | {confidence} |")
-    worst, worst_dice = worst_stressed(result["summary"], result["dataset"])
-    if worst is not None:
-        mean = float(np.mean([r["mean_level_dice"] for r in result["summary"]
-                              if r["source"] == result["dataset"] and r["variant"] != "plain"]))
-        lines += ["", f"Mean level Dice over the stressed variants: {mean:.3f}; worst: {worst} ({worst_dice:.3f})."]
-        in_view = [r["mean_level_dice_in_view"] for r in result["summary"] if r["source"] == result["dataset"]
-                   and r["variant"] != "plain" and r.get("mean_level_dice_in_view") is not None]
-        if in_view:
-            lines += ["", f"Over the levels at least half in view (a sliver a cut leaves at the edge left out): "
-                      f"{float(np.mean(in_view)):.3f}. The stress score (`dice_stress`, what find_best ranks on) "
-                      "counts every level."]
-    stressed = [r for r in result["cases"] if r["source"] == result["dataset"] and r["variant"] != "plain"]
-    counts = flag_counts(stressed)
-    if counts["flagged"] is not None:
-        failures = sum(1 for r in stressed if not r["level_dice"] >= FAILURE)
-        lines += ["", f"Review flags (the model's review.json, as `spinediff predict` / `spinediff postprocess "
-                  f"--images` give them) on the stressed scans: {counts['failures_flagged']} of {failures} with a "
-                  f"level Dice below 0.5 flagged; {counts['flagged']} of {len(stressed)} flagged in all."]
-        split = review_split(stressed)
-        plain = [r["mean_level_dice"] for r in result["summary"]
-                 if r["source"] == result["dataset"] and r["variant"] == "plain"]
-        behind = f" ({split['unflagged_mean_level_dice'] - plain[0]:+.3f} from plain)" if plain else ""
-        lines += ["", f"What the review lets through: the {split['unflagged']} stressed scans not flagged score a "
-                  f"mean level Dice of {split['unflagged_mean_level_dice']:.3f}{behind}, the {split['flagged']} "
-                  f"flagged {split['flagged_mean_level_dice']:.3f} (check those)."]
-    if result.get("environment"):  # a result written before the environment was recorded has none
-        lines += ["", describe(result["environment"])]
-    return "\n".join(lines) + "\n"
-
-
