@@ -80,7 +80,7 @@ def find_case(stress_cases: Path, stem: str, ending: str) -> KeptCase:
     missing: the answers are checked by their users)."""
     for inputs in sorted(stress_cases.glob("in_*")):
         image = inputs / f"{stem}_0000{ending}"
-        if image.is_file():
+        if image.is_file() and "_training_scans_" not in inputs.name:  # the held-out answer (not --training-scans')
             suffix = inputs.name[len("in_"):]
             tokens = suffix.split("_")
             folds = []

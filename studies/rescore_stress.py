@@ -44,11 +44,18 @@ def kept_folder_parts(name: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+def held_out_folders(stress_cases: Path) -> list[Path]:
+    """The kept prediction folders (``out_*``) of the scans each fold held out, in name order: those of the folds'
+    own training scans (``--training-scans``, ``out_<dataset>_training_scans_<fold>``) left out, since a rescoring
+    compares held-out answers."""
+    return sorted(p for p in stress_cases.glob("out_*") if p.is_dir() and "_training_scans_" not in p.name)
+
+
 def averaged_raw_folders(stress_cases: Path, average_with: list[Path]) -> dict[str, list[Path]]:
     """Per kept prediction folder (``out_*``) of ``stress_cases``: the raw answer folders of ``average_with`` to
     average with its own, checked before any work: each must hold the same folder with the same raw answers."""
     folders = {}
-    for predicted in sorted(stress_cases.glob("out_*")):
+    for predicted in held_out_folders(stress_cases):
         own = {p.name for p in (predicted / "nnunet_raw_output").glob("*.npz")}
         if not own:
             raise SystemExit(f"{predicted / 'nnunet_raw_output'} holds no raw answers with probabilities (CASE.npz): "
@@ -78,7 +85,7 @@ def rescore(model: Path, stress_cases: Path, average_with: list[Path] | None = N
 
     averaged = averaged_raw_folders(stress_cases, average_with) if average_with else {}
     rows = []
-    for predicted in sorted(stress_cases.glob("out_*")):
+    for predicted in held_out_folders(stress_cases):
         raw_output = predicted / "nnunet_raw_output"
         references = stress_cases / ("ref_" + predicted.name[4:])
         if not raw_output.is_dir() or not references.is_dir():

@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     import SimpleITK as sitk
 
     from spinediff.io import ensure_writable_folder, read_json, write_json, write_text
-    from studies.rescore_stress import kept_folder_parts
+    from studies.rescore_stress import held_out_folders, kept_folder_parts
 
     raw, cases = Path(args.raw), Path(args.stress_cases)
     splits = read_json(args.splits)
-    kept = sorted(p for p in cases.glob("out_*") if p.is_dir())
+    kept = held_out_folders(cases)
     if not kept or not (raw / "labelsTr").is_dir():
         raise SystemExit(f"{cases} holds no kept answers (out_*) or {raw} no labelsTr: see --help")
     ending = read_json(raw / "dataset.json").get("file_ending", ".nii.gz")

@@ -338,8 +338,13 @@ def test_a_sliver_the_edge_cuts_keeps_its_level_though_fused_to_its_neighbour(mo
         assert sliver.tolist() == [neighbour] and "edge_parts" not in report
 
 
-def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes():
-    from studies.rescore_stress import kept_folder_parts, markdown, summary
+def test_rescoring_kept_stress_cases_summarises_per_variant_and_lists_changes(tmp_path):
+    from studies.rescore_stress import held_out_folders, kept_folder_parts, markdown, summary
+
+    kept = ("out_Dataset505_X_0", "out_Dataset505_X_training_scans_0", "out_Dataset504_Y_0_1", "ref_Dataset505_X_0")
+    for name in kept:  # --training-scans' folders and the references are not rescored
+        (tmp_path / name).mkdir()
+    assert [p.name for p in held_out_folders(tmp_path)] == ["out_Dataset504_Y_0_1", "out_Dataset505_X_0"]
 
     assert kept_folder_parts("out_Dataset505_LumbarVB3VB2mixed_2") == ("Dataset505_LumbarVB3VB2mixed", "2")
     assert kept_folder_parts("out_Dataset504_Lumbar_T1_0_1_2_3_4") == ("Dataset504_Lumbar_T1", "0_1_2_3_4")
