@@ -43,3 +43,24 @@ def test_the_stress_figure_draws_every_scan_per_variant_and_source(tmp_path):
     other = variant_points(result, "Dataset8_T1")
     assert math.isnan(other[0]["dice"][0]) and other[1]["flagged"] == [True]
 
+
+def test_seen_and_unseen_scans_are_read_by_their_failure_rates():
+    """The stress test's reading of the training scans beside the held-out ones: subjects when the seen scans fail at
+    most half as often as the unseen ones, training (augmentation or network) otherwise, none without failures."""
+    from spinediff.experiments.stress_report import READINGS, markdown, seen_unseen_reading
+
+    def split(seen, unseen):
+        return {"seen": {"plain": 0.9, "stressed": 0.8, "stressed_answers": seen[1], "failures": seen[0]},
+                "unseen": {"plain": 0.9, "stressed": 0.6, "stressed_answers": unseen[1], "failures": unseen[0]}}
+
+    assert seen_unseen_reading(split((2, 120), (9, 32))) == "subjects"  # the twenty-fourth run's numbers
+    assert seen_unseen_reading(split((1, 20), (1, 10))) == "subjects"  # half the rate: still the subjects
+    assert seen_unseen_reading(split((4, 4), (1, 1))) == "training"
+    assert seen_unseen_reading(split((3, 20), (1, 10))) == "training"
+    assert seen_unseen_reading(split((0, 20), (0, 10))) == "none"
+    assert seen_unseen_reading(split((0, 20), (1, 10))) == "subjects"
+    result = {"model": "m", "dataset": "D", "folds": ["0"], "labels": [1, 2], "command": "c", "summary": [],
+              "cases": [], "seen_unseen": {**split((2, 120), (9, 32)), "reading": "subjects"}}
+    table = markdown(result)
+    assert "2 of 120 stressed answers below 0.5" in table and "9 of 32" in table and READINGS["subjects"] in table
+    assert READINGS["training"] not in table
