@@ -78,9 +78,11 @@ class KeptCase:
 def find_case(stress_cases: Path, stem: str, ending: str) -> KeptCase:
     """The kept input, reference, fold(s) and answers of the stress variant ``stem`` (LookupError naming what is
     missing: the answers are checked by their users)."""
+    from spinediff.experiments.stress_report import TRAINING_FOLDER_MARK
+
     for inputs in sorted(stress_cases.glob("in_*")):
         image = inputs / f"{stem}_0000{ending}"
-        if image.is_file() and "_training_scans_" not in inputs.name:  # the held-out answer (not --training-scans')
+        if image.is_file() and TRAINING_FOLDER_MARK not in inputs.name:  # the held-out answer
             suffix = inputs.name[len("in_"):]
             tokens = suffix.split("_")
             folds = []

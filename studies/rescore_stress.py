@@ -48,7 +48,9 @@ def held_out_folders(stress_cases: Path) -> list[Path]:
     """The kept prediction folders (``out_*``) of the scans each fold held out, in name order: those of the folds'
     own training scans (``--training-scans``, ``out_<dataset>_training_scans_<fold>``) left out, since a rescoring
     compares held-out answers."""
-    return sorted(p for p in stress_cases.glob("out_*") if p.is_dir() and "_training_scans_" not in p.name)
+    from spinediff.experiments.stress_report import TRAINING_FOLDER_MARK
+
+    return sorted(p for p in stress_cases.glob("out_*") if p.is_dir() and TRAINING_FOLDER_MARK not in p.name)
 
 
 def averaged_raw_folders(stress_cases: Path, average_with: list[Path]) -> dict[str, list[Path]]:

@@ -18,6 +18,11 @@ def training_source(dataset: str) -> str:
     return f"{dataset} (training scans)"
 
 
+#: What :func:`training_source` leaves in the names of the folders ``--keep`` writes for the training scans
+#: (``in_/ref_/out_<dataset>_training_scans_<fold>``): the studies that read held-out answers skip those folders.
+TRAINING_FOLDER_MARK = "_training_scans_"
+
+
 def stress_dice(table: list[dict], dataset: str) -> float:
     """The model's score under the stress test: the mean level Dice over every variant of its own dataset's
     validation scans, the plain one included (what ``spinediff find_best`` ranks on when every candidate has one)."""
@@ -84,7 +89,8 @@ def review_split(rows: list[dict]) -> dict | None:
 
 def seen_unseen(rows: list[dict], dataset: str) -> dict:
     """The dataset's scans the folds never saw (validation) beside those they were trained on (training scans,
-    :attr:`StressSettings.training_scans`): per group, the number of scans, the mean level Dice plain and over the
+    :attr:`StressSettings.training_scans`): per group, the number of scans (a training scan once per fold that
+    trained on it), the mean level Dice plain and over the
     stressed variants, and how many stressed answers fall below 0.5; and ``reading``, what they say
     (:func:`seen_unseen_reading`)."""
     out = {}
