@@ -15,6 +15,7 @@ from spinediff.training.augmentation import (
     FieldOfViewCutTransform,
     RandomRemapTransform,
     SpineShiftZoomTransform,
+    elastic_probability,
     insert_planned_transforms,
 )
 
@@ -175,6 +176,28 @@ def test_planned_transforms_join_nnunets_pipeline_in_order():
     image, seg = patch()
     out = ComposeCall(composed)(image, seg)
     assert out["image"].shape == (1, 80, 40) and set(torch.unique(out["segmentation"]).tolist()) <= {0, 1, 2, 3, 4, 5}
+
+
+def test_planned_elastic_deformation_switches_on_nnunets_own():
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    def spatial(composed):
+        return next(t for t in composed.transforms if isinstance(t, SpatialTransform))
+
+    pipeline = nnUNetTrainer.get_training_transforms([80, 40], (-0.2, 0.2), None, (1,), False)
+    assert spatial(pipeline).p_elastic_deform == 0  # nnU-Net leaves it off
+    assert insert_planned_transforms(pipeline, {"elastic": {"p": 0.3, "enabled": False}}) is pipeline
+    assert spatial(pipeline).p_elastic_deform == 0
+    composed = insert_planned_transforms(pipeline, {"elastic": {"p": 1.0}})
+    assert spatial(composed).p_elastic_deform == 1.0
+    torch.manual_seed(0)
+    np.random.seed(0)
+    image, seg = patch()
+    out = ComposeCall(composed.transforms)(image, seg)
+    assert out["image"].shape == (1, 80, 40) and set(torch.unique(out["segmentation"]).tolist()) <= {0, 1, 2, 3, 4, 5}
+    with pytest.raises(ValueError, match="augmentation.elastic.p"):
+        elastic_probability({"p": 1.5})
 
 
 class ComposeCall:

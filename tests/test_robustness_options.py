@@ -370,11 +370,13 @@ def _damage_configuration(plans_file: Path, damage: str) -> None:
         configuration["spacing"] = [1.0, 1.0, 1.0]
     elif damage == "batch_zero":
         configuration["batch_size"] = 0
+    elif damage == "elastic_above_one":  # a hand-edited elastic deformation (documentation/planning.md)
+        configuration.setdefault("augmentation", {})["elastic"] = {"p": 1.5}
     plans_file.write_text(json.dumps(plans))
 
 
 PLANS_DAMAGES = ["patch_zero", "patch_negative", "spacing_zero", "spacing_wrong_length", "batch_zero",
-                 "plans_is_a_list"]
+                 "elastic_above_one", "plans_is_a_list"]
 
 
 @pytest.fixture

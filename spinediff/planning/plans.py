@@ -86,8 +86,9 @@ def _whole_numbers(value: Any) -> bool:
 
 def check_configuration(configuration: Mapping[str, Any], name: str, source: str) -> None:
     """The schema of the fields every reader relies on: ``patch_size`` (whole numbers >= 1), ``spacing``
-    (finite numbers > 0, one per patch axis), ``batch_size`` (a whole number >= 1); a damaged or hand-edited
-    plans file is refused here, naming the file, before a network is built from it."""
+    (finite numbers > 0, one per patch axis), ``batch_size`` (a whole number >= 1) and, where there is one,
+    ``augmentation.elastic.p`` (0 to 1); a damaged or hand-edited plans file is refused here, naming the file, before
+    a network is built from it."""
     where = f"{source}: configuration {name!r}"
     patch = configuration.get("patch_size")
     if not _whole_numbers(patch) or len(patch) not in (2, 3) or min(patch) < 1:
@@ -102,6 +103,14 @@ def check_configuration(configuration: Mapping[str, Any], name: str, source: str
     batch = configuration.get("batch_size")
     if not (isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1):
         raise SpineDiffError(f"{where} has batch_size {batch!r}; it must be a whole number of at least 1. {REPLAN}")
+    augmentation = configuration.get("augmentation")
+    elastic = augmentation.get("elastic") if isinstance(augmentation, dict) else None
+    if elastic is not None:
+        p = elastic.get("p") if isinstance(elastic, dict) else None
+        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+            raise SpineDiffError(f"{where} has augmentation.elastic {elastic!r}; it must be {{\"p\": P}} with P "
+                                 "between 0 and 1 (the share of training patches deformed elastically; 0.3 was "
+                                 f"measured), or no elastic block. {REPLAN}")
 
 
 class PlannedConfiguration:

@@ -19,6 +19,9 @@
    extent (:class:`FieldOfViewCutTransform`), so that a scan may start or end in the middle of L1 or L5. The
    labels of what stays visible keep their true values: the network must number the vertebrae it sees from the
    anatomy (the end it sees, the sacrum), not from where they sit in the patch.
+5. **Elastic deformation** (``augmentation.elastic``, ``{"p": 0.3}``; not planned by default): nnU-Net's own
+   spatial transform deforms that share of the patches elastically (nnU-Net leaves it off), shapes a few
+   training subjects do not show (documentation/results.md, issue 34).
 """
 
 from __future__ import annotations
@@ -326,14 +329,33 @@ def field_of_view_transforms(block: dict) -> list[BasicTransform]:
     return transforms
 
 
+def elastic_probability(block: dict) -> float:
+    """The probability of an ``augmentation.elastic`` block (``{"p": 0.3}``): nnU-Net's spatial transform deforms
+    that share of the training patches elastically, with its own deformation scale and magnitude (nnU-Net leaves it
+    off). 0 without the block or with ``enabled: false``."""
+    if not block or not block.get("enabled", True):
+        return 0.0
+    p = block.get("p", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"augmentation.elastic.p is {p!r}: set it to a number between 0 and 1 (0.3 was measured) "
+                         "or remove the elastic block")
+    return float(p)
+
+
 def insert_planned_transforms(transforms: BasicTransform, block: dict, condition_channels=None) -> BasicTransform:
     """nnU-Net's composed training transforms with the planned position/field-of-view transforms right after the
-    spatial transform and the contrast transforms after nnU-Net's own intensity transforms (before mirroring).
+    spatial transform and the contrast transforms after nnU-Net's own intensity transforms (before mirroring);
+    the planned elastic deformation (``augmentation.elastic``) switched on in nnU-Net's spatial transform.
     ``condition_channels``: the image channels contrast augmentation may touch (None: all)."""
     spatial = field_of_view_transforms(block.get("field_of_view") or {})
     contrast = contrast_transforms(block.get("contrast") or {})
-    if not (spatial or contrast) or not isinstance(transforms, ComposeTransforms):
+    p_elastic = elastic_probability(block.get("elastic") or {})
+    if not (spatial or contrast or p_elastic) or not isinstance(transforms, ComposeTransforms):
         return transforms
+    if p_elastic:
+        for transform in transforms.transforms:
+            if isinstance(transform, SpatialTransform):
+                transform.p_elastic_deform = p_elastic
     if condition_channels is not None:
         if not condition_channels:
             contrast = []
@@ -388,8 +410,8 @@ def apply_planned_augmentation(trainer) -> None:
 def _add_planned_transforms(trainer, block: dict) -> None:
     """Wrap the trainer's ``get_training_transforms`` (nnU-Net's static method or a spinediff override) so that
     the planned contrast and field-of-view transforms join nnU-Net's pipeline."""
-    described = [name for name in ("contrast", "field_of_view") if (block.get(name) or {}).get("enabled", True)
-                 and block.get(name)]
+    described = [name for name in ("contrast", "field_of_view", "elastic")
+                 if (block.get(name) or {}).get("enabled", True) and block.get(name)]
     if not described or not hasattr(trainer, "get_training_transforms"):
         return  # none planned, or all switched off in the plans (enabled: false)
     original = trainer.get_training_transforms
