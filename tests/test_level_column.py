@@ -168,6 +168,38 @@ def test_the_stress_comparison_keeps_the_folds_and_case_names_asked_for():
     assert variant_means(record, {"0", "1"}, "vb3_") == {"plain": [0.9, 0.1]}
 
 
+def test_the_paired_stress_comparison_scores_cases_and_refuses_other_folds(tmp_path, capsys):
+    import json
+
+    from studies.compare_stress501 import main, paired
+
+    def record(dice):
+        variants = ("plain", "cut_a", "cut_b")
+        rows = [{"source": "D", "folds": ["0"], "case": case, "variant": variant, "level_dice": value,
+                 "flagged": value < 0.5}
+                for case, values in dice.items() for variant, value in zip(variants, values, strict=True)]
+        return {"dataset": "D", "cases": rows}
+
+    first = record({"a": (0.9, 0.2, 0.8), "b": (0.9, 0.9, 0.7), "c": (0.8, 0.1, 0.1)})
+    second = record({"a": (0.9, 0.8, 0.8), "b": (0.9, 0.9, 0.9), "c": (0.8, 0.1, 0.3)})
+    result = paired(first, second, {"0"})
+    assert result["cases"]["a"] == pytest.approx([0.5, 0.8])
+    assert result["mean_difference"] == pytest.approx((0.3 + 0.1 + 0.1) / 3)
+    assert (result["better"], result["worse"]) == (3, 0) and 0 < result["wilcoxon_p"] <= 1
+    assert result["failures"] == [(3, 3), (2, 2)]  # plain answers are not counted
+    paths = []
+    for name, content in (("one", first), ("two", second), ("other", record({"z": (0.9, 0.9, 0.9)}))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(content))
+    assert main(["--folds", "0", "--paired", f"one={paths[0]}", f"two={paths[1]}"]) == 0
+    assert "3 cases better, 0 worse" in capsys.readouterr().out
+    assert main(["--folds", "0", "--paired", f"one={paths[0]}", f"other={paths[2]}"]) == 2
+    assert "different case-variants" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["--folds", "0", "--paired", f"one={paths[0]}"])
+    assert refused.value.code == 2
+
+
 def test_crop_consistency_refuses_a_case_the_stress_test_did_not_keep(tmp_path):
     from studies.crop_consistency import find_case
 
