@@ -409,7 +409,7 @@ def apply_planned_augmentation(trainer) -> None:
 
 def _add_planned_transforms(trainer, block: dict) -> None:
     """Wrap the trainer's ``get_training_transforms`` (nnU-Net's static method or a spinediff override) so that
-    the planned contrast and field-of-view transforms join nnU-Net's pipeline."""
+    the planned contrast, field-of-view and elastic transforms join nnU-Net's pipeline."""
     described = [name for name in ("contrast", "field_of_view", "elastic")
                  if (block.get(name) or {}).get("enabled", True) and block.get(name)]
     if not described or not hasattr(trainer, "get_training_transforms"):
