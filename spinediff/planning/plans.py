@@ -106,11 +106,20 @@ def check_configuration(configuration: Mapping[str, Any], name: str, source: str
     augmentation = configuration.get("augmentation")
     elastic = augmentation.get("elastic") if isinstance(augmentation, dict) else None
     if elastic is not None:
-        p = elastic.get("p") if isinstance(elastic, dict) else None
-        if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
-            raise SpineDiffError(f"{where} has augmentation.elastic {elastic!r}; it must be {{\"p\": P}} with P "
-                                 "between 0 and 1 (the share of training patches deformed elastically; 0.3 was "
-                                 f"measured), or no elastic block. {REPLAN}")
+        try:
+            elastic_share(elastic)
+        except ValueError as exc:
+            raise SpineDiffError(f"{where} has {exc}. {REPLAN}") from None
+
+
+def elastic_share(elastic: Any) -> float:
+    """The share of training patches an ``augmentation.elastic`` block (``{"p": 0.3}``) deforms elastically;
+    ValueError unless ``p`` is a number from 0 to 1."""
+    p = elastic.get("p") if isinstance(elastic, dict) else None
+    if not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1):
+        raise ValueError(f"augmentation.elastic.p {p!r} (in {elastic!r}); it must be a number between 0 and 1 (the "
+                         "share of training patches deformed elastically; 0.3 was measured), or no elastic block")
+    return float(p)
 
 
 class PlannedConfiguration:

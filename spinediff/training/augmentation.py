@@ -335,11 +335,9 @@ def elastic_probability(block: dict) -> float:
     off). 0 without the block or with ``enabled: false``."""
     if not block or not block.get("enabled", True):
         return 0.0
-    p = block.get("p", 0.0)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"augmentation.elastic.p is {p!r}: set it to a number between 0 and 1 (0.3 was measured) "
-                         "or remove the elastic block")
-    return float(p)
+    from spinediff.planning.plans import elastic_share
+
+    return elastic_share(block)  # the plans check's rule (ValueError outside 0-1)
 
 
 def insert_planned_transforms(transforms: BasicTransform, block: dict, condition_channels=None) -> BasicTransform:
